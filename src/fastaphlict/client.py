@@ -1,0 +1,219 @@
+"""The client port: browsers' WebSockets, served by picows.
+
+This module turns frames into hub calls and nothing else. It parses the four
+Aphlict commands (``subscribe``, ``unsubscribe``, ``replay``, ``ping``), works
+out the instance from the request path, and answers plain HTTP requests the
+way Phorge's health check expects. It never touches the admin side and holds
+no state beyond each socket's :class:`~fastaphlict._fanout.Subscriber`.
+
+Commands of one socket run synchronously in arrival order, so a ``pong`` is
+proof that every earlier command on that socket took effect.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from picows import (
+    WSCloseCode,
+    WSFrame,
+    WSListener,
+    WSMsgType,
+    WSTransport,
+    WSUpgradeRequest,
+    WSUpgradeResponse,
+    WSUpgradeResponseWithListener,
+)
+
+from fastaphlict._fanout import Subscriber, build_frame
+from fastaphlict.hub import DEFAULT_INSTANCE, Hub, loads, replay_age
+
+__all__ = [
+    "NOT_WEBSOCKET_BODY",
+    "PONG",
+    "ClientListener",
+    "instance_from_path",
+    "listener_factory",
+    "parse_command",
+]
+
+log = logging.getLogger("fastaphlict.client")
+
+#: Aphlict's exact answer to a plain HTTP request; Phorge reads 501 as healthy.
+NOT_WEBSOCKET_BODY = b"HTTP/501 Use Websockets\n"
+#: The reply to ``ping``, byte for byte.
+PONG = b'{"type":"pong"}'
+_PONG_FRAME = build_frame(PONG)
+#: Largest command message accepted after reassembling fragments.
+MAX_MESSAGE_SIZE = 1024 * 1024
+
+_COMMANDS = frozenset({"subscribe", "unsubscribe", "replay", "ping"})
+
+
+def instance_from_path(path: bytes | str) -> str:
+    """The instance named by a raw request path, Aphlict's way.
+
+    No ``~`` means ``default``; otherwise the text between the first ``~`` and
+    the next ``~`` (or the end), with every ``/`` deleted; empty means
+    ``default``. The query string is ignored and nothing is URL-decoded:
+    ``/~acme/?instance=acme`` is ``acme``, ``/~a/b/`` is ``ab``.
+    """
+    if isinstance(path, bytes):
+        path = path.decode("utf-8", "replace")
+    path = path.split("?", 1)[0]
+    start = path.find("~")
+    if start < 0:
+        return DEFAULT_INSTANCE
+    rest = path[start + 1 :]
+    end = rest.find("~")
+    if end >= 0:
+        rest = rest[:end]
+    name = rest.replace("/", "")
+    return name or DEFAULT_INSTANCE
+
+
+def parse_command(payload: bytes | str) -> tuple[str, Any] | None:
+    """Decode one client message into ``(command, data)``, or None to ignore it.
+
+    Aphlict never answers a bad frame with an error: non-JSON, non-objects,
+    unknown commands and wrongly typed ``data`` are all ignored. ``data`` is
+    checked here so the caller can trust its type: a list for
+    (un)subscribe, an object or None for replay, anything for ping.
+    """
+    try:
+        msg = loads(payload)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(msg, dict):
+        return None
+    command = msg.get("command")
+    if not isinstance(command, str) or command not in _COMMANDS:
+        return None
+    data = msg.get("data")
+    if command in ("subscribe", "unsubscribe"):
+        if not isinstance(data, list):
+            return None
+    elif command == "replay" and data is not None and not isinstance(data, dict):
+        return None
+    return command, data
+
+
+class ClientListener(WSListener):
+    """One browser socket: runs its commands against the hub, in order."""
+
+    __slots__ = ("_debug", "_fragments", "_hub", "_instance", "_sub")
+
+    def __init__(self, hub: Hub, instance: str, debug: bool = False) -> None:
+        super().__init__()
+        self._hub = hub
+        self._instance = instance
+        self._debug = debug
+        self._sub: Subscriber | None = None
+        self._fragments: bytearray | None = None
+
+    def on_ws_connected(self, transport: WSTransport) -> None:
+        self._sub = self._hub.attach(self._instance, transport)
+        log.info("connection open: instance=%s peer=%s", self._instance, _peer(transport))
+
+    def on_ws_disconnected(self, transport: WSTransport) -> None:
+        sub = self._sub
+        if sub is not None:
+            self._hub.detach(sub)
+            self._sub = None
+        log.info("connection closed: instance=%s peer=%s", self._instance, _peer(transport))
+
+    def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
+        msg_type = frame.msg_type
+        if msg_type is WSMsgType.CLOSE:
+            # Complete the closing handshake, echoing the code like ws does.
+            transport.send_close(frame.get_close_code())
+            transport.disconnect()
+            return
+        if msg_type is WSMsgType.TEXT or msg_type is WSMsgType.BINARY:
+            if frame.fin:
+                if self._fragments is not None:  # a new message mid-fragments: protocol error
+                    self._fragments = None
+                self._handle(transport, frame.get_payload_as_bytes())
+            else:
+                self._fragments = bytearray(frame.get_payload_as_memoryview())
+            return
+        if msg_type is WSMsgType.CONTINUATION:
+            buf = self._fragments
+            if buf is None:
+                return
+            if len(buf) + frame.payload_size > MAX_MESSAGE_SIZE:
+                log.info("message over %d bytes ignored: peer=%s", MAX_MESSAGE_SIZE, _peer(transport))
+                self._fragments = None
+                return
+            buf += frame.get_payload_as_memoryview()
+            if frame.fin:
+                self._fragments = None
+                self._handle(transport, bytes(buf))
+        # PING is answered by picows itself; unsolicited PONGs need nothing.
+
+    def _handle(self, transport: WSTransport, payload: bytes) -> None:
+        sub = self._sub
+        if sub is None:
+            return
+        parsed = parse_command(payload)
+        if parsed is None:
+            if self._debug:
+                log.debug("ignored frame from %s: %r", _peer(transport), payload[:200])
+            return
+        command, data = parsed
+        if self._debug:
+            log.debug("command %s from %s: %r", command, _peer(transport), data)
+        if command == "ping":
+            sub.send(_PONG_FRAME)
+        elif command == "subscribe":
+            self._hub.subscribe(sub, data)
+        elif command == "unsubscribe":
+            self._hub.unsubscribe(sub, data)
+        else:  # replay
+            age = replay_age(data)
+            if age is not None:
+                self._hub.replay(self._instance, sub, age)
+
+
+def listener_factory(hub: Hub, *, debug: bool = False):  # noqa: ANN201 - picows' factory type
+    """Build the picows router: WebSocket upgrades get a listener, plain HTTP gets 501.
+
+    ``GET /healthz`` answers 200 for load balancers; every other request that
+    is not a WebSocket upgrade gets Aphlict's 501, which Phorge's "test
+    client" check reads as healthy.
+    """
+
+    def factory(request: WSUpgradeRequest) -> ClientListener | WSUpgradeResponseWithListener:
+        upgrade = request.headers.get("Upgrade", "")
+        if upgrade.lower() != "websocket":
+            path = request.path.split(b"?", 1)[0]
+            if path == b"/healthz":
+                return WSUpgradeResponseWithListener(
+                    WSUpgradeResponse.create_ok_response(b"ok\n"), None
+                )
+            return WSUpgradeResponseWithListener(
+                WSUpgradeResponse.create_error_response(501, NOT_WEBSOCKET_BODY), None
+            )
+        return ClientListener(hub, instance_from_path(request.path), debug)
+
+    return factory
+
+
+def close_all(hub: Hub, code: WSCloseCode = WSCloseCode.GOING_AWAY) -> int:
+    """Send every open socket a close frame (shutdown); return how many."""
+    count = 0
+    for inst in hub.instances():
+        for sub in inst.channel.subscribers():
+            transport = sub.transport
+            if not (transport.is_close_frame_sent or transport.is_disconnected):
+                transport.send_close(code)
+                count += 1
+    return count
+
+
+def _peer(transport: WSTransport) -> str:
+    try:
+        return str(transport.underlying_transport.get_extra_info("peername"))
+    except Exception:
+        return "?"

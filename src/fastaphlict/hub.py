@@ -1,0 +1,325 @@
+"""The hub: the one piece of state every listener shares.
+
+The hub owns the instances (each a PHID index plus a history), the process
+counters that ``/status/`` reports, the fingerprint, and the relays to other
+nodes. The admin side calls :meth:`Hub.publish`; the client side calls
+:meth:`Hub.attach`, :meth:`Hub.replay` and friends. Neither side reaches into
+the other: everything they share goes through here.
+
+Publishing serialises a message once (orjson), frames it once, stores that
+frame in the history, hands it to the Cython fan-out, and passes the same
+payload bytes to every relay. Relays (cluster peers today, a broker tomorrow)
+sit behind the small :class:`Relay` protocol and must never block.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+import orjson
+
+from fastaphlict._fanout import Channel, Subscriber, build_frame
+
+if TYPE_CHECKING:
+    from picows import WSTransport
+
+__all__ = [
+    "DEFAULT_INSTANCE",
+    "HISTORY_LIMIT",
+    "HISTORY_TTL_MS",
+    "History",
+    "Hub",
+    "Relay",
+    "dumps",
+    "loads",
+    "replay_age",
+]
+
+log = logging.getLogger("fastaphlict.hub")
+
+DEFAULT_INSTANCE = "default"
+HISTORY_LIMIT = 4096
+HISTORY_TTL_MS = 60_000
+STATUS_VERSION = 8
+
+
+def now_ms() -> float:
+    """Wall-clock milliseconds: history timestamps and ages, as Aphlict keeps them."""
+    return time.time() * 1000.0
+
+
+def loads(body: bytes) -> Any:
+    """Decode JSON as a browser would accept it.
+
+    orjson is the fast path; it refuses integers beyond 64 bits, which
+    JavaScript's ``JSON.parse`` accepts, so those fall back to the standard
+    library instead of being rejected. Raises ``ValueError`` on invalid JSON.
+    """
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        # json.loads also rejects what orjson rejects for syntax; it only
+        # differs on big numbers (and lone surrogates, which it accepts).
+        return json.loads(body)
+
+
+def dumps(value: Any) -> bytes:
+    """Encode compactly as UTF-8, key order kept, without ``\\u`` escapes."""
+    try:
+        return orjson.dumps(value)
+    except TypeError:
+        # Integers beyond 64 bits (see loads) or lone surrogates.
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode(
+            "utf-8", "surrogatepass"
+        )
+
+
+def replay_age(data: Any) -> float | None:
+    """The replay window in ms for a ``replay`` command's ``data``, or None to ignore it.
+
+    Aphlict's rule: a missing, zero or non-numeric age means the default
+    (60 s); a negative age means nothing; the window never exceeds the
+    history's retention. ``data`` itself must be an object, or null/missing.
+    """
+    if data is None:
+        return float(HISTORY_TTL_MS)
+    if not isinstance(data, dict):
+        return None
+    age = data.get("age")
+    if isinstance(age, bool) or not isinstance(age, (int, float)) or age == 0:
+        return float(HISTORY_TTL_MS)
+    if math.isnan(age):
+        return float(HISTORY_TTL_MS)
+    if age < 0:
+        return -1.0
+    return float(min(age, HISTORY_TTL_MS))
+
+
+class Relay(Protocol):
+    """Something that carries published messages to other nodes.
+
+    ``relay`` is called on the publish path: it must return at once and never
+    raise. ``body`` is the serialised message (with ``touched``), ready to post.
+    """
+
+    def relay(self, instance: str, body: bytes, touched: Sequence[Any]) -> None: ...
+
+
+@dataclass(slots=True)
+class Entry:
+    """One history entry: when it arrived, whom it is for, and its prebuilt frame."""
+
+    at: float
+    subscribers: frozenset[str]
+    frame: bytes
+
+
+class History:
+    """The recent messages of one instance: at most ``limit`` entries and ``ttl_ms`` old."""
+
+    def __init__(self, limit: int = HISTORY_LIMIT, ttl_ms: float = HISTORY_TTL_MS) -> None:
+        self.ttl_ms = ttl_ms
+        self._entries: deque[Entry] = deque(maxlen=limit)
+
+    def add(self, at: float, subscribers: Any, frame: bytes) -> None:
+        """Store a message; the oldest falls off past the limit."""
+        phids = (
+            frozenset(p for p in subscribers if isinstance(p, str))
+            if isinstance(subscribers, list)
+            else frozenset()
+        )
+        self.purge(at)
+        self._entries.append(Entry(at, phids, frame))
+
+    def purge(self, now: float) -> None:
+        """Drop entries older than the retention window."""
+        entries = self._entries
+        horizon = now - self.ttl_ms
+        while entries and entries[0].at < horizon:
+            entries.popleft()
+
+    def since(self, now: float, age_ms: float) -> Iterable[Entry]:
+        """Entries with ``at >= now - age_ms``, oldest first (after purging)."""
+        self.purge(now)
+        if age_ms < 0:
+            return ()
+        horizon = now - age_ms
+        return [e for e in self._entries if e.at >= horizon]
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def oldest(self) -> float | None:
+        """Arrival time of the oldest entry, or None when empty."""
+        return self._entries[0].at if self._entries else None
+
+
+@dataclass(slots=True)
+class Instance:
+    """One Phorge instance: its sockets' PHID index, its history, its client counters."""
+
+    name: str
+    channel: Channel = field(default_factory=Channel)
+    history: History = field(default_factory=History)
+    clients_total: int = 0
+
+
+class Hub:
+    """Instances, counters, fingerprint and relays: the only shared state."""
+
+    def __init__(self, fingerprint: str, *, debug: bool = False) -> None:
+        self.fingerprint = fingerprint
+        self.started = time.monotonic()
+        self.messages_in = 0
+        self.messages_out = 0
+        self.relays: list[Relay] = []
+        self._instances: dict[str, Instance] = {}
+        self._debug = debug
+        self._receipt = dumps({"fingerprint": fingerprint})
+
+    # -- shared -----------------------------------------------------------
+
+    @property
+    def receipt(self) -> bytes:
+        """The body of every accepted post: ``{"fingerprint":"..."}``."""
+        return self._receipt
+
+    def instance(self, name: str) -> Instance:
+        """The named instance, created on first use."""
+        inst = self._instances.get(name)
+        if inst is None:
+            inst = self._instances[name] = Instance(name)
+        return inst
+
+    def instances(self) -> list[Instance]:
+        """Every instance seen so far."""
+        return list(self._instances.values())
+
+    # -- admin side -------------------------------------------------------
+
+    def publish(self, instance: str, message: dict[str, Any]) -> int | None:
+        """Store, deliver and relay one posted message; return the sockets reached.
+
+        A message whose ``touched`` already holds our fingerprint is a loopback
+        from a peer ring: it was handled when it first arrived, so it is
+        dropped here and None is returned (the poster still gets its receipt).
+        """
+        touched = message.get("touched")
+        if not isinstance(touched, list):
+            touched = []
+        if self.fingerprint in touched:
+            if self._debug:
+                log.debug("loopback dropped: instance=%s touched=%s", instance, touched)
+            return None
+        touched = [*touched, self.fingerprint]
+        message["touched"] = touched
+
+        payload = dumps(message)
+        frame = build_frame(payload)
+        subscribers = message.get("subscribers")
+        inst = self.instance(instance)
+        inst.history.add(now_ms(), subscribers, frame)
+        self.messages_in += 1
+
+        if self._debug:
+            self._trace_delivery(inst, subscribers, payload)
+        sent = inst.channel.publish(subscribers, frame)
+        self.messages_out += sent
+
+        for relay in self.relays:
+            try:
+                relay.relay(instance, payload, touched)
+            except Exception:  # a relay must not fail a publish; see Relay
+                log.exception("relay %r raised; message still delivered locally", relay)
+        return sent
+
+    def _trace_delivery(self, inst: Instance, subscribers: Any, payload: bytes) -> None:
+        targets = inst.channel.match(subscribers)
+        log.debug(
+            "publish instance=%s to %d socket(s): %s",
+            inst.name,
+            len(targets),
+            payload[:200].decode("utf-8", "replace"),
+        )
+        for sub in targets:
+            log.debug("deliver to %s", _peer(sub.transport))
+
+    def status(self, instance: str) -> dict[str, Any]:
+        """The ``/status/`` object for one instance, keys in Aphlict's order.
+
+        An instance never seen answers with zeros; it is not created.
+        """
+        inst = self._instances.get(instance)
+        now = now_ms()
+        if inst is not None:
+            inst.history.purge(now)
+            oldest = inst.history.oldest()
+            active, total, size = inst.channel.size, inst.clients_total, len(inst.history)
+        else:
+            oldest, active, total, size = None, 0, 0, 0
+        return {
+            "instance": instance,
+            "uptime": int((time.monotonic() - self.started) * 1000),
+            "clients.active": active,
+            "clients.total": total,
+            "messages.in": self.messages_in,
+            "messages.out": self.messages_out,
+            "history.size": size,
+            "history.age": None if oldest is None else int(now - oldest),
+            "version": STATUS_VERSION,
+        }
+
+    # -- client side ------------------------------------------------------
+
+    def attach(self, instance: str, transport: WSTransport) -> Subscriber:
+        """Register a newly opened socket of ``instance``."""
+        inst = self.instance(instance)
+        inst.clients_total += 1
+        return inst.channel.attach(transport)
+
+    @staticmethod
+    def detach(sub: Subscriber) -> None:
+        """Forget a closed socket and all its subscriptions."""
+        sub.channel.detach(sub)
+
+    @staticmethod
+    def subscribe(sub: Subscriber, phids: list[Any]) -> None:
+        """Add PHIDs to a socket's subscriptions (non-strings are skipped)."""
+        sub.channel.subscribe(sub, phids)
+
+    @staticmethod
+    def unsubscribe(sub: Subscriber, phids: list[Any]) -> None:
+        """Remove PHIDs from a socket's subscriptions."""
+        sub.channel.unsubscribe(sub, phids)
+
+    def replay(self, instance: str, sub: Subscriber, age_ms: float) -> int:
+        """Resend this instance's recent messages that ``sub`` listens to, oldest first.
+
+        Returns how many were sent. Replays are not counted in ``messages.out``.
+        """
+        inst = self._instances.get(instance)
+        if inst is None:
+            return 0
+        phids = sub.phids
+        sent = 0
+        for entry in inst.history.since(now_ms(), age_ms):
+            if phids.isdisjoint(entry.subscribers):
+                continue
+            if not sub.send(entry.frame):
+                break
+            sent += 1
+        return sent
+
+
+def _peer(transport: WSTransport) -> str:
+    try:
+        return str(transport.underlying_transport.get_extra_info("peername"))
+    except Exception:
+        return "?"

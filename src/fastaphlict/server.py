@@ -1,0 +1,206 @@
+"""Lifecycle: build the hub, open every configured listener, run, shut down.
+
+This is the only module that installs signal handlers or starts the event
+loop. One :class:`Server` owns one hub shared by all its client and admin
+listeners and by the peer relay; tests run it in-process on port 0 and read
+the bound ports back from :attr:`Server.client_ports` / :attr:`Server.admin_ports`.
+
+Shutdown order matters for browsers and for Phorge: stop accepting, tell every
+WebSocket "going away" (1001) so browsers reconnect at once, let in-flight
+admin requests finish, then give peer queues a short deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import ssl
+from dataclasses import dataclass
+
+from aiohttp import web
+from picows import ws_create_server
+
+from fastaphlict import admin, client
+from fastaphlict.config import Config, ServerConfig
+from fastaphlict.hub import Hub
+from fastaphlict.peers import PeerRelay, new_fingerprint
+
+__all__ = ["Server", "run"]
+
+log = logging.getLogger("fastaphlict.server")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Tunables that Aphlict's config file has no key for."""
+
+    handshake_timeout: float = 5.0
+    max_frame_size: int = 1024 * 1024
+    relay_timeout: float = 5.0
+    relay_queue: int = 4096
+    shutdown_timeout: float = 10.0
+
+
+def tls_context(server: ServerConfig) -> ssl.SSLContext | None:
+    """A server-side TLS context when the entry sets ``ssl.key`` and ``ssl.cert``.
+
+    Aphlict appends ``ssl.chain`` to the certificate. ``load_cert_chain`` takes
+    one PEM file with the leaf first and its chain after it, so the two files
+    are joined into a private temporary file that lives only while loading.
+    """
+    if not server.tls:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    if server.ssl_chain:
+        import tempfile
+
+        with open(server.ssl_cert, "rb") as cert, open(server.ssl_chain, "rb") as chain:
+            combined = cert.read().rstrip(b"\n") + b"\n" + chain.read()
+        with tempfile.NamedTemporaryFile(suffix=".pem") as tmp:
+            tmp.write(combined)
+            tmp.flush()
+            ctx.load_cert_chain(tmp.name, server.ssl_key)
+    else:
+        ctx.load_cert_chain(server.ssl_cert, server.ssl_key)  # type: ignore[arg-type]
+    return ctx
+
+
+class Server:
+    """Everything one fastaphlict process serves, started and stopped as a unit."""
+
+    def __init__(self, config: Config, *, debug: bool = False, limits: Limits | None = None):
+        self.config = config
+        self.debug = debug
+        self.limits = limits or Limits()
+        self.fingerprint = new_fingerprint()
+        self.hub = Hub(self.fingerprint, debug=debug)
+        self.relay = PeerRelay(
+            config.cluster,
+            timeout=self.limits.relay_timeout,
+            queue_limit=self.limits.relay_queue,
+        )
+        self.hub.relays.append(self.relay)
+        self.client_ports: list[int] = []
+        self.admin_ports: list[int] = []
+        self._client_servers: list[asyncio.AbstractServer] = []
+        self._admin_runners: list[web.AppRunner] = []
+        self._stopped = asyncio.Event()
+        self._closing = False
+
+    async def start(self) -> None:
+        """Bind every listener; raise (and close what was opened) if one fails."""
+        log.info("fingerprint %s", self.fingerprint)
+        try:
+            await self.relay.start()
+            for entry in self.config.client_servers:
+                await self._start_client(entry)
+            for entry in self.config.admin_servers:
+                await self._start_admin(entry)
+        except BaseException:
+            await self.close()
+            raise
+
+    async def _start_client(self, entry: ServerConfig) -> None:
+        server = await ws_create_server(
+            client.listener_factory(self.hub, debug=self.debug),
+            entry.listen,
+            entry.port,
+            ssl=tls_context(entry),
+            websocket_handshake_timeout=self.limits.handshake_timeout,
+            max_frame_size=self.limits.max_frame_size,
+            enable_auto_pong=True,
+            logger_name="client",
+            use_aiofastnet=False,
+            reuse_address=True,
+        )
+        self._client_servers.append(server)
+        port = server.sockets[0].getsockname()[1]
+        self.client_ports.append(port)
+        log.info(
+            "client server listening on %s:%d%s", entry.listen, port, " (tls)" if entry.tls else ""
+        )
+
+    async def _start_admin(self, entry: ServerConfig) -> None:
+        runner = web.AppRunner(admin.make_app(self.hub), access_log=None, handle_signals=False)
+        await runner.setup()
+        self._admin_runners.append(runner)
+        site = web.TCPSite(
+            runner, entry.listen, entry.port, ssl_context=tls_context(entry), reuse_address=True
+        )
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.admin_ports.append(port)
+        log.info(
+            "admin server listening on %s:%d%s", entry.listen, port, " (tls)" if entry.tls else ""
+        )
+
+    async def close(self) -> None:
+        """Stop accepting, say 1001 to every socket, drain admin and peers. Idempotent."""
+        if self._closing:
+            await self._stopped.wait()
+            return
+        self._closing = True
+        for server in self._client_servers:
+            server.close()
+        closed = client.close_all(self.hub)
+        if closed:
+            log.info("sent going-away to %d socket(s)", closed)
+        for runner in self._admin_runners:
+            await runner.cleanup()
+        await self.relay.close(timeout=2.0)
+        # Give close frames a moment to flush, then drop what is left.
+        await asyncio.sleep(0)
+        for inst in self.hub.instances():
+            for sub in inst.channel.subscribers():
+                sub.transport.disconnect()
+        for server in self._client_servers:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(server.wait_closed(), 1.0)
+        self._stopped.set()
+
+    async def serve(self) -> None:
+        """Start, then run until a signal asks us to stop (production entry)."""
+        await self.start()
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        pidfile = self.config.pidfile
+        if pidfile:
+            _write_pidfile(pidfile)
+        try:
+            await stop.wait()
+            log.info("shutting down")
+            try:
+                await asyncio.wait_for(self.close(), self.limits.shutdown_timeout)
+            except asyncio.TimeoutError:
+                log.warning("shutdown took over %.1fs; exiting anyway", self.limits.shutdown_timeout)
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+            if pidfile:
+                with contextlib.suppress(OSError):
+                    os.unlink(pidfile)
+
+
+def _write_pidfile(path: str) -> None:
+    directory = os.path.dirname(path)
+    if directory:
+        os.makedirs(directory, exist_ok=True)
+    with open(path, "w") as f:
+        f.write(f"{os.getpid()}\n")
+
+
+def run(config: Config, *, debug: bool = False) -> int:
+    """Run the server on uvloop until SIGTERM/SIGINT; return the exit code."""
+    import uvloop
+
+    try:
+        uvloop.run(Server(config, debug=debug).serve())
+    except OSError as exc:
+        log.error("cannot start: %s", exc)
+        return 1
+    return 0

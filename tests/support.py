@@ -1,0 +1,131 @@
+"""Test helpers: a real server on free ports, Phorge-style posts, a real WebSocket client.
+
+The WebSocket client is the ``websockets`` library, an implementation
+independent of the picows server under test, so a frame-level mistake on our
+side cannot be hidden by the same mistake on the client side.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+from websockets.asyncio.client import ClientConnection, connect
+
+from fastaphlict.config import Config, PeerConfig, ServerConfig
+from fastaphlict.server import Limits, Server
+
+TIMEOUT = 5.0
+#: What Phorge's curl sends: raw JSON under the form content type.
+PHORGE_CONTENT_TYPE = "application/x-www-form-urlencoded"
+
+
+def local_config(*, peers: tuple[PeerConfig, ...] = (), clients: int = 1) -> Config:
+    """One admin and ``clients`` client listeners on loopback, free ports."""
+    servers = tuple(ServerConfig("client", 0, "127.0.0.1") for _ in range(clients))
+    return Config(servers=(*servers, ServerConfig("admin", 0, "127.0.0.1")), cluster=peers)
+
+
+class Running:
+    """A started in-process server and the URLs to reach it."""
+
+    def __init__(self, server: Server, session: aiohttp.ClientSession) -> None:
+        self.server = server
+        self.hub = server.hub
+        self.session = session
+
+    @property
+    def admin_url(self) -> str:
+        return f"http://127.0.0.1:{self.server.admin_ports[0]}"
+
+    def client_url(self, path: str = "/", index: int = 0) -> str:
+        return f"ws://127.0.0.1:{self.server.client_ports[index]}{path}"
+
+    async def post(
+        self, message: Any, *, instance: str | None = None, raw: bytes | None = None
+    ) -> aiohttp.ClientResponse:
+        """Post as Phorge does: raw JSON body, form content type."""
+        return await post(self.session, self.admin_url, message, instance=instance, raw=raw)
+
+    async def status(self, instance: str | None = None) -> dict[str, Any]:
+        params = {"instance": instance} if instance is not None else None
+        async with self.session.get(f"{self.admin_url}/status/", params=params) as resp:
+            assert resp.status == 200
+            return await resp.json()
+
+    @contextlib.asynccontextmanager
+    async def client(self, path: str = "/", index: int = 0) -> AsyncIterator[Browser]:
+        async with connect(self.client_url(path, index), open_timeout=TIMEOUT) as ws:
+            yield Browser(ws)
+
+
+async def post(
+    session: aiohttp.ClientSession,
+    admin_url: str,
+    message: Any,
+    *,
+    instance: str | None = None,
+    raw: bytes | None = None,
+) -> aiohttp.ClientResponse:
+    body = raw if raw is not None else json.dumps(message, ensure_ascii=False).encode()
+    url = f"{admin_url}/" if instance is None else f"{admin_url}/?instance={instance}"
+    async with session.post(
+        url, data=body, headers={"Content-Type": PHORGE_CONTENT_TYPE}, timeout=aiohttp.ClientTimeout(total=TIMEOUT)
+    ) as resp:
+        await resp.read()
+        return resp
+
+
+@contextlib.asynccontextmanager
+async def running(
+    config: Config | None = None, *, limits: Limits | None = None, debug: bool = False
+) -> AsyncIterator[Running]:
+    """Start a real server on free loopback ports; close it afterwards."""
+    server = Server(config or local_config(), limits=limits, debug=debug)
+    await server.start()
+    try:
+        async with aiohttp.ClientSession() as session:
+            yield Running(server, session)
+    finally:
+        await asyncio.wait_for(server.close(), TIMEOUT)
+
+
+class Browser:
+    """A WebSocket client speaking JX.Aphlict's commands."""
+
+    def __init__(self, ws: ClientConnection) -> None:
+        self.ws = ws
+
+    async def send(self, command: str, data: Any = None) -> None:
+        await self.ws.send(json.dumps({"command": command, "data": data}))
+
+    async def send_raw(self, frame: str | bytes) -> None:
+        await self.ws.send(frame)
+
+    async def subscribe(self, *phids: str) -> None:
+        """Subscribe and wait until the server has applied it (ping/pong round)."""
+        await self.send("subscribe", list(phids))
+        await self.sync()
+
+    async def sync(self) -> None:
+        """A ping/pong round: when it returns, every earlier command took effect."""
+        await self.send("ping", None)
+        assert await self.recv_raw() == '{"type":"pong"}'
+
+    async def recv_raw(self) -> str | bytes:
+        return await asyncio.wait_for(self.ws.recv(), TIMEOUT)
+
+    async def recv(self) -> Any:
+        frame = await self.recv_raw()
+        assert isinstance(frame, str), "server frames are text frames"
+        return json.loads(frame)
+
+
+async def assert_silent(browser: Browser) -> None:
+    """Prove nothing is pending for ``browser``: a ping's pong must be the next frame."""
+    await browser.send("ping", None)
+    assert await browser.recv_raw() == '{"type":"pong"}'

@@ -1,0 +1,251 @@
+"""Admin port (spec §1): routes, status codes, Phorge-shaped posts, /status/."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+from support import PHORGE_CONTENT_TYPE, TIMEOUT, running
+
+PHORGE_MESSAGE = {
+    "key": "6963387411591127515",
+    "type": "notification",
+    "subscribers": ["PHID-USER-alice", "PHID-TASK-1"],
+    "uniqueID": "PHID-FEED-xyz",
+    "text": "build 100% done & a=1 — ünïcødé ✓ 日本",
+}
+
+
+async def test_phorge_post_reaches_subscribed_browser_field_by_field() -> None:
+    async with running() as srv, srv.client("/~default/") as browser:
+        await browser.subscribe("PHID-USER-alice")
+        resp = await srv.post(PHORGE_MESSAGE)
+        assert resp.status == 200
+        got = await browser.recv()
+        for key, value in PHORGE_MESSAGE.items():
+            assert got[key] == value, key
+        assert got["touched"] == [srv.hub.fingerprint]
+        assert list(got) == [*PHORGE_MESSAGE, "touched"], "key order is kept"
+
+
+async def test_delivered_frame_is_compact_utf8_not_escaped() -> None:
+    async with running() as srv, srv.client() as browser:
+        await browser.subscribe("PHID-USER-alice")
+        await srv.post(PHORGE_MESSAGE)
+        raw = await browser.recv_raw()
+        assert "日本" in raw and "\\u" not in raw
+        assert ", " not in raw.replace("100% done & a=1", "") and '": ' not in raw
+
+
+async def test_receipt_is_fingerprint_json() -> None:
+    async with running() as srv:
+        async with srv.session.post(
+            f"{srv.admin_url}/", data=b'{"a":1}', headers={"Content-Type": PHORGE_CONTENT_TYPE}
+        ) as resp:
+            assert resp.status == 200
+            assert resp.headers["Content-Type"].startswith("application/json")
+            body = await resp.read()
+        assert body == b'{"fingerprint":"%s"}' % srv.hub.fingerprint.encode()
+        assert len(srv.hub.fingerprint) == 16
+
+
+@pytest.mark.parametrize(
+    "body", [b"", b"{", b"not json", b"[]", b"null", b"3", b'"text"', b"[1,2]", b"\xff\xfe"]
+)
+async def test_bad_body_is_400_and_nothing_is_stored(body: bytes) -> None:
+    async with running() as srv:
+        resp = await srv.post(None, raw=body)
+        assert resp.status == 400
+        status = await srv.status()
+        assert status["messages.in"] == 0
+        assert status["history.size"] == 0
+
+
+async def test_body_over_two_mebibytes_is_413() -> None:
+    async with running() as srv:
+        big = json.dumps({"pad": "x" * (2 * 1024 * 1024)}).encode()
+        resp = await srv.post(None, raw=big)
+        assert resp.status == 413
+        assert (await srv.status())["messages.in"] == 0
+
+
+async def test_body_just_under_limit_is_accepted() -> None:
+    async with running() as srv:
+        body = json.dumps({"pad": "x" * (2 * 1024 * 1024 - 100)}).encode()
+        assert len(body) < 2 * 1024 * 1024
+        resp = await srv.post(None, raw=body)
+        assert resp.status == 200
+
+
+@pytest.mark.parametrize("method", ["GET", "PUT", "DELETE", "PATCH"])
+async def test_other_methods_on_root_are_405(method: str) -> None:
+    async with running() as srv:
+        async with srv.session.request(method, f"{srv.admin_url}/") as resp:
+            assert resp.status == 405
+
+
+@pytest.mark.parametrize("path", ["/status", "/nope", "/status/x", "/index.php"])
+async def test_unknown_paths_are_404(path: str) -> None:
+    async with running() as srv:
+        async with srv.session.get(f"{srv.admin_url}{path}", allow_redirects=False) as resp:
+            assert resp.status == 404
+
+
+async def test_healthz_is_200() -> None:
+    async with running() as srv:
+        async with srv.session.get(f"{srv.admin_url}/healthz") as resp:
+            assert resp.status == 200
+
+
+async def test_head_status_is_200() -> None:
+    async with running() as srv:
+        async with srv.session.head(f"{srv.admin_url}/status/") as resp:
+            assert resp.status == 200
+
+
+async def test_status_keys_types_and_order() -> None:
+    async with running() as srv:
+        status = await srv.status()
+        assert list(status) == [
+            "instance",
+            "uptime",
+            "clients.active",
+            "clients.total",
+            "messages.in",
+            "messages.out",
+            "history.size",
+            "history.age",
+            "version",
+        ]
+        assert status["instance"] == "default"
+        assert status["version"] == 8
+        assert status["history.age"] is None, "empty history reports null, not 0"
+        for key in ("uptime", "clients.active", "clients.total", "messages.in", "messages.out"):
+            assert type(status[key]) is int, key
+
+
+async def test_status_counts_deliveries_and_history() -> None:
+    async with running() as srv:
+        async with srv.client() as a, srv.client() as b:
+            await a.subscribe("PHID-X")
+            await b.subscribe("PHID-X", "PHID-Y")
+            await srv.post({"subscribers": ["PHID-X", "PHID-Y"], "n": 1})
+            assert (await a.recv())["n"] == 1
+            assert (await b.recv())["n"] == 1
+            await srv.post({"subscribers": ["PHID-Y"], "n": 2})
+            assert (await b.recv())["n"] == 2
+            await a.sync()  # replays and pongs never count as messages.out
+            status = await srv.status()
+            assert status["messages.in"] == 2
+            assert status["messages.out"] == 3, "one message to two sockets counts 2"
+            assert status["history.size"] == 2
+            assert type(status["history.age"]) is int and status["history.age"] >= 0
+            assert status["clients.active"] == 2
+            assert status["clients.total"] == 2
+
+
+async def test_clients_active_falls_on_disconnect_total_does_not() -> None:
+    async with running() as srv:
+        async with srv.client() as a:
+            await a.sync()
+            async with srv.client() as b:
+                await b.sync()
+                status = await srv.status()
+                assert (status["clients.active"], status["clients.total"]) == (2, 2)
+            await _wait_for(lambda s: s["clients.active"] == 1, srv)
+        status = await _wait_for(lambda s: s["clients.active"] == 0, srv)
+        assert status["clients.total"] == 2
+
+
+async def test_instance_query_parameter_first_value_wins_and_is_decoded() -> None:
+    async with running() as srv, srv.client("/~a-b/") as browser:
+        await browser.subscribe("PHID-1")
+        async with srv.session.post(
+            f"{srv.admin_url}/?instance=a%2Db&instance=other",
+            data=b'{"subscribers":["PHID-1"],"n":1}',
+            headers={"Content-Type": PHORGE_CONTENT_TYPE},
+        ) as resp:
+            assert resp.status == 200
+        assert (await browser.recv())["n"] == 1
+        assert (await srv.status("a-b"))["history.size"] == 1
+        assert (await srv.status("other"))["history.size"] == 0
+
+
+async def test_empty_instance_parameter_means_default() -> None:
+    async with running() as srv:
+        await srv.post({"subscribers": []}, instance="")
+        assert (await srv.status())["history.size"] == 1
+
+
+async def test_unknown_instance_status_is_zeros() -> None:
+    async with running() as srv:
+        await srv.post({"subscribers": []})
+        status = await srv.status("never-seen")
+        assert status["instance"] == "never-seen"
+        assert status["clients.active"] == 0 and status["clients.total"] == 0
+        assert status["history.size"] == 0 and status["history.age"] is None
+
+
+async def test_expect_100_continue_post_like_curl() -> None:
+    """curl adds ``Expect: 100-continue`` to bodies over 1 KiB; the post must still land."""
+    async with running() as srv, srv.client() as browser:
+        await browser.subscribe("PHID-1")
+        body = json.dumps({"subscribers": ["PHID-1"], "pad": "p" * 4000}).encode()
+        reader, writer = await asyncio.open_connection("127.0.0.1", srv.server.admin_ports[0])
+        writer.write(
+            b"POST / HTTP/1.1\r\nHost: x\r\nContent-Type: %s\r\nContent-Length: %d\r\n"
+            b"Expect: 100-continue\r\n\r\n" % (PHORGE_CONTENT_TYPE.encode(), len(body))
+        )
+        await writer.drain()
+        line = await asyncio.wait_for(reader.readline(), TIMEOUT)
+        assert line.startswith(b"HTTP/1.1 100")
+        await asyncio.wait_for(reader.readline(), TIMEOUT)
+        writer.write(body)
+        await writer.drain()
+        line = await asyncio.wait_for(reader.readline(), TIMEOUT)
+        assert line.startswith(b"HTTP/1.1 200")
+        writer.close()
+        assert (await browser.recv())["pad"] == "p" * 4000
+
+
+async def _wait_for(predicate, srv, attempts: int = 200):  # noqa: ANN001, ANN202
+    """Poll /status/ until ``predicate`` holds: disconnects are seen asynchronously."""
+    status = {}
+    for _ in range(attempts):
+        status = await srv.status()
+        if predicate(status):
+            return status
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"status never matched: {status}")
+
+
+async def test_relay_failure_never_fails_the_post() -> None:
+    async with running() as srv:
+
+        class Broken:
+            def relay(self, instance: str, body: bytes, touched: object) -> None:
+                raise RuntimeError("boom")
+
+        srv.hub.relays.append(Broken())
+        resp = await srv.post({"subscribers": []})
+        assert resp.status == 200
+
+
+async def test_session_reuse_many_posts() -> None:
+    """Phorge may post many messages in a burst; keep-alive connections must work."""
+    async with running() as srv, srv.client() as browser:
+        await browser.subscribe("PHID-1")
+        results = await asyncio.gather(
+            *(srv.post({"subscribers": ["PHID-1"], "n": i}) for i in range(50))
+        )
+        assert all(r.status == 200 for r in results)
+        got = sorted([(await browser.recv())["n"] for _ in range(50)])
+        assert got == list(range(50))
+
+
+async def test_non_object_json_in_form_encoding_is_not_parsed_as_form() -> None:
+    async with running() as srv:
+        resp = await srv.post(None, raw=b"subscribers=PHID-1&type=x")
+        assert resp.status == 400
+
