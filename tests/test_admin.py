@@ -249,3 +249,20 @@ async def test_non_object_json_in_form_encoding_is_not_parsed_as_form() -> None:
         resp = await srv.post(None, raw=b"subscribers=PHID-1&type=x")
         assert resp.status == 400
 
+
+
+async def test_lone_surrogate_is_delivered_as_an_escape_and_the_socket_survives() -> None:
+    """JSON.parse accepts ``"\\ud800"``; the frame must still be valid UTF-8."""
+    async with running() as srv, srv.client() as browser:
+        await browser.subscribe("PHID-1")
+        resp = await srv.post(None, raw=b'{"subscribers":["PHID-1"],"t":"a\\ud800b"}')
+        assert resp.status == 200
+        raw = await browser.recv_raw()
+        assert '"t":"a\\ud800b"' in raw
+        await browser.sync()
+
+
+@pytest.mark.parametrize("body", [b'{"a":NaN}', b'{"a":Infinity}', b'{"a":-Infinity}'])
+async def test_non_json_constants_are_400(body: bytes) -> None:
+    async with running() as srv:
+        assert (await srv.post(None, raw=body)).status == 400

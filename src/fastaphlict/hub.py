@@ -55,30 +55,36 @@ def now_ms() -> float:
     return time.time() * 1000.0
 
 
-def loads(body: bytes) -> Any:
-    """Decode JSON as a browser would accept it.
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
 
-    orjson is the fast path; it refuses integers beyond 64 bits, which
-    JavaScript's ``JSON.parse`` accepts, so those fall back to the standard
-    library instead of being rejected. Raises ``ValueError`` on invalid JSON.
+
+def loads(body: bytes | str) -> Any:
+    """Decode JSON as JavaScript's ``JSON.parse`` would.
+
+    orjson is the fast path. It refuses lone UTF-16 surrogates in ``\\u``
+    escapes, which JavaScript accepts, so those fall back to the standard
+    library (told to refuse ``NaN`` and ``Infinity``, as JavaScript does).
+    Raises ``ValueError`` on invalid JSON.
     """
     try:
         return orjson.loads(body)
     except orjson.JSONDecodeError:
-        # json.loads also rejects what orjson rejects for syntax; it only
-        # differs on big numbers (and lone surrogates, which it accepts).
-        return json.loads(body)
+        return json.loads(body, parse_constant=_reject_constant)
 
 
 def dumps(value: Any) -> bytes:
-    """Encode compactly as UTF-8, key order kept, without ``\\u`` escapes."""
+    """Encode compactly as UTF-8, key order kept, without ``\\u`` escapes.
+
+    A lone surrogate (see :func:`loads`) can't be UTF-8: it goes out as its
+    ``\\uXXXX`` escape, as ``JSON.stringify`` writes it, so the frame stays
+    valid UTF-8 and no browser drops the connection over it.
+    """
     try:
         return orjson.dumps(value)
     except TypeError:
-        # Integers beyond 64 bits (see loads) or lone surrogates.
-        return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode(
-            "utf-8", "surrogatepass"
-        )
+        text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+        return text.encode("utf-8", "backslashreplace")
 
 
 def replay_age(data: Any) -> float | None:

@@ -1,0 +1,380 @@
+"""Client port (spec §2, §3): plain HTTP, instances, commands, bad frames, replay."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import pytest
+from support import TIMEOUT, Browser, assert_silent, running
+
+from fastaphlict.client import instance_from_path, parse_command
+from fastaphlict.hub import HISTORY_TTL_MS, replay_age
+
+
+async def raw_http(port: int, request: bytes) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(request)
+    await writer.drain()
+    data = await asyncio.wait_for(reader.read(), TIMEOUT)
+    writer.close()
+    return data
+
+
+# -- plain HTTP on the client port ----------------------------------------
+
+
+@pytest.mark.parametrize("path", ["/", "/~acme/", "/index.php?x=1"])
+async def test_plain_get_gets_exact_501(path: str) -> None:
+    async with running() as srv:
+        response = await raw_http(
+            srv.server.client_ports[0], b"GET %s HTTP/1.1\r\nHost: x\r\n\r\n" % path.encode()
+        )
+        head, _, body = response.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 501 ")
+        assert body == b"HTTP/501 Use Websockets\n"
+        assert len(body) == 24
+
+
+async def test_healthz_on_client_port_is_200() -> None:
+    async with running() as srv:
+        response = await raw_http(
+            srv.server.client_ports[0], b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+        )
+        assert response.startswith(b"HTTP/1.1 200 ")
+
+
+async def test_any_origin_is_accepted() -> None:
+    from websockets.asyncio.client import connect
+
+    async with running() as srv:
+        async with connect(srv.client_url("/~acme/"), origin="https://evil.example") as ws:
+            browser = Browser(ws)
+            await browser.sync()
+
+
+# -- instance from the path -----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("path", "instance"),
+    [
+        ("/~acme/", "acme"),
+        ("/~a/b/", "ab"),
+        ("/~a~b", "a"),
+        ("/~/", "default"),
+        ("/", "default"),
+        ("", "default"),
+        ("/~acme/?instance=acme", "acme"),
+        ("/?instance=acme", "default"),
+        ("/ws/~acme", "acme"),
+        ("/~a%20b/", "a%20b"),
+        (b"/~acme/", "acme"),
+    ],
+)
+def test_instance_from_path(path: str | bytes, instance: str) -> None:
+    assert instance_from_path(path) == instance
+
+
+async def test_two_instances_are_isolated_for_delivery_history_replay_and_status() -> None:
+    async with running() as srv:
+        async with srv.client("/~acme/?instance=acme") as acme, srv.client("/~beta/") as beta:
+            await acme.subscribe("PHID-1")
+            await beta.subscribe("PHID-1")
+            await srv.post({"subscribers": ["PHID-1"], "n": "acme"}, instance="acme")
+            assert (await acme.recv())["n"] == "acme"
+            await srv.post({"subscribers": ["PHID-1"], "n": "beta"}, instance="beta")
+            assert (await beta.recv())["n"] == "beta", "beta never saw acme's message"
+            await assert_silent(acme)
+
+            await acme.send("replay", {"age": 60000})
+            assert (await acme.recv())["n"] == "acme"
+            await assert_silent(acme)
+
+            acme_status, beta_status = await srv.status("acme"), await srv.status("beta")
+            assert acme_status["history.size"] == 1 and beta_status["history.size"] == 1
+            assert acme_status["clients.active"] == 1 and beta_status["clients.active"] == 1
+            assert (await srv.status())["clients.active"] == 0
+
+
+# -- delivery -------------------------------------------------------------
+
+
+async def test_unsubscribed_client_gets_nothing() -> None:
+    async with running() as srv, srv.client() as alice, srv.client() as bob:
+        await alice.subscribe("PHID-USER-alice")
+        await bob.subscribe("PHID-USER-bob")
+        await srv.post({"subscribers": ["PHID-USER-alice"], "n": 1})
+        assert (await alice.recv())["n"] == 1
+        # Proof by a second message that must arrive first.
+        await srv.post({"subscribers": ["PHID-USER-bob"], "n": 2})
+        assert (await bob.recv())["n"] == 2
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        {"n": 1, "subscribers": []},
+        {"n": 1},
+        {"n": 1, "subscribers": "PHID-1"},
+        {"n": 1, "subscribers": {"PHID-1": True}},
+        {"n": 1, "subscribers": None},
+        {"n": 1, "subscribers": [1, None, ["PHID-1"]]},
+    ],
+)
+async def test_empty_missing_or_non_list_subscribers_reach_nobody(message: dict) -> None:
+    async with running() as srv, srv.client() as browser:
+        await browser.subscribe("PHID-1", "P", "H", "I", "D", "-", "1")
+
+        class Recorder:
+            bodies: list[bytes] = []
+
+            def relay(self, instance: str, body: bytes, touched: object) -> None:
+                self.bodies.append(body)
+
+        recorder = Recorder()
+        srv.hub.relays.append(recorder)
+        assert (await srv.post(message)).status == 200
+        await srv.post({"subscribers": ["PHID-1"], "n": 2})
+        assert (await browser.recv())["n"] == 2, "the first message reached nobody"
+        assert (await srv.status())["history.size"] == 2, "still stored"
+        assert len(recorder.bodies) == 2, "still relayed"
+        assert json.loads(recorder.bodies[0])["n"] == 1
+
+
+async def test_each_socket_gets_a_message_once_however_many_phids_match() -> None:
+    async with running() as srv, srv.client() as browser:
+        await browser.subscribe("PHID-A", "PHID-B", "PHID-C")
+        await srv.post({"subscribers": ["PHID-A", "PHID-B", "PHID-C", "PHID-A"], "n": 1})
+        assert (await browser.recv())["n"] == 1
+        await assert_silent(browser)
+        assert (await srv.status())["messages.out"] == 1
+
+
+async def test_only_string_subscriber_entries_match() -> None:
+    async with running() as srv, srv.client() as browser:
+        await browser.subscribe("1", "PHID-1")
+        await srv.post({"subscribers": [1, {"PHID-1": 1}], "n": 1})
+        await srv.post({"subscribers": [1, "PHID-1"], "n": 2})
+        assert (await browser.recv())["n"] == 2
+
+
+async def test_existing_touched_is_extended_in_place() -> None:
+    async with running() as srv, srv.client() as browser:
+        await browser.subscribe("PHID-1")
+        await srv.post({"touched": ["otherfingerprint"], "subscribers": ["PHID-1"]})
+        got = await browser.recv()
+        assert list(got) == ["touched", "subscribers"]
+        assert got["touched"] == ["otherfingerprint", srv.hub.fingerprint]
+
+
+async def test_loopback_is_answered_but_not_stored_or_delivered() -> None:
+    async with running() as srv, srv.client() as browser:
+        await browser.subscribe("PHID-1")
+        resp = await srv.post({"touched": [srv.hub.fingerprint], "subscribers": ["PHID-1"]})
+        assert resp.status == 200
+        status = await srv.status()
+        assert status["history.size"] == 0 and status["messages.in"] == 0
+        await assert_silent(browser)
+
+
+# -- commands -------------------------------------------------------------
+
+
+async def test_ping_answers_exactly_pong() -> None:
+    async with running() as srv, srv.client() as browser:
+        for data in (None, 1, "x", {"a": 1}):
+            await browser.send("ping", data)
+            assert await browser.recv_raw() == '{"type":"pong"}'
+        await browser.send_raw('{"command":"ping"}')
+        assert await browser.recv_raw() == '{"type":"pong"}'
+
+
+async def test_binary_frames_are_commands_too() -> None:
+    async with running() as srv, srv.client() as browser:
+        await browser.send_raw(b'{"command":"subscribe","data":["PHID-1"]}')
+        await browser.send_raw(b'{"command":"ping","data":null}')
+        assert await browser.recv_raw() == '{"type":"pong"}'
+        await srv.post({"subscribers": ["PHID-1"], "n": 1})
+        assert (await browser.recv())["n"] == 1
+
+
+async def test_unsubscribe_stops_delivery() -> None:
+    async with running() as srv, srv.client() as browser:
+        await browser.subscribe("PHID-1", "PHID-2")
+        await browser.send("unsubscribe", ["PHID-1", "PHID-never"])
+        await browser.sync()
+        await srv.post({"subscribers": ["PHID-1"], "n": 1})
+        await srv.post({"subscribers": ["PHID-2"], "n": 2})
+        assert (await browser.recv())["n"] == 2
+
+
+BAD_FRAMES = [
+    "not json",
+    "{",
+    "[]",
+    "null",
+    "42",
+    '"subscribe"',
+    '{"command":"unknown","data":["PHID-1"]}',
+    '{"command":null,"data":["PHID-1"]}',
+    '{"command":["subscribe"],"data":["PHID-1"]}',
+    '{"data":["PHID-1"]}',
+    '{"command":"subscribe"}',
+    '{"command":"subscribe","data":null}',
+    '{"command":"subscribe","data":"PHID-1"}',
+    '{"command":"subscribe","data":{"PHID-1":true}}',
+    '{"command":"subscribe","data":[1,null,true,{"a":1},["PHID-1"]]}',
+    '{"command":"unsubscribe","data":"PHID-X"}',
+    '{"command":"unsubscribe","data":null}',
+    '{"command":"replay","data":"60000"}',
+    '{"command":"replay","data":[60000]}',
+    "",
+    "\u00e9\u00e8",
+    '{"command":"subscribe","data":["' + "x" * 100000 + '"]}',
+    "[" * 10000 + "]" * 10000,
+    '{"command":"subscribe","data":[' + "1" * 400 + "]}",
+]
+
+
+@pytest.mark.parametrize("frame", BAD_FRAMES, ids=range(len(BAD_FRAMES)))
+async def test_bad_frame_is_ignored_and_socket_keeps_working(frame: str) -> None:
+    async with running() as srv, srv.client() as browser:
+        await browser.subscribe("PHID-X")
+        await browser.send_raw(frame)
+        await browser.sync()
+        # No error frame was sent, and a string was not split into characters.
+        assert srv.hub.instance("default").channel.phid_count == 1 or "x" * 100 in frame
+        await srv.post({"subscribers": ["PHID-1", "P"], "n": 1})
+        await srv.post({"subscribers": ["PHID-X"], "n": 2})
+        assert (await browser.recv())["n"] == 2
+
+
+async def test_invalid_utf8_text_frame_is_ignored() -> None:
+    async with running() as srv, srv.client() as other:
+        await other.subscribe("PHID-1")
+        async with srv.client() as browser:
+            await browser.ws.send(b"\xff\xfe", text=True)
+            await browser.sync()  # ignored like any non-JSON frame
+        await srv.post({"subscribers": ["PHID-1"], "n": 1})
+        assert (await other.recv())["n"] == 1
+
+
+async def test_commands_are_processed_in_order() -> None:
+    async with running() as srv, srv.client() as browser:
+        for i in range(200):
+            await browser.send("subscribe", [f"PHID-{i}"])
+            await browser.send("unsubscribe", [f"PHID-{i - 1}"])
+        await browser.sync()
+        sub = srv.hub.instance("default").channel.subscribers()[0]
+        assert sub.phids == {"PHID-199"}
+
+
+# -- replay ---------------------------------------------------------------
+
+
+async def _post_numbered(srv, phids_by_n: dict[int, list[str]]) -> None:  # noqa: ANN001
+    for n, phids in phids_by_n.items():
+        assert (await srv.post({"subscribers": phids, "n": n})).status == 200
+
+
+async def test_replay_sends_subscribed_history_oldest_first() -> None:
+    async with running() as srv:
+        await _post_numbered(srv, {1: ["PHID-A"], 2: ["PHID-B"], 3: ["PHID-A", "PHID-C"], 4: []})
+        async with srv.client() as browser:
+            await browser.subscribe("PHID-A", "PHID-C")
+            await browser.send("replay", {"age": 60000})
+            assert (await browser.recv())["n"] == 1
+            assert (await browser.recv())["n"] == 3
+            await assert_silent(browser)
+        assert (await srv.status())["messages.out"] == 0, "replays are not counted"
+
+
+@pytest.mark.parametrize("data", [None, {}, {"age": 0}, {"age": "x"}, {"age": None}, {"age": True}])
+async def test_replay_default_age(data: object) -> None:
+    async with running() as srv:
+        await _post_numbered(srv, {1: ["PHID-A"]})
+        async with srv.client() as browser:
+            await browser.subscribe("PHID-A")
+            await browser.send("replay", data)
+            assert (await browser.recv())["n"] == 1
+
+
+async def test_replay_with_data_missing() -> None:
+    async with running() as srv:
+        await _post_numbered(srv, {1: ["PHID-A"]})
+        async with srv.client() as browser:
+            await browser.subscribe("PHID-A")
+            await browser.send_raw('{"command":"replay"}')
+            assert (await browser.recv())["n"] == 1
+
+
+async def test_replay_negative_age_sends_nothing() -> None:
+    async with running() as srv:
+        await _post_numbered(srv, {1: ["PHID-A"]})
+        async with srv.client() as browser:
+            await browser.subscribe("PHID-A")
+            await browser.send("replay", {"age": -1})
+            await assert_silent(browser)
+
+
+async def test_replay_age_window() -> None:
+    async with running() as srv:
+        await _post_numbered(srv, {1: ["PHID-A"]})
+        history = srv.hub.instance("default").history
+        history._entries[0].at -= 5000  # the first message is now 5 s old
+        await _post_numbered(srv, {2: ["PHID-A"]})
+        async with srv.client() as browser:
+            await browser.subscribe("PHID-A")
+            await browser.send("replay", {"age": 1000})
+            assert (await browser.recv())["n"] == 2
+            await assert_silent(browser)
+            await browser.send("replay", {"age": 10000})
+            assert (await browser.recv())["n"] == 1
+            assert (await browser.recv())["n"] == 2
+
+
+def test_replay_age_rule() -> None:
+    assert replay_age(None) == HISTORY_TTL_MS
+    assert replay_age({}) == HISTORY_TTL_MS
+    assert replay_age({"age": 0}) == HISTORY_TTL_MS
+    assert replay_age({"age": "5"}) == HISTORY_TTL_MS
+    assert replay_age({"age": 1500}) == 1500
+    assert replay_age({"age": 2.5}) == 2.5
+    assert replay_age({"age": 10**9}) == HISTORY_TTL_MS, "capped at the retention"
+    assert replay_age({"age": -5}) < 0
+    assert replay_age([1]) is None
+    assert replay_age("x") is None
+
+
+def test_parse_command_types() -> None:
+    assert parse_command(b'{"command":"ping"}') == ("ping", None)
+    assert parse_command('{"command":"subscribe","data":["a"]}') == ("subscribe", ["a"])
+    assert parse_command(b'{"command":"subscribe","data":"a"}') is None
+    assert parse_command(b'{"command":"replay","data":{"age":1}}') == ("replay", {"age": 1})
+    assert parse_command(b'{"command":"replay","data":1}') is None
+    assert parse_command(b"\xff") is None
+    # Beyond 64 bits a number becomes a float, as in JavaScript.
+    assert parse_command(b'{"command":"ping","data":' + b"1" * 30 + b"}") == ("ping", 1.111111111111111e29)
+
+
+async def test_history_is_purged_by_age_on_read() -> None:
+    async with running() as srv:
+        await _post_numbered(srv, {1: ["PHID-A"]})
+        history = srv.hub.instance("default").history
+        history._entries[0].at = time.time() * 1000 - HISTORY_TTL_MS - 1
+        status = await srv.status()
+        assert status["history.size"] == 0 and status["history.age"] is None
+
+
+async def test_history_is_capped_at_4096() -> None:
+    async with running() as srv:
+        hub = srv.hub
+        for n in range(4100):
+            hub.publish("default", {"subscribers": [], "n": n})
+        assert (await srv.status())["history.size"] == 4096
+        async with srv.client() as browser:
+            await browser.subscribe("PHID-A")
+            hub.publish("default", {"subscribers": ["PHID-A"], "n": "last"})
+            assert (await browser.recv())["n"] == "last"
