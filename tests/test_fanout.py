@@ -1,0 +1,294 @@
+"""The compiled fan-out module: framing, the PHID index, and writes to real sockets.
+
+Each fake connection is a real picows ``WSTransport`` whose socket is one end
+of a ``socketpair``, so what the index "writes" is read back from the other
+end byte for byte.
+"""
+
+from __future__ import annotations
+
+import ast
+import asyncio
+import logging
+import socket
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
+from picows import WSTransport
+
+import fastaphlict._fanout as fanout
+from fastaphlict._fanout import Channel, build_frame
+
+
+def test_compiled_module_is_in_use() -> None:
+    assert fanout.COMPILED is True
+    assert Path(fanout.__file__).suffix in (".so", ".pyd")
+
+
+def test_stub_names_exactly_what_the_module_exports() -> None:
+    stub = Path(fanout.__file__).with_name("_fanout.pyi")
+    tree = ast.parse(stub.read_text())
+    stub_names = {
+        node.name
+        for node in tree.body
+        if isinstance(node, (ast.ClassDef, ast.FunctionDef))
+    } | {
+        node.target.id
+        for node in tree.body
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+    }
+    assert stub_names == set(fanout.__all__)
+    for cls in (fanout.Channel, fanout.Subscriber):
+        stub_cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == cls.__name__)
+        stub_members = {n.name for n in stub_cls.body if isinstance(n, ast.FunctionDef)}
+        public = {name for name in dir(cls) if not name.startswith("_")}
+        assert stub_members == public, cls.__name__
+
+
+def reference_frame(payload: bytes) -> bytes:
+    """RFC 6455 §5.2, written independently of the module under test."""
+    n = len(payload)
+    if n < 126:
+        header = struct.pack("!BB", 0x81, n)
+    elif n < 1 << 16:
+        header = struct.pack("!BBH", 0x81, 126, n)
+    else:
+        header = struct.pack("!BBQ", 0x81, 127, n)
+    return header + payload
+
+
+@pytest.mark.parametrize("size", [0, 1, 125, 126, 127, 65535, 65536, 70000])
+def test_build_frame_lengths(size: int) -> None:
+    payload = bytes(range(256)) * (size // 256 + 1)
+    payload = payload[:size]
+    assert build_frame(payload) == reference_frame(payload)
+
+
+@given(st.binary(max_size=70000))
+@settings(max_examples=60, deadline=None)
+def test_build_frame_matches_reference(payload: bytes) -> None:
+    assert build_frame(payload) == reference_frame(payload)
+
+
+# -- fake connections over socketpairs ------------------------------------
+
+
+class PairTransport:
+    """The asyncio-transport surface picows' WSTransport needs, over a real socket."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.aborted = False
+
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        return self.sock if name == "socket" else default
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+    def write(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def close(self) -> None:
+        self.aborted = True
+
+    def abort(self) -> None:
+        self.aborted = True
+
+
+class Conn:
+    """One fake client connection: the transport the index sees, and our read end."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.ours, self.theirs = socket.socketpair()
+        self.theirs.setblocking(False)
+        self.transport = WSTransport(False, PairTransport(self.ours), logging.getLogger("t"), loop)
+
+    def read(self) -> bytes:
+        chunks = []
+        while True:
+            try:
+                chunk = self.theirs.recv(1 << 16)
+            except BlockingIOError:
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def close(self) -> None:
+        self.ours.close()
+        self.theirs.close()
+
+
+@pytest.fixture
+def loop() -> Iterator[asyncio.AbstractEventLoop]:
+    loop = asyncio.new_event_loop()
+    yield loop
+    loop.close()
+
+
+def test_publish_writes_the_same_frame_once_per_matched_socket(loop) -> None:  # noqa: ANN001
+    channel = Channel()
+    conns = [Conn(loop) for _ in range(3)]
+    subs = [channel.attach(c.transport) for c in conns]
+    channel.subscribe(subs[0], ["A", "B"])
+    channel.subscribe(subs[1], ["B"])
+    frame = build_frame(b'{"x":1}')
+    assert channel.publish(["A", "B", "B", 7, None], frame) == 2
+    assert conns[0].read() == frame
+    assert conns[1].read() == frame
+    assert conns[2].read() == b""
+    for c in conns:
+        c.close()
+
+
+def test_closing_socket_is_skipped_and_dropped(loop) -> None:  # noqa: ANN001
+    channel = Channel()
+    a, b = Conn(loop), Conn(loop)
+    sa, sb = channel.attach(a.transport), channel.attach(b.transport)
+    channel.subscribe(sa, ["P"])
+    channel.subscribe(sb, ["P"])
+    a.transport.send_close()
+    a.read()
+    frame = build_frame(b"{}")
+    assert channel.publish(["P"], frame) == 1
+    assert a.read() == b"" and b.read() == frame
+    assert not sa.attached and sa.phids == set()
+    assert channel.size == 1
+    a.close()
+    b.close()
+
+
+def test_write_error_never_raises_into_publisher(loop) -> None:  # noqa: ANN001
+    channel = Channel()
+    a, b = Conn(loop), Conn(loop)
+    sa, sb = channel.attach(a.transport), channel.attach(b.transport)
+    channel.subscribe(sa, ["P"])
+    channel.subscribe(sb, ["P"])
+    a.ours.close()  # send() on a closed fd fails; picows then hands data to write()
+    frame = build_frame(b"{}")
+    assert channel.publish(["P"], frame) in (1, 2)
+    assert b.read() == frame
+    b.close()
+
+
+def test_non_list_subscribers_match_nothing(loop) -> None:  # noqa: ANN001
+    channel = Channel()
+    conn = Conn(loop)
+    sub = channel.attach(conn.transport)
+    channel.subscribe(sub, ["P", "x"])
+    for subscribers in (None, "P", {"P": 1}, ("P",), 1):
+        assert channel.match(subscribers) == []
+        assert channel.publish(subscribers, build_frame(b"{}")) == 0
+    assert conn.read() == b""
+    conn.close()
+
+
+def test_subscribe_skips_non_strings(loop) -> None:  # noqa: ANN001
+    channel = Channel()
+    conn = Conn(loop)
+    sub = channel.attach(conn.transport)
+    channel.subscribe(sub, ["A", 1, None, ["B"], {"C": 1}, "D"])
+    assert sub.phids == {"A", "D"}
+    assert channel.phid_count == 2
+    channel.detach(sub)
+    channel.detach(sub)  # idempotent
+    assert channel.phid_count == 0 and channel.size == 0
+    conn.close()
+
+
+# -- the index against a plain-Python model -------------------------------
+
+PHIDS = st.sampled_from([f"PHID-{i}" for i in range(8)])
+SUBSCRIBERS = st.one_of(
+    st.lists(st.one_of(PHIDS, PHIDS, st.integers(), st.none()), max_size=8),
+    st.none(),
+    PHIDS,
+)
+
+
+class IndexModel(RuleBasedStateMachine):
+    """Random subscribe / unsubscribe / disconnect / close / publish sequences."""
+
+    @initialize()
+    def setup(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.channel = Channel()
+        self.conns: list[Conn] = []
+        self.subs: list = []
+        self.model: list[set[str] | None] = []  # None: detached or closing
+        self.counter = 0
+
+    def teardown(self) -> None:
+        for conn in getattr(self, "conns", []):
+            conn.close()
+        if hasattr(self, "loop"):
+            self.loop.close()
+
+    @rule()
+    def connect(self) -> None:
+        if len(self.conns) >= 12:
+            return
+        conn = Conn(self.loop)
+        self.conns.append(conn)
+        self.subs.append(self.channel.attach(conn.transport))
+        self.model.append(set())
+
+    @rule(i=st.integers(0, 11), phids=st.lists(st.one_of(PHIDS, st.integers()), max_size=5))
+    def subscribe(self, i: int, phids: list) -> None:
+        if i < len(self.subs):
+            self.channel.subscribe(self.subs[i], phids)
+            if self.model[i] is not None:
+                self.model[i] |= {p for p in phids if isinstance(p, str)}
+
+    @rule(i=st.integers(0, 11), phids=st.lists(PHIDS, max_size=5))
+    def unsubscribe(self, i: int, phids: list) -> None:
+        if i < len(self.subs):
+            self.channel.unsubscribe(self.subs[i], phids)
+            if self.model[i] is not None:
+                self.model[i] -= set(phids)
+
+    @rule(i=st.integers(0, 11))
+    def disconnect(self, i: int) -> None:
+        if i < len(self.subs):
+            self.channel.detach(self.subs[i])
+            self.model[i] = None
+
+    @rule(i=st.integers(0, 11))
+    def closing(self, i: int) -> None:
+        """The socket sent its close frame: it must be skipped from now on."""
+        if i < len(self.subs) and self.model[i] is not None:
+            self.conns[i].transport.send_close()
+            self.conns[i].read()
+            self.model[i] = None
+
+    @rule(subscribers=SUBSCRIBERS)
+    def publish(self, subscribers: object) -> None:
+        self.counter += 1
+        frame = build_frame(b'{"n":%d}' % self.counter)
+        wanted = set()
+        if isinstance(subscribers, list):
+            strings = {p for p in subscribers if isinstance(p, str)}
+            wanted = {i for i, phids in enumerate(self.model) if phids is not None and phids & strings}
+        sent = self.channel.publish(subscribers, frame)
+        assert sent == len(wanted)
+        for i, conn in enumerate(self.conns):
+            assert conn.read() == (frame if i in wanted else b""), i
+
+    @invariant()
+    def index_matches_model(self) -> None:
+        if not hasattr(self, "channel"):
+            return
+        for sub, phids in zip(self.subs, self.model):
+            if phids is not None:
+                assert sub.phids == phids
+
+
+TestIndexModel = IndexModel.TestCase
+TestIndexModel.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
