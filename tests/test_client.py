@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import json
 import time
 
@@ -378,3 +379,27 @@ async def test_history_is_capped_at_4096() -> None:
             await browser.subscribe("PHID-A")
             hub.publish("default", {"subscribers": ["PHID-A"], "n": "last"})
             assert (await browser.recv())["n"] == "last"
+
+
+async def test_debug_traces_every_command_and_delivery(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="fastaphlict")
+    async with running(debug=True) as srv, srv.client() as browser:
+        await browser.subscribe("PHID-1")
+        await browser.send_raw("garbage")
+        await srv.post({"subscribers": ["PHID-1"], "n": 1})
+        await browser.recv()
+    text = caplog.text
+    assert "command subscribe" in text and "command ping" in text
+    assert "ignored frame" in text
+    assert "publish instance=default to 1 socket(s)" in text
+    assert "deliver to ('127.0.0.1'," in text
+
+
+async def test_without_debug_nothing_is_traced(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="fastaphlict")
+    async with running() as srv, srv.client() as browser:
+        await browser.subscribe("PHID-1")
+        await srv.post({"subscribers": ["PHID-1"], "n": 1})
+        await browser.recv()
+    assert "command subscribe" not in caplog.text
+    assert "deliver to" not in caplog.text
