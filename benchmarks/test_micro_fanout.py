@@ -57,7 +57,7 @@ def index() -> Iterator[tuple[Channel, list]]:
     loop.close()
 
 
-def test_match_21_phids_against_10000_listeners(benchmark, index) -> None:  # noqa: ANN001
+def test_match_21_phids_against_10000_listeners(benchmark, index) -> None:
     channel, _ = index
     rng = random.Random(2)
     message = [f"PHID-USER-{rng.randrange(LISTENERS)}" for _ in range(20)] + ["PHID-TASK-7"]
@@ -66,13 +66,13 @@ def test_match_21_phids_against_10000_listeners(benchmark, index) -> None:  # no
 
 
 @pytest.mark.parametrize("size", [260, 4096])
-def test_build_frame(benchmark, size: int) -> None:  # noqa: ANN001
+def test_build_frame(benchmark, size: int) -> None:
     payload = b"x" * size
     frame = benchmark(build_frame, payload)
     assert len(frame) > size
 
 
-def test_subscribe_unsubscribe_churn(benchmark, index) -> None:  # noqa: ANN001
+def test_subscribe_unsubscribe_churn(benchmark, index) -> None:
     channel, subs = index
     sub = subs[0]
     phids = [f"PHID-CHURN-{i}" for i in range(10)]

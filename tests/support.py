@@ -74,7 +74,10 @@ async def post(
     body = raw if raw is not None else json.dumps(message, ensure_ascii=False).encode()
     url = f"{admin_url}/" if instance is None else f"{admin_url}/?instance={instance}"
     async with session.post(
-        url, data=body, headers={"Content-Type": PHORGE_CONTENT_TYPE}, timeout=aiohttp.ClientTimeout(total=TIMEOUT)
+        url,
+        data=body,
+        headers={"Content-Type": PHORGE_CONTENT_TYPE},
+        timeout=aiohttp.ClientTimeout(total=TIMEOUT),
     ) as resp:
         await resp.read()
         return resp

@@ -6,6 +6,7 @@ import asyncio
 import json
 
 import pytest
+
 from support import PHORGE_CONTENT_TYPE, TIMEOUT, running
 
 PHORGE_MESSAGE = {
@@ -80,9 +81,8 @@ async def test_body_just_under_limit_is_accepted() -> None:
 
 @pytest.mark.parametrize("method", ["GET", "PUT", "DELETE", "PATCH"])
 async def test_other_methods_on_root_are_405(method: str) -> None:
-    async with running() as srv:
-        async with srv.session.request(method, f"{srv.admin_url}/") as resp:
-            assert resp.status == 405
+    async with running() as srv, srv.session.request(method, f"{srv.admin_url}/") as resp:
+        assert resp.status == 405
 
 
 @pytest.mark.parametrize("path", ["/status", "/nope", "/status/x", "/index.php"])
@@ -93,15 +93,13 @@ async def test_unknown_paths_are_404(path: str) -> None:
 
 
 async def test_healthz_is_200() -> None:
-    async with running() as srv:
-        async with srv.session.get(f"{srv.admin_url}/healthz") as resp:
-            assert resp.status == 200
+    async with running() as srv, srv.session.get(f"{srv.admin_url}/healthz") as resp:
+        assert resp.status == 200
 
 
 async def test_head_status_is_200() -> None:
-    async with running() as srv:
-        async with srv.session.head(f"{srv.admin_url}/status/") as resp:
-            assert resp.status == 200
+    async with running() as srv, srv.session.head(f"{srv.admin_url}/status/") as resp:
+        assert resp.status == 200
 
 
 async def test_status_keys_types_and_order() -> None:
@@ -126,23 +124,22 @@ async def test_status_keys_types_and_order() -> None:
 
 
 async def test_status_counts_deliveries_and_history() -> None:
-    async with running() as srv:
-        async with srv.client() as a, srv.client() as b:
-            await a.subscribe("PHID-X")
-            await b.subscribe("PHID-X", "PHID-Y")
-            await srv.post({"subscribers": ["PHID-X", "PHID-Y"], "n": 1})
-            assert (await a.recv())["n"] == 1
-            assert (await b.recv())["n"] == 1
-            await srv.post({"subscribers": ["PHID-Y"], "n": 2})
-            assert (await b.recv())["n"] == 2
-            await a.sync()  # replays and pongs never count as messages.out
-            status = await srv.status()
-            assert status["messages.in"] == 2
-            assert status["messages.out"] == 3, "one message to two sockets counts 2"
-            assert status["history.size"] == 2
-            assert type(status["history.age"]) is int and status["history.age"] >= 0
-            assert status["clients.active"] == 2
-            assert status["clients.total"] == 2
+    async with running() as srv, srv.client() as a, srv.client() as b:
+        await a.subscribe("PHID-X")
+        await b.subscribe("PHID-X", "PHID-Y")
+        await srv.post({"subscribers": ["PHID-X", "PHID-Y"], "n": 1})
+        assert (await a.recv())["n"] == 1
+        assert (await b.recv())["n"] == 1
+        await srv.post({"subscribers": ["PHID-Y"], "n": 2})
+        assert (await b.recv())["n"] == 2
+        await a.sync()  # replays and pongs never count as messages.out
+        status = await srv.status()
+        assert status["messages.in"] == 2
+        assert status["messages.out"] == 3, "one message to two sockets counts 2"
+        assert status["history.size"] == 2
+        assert type(status["history.age"]) is int and status["history.age"] >= 0
+        assert status["clients.active"] == 2
+        assert status["clients.total"] == 2
 
 
 async def test_clients_active_falls_on_disconnect_total_does_not() -> None:
@@ -209,7 +206,7 @@ async def test_expect_100_continue_post_like_curl() -> None:
         assert (await browser.recv())["pad"] == "p" * 4000
 
 
-async def _wait_for(predicate, srv, attempts: int = 200):  # noqa: ANN001, ANN202
+async def _wait_for(predicate, srv, attempts: int = 200):
     """Poll /status/ until ``predicate`` holds: disconnects are seen asynchronously."""
     status = {}
     for _ in range(attempts):
@@ -248,7 +245,6 @@ async def test_non_object_json_in_form_encoding_is_not_parsed_as_form() -> None:
     async with running() as srv:
         resp = await srv.post(None, raw=b"subscribers=PHID-1&type=x")
         assert resp.status == 400
-
 
 
 async def test_lone_surrogate_is_delivered_as_an_escape_and_the_socket_survives() -> None:

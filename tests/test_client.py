@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import json
+import logging
 import time
 
 import pytest
-from support import TIMEOUT, Browser, assert_silent, running
 
 from fastaphlict.client import instance_from_path, parse_command
 from fastaphlict.hub import HISTORY_TTL_MS, replay_age
+from support import TIMEOUT, Browser, assert_silent, running
 
 
 async def raw_http(port: int, request: bytes) -> bytes:
@@ -275,7 +275,7 @@ async def test_commands_are_processed_in_order() -> None:
 # -- replay ---------------------------------------------------------------
 
 
-async def _post_numbered(srv, phids_by_n: dict[int, list[str]]) -> None:  # noqa: ANN001
+async def _post_numbered(srv, phids_by_n: dict[int, list[str]]) -> None:
     for n, phids in phids_by_n.items():
         assert (await srv.post({"subscribers": phids, "n": n})).status == 200
 
@@ -357,7 +357,10 @@ def test_parse_command_types() -> None:
     assert parse_command(b'{"command":"replay","data":1}') is None
     assert parse_command(b"\xff") is None
     # Beyond 64 bits a number becomes a float, as in JavaScript.
-    assert parse_command(b'{"command":"ping","data":' + b"1" * 30 + b"}") == ("ping", 1.111111111111111e29)
+    assert parse_command(b'{"command":"ping","data":' + b"1" * 30 + b"}") == (
+        "ping",
+        1.111111111111111e29,
+    )
 
 
 async def test_history_is_purged_by_age_on_read() -> None:

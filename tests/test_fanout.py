@@ -34,9 +34,7 @@ def test_stub_names_exactly_what_the_module_exports() -> None:
     stub = Path(fanout.__file__).with_name("_fanout.pyi")
     tree = ast.parse(stub.read_text())
     stub_names = {
-        node.name
-        for node in tree.body
-        if isinstance(node, (ast.ClassDef, ast.FunctionDef))
+        node.name for node in tree.body if isinstance(node, (ast.ClassDef, ast.FunctionDef))
     } | {
         node.target.id
         for node in tree.body
@@ -44,7 +42,9 @@ def test_stub_names_exactly_what_the_module_exports() -> None:
     }
     assert stub_names == set(fanout.__all__)
     for cls in (fanout.Channel, fanout.Subscriber):
-        stub_cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == cls.__name__)
+        stub_cls = next(
+            n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == cls.__name__
+        )
         stub_members = {n.name for n in stub_cls.body if isinstance(n, ast.FunctionDef)}
         public = {name for name in dir(cls) if not name.startswith("_")}
         assert stub_members == public, cls.__name__
@@ -133,7 +133,7 @@ def loop() -> Iterator[asyncio.AbstractEventLoop]:
     loop.close()
 
 
-def test_publish_writes_the_same_frame_once_per_matched_socket(loop) -> None:  # noqa: ANN001
+def test_publish_writes_the_same_frame_once_per_matched_socket(loop) -> None:
     channel = Channel()
     conns = [Conn(loop) for _ in range(3)]
     subs = [channel.attach(c.transport) for c in conns]
@@ -148,7 +148,7 @@ def test_publish_writes_the_same_frame_once_per_matched_socket(loop) -> None:  #
         c.close()
 
 
-def test_closing_socket_is_skipped_and_dropped(loop) -> None:  # noqa: ANN001
+def test_closing_socket_is_skipped_and_dropped(loop) -> None:
     channel = Channel()
     a, b = Conn(loop), Conn(loop)
     sa, sb = channel.attach(a.transport), channel.attach(b.transport)
@@ -165,7 +165,7 @@ def test_closing_socket_is_skipped_and_dropped(loop) -> None:  # noqa: ANN001
     b.close()
 
 
-def test_write_error_never_raises_into_publisher(loop) -> None:  # noqa: ANN001
+def test_write_error_never_raises_into_publisher(loop) -> None:
     channel = Channel()
     a, b = Conn(loop), Conn(loop)
     sa, sb = channel.attach(a.transport), channel.attach(b.transport)
@@ -178,7 +178,7 @@ def test_write_error_never_raises_into_publisher(loop) -> None:  # noqa: ANN001
     b.close()
 
 
-def test_non_list_subscribers_match_nothing(loop) -> None:  # noqa: ANN001
+def test_non_list_subscribers_match_nothing(loop) -> None:
     channel = Channel()
     conn = Conn(loop)
     sub = channel.attach(conn.transport)
@@ -190,7 +190,7 @@ def test_non_list_subscribers_match_nothing(loop) -> None:  # noqa: ANN001
     conn.close()
 
 
-def test_subscribe_skips_non_strings(loop) -> None:  # noqa: ANN001
+def test_subscribe_skips_non_strings(loop) -> None:
     channel = Channel()
     conn = Conn(loop)
     sub = channel.attach(conn.transport)
@@ -275,7 +275,9 @@ class IndexModel(RuleBasedStateMachine):
         wanted = set()
         if isinstance(subscribers, list):
             strings = {p for p in subscribers if isinstance(p, str)}
-            wanted = {i for i, phids in enumerate(self.model) if phids is not None and phids & strings}
+            wanted = {
+                i for i, phids in enumerate(self.model) if phids is not None and phids & strings
+            }
         sent = self.channel.publish(subscribers, frame)
         assert sent == len(wanted)
         for i, conn in enumerate(self.conns):
@@ -285,7 +287,7 @@ class IndexModel(RuleBasedStateMachine):
     def index_matches_model(self) -> None:
         if not hasattr(self, "channel"):
             return
-        for sub, phids in zip(self.subs, self.model):
+        for sub, phids in zip(self.subs, self.model, strict=True):
             if phids is not None:
                 assert sub.phids == phids
 

@@ -143,7 +143,9 @@ class ClientListener(WSListener):
             if buf is None:
                 return
             if len(buf) + frame.payload_size > MAX_MESSAGE_SIZE:
-                log.info("message over %d bytes ignored: peer=%s", MAX_MESSAGE_SIZE, _peer(transport))
+                log.info(
+                    "message over %d bytes ignored: peer=%s", MAX_MESSAGE_SIZE, _peer(transport)
+                )
                 self._fragments = None
                 return
             buf += frame.get_payload_as_memoryview()
@@ -176,7 +178,7 @@ class ClientListener(WSListener):
                 self._hub.replay(self._instance, sub, age)
 
 
-def listener_factory(hub: Hub, *, debug: bool = False):  # noqa: ANN201 - picows' factory type
+def listener_factory(hub: Hub, *, debug: bool = False):
     """Build the picows router: WebSocket upgrades get a listener, plain HTTP gets 501.
 
     ``GET /healthz`` answers 200 for load balancers; every other request that

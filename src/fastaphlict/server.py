@@ -177,7 +177,9 @@ class Server:
             try:
                 await asyncio.wait_for(self.close(), self.limits.shutdown_timeout)
             except asyncio.TimeoutError:
-                log.warning("shutdown took over %.1fs; exiting anyway", self.limits.shutdown_timeout)
+                log.warning(
+                    "shutdown took over %.1fs; exiting anyway", self.limits.shutdown_timeout
+                )
         finally:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
