@@ -1,0 +1,116 @@
+"""Hub and history rules (spec §1 status, §4 history, §5 touched), without sockets."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+import fastaphlict
+from fastaphlict.hub import HISTORY_LIMIT, HISTORY_TTL_MS, History, Hub, dumps, loads
+
+
+def test_history_keeps_at_most_the_limit() -> None:
+    history = History()
+    for n in range(HISTORY_LIMIT + 10):
+        history.add(1000.0, [], b"%d" % n)
+    assert len(history) == HISTORY_LIMIT
+    assert [e.frame for e in history.since(1000.0, 1)][:1] == [b"10"]
+
+
+def test_history_purges_by_age_on_write_and_read() -> None:
+    history = History()
+    history.add(0.0, ["A"], b"old")
+    history.add(HISTORY_TTL_MS, ["A"], b"edge")
+    assert len(history) == 2, "exactly 60 s old is still held"
+    history.add(HISTORY_TTL_MS + 1, ["A"], b"new")
+    assert [e.frame for e in history.since(HISTORY_TTL_MS + 1, HISTORY_TTL_MS)] == [
+        b"edge",
+        b"new",
+    ]
+    assert history.since(10 * HISTORY_TTL_MS, HISTORY_TTL_MS) == []
+    assert len(history) == 0 and history.oldest() is None
+
+
+def test_history_window_and_negative_age() -> None:
+    history = History()
+    for at in (100.0, 200.0, 300.0):
+        history.add(at, ["A"], b"%d" % at)
+    assert [e.frame for e in history.since(300.0, 100)] == [b"200", b"300"]
+    assert list(history.since(300.0, -1)) == []
+
+
+def test_history_keeps_only_string_subscribers() -> None:
+    history = History()
+    history.add(0.0, ["A", 1, None], b"x")
+    history.add(0.0, "A", b"y")
+    entries = list(history.since(0.0, 1))
+    assert entries[0].subscribers == frozenset({"A"})
+    assert entries[1].subscribers == frozenset()
+
+
+def test_publish_appends_fingerprint_to_touched() -> None:
+    hub = Hub("FPFPFPFPFPFPFPFP")
+    relayed = []
+
+    class Recorder:
+        def relay(self, instance: str, body: bytes, touched: list) -> None:
+            relayed.append((instance, body, list(touched)))
+
+    hub.relays.append(Recorder())
+    message = {"touched": "not a list", "subscribers": []}
+    hub.publish("acme", message)
+    assert message["touched"] == ["FPFPFPFPFPFPFPFP"]
+    instance, body, touched = relayed[0]
+    assert instance == "acme"
+    assert loads(body) == {"touched": ["FPFPFPFPFPFPFPFP"], "subscribers": []}
+    assert touched == ["FPFPFPFPFPFPFPFP"]
+
+
+def test_loopback_is_not_stored_counted_or_relayed() -> None:
+    hub = Hub("ME")
+    relayed = []
+
+    class Recorder:
+        def relay(self, instance: str, body: bytes, touched: list) -> None:
+            relayed.append(body)
+
+    hub.relays.append(Recorder())
+    assert hub.publish("default", {"touched": ["X", "ME"], "subscribers": []}) is None
+    assert relayed == [] and hub.messages_in == 0
+    assert hub.status("default")["history.size"] == 0
+
+
+def test_status_of_unknown_instance_does_not_create_it() -> None:
+    hub = Hub("ME")
+    status = hub.status("ghost")
+    assert status["clients.total"] == 0 and status["history.age"] is None
+    assert hub.instances() == []
+
+
+@pytest.mark.parametrize(
+    "value",
+    [{"a": "é日本"}, {"n": 2**63 - 1}, {"k": [1, 2.5, None, True]}, {"z": 1, "a": 2}],
+)
+def test_dumps_is_compact_utf8_and_keeps_order(value: dict) -> None:
+    out = dumps(value)
+    assert b" " not in out
+    assert loads(out) == value
+    assert list(loads(out)) == list(value)
+    assert b"\\u" not in out
+
+
+def test_admin_and_client_never_import_each_other() -> None:
+    """The hub is the only thing the two sides share."""
+    root = Path(fastaphlict.__file__).parent
+    for module, forbidden in (("admin", "client"), ("client", "admin")):
+        tree = ast.parse((root / f"{module}.py").read_text())
+        imported = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                imported.add(node.module)
+                imported.update(f"{node.module}.{a.name}" for a in node.names)
+            elif isinstance(node, ast.Import):
+                imported.update(a.name for a in node.names)
+        assert f"fastaphlict.{forbidden}" not in imported, module
