@@ -221,7 +221,7 @@ async def test_relay_failure_never_fails_the_post() -> None:
     async with running() as srv:
 
         class Broken:
-            def relay(self, instance: str, body: bytes, touched: object) -> None:
+            def relay(self, instance: str, message: dict, body: bytes) -> None:
                 raise RuntimeError("boom")
 
         srv.hub.relays.append(Broken())

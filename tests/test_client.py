@@ -131,7 +131,7 @@ async def test_empty_missing_or_non_list_subscribers_reach_nobody(message: dict)
         class Recorder:
             bodies: list[bytes] = []
 
-            def relay(self, instance: str, body: bytes, touched: object) -> None:
+            def relay(self, instance: str, message: dict, body: bytes) -> None:
                 self.bodies.append(body)
 
         recorder = Recorder()

@@ -55,8 +55,8 @@ def test_publish_appends_fingerprint_to_touched() -> None:
     relayed = []
 
     class Recorder:
-        def relay(self, instance: str, body: bytes, touched: list) -> None:
-            relayed.append((instance, body, list(touched)))
+        def relay(self, instance: str, message: dict, body: bytes) -> None:
+            relayed.append((instance, body, list(message["touched"])))
 
     hub.relays.append(Recorder())
     message = {"touched": "not a list", "subscribers": []}
@@ -73,7 +73,7 @@ def test_loopback_is_not_stored_counted_or_relayed() -> None:
     relayed = []
 
     class Recorder:
-        def relay(self, instance: str, body: bytes, touched: list) -> None:
+        def relay(self, instance: str, message: dict, body: bytes) -> None:
             relayed.append(body)
 
     hub.relays.append(Recorder())

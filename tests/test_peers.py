@@ -204,7 +204,7 @@ async def test_relay_posts_exact_bytes_with_byte_content_length(start_peer, rela
     body = text.encode("utf-8")
     assert len(body) != len(text)  # the regression Node has: length in characters
 
-    relay.relay("a b/&c", body, ["abc"])
+    relay.relay("a b/&c", {"touched": ["abc"]}, body)
     await eventually(lambda: len(fake.requests) == 1)
 
     got = fake.requests[0]
@@ -238,7 +238,7 @@ async def test_fingerprint_learned_from_200_receipt(start_peer, relays) -> None:
     peer = relay.peers[0]
     assert peer.fingerprint is None
 
-    relay.relay("default", message(1), ["self"])
+    relay.relay("default", {"touched": ["self"]}, message(1))
     await eventually(lambda: peer.sent == 1)
 
     assert peer.fingerprint == "LearnedFromPeerX"
@@ -251,7 +251,7 @@ async def test_error_status_teaches_nothing(start_peer, relays) -> None:
     relay = await relays([fake.config])
     peer = relay.peers[0]
 
-    relay.relay("default", message(1), ["self"])
+    relay.relay("default", {"touched": ["self"]}, message(1))
     await eventually(lambda: peer.failed == 1)
 
     assert peer.fingerprint is None
@@ -264,8 +264,8 @@ async def test_garbage_receipt_teaches_nothing_and_counts_failure(start_peer, re
     relay = await relays([fake.config])
     peer = relay.peers[0]
 
-    relay.relay("default", message(1), ["self"])
-    relay.relay("default", message(2), ["self"])
+    relay.relay("default", {"touched": ["self"]}, message(1))
+    relay.relay("default", {"touched": ["self"]}, message(2))
     await eventually(lambda: peer.failed == 2)
 
     assert peer.fingerprint is None
@@ -277,15 +277,35 @@ async def test_peer_whose_fingerprint_is_touched_is_skipped(start_peer, relays) 
     fake = await start_peer(fingerprint="AlreadyTouchedMe")
     relay = await relays([fake.config])
     peer = relay.peers[0]
-    relay.relay("default", message(1), ["self"])
+    relay.relay("default", {"touched": ["self"]}, message(1))
     await eventually(lambda: peer.fingerprint == "AlreadyTouchedMe")
 
-    relay.relay("default", message(2), ["self", "AlreadyTouchedMe"])
+    relay.relay("default", {"touched": ["self", "AlreadyTouchedMe"]}, message(2))
     assert peer.queued == 0  # decided synchronously, nothing enqueued
-    relay.relay("default", message(3), ["self", "SomeoneElse12345"])
+    relay.relay("default", {"touched": ["self", "SomeoneElse12345"]}, message(3))
     await eventually(lambda: len(fake.requests) == 2)
 
     assert fake.bodies == [message(1), message(3)]
+
+
+async def test_known_peers_are_told_of_each_other_so_a_mesh_delivers_once(
+    start_peer, relays
+) -> None:
+    """Each copy lists the other known targets, so they don't relay to each other."""
+    b = await start_peer(fingerprint="BBBBBBBBBBBBBBBB")
+    c = await start_peer(fingerprint="CCCCCCCCCCCCCCCC")
+    relay = await relays([b.config, c.config])
+    relay.relay("default", {"touched": ["AAAAAAAAAAAAAAAA"]}, message(1))
+    await eventually(lambda: all(p.fingerprint for p in relay.peers))
+    assert b.bodies == [message(1)] and c.bodies == [message(1)], "unknown peers: body as is"
+
+    msg = {"key": "2", "subscribers": ["PHID-1"], "touched": ["AAAAAAAAAAAAAAAA"]}
+    relay.relay("default", msg, json.dumps(msg).encode())
+    await eventually(lambda: len(b.bodies) == 2 and len(c.bodies) == 2)
+    to_b, to_c = json.loads(b.bodies[1]), json.loads(c.bodies[1])
+    assert to_b == {**msg, "touched": ["AAAAAAAAAAAAAAAA", "CCCCCCCCCCCCCCCC"]}
+    assert to_c == {**msg, "touched": ["AAAAAAAAAAAAAAAA", "BBBBBBBBBBBBBBBB"]}
+    assert msg["touched"] == ["AAAAAAAAAAAAAAAA"], "the published message is not modified"
 
 
 async def test_unknown_fingerprint_is_always_tried(start_peer, relays) -> None:
@@ -293,7 +313,7 @@ async def test_unknown_fingerprint_is_always_tried(start_peer, relays) -> None:
     relay = await relays([fake.config])
 
     # The peer's fingerprint is in touched, but we haven't learned it yet.
-    relay.relay("default", message(1), ["InTouchedAlready"])
+    relay.relay("default", {"touched": ["InTouchedAlready"]}, message(1))
     await eventually(lambda: len(fake.requests) == 1)
 
     assert relay.peers[0].fingerprint == "InTouchedAlready"
@@ -305,7 +325,7 @@ async def test_order_preserved_across_50_messages(start_peer, relays) -> None:
     expected = [message(n) for n in range(50)]
 
     for body in expected:
-        relay.relay("default", body, ["self"])
+        relay.relay("default", {"touched": ["self"]}, body)
     await eventually(lambda: len(fake.requests) == 50)
 
     assert fake.bodies == expected
@@ -326,7 +346,7 @@ async def test_down_peer_delays_neither_caller_nor_healthy_peer(
 
     started = time.perf_counter()
     for body in expected:
-        relay.relay("default", body, ["self"])
+        relay.relay("default", {"touched": ["self"]}, body)
     elapsed = time.perf_counter() - started
     assert elapsed < 0.5, f"relay() took {elapsed:.3f}s for 100 messages"
 
@@ -347,7 +367,7 @@ async def test_hung_peer_times_out_and_healthy_peer_gets_everything(
     expected = [message(n) for n in range(5)]
 
     for body in expected:
-        relay.relay("default", body, ["self"])
+        relay.relay("default", {"touched": ["self"]}, body)
     await eventually(lambda: len(healthy.requests) == 5, timeout=1.0)
     assert healthy.bodies == expected
 
@@ -365,7 +385,7 @@ async def test_full_queue_drops_oldest_and_logs_once(start_peer, relays, caplog)
     bodies = [message(n) for n in range(10)]
 
     for body in bodies:
-        relay.relay("default", body, ["self"])
+        relay.relay("default", {"touched": ["self"]}, body)
 
     assert peer.queued == 3
     assert peer.dropped == 7
@@ -384,7 +404,7 @@ async def test_repeated_failures_log_one_warning(relays, dead_port, caplog) -> N
     peer = relay.peers[0]
 
     for n in range(20):
-        relay.relay("default", message(n), ["self"])
+        relay.relay("default", {"touched": ["self"]}, message(n))
     await eventually(lambda: peer.failed == 20)
 
     assert len(warnings(caplog)) == 1
@@ -397,11 +417,11 @@ async def test_recovery_logged_once_after_failure_streak(start_peer, relays, cap
     peer = relay.peers[0]
 
     for n in range(5):
-        relay.relay("default", message(n), ["self"])
+        relay.relay("default", {"touched": ["self"]}, message(n))
     await eventually(lambda: peer.failed == 5)
     fake.status = 200
     for n in range(5, 10):
-        relay.relay("default", message(n), ["self"])
+        relay.relay("default", {"touched": ["self"]}, message(n))
     await eventually(lambda: peer.sent == 5)
 
     assert len(warnings(caplog)) == 1
@@ -419,7 +439,7 @@ async def test_close_drains_queued_messages(start_peer) -> None:
     await within(relay.start())
     expected = [message(n) for n in range(10)]
     for body in expected:
-        relay.relay("default", body, ["self"])
+        relay.relay("default", {"touched": ["self"]}, body)
 
     await within(relay.close(timeout=2.0))
 
@@ -429,8 +449,8 @@ async def test_close_drains_queued_messages(start_peer) -> None:
 async def test_close_is_idempotent_and_bounded_with_hung_peer(hung_peer) -> None:
     relay = PeerRelay([hung_peer.config], timeout=5.0)
     await within(relay.start())
-    relay.relay("default", message(1), ["self"])
-    relay.relay("default", message(2), ["self"])
+    relay.relay("default", {"touched": ["self"]}, message(1))
+    relay.relay("default", {"touched": ["self"]}, message(2))
     await eventually(lambda: hung_peer.connections == 1)
 
     started = time.perf_counter()
@@ -441,12 +461,12 @@ async def test_close_is_idempotent_and_bounded_with_hung_peer(hung_peer) -> None
     await within(relay.close(timeout=0.3))
     assert time.perf_counter() - started < 0.1
 
-    relay.relay("default", message(3), ["self"])  # after close: ignored, never raises
+    relay.relay("default", {"touched": ["self"]}, message(3))  # after close: ignored, never raises
     assert relay.peers[0].queued == 0
 
 
 async def test_close_without_start() -> None:
     relay = PeerRelay([PeerConfig(host="127.0.0.1", port=1, protocol="http")])
-    relay.relay("default", message(1), ["self"])
+    relay.relay("default", {"touched": ["self"]}, message(1))
     await within(relay.close(timeout=0.1))
     await within(relay.close(timeout=0.1))

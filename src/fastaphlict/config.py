@@ -15,8 +15,9 @@ The file is Aphlict's own ``aphlict.custom.json``. Validation mirrors Phorge's
 launcher (``PhabricatorAphlictManagementWorkflow::parseLaunchArguments``), check
 for check and in the same order, so a file ``bin/aphlict`` accepts is accepted
 here and the errors read the same. Each message names the index and key at
-fault. Two deliberate differences: ``pidfile`` may be absent (no pidfile is
-written), and ``memory.hint`` may be ``null`` (it only sized Node's heap).
+fault. Deliberate differences: ``pidfile`` may be absent (no pidfile is
+written); ``memory.hint`` may be ``null`` (it only sized Node's heap); ports,
+of servers and peers, must also lie in 1..65535 rather than fail at bind time.
 """
 
 from __future__ import annotations
@@ -201,6 +202,8 @@ def _optional_path(value: object) -> str | None:
 def parse_config(data: object, source: str) -> Config:
     """Validate an already-decoded JSON value; never raises anything but ConfigError."""
     lead = "Configuration file has improper configuration keys at top level."
+    if not isinstance(data, dict):
+        raise ConfigError(f"{lead} Expected a JSON object, got type '{_type_name(data)}'.")
     top = _check_map(data, _TOP_LEVEL_KEYS, ("servers",), "Configuration file", lead)
 
     servers_value = top["servers"]

@@ -19,7 +19,7 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -112,10 +112,12 @@ class Relay(Protocol):
     """Something that carries published messages to other nodes.
 
     ``relay`` is called on the publish path: it must return at once and never
-    raise. ``body`` is the serialised message (with ``touched``), ready to post.
+    raise. ``message`` is the published object, its ``touched`` already holding
+    this node's fingerprint, and ``body`` its serialisation, ready to post.
+    Neither may be modified: the history and the sockets share them.
     """
 
-    def relay(self, instance: str, body: bytes, touched: Sequence[Any]) -> None: ...
+    def relay(self, instance: str, message: dict[str, Any], body: bytes) -> None: ...
 
 
 @dataclass(slots=True)
@@ -241,7 +243,7 @@ class Hub:
 
         for relay in self.relays:
             try:
-                relay.relay(instance, payload, touched)
+                relay.relay(instance, message, payload)
             except Exception:  # a relay must not fail a publish; see Relay
                 log.exception("relay %r raised; message still delivered locally", relay)
         return sent

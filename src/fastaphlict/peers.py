@@ -18,12 +18,14 @@ import json
 import logging
 import secrets
 import ssl
-from collections.abc import Collection, Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 import aiohttp
 import yarl
+
+from fastaphlict.hub import dumps
 
 if TYPE_CHECKING:
     from fastaphlict.config import PeerConfig
@@ -147,35 +149,51 @@ class PeerRelay:
             self._workers.append(task)
         logger.info("relaying to %s peer(s): %s", len(self._peers), [p.url for p in self._peers])
 
-    def relay(self, instance: str, body: bytes, touched: Collection[str]) -> None:
-        """Queue ``body`` for every peer not already in ``touched``.
+    def relay(self, instance: str, message: Mapping[str, Any], body: bytes) -> None:
+        """Queue the message for every peer whose fingerprint isn't in ``touched``.
 
-        ``body`` is the serialised message and is sent byte for byte. This runs
-        on the publish path: it never awaits and never raises.
+        ``body`` is ``message`` serialised (``touched`` included) and is sent
+        byte for byte to a peer when it is the only one we know to send to.
+        When several known peers get the message, each one's copy also lists
+        the others' fingerprints in ``touched``: in a full mesh they then don't
+        relay it to each other, and every node delivers it once (Aphlict sends
+        one body to all and delivers twice on a three-node mesh). A peer whose
+        fingerprint isn't learned yet is always tried and can't be listed.
+
+        This runs on the publish path: it never awaits and never raises.
         """
         if self._closing:
             return
         try:
-            for peer in self._peers:
-                if peer.fingerprint is not None and peer.fingerprint in touched:
-                    continue
-                queue = peer._queue
-                if len(queue) >= self._queue_limit:
-                    queue.popleft()
-                    peer.dropped += 1
-                    if not peer._dropping:
-                        peer._dropping = True
-                        peer._dropped_at_start = peer.dropped - 1
-                        logger.warning(
-                            "peer %s queue is full (%s messages), dropping the oldest",
-                            peer.url,
-                            self._queue_limit,
-                        )
-                queue.append((instance, body))
-                peer._wakeup.set()
+            touched = message.get("touched")
+            if not isinstance(touched, list):
+                touched = []
+            seen = set(touched)
+            targets = [p for p in self._peers if p.fingerprint is None or p.fingerprint not in seen]
+            known = list(dict.fromkeys(p.fingerprint for p in targets if p.fingerprint))
+            for peer in targets:
+                others = [fp for fp in known if fp != peer.fingerprint]
+                copy = dumps({**message, "touched": [*touched, *others]}) if others else body
+                self._enqueue(peer, instance, copy)
         except Exception:
             # The poster's receipt matters more than a relay; never let a bug here reach it.
             logger.exception("relay failed for instance %s", instance)
+
+    def _enqueue(self, peer: Peer, instance: str, body: bytes) -> None:
+        queue = peer._queue
+        if len(queue) >= self._queue_limit:
+            queue.popleft()
+            peer.dropped += 1
+            if not peer._dropping:
+                peer._dropping = True
+                peer._dropped_at_start = peer.dropped - 1
+                logger.warning(
+                    "peer %s queue is full (%s messages), dropping the oldest",
+                    peer.url,
+                    self._queue_limit,
+                )
+        queue.append((instance, body))
+        peer._wakeup.set()
 
     async def close(self, timeout: float = 2.0) -> None:
         """Give queues up to ``timeout`` seconds to drain, then stop. Idempotent."""

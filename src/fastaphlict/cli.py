@@ -1,0 +1,200 @@
+"""Command line: read flags, build the config once, set up logging, start the server.
+
+It takes Aphlict's own flags (``--config=PATH``, ``--test=true``, ``--debug=1``)
+so anything that launched the Node server can launch this one unchanged.
+
+Two rules this module keeps:
+
+- It imports ``fastaphlict.server`` (and with it the compiled extension) only
+  when it is about to serve, so ``--help`` and ``--test`` work without a build.
+- A user's mistake reaches the console as one ``fastaphlict: <message>`` line
+  on stderr and exit status 1, never as a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import logging.handlers
+import os
+import sys
+from collections.abc import Sequence
+
+from fastaphlict import __version__
+from fastaphlict.config import Config, ConfigError, check_files, load_config
+
+__all__ = ["main", "setup_logging"]
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+logger = logging.getLogger("fastaphlict")
+
+# Handlers this module installed, so a second setup_logging() replaces rather
+# than doubles them, and never touches handlers that belong to someone else
+# (pytest's capture handler, an embedding application's).
+_installed: list[logging.Handler] = []
+
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off", ""})
+
+_EPILOG = """\
+environment (used only when neither --config nor APHLICT_CONFIG names a file):
+  CLIENT_PORT     client (WebSocket) port, default 22280
+  ADMIN_PORT      admin (HTTP) port, default 22281
+  LISTEN_ADDR     address both servers bind; unset: client 0.0.0.0, admin 127.0.0.1
+  APHLICT_CONFIG  path of an Aphlict JSON config file; replaces the variables above
+"""
+
+
+def _parse_bool(value: str) -> bool:
+    """Aphlict's launcher passes ``--test=true`` and ``--debug=1``; accept both spellings."""
+    lowered = value.strip().lower()
+    if lowered in _TRUE:
+        return True
+    if lowered in _FALSE:
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false or 1/0, got {value!r}")
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fastaphlict",
+        description=(
+            "A drop-in, fast replacement for Phorge's Aphlict notification server. "
+            "Reads the same JSON config file and speaks the same protocol."
+        ),
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
+    )
+    parser.add_argument(
+        "--config",
+        metavar="PATH",
+        help="Aphlict JSON config file (aphlict.custom.json); overrides APHLICT_CONFIG",
+    )
+    parser.add_argument(
+        "--test",
+        nargs="?",
+        const=True,
+        default=False,
+        type=_parse_bool,
+        metavar="BOOL",
+        help="check the config, TLS and log files, print 'Configuration test OK.' and exit",
+    )
+    parser.add_argument(
+        "--debug",
+        nargs="?",
+        const=True,
+        default=False,
+        type=_parse_bool,
+        metavar="BOOL",
+        help="log at debug level, including per-connection traces",
+    )
+    return parser
+
+
+def _remove_installed_handlers() -> None:
+    root = logging.getLogger()
+    while _installed:
+        handler = _installed.pop()
+        root.removeHandler(handler)
+        handler.close()
+
+
+def setup_logging(config: Config, debug: bool) -> None:
+    """Send logs to stderr and to every ``logs[].path``; safe to call again.
+
+    Handlers go on the Python root logger, not only on ``fastaphlict``, so that
+    warnings and errors from picows, aiohttp and asyncio (an unretrieved task
+    exception, say) land in the same log file with the same format. Only the
+    ``fastaphlict`` logger is raised to INFO; everything else keeps the root's
+    level (WARNING by default).
+
+    Raises ConfigError, naming the log's index, when a log directory can't be
+    created or a log file can't be opened: Node fails its ``--test`` the same way.
+    """
+    _remove_installed_handlers()
+    formatter = logging.Formatter(LOG_FORMAT)
+
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    try:
+        for index, log in enumerate(config.logs):
+            directory = os.path.dirname(log.path)
+            try:
+                if directory:
+                    os.makedirs(directory, exist_ok=True)
+            except OSError as exc:
+                raise ConfigError(
+                    f'Failed to create directory "{directory}" for specified log file '
+                    f'(with index "{index}"). You should manually create this directory '
+                    f"or choose a different logfile location. {exc.strerror or exc}."
+                ) from exc
+            try:
+                # Watched: logrotate moves the file away and we reopen the path,
+                # instead of writing on into the rotated copy forever.
+                handlers.append(logging.handlers.WatchedFileHandler(log.path, encoding="utf-8"))
+            except OSError as exc:
+                raise ConfigError(
+                    f'Failed to open log file "{log.path}" (with index "{index}"). '
+                    f"{exc.strerror or exc}."
+                ) from exc
+    except ConfigError:
+        for handler in handlers:
+            handler.close()
+        raise
+
+    root = logging.getLogger()
+    for handler in handlers:
+        handler.setFormatter(formatter)
+        root.addHandler(handler)
+        _installed.append(handler)
+
+    logger.setLevel(logging.DEBUG if debug else logging.INFO)
+    # picows logs every accepted connection at INFO: noise at Phorge's scale.
+    logging.getLogger("picows").setLevel(logging.DEBUG if debug else logging.WARNING)
+
+
+def _fail(message: object) -> int:
+    print(f"fastaphlict: {message}", file=sys.stderr)
+    return 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the process exit status instead of exiting."""
+    parser = _build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:
+        # argparse exits for --help (0) and usage errors (2); report, don't exit,
+        # so main() stays callable from tests and embedding code.
+        return exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+
+    try:
+        config = load_config(args.config)
+        if args.test:
+            check_files(config)
+        setup_logging(config, debug=args.debug)
+    except (ConfigError, OSError) as exc:
+        return _fail(exc)
+
+    if args.test:
+        print("Configuration test OK.")
+        return 0
+
+    try:
+        server = importlib.import_module("fastaphlict.server")
+    except ImportError as exc:
+        return _fail(f"cannot load the server (is the package built?): {exc}")
+
+    logger.info("fastaphlict %s starting, config from %s", __version__, config.source)
+    try:
+        status = server.run(config, debug=args.debug)
+    except KeyboardInterrupt:
+        # Ctrl-C before the server has installed its own signal handlers.
+        return 130
+    except OSError as exc:
+        # Typically a port already in use: a fact about the host, not a bug.
+        logger.error("cannot serve: %s", exc, exc_info=args.debug)
+        return 1
+    return int(status or 0)

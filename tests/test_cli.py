@@ -1,0 +1,273 @@
+"""The command line: Aphlict's flags, clean errors, logging, hand-over to the server."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import subprocess
+import sys
+import types
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fastaphlict import cli
+from fastaphlict.config import Config, LogConfig
+
+SRC = Path(__file__).resolve().parent.parent / "src"
+ENV_VARS = ("APHLICT_CONFIG", "CLIENT_PORT", "ADMIN_PORT", "LISTEN_ADDR")
+
+GOOD: dict[str, Any] = {
+    "servers": [
+        {"type": "client", "port": 22280, "listen": "0.0.0.0"},
+        {"type": "admin", "port": 22281, "listen": "127.0.0.1"},
+    ],
+}
+
+
+def write_config(path: Path, data: object) -> str:
+    path.write_text(json.dumps(data))
+    return str(path)
+
+
+def run_cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m fastaphlict`` from the source tree, with a clean environment."""
+    base = {k: v for k, v in os.environ.items() if k not in ENV_VARS}
+    pythonpath = os.pathsep.join(p for p in (str(SRC), base.get("PYTHONPATH")) if p)
+    return subprocess.run(
+        [sys.executable, "-m", "fastaphlict", *args],
+        env={**base, "PYTHONPATH": pythonpath, **env},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+
+
+def assert_test_ok(result: subprocess.CompletedProcess[str]) -> None:
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "Configuration test OK.\n"
+
+
+def assert_clean_failure(result: subprocess.CompletedProcess[str], fragment: str) -> None:
+    assert result.returncode == 1
+    assert result.stderr.startswith("fastaphlict: ")
+    assert fragment in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.fixture
+def good_config(tmp_path: Path) -> str:
+    return write_config(tmp_path / "aphlict.custom.json", GOOD)
+
+
+@pytest.fixture(autouse=True)
+def isolated(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Keep the caller's environment out, and undo any logging set-up."""
+    for name in ENV_VARS:
+        monkeypatch.delenv(name, raising=False)
+    root = logging.getLogger()
+    handlers_before = list(root.handlers)
+    levels_before = {name: logging.getLogger(name).level for name in ("fastaphlict", "picows")}
+    yield
+    for handler in root.handlers[:]:
+        if handler not in handlers_before:
+            root.removeHandler(handler)
+            handler.close()
+    for name, level in levels_before.items():
+        logging.getLogger(name).setLevel(level)
+
+
+@pytest.fixture
+def fake_server(monkeypatch: pytest.MonkeyPatch) -> list[tuple[Config, bool]]:
+    """Stand in for fastaphlict.server: record each run() and log one line."""
+    calls: list[tuple[Config, bool]] = []
+
+    def run(config: Config, debug: bool = False) -> int:
+        calls.append((config, debug))
+        logging.getLogger("fastaphlict.server").info("serving %d servers", len(config.servers))
+        return 0
+
+    module = types.ModuleType("fastaphlict.server")
+    module.run = run  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "fastaphlict.server", module)
+    return calls
+
+
+# -- the real process --------------------------------------------------------------
+
+
+def test_test_flag_with_good_file_prints_ok(good_config: str) -> None:
+    assert_test_ok(run_cli("--test", f"--config={good_config}"))
+
+
+def test_test_equals_true_as_phorge_launcher_passes_it(good_config: str) -> None:
+    assert_test_ok(run_cli(f"--config={good_config}", "--test=true"))
+
+
+def test_config_accepts_a_separate_argument(good_config: str) -> None:
+    assert_test_ok(run_cli("--config", good_config, "--test"))
+
+
+def test_test_uses_aphlict_config_from_environment(good_config: str) -> None:
+    assert_test_ok(run_cli("--test", APHLICT_CONFIG=good_config))
+
+
+def test_test_without_any_arguments_checks_environment_defaults() -> None:
+    assert_test_ok(run_cli("--test"))
+
+
+def test_bad_config_fails_with_one_line_and_no_traceback(tmp_path: Path) -> None:
+    path = write_config(tmp_path / "bad.json", {"servers": [{"type": "client", "port": 1}]})
+    assert_clean_failure(run_cli("--test=true", f"--config={path}"), "administrative servers")
+
+
+def test_unreadable_config_fails_without_traceback(tmp_path: Path) -> None:
+    missing = str(tmp_path / "missing.json")
+    assert_clean_failure(run_cli("--test", "--config", missing), missing)
+
+
+def test_bad_environment_port_fails_naming_the_variable() -> None:
+    assert_clean_failure(run_cli("--test", CLIENT_PORT="http"), "CLIENT_PORT")
+
+
+def test_help_mentions_every_flag() -> None:
+    result = run_cli("--help")
+    assert result.returncode == 0
+    for flag in ("--config", "--test", "--debug", "APHLICT_CONFIG", "CLIENT_PORT"):
+        assert flag in result.stdout
+
+
+def test_cli_does_not_import_the_server_until_it_serves() -> None:
+    # --help and --test must work before the compiled extension is built.
+    code = "import sys, fastaphlict.cli; sys.exit('fastaphlict.server' in sys.modules)"
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, "PYTHONPATH": str(SRC)},
+        capture_output=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+
+
+# -- main() in-process ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("flags", "debug"),
+    [
+        ([], False),
+        (["--debug"], True),
+        (["--debug=1"], True),
+        (["--debug=true"], True),
+        (["--debug=0"], False),
+        (["--debug=false"], False),
+    ],
+)
+def test_debug_flag_is_passed_to_the_server(
+    fake_server: list[tuple[Config, bool]], good_config: str, flags: list[str], debug: bool
+) -> None:
+    assert cli.main([f"--config={good_config}", *flags]) == 0
+    [(config, passed_debug)] = fake_server
+    assert passed_debug is debug
+    assert config.source == good_config
+
+
+def test_test_false_means_serve(fake_server: list[tuple[Config, bool]], good_config: str) -> None:
+    assert cli.main([f"--config={good_config}", "--test=false"]) == 0
+    assert len(fake_server) == 1
+
+
+def test_test_does_not_start_the_server(
+    fake_server: list[tuple[Config, bool]], good_config: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main(["--test=1", f"--config={good_config}"]) == 0
+    assert fake_server == []
+    assert capsys.readouterr().out == "Configuration test OK.\n"
+
+
+def test_unknown_boolean_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["--test=maybe"]) == 2
+    assert "--test" in capsys.readouterr().err
+
+
+def test_help_returns_zero_instead_of_exiting(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["--help"]) == 0
+    assert "usage: fastaphlict" in capsys.readouterr().out
+
+
+def test_log_file_gets_its_directory_and_timestamped_lines(
+    fake_server: list[tuple[Config, bool]], tmp_path: Path
+) -> None:
+    log_path = tmp_path / "var" / "log" / "aphlict.log"
+    path = write_config(tmp_path / "c.json", {**GOOD, "logs": [{"path": str(log_path)}]})
+    assert cli.main([f"--config={path}"]) == 0
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    lines = log_path.read_text().splitlines()
+    pattern = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO fastaphlict\.server: serving 2 servers"
+    assert any(re.fullmatch(pattern, line) for line in lines), lines
+
+
+def test_log_directory_that_cannot_be_created_fails_the_config_test(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "a-file").write_text("")
+    bad_log = str(tmp_path / "a-file" / "aphlict.log")
+    path = write_config(tmp_path / "c.json", {**GOOD, "logs": [{"path": bad_log}]})
+    assert cli.main(["--test", f"--config={path}"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("fastaphlict: Failed to create directory")
+    assert 'index "0"' in err
+
+
+def test_setup_logging_twice_does_not_double_handlers(tmp_path: Path) -> None:
+    logs = (LogConfig(str(tmp_path / "a.log")), LogConfig(str(tmp_path / "b.log")))
+    config = Config(servers=(), logs=logs)
+    root = logging.getLogger()
+    before = len(root.handlers)
+    cli.setup_logging(config, debug=False)
+    cli.setup_logging(config, debug=True)
+    assert len(root.handlers) == before + 3  # stderr plus one per log file
+
+
+def test_picows_is_quiet_unless_debug() -> None:
+    config = Config(servers=())
+    cli.setup_logging(config, debug=False)
+    assert logging.getLogger("picows").level == logging.WARNING
+    assert logging.getLogger("fastaphlict").level == logging.INFO
+    cli.setup_logging(config, debug=True)
+    assert logging.getLogger("picows").level == logging.DEBUG
+    assert logging.getLogger("fastaphlict").level == logging.DEBUG
+
+
+def test_missing_server_module_fails_cleanly(
+    monkeypatch: pytest.MonkeyPatch, good_config: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setitem(sys.modules, "fastaphlict.server", None)
+    assert cli.main([f"--config={good_config}"]) == 1
+    assert capsys.readouterr().err.startswith("fastaphlict: cannot load the server")
+
+
+def test_os_error_from_the_server_exits_one(
+    monkeypatch: pytest.MonkeyPatch, good_config: str
+) -> None:
+    def run(config: Config, debug: bool = False) -> int:
+        raise OSError(98, "Address already in use")
+
+    module = types.ModuleType("fastaphlict.server")
+    module.run = run  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "fastaphlict.server", module)
+    assert cli.main([f"--config={good_config}"]) == 1
+
+
+def test_server_exit_status_is_returned(monkeypatch: pytest.MonkeyPatch, good_config: str) -> None:
+    module = types.ModuleType("fastaphlict.server")
+    module.run = lambda config, debug=False: 3  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "fastaphlict.server", module)
+    assert cli.main([f"--config={good_config}"]) == 3

@@ -1,0 +1,496 @@
+"""Cluster peers across real processes (spec §5): relay, touched, learned fingerprints.
+
+Every test here starts ``python -m fastaphlict --config=PATH`` processes with an
+Aphlict JSON config on free loopback ports, peers them through ``cluster``, and
+watches from outside only: Phorge-style posts to the admin port, browsers on the
+client port, ``/status/``, and the process log (stderr, captured to a file
+that stays in the test's ``tmp_path`` for a post-mortem).
+
+Proving that something did *not* happen: a relay is asynchronous, so "no
+duplicate yet" means nothing on its own. Each peer relays in order through one
+queue, so a marker posted *after* the fact, and routed through the same queues,
+must arrive before any late duplicate could; the tests wait for the marker and
+require it to be the very next frame.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import re
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Collection, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from websockets.asyncio.client import connect
+
+from support import PHORGE_CONTENT_TYPE, TIMEOUT, Browser, assert_silent
+
+pytestmark = pytest.mark.timeout(60)
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+#: Deadline for a process to answer ``/healthz`` after it is spawned.
+STARTUP = 10.0
+#: Deadline for a process to exit after SIGTERM before it is killed.
+SHUTDOWN = 5.0
+ENV_VARS = ("APHLICT_CONFIG", "CLIENT_PORT", "ADMIN_PORT", "LISTEN_ADDR")
+
+TOPIC = "PHID-1"
+
+
+def child_env() -> dict[str, str]:
+    """The test's environment, minus the server's own variables.
+
+    The in-place ``src/`` goes first on PYTHONPATH only when it holds a built
+    ``_fanout`` module; otherwise the installed package serves.
+    """
+    env = {k: v for k, v in os.environ.items() if k not in ENV_VARS}
+    if any((SRC / "fastaphlict").glob("_fanout*.so")):
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(SRC), env.get("PYTHONPATH")) if p)
+    return env
+
+
+def free_ports(count: int) -> list[int]:
+    """Ports nothing listens on right now (another process could still take one)."""
+    sockets = []
+    try:
+        for _ in range(count):
+            sock = socket.socket()
+            sock.bind(("127.0.0.1", 0))
+            sockets.append(sock)
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def message(name: str, *subscribers: str, touched: list[str] | None = None) -> dict[str, Any]:
+    """A Phorge-shaped notification; ``name`` is its ``uniqueID``."""
+    msg: dict[str, Any] = {
+        "key": name,
+        "type": "notification",
+        "subscribers": list(subscribers or (TOPIC,)),
+        "uniqueID": name,
+    }
+    if touched is not None:
+        msg["touched"] = touched
+    return msg
+
+
+def mark_topic(index: int) -> str:
+    """A PHID only the browser on node ``index`` subscribes to."""
+    return f"PHID-MARK-{index}"
+
+
+async def expect(browser: Browser, name: str) -> dict[str, Any]:
+    """The next frame must be message ``name``; return it."""
+    got = await browser.recv()
+    assert got.get("uniqueID") == name, f"expected {name}, got {got}"
+    return got
+
+
+async def eventually(predicate: Callable[[], bool], timeout: float = TIMEOUT) -> None:
+    async def poll() -> None:
+        while not predicate():
+            await asyncio.sleep(0.01)
+
+    await asyncio.wait_for(poll(), timeout)
+
+
+@dataclass
+class Node:
+    """One fastaphlict process and how to reach it."""
+
+    name: str
+    client_port: int
+    admin_port: int
+    log_path: Path
+    process: subprocess.Popen[bytes] | None = None
+    fingerprint: str = ""
+
+    @property
+    def admin_url(self) -> str:
+        return f"http://127.0.0.1:{self.admin_port}"
+
+    @property
+    def peer_url(self) -> str:
+        """How a peer's relay names this node in its log."""
+        return f"http://127.0.0.1:{self.admin_port}/"
+
+    def client_url(self, path: str = "/") -> str:
+        return f"ws://127.0.0.1:{self.client_port}{path}"
+
+    def log(self) -> str:
+        return self.log_path.read_text(encoding="utf-8", errors="replace")
+
+    def loopbacks(self) -> int:
+        """Loopbacks this node dropped; logged only when it runs with ``--debug``."""
+        return self.log().count("loopback dropped")
+
+    def learned(self, peer: Node) -> bool:
+        """Whether this node's relay has learned ``peer``'s fingerprint from a receipt."""
+        return f"peer {peer.peer_url} has fingerprint {peer.fingerprint}" in self.log()
+
+
+class Cluster:
+    """Spawns nodes, talks to them over HTTP and WebSocket, stops them all."""
+
+    def __init__(self, directory: Path, session: aiohttp.ClientSession) -> None:
+        self.directory = directory
+        self.session = session
+        self.nodes: list[Node] = []
+
+    async def start(
+        self,
+        topology: Sequence[Sequence[int]],
+        *,
+        extra_peers: Sequence[int] = (),
+        debug: Collection[int] = (),
+    ) -> list[Node]:
+        """Start one node per entry of ``topology``, all at once.
+
+        ``topology[i]`` lists the nodes (by index) that node ``i`` names in its
+        ``cluster``; ``extra_peers`` are admin ports every node also lists;
+        nodes whose index is in ``debug`` run with ``--debug=1``.
+        """
+        ports = free_ports(2 * len(topology))
+        nodes = [
+            Node(chr(ord("A") + i), ports[2 * i], ports[2 * i + 1], self.directory / f"{i}.log")
+            for i in range(len(topology))
+        ]
+        self.nodes.extend(nodes)
+        env = child_env()
+        for index, node in enumerate(nodes):
+            peers = [nodes[j].admin_port for j in topology[index]] + list(extra_peers)
+            config = {
+                "servers": [
+                    {"type": "client", "port": node.client_port, "listen": "127.0.0.1"},
+                    {"type": "admin", "port": node.admin_port, "listen": "127.0.0.1"},
+                ],
+                "cluster": [{"host": "127.0.0.1", "port": p, "protocol": "http"} for p in peers],
+            }
+            path = self.directory / f"{index}.json"
+            path.write_text(json.dumps(config))
+            args = [sys.executable, "-m", "fastaphlict", f"--config={path}"]
+            if index in debug:
+                args.append("--debug=1")
+            with node.log_path.open("wb") as log:
+                node.process = subprocess.Popen(
+                    args, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
+                )
+        await asyncio.gather(*(self._ready(node) for node in nodes))
+        for node in nodes:
+            found = re.search(r"fastaphlict\.server: fingerprint (\S+)", node.log())
+            assert found, node.log()
+            node.fingerprint = found.group(1)
+        return nodes
+
+    async def _ready(self, node: Node) -> None:
+        assert node.process is not None
+        deadline = time.monotonic() + STARTUP
+        while True:
+            if node.process.poll() is not None:
+                pytest.fail(
+                    f"node {node.name} exited with {node.process.returncode}:\n{node.log()}"
+                )
+            with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError):
+                async with self.session.get(
+                    f"{node.admin_url}/healthz", timeout=aiohttp.ClientTimeout(total=1.0)
+                ) as resp:
+                    if resp.status == 200:
+                        return
+            if time.monotonic() > deadline:
+                pytest.fail(f"node {node.name} not ready after {STARTUP}s:\n{node.log()}")
+            await asyncio.sleep(0.05)
+
+    def stop(self) -> None:
+        """SIGTERM everyone, then give all of them one shared deadline before killing."""
+        running = [n.process for n in self.nodes if n.process and n.process.poll() is None]
+        for process in running:
+            process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + SHUTDOWN
+        for process in running:
+            try:
+                process.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+    async def post(self, node: Node, msg: dict[str, Any]) -> dict[str, Any]:
+        """Post as Phorge does (raw JSON, form content type); return the receipt."""
+        async with self.session.post(
+            f"{node.admin_url}/",
+            data=json.dumps(msg).encode(),
+            headers={"Content-Type": PHORGE_CONTENT_TYPE},
+            timeout=aiohttp.ClientTimeout(total=TIMEOUT),
+        ) as resp:
+            assert resp.status == 200, await resp.text()
+            receipt = await resp.json(content_type=None)
+        assert receipt == {"fingerprint": node.fingerprint}
+        return receipt
+
+    async def status(self, node: Node) -> dict[str, Any]:
+        async with self.session.get(
+            f"{node.admin_url}/status/", timeout=aiohttp.ClientTimeout(total=TIMEOUT)
+        ) as resp:
+            assert resp.status == 200
+            return await resp.json()
+
+    @contextlib.asynccontextmanager
+    async def browsers(self, nodes: Sequence[Node]) -> AsyncIterator[list[Browser]]:
+        """One browser per node, subscribed to TOPIC and to its own marker topic."""
+        async with contextlib.AsyncExitStack() as stack:
+            browsers = []
+            for index, node in enumerate(nodes):
+                ws = await stack.enter_async_context(
+                    connect(node.client_url(), open_timeout=TIMEOUT)
+                )
+                browser = Browser(ws)
+                await browser.subscribe(TOPIC, mark_topic(index))
+                browsers.append(browser)
+            yield browsers
+
+    async def assert_nothing_more(self, nodes: Sequence[Node], browsers: Sequence[Browser]) -> int:
+        """Prove no duplicate is pending anywhere; return how many markers were posted.
+
+        For every browser, a marker is posted to every *other* node. Each lands
+        in that node's relay queues behind anything relayed earlier, so a late
+        duplicate would arrive ahead of some marker: the next frames must be
+        exactly the markers.
+        """
+        posted = 0
+        for target in range(len(nodes)):
+            for via, node in enumerate(nodes):
+                if via != target:
+                    await self.post(node, message(f"mark-{target}-via-{via}", mark_topic(target)))
+                    posted += 1
+        for target, browser in enumerate(browsers):
+            expected = {f"mark-{target}-via-{via}" for via in range(len(nodes)) if via != target}
+            got = [(await browser.recv()).get("uniqueID") for _ in expected]
+            assert sorted(got) == sorted(expected), f"browser on {nodes[target].name}: {got}"
+            await assert_silent(browser)
+        return posted
+
+
+@pytest.fixture
+async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
+    async with aiohttp.ClientSession() as session:
+        nodes = Cluster(tmp_path, session)
+        try:
+            yield nodes
+        finally:
+            nodes.stop()
+
+
+# -- two nodes peered with each other ---------------------------------------
+
+
+async def test_two_peered_nodes_deliver_each_message_once_on_both(cluster: Cluster) -> None:
+    a, b = await cluster.start([[1], [0]])
+    async with cluster.browsers([a, b]) as (on_a, on_b):
+        await cluster.post(a, message("m1"))
+        assert (await expect(on_a, "m1"))["touched"] == [a.fingerprint]
+        assert (await expect(on_b, "m1"))["touched"] == [a.fingerprint, b.fingerprint]
+
+        await cluster.post(b, message("m2"))
+        assert (await expect(on_b, "m2"))["touched"] == [b.fingerprint]
+        assert (await expect(on_a, "m2"))["touched"] == [b.fingerprint, a.fingerprint]
+
+        markers = await cluster.assert_nothing_more([a, b], [on_a, on_b])
+
+    for node in (a, b):
+        status = await cluster.status(node)
+        # Loopbacks (m1 relayed back to A, for one) are answered but never counted.
+        assert status["messages.in"] == 2 + markers, node.name
+        # m1, m2 and the node's own marker, each delivered to its one browser once.
+        assert status["messages.out"] == 3, node.name
+
+
+# -- three nodes: ring and full mesh ----------------------------------------
+
+TOPOLOGIES = {
+    "ring": [[1], [2], [0]],  # A -> B -> C -> A
+    "mesh": [[1, 2], [0, 2], [0, 1]],  # each lists the other two
+}
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [
+        "ring",
+        "mesh",
+    ],
+)
+async def test_three_nodes_deliver_each_message_once_everywhere(
+    cluster: Cluster, shape: str
+) -> None:
+    nodes = await cluster.start(TOPOLOGIES[shape])
+    if shape == "mesh":
+        # A copy can only name the peers whose fingerprints are known: until
+        # every node has heard a receipt from each of its peers, a mesh may
+        # deliver twice (as Aphlict always does). Warm up with messages that
+        # reach nobody, then hold the mesh to exactly once.
+        for node in nodes:
+            await cluster.post(node, {"subscribers": [], "uniqueID": "warm-up"})
+        await eventually(
+            lambda: all(
+                nodes[i].learned(nodes[j])
+                for i, peers in enumerate(TOPOLOGIES[shape])
+                for j in peers
+            )
+        )
+    before = {node.name: (await cluster.status(node))["messages.in"] for node in nodes}
+    async with cluster.browsers(nodes) as browsers:
+        for origin, node in enumerate(nodes):
+            name = f"from-{node.name}"
+            await cluster.post(node, message(name))
+            for index, browser in enumerate(browsers):
+                touched = (await expect(browser, name))["touched"]
+                if shape == "ring":
+                    hops = (index - origin) % len(nodes)
+                    path = [nodes[(origin + h) % len(nodes)].fingerprint for h in range(hops + 1)]
+                    assert touched == path
+                else:
+                    assert touched[0] == node.fingerprint
+                    assert touched[-1] == nodes[index].fingerprint
+                    assert len(set(touched)) == len(touched)
+        markers = await cluster.assert_nothing_more(nodes, browsers)
+
+    for node in nodes:
+        accepted = (await cluster.status(node))["messages.in"] - before[node.name]
+        assert accepted == len(nodes) + markers, node.name
+
+
+# -- a node that lists itself ------------------------------------------------
+
+
+async def test_self_peer_loops_back_once_then_stops_relaying(cluster: Cluster) -> None:
+    # --debug makes every dropped loopback a log line: the only outside view of
+    # a relay that ends in a loopback.
+    (node,) = await cluster.start([[0]], debug={0})
+    async with cluster.browsers([node]) as (browser,):
+        started = time.perf_counter()
+        await cluster.post(node, message("m1"))
+        assert (await expect(browser, "m1"))["touched"] == [node.fingerprint]
+        await eventually(lambda: node.learned(node))
+        settled = time.perf_counter() - started
+        assert node.loopbacks() == 1
+
+        await cluster.post(node, message("m2"))
+        assert (await expect(browser, "m2"))["touched"] == [node.fingerprint]
+        # Nothing can queue behind a relay to ourselves (every message we publish
+        # carries our fingerprint), so no marker can prove its absence: watch for
+        # ten times as long as the first relay round took instead.
+        quiet_until = time.monotonic() + min(2.0, max(0.5, 10 * settled))
+        while time.monotonic() < quiet_until:
+            assert node.loopbacks() == 1, "m2 was relayed to ourselves"
+            await asyncio.sleep(0.02)
+        await assert_silent(browser)
+
+    status = await cluster.status(node)
+    assert status["messages.in"] == 2
+    assert status["messages.out"] == 2
+    log = node.log()
+    for bad in (" ERROR ", " WARNING ", " CRITICAL ", "Traceback"):
+        assert bad not in log, log
+
+
+# -- peers that are down or hang ----------------------------------------------
+
+
+async def test_dead_and_hung_peers_never_delay_the_receipt(
+    cluster: Cluster, record_property: Callable[[str, object], None]
+) -> None:
+    (dead,) = free_ports(1)
+    received = bytearray()
+    connections: list[asyncio.StreamWriter] = []
+
+    async def swallow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(writer)
+        with contextlib.suppress(ConnectionError):
+            while chunk := await reader.read(65536):
+                received.extend(chunk)
+
+    hung = await asyncio.start_server(swallow, "127.0.0.1", 0)
+    try:
+        hung_port = hung.sockets[0].getsockname()[1]
+        (node,) = await cluster.start([[]], extra_peers=[dead, hung_port])
+        async with cluster.browsers([node]) as (browser,):
+            latencies = []
+            for n in range(20):
+                started = time.perf_counter()
+                await cluster.post(node, message(f"m{n}"))
+                latencies.append(time.perf_counter() - started)
+            for n in range(20):
+                await expect(browser, f"m{n}")
+            await assert_silent(browser)
+
+        worst, median = max(latencies), statistics.median(latencies)
+        record_property("receipt_latency_max_s", round(worst, 6))
+        record_property("receipt_latency_median_s", round(median, 6))
+        print(
+            f"receipt latency over 20 posts: max {worst * 1e3:.2f} ms, median {median * 1e3:.2f} ms"
+        )
+        assert worst < 0.5, latencies
+
+        # The relays really were attempted: the dead peer is reported failing,
+        # the hung one holds our first request unanswered.
+        await eventually(lambda: f"peer http://127.0.0.1:{dead}/ failing" in node.log())
+        await eventually(lambda: received.startswith(b"POST /?instance=default "))
+        assert (await cluster.status(node))["messages.in"] == 20
+    finally:
+        for writer in connections:
+            writer.close()
+        hung.close()
+        await asyncio.wait_for(hung.wait_closed(), TIMEOUT)
+
+
+# -- fingerprints are learned from receipts ---------------------------------
+
+
+async def test_peer_fingerprint_learned_from_receipt_skips_touched_peer(cluster: Cluster) -> None:
+    # B lists A; A lists nobody. A runs with --debug so that any loopback it
+    # drops is logged: without learning, B would still post m2 to A, and A would
+    # drop it silently, so A's browser alone could not tell the difference.
+    a, b = await cluster.start([[], [0]], debug={0})
+    async with cluster.browsers([a, b]) as (on_a, on_b):
+        receipt = await cluster.post(a, message("m0"))
+        a_fp = receipt["fingerprint"]
+        await expect(on_a, "m0")
+
+        # m1 goes B -> A; A's receipt teaches B A's fingerprint.
+        await cluster.post(b, message("m1"))
+        assert (await expect(on_b, "m1"))["touched"] == [b.fingerprint]
+        assert (await expect(on_a, "m1"))["touched"] == [b.fingerprint, a_fp]
+        await eventually(lambda: b.learned(a))
+
+        # m2 claims to have passed through A already: B delivers it but must skip A.
+        await cluster.post(b, message("m2", touched=[a_fp]))
+        assert (await expect(on_b, "m2"))["touched"] == [a_fp, b.fingerprint]
+
+        # m3 goes to A through the same relay queue m2 would have used, so by the
+        # time A delivers m3 it has already handled any relayed m2.
+        await cluster.post(b, message("m3"))
+        await expect(on_b, "m3")
+        await expect(on_a, "m3")
+        assert a.loopbacks() == 0, "B relayed m2 to A although A had touched it"
+
+        # Control: a loopback A does receive is logged, so the zero above means something.
+        await cluster.post(a, message("m4", touched=[a_fp]))
+        assert a.loopbacks() == 1
+        await assert_silent(on_a)
+        await assert_silent(on_b)
+
+    assert (await cluster.status(a))["messages.in"] == 3  # m0, m1, m3
+    assert (await cluster.status(b))["messages.in"] == 3  # m1, m2, m3
