@@ -147,7 +147,10 @@ class PeerRelay:
         for peer in self._peers:
             task = asyncio.create_task(self._run(peer), name=f"fastaphlict-peer {peer.url}")
             self._workers.append(task)
-        logger.info("relaying to %s peer(s): %s", len(self._peers), [p.url for p in self._peers])
+        if self._peers:
+            logger.info(
+                "relaying to %d peer(s): %s", len(self._peers), [p.url for p in self._peers]
+            )
 
     def relay(self, instance: str, message: Mapping[str, Any], body: bytes) -> None:
         """Queue the message for every peer whose fingerprint isn't in ``touched``.
