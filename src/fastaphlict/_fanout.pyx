@@ -193,12 +193,10 @@ cdef class Channel:
                 if not members:
                     del self._by_phid[phid]
 
-    def match(self, subscribers):
-        """Return the sockets a message with these ``subscribers`` reaches, each once.
-
-        Only ``str`` entries of a ``list`` match; anything else reaches nobody.
-        Closing sockets are included: this is the pure index question.
-        """
+    cdef list _match(self, subscribers):
+        # The one matching walk: a dict lookup per subscriber PHID, then each
+        # listener of that PHID; the epoch mark keeps a socket from being
+        # listed twice without building a set per publish.
         cdef list out = []
         if type(subscribers) is not list:
             return out
@@ -218,6 +216,14 @@ cdef class Channel:
                     out.append(sub)
         return out
 
+    def match(self, subscribers):
+        """Return the sockets a message with these ``subscribers`` reaches, each once.
+
+        Only ``str`` entries of a ``list`` match; anything else reaches nobody.
+        Closing sockets are included: this is the pure index question.
+        """
+        return self._match(subscribers)
+
     def publish(self, subscribers, bytes frame not None):
         """Write ``frame`` once to every open socket matching ``subscribers``.
 
@@ -225,34 +231,13 @@ cdef class Channel:
         dropped from the index after the walk (sets must not change while they
         are iterated). Never raises for a socket's sake.
         """
-        if type(subscribers) is not list:
-            return 0
         cdef Subscriber sub
-        cdef set members
-        cdef list dead = None
         cdef Py_ssize_t sent = 0
-        self._epoch += 1
-        cdef uint64_t epoch = self._epoch
-        for phid in <list>subscribers:
-            if type(phid) is not str:
-                continue
-            members = self._by_phid.get(phid)
-            if members is None:
-                continue
-            for sub in members:
-                if sub._mark == epoch:
-                    continue
-                sub._mark = epoch
-                if _write(sub.transport, frame):
-                    sent += 1
-                else:
-                    if dead is None:
-                        dead = []
-                    dead.append(sub)
-        if dead is not None:
-            for sub in dead:
-                if sub.attached:
-                    self._drop(sub)
+        for sub in self._match(subscribers):
+            if _write(sub.transport, frame):
+                sent += 1
+            elif sub.attached:
+                self._drop(sub)
         return sent
 
     def subscribers(self):

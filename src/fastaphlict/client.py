@@ -27,7 +27,7 @@ from picows import (
 )
 
 from fastaphlict._fanout import Subscriber, build_frame
-from fastaphlict.hub import DEFAULT_INSTANCE, Hub, loads, replay_age
+from fastaphlict.hub import DEFAULT_INSTANCE, Hub, describe, loads, replay_age
 
 __all__ = [
     "NOT_WEBSOCKET_BODY",
@@ -114,14 +114,14 @@ class ClientListener(WSListener):
 
     def on_ws_connected(self, transport: WSTransport) -> None:
         self._sub = self._hub.attach(self._instance, transport)
-        log.info("connection open: instance=%s peer=%s", self._instance, _peer(transport))
+        log.info("connection open: instance=%s peer=%s", self._instance, describe(transport))
 
     def on_ws_disconnected(self, transport: WSTransport) -> None:
         sub = self._sub
         if sub is not None:
             self._hub.detach(sub)
             self._sub = None
-        log.info("connection closed: instance=%s peer=%s", self._instance, _peer(transport))
+        log.info("connection closed: instance=%s peer=%s", self._instance, describe(transport))
 
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
         msg_type = frame.msg_type
@@ -144,7 +144,7 @@ class ClientListener(WSListener):
                 return
             if len(buf) + frame.payload_size > MAX_MESSAGE_SIZE:
                 log.info(
-                    "message over %d bytes ignored: peer=%s", MAX_MESSAGE_SIZE, _peer(transport)
+                    "message over %d bytes ignored: peer=%s", MAX_MESSAGE_SIZE, describe(transport)
                 )
                 self._fragments = None
                 return
@@ -161,11 +161,11 @@ class ClientListener(WSListener):
         parsed = parse_command(payload)
         if parsed is None:
             if self._debug:
-                log.debug("ignored frame from %s: %r", _peer(transport), payload[:200])
+                log.debug("ignored frame from %s: %r", describe(transport), payload[:200])
             return
         command, data = parsed
         if self._debug:
-            log.debug("command %s from %s: %r", command, _peer(transport), data)
+            log.debug("command %s from %s: %r", command, describe(transport), data)
         if command == "ping":
             sub.send(_PONG_FRAME)
         elif command == "subscribe":
@@ -213,9 +213,3 @@ def close_all(hub: Hub, code: WSCloseCode = WSCloseCode.GOING_AWAY) -> int:
                 count += 1
     return count
 
-
-def _peer(transport: WSTransport) -> str:
-    try:
-        return str(transport.underlying_transport.get_extra_info("peername"))
-    except Exception:
-        return "?"

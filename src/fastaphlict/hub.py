@@ -37,6 +37,7 @@ __all__ = [
     "History",
     "Hub",
     "Relay",
+    "describe",
     "dumps",
     "loads",
     "replay_age",
@@ -257,7 +258,7 @@ class Hub:
             payload[:200].decode("utf-8", "replace"),
         )
         for sub in targets:
-            log.debug("deliver to %s", _peer(sub.transport))
+            log.debug("deliver to %s", describe(sub.transport))
 
     def status(self, instance: str) -> dict[str, Any]:
         """The ``/status/`` object for one instance, keys in Aphlict's order.
@@ -326,7 +327,8 @@ class Hub:
         return sent
 
 
-def _peer(transport: WSTransport) -> str:
+def describe(transport: WSTransport) -> str:
+    """The remote address of a socket, for log lines."""
     try:
         return str(transport.underlying_transport.get_extra_info("peername"))
     except Exception:
