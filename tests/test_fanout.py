@@ -205,7 +205,8 @@ def test_subscribe_skips_non_strings(loop) -> None:
 
 # -- the index against a plain-Python model -------------------------------
 
-PHIDS = st.sampled_from([f"PHID-{i}" for i in range(8)])
+# More PHIDs than a socket keeps in its small list, so the set form is exercised too.
+PHIDS = st.sampled_from([f"PHID-{i}" for i in range(24)])
 SUBSCRIBERS = st.one_of(
     st.lists(st.one_of(PHIDS, PHIDS, st.integers(), st.none()), max_size=8),
     st.none(),
@@ -240,7 +241,7 @@ class IndexModel(RuleBasedStateMachine):
         self.subs.append(self.channel.attach(conn.transport))
         self.model.append(set())
 
-    @rule(i=st.integers(0, 11), phids=st.lists(st.one_of(PHIDS, st.integers()), max_size=5))
+    @rule(i=st.integers(0, 11), phids=st.lists(st.one_of(PHIDS, st.integers()), max_size=20))
     def subscribe(self, i: int, phids: list) -> None:
         if i < len(self.subs):
             self.channel.subscribe(self.subs[i], phids)

@@ -22,7 +22,8 @@ cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from libc.stdint cimport uint8_t, uint64_t
 from libc.string cimport memcpy
-from picows.picows cimport WSTransport
+from sys import intern as _intern
+from picows.picows cimport MemoryBuffer, WSTransport
 
 __all__ = ["Channel", "Subscriber", "build_frame", "COMPILED"]
 
@@ -63,6 +64,11 @@ def build_frame(bytes payload not None):
     return frame
 
 
+cdef enum:
+    # Past this many PHIDs a socket's subscriptions move from a list to a set.
+    SMALL = 16
+
+
 @cython.final
 cdef class Subscriber:
     """One open client socket as the index sees it: its transport and PHIDs.
@@ -73,16 +79,31 @@ cdef class Subscriber:
 
     cdef readonly WSTransport transport
     cdef readonly Channel channel
-    cdef readonly set phids
     cdef readonly bint attached
+    # A Phorge tab listens to a handful of PHIDs: a short list costs a tenth
+    # of a set's memory, and memory per idle tab is what limits a node. Past
+    # SMALL entries it becomes a set so membership stays O(1).
+    cdef object _phids
     cdef uint64_t _mark  # the publish epoch that last matched this socket
 
     def __cinit__(self, WSTransport transport not None, Channel channel not None):
         self.transport = transport
         self.channel = channel
-        self.phids = set()
+        self._phids = []
         self.attached = True
         self._mark = 0
+
+    @property
+    def phids(self):
+        """The PHIDs this socket listens to (a snapshot)."""
+        return frozenset(self._phids)
+
+    cpdef bint listens_to_any(self, frozenset phids):
+        """Whether any of ``phids`` is one of this socket's subscriptions."""
+        for phid in self._phids:
+            if phid in phids:
+                return True
+        return False
 
     cpdef bint send(self, bytes frame):
         """Write a prebuilt frame to this socket; False if the socket is closing.
@@ -91,6 +112,36 @@ cdef class Subscriber:
         :meth:`Channel.publish`, which has the same semantics.
         """
         return _write(self.transport, frame)
+
+    cdef inline bint _add(self, str phid):
+        if phid in self._phids:
+            return False
+        if type(self._phids) is list:
+            (<list>self._phids).append(phid)
+            if len(<list>self._phids) > SMALL:
+                self._phids = set(self._phids)
+        else:
+            (<set>self._phids).add(phid)
+        return True
+
+    cdef inline bint _remove(self, str phid):
+        if phid not in self._phids:
+            return False
+        if type(self._phids) is list:
+            (<list>self._phids).remove(phid)
+        else:
+            (<set>self._phids).discard(phid)
+        return True
+
+
+cdef void _trim(WSTransport t):
+    # The parsed upgrade request and our response (header multidicts) are kept
+    # by picows for the socket's lifetime; nothing reads them after the
+    # handshake. picows' write buffer (1 KiB) only serves its own sends (close,
+    # auto-pong), which regrow it on demand; our frames never touch it.
+    t.request = None
+    t.response = None
+    t._write_buffer = MemoryBuffer(32)
 
 
 cdef inline bint _usable(WSTransport t):
@@ -117,9 +168,11 @@ cdef inline bint _write(WSTransport t, bytes frame):
 
 @cython.final
 cdef class Channel:
-    """The PHID index of one instance: PHID -> the set of its subscribed sockets."""
+    """The PHID index of one instance: PHID -> the sockets listening to it."""
 
-    cdef dict _by_phid    # str -> set[Subscriber]
+    # str -> Subscriber, or set[Subscriber] once two sockets share the PHID:
+    # most PHIDs (a user's own) have one listener, and a set costs ~200 bytes.
+    cdef dict _by_phid
     cdef set _members     # every attached Subscriber
     cdef uint64_t _epoch
 
@@ -139,7 +192,12 @@ cdef class Channel:
         return len(self._by_phid)
 
     def attach(self, WSTransport transport not None):
-        """Register a new socket (subscribed to nothing yet) and return its Subscriber."""
+        """Register a new socket (subscribed to nothing yet) and return its Subscriber.
+
+        Also trims what picows keeps per socket that this server never reads
+        again: memory per idle tab is what limits a node's capacity.
+        """
+        _trim(transport)
         cdef Subscriber sub = Subscriber(transport, self)
         self._members.add(sub)
         return sub
@@ -151,47 +209,54 @@ cdef class Channel:
         self._drop(sub)
 
     cdef void _drop(self, Subscriber sub):
-        cdef object phid
-        cdef set members
-        for phid in sub.phids:
-            members = self._by_phid.get(phid)
-            if members is not None:
-                members.discard(sub)
-                if not members:
-                    del self._by_phid[phid]
-        sub.phids.clear()
+        for phid in sub._phids:
+            self._unindex(phid, sub)
+        sub._phids = []
         sub.attached = False
         self._members.discard(sub)
 
+    cdef inline void _index(self, str phid, Subscriber sub):
+        members = self._by_phid.get(phid)
+        if members is None:
+            self._by_phid[phid] = sub
+        elif type(members) is Subscriber:
+            self._by_phid[phid] = {members, sub}
+        else:
+            (<set>members).add(sub)
+
+    cdef inline void _unindex(self, str phid, Subscriber sub):
+        members = self._by_phid.get(phid)
+        if members is None:
+            return
+        if members is sub:
+            del self._by_phid[phid]
+        elif type(members) is set:
+            (<set>members).discard(sub)
+            if not members:
+                del self._by_phid[phid]
+
     def subscribe(self, Subscriber sub not None, phids):
-        """Add each ``str`` in ``phids`` to the socket's subscriptions; skip the rest."""
+        """Add each ``str`` in ``phids`` to the socket's subscriptions; skip the rest.
+
+        PHIDs are interned: the tabs that watch the same task then share one
+        string instead of holding a copy each.
+        """
         if not sub.attached or sub.channel is not self:
             return
-        cdef set members
         for phid in phids:
-            if type(phid) is not str or phid in sub.phids:
+            if type(phid) is not str:
                 continue
-            sub.phids.add(phid)
-            members = self._by_phid.get(phid)
-            if members is None:
-                self._by_phid[phid] = {sub}
-            else:
-                members.add(sub)
+            phid = _intern(phid)
+            if sub._add(phid):
+                self._index(phid, sub)
 
     def unsubscribe(self, Subscriber sub not None, phids):
         """Remove each ``str`` in ``phids`` from the socket's subscriptions."""
         if not sub.attached or sub.channel is not self:
             return
-        cdef set members
         for phid in phids:
-            if type(phid) is not str or phid not in sub.phids:
-                continue
-            sub.phids.discard(phid)
-            members = self._by_phid.get(phid)
-            if members is not None:
-                members.discard(sub)
-                if not members:
-                    del self._by_phid[phid]
+            if type(phid) is str and sub._remove(phid):
+                self._unindex(phid, sub)
 
     cdef list _match(self, subscribers):
         # The one matching walk: a dict lookup per subscriber PHID, then each
@@ -201,7 +266,6 @@ cdef class Channel:
         if type(subscribers) is not list:
             return out
         cdef Subscriber sub
-        cdef set members
         self._epoch += 1
         cdef uint64_t epoch = self._epoch
         for phid in <list>subscribers:
@@ -210,7 +274,13 @@ cdef class Channel:
             members = self._by_phid.get(phid)
             if members is None:
                 continue
-            for sub in members:
+            if type(members) is Subscriber:
+                sub = <Subscriber>members
+                if sub._mark != epoch:
+                    sub._mark = epoch
+                    out.append(sub)
+                continue
+            for sub in <set>members:
                 if sub._mark != epoch:
                     sub._mark = epoch
                     out.append(sub)

@@ -316,10 +316,9 @@ class Hub:
         inst = self._instances.get(instance)
         if inst is None:
             return 0
-        phids = sub.phids
         sent = 0
         for entry in inst.history.since(now_ms(), age_ms):
-            if phids.isdisjoint(entry.subscribers):
+            if not sub.listens_to_any(entry.subscribers):
                 continue
             if not sub.send(entry.frame):
                 break
