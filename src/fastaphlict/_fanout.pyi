@@ -5,7 +5,7 @@ from typing import Any, Final
 
 from picows import WSTransport
 
-__all__ = ["COMPILED", "Channel", "Subscriber", "build_frame"]
+__all__ = ["COMPILED", "Channel", "Outbox", "Subscriber", "build_frame"]
 
 COMPILED: Final[bool]
 
@@ -28,9 +28,23 @@ class Subscriber:
     def send(self, frame: bytes) -> bool:
         """Write a prebuilt frame; False if the socket is closing."""
 
+class Outbox:
+    """Frames published in this event-loop iteration, written when it ends."""
+
+    def __init__(self) -> None: ...
+    @property
+    def pending(self) -> int: ...
+    @property
+    def coalesced(self) -> int: ...
+    def flush(self) -> None:
+        """Write every pending frame: one write per socket."""
+
 class Channel:
     """The PHID index of one instance."""
 
+    def __init__(self, outbox: Outbox | None = None) -> None: ...
+    @property
+    def outbox(self) -> Outbox: ...
     @property
     def size(self) -> int: ...
     @property

@@ -9,8 +9,11 @@ raises into the publisher.
   message costs O(len(subscribers) + matched sockets): it looks up each
   subscriber PHID in a dict and never scans the sockets.
 * :func:`build_frame` turns a payload into one unmasked server text frame. The
-  publisher builds it once and :meth:`Channel.publish` writes the very same
-  bytes to every target through picows' own zero-copy write path.
+  publisher builds it once and the very same bytes go to every target.
+* :class:`Outbox` holds the frames published during one event-loop iteration
+  and writes them when the iteration's callbacks are done: one ``send()`` per
+  socket however many messages it got (a bulk edit posts many at once), each
+  through picows' own write path.
 * A socket that is closing or gone is skipped and dropped from the index.
 
 .. DANGER::
@@ -25,7 +28,7 @@ from libc.string cimport memcpy
 from sys import intern as _intern
 from picows.picows cimport MemoryBuffer, WSTransport
 
-__all__ = ["Channel", "Subscriber", "build_frame", "COMPILED"]
+__all__ = ["COMPILED", "Channel", "Outbox", "Subscriber", "build_frame"]
 
 #: True in the compiled module; tests assert it so a broken build can't hide.
 COMPILED = cython.compiled
@@ -85,6 +88,9 @@ cdef class Subscriber:
     # SMALL entries it becomes a set so membership stays O(1).
     cdef object _phids
     cdef uint64_t _mark  # the publish epoch that last matched this socket
+    # Frames published to this socket and not yet written: None, one bytes, or
+    # a list of them. Only the Outbox fills it; send() and flush() empty it.
+    cdef object _pending
 
     def __cinit__(self, WSTransport transport not None, Channel channel not None):
         self.transport = transport
@@ -92,6 +98,7 @@ cdef class Subscriber:
         self._phids = []
         self.attached = True
         self._mark = 0
+        self._pending = None
 
     @property
     def phids(self):
@@ -106,11 +113,14 @@ cdef class Subscriber:
         return False
 
     cpdef bint send(self, bytes frame):
-        """Write a prebuilt frame to this socket; False if the socket is closing.
+        """Write a prebuilt frame to this socket now; False if the socket is closing.
 
-        Used for replies (pong) and replays; live fan-out goes through
-        :meth:`Channel.publish`, which has the same semantics.
+        Used for replies (pong) and replays. Frames the outbox still holds for
+        this socket go first, so a pong never overtakes an earlier message.
         """
+        if self._pending is not None:
+            frame = _join(self._pending, frame)
+            self._pending = None
         return _write(self.transport, frame)
 
     cdef inline bint _add(self, str phid):
@@ -132,6 +142,79 @@ cdef class Subscriber:
         else:
             (<set>self._phids).discard(phid)
         return True
+
+
+cdef bytes _join(object pending, bytes last):
+    if type(pending) is bytes:
+        return <bytes>pending + last if last is not None else <bytes>pending
+    if last is not None:
+        (<list>pending).append(last)
+    return b"".join(<list>pending)
+
+
+@cython.final
+cdef class Outbox:
+    """Frames published in this event-loop iteration, written when it ends.
+
+    The first frame queued in an iteration schedules :meth:`flush` with
+    ``call_soon``; every socket then gets all its frames in one write, in
+    publish order. Without a running loop (unit tests) call :meth:`flush`.
+    """
+
+    cdef list _dirty        # Subscribers with pending frames, first-queued first
+    cdef bint _scheduled
+    cdef object _call_soon
+    cdef readonly Py_ssize_t coalesced  # frames that shared a write with another
+
+    def __cinit__(self):
+        self._dirty = []
+        self._scheduled = False
+        self._call_soon = None
+        self.coalesced = 0
+
+    @property
+    def pending(self):
+        """Sockets with frames waiting for the end of the iteration."""
+        return len(self._dirty)
+
+    cdef inline void _queue(self, Subscriber sub, bytes frame) except *:
+        pending = sub._pending
+        if pending is None:
+            sub._pending = frame
+            self._dirty.append(sub)
+            if not self._scheduled:
+                self._schedule()
+        elif type(pending) is bytes:
+            sub._pending = [pending, frame]
+            self.coalesced += 1
+        else:
+            (<list>pending).append(frame)
+            self.coalesced += 1
+
+    cdef void _schedule(self) except *:
+        if self._call_soon is None:
+            import asyncio
+            try:
+                self._call_soon = asyncio.get_running_loop().call_soon
+            except RuntimeError:
+                return  # no loop: the caller flushes
+        self._scheduled = True
+        self._call_soon(self.flush)
+
+    def flush(self):
+        """Write every pending frame: one write per socket. Never raises."""
+        cdef list dirty = self._dirty
+        cdef Subscriber sub
+        self._dirty = []
+        self._scheduled = False
+        for sub in dirty:
+            pending = sub._pending
+            if pending is None:  # send() already wrote it
+                continue
+            sub._pending = None
+            if not _write(sub.transport, _join(pending, None) if type(pending) is list else <bytes>pending):
+                if sub.attached:
+                    sub.channel._drop(sub)
 
 
 cdef void _trim(WSTransport t):
@@ -175,11 +258,13 @@ cdef class Channel:
     cdef dict _by_phid
     cdef set _members     # every attached Subscriber
     cdef uint64_t _epoch
+    cdef readonly Outbox outbox
 
-    def __cinit__(self):
+    def __cinit__(self, Outbox outbox=None):
         self._by_phid = {}
         self._members = set()
         self._epoch = 0
+        self.outbox = outbox if outbox is not None else Outbox()
 
     @property
     def size(self):
@@ -295,16 +380,19 @@ cdef class Channel:
         return self._match(subscribers)
 
     def publish(self, subscribers, bytes frame not None):
-        """Write ``frame`` once to every open socket matching ``subscribers``.
+        """Queue ``frame`` once for every open socket matching ``subscribers``.
 
-        Returns the number of sockets written to. Sockets found closing are
-        dropped from the index after the walk (sets must not change while they
-        are iterated). Never raises for a socket's sake.
+        The outbox writes it when this loop iteration's callbacks are done.
+        Returns the number of sockets it was queued for. Sockets found closing
+        are dropped from the index after the walk (sets must not change while
+        they are iterated). Never raises for a socket's sake.
         """
         cdef Subscriber sub
         cdef Py_ssize_t sent = 0
+        cdef Outbox outbox = self.outbox
         for sub in self._match(subscribers):
-            if _write(sub.transport, frame):
+            if _usable(sub.transport):
+                outbox._queue(sub, frame)
                 sent += 1
             elif sub.attached:
                 self._drop(sub)

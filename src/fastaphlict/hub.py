@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
 
-from fastaphlict._fanout import Channel, Subscriber, build_frame
+from fastaphlict._fanout import Channel, Outbox, Subscriber, build_frame
 
 if TYPE_CHECKING:
     from picows import WSTransport
@@ -175,7 +175,7 @@ class Instance:
     """One Phorge instance: its sockets' PHID index, its history, its client counters."""
 
     name: str
-    channel: Channel = field(default_factory=Channel)
+    channel: Channel
     history: History = field(default_factory=History)
     clients_total: int = 0
 
@@ -190,6 +190,9 @@ class Hub:
         self.messages_out = 0
         self.relays: list[Relay] = []
         self._instances: dict[str, Instance] = {}
+        # One outbox for every instance: a socket's frames of one loop
+        # iteration leave in one write whichever instance published them.
+        self.outbox = Outbox()
         self._debug = debug
         self._receipt = dumps({"fingerprint": fingerprint})
 
@@ -204,7 +207,7 @@ class Hub:
         """The named instance, created on first use."""
         inst = self._instances.get(name)
         if inst is None:
-            inst = self._instances[name] = Instance(name)
+            inst = self._instances[name] = Instance(name, Channel(self.outbox))
         return inst
 
     def instances(self) -> list[Instance]:
