@@ -41,13 +41,13 @@ def test_history_window_and_negative_age() -> None:
     assert list(history.since(300.0, -1)) == []
 
 
-def test_history_keeps_only_string_subscribers() -> None:
+def test_history_keeps_subscriber_lists_only() -> None:
     history = History()
     history.add(0.0, ["A", 1, None], b"x")
     history.add(0.0, "A", b"y")
     entries = list(history.since(0.0, 1))
-    assert entries[0].subscribers == frozenset({"A"})
-    assert entries[1].subscribers == frozenset()
+    assert entries[0].subscribers == ["A", 1, None]
+    assert entries[1].subscribers == ()
 
 
 def test_publish_appends_fingerprint_to_touched() -> None:

@@ -1,6 +1,6 @@
 """Typed face of the compiled fan-out module (kept by hand; a test checks it)."""
 
-from collections.abc import Iterable
+from collections.abc import Container, Iterable
 from typing import Any, Final
 
 from picows import WSTransport
@@ -23,8 +23,8 @@ class Subscriber:
     def phids(self) -> frozenset[str]: ...
     @property
     def attached(self) -> bool: ...
-    def listens_to_any(self, phids: frozenset[str]) -> bool:
-        """Whether any of ``phids`` is one of this socket's subscriptions."""
+    def listens_to_any(self, phids: Container[Any]) -> bool:
+        """Whether any of ``phids`` (a container) is one of this socket's subscriptions."""
     def send(self, frame: bytes) -> bool:
         """Write a prebuilt frame; False if the socket is closing."""
 

@@ -105,8 +105,8 @@ cdef class Subscriber:
         """The PHIDs this socket listens to (a snapshot)."""
         return frozenset(self._phids)
 
-    cpdef bint listens_to_any(self, frozenset phids):
-        """Whether any of ``phids`` is one of this socket's subscriptions."""
+    cpdef bint listens_to_any(self, phids):
+        """Whether any of ``phids`` (a container) is one of this socket's subscriptions."""
         for phid in self._phids:
             if phid in phids:
                 return True

@@ -123,10 +123,15 @@ class Relay(Protocol):
 
 @dataclass(slots=True)
 class Entry:
-    """One history entry: when it arrived, whom it is for, and its prebuilt frame."""
+    """One history entry: when it arrived, whom it is for, and its prebuilt frame.
+
+    ``subscribers`` is the message's own list (or ``()`` when it had none):
+    copying or hashing it on every publish would cost more than the rare
+    replay that reads it.
+    """
 
     at: float
-    subscribers: frozenset[str]
+    subscribers: list[Any] | tuple[()]
     frame: bytes
 
 
@@ -139,13 +144,8 @@ class History:
 
     def add(self, at: float, subscribers: Any, frame: bytes) -> None:
         """Store a message; the oldest falls off past the limit."""
-        phids = (
-            frozenset(p for p in subscribers if isinstance(p, str))
-            if isinstance(subscribers, list)
-            else frozenset()
-        )
         self.purge(at)
-        self._entries.append(Entry(at, phids, frame))
+        self._entries.append(Entry(at, subscribers if type(subscribers) is list else (), frame))
 
     def purge(self, now: float) -> None:
         """Drop entries older than the retention window."""

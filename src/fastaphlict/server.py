@@ -92,6 +92,8 @@ class Server:
         self.admin_ports: list[int] = []
         self._client_servers: list[asyncio.AbstractServer] = []
         self._admin_runners: list[web.AppRunner] = []
+        self._admin_servers: list[asyncio.AbstractServer] = []
+        self._admin_connections: set[admin.AdminProtocol] = set()
         self._stopped = asyncio.Event()
         self._closing = False
 
@@ -138,11 +140,17 @@ class Server:
         runner = web.AppRunner(admin.make_app(self.hub), access_log=None, handle_signals=False)
         await runner.setup()
         self._admin_runners.append(runner)
-        site = web.TCPSite(
-            runner, entry.listen, entry.port, ssl_context=tls_context(entry), reuse_address=True
+        fallback = runner.server
+        assert fallback is not None
+        server = await asyncio.get_running_loop().create_server(
+            lambda: admin.AdminProtocol(self.hub, fallback, self._admin_connections),
+            entry.listen,
+            entry.port,
+            ssl=tls_context(entry),
+            reuse_address=True,
         )
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self._admin_servers.append(server)
+        port = server.sockets[0].getsockname()[1]
         self.admin_ports.append(port)
         log.info(
             "admin server listening on %s:%d%s", entry.listen, port, " (tls)" if entry.tls else ""
@@ -154,11 +162,13 @@ class Server:
             await self._stopped.wait()
             return
         self._closing = True
-        for server in self._client_servers:
+        for server in (*self._client_servers, *self._admin_servers):
             server.close()
         closed = client.close_all(self.hub)
         if closed:
             log.info("sent going-away to %d socket(s)", closed)
+        for connection in list(self._admin_connections):
+            connection.close()  # fast-path requests finish synchronously: none is in flight
         for runner in self._admin_runners:
             await runner.cleanup()
         await self.relay.close(timeout=2.0)
