@@ -262,3 +262,97 @@ async def test_lone_surrogate_is_delivered_as_an_escape_and_the_socket_survives(
 async def test_non_json_constants_are_400(body: bytes) -> None:
     async with running() as srv:
         assert (await srv.post(None, raw=body)).status == 400
+
+
+# -- the raw HTTP the fast path must get right ------------------------------
+
+
+async def _raw_exchange(srv, payload: bytes, *, until_close: bool = True) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", srv.server.admin_ports[0])
+    for piece in payload if isinstance(payload, list) else [payload]:
+        writer.write(piece)
+        await writer.drain()
+        await asyncio.sleep(0)
+    data = await asyncio.wait_for(reader.read(), TIMEOUT) if until_close else b""
+    writer.close()
+    return data
+
+
+def _post_bytes(body: bytes, *, version: bytes = b"HTTP/1.1", extra: bytes = b"") -> bytes:
+    return b"POST / %s\r\nHost: x\r\nContent-Type: %s\r\nContent-Length: %d\r\n%s\r\n%s" % (
+        version,
+        PHORGE_CONTENT_TYPE.encode(),
+        len(body),
+        extra,
+        body,
+    )
+
+
+async def test_pipelined_posts_are_answered_in_order() -> None:
+    async with running() as srv, srv.client() as browser:
+        await browser.subscribe("PHID-1")
+        one = _post_bytes(b'{"subscribers":["PHID-1"],"n":1}')
+        two = _post_bytes(b'{"subscribers":["PHID-1"],"n":2}', extra=b"Connection: close\r\n")
+        data = await _raw_exchange(srv, one + two)
+        assert data.count(b"HTTP/1.1 200 OK") == 2
+        assert (await browser.recv())["n"] == 1
+        assert (await browser.recv())["n"] == 2
+
+
+async def test_post_split_across_many_reads() -> None:
+    async with running() as srv, srv.client() as browser:
+        await browser.subscribe("PHID-1")
+        raw = _post_bytes(
+            '{"subscribers":["PHID-1"],"t":"日本"}'.encode(), extra=b"Connection: close\r\n"
+        )
+        pieces = [raw[i : i + 7] for i in range(0, len(raw), 7)]
+        data = await _raw_exchange(srv, pieces)
+        assert data.startswith(b"HTTP/1.1 200 OK")
+        assert (await browser.recv())["t"] == "日本"
+
+
+async def test_http10_post_is_answered_and_closed() -> None:
+    async with running() as srv:
+        data = await _raw_exchange(srv, _post_bytes(b"{}", version=b"HTTP/1.0"))
+        assert data.startswith(b"HTTP/1.1 200 OK") and data.endswith(b'"}')
+        assert b"Connection: close" in data
+
+
+async def test_chunked_post_is_served_by_aiohttp() -> None:
+    async with running() as srv, srv.client() as browser:
+        await browser.subscribe("PHID-1")
+        body = b'{"subscribers":["PHID-1"],"n":"chunked"}'
+        raw = (
+            b"POST /?instance=default HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+            b"Connection: close\r\n\r\n%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
+        )
+        data = await _raw_exchange(srv, raw)
+        assert data.startswith(b"HTTP/1.1 200 OK")
+        assert srv.hub.fingerprint.encode() in data
+        assert (await browser.recv())["n"] == "chunked"
+
+
+async def test_keep_alive_post_then_status_on_one_connection() -> None:
+    async with running() as srv:
+        raw = _post_bytes(b'{"subscribers":[]}') + (
+            b"GET /status/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        data = await _raw_exchange(srv, raw)
+        first, _, rest = data.partition(b"HTTP/1.1 200 OK")[2].partition(b"HTTP/1.1 200 OK")
+        assert srv.hub.fingerprint.encode() in first
+        assert b'"history.size":1' in rest
+
+
+async def test_bad_json_on_fast_path_keeps_the_connection() -> None:
+    async with running() as srv:
+        raw = _post_bytes(b"{nope") + _post_bytes(b"{}", extra=b"Connection: close\r\n")
+        data = await _raw_exchange(srv, raw)
+        assert data.startswith(b"HTTP/1.1 400 ")
+        assert b"HTTP/1.1 200 OK" in data
+
+
+async def test_oversized_content_length_is_413_without_reading_the_body() -> None:
+    async with running() as srv:
+        raw = b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % (3 * 1024 * 1024)
+        data = await _raw_exchange(srv, raw)
+        assert data.startswith(b"HTTP/1.1 413 ")
