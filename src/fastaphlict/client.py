@@ -212,4 +212,3 @@ def close_all(hub: Hub, code: WSCloseCode = WSCloseCode.GOING_AWAY) -> int:
                 transport.send_close(code)
                 count += 1
     return count
-
