@@ -82,13 +82,18 @@ def isolated(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
         logging.getLogger(name).setLevel(level)
 
 
+#: Keyword options the fake server's run() received, newest last.
+OPTIONS: list[dict[str, object]] = []
+
+
 @pytest.fixture
 def fake_server(monkeypatch: pytest.MonkeyPatch) -> list[tuple[Config, bool]]:
     """Stand in for fastaphlict.server: record each run() and log one line."""
     calls: list[tuple[Config, bool]] = []
 
-    def run(config: Config, debug: bool = False) -> int:
+    def run(config: Config, debug: bool = False, **options: object) -> int:
         calls.append((config, debug))
+        OPTIONS.append(options)
         logging.getLogger("fastaphlict.server").info("serving %d servers", len(config.servers))
         return 0
 
@@ -257,7 +262,7 @@ def test_missing_server_module_fails_cleanly(
 def test_os_error_from_the_server_exits_one(
     monkeypatch: pytest.MonkeyPatch, good_config: str
 ) -> None:
-    def run(config: Config, debug: bool = False) -> int:
+    def run(config: Config, debug: bool = False, **options: object) -> int:
         raise OSError(98, "Address already in use")
 
     module = types.ModuleType("fastaphlict.server")
@@ -268,6 +273,22 @@ def test_os_error_from_the_server_exits_one(
 
 def test_server_exit_status_is_returned(monkeypatch: pytest.MonkeyPatch, good_config: str) -> None:
     module = types.ModuleType("fastaphlict.server")
-    module.run = lambda config, debug=False: 3  # type: ignore[attr-defined]
+    module.run = lambda config, debug=False, **options: 3  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "fastaphlict.server", module)
     assert cli.main([f"--config={good_config}"]) == 3
+
+
+def test_shutdown_timeout_flag_and_environment(
+    fake_server: list[tuple[Config, bool]], good_config: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert cli.main([f"--config={good_config}", "--shutdown-timeout=2.5"]) == 0
+    assert OPTIONS[-1]["shutdown_timeout"] == 2.5
+    assert callable(OPTIONS[-1]["on_reload"])
+    monkeypatch.setenv("FASTAPHLICT_SHUTDOWN_TIMEOUT", "4")
+    assert cli.main([f"--config={good_config}"]) == 0
+    assert OPTIONS[-1]["shutdown_timeout"] == 4.0
+
+
+@pytest.mark.parametrize("value", ["-1", "soon", "nan"])
+def test_bad_shutdown_timeout_is_a_usage_error(good_config: str, value: str) -> None:
+    assert cli.main([f"--config={good_config}", f"--shutdown-timeout={value}"]) == 2

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from fastaphlict import __version__
 from fastaphlict.config import Config, ConfigError, check_files, load_config
 
-__all__ = ["main", "setup_logging"]
+__all__ = ["main", "reopen_log_files", "setup_logging"]
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -44,6 +44,12 @@ environment (used only when neither --config nor APHLICT_CONFIG names a file):
   ADMIN_PORT      admin (HTTP) port, default 22281
   LISTEN_ADDR     address both servers bind; unset: client 0.0.0.0, admin 127.0.0.1
   APHLICT_CONFIG  path of an Aphlict JSON config file; replaces the variables above
+
+  FASTAPHLICT_SHUTDOWN_TIMEOUT  same as --shutdown-timeout
+
+signals:
+  SIGTERM, SIGINT  drain and exit (a second one exits at once)
+  SIGHUP           reopen log files (for logrotate)
 """
 
 
@@ -91,7 +97,36 @@ def _build_parser() -> argparse.ArgumentParser:
         metavar="BOOL",
         help="log at debug level, including per-connection traces",
     )
+    parser.add_argument(
+        "--shutdown-timeout",
+        type=_parse_seconds,
+        default=os.environ.get("FASTAPHLICT_SHUTDOWN_TIMEOUT", "10"),
+        metavar="SECONDS",
+        help="longest graceful shutdown before exiting anyway (default 10)",
+    )
     return parser
+
+
+def _parse_seconds(value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not seconds >= 0:  # also refuses NaN
+        raise argparse.ArgumentTypeError(f"expected a number of seconds >= 0, got {value!r}")
+    return seconds
+
+
+def reopen_log_files() -> None:
+    """Close every log file this module opened; each reopens on its next record.
+
+    Called on SIGHUP: after logrotate moved the file, logging resumes in a
+    fresh one at the configured path.
+    """
+    for handler in _installed:
+        if isinstance(handler, logging.FileHandler):
+            with handler.lock:  # type: ignore[union-attr]
+                handler.close()
 
 
 def _remove_installed_handlers() -> None:
@@ -189,7 +224,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     logger.info("fastaphlict %s starting, config from %s", __version__, config.source)
     try:
-        status = server.run(config, debug=args.debug)
+        status = server.run(
+            config,
+            debug=args.debug,
+            shutdown_timeout=args.shutdown_timeout,
+            on_reload=reopen_log_files,
+        )
     except KeyboardInterrupt:
         # Ctrl-C before the server has installed its own signal handlers.
         return 130

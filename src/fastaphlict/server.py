@@ -18,6 +18,7 @@ import logging
 import os
 import signal
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -46,6 +47,7 @@ class Limits:
     max_frame_size: int = 1024 * 1024
     relay_timeout: float = 5.0
     relay_queue: int = 4096
+    relay_drain_timeout: float = 2.0
     shutdown_timeout: float = 10.0
 
 
@@ -137,7 +139,12 @@ class Server:
         )
 
     async def _start_admin(self, entry: ServerConfig) -> None:
-        runner = web.AppRunner(admin.make_app(self.hub), access_log=None, handle_signals=False)
+        runner = web.AppRunner(
+            admin.make_app(self.hub),
+            access_log=None,
+            handle_signals=False,
+            shutdown_timeout=self.limits.shutdown_timeout / 2,
+        )
         await runner.setup()
         self._admin_runners.append(runner)
         fallback = runner.server
@@ -171,7 +178,7 @@ class Server:
             connection.close()  # fast-path requests finish synchronously: none is in flight
         for runner in self._admin_runners:
             await runner.cleanup()
-        await self.relay.close(timeout=2.0)
+        await self.relay.close(timeout=self.limits.relay_drain_timeout)
         # Give close frames a moment to flush, then drop what is left.
         await asyncio.sleep(0)
         for inst in self.hub.instances():
@@ -182,47 +189,152 @@ class Server:
                 await asyncio.wait_for(server.wait_closed(), 1.0)
         self._stopped.set()
 
-    async def serve(self) -> None:
-        """Start, then run until a signal asks us to stop (production entry)."""
+    async def serve(self, *, on_reload: Callable[[], None] | None = None) -> None:
+        """Start, then run until SIGTERM or SIGINT (production entry).
+
+        The first signal drains (see :meth:`close`), bounded by
+        ``limits.shutdown_timeout``; a second one stops waiting at once.
+        SIGHUP calls ``on_reload`` (the CLI reopens log files there, for
+        logrotate).
+        """
+        pidfile = PidFile(self.config.pidfile) if self.config.pidfile else None
+        if pidfile is not None:
+            pidfile.check()
         await self.start()
+        if pidfile is not None:
+            pidfile.write()
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        pidfile = self.config.pidfile
-        if pidfile:
-            _write_pidfile(pidfile)
+        signals = [signal.SIGTERM, signal.SIGINT]
+
+        def on_stop_signal(signum: int) -> None:
+            if stop.is_set():
+                log.warning("second %s: exiting without waiting", signal.Signals(signum).name)
+                force.set()
+            stop.set()
+
+        force = asyncio.Event()
+        for sig in signals:
+            loop.add_signal_handler(sig, on_stop_signal, sig)
+        if on_reload is not None:
+            loop.add_signal_handler(signal.SIGHUP, _reload, on_reload)
+            signals.append(signal.SIGHUP)
         try:
             await stop.wait()
-            log.info("shutting down")
-            try:
-                await asyncio.wait_for(self.close(), self.limits.shutdown_timeout)
-            except asyncio.TimeoutError:
-                log.warning(
-                    "shutdown took over %.1fs; exiting anyway", self.limits.shutdown_timeout
-                )
+            log.info("shutting down (up to %.1fs)", self.limits.shutdown_timeout)
+            closing = asyncio.ensure_future(self.close())
+            forced = asyncio.ensure_future(force.wait())
+            done, _ = await asyncio.wait(
+                {closing, forced},
+                timeout=self.limits.shutdown_timeout,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+            forced.cancel()
+            if closing not in done:
+                closing.cancel()
+                log.warning("shutdown did not finish in time; exiting anyway")
+            else:
+                log.info("stopped")
         finally:
-            for sig in (signal.SIGTERM, signal.SIGINT):
+            for sig in signals:
                 loop.remove_signal_handler(sig)
-            if pidfile:
-                with contextlib.suppress(OSError):
-                    os.unlink(pidfile)
+            if pidfile is not None:
+                pidfile.remove()
 
 
-def _write_pidfile(path: str) -> None:
-    directory = os.path.dirname(path)
-    if directory:
+def _reload(on_reload: Callable[[], None]) -> None:
+    try:
+        on_reload()
+        log.info("SIGHUP: log files reopened")
+    except Exception:
+        log.exception("SIGHUP: reopening log files failed")
+
+
+class PidFile:
+    """Aphlict's pidfile, without its classic trap.
+
+    A pidfile left behind by a crash or a reboot used to block Aphlict from
+    starting. Here a pidfile whose process is gone, or is not fastaphlict
+    (after a reboot the number may belong to anything), is replaced with a
+    warning; only a live fastaphlict refuses the start.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def check(self) -> None:
+        """Raise :class:`PidFileError` if a live server owns the pidfile."""
+        try:
+            with open(self.path) as f:
+                text = f.read().strip()
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise PidFileError(f"cannot read pidfile {self.path}: {exc.strerror}") from exc
+        pid = int(text) if text.isdigit() else 0
+        if pid and pid != os.getpid() and _is_fastaphlict(pid):
+            raise PidFileError(
+                f"pidfile {self.path} names process {pid}, which is still running: "
+                "is another fastaphlict using this config? Stop it first."
+            )
+        log.warning(
+            "replacing stale pidfile %s (process %s is gone or is not fastaphlict)",
+            self.path,
+            text or "?",
+        )
+
+    def write(self) -> None:
+        """Write our pid atomically (creating the directory)."""
+        directory = os.path.dirname(self.path) or "."
         os.makedirs(directory, exist_ok=True)
-    with open(path, "w") as f:
-        f.write(f"{os.getpid()}\n")
+        tmp = f"{self.path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            f.write(f"{os.getpid()}\n")
+        os.replace(tmp, self.path)
+
+    def remove(self) -> None:
+        """Remove the pidfile if it is still ours."""
+        try:
+            with open(self.path) as f:
+                if f.read().strip() != str(os.getpid()):
+                    return
+            os.unlink(self.path)
+        except OSError:
+            pass
 
 
-def run(config: Config, *, debug: bool = False) -> int:
+class PidFileError(OSError):
+    """A live fastaphlict owns the pidfile."""
+
+
+def _is_fastaphlict(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # alive, owned by someone else
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmdline = f.read()
+    except OSError:
+        return True  # alive and unreadable: assume the worst, refuse
+    return b"fastaphlict" in cmdline or b"aphlict" in cmdline
+
+
+def run(
+    config: Config,
+    *,
+    debug: bool = False,
+    shutdown_timeout: float | None = None,
+    on_reload: Callable[[], None] | None = None,
+) -> int:
     """Run the server on uvloop until SIGTERM/SIGINT; return the exit code."""
     import uvloop
 
+    limits = Limits() if shutdown_timeout is None else Limits(shutdown_timeout=shutdown_timeout)
     try:
-        uvloop.run(Server(config, debug=debug).serve())
+        uvloop.run(Server(config, debug=debug, limits=limits).serve(on_reload=on_reload))
     except OSError as exc:
         log.error("cannot start: %s", exc)
         return 1

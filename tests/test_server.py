@@ -1,0 +1,193 @@
+"""Lifecycle of a real fastaphlict process: signals, graceful shutdown, pidfile, logs."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    if any(SRC.glob("fastaphlict/_fanout*.so")):
+        env["PYTHONPATH"] = f"{SRC}{os.pathsep}{env.get('PYTHONPATH', '')}"
+    return env
+
+
+def eventually(predicate, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Proc:
+    """A fastaphlict process started from a config file, its log on disk."""
+
+    def __init__(self, tmp: Path, **extra: object) -> None:
+        self.client_port, self.admin_port = free_port(), free_port()
+        self.config = {
+            "servers": [
+                {"type": "client", "port": self.client_port, "listen": "127.0.0.1"},
+                {"type": "admin", "port": self.admin_port, "listen": "127.0.0.1"},
+            ],
+            **extra,
+        }
+        self.path = tmp / "aphlict.json"
+        self.path.write_text(json.dumps(self.config))
+        self.stderr = tmp / "stderr.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self, *args: str) -> Proc:
+        with open(self.stderr, "ab") as err:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "fastaphlict", f"--config={self.path}", *args],
+                env=_env(),
+                stdout=subprocess.DEVNULL,
+                stderr=err,
+            )
+        return self
+
+    def wait_ready(self, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.process is not None
+            if self.process.poll() is not None:
+                raise AssertionError(f"exited early: {self.log()}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.admin_port), 0.2):
+                    return
+            except OSError:
+                time.sleep(0.02)
+        raise AssertionError(f"never ready: {self.log()}")
+
+    def log(self) -> str:
+        return self.stderr.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(5)
+
+
+@pytest.fixture
+def proc(tmp_path: Path) -> Iterator[Proc]:
+    procs: list[Proc] = []
+
+    def make(**extra: object) -> Proc:
+        p = Proc(tmp_path, **extra)
+        procs.append(p)
+        return p
+
+    yield make  # type: ignore[misc]
+    for p in procs:
+        p.stop()
+
+
+@pytest.mark.timeout(60)
+async def test_sigterm_says_going_away_and_exits_zero(proc, tmp_path: Path) -> None:
+    pidfile = tmp_path / "run" / "aphlict.pid"
+    server = proc(pidfile=str(pidfile)).start()
+    server.wait_ready()
+    eventually(pidfile.exists)  # written once every listener is bound
+    assert pidfile.read_text().strip() == str(server.process.pid)
+    url = f"ws://127.0.0.1:{server.client_port}/~acme/"
+    async with connect(url) as one, connect(url) as two:
+        await one.send('{"command":"ping","data":null}')
+        assert await asyncio.wait_for(one.recv(), 5) == '{"type":"pong"}'
+        started = time.monotonic()
+        server.process.send_signal(signal.SIGTERM)
+        for ws in (one, two):
+            with pytest.raises(ConnectionClosed):
+                await asyncio.wait_for(ws.recv(), 5)
+            assert ws.close_code == 1001, "browsers reconnect at once on going-away"
+    assert await asyncio.to_thread(server.process.wait, 10) == 0
+    assert time.monotonic() - started < 10
+    assert not pidfile.exists(), "the pidfile is removed at exit"
+    assert "Traceback" not in server.log()
+
+
+@pytest.mark.timeout(60)
+def test_stale_pidfile_is_replaced_with_a_warning(proc, tmp_path: Path) -> None:
+    pidfile = tmp_path / "aphlict.pid"
+    # A live process that is not fastaphlict: what a reboot leaves behind.
+    squatter = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        pidfile.write_text(f"{squatter.pid}\n")
+        server = proc(pidfile=str(pidfile)).start()
+        server.wait_ready()
+        eventually(lambda: pidfile.read_text().strip() == str(server.process.pid))
+        assert "replacing stale pidfile" in server.log()
+    finally:
+        squatter.kill()
+        squatter.wait()
+
+
+@pytest.mark.timeout(60)
+def test_dead_pid_in_pidfile_is_replaced(proc, tmp_path: Path) -> None:
+    pidfile = tmp_path / "aphlict.pid"
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    pidfile.write_text(f"{gone.pid}\n")
+    server = proc(pidfile=str(pidfile)).start()
+    server.wait_ready()
+    eventually(lambda: pidfile.read_text().strip() == str(server.process.pid))
+
+
+@pytest.mark.timeout(60)
+def test_live_server_pidfile_refuses_to_start(proc, tmp_path: Path) -> None:
+    pidfile = tmp_path / "aphlict.pid"
+    first = proc(pidfile=str(pidfile)).start()
+    first.wait_ready()
+    eventually(pidfile.exists)
+    second_dir = tmp_path / "second"
+    second_dir.mkdir()
+    second = Proc(second_dir, pidfile=str(pidfile)).start()
+    try:
+        assert second.process.wait(10) == 1
+        assert "still running" in second.log() and str(first.process.pid) in second.log()
+        assert pidfile.read_text().strip() == str(first.process.pid), "left alone"
+    finally:
+        second.stop()
+
+
+@pytest.mark.timeout(60)
+async def test_sighup_reopens_log_files_for_logrotate(proc, tmp_path: Path) -> None:
+    logfile = tmp_path / "logs" / "aphlict.log"
+    server = proc(logs=[{"path": str(logfile)}]).start()
+    server.wait_ready()
+    eventually(lambda: "admin server listening" in logfile.read_text())
+    rotated = logfile.with_suffix(".log.1")
+    logfile.rename(rotated)
+    server.process.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 5
+    while not (logfile.exists() and "log files reopened" in logfile.read_text()):
+        assert time.monotonic() < deadline, server.log()
+        await asyncio.sleep(0.02)
+    async with connect(f"ws://127.0.0.1:{server.client_port}/") as ws:
+        await ws.send('{"command":"ping","data":null}')
+        await asyncio.wait_for(ws.recv(), 5)
+    deadline = time.monotonic() + 5
+    while "connection open" not in logfile.read_text():
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.02)
+    assert "connection open" not in rotated.read_text()
