@@ -1,0 +1,363 @@
+"""Scenario benchmarks' set-up: a real server process per scenario, quick mode, the summary.
+
+- Every scenario gets a fresh ``python -m fastaphlict`` subprocess on free
+  loopback ports, so memory and CPU figures start from the same state and the
+  load generator (this process) never shares an interpreter with the server.
+  The server's log goes to a file; warnings, errors and tracebacks in it are
+  reported with the results.
+- ``FASTAPHLICT_BENCH_QUICK=1`` shrinks every scenario to a second or two (CI
+  runs it so the harness never rots; it asserts zero loss, nothing about speed).
+- The custom figures (CPU per delivery, floor, latency, memory) go into
+  pytest-benchmark's ``extra_info`` and, at the end of the session, into one
+  readable table. A full run saves pytest-benchmark's JSON (``--benchmark-autosave``
+  is switched on unless a save or JSON option was given), so figures are kept.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fastaphlict.bench import raise_nofile_limit
+
+QUICK = os.environ.get("FASTAPHLICT_BENCH_QUICK", "").lower() not in ("", "0", "false", "no")
+
+REPO = Path(__file__).resolve().parents[1]
+SRC = REPO / "src"
+
+#: Server log lines worth reporting next to the figures.
+_LOG_MARKERS = (" WARNING ", " ERROR ", " CRITICAL ", "Traceback")
+
+_RESULTS = pytest.StashKey[list[dict[str, Any]]]()
+
+
+def serving_src() -> bool:
+    """Whether this run imported fastaphlict from ``src/`` (``PYTHONPATH=src``).
+
+    The server subprocess then serves the same tree, with its in-place build;
+    otherwise (CI's fresh venv) it runs the installed package, like the
+    generator does.
+    """
+    import fastaphlict
+
+    return Path(fastaphlict.__file__).resolve().is_relative_to(SRC)
+
+
+def stale_build_note() -> str | None:
+    """A warning when the in-place module is older than its source: a stale benchmark."""
+    if not serving_src():
+        return None
+    built = sorted((SRC / "fastaphlict").glob("_fanout*.so"))
+    source = SRC / "fastaphlict" / "_fanout.pyx"
+    if not built:
+        return "no in-place build of _fanout: run setup.py build_ext --inplace"
+    if source.exists() and built[0].stat().st_mtime < source.stat().st_mtime:
+        return f"{built[0].name} is older than _fanout.pyx: rebuild it (build_ext --inplace)"
+    return None
+
+
+# -- the server process -------------------------------------------------------
+
+
+@dataclass
+class ServerProcess:
+    """A running fastaphlict subprocess and how to reach it."""
+
+    proc: subprocess.Popen[bytes]
+    client_port: int
+    admin_port: int
+    log_path: Path
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @property
+    def client_url(self) -> str:
+        return f"ws://127.0.0.1:{self.client_port}/"
+
+    @property
+    def admin_url(self) -> str:
+        return f"http://127.0.0.1:{self.admin_port}/"
+
+    def log_problems(self) -> list[str]:
+        """Warning, error and traceback lines of the server's log."""
+        if not self.log_path.exists():
+            return []
+        lines = self.log_path.read_text(errors="replace").splitlines()
+        return [line for line in lines if any(marker in line for marker in _LOG_MARKERS)]
+
+
+def _free_ports(count: int) -> list[int]:
+    """Ports the kernel just handed out; the server binds them a moment later."""
+    socks = []
+    try:
+        for _ in range(count):
+            sock = socket.socket()
+            sock.bind(("127.0.0.1", 0))
+            socks.append(sock)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def _server_env(client_port: int, admin_port: int) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "APHLICT_CONFIG"}
+    env.update(CLIENT_PORT=str(client_port), ADMIN_PORT=str(admin_port), LISTEN_ADDR="127.0.0.1")
+    if serving_src():
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SRC), env.get("PYTHONPATH")]))
+    return env
+
+
+def _ready(server: ServerProcess, timeout: float) -> bool:
+    """Wait until both ports answer (or the process died)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.proc.poll() is not None:
+            return False
+        try:
+            with urllib.request.urlopen(f"{server.admin_url}status/", timeout=1) as resp:
+                resp.read()
+            with socket.create_connection(("127.0.0.1", server.client_port), timeout=1):
+                pass
+            return True
+        except OSError:
+            time.sleep(0.05)
+    return False
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+@contextlib.contextmanager
+def fastaphlict_server(log_dir: Path, attempts: int = 3) -> Iterator[ServerProcess]:
+    """Start ``python -m fastaphlict`` on free loopback ports; stop it afterwards.
+
+    A port taken between choosing and binding makes the server exit at once;
+    that is retried on new ports.
+    """
+    # The server inherits our open-file limit; a soft limit of 1024 would cap
+    # it at ~1000 sockets, so raise it to the hard limit before spawning.
+    raise_nofile_limit()
+    for attempt in range(attempts):
+        client_port, admin_port = _free_ports(2)
+        log_path = log_dir / f"server-{attempt}.log"
+        with open(log_path, "wb") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "fastaphlict"],
+                env=_server_env(client_port, admin_port),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        server = ServerProcess(proc, client_port, admin_port, log_path)
+        if _ready(server, 15.0):
+            break
+        _stop(proc)
+    else:
+        tail = log_path.read_text(errors="replace")[-2000:]
+        raise RuntimeError(f"fastaphlict did not start after {attempts} attempts:\n{tail}")
+    try:
+        yield server
+    finally:
+        _stop(proc)
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[ServerProcess]:
+    """A fresh server for one scenario."""
+    with fastaphlict_server(tmp_path) as running:
+        yield running
+
+
+# -- results and the summary table -------------------------------------------
+
+
+@pytest.fixture
+def record(request: pytest.FixtureRequest) -> Any:
+    """``record(row)``: keep one scenario's figures for the end-of-session table."""
+
+    def add(row: dict[str, Any]) -> None:
+        request.config.stash.setdefault(_RESULTS, []).append(row)
+
+    return add
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config: pytest.Config) -> None:
+    """Keep a full run's JSON (see the module doc); quick and disabled runs keep nothing."""
+    opt = config.option
+    if QUICK or getattr(opt, "benchmark_disable", True):
+        return
+    if not (
+        getattr(opt, "benchmark_json", None)
+        or getattr(opt, "benchmark_save", None)
+        or getattr(opt, "benchmark_autosave", True)
+    ):
+        from pytest_benchmark.utils import get_tag  # the value --benchmark-autosave stores
+
+        opt.benchmark_autosave = get_tag()
+
+
+_COLUMNS: list[tuple[str, str, str]] = [
+    # (header, key, format)
+    ("scenario", "name", "s"),
+    ("sockets", "sockets", "d"),
+    ("msgs", "messages", "d"),
+    ("conc", "concurrency", "d"),
+    ("loss", "loss", "d"),
+    ("msg/s", "msgs_per_s", ".0f"),
+    ("deliv/s", "deliveries_per_s", ".0f"),
+    ("p50 ms", "latency_p50_ms", ".2f"),
+    ("p90 ms", "latency_p90_ms", ".2f"),
+    ("p99 ms", "latency_p99_ms", ".2f"),
+    ("max ms", "latency_max_ms", ".2f"),
+    ("srv us/deliv", "server_cpu_per_delivery_us", ".2f"),
+    ("srv us/msg", "server_cpu_per_message_us", ".1f"),
+    ("floor us/send", "floor_cpu_per_send_us", ".2f"),
+    ("x floor", "ratio_to_floor", ".2f"),
+    ("ovh us/msg", "overhead_per_message_us", ".0f"),
+    ("noise %", "noise_pct", ".0f"),
+    ("steal %", "steal_pct", ".1f"),
+    ("RSS MB", "server_rss_mb", ".1f"),
+    ("B/socket", "bytes_per_socket", ".0f"),
+]
+
+
+def _cell(value: Any, fmt: str) -> str:
+    if value is None:
+        return "-"
+    return format(value, fmt)
+
+
+def noise_pct(row: dict[str, Any]) -> float | None:
+    """Spread of the server's per-window CPU per delivery, in % of the median.
+
+    A large spread means neighbours on the machine disturbed the run; compare
+    ratios with that in mind.
+    """
+    windows = row.get("window_server_cpu_per_delivery_us") or []
+    median = row.get("server_cpu_per_delivery_us")
+    if len(windows) < 2 or not median:
+        return None
+    return (max(windows) - min(windows)) / median * 100
+
+
+def format_table(rows: list[dict[str, Any]]) -> list[str]:
+    """The custom metrics as an aligned text table (also pasted into RESULTS.md)."""
+    rows = [{**row, "noise_pct": noise_pct(row)} for row in rows]
+    cells = [[h for h, _, _ in _COLUMNS]]
+    cells += [[_cell(row.get(key), fmt) for _, key, fmt in _COLUMNS] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(_COLUMNS))]
+    lines = []
+    for n, r in enumerate(cells):
+        padded = [c.rjust(w) for c, w in zip(r, widths, strict=True)]
+        padded[0] = r[0].ljust(widths[0])
+        lines.append("  ".join(padded).rstrip())
+        if n == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return lines
+
+
+def _by_name(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {row["name"]: row for row in rows}
+
+
+def target_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """The issue's targets next to what this run measured (information, not asserts)."""
+    named = _by_name(rows)
+    out = []
+
+    def check(label: str, value: float | None, limit: float, unit: str = "") -> None:
+        if value is None:
+            return
+        verdict = "meets" if value <= limit else "MISSES"
+        out.append(f"{label}: {value:.2f}{unit} (target <= {limit:g}{unit}) {verdict}")
+
+    if "broadcast" in named:
+        check("broadcast CPU/delivery vs floor", named["broadcast"].get("ratio_to_floor"), 1.1, "x")
+    if "targeted" in named:
+        check("targeted CPU/delivery vs floor", named["targeted"].get("ratio_to_floor"), 1.4, "x")
+    if "burst" in named:
+        check("burst CPU/delivery vs floor", named["burst"].get("ratio_to_floor"), 1.0, "x")
+    scaling = sorted(
+        (row for row in rows if row["name"].startswith("scaling")), key=lambda r: r["sockets"]
+    )
+    if len(scaling) >= 2:
+        low, high = scaling[0], scaling[-1]
+        a, b = low.get("server_cpu_per_message_us"), high.get("server_cpu_per_message_us")
+        if a and b:
+            check(
+                f"scaling CPU/message {high['sockets']} vs {low['sockets']} sockets",
+                b / a,
+                1.2,
+                "x",
+            )
+            fa, fb = low.get("floor_cpu_per_send_us"), high.get("floor_cpu_per_send_us")
+            if fa and fb:
+                out.append(f"  the floor's own CPU/send grew {fb / fa:.2f}x over the same range")
+            oa, ob = low.get("overhead_per_message_us"), high.get("overhead_per_message_us")
+            if oa and ob:
+                out.append(
+                    f"  server CPU/message beyond the floor: {oa:.0f} -> {ob:.0f} us"
+                    f" ({ob / oa:.2f}x)"
+                )
+    if "latency" in named:
+        row = named["latency"]
+        where = f"at {row['rate']:g} msg/s, {row['sockets']} sockets"
+        check(f"latency p99 {where}", row.get("latency_p99_ms"), 3.0, " ms")
+        check(
+            f"latency p99 {where}, median of {row['windows']} windows",
+            row.get("latency_p99_median_window_ms"),
+            3.0,
+            " ms",
+        )
+    if "idle" in named:
+        value = named["idle"].get("bytes_per_socket")
+        check("idle RSS per subscribed socket", None if value is None else value / 1024, 7.0, " KB")
+    return out
+
+
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    rows = config.stash.get(_RESULTS, [])
+    if not rows:
+        return
+    tr = terminalreporter
+    mode = "quick mode (FASTAPHLICT_BENCH_QUICK=1)" if QUICK else "full run"
+    tr.write_sep("=", f"fastaphlict scenarios: {mode}")
+    for line in format_table(rows):
+        tr.write_line(line)
+    targets = target_lines(rows)
+    if targets and not QUICK:
+        tr.write_line("")
+        for line in targets:
+            tr.write_line(line)
+    notes = [f"{row['name']}: {p}" for row in rows for p in row.get("server_log_problems", [])]
+    stale = stale_build_note()
+    if stale:
+        notes.insert(0, stale)
+    if notes:
+        tr.write_line("")
+        tr.write_line("notes:")
+        for note in notes[:20]:
+            tr.write_line(f"  {note}")

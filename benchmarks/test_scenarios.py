@@ -1,0 +1,158 @@
+"""End-to-end scenarios: a real server process, real sockets, the plain-send floor beside it.
+
+Each test starts a fresh server (see ``conftest.server``), runs one scenario of
+:mod:`fastaphlict.bench` against it, and, in the same test, the floor: plain
+Python ``send()`` of the same frame to the same sockets. The figures that
+matter are ratios measured side by side in one run (absolute times drift on
+a shared machine); they go into ``extra_info`` and the summary table.
+
+pytest-benchmark's own timing is one round of the whole scenario and means
+little; ``benchmark.pedantic`` is used so ``--benchmark-only`` selects these
+tests and ``--benchmark-disable`` still runs them once.
+
+The only assertions are about correctness: every expected delivery arrived,
+once, and nothing else did. Speed targets are printed, not asserted.
+
+Run: ``python -m pytest benchmarks/ --benchmark-only`` (full, a few minutes);
+``FASTAPHLICT_BENCH_QUICK=1 python -m pytest benchmarks/ --benchmark-disable``
+(quick, well under a minute).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+from fastaphlict.bench import Options, Result, run
+
+if TYPE_CHECKING:  # conftest is pytest's to import; importing it here would load it twice
+    from conftest import ServerProcess
+
+QUICK = os.environ.get("FASTAPHLICT_BENCH_QUICK", "").lower() not in ("", "0", "false", "no")
+
+pytestmark = pytest.mark.timeout(300)
+
+#: Full-run sizes, and quick-mode sizes: a second or two per scenario.
+SOCKETS = 200 if QUICK else 10_000
+TARGETED_MESSAGES = 100 if QUICK else 4_000
+BROADCAST_MESSAGES = 20 if QUICK else 200
+BURST_SOCKETS = 100 if QUICK else 1_000
+BURST_MESSAGES = 100 if QUICK else 2_000
+BURST_CONCURRENCY = 16 if QUICK else 64
+SCALING = (100, 200, 300) if QUICK else (1_000, 5_000, 15_000)
+LATENCY_RATE = 200.0 if QUICK else 500.0
+LATENCY_MESSAGES = 200 if QUICK else 2_500
+#: CPU is read around each slice of messages and the medians reported, so a
+#: noisy neighbour spoils one window rather than the figure.
+WINDOWS = 2 if QUICK else 5
+
+
+def _scenario(
+    benchmark: Any, server: ServerProcess, record: Any, name: str, **options: Any
+) -> Result:
+    """Run one scenario through pytest-benchmark, record its figures, check it lost nothing."""
+    settings: dict[str, Any] = {"windows": WINDOWS, **options}
+    opts = Options(
+        client_url=server.client_url,
+        admin_url=server.admin_url,
+        server_pid=server.pid,
+        **settings,
+    )
+    results: list[Result] = []
+    benchmark.pedantic(lambda: results.append(run(opts)), rounds=1, iterations=1)
+    (result,) = results
+    row = {"name": name, **result.as_dict(), "server_log_problems": server.log_problems()[:5]}
+    benchmark.extra_info.update(row)
+    record(row)
+    assert result.post_errors == 0, result.first_post_error
+    assert result.loss == 0, f"{result.loss} of {result.deliveries_expected} deliveries lost"
+    assert result.duplicates == 0
+    assert result.unexpected == 0
+    assert result.foreign_frames == 0
+    assert not result.floor_loss_bytes, "the floor's receivers missed bytes"
+    return result
+
+
+def test_targeted(benchmark: Any, server: ServerProcess, record: Any) -> None:
+    """Each tab on its user and 5 of N/5 objects; each message names 20 users and 1 object."""
+    result = _scenario(
+        benchmark,
+        server,
+        record,
+        "targeted",
+        scenario="targeted",
+        sockets=SOCKETS,
+        messages=TARGETED_MESSAGES,
+    )
+    assert result.ratio_to_floor is not None
+
+
+def test_broadcast(benchmark: Any, server: ServerProcess, record: Any) -> None:
+    """Every tab on one PHID: each message goes to all sockets, one post at a time."""
+    _scenario(
+        benchmark,
+        server,
+        record,
+        "broadcast",
+        scenario="broadcast",
+        sockets=SOCKETS,
+        messages=BROADCAST_MESSAGES,
+    )
+
+
+def test_burst(benchmark: Any, server: ServerProcess, record: Any) -> None:
+    """Many messages posted concurrently to the same sockets."""
+    _scenario(
+        benchmark,
+        server,
+        record,
+        "burst",
+        scenario="burst",
+        sockets=BURST_SOCKETS,
+        messages=BURST_MESSAGES,
+        concurrency=BURST_CONCURRENCY,
+    )
+
+
+@pytest.mark.parametrize("sockets", SCALING)
+def test_scaling(benchmark: Any, server: ServerProcess, record: Any, sockets: int) -> None:
+    """The targeted mix at growing socket counts, same messages: CPU per message should stay flat.
+
+    The object count grows with the sockets (one per 5 sockets), so a message
+    reaches ~45 sockets at every size; only the number of idle sockets grows.
+    """
+    _scenario(
+        benchmark,
+        server,
+        record,
+        f"scaling-{sockets}",
+        scenario="targeted",
+        sockets=sockets,
+        messages=TARGETED_MESSAGES,
+    )
+
+
+def test_latency(benchmark: Any, server: ServerProcess, record: Any) -> None:
+    """The targeted mix at a steady rate: publish-to-receive latency without saturation."""
+    result = _scenario(
+        benchmark,
+        server,
+        record,
+        "latency",
+        scenario="targeted",
+        sockets=SOCKETS,
+        messages=LATENCY_MESSAGES,
+        rate=LATENCY_RATE,
+        floor=False,
+    )
+    assert result.latency_p99_ms is not None
+
+
+def test_idle_memory(benchmark: Any, server: ServerProcess, record: Any) -> None:
+    """Server RSS growth per connected, subscribed, idle tab."""
+    result = _scenario(
+        benchmark, server, record, "idle", scenario="idle", sockets=SOCKETS, messages=0
+    )
+    assert result.bytes_per_socket is not None
