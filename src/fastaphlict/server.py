@@ -34,6 +34,8 @@ __all__ = ["Server", "run"]
 log = logging.getLogger("fastaphlict.server")
 
 
+#: Listen backlog: a restart makes every open tab reconnect at once.
+BACKLOG = 4096
 #: Initial picows read buffer per socket (picows never goes below 2 KiB).
 READ_BUFFER_SIZE = 2048
 _PICOWS_LOG = logging.LoggerAdapter(logging.getLogger("picows.server"), {})
@@ -130,6 +132,8 @@ class Server:
             # uvloop's own transports: lighter per idle socket than aiofastnet.
             use_aiofastnet=False,
             reuse_address=True,
+            # After a restart every open tab reconnects at once.
+            backlog=BACKLOG,
         )
         self._client_servers.append(server)
         port = server.sockets[0].getsockname()[1]
@@ -155,6 +159,7 @@ class Server:
             entry.port,
             ssl=tls_context(entry),
             reuse_address=True,
+            backlog=BACKLOG,
         )
         self._admin_servers.append(server)
         port = server.sockets[0].getsockname()[1]
@@ -322,6 +327,24 @@ def _is_fastaphlict(pid: int) -> bool:
     return b"fastaphlict" in cmdline or b"aphlict" in cmdline
 
 
+def raise_open_file_limit() -> None:
+    """Lift the soft open-file limit to the hard one: each browser tab is a socket.
+
+    With the common soft default of 1024 the server would stop accepting at
+    about a thousand tabs while the hard limit allows far more.
+    """
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the open-file limit from %d: %s", soft, exc)
+            return
+    log.info("open-file limit %d", hard)
+
+
 def run(
     config: Config,
     *,
@@ -333,6 +356,7 @@ def run(
     import uvloop
 
     limits = Limits() if shutdown_timeout is None else Limits(shutdown_timeout=shutdown_timeout)
+    raise_open_file_limit()
     try:
         uvloop.run(Server(config, debug=debug, limits=limits).serve(on_reload=on_reload))
     except OSError as exc:
