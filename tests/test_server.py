@@ -175,7 +175,7 @@ async def test_sighup_reopens_log_files_for_logrotate(proc, tmp_path: Path) -> N
     logfile = tmp_path / "logs" / "aphlict.log"
     server = proc(logs=[{"path": str(logfile)}]).start()
     server.wait_ready()
-    eventually(lambda: "admin server listening" in logfile.read_text())
+    eventually(lambda: "fastaphlict.server: ready" in logfile.read_text())
     rotated = logfile.with_suffix(".log.1")
     logfile.rename(rotated)
     server.process.send_signal(signal.SIGHUP)

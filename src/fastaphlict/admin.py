@@ -156,6 +156,8 @@ class AdminProtocol(asyncio.Protocol):
         self._buffer = bytearray()
         self._continued = False  # 100 Continue already sent for the current request
         self._idle: asyncio.TimerHandle | None = None
+        self._loop = asyncio.get_running_loop()
+        self._active_at = 0.0  # loop time of the last answered request
         self._remote: object = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -176,9 +178,17 @@ class AdminProtocol(asyncio.Protocol):
             self._transport.close()
 
     def _arm_idle(self) -> None:
-        if self._idle is not None:
-            self._idle.cancel()
-        self._idle = asyncio.get_running_loop().call_later(KEEPALIVE_TIMEOUT, self.close)
+        # One timer per connection, re-armed lazily when it fires: requests
+        # only stamp _active_at, so a busy connection costs no timer churn.
+        self._active_at = self._loop.time()
+        self._idle = self._loop.call_at(self._active_at + KEEPALIVE_TIMEOUT, self._on_idle)
+
+    def _on_idle(self) -> None:
+        deadline = self._active_at + KEEPALIVE_TIMEOUT
+        if self._loop.time() >= deadline:
+            self.close()
+        else:
+            self._idle = self._loop.call_at(deadline, self._on_idle)
 
     def data_received(self, data: bytes) -> None:
         buffer = self._buffer
@@ -213,7 +223,7 @@ class AdminProtocol(asyncio.Protocol):
             if close:
                 self._transport.close()
                 return
-            self._arm_idle()
+            self._active_at = self._loop.time()
 
     @staticmethod
     def _parse_head(head: bytes) -> tuple[bytes, int, bool, bool] | None:

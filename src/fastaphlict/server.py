@@ -202,14 +202,11 @@ class Server:
         SIGHUP calls ``on_reload`` (the CLI reopens log files there, for
         logrotate).
         """
-        pidfile = PidFile(self.config.pidfile) if self.config.pidfile else None
-        if pidfile is not None:
-            pidfile.check()
-        await self.start()
-        if pidfile is not None:
-            pidfile.write()
+        # Handlers first: a signal during start-up must not kill the process
+        # with its default action (SIGHUP's is to terminate).
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
+        force = asyncio.Event()
         signals = [signal.SIGTERM, signal.SIGINT]
 
         def on_stop_signal(signum: int) -> None:
@@ -218,13 +215,20 @@ class Server:
                 force.set()
             stop.set()
 
-        force = asyncio.Event()
         for sig in signals:
             loop.add_signal_handler(sig, on_stop_signal, sig)
         if on_reload is not None:
             loop.add_signal_handler(signal.SIGHUP, _reload, on_reload)
             signals.append(signal.SIGHUP)
+        pidfile = PidFile(self.config.pidfile) if self.config.pidfile else None
         try:
+            if pidfile is not None:
+                pidfile.check()
+            await self.start()
+            if pidfile is not None:
+                pidfile.write()
+            _tune_gc()
+            log.info("ready")
             await stop.wait()
             log.info("shutting down (up to %.1fs)", self.limits.shutdown_timeout)
             closing = asyncio.ensure_future(self.close())
@@ -245,6 +249,23 @@ class Server:
                 loop.remove_signal_handler(sig)
             if pidfile is not None:
                 pidfile.remove()
+
+
+def _tune_gc() -> None:
+    """Keep the cyclic GC off the hot path.
+
+    Everything built at start-up is frozen out of collections, and the young
+    generation is collected every 50000 allocations instead of 700: a publish
+    allocates a few dozen short-lived, acyclic objects, and the default turned
+    that into a collection every few messages (about 2% of server CPU in the
+    targeted benchmark's profile).
+    """
+    import gc
+
+    gc.collect()
+    gc.freeze()
+    _, second, third = gc.get_threshold()
+    gc.set_threshold(50_000, second, third)
 
 
 def _reload(on_reload: Callable[[], None]) -> None:
