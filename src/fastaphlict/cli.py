@@ -46,6 +46,7 @@ environment (used only when neither --config nor APHLICT_CONFIG names a file):
   APHLICT_CONFIG  path of an Aphlict JSON config file; replaces the variables above
 
   FASTAPHLICT_SHUTDOWN_TIMEOUT  same as --shutdown-timeout
+  FASTAPHLICT_PEER_CA_FILE      same as --peer-ca-file
 
 signals:
   SIGTERM, SIGINT  drain and exit (a second one exits at once)
@@ -103,6 +104,12 @@ def _build_parser() -> argparse.ArgumentParser:
         default=os.environ.get("FASTAPHLICT_SHUTDOWN_TIMEOUT", "10"),
         metavar="SECONDS",
         help="longest graceful shutdown before exiting anyway (default 10)",
+    )
+    parser.add_argument(
+        "--peer-ca-file",
+        default=os.environ.get("FASTAPHLICT_PEER_CA_FILE") or None,
+        metavar="PATH",
+        help="PEM file of CAs trusted for https cluster peers (default: the system's)",
     )
     return parser
 
@@ -190,6 +197,16 @@ def setup_logging(config: Config, debug: bool) -> None:
     logging.getLogger("picows").setLevel(logging.DEBUG if debug else logging.WARNING)
 
 
+def _check_tls(config: Config, peer_ca_file: str | None) -> None:
+    """For ``--test``: load every TLS key and certificate as the server will."""
+    from fastaphlict import tls
+
+    for index, entry in enumerate(config.servers):
+        tls.server_context(entry, index)
+    if peer_ca_file:
+        tls.client_context(peer_ca_file)
+
+
 def _fail(message: object) -> int:
     print(f"fastaphlict: {message}", file=sys.stderr)
     return 1
@@ -209,6 +226,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = load_config(args.config)
         if args.test:
             check_files(config)
+            _check_tls(config, args.peer_ca_file)
         setup_logging(config, debug=args.debug)
     except (ConfigError, OSError) as exc:
         return _fail(exc)
@@ -228,6 +246,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             config,
             debug=args.debug,
             shutdown_timeout=args.shutdown_timeout,
+            peer_ca_file=args.peer_ca_file,
             on_reload=reopen_log_files,
         )
     except KeyboardInterrupt:

@@ -17,7 +17,6 @@ import contextlib
 import logging
 import os
 import signal
-import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -25,9 +24,10 @@ from aiohttp import web
 from picows import ws_create_server
 
 from fastaphlict import admin, client
-from fastaphlict.config import Config, ServerConfig
+from fastaphlict.config import Config, ConfigError, ServerConfig
 from fastaphlict.hub import Hub
 from fastaphlict.peers import PeerRelay, new_fingerprint
+from fastaphlict.tls import client_context, server_context
 
 __all__ = ["Server", "run"]
 
@@ -53,34 +53,17 @@ class Limits:
     shutdown_timeout: float = 10.0
 
 
-def tls_context(server: ServerConfig) -> ssl.SSLContext | None:
-    """A server-side TLS context when the entry sets ``ssl.key`` and ``ssl.cert``.
-
-    Aphlict appends ``ssl.chain`` to the certificate. ``load_cert_chain`` takes
-    one PEM file with the leaf first and its chain after it, so the two files
-    are joined into a private temporary file that lives only while loading.
-    """
-    if not server.tls:
-        return None
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    if server.ssl_chain:
-        import tempfile
-
-        with open(server.ssl_cert, "rb") as cert, open(server.ssl_chain, "rb") as chain:
-            combined = cert.read().rstrip(b"\n") + b"\n" + chain.read()
-        with tempfile.NamedTemporaryFile(suffix=".pem") as tmp:
-            tmp.write(combined)
-            tmp.flush()
-            ctx.load_cert_chain(tmp.name, server.ssl_key)
-    else:
-        ctx.load_cert_chain(server.ssl_cert, server.ssl_key)  # type: ignore[arg-type]
-    return ctx
-
-
 class Server:
     """Everything one fastaphlict process serves, started and stopped as a unit."""
 
-    def __init__(self, config: Config, *, debug: bool = False, limits: Limits | None = None):
+    def __init__(
+        self,
+        config: Config,
+        *,
+        debug: bool = False,
+        limits: Limits | None = None,
+        peer_ca_file: str | None = None,
+    ):
         self.config = config
         self.debug = debug
         self.limits = limits or Limits()
@@ -90,6 +73,7 @@ class Server:
             config.cluster,
             timeout=self.limits.relay_timeout,
             queue_limit=self.limits.relay_queue,
+            ssl_context=client_context(peer_ca_file) if peer_ca_file else None,
         )
         self.hub.relays.append(self.relay)
         self.client_ports: list[int] = []
@@ -119,7 +103,7 @@ class Server:
             client.listener_factory(self.hub, debug=self.debug),
             entry.listen,
             entry.port,
-            ssl=tls_context(entry),
+            ssl=server_context(entry),
             websocket_handshake_timeout=self.limits.handshake_timeout,
             max_frame_size=self.limits.max_frame_size,
             enable_auto_pong=True,
@@ -157,7 +141,7 @@ class Server:
             lambda: admin.AdminProtocol(self.hub, fallback, self._admin_connections),
             entry.listen,
             entry.port,
-            ssl=tls_context(entry),
+            ssl=server_context(entry),
             reuse_address=True,
             backlog=BACKLOG,
         )
@@ -372,6 +356,7 @@ def run(
     debug: bool = False,
     shutdown_timeout: float | None = None,
     on_reload: Callable[[], None] | None = None,
+    peer_ca_file: str | None = None,
 ) -> int:
     """Run the server on uvloop until SIGTERM/SIGINT; return the exit code."""
     import uvloop
@@ -379,8 +364,9 @@ def run(
     limits = Limits() if shutdown_timeout is None else Limits(shutdown_timeout=shutdown_timeout)
     raise_open_file_limit()
     try:
-        uvloop.run(Server(config, debug=debug, limits=limits).serve(on_reload=on_reload))
-    except OSError as exc:
+        server = Server(config, debug=debug, limits=limits, peer_ca_file=peer_ca_file)
+        uvloop.run(server.serve(on_reload=on_reload))
+    except (OSError, ConfigError) as exc:
         log.error("cannot start: %s", exc)
         return 1
     return 0

@@ -1,0 +1,175 @@
+"""TLS (issue: production operations): wss:// clients, an https admin post, an https relay.
+
+Certificates are made at test time by trustme: a root CA, an intermediate and
+a leaf for 127.0.0.1, so the ``ssl.chain`` handling is exercised too (the
+client trusts only the root and needs the intermediate from the server).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import ssl
+from pathlib import Path
+
+import aiohttp
+import pytest
+import trustme
+from websockets.asyncio.client import connect
+
+from fastaphlict.config import Config, ConfigError, PeerConfig, ServerConfig
+from fastaphlict.tls import server_context
+from support import PHORGE_CONTENT_TYPE, TIMEOUT, Browser, running
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+    root = trustme.CA()
+    intermediate = root.create_child_ca()
+    leaf = intermediate.issue_cert("127.0.0.1", "localhost")
+    d = tmp_path_factory.mktemp("pki")
+    paths = {
+        "key": d / "key.pem",
+        "cert": d / "cert.pem",
+        "chain": d / "chain.pem",
+        "ca": d / "ca.pem",
+    }
+    leaf.private_key_pem.write_to_path(str(paths["key"]))
+    leaf.cert_chain_pems[0].write_to_path(str(paths["cert"]))
+    intermediate.cert_pem.write_to_path(str(paths["chain"]))
+    root.cert_pem.write_to_path(str(paths["ca"]))
+    client = ssl.create_default_context(cafile=str(paths["ca"]))
+    return {"paths": {k: str(v) for k, v in paths.items()}, "client": client}
+
+
+def tls_config(pki: dict, peers: tuple[PeerConfig, ...] = ()) -> Config:  # type: ignore[type-arg]
+    p = pki["paths"]
+    tls = {"ssl_key": p["key"], "ssl_cert": p["cert"], "ssl_chain": p["chain"]}
+    return Config(
+        servers=(
+            ServerConfig("client", 0, "127.0.0.1", **tls),
+            ServerConfig("admin", 0, "127.0.0.1", **tls),
+        ),
+        cluster=peers,
+    )
+
+
+async def test_wss_session_and_https_admin_post(pki: dict) -> None:  # type: ignore[type-arg]
+    async with running(tls_config(pki)) as srv:
+        client_port, admin_port = srv.server.client_ports[0], srv.server.admin_ports[0]
+        async with connect(f"wss://127.0.0.1:{client_port}/~acme/", ssl=pki["client"]) as ws:
+            browser = Browser(ws)
+            await browser.subscribe("PHID-1")
+            connector = aiohttp.TCPConnector(ssl=pki["client"])
+            async with aiohttp.ClientSession(connector=connector) as session:
+                async with session.post(
+                    f"https://127.0.0.1:{admin_port}/?instance=acme",
+                    data='{"subscribers":["PHID-1"],"t":"über"}'.encode(),
+                    headers={"Content-Type": PHORGE_CONTENT_TYPE},
+                ) as resp:
+                    assert resp.status == 200
+                    assert (await resp.json())["fingerprint"] == srv.hub.fingerprint
+                async with session.get(f"https://127.0.0.1:{admin_port}/status/") as resp:
+                    assert resp.status == 200  # the aiohttp side over TLS too
+            got = await browser.recv()
+            assert got["t"] == "über"
+
+
+async def test_plain_http_to_a_tls_port_gets_nothing_in_clear(pki: dict) -> None:  # type: ignore[type-arg]
+    async with running(tls_config(pki)) as srv:
+        reader, writer = await asyncio.open_connection("127.0.0.1", srv.server.admin_ports[0])
+        writer.write(b"POST / HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}")
+        data = await asyncio.wait_for(reader.read(), TIMEOUT)
+        writer.close()
+        assert b"fingerprint" not in data
+        assert srv.hub.messages_in == 0
+
+
+async def test_relay_to_an_https_peer_verifies_with_the_given_ca(pki: dict) -> None:  # type: ignore[type-arg]
+    async with running(tls_config(pki)) as b:
+        peer = PeerConfig("127.0.0.1", b.server.admin_ports[0], "https")
+        config = Config(
+            servers=(ServerConfig("client", 0, "127.0.0.1"), ServerConfig("admin", 0, "127.0.0.1")),
+            cluster=(peer,),
+        )
+        from fastaphlict.server import Server
+
+        a = Server(config, peer_ca_file=pki["paths"]["ca"])
+        await a.start()
+        try:
+            async with connect(
+                f"wss://127.0.0.1:{b.server.client_ports[0]}/", ssl=pki["client"]
+            ) as ws:
+                browser = Browser(ws)
+                await browser.subscribe("PHID-1")
+                async with aiohttp.ClientSession() as session:
+                    async with session.post(
+                        f"http://127.0.0.1:{a.admin_ports[0]}/",
+                        data=json.dumps({"subscribers": ["PHID-1"], "n": 1}).encode(),
+                        headers={"Content-Type": PHORGE_CONTENT_TYPE},
+                    ) as resp:
+                        assert resp.status == 200
+                got = await browser.recv()
+                assert got["n"] == 1
+                assert got["touched"] == [a.fingerprint, b.hub.fingerprint]
+            assert a.relay.peers[0].fingerprint == b.hub.fingerprint
+        finally:
+            await a.close()
+
+
+async def test_relay_refuses_an_unverifiable_https_peer(pki: dict) -> None:  # type: ignore[type-arg]
+    async with running(tls_config(pki)) as b:
+        peer = PeerConfig("127.0.0.1", b.server.admin_ports[0], "https")
+        async with running(
+            Config(
+                servers=(
+                    ServerConfig("client", 0, "127.0.0.1"),
+                    ServerConfig("admin", 0, "127.0.0.1"),
+                ),
+                cluster=(peer,),
+            )
+        ) as a:  # no CA given: the system store doesn't know our throwaway root
+            assert (await a.post({"subscribers": []})).status == 200
+            for _ in range(500):
+                if a.server.relay.peers[0].failed:
+                    break
+                await asyncio.sleep(0.01)
+            assert a.server.relay.peers[0].failed == 1
+            assert a.server.relay.peers[0].fingerprint is None
+            assert b.hub.messages_in == 0
+
+
+def test_mismatched_key_and_certificate_fail_with_the_entry_named(
+    pki: dict,  # type: ignore[type-arg]
+    tmp_path: Path,
+) -> None:
+    other = trustme.CA().issue_cert("127.0.0.1")
+    wrong_key = tmp_path / "wrong.pem"
+    other.private_key_pem.write_to_path(str(wrong_key))
+    entry = ServerConfig("client", 22280, "0.0.0.0", str(wrong_key), pki["paths"]["cert"])
+    with pytest.raises(ConfigError, match=r'index "1", on port "22280"'):
+        server_context(entry, 1)
+
+
+def test_config_test_loads_the_tls_files(
+    pki: dict,  # type: ignore[type-arg]
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from fastaphlict import cli
+
+    p = pki["paths"]
+    servers = [
+        {"type": "client", "port": 22280, "ssl.key": p["key"], "ssl.cert": p["cert"]},
+        {"type": "admin", "port": 22281, "listen": "127.0.0.1"},
+    ]
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps({"servers": servers}))
+    assert cli.main([f"--config={good}", "--test", f"--peer-ca-file={p['ca']}"]) == 0
+    assert "Configuration test OK." in capsys.readouterr().out
+
+    servers[0]["ssl.key"] = p["ca"]  # a certificate where the key should be
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"servers": servers}))
+    assert cli.main([f"--config={bad}", "--test"]) == 1
+    assert 'index "0", on port "22280"' in capsys.readouterr().err
