@@ -49,6 +49,10 @@ def test_stub_names_exactly_what_the_module_exports() -> None:
             n.name
             for n in stub_cls.body
             if isinstance(n, ast.FunctionDef) and not n.name.startswith("_")
+        } | {
+            n.target.id
+            for n in stub_cls.body
+            if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name)
         }
         public = {name for name in dir(cls) if not name.startswith("_")}
         assert stub_members == public, cls.__name__

@@ -36,6 +36,7 @@ class Outbox:
     def pending(self) -> int: ...
     @property
     def coalesced(self) -> int: ...
+    bytes_sent: int
     def flush(self) -> None:
         """Write every pending frame: one write per socket."""
 

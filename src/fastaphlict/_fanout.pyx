@@ -121,7 +121,10 @@ cdef class Subscriber:
         if self._pending is not None:
             frame = _join(self._pending, frame)
             self._pending = None
-        return _write(self.transport, frame)
+        if _write(self.transport, frame):
+            self.channel.outbox.bytes_sent += PyBytes_GET_SIZE(frame)
+            return True
+        return False
 
     cdef inline bint _add(self, str phid):
         if phid in self._phids:
@@ -165,12 +168,14 @@ cdef class Outbox:
     cdef bint _scheduled
     cdef object _call_soon
     cdef readonly Py_ssize_t coalesced  # frames that shared a write with another
+    cdef public unsigned long long bytes_sent  # frame bytes handed to sockets
 
     def __cinit__(self):
         self._dirty = []
         self._scheduled = False
         self._call_soon = None
         self.coalesced = 0
+        self.bytes_sent = 0
 
     @property
     def pending(self):
@@ -212,9 +217,11 @@ cdef class Outbox:
             if pending is None:  # send() already wrote it
                 continue
             sub._pending = None
-            if not _write(sub.transport, _join(pending, None) if type(pending) is list else <bytes>pending):
-                if sub.attached:
-                    sub.channel._drop(sub)
+            data = _join(pending, None) if type(pending) is list else <bytes>pending
+            if _write(sub.transport, data):
+                self.bytes_sent += PyBytes_GET_SIZE(data)
+            elif sub.attached:
+                sub.channel._drop(sub)
 
 
 cdef void _trim(WSTransport t):

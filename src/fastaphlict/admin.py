@@ -24,8 +24,11 @@ from collections.abc import Callable
 from urllib.parse import parse_qsl
 
 from aiohttp import web
+from prometheus_client import CollectorRegistry
 
+from fastaphlict import metrics
 from fastaphlict.hub import DEFAULT_INSTANCE, Hub, dumps, loads
+from fastaphlict.peers import PeerRelay
 
 __all__ = ["MAX_BODY_SIZE", "AdminProtocol", "accept_post", "make_app"]
 
@@ -39,6 +42,7 @@ MAX_HEAD_SIZE = 16 * 1024
 KEEPALIVE_TIMEOUT = 75.0
 
 HUB_KEY: web.AppKey[Hub] = web.AppKey("hub", Hub)
+REGISTRY_KEY: web.AppKey[CollectorRegistry] = web.AppKey("metrics", CollectorRegistry)
 
 
 def accept_post(hub: Hub, instance: str, body: bytes, remote: object) -> tuple[int, bytes]:
@@ -50,9 +54,11 @@ def accept_post(hub: Hub, instance: str, body: bytes, remote: object) -> tuple[i
     try:
         message = loads(body)
     except (ValueError, RecursionError):
+        hub.posts_rejected += 1
         log.info("rejected post from %s: body is not JSON", remote)
         return 400, b"body must be a JSON object\n"
     if not isinstance(message, dict):
+        hub.posts_rejected += 1
         log.info("rejected post from %s: body is JSON but not an object", remote)
         return 400, b"body must be a JSON object\n"
     hub.publish(instance or DEFAULT_INSTANCE, message)
@@ -76,6 +82,7 @@ async def handle_root(request: web.Request) -> web.Response:
     try:
         body = await request.read()
     except web.HTTPRequestEntityTooLarge:
+        hub.posts_rejected += 1
         log.warning("rejected post over %d bytes from %s", MAX_BODY_SIZE, request.remote)
         return _text(413, "request body too large")
     status, answer = accept_post(hub, _instance(request), body, request.remote)
@@ -90,15 +97,25 @@ async def handle_status(request: web.Request) -> web.Response:
     return web.Response(body=dumps(status), content_type="application/json")
 
 
+async def handle_metrics(request: web.Request) -> web.Response:
+    """``GET /metrics``: Prometheus text format, computed at scrape time."""
+    body = metrics.render(request.app[REGISTRY_KEY])
+    return web.Response(body=body, headers={"Content-Type": metrics.CONTENT_TYPE})
+
+
 async def handle_healthz(request: web.Request) -> web.Response:
     """``GET /healthz``: liveness for containers and load balancers."""
     return web.Response(text="ok\n")
 
 
-def make_app(hub: Hub, *, max_body_size: int = MAX_BODY_SIZE) -> web.Application:
+def make_app(
+    hub: Hub, *, relay: PeerRelay | None = None, max_body_size: int = MAX_BODY_SIZE
+) -> web.Application:
     """The admin application. ``/status`` without its slash is a 404, as in Aphlict."""
     app = web.Application(client_max_size=max_body_size)
     app[HUB_KEY] = hub
+    app[REGISTRY_KEY] = metrics.make_registry(hub, relay)
+    app.router.add_get("/metrics", handle_metrics)
     app.router.add_route("*", "/", handle_root)
     app.router.add_get("/status/", handle_status)
     app.router.add_get("/healthz", handle_healthz)
@@ -205,6 +222,7 @@ class AdminProtocol(asyncio.Protocol):
                 return
             target, length, expect_continue, close = parsed
             if length > self._max_body:
+                self._hub.posts_rejected += 1
                 log.warning("rejected post over %d bytes from %s", self._max_body, self._remote)
                 self._transport.write(_response(413, b"request body too large\n", close=True))
                 self._transport.close()

@@ -12,7 +12,9 @@ proof that every earlier command on that socket took effect.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 from picows import (
@@ -33,6 +35,7 @@ __all__ = [
     "NOT_WEBSOCKET_BODY",
     "PONG",
     "ClientListener",
+    "Options",
     "instance_from_path",
     "listener_factory",
     "parse_command",
@@ -45,6 +48,8 @@ NOT_WEBSOCKET_BODY = b"HTTP/501 Use Websockets\n"
 #: The reply to ``ping``, byte for byte.
 PONG = b'{"type":"pong"}'
 _PONG_FRAME = build_frame(PONG)
+#: Seconds a slow socket gets to take its close frame before it is dropped.
+_SLOW_CLOSE_GRACE = 1.0
 #: Largest command message accepted after reassembling fragments.
 MAX_MESSAGE_SIZE = 1024 * 1024
 
@@ -81,40 +86,84 @@ def parse_command(payload: bytes | str) -> tuple[str, Any] | None:
     checked here so the caller can trust its type: a list for
     (un)subscribe, an object or None for replay, anything for ping.
     """
+    parsed = _parse(payload)
+    return None if isinstance(parsed, str) else parsed
+
+
+def _parse(payload: bytes | str) -> tuple[str, Any] | str:
+    """``(command, data)``, or why the frame is ignored."""
     try:
         msg = loads(payload)
     except (ValueError, RecursionError):
-        return None
+        return "not JSON"
     if not isinstance(msg, dict):
-        return None
+        return "not a JSON object"
     command = msg.get("command")
     if not isinstance(command, str) or command not in _COMMANDS:
-        return None
+        return "unknown command"
     data = msg.get("data")
     if command in ("subscribe", "unsubscribe"):
         if not isinstance(data, list):
-            return None
+            # Browsers really send {"command":"subscribe","data":null}: routine.
+            return _BENIGN
     elif command == "replay" and data is not None and not isinstance(data, dict):
-        return None
+        return "replay data is not an object"
     return command, data
+
+
+_BENIGN = "data is not a list"
+
+
+@dataclass(frozen=True, slots=True)
+class Options:
+    """What every socket of one client listener shares."""
+
+    debug: bool = False
+    #: Unsent bytes a socket may hold before it is closed as too slow.
+    max_buffered: int = 1024 * 1024
 
 
 class ClientListener(WSListener):
     """One browser socket: runs its commands against the hub, in order."""
 
-    __slots__ = ("_debug", "_fragments", "_hub", "_instance", "_sub")
+    __slots__ = ("_fragments", "_hub", "_instance", "_logged_rejection", "_options", "_sub")
 
-    def __init__(self, hub: Hub, instance: str, debug: bool = False) -> None:
+    def __init__(self, hub: Hub, instance: str, options: Options = Options()) -> None:
         super().__init__()
         self._hub = hub
         self._instance = instance
-        self._debug = debug
+        self._options = options
         self._sub: Subscriber | None = None
         self._fragments: bytearray | None = None
+        self._logged_rejection = False
 
     def on_ws_connected(self, transport: WSTransport) -> None:
         self._sub = self._hub.attach(self._instance, transport)
+        # Past this many unsent bytes the event loop calls pause_writing():
+        # the socket is not reading, and is closed before it eats the memory.
+        transport.underlying_transport.set_write_buffer_limits(high=self._options.max_buffered)
         log.info("connection open: instance=%s peer=%s", self._instance, describe(transport))
+
+    def pause_writing(self) -> None:
+        """The socket's unsent data passed the cap: close it as too slow (1013)."""
+        sub = self._sub
+        if sub is None:
+            return
+        transport = sub.transport
+        self._hub.slow_disconnects += 1
+        log.warning(
+            "closing slow client: over %d unsent bytes: instance=%s peer=%s",
+            self._options.max_buffered,
+            self._instance,
+            describe(transport),
+        )
+        # The close frame queues behind the backlog; the socket is dropped
+        # shortly after whether or not the client ever reads it.
+        transport.send_close(WSCloseCode.TRY_AGAIN_LATER, b"too slow")
+        asyncio.get_running_loop().call_later(_SLOW_CLOSE_GRACE, transport.disconnect, False)
+
+    def resume_writing(self) -> None:
+        """Nothing to resume: a paused socket is already being closed."""
 
     def on_ws_disconnected(self, transport: WSTransport) -> None:
         sub = self._sub
@@ -158,13 +207,12 @@ class ClientListener(WSListener):
         sub = self._sub
         if sub is None:
             return
-        parsed = parse_command(payload)
-        if parsed is None:
-            if self._debug:
-                log.debug("ignored frame from %s: %r", describe(transport), payload[:200])
+        parsed = _parse(payload)
+        if isinstance(parsed, str):
+            self._reject(transport, parsed, payload)
             return
         command, data = parsed
-        if self._debug:
+        if self._options.debug:
             log.debug("command %s from %s: %r", command, describe(transport), data)
         if command == "ping":
             sub.send(_PONG_FRAME)
@@ -177,8 +225,25 @@ class ClientListener(WSListener):
             if age is not None:
                 self._hub.replay(self._instance, sub, age)
 
+    def _reject(self, transport: WSTransport, reason: str, payload: bytes) -> None:
+        if reason is _BENIGN:
+            if self._options.debug:
+                log.debug("ignored frame from %s: %s", describe(transport), reason)
+            return
+        self._hub.frames_rejected += 1
+        # One line per connection, not per frame: a hostile client can't flood the log.
+        if not self._logged_rejection:
+            self._logged_rejection = True
+            log.info(
+                "ignored frame (%s) from %s; further ones on this socket logged at debug",
+                reason,
+                describe(transport),
+            )
+        elif self._options.debug:
+            log.debug("ignored frame (%s) from %s: %r", reason, describe(transport), payload[:200])
 
-def listener_factory(hub: Hub, *, debug: bool = False):
+
+def listener_factory(hub: Hub, options: Options = Options()):
     """Build the picows router: WebSocket upgrades get a listener, plain HTTP gets 501.
 
     ``GET /healthz`` answers 200 for load balancers; every other request that
@@ -197,7 +262,7 @@ def listener_factory(hub: Hub, *, debug: bool = False):
             return WSUpgradeResponseWithListener(
                 WSUpgradeResponse.create_error_response(501, NOT_WEBSOCKET_BODY), None
             )
-        return ClientListener(hub, instance_from_path(request.path), debug)
+        return ClientListener(hub, instance_from_path(request.path), options)
 
     return factory
 

@@ -188,6 +188,12 @@ class Hub:
         self.started = time.monotonic()
         self.messages_in = 0
         self.messages_out = 0
+        # Counters for /metrics (read at scrape time only).
+        self.replays = 0
+        self.replayed = 0
+        self.frames_rejected = 0
+        self.posts_rejected = 0
+        self.slow_disconnects = 0
         self.relays: list[Relay] = []
         self._instances: dict[str, Instance] = {}
         # One outbox for every instance: a socket's frames of one loop
@@ -316,6 +322,7 @@ class Hub:
 
         Returns how many were sent. Replays are not counted in ``messages.out``.
         """
+        self.replays += 1
         inst = self._instances.get(instance)
         if inst is None:
             return 0
@@ -326,6 +333,7 @@ class Hub:
             if not sub.send(entry.frame):
                 break
             sent += 1
+        self.replayed += sent
         return sent
 
 

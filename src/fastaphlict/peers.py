@@ -18,6 +18,7 @@ import json
 import logging
 import secrets
 import ssl
+import time
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
@@ -39,6 +40,23 @@ FINGERPRINT_LENGTH = 16
 
 _HEADERS = {"Content-Type": "application/json"}
 
+#: Upper bounds (seconds) of the relay latency histogram; the last is +Inf.
+LATENCY_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    float("inf"),
+)
+
 
 def new_fingerprint() -> str:
     """Return a fresh process fingerprint, drawn from a cryptographic source.
@@ -47,6 +65,15 @@ def new_fingerprint() -> str:
     two processes must not plausibly collide.
     """
     return "".join(secrets.choice(FINGERPRINT_ALPHABET) for _ in range(FINGERPRINT_LENGTH))
+
+
+def _observe(peer: Peer, seconds: float) -> None:
+    for index, bound in enumerate(LATENCY_BUCKETS):
+        if seconds <= bound:
+            peer.latency_counts[index] += 1
+            break
+    peer.latency_sum += seconds
+    peer.latency_count += 1
 
 
 def _base_url(config: PeerConfig) -> str:
@@ -72,6 +99,11 @@ class Peer:
         self.failed = 0
         self.dropped = 0
         self.last_error: str | None = None
+        #: Relay round-trip seconds: counts per LATENCY_BUCKETS upper bound
+        #: (cumulative when exported), their sum, and how many were observed.
+        self.latency_counts = [0] * len(LATENCY_BUCKETS)
+        self.latency_sum = 0.0
+        self.latency_count = 0
         self._queue: collections.deque[tuple[str, bytes]] = collections.deque()
         self._wakeup = asyncio.Event()
         self._failing = False
@@ -251,6 +283,7 @@ class PeerRelay:
         assert session is not None, "worker running without a session"
         # encoded=True: the query is already percent-encoded; yarl must not requote it.
         url = yarl.URL(f"{peer.url}?instance={quote(instance, safe='')}", encoded=True)
+        started = time.monotonic()
         try:
             async with session.post(
                 url, data=body, headers=_HEADERS, allow_redirects=False
@@ -270,6 +303,7 @@ class PeerRelay:
             self._failure(peer, f"{type(exc).__name__}: {exc}")
             return
 
+        _observe(peer, time.monotonic() - started)
         if status != 200:
             self._failure(peer, f"http status {status}")
             return

@@ -50,6 +50,7 @@ class Limits:
     relay_timeout: float = 5.0
     relay_queue: int = 4096
     relay_drain_timeout: float = 2.0
+    max_buffered: int = 1024 * 1024
     shutdown_timeout: float = 10.0
 
 
@@ -100,7 +101,10 @@ class Server:
 
     async def _start_client(self, entry: ServerConfig) -> None:
         server = await ws_create_server(
-            client.listener_factory(self.hub, debug=self.debug),
+            client.listener_factory(
+                self.hub,
+                client.Options(debug=self.debug, max_buffered=self.limits.max_buffered),
+            ),
             entry.listen,
             entry.port,
             ssl=server_context(entry),
@@ -128,7 +132,7 @@ class Server:
 
     async def _start_admin(self, entry: ServerConfig) -> None:
         runner = web.AppRunner(
-            admin.make_app(self.hub),
+            admin.make_app(self.hub, relay=self.relay),
             access_log=None,
             handle_signals=False,
             shutdown_timeout=self.limits.shutdown_timeout / 2,

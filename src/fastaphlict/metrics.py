@@ -1,0 +1,170 @@
+"""Prometheus metrics for ``GET /metrics`` on the admin port.
+
+Nothing here runs on the delivery path. The hub, the fan-out and the relay
+keep plain integer counters; a custom collector reads them only when
+Prometheus scrapes, so a metric costs nothing between scrapes and the hot
+path never touches a metric object or a lock.
+
+Per-instance series are bounded: the :data:`MAX_INSTANCES` instances with the
+most open sockets get their own ``instance`` label and every other instance is
+summed under ``instance="_other"``, so a flood of made-up instance names in
+client URLs cannot grow the scrape without limit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+from fastaphlict.peers import LATENCY_BUCKETS
+
+if TYPE_CHECKING:
+    from fastaphlict.hub import Hub
+    from fastaphlict.peers import PeerRelay
+
+__all__ = ["CONTENT_TYPE", "MAX_INSTANCES", "HubCollector", "make_registry", "render"]
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+MAX_INSTANCES = 20
+OTHER = "_other"
+
+
+class HubCollector(Collector):
+    """Reads the hub's and the relay's counters at scrape time."""
+
+    def __init__(self, hub: Hub, relay: PeerRelay | None = None) -> None:
+        self._hub = hub
+        self._relay = relay
+
+    def collect(self) -> Iterator[Metric]:
+        hub = self._hub
+        yield from self._per_instance()
+
+        yield _counter(
+            "fastaphlict_messages_in", "Messages accepted on the admin port.", hub.messages_in
+        )
+        yield _counter(
+            "fastaphlict_deliveries",
+            "Frames delivered to sockets by live fan-out.",
+            hub.messages_out,
+        )
+        yield _counter(
+            "fastaphlict_sent_bytes",
+            "Frame bytes written to client sockets.",
+            hub.outbox.bytes_sent,
+        )
+        yield _counter(
+            "fastaphlict_coalesced_frames",
+            "Frames that left in the same write as an earlier one to the same socket.",
+            hub.outbox.coalesced,
+        )
+        yield _counter("fastaphlict_replays", "Replay commands served.", hub.replays)
+        yield _counter(
+            "fastaphlict_replayed_messages", "Messages resent by replay commands.", hub.replayed
+        )
+        yield _counter(
+            "fastaphlict_rejected_frames",
+            "Client frames ignored as malformed.",
+            hub.frames_rejected,
+        )
+        yield _counter(
+            "fastaphlict_rejected_posts",
+            "Admin posts refused (not a JSON object, or too large).",
+            hub.posts_rejected,
+        )
+        yield _counter(
+            "fastaphlict_slow_client_disconnects",
+            "Sockets closed because their unsent data passed the cap.",
+            hub.slow_disconnects,
+        )
+        if self._relay is not None:
+            yield from self._peers(self._relay)
+
+    def _per_instance(self) -> Iterator[Metric]:
+        hub = self._hub
+        instances = sorted(hub.instances(), key=lambda i: i.channel.size, reverse=True)
+        open_ = GaugeMetricFamily(
+            "fastaphlict_connections_open", "Open client sockets.", labels=["instance"]
+        )
+        total = CounterMetricFamily(
+            "fastaphlict_connections", "Client sockets ever opened.", labels=["instance"]
+        )
+        history = GaugeMetricFamily(
+            "fastaphlict_history_size", "Messages held for replay.", labels=["instance"]
+        )
+        rest = [0, 0, 0]
+        for index, inst in enumerate(instances):
+            values = (inst.channel.size, inst.clients_total, len(inst.history))
+            if index < MAX_INSTANCES:
+                open_.add_metric([inst.name], values[0])
+                total.add_metric([inst.name], values[1])
+                history.add_metric([inst.name], values[2])
+            else:
+                rest = [a + b for a, b in zip(rest, values, strict=True)]
+        if len(instances) > MAX_INSTANCES:
+            open_.add_metric([OTHER], rest[0])
+            total.add_metric([OTHER], rest[1])
+            history.add_metric([OTHER], rest[2])
+        yield from (open_, total, history)
+
+    @staticmethod
+    def _peers(relay: PeerRelay) -> Iterator[Metric]:
+        labels = ["peer"]
+        sent = CounterMetricFamily(
+            "fastaphlict_relay_sent", "Relays a peer accepted.", labels=labels
+        )
+        failed = CounterMetricFamily(
+            "fastaphlict_relay_failed",
+            "Relays that failed (error, timeout, bad receipt).",
+            labels=labels,
+        )
+        dropped = CounterMetricFamily(
+            "fastaphlict_relay_dropped", "Relays dropped from a full peer queue.", labels=labels
+        )
+        queued = GaugeMetricFamily("fastaphlict_relay_queued", "Relays waiting.", labels=labels)
+        known = GaugeMetricFamily(
+            "fastaphlict_peer_fingerprint_known",
+            "1 once the peer's fingerprint was learned from a receipt.",
+            labels=labels,
+        )
+        latency = HistogramMetricFamily(
+            "fastaphlict_relay_seconds", "Relay round-trip time.", labels=labels
+        )
+        for peer in relay.peers:
+            name = [peer.url]
+            sent.add_metric(name, peer.sent)
+            failed.add_metric(name, peer.failed)
+            dropped.add_metric(name, peer.dropped)
+            queued.add_metric(name, peer.queued)
+            known.add_metric(name, 1 if peer.fingerprint else 0)
+            cumulative, buckets = 0, []
+            for bound, count in zip(LATENCY_BUCKETS, peer.latency_counts, strict=True):
+                cumulative += count
+                buckets.append(("+Inf" if bound == float("inf") else str(bound), cumulative))
+            latency.add_metric(name, buckets, peer.latency_sum)
+        yield from (sent, failed, dropped, queued, known, latency)
+
+
+def _counter(name: str, documentation: str, value: float) -> CounterMetricFamily:
+    return CounterMetricFamily(name, documentation, value=value)
+
+
+def render(registry: CollectorRegistry) -> bytes:
+    """The scrape body in Prometheus' text format."""
+    return generate_latest(registry)
+
+
+def make_registry(hub: Hub, relay: PeerRelay | None = None) -> CollectorRegistry:
+    """A registry of our own (not the global one), so servers in one process don't clash."""
+    registry = CollectorRegistry(auto_describe=True)
+    registry.register(HubCollector(hub, relay))
+    return registry

@@ -1,0 +1,137 @@
+"""GET /metrics (Prometheus text format), and the counters behind it."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import socket
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from fastaphlict.config import PeerConfig
+from fastaphlict.metrics import MAX_INSTANCES
+from fastaphlict.server import Limits
+from support import TIMEOUT, local_config, running
+
+
+async def scrape(srv) -> dict[tuple[str, tuple], float]:
+    async with srv.session.get(f"{srv.admin_url}/metrics") as resp:
+        assert resp.status == 200
+        assert resp.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+        text = await resp.text()
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+async def test_metrics_follow_activity() -> None:
+    async with running() as srv:
+        async with srv.client("/~acme/") as browser:
+            await browser.subscribe("PHID-1")
+            await srv.post({"subscribers": ["PHID-1"], "n": 1}, instance="acme")
+            frame = await browser.recv_raw()
+            await browser.send("replay", {"age": 60000})
+            await browser.recv_raw()
+            await browser.send_raw("garbage")
+            await browser.send_raw('{"command":"subscribe","data":null}')  # routine, not rejected
+            await browser.sync()
+            await srv.post(None, raw=b"[]")
+            m = await scrape(srv)
+        acme = (("instance", "acme"),)
+        assert m[("fastaphlict_connections_open", acme)] == 1
+        assert m[("fastaphlict_connections_total", acme)] == 1
+        assert m[("fastaphlict_history_size", acme)] == 1
+        assert m[("fastaphlict_messages_in_total", ())] == 1
+        assert m[("fastaphlict_deliveries_total", ())] == 1
+        assert m[("fastaphlict_replays_total", ())] == 1
+        assert m[("fastaphlict_replayed_messages_total", ())] == 1
+        assert m[("fastaphlict_rejected_frames_total", ())] == 1
+        assert m[("fastaphlict_rejected_posts_total", ())] == 1
+        # The delivery, the replay and the pongs all count as bytes sent.
+        assert m[("fastaphlict_sent_bytes_total", ())] >= 2 * len(frame.encode())
+
+
+async def test_instance_labels_are_bounded() -> None:
+    async with running() as srv:
+        for n in range(MAX_INSTANCES + 15):
+            await srv.post({"subscribers": []}, instance=f"flood{n}")
+        m = await scrape(srv)
+        labelled = {k for k in m if k[0] == "fastaphlict_history_size"}
+        assert len(labelled) == MAX_INSTANCES + 1
+        assert m[("fastaphlict_history_size", (("instance", "_other"),))] == 15
+
+
+async def test_relay_metrics_per_peer() -> None:
+    async with running() as b:
+        peer = PeerConfig("127.0.0.1", b.server.admin_ports[0], "http")
+        async with running(local_config(peers=(peer,))) as a:
+            await a.post({"subscribers": []})
+            for _ in range(500):
+                if a.server.relay.peers[0].sent:
+                    break
+                await asyncio.sleep(0.01)
+            m = await scrape(a)
+            label = (("peer", a.server.relay.peers[0].url),)
+            assert m[("fastaphlict_relay_sent_total", label)] == 1
+            assert m[("fastaphlict_relay_failed_total", label)] == 0
+            assert m[("fastaphlict_peer_fingerprint_known", label)] == 1
+            assert m[("fastaphlict_relay_seconds_count", label)] == 1
+            assert m[("fastaphlict_relay_seconds_bucket", (("le", "+Inf"), *label))] == 1
+
+
+# -- slow consumers ---------------------------------------------------------
+
+
+async def _stalled_websocket(port: int, path: str = "/") -> socket.socket:
+    """A WebSocket that subscribes to PHID-1 and then never reads again."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    await loop.sock_connect(sock, ("127.0.0.1", port))
+    key = base64.b64encode(os.urandom(16))
+    await loop.sock_sendall(
+        sock,
+        b"GET %s HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\n\r\n" % (path.encode(), key),
+    )
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += await asyncio.wait_for(loop.sock_recv(sock, 1), TIMEOUT)
+    assert head.startswith(b"HTTP/1.1 101")
+    payload = b'{"command":"subscribe","data":["PHID-1"]}'
+    mask = os.urandom(4)
+    masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    await loop.sock_sendall(sock, bytes([0x81, 0x80 | len(payload)]) + mask + masked)
+    return sock
+
+
+@pytest.mark.timeout(60)
+async def test_slow_client_is_closed_and_others_keep_receiving() -> None:
+    limits = Limits(max_buffered=256 * 1024)
+    async with running(limits=limits) as srv:
+        stalled = await _stalled_websocket(srv.server.client_ports[0])
+        try:
+            async with srv.client() as healthy:
+                await healthy.subscribe("PHID-1")
+                pad = "x" * 60_000
+                for n in range(300):  # ~18 MB to a socket that reads nothing
+                    assert (
+                        await srv.post({"subscribers": ["PHID-1"], "n": n, "pad": pad})
+                    ).status == 200
+                    assert (await healthy.recv())["n"] == n, "the healthy tab keeps up"
+                    if srv.hub.slow_disconnects:
+                        break
+                assert srv.hub.slow_disconnects == 1
+                await srv.post({"subscribers": ["PHID-1"], "n": "after"})
+                while (await healthy.recv())["n"] != "after":
+                    pass
+                m = await scrape(srv)
+                assert m[("fastaphlict_slow_client_disconnects_total", ())] == 1
+                assert m[("fastaphlict_connections_open", (("instance", "default"),))] == 1
+        finally:
+            stalled.close()
