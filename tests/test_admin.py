@@ -356,3 +356,22 @@ async def test_oversized_content_length_is_413_without_reading_the_body() -> Non
         raw = b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % (3 * 1024 * 1024)
         data = await _raw_exchange(srv, raw)
         assert data.startswith(b"HTTP/1.1 413 ")
+
+
+
+async def test_overlong_instance_parameter_is_400() -> None:
+    async with running() as srv:
+        assert (await srv.post({"subscribers": []}, instance="a" * 129)).status == 400
+        assert (await srv.post({"subscribers": []}, instance="a" * 128)).status == 200
+
+
+async def test_admin_allow_list_refuses_other_addresses() -> None:
+    from fastaphlict.server import Limits
+
+    async with running(limits=Limits(admin_allow=("10.0.0.0/8",))) as srv:
+        data = await _raw_exchange(srv, _post_bytes(b"{}"))
+        assert data.startswith(b"HTTP/1.1 403 ")
+        assert srv.hub.messages_in == 0
+    async with running(limits=Limits(admin_allow=("10.0.0.0/8", "127.0.0.0/8"))) as srv:
+        assert (await srv.post({"subscribers": []})).status == 200
+        assert (await srv.status())["messages.in"] == 1

@@ -91,6 +91,10 @@ cdef class Subscriber:
     # Frames published to this socket and not yet written: None, one bytes, or
     # a list of them. Only the Outbox fills it; send() and flush() empty it.
     cdef object _pending
+    # Liveness for server pings: heard is set by any frame from the client,
+    # awaiting once a ping went out unanswered. See Channel.sweep.
+    cdef public bint heard
+    cdef bint _awaiting
 
     def __cinit__(self, WSTransport transport not None, Channel channel not None):
         self.transport = transport
@@ -99,6 +103,8 @@ cdef class Subscriber:
         self.attached = True
         self._mark = 0
         self._pending = None
+        self.heard = True
+        self._awaiting = False
 
     @property
     def phids(self):
@@ -266,12 +272,18 @@ cdef class Channel:
     cdef set _members     # every attached Subscriber
     cdef uint64_t _epoch
     cdef readonly Outbox outbox
+    cdef Py_ssize_t _max_subscriptions
+    cdef Py_ssize_t _max_phid_length
 
-    def __cinit__(self, Outbox outbox=None):
+    def __cinit__(
+        self, Outbox outbox=None, Py_ssize_t max_subscriptions=4096, Py_ssize_t max_phid_length=512
+    ):
         self._by_phid = {}
         self._members = set()
         self._epoch = 0
         self.outbox = outbox if outbox is not None else Outbox()
+        self._max_subscriptions = max_subscriptions
+        self._max_phid_length = max_phid_length
 
     @property
     def size(self):
@@ -330,17 +342,27 @@ cdef class Channel:
     def subscribe(self, Subscriber sub not None, phids):
         """Add each ``str`` in ``phids`` to the socket's subscriptions; skip the rest.
 
+        Non-strings and PHIDs longer than the limit (in UTF-8 bytes) are
+        skipped. Returns False, having added what fitted, when the socket
+        would pass its subscription limit; the caller closes it.
+
         PHIDs are interned: the tabs that watch the same task then share one
         string instead of holding a copy each.
         """
         if not sub.attached or sub.channel is not self:
-            return
+            return True
+        cdef Py_ssize_t limit = self._max_phid_length
         for phid in phids:
             if type(phid) is not str:
                 continue
+            if len(<str>phid) > limit // 4 and len((<str>phid).encode("utf-8", "surrogatepass")) > limit:
+                continue
+            if len(sub._phids) >= self._max_subscriptions and phid not in sub._phids:
+                return False
             phid = _intern(phid)
             if sub._add(phid):
                 self._index(phid, sub)
+        return True
 
     def unsubscribe(self, Subscriber sub not None, phids):
         """Remove each ``str`` in ``phids`` from the socket's subscriptions."""
@@ -408,3 +430,27 @@ cdef class Channel:
     def subscribers(self):
         """Every attached Subscriber (a copy), for status, replay-free walks and shutdown."""
         return list(self._members)
+
+    def sweep(self, bytes ping_frame not None):
+        """One round of server pings; returns the sockets found dead (closed here).
+
+        A socket heard from since the last round is fine. One that was quiet
+        gets a protocol ping (browsers answer by themselves); one still quiet
+        a round after its ping is half-open or gone and is dropped, so dead
+        TCP connections don't pile up. Called every ``ping_interval``.
+        """
+        cdef Subscriber sub
+        cdef list dead = []
+        for sub in self._members:
+            if sub.heard:
+                sub.heard = False
+                sub._awaiting = False
+            elif sub._awaiting:
+                dead.append(sub)
+            else:
+                sub._awaiting = True
+                sub.send(ping_frame)
+        for sub in dead:
+            self._drop(sub)
+            sub.transport.disconnect(False)
+        return len(dead)

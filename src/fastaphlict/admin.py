@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from ipaddress import IPv4Network, IPv6Address, IPv6Network, ip_address, ip_network
 from urllib.parse import parse_qsl
 
 from aiohttp import web
@@ -30,7 +31,7 @@ from fastaphlict import metrics
 from fastaphlict.hub import DEFAULT_INSTANCE, Hub, dumps, loads
 from fastaphlict.peers import PeerRelay
 
-__all__ = ["MAX_BODY_SIZE", "AdminProtocol", "accept_post", "make_app"]
+__all__ = ["MAX_BODY_SIZE", "AdminProtocol", "accept_post", "make_app", "parse_networks"]
 
 log = logging.getLogger("fastaphlict.admin")
 
@@ -51,6 +52,10 @@ def accept_post(hub: Hub, instance: str, body: bytes, remote: object) -> tuple[i
     Returns the status and the response body. Shared by both HTTP paths so
     they can't disagree.
     """
+    if len(instance) > hub.max_instance_length:
+        hub.posts_rejected += 1
+        log.info("rejected post from %s: instance name too long", remote)
+        return 400, b"instance name too long\n"
     try:
         message = loads(body)
     except (ValueError, RecursionError):
@@ -122,7 +127,30 @@ def make_app(
     return app
 
 
-_REASONS = {200: b"OK", 400: b"Bad Request", 413: b"Request Entity Too Large"}
+_REASONS = {200: b"OK", 400: b"Bad Request", 403: b"Forbidden", 413: b"Request Entity Too Large"}
+
+
+def parse_networks(specs: tuple[str, ...]) -> tuple[IPv4Network | IPv6Network, ...]:
+    """CIDR strings to networks; ValueError names the bad one."""
+    networks = []
+    for spec in specs:
+        try:
+            networks.append(ip_network(spec.strip(), strict=False))
+        except ValueError as exc:
+            raise ValueError(f"admin allow-list entry {spec!r} is not a network: {exc}") from exc
+    return tuple(networks)
+
+
+def _allowed(peername: object, allow: tuple[IPv4Network | IPv6Network, ...]) -> bool:
+    try:
+        address = ip_address(peername[0])  # type: ignore[index]
+    except (TypeError, ValueError, IndexError):
+        return False
+    if isinstance(address, IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return any(address in network for network in allow)
+
+
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
@@ -164,11 +192,13 @@ class AdminProtocol(asyncio.Protocol):
         fallback: Callable[[], asyncio.Protocol],
         connections: set[AdminProtocol],
         max_body_size: int = MAX_BODY_SIZE,
+        allow: tuple[IPv4Network | IPv6Network, ...] = (),
     ) -> None:
         self._hub = hub
         self._fallback = fallback
         self._connections = connections
         self._max_body = max_body_size
+        self._allow = allow
         self._transport: asyncio.Transport | None = None
         self._buffer = bytearray()
         self._continued = False  # 100 Continue already sent for the current request
@@ -180,6 +210,12 @@ class AdminProtocol(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]
         self._remote = transport.get_extra_info("peername")
+        if self._allow and not _allowed(self._remote, self._allow):
+            log.warning("refused admin connection from %s: not in the allow-list", self._remote)
+            transport.write(_response(403, b"forbidden\n", close=True))  # type: ignore[attr-defined]
+            transport.close()
+            self._transport = None
+            return
         self._connections.add(self)
         self._arm_idle()
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from picows import (
@@ -29,6 +29,7 @@ from picows import (
 )
 
 from fastaphlict._fanout import Subscriber, build_frame
+from fastaphlict.config import Limits
 from fastaphlict.hub import DEFAULT_INSTANCE, Hub, describe, loads, replay_age
 
 __all__ = [
@@ -50,8 +51,6 @@ PONG = b'{"type":"pong"}'
 _PONG_FRAME = build_frame(PONG)
 #: Seconds a slow socket gets to take its close frame before it is dropped.
 _SLOW_CLOSE_GRACE = 1.0
-#: Largest command message accepted after reassembling fragments.
-MAX_MESSAGE_SIZE = 1024 * 1024
 
 _COMMANDS = frozenset({"subscribe", "unsubscribe", "replay", "ping"})
 
@@ -119,8 +118,9 @@ class Options:
     """What every socket of one client listener shares."""
 
     debug: bool = False
-    #: Unsent bytes a socket may hold before it is closed as too slow.
-    max_buffered: int = 1024 * 1024
+    limits: Limits = field(default_factory=Limits)
+    #: The connection cap in force (Limits.max_connections resolved at start).
+    max_connections: int = 0
 
 
 class ClientListener(WSListener):
@@ -141,7 +141,9 @@ class ClientListener(WSListener):
         self._sub = self._hub.attach(self._instance, transport)
         # Past this many unsent bytes the event loop calls pause_writing():
         # the socket is not reading, and is closed before it eats the memory.
-        transport.underlying_transport.set_write_buffer_limits(high=self._options.max_buffered)
+        transport.underlying_transport.set_write_buffer_limits(
+            high=self._options.limits.max_buffered
+        )
         log.info("connection open: instance=%s peer=%s", self._instance, describe(transport))
 
     def pause_writing(self) -> None:
@@ -153,7 +155,7 @@ class ClientListener(WSListener):
         self._hub.slow_disconnects += 1
         log.warning(
             "closing slow client: over %d unsent bytes: instance=%s peer=%s",
-            self._options.max_buffered,
+            self._options.limits.max_buffered,
             self._instance,
             describe(transport),
         )
@@ -173,6 +175,9 @@ class ClientListener(WSListener):
         log.info("connection closed: instance=%s peer=%s", self._instance, describe(transport))
 
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
+        sub = self._sub
+        if sub is not None:
+            sub.heard = True  # any frame, pongs included, proves the peer alive
         msg_type = frame.msg_type
         if msg_type is WSMsgType.CLOSE:
             # Complete the closing handshake, echoing the code like ws does.
@@ -191,11 +196,13 @@ class ClientListener(WSListener):
             buf = self._fragments
             if buf is None:
                 return
-            if len(buf) + frame.payload_size > MAX_MESSAGE_SIZE:
-                log.info(
-                    "message over %d bytes ignored: peer=%s", MAX_MESSAGE_SIZE, describe(transport)
-                )
+            limit = self._options.limits.max_frame_size
+            if len(buf) + frame.payload_size > limit:
                 self._fragments = None
+                self._hub.frames_rejected += 1
+                log.info("closing: message over %d bytes from %s", limit, describe(transport))
+                transport.send_close(WSCloseCode.MESSAGE_TOO_BIG, b"message too big")
+                transport.disconnect()
                 return
             buf += frame.get_payload_as_memoryview()
             if frame.fin:
@@ -217,7 +224,12 @@ class ClientListener(WSListener):
         if command == "ping":
             sub.send(_PONG_FRAME)
         elif command == "subscribe":
-            self._hub.subscribe(sub, data)
+            if not self._hub.subscribe(sub, data):
+                limit = self._options.limits.max_subscriptions
+                self._hub.frames_rejected += 1
+                log.info("closing: over %d subscriptions from %s", limit, describe(transport))
+                transport.send_close(WSCloseCode.POLICY_VIOLATION, b"too many subscriptions")
+                transport.disconnect()
         elif command == "unsubscribe":
             self._hub.unsubscribe(sub, data)
         else:  # replay
@@ -251,6 +263,13 @@ def listener_factory(hub: Hub, options: Options = Options()):
     client" check reads as healthy.
     """
 
+    limits = options.limits
+    origins = frozenset(limits.allowed_origins)
+
+    def refuse(status: int, body: bytes, **headers: str) -> WSUpgradeResponseWithListener:
+        response = WSUpgradeResponse.create_error_response(status, body, headers or None)
+        return WSUpgradeResponseWithListener(response, None)
+
     def factory(request: WSUpgradeRequest) -> ClientListener | WSUpgradeResponseWithListener:
         upgrade = request.headers.get("Upgrade", "")
         if upgrade.lower() != "websocket":
@@ -259,10 +278,18 @@ def listener_factory(hub: Hub, options: Options = Options()):
                 return WSUpgradeResponseWithListener(
                     WSUpgradeResponse.create_ok_response(b"ok\n"), None
                 )
-            return WSUpgradeResponseWithListener(
-                WSUpgradeResponse.create_error_response(501, NOT_WEBSOCKET_BODY), None
-            )
-        return ClientListener(hub, instance_from_path(request.path), options)
+            return refuse(501, NOT_WEBSOCKET_BODY)
+        if origins and request.headers.get("Origin", "") not in origins:
+            log.info("refused origin %r", request.headers.get("Origin"))
+            return refuse(403, b"origin not allowed\n")
+        instance = instance_from_path(request.path)
+        if len(instance) > limits.max_instance_length:
+            log.info("refused instance name over %d characters", limits.max_instance_length)
+            return refuse(400, b"instance name too long\n")
+        if options.max_connections and hub.clients_active >= options.max_connections:
+            log.warning("refused connection: %d open, the limit", hub.clients_active)
+            return refuse(503, b"server full, try again later\n", **{"Retry-After": "5"})
+        return ClientListener(hub, instance, options)
 
     return factory
 

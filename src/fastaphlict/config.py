@@ -33,6 +33,7 @@ __all__ = [
     "DEFAULT_CLIENT_PORT",
     "Config",
     "ConfigError",
+    "Limits",
     "LogConfig",
     "PeerConfig",
     "ServerConfig",
@@ -109,6 +110,44 @@ class Config:
     @property
     def admin_servers(self) -> tuple[ServerConfig, ...]:
         return tuple(s for s in self.servers if s.type == "admin")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Tunables Aphlict's file has no key for: set by CLI flags or FASTAPHLICT_* variables.
+
+    Every limit has a default safe for a public client port; each one that
+    refuses something says so with a close code or an HTTP status.
+    """
+
+    #: Seconds a new connection has to finish its WebSocket handshake.
+    handshake_timeout: float = 5.0
+    #: Largest client frame (and reassembled message); bigger closes with 1009.
+    max_frame_size: int = 64 * 1024
+    #: PHIDs one socket may listen to; more closes it with 1008.
+    max_subscriptions: int = 4096
+    #: Longest PHID kept, in UTF-8 bytes; longer ones are skipped.
+    max_phid_length: int = 512
+    #: Longest instance name (client path or ?instance=); longer is refused (400).
+    max_instance_length: int = 128
+    #: Open client sockets; past it upgrades get 503. 0: the open-file limit less 256.
+    max_connections: int = 0
+    #: Unsent bytes a socket may hold; past it the socket is closed with 1013.
+    max_buffered: int = 1024 * 1024
+    #: Largest admin post body; bigger gets 413.
+    max_body_size: int = 2 * 1024 * 1024
+    #: Seconds of silence before a protocol ping; no answer for as long again
+    #: closes the socket (half-open TCP connections). 0 turns pings off.
+    ping_interval: float = 30.0
+    relay_timeout: float = 5.0
+    relay_queue: int = 4096
+    relay_drain_timeout: float = 2.0
+    #: Longest graceful shutdown before exiting anyway.
+    shutdown_timeout: float = 10.0
+    #: Networks (CIDR) allowed on the admin port; empty: whoever reaches it.
+    admin_allow: tuple[str, ...] = ()
+    #: Origins allowed on the client port; empty: any (Aphlict's behaviour).
+    allowed_origins: tuple[str, ...] = ()
 
 
 class ConfigError(Exception):

@@ -49,6 +49,8 @@ DEFAULT_INSTANCE = "default"
 HISTORY_LIMIT = 4096
 HISTORY_TTL_MS = 60_000
 STATUS_VERSION = 8
+#: A protocol-level ping (opcode 9, no payload): browsers answer it themselves.
+_PING_FRAME = b"\x89\x00"
 
 
 def now_ms() -> float:
@@ -183,17 +185,29 @@ class Instance:
 class Hub:
     """Instances, counters, fingerprint and relays: the only shared state."""
 
-    def __init__(self, fingerprint: str, *, debug: bool = False) -> None:
+    def __init__(
+        self,
+        fingerprint: str,
+        *,
+        debug: bool = False,
+        max_subscriptions: int = 4096,
+        max_phid_length: int = 512,
+        max_instance_length: int = 128,
+    ) -> None:
         self.fingerprint = fingerprint
         self.started = time.monotonic()
         self.messages_in = 0
         self.messages_out = 0
+        self.clients_active = 0  # every instance's open sockets, for the connection cap
+        self._channel_limits = (max_subscriptions, max_phid_length)
+        self.max_instance_length = max_instance_length
         # Counters for /metrics (read at scrape time only).
         self.replays = 0
         self.replayed = 0
         self.frames_rejected = 0
         self.posts_rejected = 0
         self.slow_disconnects = 0
+        self.dead_disconnects = 0
         self.relays: list[Relay] = []
         self._instances: dict[str, Instance] = {}
         # One outbox for every instance: a socket's frames of one loop
@@ -213,7 +227,9 @@ class Hub:
         """The named instance, created on first use."""
         inst = self._instances.get(name)
         if inst is None:
-            inst = self._instances[name] = Instance(name, Channel(self.outbox))
+            inst = self._instances[name] = Instance(
+                name, Channel(self.outbox, *self._channel_limits)
+            )
         return inst
 
     def instances(self) -> list[Instance]:
@@ -269,6 +285,12 @@ class Hub:
         for sub in targets:
             log.debug("deliver to %s", describe(sub.transport))
 
+    def sweep(self) -> int:
+        """One round of server pings on every socket; returns how many were dead."""
+        dead = sum(inst.channel.sweep(_PING_FRAME) for inst in self._instances.values())
+        self.dead_disconnects += dead
+        return dead
+
     def status(self, instance: str) -> dict[str, Any]:
         """The ``/status/`` object for one instance, keys in Aphlict's order.
 
@@ -300,17 +322,18 @@ class Hub:
         """Register a newly opened socket of ``instance``."""
         inst = self.instance(instance)
         inst.clients_total += 1
+        self.clients_active += 1
         return inst.channel.attach(transport)
 
-    @staticmethod
-    def detach(sub: Subscriber) -> None:
-        """Forget a closed socket and all its subscriptions."""
+    def detach(self, sub: Subscriber) -> None:
+        """Forget a closed socket and all its subscriptions (once per attach)."""
+        self.clients_active -= 1
         sub.channel.detach(sub)
 
     @staticmethod
-    def subscribe(sub: Subscriber, phids: list[Any]) -> None:
-        """Add PHIDs to a socket's subscriptions (non-strings are skipped)."""
-        sub.channel.subscribe(sub, phids)
+    def subscribe(sub: Subscriber, phids: list[Any]) -> bool:
+        """Add PHIDs to a socket's subscriptions; False once past its limit."""
+        return sub.channel.subscribe(sub, phids)
 
     @staticmethod
     def unsubscribe(sub: Subscriber, phids: list[Any]) -> None:

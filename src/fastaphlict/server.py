@@ -18,18 +18,17 @@ import logging
 import os
 import signal
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from aiohttp import web
 from picows import ws_create_server
 
 from fastaphlict import admin, client
-from fastaphlict.config import Config, ConfigError, ServerConfig
+from fastaphlict.config import Config, ConfigError, Limits, ServerConfig
 from fastaphlict.hub import Hub
 from fastaphlict.peers import PeerRelay, new_fingerprint
 from fastaphlict.tls import client_context, server_context
 
-__all__ = ["Server", "run"]
+__all__ = ["Limits", "Server", "run"]
 
 log = logging.getLogger("fastaphlict.server")
 
@@ -39,19 +38,6 @@ BACKLOG = 4096
 #: Initial picows read buffer per socket (picows never goes below 2 KiB).
 READ_BUFFER_SIZE = 2048
 _PICOWS_LOG = logging.LoggerAdapter(logging.getLogger("picows.server"), {})
-
-
-@dataclass(frozen=True)
-class Limits:
-    """Tunables that Aphlict's config file has no key for."""
-
-    handshake_timeout: float = 5.0
-    max_frame_size: int = 1024 * 1024
-    relay_timeout: float = 5.0
-    relay_queue: int = 4096
-    relay_drain_timeout: float = 2.0
-    max_buffered: int = 1024 * 1024
-    shutdown_timeout: float = 10.0
 
 
 class Server:
@@ -69,7 +55,13 @@ class Server:
         self.debug = debug
         self.limits = limits or Limits()
         self.fingerprint = new_fingerprint()
-        self.hub = Hub(self.fingerprint, debug=debug)
+        self.hub = Hub(
+            self.fingerprint,
+            debug=debug,
+            max_subscriptions=self.limits.max_subscriptions,
+            max_phid_length=self.limits.max_phid_length,
+            max_instance_length=self.limits.max_instance_length,
+        )
         self.relay = PeerRelay(
             config.cluster,
             timeout=self.limits.relay_timeout,
@@ -85,6 +77,7 @@ class Server:
         self._admin_connections: set[admin.AdminProtocol] = set()
         self._stopped = asyncio.Event()
         self._closing = False
+        self._sweeper: asyncio.Future[None] | None = None
 
     async def start(self) -> None:
         """Bind every listener; raise (and close what was opened) if one fails."""
@@ -95,6 +88,8 @@ class Server:
                 await self._start_client(entry)
             for entry in self.config.admin_servers:
                 await self._start_admin(entry)
+            if self.limits.ping_interval > 0:
+                self._sweeper = asyncio.ensure_future(self._sweep(self.limits.ping_interval))
         except BaseException:
             await self.close()
             raise
@@ -103,12 +98,13 @@ class Server:
         server = await ws_create_server(
             client.listener_factory(
                 self.hub,
-                client.Options(debug=self.debug, max_buffered=self.limits.max_buffered),
+                client.Options(self.debug, self.limits, _connection_cap(self.limits)),
             ),
             entry.listen,
             entry.port,
             ssl=server_context(entry),
             websocket_handshake_timeout=self.limits.handshake_timeout,
+            # Oversized frames are closed with 1009 by picows itself.
             max_frame_size=self.limits.max_frame_size,
             enable_auto_pong=True,
             # An adapter, not a Logger: picows builds a child Logger for every
@@ -132,7 +128,7 @@ class Server:
 
     async def _start_admin(self, entry: ServerConfig) -> None:
         runner = web.AppRunner(
-            admin.make_app(self.hub, relay=self.relay),
+            admin.make_app(self.hub, relay=self.relay, max_body_size=self.limits.max_body_size),
             access_log=None,
             handle_signals=False,
             shutdown_timeout=self.limits.shutdown_timeout / 2,
@@ -141,8 +137,15 @@ class Server:
         self._admin_runners.append(runner)
         fallback = runner.server
         assert fallback is not None
+        allow = admin.parse_networks(self.limits.admin_allow)
         server = await asyncio.get_running_loop().create_server(
-            lambda: admin.AdminProtocol(self.hub, fallback, self._admin_connections),
+            lambda: admin.AdminProtocol(
+                self.hub,
+                fallback,
+                self._admin_connections,
+                max_body_size=self.limits.max_body_size,
+                allow=allow,
+            ),
             entry.listen,
             entry.port,
             ssl=server_context(entry),
@@ -156,12 +159,26 @@ class Server:
             "admin server listening on %s:%d%s", entry.listen, port, " (tls)" if entry.tls else ""
         )
 
+    async def _sweep(self, interval: float) -> None:
+        """Ping quiet sockets every ``interval``; drop those that never answer."""
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                dead = self.hub.sweep()
+            except Exception:  # a boundary: the sweeper must outlive any bug
+                log.exception("ping sweep failed")
+                continue
+            if dead:
+                log.info("closed %d socket(s) that stopped answering pings", dead)
+
     async def close(self) -> None:
         """Stop accepting, say 1001 to every socket, drain admin and peers. Idempotent."""
         if self._closing:
             await self._stopped.wait()
             return
         self._closing = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         for server in (*self._client_servers, *self._admin_servers):
             server.close()
         closed = client.close_all(self.hub)
@@ -237,6 +254,18 @@ class Server:
                 loop.remove_signal_handler(sig)
             if pidfile is not None:
                 pidfile.remove()
+
+
+def _connection_cap(limits: Limits) -> int:
+    """The configured cap, or the open-file limit less a reserve for logs and peers."""
+    if limits.max_connections:
+        return limits.max_connections
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 0
+    return max(soft - 256, 64)
 
 
 def _tune_gc() -> None:
