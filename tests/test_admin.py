@@ -358,7 +358,6 @@ async def test_oversized_content_length_is_413_without_reading_the_body() -> Non
         assert data.startswith(b"HTTP/1.1 413 ")
 
 
-
 async def test_overlong_instance_parameter_is_400() -> None:
     async with running() as srv:
         assert (await srv.post({"subscribers": []}, instance="a" * 129)).status == 400

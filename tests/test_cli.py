@@ -282,11 +282,38 @@ def test_shutdown_timeout_flag_and_environment(
     fake_server: list[tuple[Config, bool]], good_config: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     assert cli.main([f"--config={good_config}", "--shutdown-timeout=2.5"]) == 0
-    assert OPTIONS[-1]["shutdown_timeout"] == 2.5
+    assert OPTIONS[-1]["limits"].shutdown_timeout == 2.5
     assert callable(OPTIONS[-1]["on_reload"])
     monkeypatch.setenv("FASTAPHLICT_SHUTDOWN_TIMEOUT", "4")
     assert cli.main([f"--config={good_config}"]) == 0
-    assert OPTIONS[-1]["shutdown_timeout"] == 4.0
+    assert OPTIONS[-1]["limits"].shutdown_timeout == 4.0
+    assert cli.main([f"--config={good_config}", "--shutdown-timeout=1"]) == 0
+    assert OPTIONS[-1]["limits"].shutdown_timeout == 1.0, "the flag wins over the variable"
+
+
+def test_every_limit_has_a_flag(
+    fake_server: list[tuple[Config, bool]], good_config: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FASTAPHLICT_ALLOWED_ORIGINS", "https://a.example, https://b.example")
+    args = [
+        f"--config={good_config}",
+        "--max-frame-size=1000",
+        "--max-subscriptions=7",
+        "--ping-interval=0",
+        "--admin-allow=10.0.0.0/8,127.0.0.1",
+    ]
+    assert cli.main(args) == 0
+    limits = OPTIONS[-1]["limits"]
+    assert limits.max_frame_size == 1000 and limits.max_subscriptions == 7
+    assert limits.ping_interval == 0.0
+    assert limits.admin_allow == ("10.0.0.0/8", "127.0.0.1")
+    assert limits.allowed_origins == ("https://a.example", "https://b.example")
+    assert limits.max_buffered == 1024 * 1024, "untouched limits keep their defaults"
+
+
+def test_bad_admin_allow_list_fails_at_start(good_config: str, capsys) -> None:
+    assert cli.main([f"--config={good_config}", "--admin-allow=10.0.0.0/33"]) == 1
+    assert "--admin-allow" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("value", ["-1", "soon", "nan"])

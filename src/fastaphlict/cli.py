@@ -14,6 +14,7 @@ Two rules this module keeps:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import logging
 import logging.handlers
@@ -22,7 +23,7 @@ import sys
 from collections.abc import Sequence
 
 from fastaphlict import __version__
-from fastaphlict.config import Config, ConfigError, check_files, load_config
+from fastaphlict.config import Config, ConfigError, Limits, check_files, load_config
 
 __all__ = ["main", "reopen_log_files", "setup_logging"]
 
@@ -45,8 +46,9 @@ environment (used only when neither --config nor APHLICT_CONFIG names a file):
   LISTEN_ADDR     address both servers bind; unset: client 0.0.0.0, admin 127.0.0.1
   APHLICT_CONFIG  path of an Aphlict JSON config file; replaces the variables above
 
-  FASTAPHLICT_SHUTDOWN_TIMEOUT  same as --shutdown-timeout
-  FASTAPHLICT_PEER_CA_FILE      same as --peer-ca-file
+  FASTAPHLICT_<FLAG>  every fastaphlict flag above also reads its variable,
+                      e.g. FASTAPHLICT_SHUTDOWN_TIMEOUT for --shutdown-timeout;
+                      a flag on the command line wins
 
 signals:
   SIGTERM, SIGINT  drain and exit (a second one exits at once)
@@ -98,20 +100,73 @@ def _build_parser() -> argparse.ArgumentParser:
         metavar="BOOL",
         help="log at debug level, including per-connection traces",
     )
-    parser.add_argument(
-        "--shutdown-timeout",
-        type=_parse_seconds,
-        default=os.environ.get("FASTAPHLICT_SHUTDOWN_TIMEOUT", "10"),
-        metavar="SECONDS",
-        help="longest graceful shutdown before exiting anyway (default 10)",
+    limits = parser.add_argument_group(
+        "limits and operations (fastaphlict's own; Aphlict's file has no keys for them)"
     )
-    parser.add_argument(
+    defaults = Limits()
+    for field in dataclasses.fields(Limits):
+        name = field.name.replace("_", "-")
+        default = getattr(defaults, field.name)
+        kind = _LIMIT_TYPES[type(default)]
+        limits.add_argument(
+            f"--{name}",
+            dest=f"limit_{field.name}",
+            type=kind,
+            default=os.environ.get(f"FASTAPHLICT_{field.name.upper()}") or None,
+            metavar=_METAVARS[type(default)],
+            help=f"{_limit_help(field.name)} (default: {_show(default)})",
+        )
+    limits.add_argument(
         "--peer-ca-file",
         default=os.environ.get("FASTAPHLICT_PEER_CA_FILE") or None,
         metavar="PATH",
         help="PEM file of CAs trusted for https cluster peers (default: the system's)",
     )
     return parser
+
+
+def _parse_count(value: str) -> int:
+    if not value.strip().isdigit():
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {value!r}")
+    return int(value)
+
+
+def _parse_list(value: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in value.split(",") if item.strip())
+
+
+_METAVARS = {float: "SECONDS", int: "N", tuple: "A,B,..."}
+
+
+def _limit_help(name: str) -> str:
+    """Help text for a Limits field (config.Limits documents the same in comments)."""
+    return _LIMIT_DOCS.get(name, name.replace("_", " "))
+
+
+_LIMIT_DOCS = {
+    "handshake_timeout": "seconds a connection has to finish its WebSocket handshake",
+    "max_frame_size": "largest client frame or message in bytes; bigger closes with 1009",
+    "max_subscriptions": "PHIDs one socket may listen to; more closes it with 1008",
+    "max_phid_length": "longest PHID kept, in bytes; longer ones are skipped",
+    "max_instance_length": "longest instance name; longer is refused with 400",
+    "max_connections": "open client sockets before upgrades get 503; 0: open-file limit less 256",
+    "max_buffered": "unsent bytes a socket may hold before it is closed with 1013",
+    "max_body_size": "largest admin post in bytes; bigger gets 413",
+    "ping_interval": "seconds of silence before a server ping; no answer as long again closes"
+    " the socket; 0 turns pings off",
+    "relay_timeout": "seconds a relay to a peer may take",
+    "relay_queue": "relays queued per peer before the oldest are dropped",
+    "relay_drain_timeout": "seconds peer queues get to drain at shutdown",
+    "shutdown_timeout": "longest graceful shutdown before exiting anyway",
+    "admin_allow": "networks (CIDR) allowed on the admin port; empty: anyone who reaches it",
+    "allowed_origins": "Origins allowed on the client port; empty: any, as Aphlict",
+}
+
+
+def _show(value: object) -> str:
+    if isinstance(value, tuple):
+        return ",".join(value) or "none"
+    return str(value)
 
 
 def _parse_seconds(value: str) -> float:
@@ -122,6 +177,19 @@ def _parse_seconds(value: str) -> float:
     if not seconds >= 0:  # also refuses NaN
         raise argparse.ArgumentTypeError(f"expected a number of seconds >= 0, got {value!r}")
     return seconds
+
+
+_LIMIT_TYPES = {float: _parse_seconds, int: _parse_count, tuple: _parse_list}
+
+
+def _limits(args: argparse.Namespace) -> Limits:
+    """Limits from the flags and variables that were given; defaults for the rest."""
+    overrides = {}
+    for field in dataclasses.fields(Limits):
+        value = getattr(args, f"limit_{field.name}")
+        if value is not None:
+            overrides[field.name] = value
+    return Limits(**overrides)
 
 
 def reopen_log_files() -> None:
@@ -207,6 +275,17 @@ def _check_tls(config: Config, peer_ca_file: str | None) -> None:
         tls.client_context(peer_ca_file)
 
 
+def admin_networks(specs: tuple[str, ...]) -> None:
+    """Check the admin allow-list now: a typo must fail at start, not open the port."""
+    import ipaddress
+
+    for spec in specs:
+        try:
+            ipaddress.ip_network(spec, strict=False)
+        except ValueError as exc:
+            raise ValueError(f"--admin-allow: {spec!r} is not a network ({exc})") from exc
+
+
 def _fail(message: object) -> int:
     print(f"fastaphlict: {message}", file=sys.stderr)
     return 1
@@ -223,12 +302,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else int(exc.code is not None)
 
     try:
+        limits = _limits(args)
+        admin_networks(limits.admin_allow)
         config = load_config(args.config)
         if args.test:
             check_files(config)
             _check_tls(config, args.peer_ca_file)
         setup_logging(config, debug=args.debug)
-    except (ConfigError, OSError) as exc:
+    except (ConfigError, OSError, ValueError) as exc:
         return _fail(exc)
 
     if args.test:
@@ -245,7 +326,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         status = server.run(
             config,
             debug=args.debug,
-            shutdown_timeout=args.shutdown_timeout,
+            limits=limits,
             peer_ca_file=args.peer_ca_file,
             on_reload=reopen_log_files,
         )

@@ -387,14 +387,13 @@ def run(
     config: Config,
     *,
     debug: bool = False,
-    shutdown_timeout: float | None = None,
+    limits: Limits | None = None,
     on_reload: Callable[[], None] | None = None,
     peer_ca_file: str | None = None,
 ) -> int:
     """Run the server on uvloop until SIGTERM/SIGINT; return the exit code."""
     import uvloop
 
-    limits = Limits() if shutdown_timeout is None else Limits(shutdown_timeout=shutdown_timeout)
     raise_open_file_limit()
     try:
         server = Server(config, debug=debug, limits=limits, peer_ca_file=peer_ca_file)
