@@ -6,6 +6,7 @@ import asyncio
 import base64
 import os
 import socket
+import time
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -14,6 +15,14 @@ from fastaphlict.config import PeerConfig
 from fastaphlict.metrics import MAX_INSTANCES
 from fastaphlict.server import Limits
 from support import TIMEOUT, local_config, running
+
+
+def _rss() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
 
 
 async def scrape(srv) -> dict[tuple[str, tuple], float]:
