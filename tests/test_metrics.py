@@ -6,7 +6,6 @@ import asyncio
 import base64
 import os
 import socket
-import time
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
