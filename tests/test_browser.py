@@ -1,0 +1,266 @@
+"""End to end with a real browser: headless Chromium, a Phorge-like page, a real server process.
+
+The page (``browser_page.html``) holds a WebSocket the way ``JX.Aphlict`` does:
+subscribe on open, replay on reconnect, ping every few seconds, reconnect when
+the socket closes. The test posts to the admin port as Phorge's PHP does and
+reads what the page received, then restarts the server and checks that the
+page comes back on its own.
+
+Chromium is Debian's ``chromium`` package (``.ci/run`` installs it), driven by
+Playwright for Python; Playwright's own browser download is never used. Where
+``/usr/bin/chromium`` is missing the test skips, unless ``CI`` is set: there it
+fails, so that CI cannot pass without having run it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode
+
+import pytest
+
+CHROMIUM = Path("/usr/bin/chromium")
+# Without the networking flags Chromium phones home at start-up (updates,
+# sync, field trials); on a closed network those connections fail slowly.
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+SRC = Path(__file__).resolve().parents[1] / "src"
+PAGE = Path(__file__).with_name("browser_page.html")
+#: Generous: Chromium and the server share two loaded cores in CI.
+WAIT_MS = 15_000
+PHORGE_CONTENT_TYPE = "application/x-www-form-urlencoded"
+
+USER = "PHID-USER-alice"
+TASK = "PHID-TASK-acme1"
+TEXT = "build 100% done & a=1 — ünïcødé"
+
+
+def _require(ok: bool, reason: str) -> None:
+    if ok:
+        return
+    if os.environ.get("CI", "").lower() not in ("", "0", "false"):
+        pytest.fail(f"{reason} (CI is set, so the browser test must run)")
+    pytest.skip(reason)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """``python -m fastaphlict`` on fixed ports, restartable on the same ports."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.client_port, self.admin_port = _free_port(), _free_port()
+        self.config = tmp / "aphlict.json"
+        self.config.write_text(
+            json.dumps(
+                {
+                    "servers": [
+                        {"type": "client", "port": self.client_port, "listen": "127.0.0.1"},
+                        {"type": "admin", "port": self.admin_port, "listen": "127.0.0.1"},
+                    ]
+                }
+            )
+        )
+        self.stderr = tmp / "stderr.log"
+        self.process: subprocess.Popen[bytes] | None = None
+        self.env = dict(os.environ)
+        if any(SRC.glob("fastaphlict/_fanout*.so")):  # a development checkout
+            self.env["PYTHONPATH"] = f"{SRC}{os.pathsep}{self.env.get('PYTHONPATH', '')}"
+
+    def start(self, timeout: float = 15.0) -> None:
+        with open(self.stderr, "ab") as err:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "fastaphlict", f"--config={self.config}"],
+                env=self.env,
+                stdout=subprocess.DEVNULL,
+                stderr=err,
+            )
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.process.poll() is not None:
+                raise AssertionError(f"server exited early: {self.log()}")
+            try:
+                # The client port is bound before the admin port answers.
+                with socket.create_connection(("127.0.0.1", self.admin_port), 0.2):
+                    return
+            except OSError:
+                assert time.monotonic() < deadline, f"server never ready: {self.log()}"
+                time.sleep(0.02)
+
+    def terminate(self, timeout: float = 15.0) -> None:
+        """SIGTERM: every socket gets close 1001, then the process exits 0."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGTERM)
+        assert self.process.wait(timeout) == 0, self.log()
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(5)
+
+    def log(self) -> str:
+        return self.stderr.read_text(errors="replace")
+
+    def post(self, message: dict[str, Any], instance: str = "acme") -> None:
+        """Post as Phorge's PHP does: raw JSON under the form content type."""
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{self.admin_port}/?instance={instance}",
+            data=json.dumps(message, ensure_ascii=False).encode(),
+            headers={"Content-Type": PHORGE_CONTENT_TYPE},
+        )
+        with urllib.request.urlopen(request, timeout=5) as response:
+            assert response.status == 200
+            assert "fingerprint" in json.loads(response.read())
+
+    def status(self, instance: str = "acme") -> dict[str, Any]:
+        url = f"http://127.0.0.1:{self.admin_port}/status/?instance={instance}"
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return json.loads(response.read())
+
+
+@pytest.fixture
+def browser() -> Iterator[Any]:
+    """Headless Debian Chromium under Playwright; skips (fails under CI) when either is absent."""
+    _require(CHROMIUM.exists(), f"{CHROMIUM} is missing (Debian: apt-get install chromium)")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        _require(False, "playwright is not installed (pip install '.[test]')")
+    with sync_playwright() as pw:
+        chromium = pw.chromium.launch(
+            executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, timeout=60_000
+        )
+        try:
+            yield chromium
+        finally:
+            chromium.close()
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[ServerProcess]:
+    proc = ServerProcess(tmp_path)
+    proc.start()
+    try:
+        yield proc
+    finally:
+        proc.kill()
+
+
+class _PageHandler(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        if self.path.split("?")[0] != "/":
+            self.send_error(404)
+            return
+        body = PAGE.read_bytes()
+        self.send_response(200)
+        self.send_header("Content-Type", "text/html; charset=utf-8")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def page_origin() -> Iterator[str]:
+    """The page's own little web server: another origin than the WebSocket's, as in Phorge."""
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _PageHandler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(5)
+
+
+def notification(key: int, *subscribers: str) -> dict[str, Any]:
+    """A feed notification shaped like Phorge's, plus a text field to check byte for byte."""
+    return {
+        "key": str(key),
+        "type": "notification",
+        "subscribers": list(subscribers),
+        "text": TEXT,
+    }
+
+
+@pytest.mark.timeout(120)
+def test_browser_receives_notifications_and_reconnects_after_restart(
+    browser: Any, server: ServerProcess, page_origin: str
+) -> None:
+    ws = f"ws://127.0.0.1:{server.client_port}/~acme/?instance=acme"
+    url = f"{page_origin}/?{urlencode([('ws', ws), ('phid', USER), ('phid', TASK)])}"
+    page = browser.new_page()
+    page.set_default_timeout(WAIT_MS)
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    page.goto(url)
+
+    def received() -> list[dict[str, Any]]:
+        return page.evaluate("window.aphlict.received")
+
+    def wait_for_key(key: str) -> None:
+        page.wait_for_function(
+            "key => window.aphlict.received.some(m => m.key === key)", arg=key, timeout=WAIT_MS
+        )
+
+    # Subscribed: the pong after the subscribe command came back.
+    page.wait_for_function("window.aphlict.ready === 1", timeout=WAIT_MS)
+
+    server.post(notification(100, "PHID-USER-bob", TASK))
+    wait_for_key("100")
+    [first] = received()
+    assert first["type"] == "notification"
+    assert first["text"] == TEXT
+    assert first["subscribers"] == ["PHID-USER-bob", TASK]
+    assert isinstance(first["touched"], list)
+    # The page shows it, too: the frame's text as it arrived.
+    assert TEXT in page.inner_text("#received li")
+
+    # Restart: SIGTERM sends close 1001; the page reconnects, subscribes again
+    # and confirms it with a pong on the new connection. Its old socket closed
+    # only once the old listener had, so the new one is on the new process.
+    server.terminate()
+    server.start()
+    page.wait_for_function("window.aphlict.ready >= 2", timeout=WAIT_MS)
+    assert page.evaluate("window.aphlict.closeCodes[0]") == 1001
+    assert server.status()["clients.active"] == 1
+
+    # Not for this page: another user's PHID, and this page's PHID on another
+    # instance. Posted first, so they would arrive first.
+    server.post(notification(201, "PHID-USER-stranger"))
+    server.post(notification(202, USER), instance="other")
+    server.post(notification(203, USER))
+    wait_for_key("203")
+    keys = [m["key"] for m in received()]
+    assert keys == ["100", "203"], "only what is addressed to this page, once each"
+    assert received()[1]["text"] == TEXT
+    assert page.locator("#received li").count() == 2
+    assert errors == []
+    assert "Traceback" not in server.log()
