@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import os
 import re
@@ -33,7 +34,9 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
 
 from support import PHORGE_CONTENT_TYPE, TIMEOUT, Browser, assert_silent
 
@@ -213,6 +216,37 @@ class Cluster:
             if time.monotonic() > deadline:
                 pytest.fail(f"node {node.name} not ready after {STARTUP}s:\n{node.log()}")
             await asyncio.sleep(0.05)
+
+    async def restart(self, node: Node) -> Node:
+        """Start ``node``'s config again, on its ports: a new process, log and fingerprint.
+
+        The old process must be gone (killed or stopped); the returned node
+        replaces it, and ``stop()`` takes care of it like the others.
+        """
+        assert node.process is not None and node.process.poll() is not None, "still running"
+        index = ord(node.name) - ord("A")
+        lives = sum(1 for n in self.nodes if n.name == node.name)
+        again = Node(
+            node.name,
+            node.client_port,
+            node.admin_port,
+            self.directory / f"{index}-restart{lives}.log",
+        )
+        self.nodes.append(again)
+        args = [sys.executable, "-m", "fastaphlict", f"--config={self.directory / f'{index}.json'}"]
+        with again.log_path.open("wb") as log:
+            again.process = subprocess.Popen(
+                args,
+                env=child_env(),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        await self._ready(again)
+        found = re.search(r"fastaphlict\.server: fingerprint (\S+)", again.log())
+        assert found, again.log()
+        again.fingerprint = found.group(1)
+        return again
 
     def stop(self) -> None:
         """SIGTERM everyone, then give all of them one shared deadline before killing."""
@@ -496,3 +530,233 @@ async def test_peer_fingerprint_learned_from_receipt_skips_touched_peer(cluster:
 
     assert (await cluster.status(a))["messages.in"] == 3  # m0, m1, m3
     assert (await cluster.status(b))["messages.in"] == 3  # m1, m2, m3
+
+
+# -- peers that answer garbage, errors, or slowly ----------------------------------
+
+
+@contextlib.asynccontextmanager
+async def fake_peer(
+    handler: Callable[[web.Request], Any],
+) -> AsyncIterator[tuple[int, list[float]]]:
+    """An HTTP server on a free port answering every request with ``handler``.
+
+    Yields its port and the arrival time of every request it got.
+    """
+    arrivals: list[float] = []
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        arrivals.append(time.monotonic())
+        await request.read()
+        return await handler(request)
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handle)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        yield runner.addresses[0][1], arrivals
+    finally:
+        await asyncio.wait_for(runner.cleanup(), TIMEOUT)
+
+
+@contextlib.asynccontextmanager
+async def garbage_speaker() -> AsyncIterator[tuple[int, list[float]]]:
+    """A TCP server that answers any connection with bytes that aren't HTTP, then hangs up."""
+    arrivals: list[float] = []
+
+    async def speak(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        arrivals.append(time.monotonic())
+        with contextlib.suppress(ConnectionError):
+            await reader.read(65536)
+            writer.write(b"SSH-2.0-OpenSSH_9.6\r\n\x00\xff garbage\r\n\r\n")
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(speak, "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[1], arrivals
+    finally:
+        server.close()
+        await asyncio.wait_for(server.wait_closed(), TIMEOUT)
+
+
+async def _not_json(request: web.Request) -> web.Response:
+    return web.Response(status=200, body=b"<html>it works</html>", content_type="text/html")
+
+
+async def _server_error(request: web.Request) -> web.Response:
+    return web.Response(status=500, text="internal error")
+
+
+#: How long the slow peer takes over each relay.
+SLOW_ANSWER = 1.0
+
+
+async def _slow(request: web.Request) -> web.Response:
+    await asyncio.sleep(SLOW_ANSWER)
+    return web.json_response({"fingerprint": "slowslowslowslow"})
+
+
+async def test_garbage_error_and_slow_peers_never_delay_receipts_or_delivery(
+    cluster: Cluster, record_property: Callable[[str, object], None]
+) -> None:
+    posts = 20
+    async with contextlib.AsyncExitStack() as stack:
+        not_json, not_json_hits = await stack.enter_async_context(fake_peer(_not_json))
+        error, error_hits = await stack.enter_async_context(fake_peer(_server_error))
+        slow, slow_hits = await stack.enter_async_context(fake_peer(_slow))
+        garbage, garbage_hits = await stack.enter_async_context(garbage_speaker())
+        failing = {"not-json": not_json, "500": error, "garbage": garbage}
+        (node,) = await cluster.start([[]], extra_peers=[*failing.values(), slow])
+
+        async with cluster.browsers([node]) as (browser,):
+            receipts, deliveries = [], []
+            for n in range(posts):
+                started = time.perf_counter()
+                await cluster.post(node, message(f"m{n}"))
+                receipts.append(time.perf_counter() - started)
+                await expect(browser, f"m{n}")
+                deliveries.append(time.perf_counter() - started)
+                await asyncio.sleep(0.02)  # spread the posts over the slow peer's answers
+            await assert_silent(browser)
+
+        record_property("receipt_latency_max_s", round(max(receipts), 6))
+        record_property("delivery_latency_max_s", round(max(deliveries), 6))
+        assert max(receipts) < 0.5, receipts
+        assert max(deliveries) < 0.5, deliveries
+
+        # Every failing peer was tried for every message (no message is held
+        # back for them), and the slow one is still working through its queue.
+        await eventually(
+            lambda: min(map(len, (not_json_hits, error_hits, garbage_hits))) >= posts,
+            timeout=10.0,
+        )
+        learned = f"peer http://127.0.0.1:{slow}/ has fingerprint slowslowslowslow"
+        await eventually(lambda: learned in node.log(), timeout=SLOW_ANSWER + TIMEOUT)
+        assert 1 <= len(slow_hits) < posts
+        gaps = [b - a for a, b in itertools.pairwise(slow_hits)]
+        assert all(gap >= SLOW_ANSWER * 0.9 for gap in gaps), "one relay at a time, in order"
+
+        assert node.process is not None and node.process.poll() is None, node.log()
+        log = node.log()
+        for name, port in failing.items():
+            failures = log.count(f"peer http://127.0.0.1:{port}/ failing")
+            assert failures == 1, f"{name} peer: {failures} failure line(s), not one\n{log}"
+        assert f"peer http://127.0.0.1:{slow}/ failing" not in log
+        assert "Traceback" not in log, log
+        assert (await cluster.status(node))["messages.in"] == posts
+
+
+# -- odd touched entries still relay ------------------------------------------------
+
+
+async def test_touched_holding_non_strings_is_still_relayed(cluster: Cluster) -> None:
+    """``touched`` is the poster's: objects, lists and numbers in it must not stop the relay."""
+    a, b = await cluster.start([[1], []])
+    async with cluster.browsers([a, b]) as (on_a, on_b):
+        odd = [{"x": 1}, ["y"], 3, None, "not-a-fingerprint"]
+        await cluster.post(a, message("m1", touched=odd))
+        assert (await expect(on_a, "m1"))["touched"] == [*odd, a.fingerprint]
+        assert (await expect(on_b, "m1"))["touched"] == [*odd, a.fingerprint, b.fingerprint]
+        await assert_silent(on_a)
+    for bad in ("Traceback", " ERROR "):
+        assert bad not in a.log(), a.log()
+
+
+# -- a ring that loses a node mid-stream -------------------------------------------
+
+
+async def test_ring_node_killed_and_restarted_mid_stream_delivers_at_most_once(
+    cluster: Cluster,
+) -> None:
+    """Ring A -> B -> C -> A; messages posted to A; B is killed and restarted mid-stream.
+
+    C hears of A's messages only through B, so what was posted while B was
+    down may never reach C. The contract, precisely:
+
+    - no browser ever gets a message twice (markers at the end prove that
+      nothing late is still on its way);
+    - A's browser gets every message, in order;
+    - C's browser gets, in order, a subset that holds every message posted
+      after the new B answered ``/healthz``;
+    - the new B's browser gets, in order, a subset that holds every message
+      posted after it subscribed;
+    - A and C live through it, and A logs B failing once and recovering once
+      (not once per message), and learns B's new fingerprint.
+    """
+    a, b, c = await cluster.start([[1], [2], [0]])
+    pace = 0.05
+    names: list[str] = []
+
+    async def post_next() -> None:
+        name = f"m{len(names)}"
+        names.append(name)
+        await cluster.post(a, message(name))
+        await asyncio.sleep(pace)
+
+    async with contextlib.AsyncExitStack() as stack:
+        on_a, on_b, on_c = await stack.enter_async_context(cluster.browsers([a, b, c]))
+        for _ in range(10):
+            await post_next()
+
+        assert b.process is not None
+        b.process.kill()  # SIGKILL: relays to B in flight are cut off
+        b.process.wait(TIMEOUT)
+        for _ in range(5):
+            await post_next()
+
+        restarting = asyncio.create_task(cluster.restart(b))
+        while not restarting.done():  # keep the stream going while B starts
+            await post_next()
+        b2 = await restarting
+        ready = len(names)  # posted after B answered /healthz
+        for _ in range(5):
+            await post_next()
+
+        ws = await stack.enter_async_context(connect(b2.client_url(), open_timeout=TIMEOUT))
+        on_b2 = Browser(ws)
+        await on_b2.subscribe(TOPIC, mark_topic(1))
+        subscribed = len(names)
+        for _ in range(10):
+            await post_next()
+
+        async def drain(browser: Browser, node: str) -> list[str]:
+            """Read up to the last message (relays keep order, so it comes last)."""
+            got: list[str] = []
+            while not got or got[-1] != names[-1]:
+                got.append((await browser.recv())["uniqueID"])
+            assert len(got) == len(set(got)), f"{node}: duplicates in {got}"
+            assert got == sorted(got, key=names.index), f"{node}: out of order: {got}"
+            return got
+
+        assert await drain(on_a, "A") == names
+        got_c = await drain(on_c, "C")
+        assert set(names[ready:]) <= set(got_c), f"C missed some of {names[ready:]}: {got_c}"
+        got_b2 = await drain(on_b2, "new B")
+        assert set(names[subscribed:]) <= set(got_b2), f"new B: {got_b2}"
+
+        # The old B's browser: whatever it got before the kill, once and in order.
+        got_b: list[str] = []
+        with contextlib.suppress(ConnectionClosed):
+            while True:
+                got_b.append((await on_b.recv())["uniqueID"])
+        assert len(got_b) == len(set(got_b)) and got_b == sorted(got_b, key=names.index), got_b
+
+        print(
+            f"{len(names)} posted; B down from m10, ready before m{ready}, subscribed before"
+            f" m{subscribed}; C got {len(got_c)}, new B {len(got_b2)}, old B {len(got_b)}"
+        )
+        markers = await cluster.assert_nothing_more([a, b2, c], [on_a, on_b2, on_c])
+        assert markers == 6
+
+    for node in (a, c):
+        assert node.process is not None and node.process.poll() is None, node.log()
+    log = a.log()
+    assert log.count(f"peer {b.peer_url} failing") == 1, log
+    assert log.count(f"peer {b.peer_url} recovered") == 1, log
+    assert f"peer {b.peer_url} fingerprint changed from {b.fingerprint} to {b2.fingerprint}" in log
+    for node in (a, b2, c):
+        assert "Traceback" not in node.log(), node.log()

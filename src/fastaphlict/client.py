@@ -113,6 +113,11 @@ def _parse(payload: bytes | str) -> tuple[str, Any] | str:
 _BENIGN = "data is not a list"
 
 
+def _sendable(code: int) -> bool:
+    """Whether an endpoint may put ``code`` in a close frame (RFC 6455 §7.4)."""
+    return code in (1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011) or 3000 <= code <= 4999
+
+
 @dataclass(frozen=True, slots=True)
 class Options:
     """What every socket of one client listener shares."""
@@ -180,8 +185,11 @@ class ClientListener(WSListener):
             sub.heard = True  # any frame, pongs included, proves the peer alive
         msg_type = frame.msg_type
         if msg_type is WSMsgType.CLOSE:
-            # Complete the closing handshake, echoing the code like ws does.
-            transport.send_close(frame.get_close_code())
+            # Complete the closing handshake, echoing the code like ws does,
+            # unless it is one an endpoint may not send (none, 1005, 1006,
+            # 1015, out of range): then a plain 1000.
+            code = frame.get_close_code()
+            transport.send_close(code if _sendable(int(code)) else WSCloseCode.OK)
             transport.disconnect()
             return
         if msg_type is WSMsgType.TEXT or msg_type is WSMsgType.BINARY:

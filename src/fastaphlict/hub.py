@@ -62,18 +62,27 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
+def _finite_or_null(text: str) -> float | None:
+    # JSON.parse reads 1e400 as Infinity and JSON.stringify writes it as null;
+    # keeping inf would let a frame carry "Infinity", which no browser parses.
+    value = float(text)
+    return value if math.isfinite(value) else None
+
+
 def loads(body: bytes | str) -> Any:
     """Decode JSON as JavaScript's ``JSON.parse`` would.
 
     orjson is the fast path. It refuses lone UTF-16 surrogates in ``\\u``
-    escapes, which JavaScript accepts, so those fall back to the standard
-    library (told to refuse ``NaN`` and ``Infinity``, as JavaScript does).
+    escapes and numbers beyond a double, which JavaScript accepts, so those
+    fall back to the standard library (told to refuse ``NaN`` and
+    ``Infinity``, and to read an overflowing number as null, as a browser
+    would after its own round trip).
     Raises ``ValueError`` on invalid JSON.
     """
     try:
         return orjson.loads(body)
     except orjson.JSONDecodeError:
-        return json.loads(body, parse_constant=_reject_constant)
+        return json.loads(body, parse_constant=_reject_constant, parse_float=_finite_or_null)
 
 
 def dumps(value: Any) -> bytes:
@@ -104,7 +113,7 @@ def replay_age(data: Any) -> float | None:
     age = data.get("age")
     if isinstance(age, bool) or not isinstance(age, (int, float)) or age == 0:
         return float(HISTORY_TTL_MS)
-    if math.isnan(age):
+    if isinstance(age, float) and math.isnan(age):  # a huge int is no float
         return float(HISTORY_TTL_MS)
     if age < 0:
         return -1.0

@@ -203,7 +203,7 @@ class PeerRelay:
             touched = message.get("touched")
             if not isinstance(touched, list):
                 touched = []
-            seen = set(touched)
+            seen = {fp for fp in touched if isinstance(fp, str)}  # entries may be any JSON
             targets = [p for p in self._peers if p.fingerprint is None or p.fingerprint not in seen]
             known = list(dict.fromkeys(p.fingerprint for p in targets if p.fingerprint))
             for peer in targets:
