@@ -528,3 +528,14 @@ async def test_a_client_that_stops_answering_pings_is_closed() -> None:
                 assert (await alive.recv())["n"] == 1
         finally:
             stalled.close()
+
+
+async def test_handshake_timeout_drops_silent_connections() -> None:
+    from fastaphlict.server import Limits
+
+    async with running(limits=Limits(handshake_timeout=0.3)) as srv:
+        reader, writer = await asyncio.open_connection("127.0.0.1", srv.server.client_ports[0])
+        started = time.monotonic()
+        assert await asyncio.wait_for(reader.read(), TIMEOUT) == b"", "closed, nothing sent"
+        assert time.monotonic() - started < 2.0
+        writer.close()
