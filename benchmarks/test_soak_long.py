@@ -29,8 +29,11 @@ pytestmark = pytest.mark.timeout(600)
 
 def _engine() -> Any:
     """``tests/test_soak.py``, loaded by path: kept apart from this module."""
-    path = Path(__file__).resolve().parents[1] / "tests" / "test_soak.py"
+    tests = Path(__file__).resolve().parents[1] / "tests"
+    path = tests / "test_soak.py"
     name = "fastaphlict_soak_engine"
+    if str(tests) not in sys.path:
+        sys.path.append(str(tests))  # the engine imports the tests' support module
     if name not in sys.modules:
         spec = importlib.util.spec_from_file_location(name, path)
         assert spec is not None and spec.loader is not None

@@ -10,7 +10,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
+import socket
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -20,6 +23,38 @@ from fastaphlict.config import Config, PeerConfig, ServerConfig
 from fastaphlict.server import Limits, Server
 
 TIMEOUT = 5.0
+SRC = Path(__file__).resolve().parents[1] / "src"
+#: The server's own configuration variables, kept out of child processes.
+ENV_VARS = ("APHLICT_CONFIG", "CLIENT_PORT", "ADMIN_PORT", "LISTEN_ADDR")
+
+
+def child_env() -> dict[str, str]:
+    """The environment for a ``python -m fastaphlict`` child process.
+
+    The server's own variables are removed; the in-place ``src/`` goes first on
+    PYTHONPATH only when it holds a built ``_fanout`` module (a development
+    checkout); otherwise the installed package serves.
+    """
+    env = {k: v for k, v in os.environ.items() if k not in ENV_VARS}
+    if any((SRC / "fastaphlict").glob("_fanout*.so")):
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(SRC), env.get("PYTHONPATH")) if p)
+    return env
+
+
+def free_ports(count: int) -> list[int]:
+    """Loopback ports nothing listens on right now (another process could still take one)."""
+    sockets = []
+    try:
+        for _ in range(count):
+            sock = socket.socket()
+            sock.bind(("127.0.0.1", 0))
+            sockets.append(sock)
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
 #: What Phorge's curl sends: raw JSON under the form content type.
 PHORGE_CONTENT_TYPE = "application/x-www-form-urlencoded"
 

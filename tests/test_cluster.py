@@ -19,10 +19,8 @@ import asyncio
 import contextlib
 import itertools
 import json
-import os
 import re
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -38,44 +36,16 @@ from aiohttp import web
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from support import PHORGE_CONTENT_TYPE, TIMEOUT, Browser, assert_silent
+from support import PHORGE_CONTENT_TYPE, TIMEOUT, Browser, assert_silent, child_env, free_ports
 
 pytestmark = pytest.mark.timeout(60)
 
-SRC = Path(__file__).resolve().parents[1] / "src"
 #: Deadline for a process to answer ``/healthz`` after it is spawned.
 STARTUP = 10.0
 #: Deadline for a process to exit after SIGTERM before it is killed.
 SHUTDOWN = 5.0
-ENV_VARS = ("APHLICT_CONFIG", "CLIENT_PORT", "ADMIN_PORT", "LISTEN_ADDR")
 
 TOPIC = "PHID-1"
-
-
-def child_env() -> dict[str, str]:
-    """The test's environment, minus the server's own variables.
-
-    The in-place ``src/`` goes first on PYTHONPATH only when it holds a built
-    ``_fanout`` module; otherwise the installed package serves.
-    """
-    env = {k: v for k, v in os.environ.items() if k not in ENV_VARS}
-    if any((SRC / "fastaphlict").glob("_fanout*.so")):
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(SRC), env.get("PYTHONPATH")) if p)
-    return env
-
-
-def free_ports(count: int) -> list[int]:
-    """Ports nothing listens on right now (another process could still take one)."""
-    sockets = []
-    try:
-        for _ in range(count):
-            sock = socket.socket()
-            sock.bind(("127.0.0.1", 0))
-            sockets.append(sock)
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
 
 
 def message(name: str, *subscribers: str, touched: list[str] | None = None) -> dict[str, Any]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -17,14 +16,7 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-SRC = Path(__file__).resolve().parents[1] / "src"
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    if any(SRC.glob("fastaphlict/_fanout*.so")):
-        env["PYTHONPATH"] = f"{SRC}{os.pathsep}{env.get('PYTHONPATH', '')}"
-    return env
+from support import child_env, free_ports
 
 
 def eventually(predicate, timeout: float = 5.0) -> None:
@@ -34,17 +26,11 @@ def eventually(predicate, timeout: float = 5.0) -> None:
         time.sleep(0.01)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Proc:
     """A fastaphlict process started from a config file, its log on disk."""
 
     def __init__(self, tmp: Path, **extra: object) -> None:
-        self.client_port, self.admin_port = free_port(), free_port()
+        self.client_port, self.admin_port = free_ports(2)
         self.config = {
             "servers": [
                 {"type": "client", "port": self.client_port, "listen": "127.0.0.1"},
@@ -61,7 +47,7 @@ class Proc:
         with open(self.stderr, "ab") as err:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "fastaphlict", f"--config={self.path}", *args],
-                env=_env(),
+                env=child_env(),
                 stdout=subprocess.DEVNULL,
                 stderr=err,
             )

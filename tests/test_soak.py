@@ -32,7 +32,6 @@ import contextlib
 import json
 import os
 import random
-import socket
 import subprocess
 import sys
 import time
@@ -49,10 +48,10 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from fastaphlict.bench import raise_nofile_limit, server_rss_bytes
+from support import child_env, free_ports
 
 __all__ = ["RSS_GROWTH_BOUND", "ServerProcess", "SoakOptions", "SoakResult", "soak", "spawn"]
 
-SRC = Path(__file__).resolve().parents[1] / "src"
 TIMEOUT = 5.0
 PING = '{"command":"ping","data":null}'
 PONG = '{"type":"pong"}'
@@ -121,28 +120,13 @@ class ServerProcess:
         return self.log_path.read_text(encoding="utf-8", errors="replace")
 
 
-def _free_ports(count: int) -> list[int]:
-    sockets = []
-    try:
-        for _ in range(count):
-            sock = socket.socket()
-            sock.bind(("127.0.0.1", 0))
-            sockets.append(sock)
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
-
-
 @contextlib.contextmanager
 def spawn(log_path: Path) -> Any:
     """``python -m fastaphlict`` on free loopback ports (environment config); killed after."""
     raise_nofile_limit()
-    client_port, admin_port = _free_ports(2)
-    env = {k: v for k, v in os.environ.items() if k != "APHLICT_CONFIG"}
+    client_port, admin_port = free_ports(2)
+    env = child_env()
     env.update(CLIENT_PORT=str(client_port), ADMIN_PORT=str(admin_port), LISTEN_ADDR="127.0.0.1")
-    if any((SRC / "fastaphlict").glob("_fanout*.so")):
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(SRC), env.get("PYTHONPATH")) if p)
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "fastaphlict"],

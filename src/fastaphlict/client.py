@@ -49,8 +49,8 @@ NOT_WEBSOCKET_BODY = b"HTTP/501 Use Websockets\n"
 #: The reply to ``ping``, byte for byte.
 PONG = b'{"type":"pong"}'
 _PONG_FRAME = build_frame(PONG)
-#: Seconds a slow socket gets to take its close frame before it is dropped.
-_SLOW_CLOSE_GRACE = 1.0
+#: Seconds a refused socket gets to read its close frame before it is dropped.
+_CLOSE_GRACE = 1.0
 
 _COMMANDS = frozenset({"subscribe", "unsubscribe", "replay", "ping"})
 
@@ -113,6 +113,17 @@ def _parse(payload: bytes | str) -> tuple[str, Any] | str:
 _BENIGN = "data is not a list"
 
 
+def _close(transport: WSTransport, code: WSCloseCode, reason: bytes) -> None:
+    """Close a socket we refuse, so that its client can read why.
+
+    Closing at once could reset the connection (the client's unread frames
+    turn a close into a RST) and lose the close frame with its code; the
+    client gets a moment to answer, then the socket is dropped regardless.
+    """
+    transport.send_close(code, reason)
+    asyncio.get_running_loop().call_later(_CLOSE_GRACE, transport.disconnect, False)
+
+
 def _sendable(code: int) -> bool:
     """Whether an endpoint may put ``code`` in a close frame (RFC 6455 §7.4)."""
     return code in (1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011) or 3000 <= code <= 4999
@@ -166,8 +177,7 @@ class ClientListener(WSListener):
         )
         # The close frame queues behind the backlog; the socket is dropped
         # shortly after whether or not the client ever reads it.
-        transport.send_close(WSCloseCode.TRY_AGAIN_LATER, b"too slow")
-        asyncio.get_running_loop().call_later(_SLOW_CLOSE_GRACE, transport.disconnect, False)
+        _close(transport, WSCloseCode.TRY_AGAIN_LATER, b"too slow")
 
     def resume_writing(self) -> None:
         """Nothing to resume: a paused socket is already being closed."""
@@ -209,8 +219,7 @@ class ClientListener(WSListener):
                 self._fragments = None
                 self._hub.frames_rejected += 1
                 log.info("closing: message over %d bytes from %s", limit, describe(transport))
-                transport.send_close(WSCloseCode.MESSAGE_TOO_BIG, b"message too big")
-                transport.disconnect()
+                _close(transport, WSCloseCode.MESSAGE_TOO_BIG, b"message too big")
                 return
             buf += frame.get_payload_as_memoryview()
             if frame.fin:
@@ -236,8 +245,7 @@ class ClientListener(WSListener):
                 limit = self._options.limits.max_subscriptions
                 self._hub.frames_rejected += 1
                 log.info("closing: over %d subscriptions from %s", limit, describe(transport))
-                transport.send_close(WSCloseCode.POLICY_VIOLATION, b"too many subscriptions")
-                transport.disconnect()
+                _close(transport, WSCloseCode.POLICY_VIOLATION, b"too many subscriptions")
         elif command == "unsubscribe":
             self._hub.unsubscribe(sub, data)
         else:  # replay
