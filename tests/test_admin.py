@@ -374,3 +374,17 @@ async def test_admin_allow_list_refuses_other_addresses() -> None:
     async with running(limits=Limits(admin_allow=("10.0.0.0/8", "127.0.0.0/8"))) as srv:
         assert (await srv.post({"subscribers": []})).status == 200
         assert (await srv.status())["messages.in"] == 1
+
+
+async def test_message_published_in_the_shutdown_iteration_is_delivered_before_1001() -> None:
+    from websockets.exceptions import ConnectionClosed
+
+    async with running() as srv, srv.client() as browser:
+        await browser.subscribe("PHID-1")
+        srv.hub.publish("default", {"subscribers": ["PHID-1"], "n": "last"})
+        assert srv.hub.outbox.pending == 1, "still waiting for the end of the iteration"
+        await srv.server.close()
+        assert (await browser.recv())["n"] == "last"
+        with pytest.raises(ConnectionClosed):
+            await browser.recv_raw()
+        assert browser.ws.close_code == 1001

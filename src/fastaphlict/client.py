@@ -311,7 +311,12 @@ def listener_factory(hub: Hub, options: Options = Options()):
 
 
 def close_all(hub: Hub, code: WSCloseCode = WSCloseCode.GOING_AWAY) -> int:
-    """Send every open socket a close frame (shutdown); return how many."""
+    """Send every open socket a close frame (shutdown); return how many.
+
+    Frames still waiting in the outbox go first: a message published just
+    before the signal is delivered, not dropped behind the close frame.
+    """
+    hub.outbox.flush()
     count = 0
     for inst in hub.instances():
         for sub in inst.channel.subscribers():
