@@ -24,13 +24,16 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from fastaphlict.bench import raise_nofile_limit
+
+# The process helpers are the tests' own (tests/support.py), shared, not copied.
+sys.path.append(str(Path(__file__).resolve().parents[1] / "tests"))
+import support
 
 QUICK = os.environ.get("FASTAPHLICT_BENCH_QUICK", "").lower() not in ("", "0", "false", "no")
 
@@ -71,47 +74,13 @@ def stale_build_note() -> str | None:
 # -- the server process -------------------------------------------------------
 
 
-@dataclass
-class ServerProcess:
-    """A running fastaphlict subprocess and how to reach it."""
-
-    proc: subprocess.Popen[bytes]
-    client_port: int
-    admin_port: int
-    log_path: Path
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    @property
-    def client_url(self) -> str:
-        return f"ws://127.0.0.1:{self.client_port}/"
-
-    @property
-    def admin_url(self) -> str:
-        return f"http://127.0.0.1:{self.admin_port}/"
+class ServerProcess(support.ServerProcess):
+    """A benchmarked server: the tests' process handle, plus what its log complains of."""
 
     def log_problems(self) -> list[str]:
         """Warning, error and traceback lines of the server's log."""
-        if not self.log_path.exists():
-            return []
-        lines = self.log_path.read_text(errors="replace").splitlines()
+        lines = self.log().splitlines()
         return [line for line in lines if any(marker in line for marker in _LOG_MARKERS)]
-
-
-def _free_ports(count: int) -> list[int]:
-    """Ports the kernel just handed out; the server binds them a moment later."""
-    socks = []
-    try:
-        for _ in range(count):
-            sock = socket.socket()
-            sock.bind(("127.0.0.1", 0))
-            socks.append(sock)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for sock in socks:
-            sock.close()
 
 
 def _server_env(client_port: int, admin_port: int) -> dict[str, str]:
@@ -129,7 +98,7 @@ def _ready(server: ServerProcess, timeout: float) -> bool:
         if server.proc.poll() is not None:
             return False
         try:
-            with urllib.request.urlopen(f"{server.admin_url}status/", timeout=1) as resp:
+            with urllib.request.urlopen(f"{server.admin_url}/status/", timeout=1) as resp:
                 resp.read()
             with socket.create_connection(("127.0.0.1", server.client_port), timeout=1):
                 pass
@@ -160,7 +129,7 @@ def fastaphlict_server(log_dir: Path, attempts: int = 3) -> Iterator[ServerProce
     # it at ~1000 sockets, so raise it to the hard limit before spawning.
     raise_nofile_limit()
     for attempt in range(attempts):
-        client_port, admin_port = _free_ports(2)
+        client_port, admin_port = support.free_ports(2)
         log_path = log_dir / f"server-{attempt}.log"
         with open(log_path, "wb") as log:
             proc = subprocess.Popen(

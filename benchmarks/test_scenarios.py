@@ -55,8 +55,8 @@ def _scenario(
     """Run one scenario through pytest-benchmark, record its figures, check it lost nothing."""
     settings: dict[str, Any] = {"windows": WINDOWS, **options}
     opts = Options(
-        client_url=server.client_url,
-        admin_url=server.admin_url,
+        client_url=f"{server.client_url}/",
+        admin_url=f"{server.admin_url}/",
         server_pid=server.pid,
         **settings,
     )

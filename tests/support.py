@@ -12,7 +12,9 @@ import contextlib
 import json
 import os
 import socket
+import subprocess
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +59,33 @@ def free_ports(count: int) -> list[int]:
 
 #: What Phorge's curl sends: raw JSON under the form content type.
 PHORGE_CONTENT_TYPE = "application/x-www-form-urlencoded"
+
+
+@dataclass
+class ServerProcess:
+    """A ``python -m fastaphlict`` child process: where it listens, where it logs."""
+
+    proc: subprocess.Popen[bytes]
+    client_port: int
+    admin_port: int
+    log_path: Path
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @property
+    def client_url(self) -> str:
+        return f"ws://127.0.0.1:{self.client_port}"
+
+    @property
+    def admin_url(self) -> str:
+        return f"http://127.0.0.1:{self.admin_port}"
+
+    def log(self) -> str:
+        if not self.log_path.exists():
+            return ""
+        return self.log_path.read_text(encoding="utf-8", errors="replace")
 
 
 def local_config(*, peers: tuple[PeerConfig, ...] = (), clients: int = 1) -> Config:

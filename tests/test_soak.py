@@ -48,7 +48,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from fastaphlict.bench import raise_nofile_limit, server_rss_bytes
-from support import child_env, free_ports
+from support import ServerProcess, child_env, free_ports
 
 __all__ = ["RSS_GROWTH_BOUND", "ServerProcess", "SoakOptions", "SoakResult", "soak", "spawn"]
 
@@ -82,26 +82,8 @@ def churn_phid(index: int) -> str:
 # -- the server process ----------------------------------------------------------
 
 
-@dataclass
-class ServerProcess:
-    """A running fastaphlict process: where it listens and how much it holds."""
-
-    proc: subprocess.Popen[bytes]
-    client_port: int
-    admin_port: int
-    log_path: Path
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    @property
-    def client_url(self) -> str:
-        return f"ws://127.0.0.1:{self.client_port}"
-
-    @property
-    def admin_url(self) -> str:
-        return f"http://127.0.0.1:{self.admin_port}"
+class SoakServer(ServerProcess):
+    """The server under soak, and how many files and how much memory it holds."""
 
     def open_files(self) -> int:
         return len(os.listdir(f"/proc/{self.pid}/fd"))
@@ -115,9 +97,6 @@ class ServerProcess:
 
     def rss(self) -> int:
         return server_rss_bytes(self.pid)
-
-    def log(self) -> str:
-        return self.log_path.read_text(encoding="utf-8", errors="replace")
 
 
 @contextlib.contextmanager
@@ -136,7 +115,7 @@ def spawn(log_path: Path) -> Any:
             stderr=subprocess.STDOUT,
         )
     try:
-        yield ServerProcess(proc, client_port, admin_port, log_path)
+        yield SoakServer(proc, client_port, admin_port, log_path)
     finally:
         if proc.poll() is None:
             proc.terminate()
@@ -147,7 +126,7 @@ def spawn(log_path: Path) -> Any:
                 proc.wait(5)
 
 
-async def wait_ready(server: ServerProcess, session: aiohttp.ClientSession) -> None:
+async def wait_ready(server: SoakServer, session: aiohttp.ClientSession) -> None:
     deadline = time.monotonic() + 15.0
     while True:
         assert server.proc.poll() is None, f"server exited:\n{server.log()}"
@@ -252,7 +231,7 @@ class SoakResult:
 
 class Soak:
     def __init__(
-        self, server: ServerProcess, session: aiohttp.ClientSession, options: SoakOptions
+        self, server: SoakServer, session: aiohttp.ClientSession, options: SoakOptions
     ) -> None:
         self.server = server
         self.session = session
@@ -454,7 +433,7 @@ class Soak:
         return self.result
 
 
-async def soak(server: ServerProcess, options: SoakOptions) -> SoakResult:
+async def soak(server: SoakServer, options: SoakOptions) -> SoakResult:
     """Run one soak against a started server (waits for it to be ready)."""
     # One admin connection for everything: the open-file count can't depend on
     # how many keep-alive connections happen to be pooled.
@@ -464,7 +443,7 @@ async def soak(server: ServerProcess, options: SoakOptions) -> SoakResult:
         return await Soak(server, session, options).run()
 
 
-def check(server: ServerProcess, result: SoakResult, rss_bound: int = RSS_GROWTH_BOUND) -> None:
+def check(server: SoakServer, result: SoakResult, rss_bound: int = RSS_GROWTH_BOUND) -> None:
     """The soak's verdict: no loss, no stray delivery, no leak, no crash."""
     assert not result.problems, "\n".join(result.problems)
     assert result.messages > 0 and result.churn_checked_deliveries > 0, result
