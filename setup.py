@@ -1,7 +1,7 @@
 """Build the compiled fan-out module.
 
 Everything declarative lives in pyproject.toml; this file only exists because
-the Cython extension must be cythonized at build time. There is deliberately no
+the Cython extensions must be cythonized at build time. There is deliberately no
 pure-Python fallback: a failed compile must fail the install.
 """
 
@@ -13,7 +13,12 @@ extensions = [
         "fastaphlict._fanout",
         ["src/fastaphlict/_fanout.pyx"],
         extra_compile_args=["-O3"],
-    )
+    ),
+    Extension(
+        "fastaphlict._history",
+        ["src/fastaphlict/_history.pyx"],
+        extra_compile_args=["-O3"],
+    ),
 ]
 
 setup(

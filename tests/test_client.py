@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+import fastaphlict.hub as hub_module
 from fastaphlict.client import instance_from_path, parse_command
 from fastaphlict.hub import HISTORY_TTL_MS, replay_age
 from support import TIMEOUT, Browser, assert_silent, running
@@ -320,11 +321,12 @@ async def test_replay_negative_age_sends_nothing() -> None:
             await assert_silent(browser)
 
 
-async def test_replay_age_window() -> None:
+async def test_replay_age_window(monkeypatch: pytest.MonkeyPatch) -> None:
     async with running() as srv:
-        await _post_numbered(srv, {1: ["PHID-A"]})
-        history = srv.hub.instance("default").history
-        history._entries[0].at -= 5000  # the first message is now 5 s old
+        now = hub_module.now_ms()
+        monkeypatch.setattr(hub_module, "now_ms", lambda: now - 5000)
+        await _post_numbered(srv, {1: ["PHID-A"]})  # posted 5 s ago
+        monkeypatch.undo()
         await _post_numbered(srv, {2: ["PHID-A"]})
         async with srv.client() as browser:
             await browser.subscribe("PHID-A")
@@ -363,11 +365,12 @@ def test_parse_command_types() -> None:
     )
 
 
-async def test_history_is_purged_by_age_on_read() -> None:
+async def test_history_is_purged_by_age_on_read(monkeypatch: pytest.MonkeyPatch) -> None:
     async with running() as srv:
+        old = time.time() * 1000 - HISTORY_TTL_MS - 1
+        monkeypatch.setattr(hub_module, "now_ms", lambda: old)
         await _post_numbered(srv, {1: ["PHID-A"]})
-        history = srv.hub.instance("default").history
-        history._entries[0].at = time.time() * 1000 - HISTORY_TTL_MS - 1
+        monkeypatch.undo()
         status = await srv.status()
         assert status["history.size"] == 0 and status["history.age"] is None
 

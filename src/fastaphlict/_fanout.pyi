@@ -1,6 +1,6 @@
 """Typed face of the compiled fan-out module (kept by hand; a test checks it)."""
 
-from collections.abc import Container, Iterable
+from collections.abc import Callable, Collection, Iterable
 from typing import Any, Final
 
 from picows import WSTransport
@@ -23,21 +23,32 @@ class Subscriber:
     def phids(self) -> frozenset[str]: ...
     @property
     def attached(self) -> bool: ...
+    @property
+    def replaying(self) -> bool: ...
     heard: bool
-    def listens_to_any(self, phids: Container[Any]) -> bool:
-        """Whether any of ``phids`` (a container) is one of this socket's subscriptions."""
+    slow: bool
+    def subscriptions(self) -> Collection[str]:
+        """The socket's PHIDs, as held: read it, never change it."""
     def send(self, frame: bytes) -> bool:
-        """Write a prebuilt frame; False if the socket is closing."""
+        """Write a prebuilt frame (behind a paced replay); False if the socket is closing."""
+    def replay(self, frames: list[bytes]) -> int:
+        """Send history frames in order, paced by the socket's drain; return how many."""
+    def pause(self) -> bool:
+        """The transport is full: True if a replay now waits, False if the socket is slow."""
+    def resume(self) -> None:
+        """The transport drained: continue a paced replay."""
 
 class Outbox:
     """Frames published in this event-loop iteration, written when it ends."""
 
-    def __init__(self) -> None: ...
+    def __init__(self, max_buffered: int = ...) -> None: ...
     @property
     def pending(self) -> int: ...
     @property
     def coalesced(self) -> int: ...
     bytes_sent: int
+    max_buffered: int
+    on_overflow: Callable[[Subscriber], None] | None
     def flush(self) -> None:
         """Write every pending frame: one write per socket."""
 
@@ -63,4 +74,4 @@ class Channel:
     def match(self, subscribers: Any) -> list[Subscriber]: ...
     def publish(self, subscribers: Any, frame: bytes) -> int: ...
     def subscribers(self) -> list[Subscriber]: ...
-    def sweep(self, ping_frame: bytes) -> int: ...
+    def sweep(self, ping_frame: bytes, subscribers: Iterable[Subscriber] | None = None) -> int: ...

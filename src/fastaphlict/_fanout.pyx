@@ -15,6 +15,14 @@ raises into the publisher.
   socket however many messages it got (a bulk edit posts many at once), each
   through picows' own write path.
 * A socket that is closing or gone is skipped and dropped from the index.
+* A replay is paced: :meth:`Subscriber.replay` writes history frames while
+  the socket's transport accepts them and keeps the rest (references to the
+  history's frames, no copies) until the socket drains. Live frames, pongs and
+  pings that arrive meanwhile queue behind the replay, so a tab sees its
+  frames in order. Only those later frames count against the slow-client cap:
+  a tab that reads gets a replay of any size whole; one that stops reading is
+  closed once what it leaves unread passes the cap, or after a sweep round
+  without progress.
 
 .. DANGER::
    A frame is shared by every target of a publish and by the history. It is an
@@ -25,7 +33,7 @@ cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from libc.stdint cimport uint8_t, uint64_t
 from libc.string cimport memcpy
-from sys import intern as _intern
+from asyncio import get_running_loop as _get_running_loop
 from picows.picows cimport MemoryBuffer, WSTransport
 
 __all__ = ["COMPILED", "Channel", "Outbox", "Subscriber", "build_frame"]
@@ -70,6 +78,8 @@ def build_frame(bytes payload not None):
 cdef enum:
     # Past this many PHIDs a socket's subscriptions move from a list to a set.
     SMALL = 16
+    # A paced replay joins frames into writes of about this many bytes.
+    REPLAY_CHUNK = 65536
 
 
 @cython.final
@@ -95,6 +105,17 @@ cdef class Subscriber:
     # awaiting once a ping went out unanswered. See Channel.sweep.
     cdef public bint heard
     cdef bint _awaiting
+    # The backlog of a paced replay: history frames not yet written (a list
+    # and a read position), then the frames that arrived behind them, with
+    # their size. None/0 when no replay is in progress.
+    cdef list _replay
+    cdef Py_ssize_t _replay_pos
+    cdef list _later
+    cdef Py_ssize_t _later_bytes
+    cdef bint _paused     # the transport asked us to stop writing
+    cdef bint _stalled    # paused through a whole sweep round
+    #: Set once the socket was closed as too slow, so it is closed and counted once.
+    cdef public bint slow
 
     def __cinit__(self, WSTransport transport not None, Channel channel not None):
         self.transport = transport
@@ -105,32 +126,147 @@ cdef class Subscriber:
         self._pending = None
         self.heard = True
         self._awaiting = False
+        self._replay = None
+        self._replay_pos = 0
+        self._later = None
+        self._later_bytes = 0
+        self._paused = False
+        self._stalled = False
+        self.slow = False
 
     @property
     def phids(self):
         """The PHIDs this socket listens to (a snapshot)."""
         return frozenset(self._phids)
 
-    cpdef bint listens_to_any(self, phids):
-        """Whether any of ``phids`` (a container) is one of this socket's subscriptions."""
-        for phid in self._phids:
-            if phid in phids:
-                return True
-        return False
+    cpdef object subscriptions(self):
+        """The socket's PHIDs, as held (a list or a set): read it, never change it."""
+        return self._phids
+
+    @property
+    def replaying(self):
+        """Whether a paced replay still has frames to write."""
+        return self._replay is not None
 
     cpdef bint send(self, bytes frame):
         """Write a prebuilt frame to this socket now; False if the socket is closing.
 
-        Used for replies (pong) and replays. Frames the outbox still holds for
-        this socket go first, so a pong never overtakes an earlier message.
+        Used for replies (pong) and server pings. Frames the outbox still
+        holds for this socket go first, and during a paced replay the frame
+        queues behind it, so a pong never overtakes an earlier message.
         """
         if self._pending is not None:
             frame = _join(self._pending, frame)
             self._pending = None
+        if self._replay is not None:
+            return self._defer(frame)
         if _write(self.transport, frame):
             self.channel.outbox.bytes_sent += PyBytes_GET_SIZE(frame)
             return True
         return False
+
+    def replay(self, list frames not None):
+        """Send history frames in order, paced by the socket's drain; return how many.
+
+        Writes while the transport takes them; what is left waits, as
+        references to the history's own frames, for :meth:`resume`. Frames
+        the outbox holds for this socket go first. Returns 0 if the socket
+        is closing.
+        """
+        if not frames or not _usable(self.transport):
+            return 0
+        if self._pending is not None:
+            frames = [_join(self._pending, None), *frames]
+            self._pending = None
+            # The outbox still lists this socket as dirty; it finds nothing.
+            n = len(frames) - 1
+        else:
+            n = len(frames)
+        if self._replay is None:
+            self._replay = frames
+            self._replay_pos = 0
+        else:
+            # A second replay while one is paced: it follows the first, in
+            # order with whatever queued behind that one.
+            if self._later is None:
+                self._replay.extend(frames)
+            else:
+                self._later.extend(frames)
+        self._drain()
+        return n
+
+    def pause(self):
+        """The transport's buffer is full. True if a replay now waits for it to drain.
+
+        False means no replay is in progress: the socket is not reading what
+        live fan-out sends it, and the caller closes it as too slow.
+        """
+        if self._replay is None:
+            return False
+        self._paused = True
+        return True
+
+    def resume(self):
+        """The transport drained: continue a paced replay."""
+        self._paused = False
+        self._stalled = False
+        if self._replay is not None:
+            self._drain()
+
+    cdef bint _defer(self, bytes data) except -1:
+        # A frame that must wait behind a paced replay. Past the cap the tab
+        # is not keeping up with live traffic: closed as too slow.
+        if self._later is None:
+            self._later = [data]
+        else:
+            self._later.append(data)
+        self._later_bytes += PyBytes_GET_SIZE(data)
+        if self._later_bytes > self.channel.outbox.max_buffered:
+            self.channel.outbox._overflow(self)
+            return False
+        return True
+
+    cdef void _drain(self) except *:
+        # Write chunks of the backlog until the transport pushes back (its
+        # pause_writing runs inside our write and calls pause()) or it is empty.
+        cdef list frames
+        cdef Py_ssize_t pos, end, size
+        cdef bytes data
+        cdef Outbox outbox = self.channel.outbox
+        while not self._paused:
+            frames = self._replay
+            if frames is None:
+                return
+            pos = self._replay_pos
+            if pos >= len(frames):
+                if self._later is None:
+                    self._end_replay()
+                    return
+                # Replayed frames are out: what queued behind them comes next.
+                self._replay = self._later
+                self._replay_pos = 0
+                self._later = None
+                self._later_bytes = 0
+                continue
+            end = pos
+            size = 0
+            while end < len(frames) and size < REPLAY_CHUNK:
+                size += PyBytes_GET_SIZE(<bytes>frames[end])
+                end += 1
+            data = <bytes>frames[pos] if end == pos + 1 else b"".join(frames[pos:end])
+            self._replay_pos = end
+            if not _write(self.transport, data):
+                self._end_replay()
+                return
+            outbox.bytes_sent += size
+
+    cdef inline void _end_replay(self):
+        self._replay = None
+        self._replay_pos = 0
+        self._later = None
+        self._later_bytes = 0
+        self._paused = False
+        self._stalled = False
 
     cdef inline bint _add(self, str phid):
         if phid in self._phids:
@@ -168,20 +304,26 @@ cdef class Outbox:
     The first frame queued in an iteration schedules :meth:`flush` with
     ``call_soon``; every socket then gets all its frames in one write, in
     publish order. Without a running loop (unit tests) call :meth:`flush`.
+
+    ``max_buffered`` is the slow-client cap for frames held behind a paced
+    replay; past it ``on_overflow(subscriber)`` is called (the client side
+    closes the socket with 1013). Without a handler the socket is dropped.
     """
 
     cdef list _dirty        # Subscribers with pending frames, first-queued first
     cdef bint _scheduled
-    cdef object _call_soon
     cdef readonly Py_ssize_t coalesced  # frames that shared a write with another
     cdef public unsigned long long bytes_sent  # frame bytes handed to sockets
+    cdef public Py_ssize_t max_buffered
+    cdef public object on_overflow
 
-    def __cinit__(self):
+    def __cinit__(self, Py_ssize_t max_buffered=1024 * 1024):
         self._dirty = []
         self._scheduled = False
-        self._call_soon = None
         self.coalesced = 0
         self.bytes_sent = 0
+        self.max_buffered = max_buffered
+        self.on_overflow = None
 
     @property
     def pending(self):
@@ -203,14 +345,27 @@ cdef class Outbox:
             self.coalesced += 1
 
     cdef void _schedule(self) except *:
-        if self._call_soon is None:
-            import asyncio
-            try:
-                self._call_soon = asyncio.get_running_loop().call_soon
-            except RuntimeError:
-                return  # no loop: the caller flushes
+        # The running loop is looked up each time (it is cheap): one outbox
+        # outlives a loop in tests, and a closed loop's call_soon raises. The
+        # flag is set only once the call is scheduled, so a failure here never
+        # leaves the outbox believing a flush is coming.
+        try:
+            _get_running_loop().call_soon(self.flush)
+        except RuntimeError:
+            return  # no running loop: the caller flushes
         self._scheduled = True
-        self._call_soon(self.flush)
+
+    cdef void _overflow(self, Subscriber sub) except *:
+        if sub.slow:
+            return
+        handler = self.on_overflow
+        if handler is not None:
+            handler(sub)
+        else:
+            sub.slow = True
+            if sub.attached:
+                sub.channel._drop(sub)
+            sub.transport.disconnect(False)
 
     def flush(self):
         """Write every pending frame: one write per socket. Never raises."""
@@ -224,7 +379,9 @@ cdef class Outbox:
                 continue
             sub._pending = None
             data = _join(pending, None) if type(pending) is list else <bytes>pending
-            if _write(sub.transport, data):
+            if sub._replay is not None:
+                sub._defer(data)  # behind the paced replay, in order
+            elif _write(sub.transport, data):
                 self.bytes_sent += PyBytes_GET_SIZE(data)
             elif sub.attached:
                 sub.channel._drop(sub)
@@ -269,6 +426,11 @@ cdef class Channel:
     # str -> Subscriber, or set[Subscriber] once two sockets share the PHID:
     # most PHIDs (a user's own) have one listener, and a set costs ~200 bytes.
     cdef dict _by_phid
+    # str -> the same str: the one copy of each PHID that every socket
+    # listening to it shares (tabs watching a task don't each keep their own
+    # string). Unlike sys.intern, an entry goes with the PHID's last listener,
+    # so PHIDs browsers stop using are freed.
+    cdef dict _strings
     cdef set _members     # every attached Subscriber
     cdef uint64_t _epoch
     cdef readonly Outbox outbox
@@ -279,6 +441,7 @@ cdef class Channel:
         self, Outbox outbox=None, Py_ssize_t max_subscriptions=4096, Py_ssize_t max_phid_length=512
     ):
         self._by_phid = {}
+        self._strings = {}
         self._members = set()
         self._epoch = 0
         self.outbox = outbox if outbox is not None else Outbox()
@@ -323,6 +486,7 @@ cdef class Channel:
         members = self._by_phid.get(phid)
         if members is None:
             self._by_phid[phid] = sub
+            self._strings[phid] = phid
         elif type(members) is Subscriber:
             self._by_phid[phid] = {members, sub}
         else:
@@ -334,10 +498,12 @@ cdef class Channel:
             return
         if members is sub:
             del self._by_phid[phid]
+            del self._strings[phid]
         elif type(members) is set:
             (<set>members).discard(sub)
-            if not members:
-                del self._by_phid[phid]
+            if len(<set>members) == 1:
+                # Back to the one-listener form: a set costs ~200 bytes.
+                self._by_phid[phid] = next(iter(<set>members))
 
     def subscribe(self, Subscriber sub not None, phids):
         """Add each ``str`` in ``phids`` to the socket's subscriptions; skip the rest.
@@ -346,8 +512,8 @@ cdef class Channel:
         skipped. Returns False, having added what fitted, when the socket
         would pass its subscription limit; the caller closes it.
 
-        PHIDs are interned: the tabs that watch the same task then share one
-        string instead of holding a copy each.
+        Equal PHIDs are shared through the index: the tabs that watch the
+        same task hold one string, not a copy each (see ``_strings``).
         """
         if not sub.attached or sub.channel is not self:
             return True
@@ -359,7 +525,7 @@ cdef class Channel:
                 continue
             if len(sub._phids) >= self._max_subscriptions and phid not in sub._phids:
                 return False
-            phid = _intern(phid)
+            phid = self._strings.get(phid, phid)
             if sub._add(phid):
                 self._index(phid, sub)
         return True
@@ -431,17 +597,31 @@ cdef class Channel:
         """Every attached Subscriber (a copy), for status, replay-free walks and shutdown."""
         return list(self._members)
 
-    def sweep(self, bytes ping_frame not None):
+    def sweep(self, bytes ping_frame not None, subscribers=None):
         """One round of server pings; returns the sockets found dead (closed here).
 
         A socket heard from since the last round is fine. One that was quiet
         gets a protocol ping (browsers answer by themselves); one still quiet
         a round after its ping is half-open or gone and is dropped, so dead
-        TCP connections don't pile up. Called every ``ping_interval``.
+        TCP connections don't pile up. A paced replay that made no progress
+        for a whole round belongs to a tab that stopped reading: it is handed
+        to the outbox's overflow handler (closed as too slow, not counted here).
+
+        ``subscribers`` (a slice of :meth:`subscribers`) limits the round to
+        those sockets, so a caller can spread a round over several loop
+        iterations; sockets detached meanwhile are skipped.
         """
         cdef Subscriber sub
         cdef list dead = []
-        for sub in self._members:
+        cdef list stalled = []
+        for sub in (list(self._members) if subscribers is None else subscribers):
+            if not sub.attached or sub.channel is not self:
+                continue
+            if sub._paused:
+                if sub._stalled:
+                    stalled.append(sub)
+                    continue
+                sub._stalled = True
             if sub.heard:
                 sub.heard = False
                 sub._awaiting = False
@@ -450,6 +630,8 @@ cdef class Channel:
             else:
                 sub._awaiting = True
                 sub.send(ping_frame)
+        for sub in stalled:
+            self.outbox._overflow(sub)
         for sub in dead:
             self._drop(sub)
             sub.transport.disconnect(False)

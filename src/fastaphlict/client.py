@@ -124,6 +124,24 @@ def _close(transport: WSTransport, code: WSCloseCode, reason: bytes) -> None:
     asyncio.get_running_loop().call_later(_CLOSE_GRACE, transport.disconnect, False)
 
 
+def close_slow(hub: Hub, sub: Subscriber, cap: int) -> None:
+    """Close a socket that does not read what it is sent (1013), once.
+
+    The transport's own cap fires ``pause_writing`` again if the socket
+    drains a little and fills up again, and a paced replay can overflow
+    too: the ``slow`` mark keeps it to one close, one count, one log line.
+    """
+    if sub.slow:
+        return
+    sub.slow = True
+    hub.slow_disconnects += 1
+    transport = sub.transport
+    log.warning("closing slow client: over %d unsent bytes: peer=%s", cap, describe(transport))
+    # The close frame queues behind the backlog; the socket is dropped
+    # shortly after whether or not the client ever reads it.
+    _close(transport, WSCloseCode.TRY_AGAIN_LATER, b"too slow")
+
+
 def _sendable(code: int) -> bool:
     """Whether an endpoint may put ``code`` in a close frame (RFC 6455 §7.4)."""
     return code in (1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011) or 3000 <= code <= 4999
@@ -163,29 +181,26 @@ class ClientListener(WSListener):
         log.info("connection open: instance=%s peer=%s", self._instance, describe(transport))
 
     def pause_writing(self) -> None:
-        """The socket's unsent data passed the cap: close it as too slow (1013)."""
+        """The socket's unsent data passed the cap.
+
+        During a paced replay that is the replay's cue to wait for the
+        socket to drain; otherwise the tab is not reading live traffic and
+        is closed as too slow (1013).
+        """
         sub = self._sub
-        if sub is None:
-            return
-        transport = sub.transport
-        self._hub.slow_disconnects += 1
-        log.warning(
-            "closing slow client: over %d unsent bytes: instance=%s peer=%s",
-            self._options.limits.max_buffered,
-            self._instance,
-            describe(transport),
-        )
-        # The close frame queues behind the backlog; the socket is dropped
-        # shortly after whether or not the client ever reads it.
-        _close(transport, WSCloseCode.TRY_AGAIN_LATER, b"too slow")
+        if sub is not None and not sub.pause():
+            close_slow(self._hub, sub, self._options.limits.max_buffered)
 
     def resume_writing(self) -> None:
-        """Nothing to resume: a paused socket is already being closed."""
+        """The socket drained: a paced replay goes on (nothing else waits)."""
+        sub = self._sub
+        if sub is not None and not sub.slow:
+            sub.resume()
 
     def on_ws_disconnected(self, transport: WSTransport) -> None:
         sub = self._sub
         if sub is not None:
-            self._hub.detach(sub)
+            self._hub.detach(self._instance, sub)
             self._sub = None
         log.info("connection closed: instance=%s peer=%s", self._instance, describe(transport))
 
@@ -281,6 +296,7 @@ def listener_factory(hub: Hub, options: Options = Options()):
 
     limits = options.limits
     origins = frozenset(limits.allowed_origins)
+    hub.on_slow_client(lambda sub: close_slow(hub, sub, limits.max_buffered))
 
     def refuse(status: int, body: bytes, **headers: str) -> WSUpgradeResponseWithListener:
         response = WSUpgradeResponse.create_error_response(status, body, headers or None)

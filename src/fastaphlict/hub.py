@@ -10,6 +10,13 @@ Publishing serialises a message once (orjson), frames it once, stores that
 frame in the history, hands it to the Cython fan-out, and passes the same
 payload bytes to every relay. Relays (cluster peers today, a broker tomorrow)
 sit behind the small :class:`Relay` protocol and must never block.
+
+Everything a browser chooses is bounded here: an instance exists while it has
+sockets or live history and is dropped with the last of them, and histories
+expire by time even when nothing is posted (:meth:`Hub.housekeeping`, which
+the server runs in slices so no callback holds the loop for long). Replays
+use the history's PHID index (:mod:`fastaphlict._history`) and the socket's
+paced send, so a replay costs what it sends and arrives whole.
 """
 
 from __future__ import annotations
@@ -18,14 +25,14 @@ import json
 import logging
 import math
 import time
-from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
 
 from fastaphlict._fanout import Channel, Outbox, Subscriber, build_frame
+from fastaphlict._history import History
 
 if TYPE_CHECKING:
     from picows import WSTransport
@@ -133,62 +140,18 @@ class Relay(Protocol):
 
 
 @dataclass(slots=True)
-class Entry:
-    """One history entry: when it arrived, whom it is for, and its prebuilt frame.
-
-    ``subscribers`` is the message's own list (or ``()`` when it had none):
-    copying or hashing it on every publish would cost more than the rare
-    replay that reads it.
-    """
-
-    at: float
-    subscribers: list[Any] | tuple[()]
-    frame: bytes
-
-
-class History:
-    """The recent messages of one instance: at most ``limit`` entries and ``ttl_ms`` old."""
-
-    def __init__(self, limit: int = HISTORY_LIMIT, ttl_ms: float = HISTORY_TTL_MS) -> None:
-        self.ttl_ms = ttl_ms
-        self._entries: deque[Entry] = deque(maxlen=limit)
-
-    def add(self, at: float, subscribers: Any, frame: bytes) -> None:
-        """Store a message; the oldest falls off past the limit."""
-        self.purge(at)
-        self._entries.append(Entry(at, subscribers if type(subscribers) is list else (), frame))
-
-    def purge(self, now: float) -> None:
-        """Drop entries older than the retention window."""
-        entries = self._entries
-        horizon = now - self.ttl_ms
-        while entries and entries[0].at < horizon:
-            entries.popleft()
-
-    def since(self, now: float, age_ms: float) -> Iterable[Entry]:
-        """Entries with ``at >= now - age_ms``, oldest first (after purging)."""
-        self.purge(now)
-        if age_ms < 0:
-            return ()
-        horizon = now - age_ms
-        return [e for e in self._entries if e.at >= horizon]
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def oldest(self) -> float | None:
-        """Arrival time of the oldest entry, or None when empty."""
-        return self._entries[0].at if self._entries else None
-
-
-@dataclass(slots=True)
 class Instance:
     """One Phorge instance: its sockets' PHID index, its history, its client counters."""
 
     name: str
     channel: Channel
-    history: History = field(default_factory=History)
+    history: History = field(default_factory=lambda: History(HISTORY_LIMIT, HISTORY_TTL_MS))
     clients_total: int = 0
+
+    @property
+    def idle(self) -> bool:
+        """No socket and no history: nothing left worth keeping."""
+        return self.channel.size == 0 and len(self.history) == 0
 
 
 class Hub:
@@ -202,6 +165,7 @@ class Hub:
         max_subscriptions: int = 4096,
         max_phid_length: int = 512,
         max_instance_length: int = 128,
+        max_buffered: int = 1024 * 1024,
     ) -> None:
         self.fingerprint = fingerprint
         self.started = time.monotonic()
@@ -221,7 +185,7 @@ class Hub:
         self._instances: dict[str, Instance] = {}
         # One outbox for every instance: a socket's frames of one loop
         # iteration leave in one write whichever instance published them.
-        self.outbox = Outbox()
+        self.outbox = Outbox(max_buffered)
         self._debug = debug
         self._receipt = dumps({"fingerprint": fingerprint})
 
@@ -242,8 +206,22 @@ class Hub:
         return inst
 
     def instances(self) -> list[Instance]:
-        """Every instance seen so far."""
+        """Every live instance (one with sockets or history)."""
         return list(self._instances.values())
+
+    def _release(self, inst: Instance) -> None:
+        """Drop an instance left with nothing: browsers choose instance names freely.
+
+        ``default`` stays: it is one name, and it keeps its ``clients.total``
+        counting from the start, as Aphlict's does. A named instance that
+        comes back starts its counters again.
+        """
+        if inst.idle and inst.name != DEFAULT_INSTANCE and self._instances.get(inst.name) is inst:
+            del self._instances[inst.name]
+
+    def on_slow_client(self, handler: Callable[[Subscriber], None]) -> None:
+        """Who closes a socket that falls behind a paced replay (the client side)."""
+        self.outbox.on_overflow = handler
 
     # -- admin side -------------------------------------------------------
 
@@ -295,10 +273,39 @@ class Hub:
             log.debug("deliver to %s", describe(sub.transport))
 
     def sweep(self) -> int:
-        """One round of server pings on every socket; returns how many were dead."""
-        dead = sum(inst.channel.sweep(_PING_FRAME) for inst in self._instances.values())
-        self.dead_disconnects += dead
-        return dead
+        """One whole round of server pings at once; returns how many were dead."""
+        return sum(self.housekeeping(batch=1 << 62, expire=False))
+
+    def housekeeping(
+        self, batch: int = 500, *, sweep: bool = True, expire: bool = True
+    ) -> Iterator[int]:
+        """One round of periodic work, in slices of at most ``batch`` items.
+
+        With ``sweep``, pings quiet sockets and drops dead ones (see
+        ``Channel.sweep``); with ``expire``, purges every history by time and drops instances
+        left with nothing, so an idle instance's stale history never shows in
+        ``/status/`` or ``/metrics``. Yields after each slice, the sockets found
+        dead in it: the server awaits between slices, so with 15000 sockets
+        or 20000 instances no single callback holds the loop for long.
+        """
+        for inst in list(self._instances.values()) if sweep else ():
+            subs = inst.channel.subscribers()
+            for start in range(0, len(subs), batch):
+                dead = inst.channel.sweep(_PING_FRAME, subs[start : start + batch])
+                self.dead_disconnects += dead
+                yield dead
+            self._release(inst)
+        if not expire:
+            return
+        names = list(self._instances)
+        for start in range(0, len(names), batch):
+            now = now_ms()
+            for name in names[start : start + batch]:
+                inst = self._instances.get(name)
+                if inst is not None:
+                    inst.history.purge(now)
+                    self._release(inst)
+            yield 0
 
     def status(self, instance: str) -> dict[str, Any]:
         """The ``/status/`` object for one instance, keys in Aphlict's order.
@@ -310,6 +317,7 @@ class Hub:
         if inst is not None:
             inst.history.purge(now)
             oldest = inst.history.oldest()
+            self._release(inst)
             active, total, size = inst.channel.size, inst.clients_total, len(inst.history)
         else:
             oldest, active, total, size = None, 0, 0, 0
@@ -334,10 +342,18 @@ class Hub:
         self.clients_active += 1
         return inst.channel.attach(transport)
 
-    def detach(self, sub: Subscriber) -> None:
-        """Forget a closed socket and all its subscriptions (once per attach)."""
+    def detach(self, instance: str, sub: Subscriber) -> None:
+        """Forget a closed socket and all its subscriptions (once per attach).
+
+        The instance goes too when this was its last socket and it holds no
+        history.
+        """
         self.clients_active -= 1
         sub.channel.detach(sub)
+        inst = self._instances.get(instance)
+        if inst is not None and inst.channel is sub.channel:
+            inst.history.purge(now_ms())
+            self._release(inst)
 
     @staticmethod
     def subscribe(sub: Subscriber, phids: list[Any]) -> bool:
@@ -352,19 +368,17 @@ class Hub:
     def replay(self, instance: str, sub: Subscriber, age_ms: float) -> int:
         """Resend this instance's recent messages that ``sub`` listens to, oldest first.
 
-        Returns how many were sent. Replays are not counted in ``messages.out``.
+        The history's PHID index picks the frames (cost: the socket's PHIDs
+        plus the matched entries); the socket sends them paced by its drain,
+        ahead of anything published later. Returns how many were queued.
+        Replays are not counted in ``messages.out``.
         """
         self.replays += 1
         inst = self._instances.get(instance)
         if inst is None:
             return 0
-        sent = 0
-        for entry in inst.history.since(now_ms(), age_ms):
-            if not sub.listens_to_any(entry.subscribers):
-                continue
-            if not sub.send(entry.frame):
-                break
-            sent += 1
+        frames = inst.history.select(sub.subscriptions(), now_ms(), age_ms)
+        sent = sub.replay(frames) if frames else 0
         self.replayed += sent
         return sent
 

@@ -35,6 +35,11 @@ log = logging.getLogger("fastaphlict.server")
 
 #: Listen backlog: a restart makes every open tab reconnect at once.
 BACKLOG = 4096
+#: Seconds between rounds that expire idle histories and drop empty instances.
+EXPIRE_INTERVAL = 5.0
+#: Items (sockets, instances) handled per slice of periodic work before the
+#: loop gets control back: a few milliseconds at most, with 15000 sockets.
+HOUSEKEEPING_BATCH = 500
 #: Initial picows read buffer per socket (picows never goes below 2 KiB).
 READ_BUFFER_SIZE = 2048
 _PICOWS_LOG = logging.LoggerAdapter(logging.getLogger("picows.server"), {})
@@ -61,6 +66,7 @@ class Server:
             max_subscriptions=self.limits.max_subscriptions,
             max_phid_length=self.limits.max_phid_length,
             max_instance_length=self.limits.max_instance_length,
+            max_buffered=self.limits.max_buffered,
         )
         self.relay = PeerRelay(
             config.cluster,
@@ -77,7 +83,7 @@ class Server:
         self._admin_connections: set[admin.AdminProtocol] = set()
         self._stopped = asyncio.Event()
         self._closing = False
-        self._sweeper: asyncio.Future[None] | None = None
+        self._periodic: list[asyncio.Future[None]] = []
 
     async def start(self) -> None:
         """Bind every listener; raise (and close what was opened) if one fails."""
@@ -89,7 +95,12 @@ class Server:
             for entry in self.config.admin_servers:
                 await self._start_admin(entry)
             if self.limits.ping_interval > 0:
-                self._sweeper = asyncio.ensure_future(self._sweep(self.limits.ping_interval))
+                self._periodic.append(
+                    asyncio.ensure_future(self._housekeeping(self.limits.ping_interval, sweep=True))
+                )
+            self._periodic.append(
+                asyncio.ensure_future(self._housekeeping(EXPIRE_INTERVAL, expire=True))
+            )
         except BaseException:
             await self.close()
             raise
@@ -159,15 +170,23 @@ class Server:
             "admin server listening on %s:%d%s", entry.listen, port, " (tls)" if entry.tls else ""
         )
 
-    async def _sweep(self, interval: float) -> None:
-        """Ping quiet sockets every ``interval``; drop those that never answer."""
+    async def _housekeeping(
+        self, interval: float, *, sweep: bool = False, expire: bool = False
+    ) -> None:
+        """Every ``interval``: ping quiet sockets (``sweep``) or expire histories (``expire``).
+
+        The hub hands the work over in slices; the loop serves everyone else
+        between two of them.
+        """
         while True:
             await asyncio.sleep(interval)
+            dead = 0
             try:
-                dead = self.hub.sweep()
-            except Exception:  # a boundary: the sweeper must outlive any bug
-                log.exception("ping sweep failed")
-                continue
+                for found in self.hub.housekeeping(HOUSEKEEPING_BATCH, sweep=sweep, expire=expire):
+                    dead += found
+                    await asyncio.sleep(0)
+            except Exception:  # a boundary: housekeeping must outlive any bug
+                log.exception("periodic %s failed", "ping sweep" if sweep else "expiry")
             if dead:
                 log.info("closed %d socket(s) that stopped answering pings", dead)
 
@@ -177,8 +196,8 @@ class Server:
             await self._stopped.wait()
             return
         self._closing = True
-        if self._sweeper is not None:
-            self._sweeper.cancel()
+        for task in self._periodic:
+            task.cancel()
         for server in (*self._client_servers, *self._admin_servers):
             server.close()
         closed = client.close_all(self.hub)
