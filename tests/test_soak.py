@@ -48,7 +48,13 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from fastaphlict.bench import raise_nofile_limit, server_rss_bytes
-from support import ServerProcess, child_env, free_ports
+from support import (
+    ServerProcess,
+    assert_cancelled_promptly,
+    cancel_and_wait,
+    child_env,
+    free_ports,
+)
 
 __all__ = ["RSS_GROWTH_BOUND", "ServerProcess", "SoakOptions", "SoakResult", "soak", "spawn"]
 
@@ -186,9 +192,10 @@ class Tab:
         await asyncio.wait_for(pong, TIMEOUT)
 
     async def stop(self) -> None:
-        self._reader.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._reader
+        """End the reader; a reader's failure is raised, a cancellation of the caller too."""
+        await cancel_and_wait(self._reader)
+        if not self._reader.cancelled():
+            self._reader.result()
 
 
 # -- the run ----------------------------------------------------------------------------
@@ -389,9 +396,7 @@ class Soak:
             for task in done:  # only a failure ends one early
                 task.result()
         finally:
-            for task in (poster, *tasks):
-                task.cancel()
-            await asyncio.gather(poster, *tasks, return_exceptions=True)
+            await cancel_and_wait(poster, *tasks)
         await self.settle()
 
     async def run(self) -> SoakResult:
@@ -468,6 +473,41 @@ def summary(result: SoakResult) -> str:
         f" open files {result.fds_before} -> {result.fds_after},"
         f" RSS {result.rss_before / 2**20:.1f} -> {result.rss_after / 2**20:.1f} MiB"
     )
+
+
+class _SlowClosingSocket:
+    """A socket for :class:`Tab` whose frames never come and whose reader ends slowly."""
+
+    def __init__(self) -> None:
+        self.reading = asyncio.Event()
+        self.release = asyncio.Event()
+
+    def __aiter__(self) -> _SlowClosingSocket:
+        return self
+
+    async def __anext__(self) -> str:
+        self.reading.set()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await self.release.wait()  # the reader's clean-up outlasts its cancellation
+        raise StopAsyncIteration
+
+
+async def test_a_tab_being_stopped_passes_on_its_callers_cancellation() -> None:
+    """A churner cancelled inside ``tab.stop()`` must end, not churn on for ever."""
+    ws = _SlowClosingSocket()
+    tab = Tab(ws, {})  # type: ignore[arg-type]
+    await asyncio.wait_for(ws.reading.wait(), TIMEOUT)
+
+    async def churner() -> None:
+        await tab.stop()
+        await asyncio.Event().wait()  # the next connection, and the next: for ever
+
+    task = asyncio.create_task(churner())
+    await asyncio.sleep(0.01)  # the churner now waits for the reader's clean-up
+    assert not task.done()
+    await assert_cancelled_promptly(task, then=ws.release.set)
 
 
 @pytest.mark.timeout(60)
