@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 from websockets.asyncio.client import ClientConnection, connect
 
 from fastaphlict.config import Config, PeerConfig, ServerConfig
@@ -53,6 +54,42 @@ TIMEOUT_FACTOR = _timeout_factor()
 def scaled(seconds: float) -> float:
     """A time bound for this machine: ``seconds`` times :data:`TIMEOUT_FACTOR`."""
     return seconds * TIMEOUT_FACTOR
+
+
+_SCALED = pytest.StashKey[bool]()
+
+
+def scale_timeout_option(config: pytest.Config) -> None:
+    """Scale pytest-timeout's default limit (``--timeout``, ``PYTEST_TIMEOUT`` or the ini).
+
+    Run from a conftest's ``pytest_configure`` ahead of pytest-timeout's own,
+    which then reads the scaled value as if it had been given on the command line.
+    """
+    if not config.pluginmanager.has_plugin("timeout") or config.stash.get(_SCALED, False):
+        return
+    config.stash[_SCALED] = True  # tests/ and benchmarks/ conftests may both run this
+    base = config.getoption("timeout", None)
+    if base is None:
+        base = os.environ.get("PYTEST_TIMEOUT") or config.getini("timeout") or None
+    if base is not None and float(base) > 0:
+        config.option.timeout = scaled(float(base))
+
+
+def scale_timeout_marks(items: list[pytest.Item]) -> None:
+    """Scale every test's ``timeout`` mark: a scaled copy goes in front of the original."""
+    for item in items:
+        mark = item.get_closest_marker("timeout")
+        if mark is None or item.stash.get(_SCALED, False):
+            continue
+        item.stash[_SCALED] = True
+        args, kwargs = list(mark.args), dict(mark.kwargs)
+        if args and args[0] is not None:
+            args[0] = scaled(float(args[0]))
+        elif kwargs.get("timeout") is not None:
+            kwargs["timeout"] = scaled(float(kwargs["timeout"]))
+        else:
+            continue
+        item.add_marker(pytest.mark.timeout(*args, **kwargs), append=False)
 
 
 #: The ceiling for any single wait on the server (a frame, a response, a close).

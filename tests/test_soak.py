@@ -49,16 +49,17 @@ from websockets.exceptions import ConnectionClosed
 
 from fastaphlict.bench import raise_nofile_limit, server_rss_bytes
 from support import (
+    TIMEOUT,
     ServerProcess,
     assert_cancelled_promptly,
     cancel_and_wait,
     child_env,
     free_ports,
+    scaled,
 )
 
 __all__ = ["RSS_GROWTH_BOUND", "ServerProcess", "SoakOptions", "SoakResult", "soak", "spawn"]
 
-TIMEOUT = 5.0
 PING = '{"command":"ping","data":null}'
 PONG = '{"type":"pong"}'
 PHORGE_CONTENT_TYPE = "application/x-www-form-urlencoded"
@@ -95,8 +96,8 @@ class SoakServer(ServerProcess):
         return len(os.listdir(f"/proc/{self.pid}/fd"))
 
     async def open_files_settled(self, target: int, within: float = 2.0) -> int:
-        """Open files, read again for up to ``within`` s until at most ``target``."""
-        deadline = time.monotonic() + within
+        """Open files, read again for up to ``within`` s (scaled) until at most ``target``."""
+        deadline = time.monotonic() + scaled(within)
         while (count := self.open_files()) > target and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         return count
@@ -126,19 +127,19 @@ def spawn(log_path: Path) -> Any:
         if proc.poll() is None:
             proc.terminate()
             try:
-                proc.wait(10)
+                proc.wait(scaled(10))
             except subprocess.TimeoutExpired:
                 proc.kill()
-                proc.wait(5)
+                proc.wait(scaled(5))
 
 
 async def wait_ready(server: SoakServer, session: aiohttp.ClientSession) -> None:
-    deadline = time.monotonic() + 15.0
+    deadline = time.monotonic() + scaled(15.0)
     while True:
         assert server.proc.poll() is None, f"server exited:\n{server.log()}"
         with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError):
             async with session.get(
-                f"{server.admin_url}/healthz", timeout=aiohttp.ClientTimeout(total=1.0)
+                f"{server.admin_url}/healthz", timeout=aiohttp.ClientTimeout(total=scaled(1.0))
             ) as resp:
                 if resp.status == 200:
                     return
@@ -296,7 +297,7 @@ class Soak:
         pick = self.random
         path = "/~soak-other/" if other_instance else "/"
         async with connect(
-            f"{self.server.client_url}{path}", open_timeout=TIMEOUT, close_timeout=1.0
+            f"{self.server.client_url}{path}", open_timeout=TIMEOUT, close_timeout=scaled(1.0)
         ) as ws:
             tab = Tab(ws, self.targets)
             try:
@@ -378,7 +379,7 @@ class Soak:
 
     async def settle(self) -> None:
         """Wait until the server holds only the stable tabs again (in both instances)."""
-        deadline = time.monotonic() + 10.0
+        deadline = time.monotonic() + scaled(10.0)
         while True:
             default, other = await self.status(), await self.status("soak-other")
             if (default["clients.active"], other["clients.active"]) == (self.options.stable, 0):

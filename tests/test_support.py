@@ -95,3 +95,9 @@ def test_a_bad_factor_is_refused(value: str) -> None:
     done = _factor_in_child(value)
     assert done.returncode != 0
     assert "FASTAPHLICT_TESTS_TIMEOUT_FACTOR must be a positive number" in done.stderr
+
+
+@pytest.mark.timeout(7)
+def test_timeout_marks_are_scaled(request: pytest.FixtureRequest) -> None:
+    mark = request.node.get_closest_marker("timeout")
+    assert mark is not None and mark.args[0] == scaled(7)
