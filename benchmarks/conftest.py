@@ -112,10 +112,10 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
         try:
-            proc.wait(15)
+            proc.wait(support.scaled(15))
         except subprocess.TimeoutExpired:
             proc.kill()
-            proc.wait(5)
+            proc.wait(support.scaled(5))
 
 
 @contextlib.contextmanager
@@ -140,7 +140,7 @@ def fastaphlict_server(log_dir: Path, attempts: int = 3) -> Iterator[ServerProce
                 stderr=subprocess.STDOUT,
             )
         server = ServerProcess(proc, client_port, admin_port, log_path)
-        if _ready(server, 15.0):
+        if _ready(server, support.scaled(15.0)):
             break
         _stop(proc)
     else:
@@ -174,7 +174,8 @@ def record(request: pytest.FixtureRequest) -> Any:
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_configure(config: pytest.Config) -> None:
-    """Keep a full run's JSON (see the module doc); quick and disabled runs keep nothing."""
+    """Scale pytest-timeout's limit; keep a full run's JSON (see the module doc)."""
+    support.scale_timeout_option(config)
     opt = config.option
     if QUICK or getattr(opt, "benchmark_disable", True):
         return
@@ -186,6 +187,10 @@ def pytest_configure(config: pytest.Config) -> None:
         from pytest_benchmark.utils import get_tag  # the value --benchmark-autosave stores
 
         opt.benchmark_autosave = get_tag()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    support.scale_timeout_marks(items)
 
 
 _COLUMNS: list[tuple[str, str, str]] = [

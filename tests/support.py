@@ -3,6 +3,13 @@
 The WebSocket client is the ``websockets`` library, an implementation
 independent of the picows server under test, so a frame-level mistake on our
 side cannot be hidden by the same mistake on the client side.
+
+Every time bound in the tests (waits, deadlines, latency bounds, pytest-timeout
+limits) goes through :func:`scaled`, which multiplies it by
+``FASTAPHLICT_TESTS_TIMEOUT_FACTOR`` (a float, default 1): a slow or loaded
+machine raises the factor instead of editing the bounds. Values handed to the
+server as its own settings (a ping interval, a relay timeout) are behaviour
+under test, not bounds, and stay as they are.
 """
 
 from __future__ import annotations
@@ -13,18 +20,80 @@ import json
 import os
 import socket
 import subprocess
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 from websockets.asyncio.client import ClientConnection, connect
 
 from fastaphlict.config import Config, PeerConfig, ServerConfig
 from fastaphlict.server import Limits, Server
 
-TIMEOUT = 5.0
+
+def _timeout_factor() -> float:
+    """``FASTAPHLICT_TESTS_TIMEOUT_FACTOR``, checked: a typo must not silently mean 1."""
+    raw = os.environ.get("FASTAPHLICT_TESTS_TIMEOUT_FACTOR", "").strip()
+    if not raw:
+        return 1.0
+    try:
+        factor = float(raw)
+    except ValueError:
+        factor = float("nan")
+    if not factor > 0 or factor == float("inf"):
+        raise ValueError(f"FASTAPHLICT_TESTS_TIMEOUT_FACTOR must be a positive number, not {raw!r}")
+    return factor
+
+
+#: How much longer than nominal every time bound of the tests may be.
+TIMEOUT_FACTOR = _timeout_factor()
+
+
+def scaled(seconds: float) -> float:
+    """A time bound for this machine: ``seconds`` times :data:`TIMEOUT_FACTOR`."""
+    return seconds * TIMEOUT_FACTOR
+
+
+_SCALED = pytest.StashKey[bool]()
+
+
+def scale_timeout_option(config: pytest.Config) -> None:
+    """Scale pytest-timeout's default limit (``--timeout``, ``PYTEST_TIMEOUT`` or the ini).
+
+    Run from a conftest's ``pytest_configure`` ahead of pytest-timeout's own,
+    which then reads the scaled value as if it had been given on the command line.
+    """
+    if not config.pluginmanager.has_plugin("timeout") or config.stash.get(_SCALED, False):
+        return
+    config.stash[_SCALED] = True  # tests/ and benchmarks/ conftests may both run this
+    base = config.getoption("timeout", None)
+    if base is None:
+        base = os.environ.get("PYTEST_TIMEOUT") or config.getini("timeout") or None
+    if base is not None and float(base) > 0:
+        config.option.timeout = scaled(float(base))
+
+
+def scale_timeout_marks(items: list[pytest.Item]) -> None:
+    """Scale every test's ``timeout`` mark: a scaled copy goes in front of the original."""
+    for item in items:
+        mark = item.get_closest_marker("timeout")
+        if mark is None or item.stash.get(_SCALED, False):
+            continue
+        item.stash[_SCALED] = True
+        args, kwargs = list(mark.args), dict(mark.kwargs)
+        if args and args[0] is not None:
+            args[0] = scaled(float(args[0]))
+        elif kwargs.get("timeout") is not None:
+            kwargs["timeout"] = scaled(float(kwargs["timeout"]))
+        else:
+            continue
+        item.add_marker(pytest.mark.timeout(*args, **kwargs), append=False)
+
+
+#: The ceiling for any single wait on the server (a frame, a response, a close).
+TIMEOUT = scaled(5.0)
 SRC = Path(__file__).resolve().parents[1] / "src"
 #: The server's own configuration variables, kept out of child processes.
 ENV_VARS = ("APHLICT_CONFIG", "CLIENT_PORT", "ADMIN_PORT", "LISTEN_ADDR")
@@ -196,3 +265,40 @@ async def assert_silent(browser: Browser) -> None:
     """Prove nothing is pending for ``browser``: a ping's pong must be the next frame."""
     await browser.send("ping", None)
     assert await browser.recv_raw() == '{"type":"pong"}'
+
+
+async def cancel_and_wait(*tasks: asyncio.Task[Any]) -> None:
+    """Cancel ``tasks`` and wait until they have ended.
+
+    Awaiting a cancelled child under ``suppress(CancelledError)`` also eats a
+    cancellation aimed at the caller (a test's timeout, a cancelled parent),
+    which then runs on as if nothing happened and can hang the suite. Here the
+    children's outcome stays on them (read it with ``task.result()``), and a
+    cancellation of the caller always propagates. ``asyncio.wait`` raises only
+    for the waiter, never for the tasks it waits on.
+    """
+    for task in tasks:
+        task.cancel()
+    if tasks:
+        await asyncio.wait(tasks)
+
+
+async def assert_cancelled_promptly(
+    task: asyncio.Task[Any], *, then: Callable[[], object] | None = None, within: float = 1.0
+) -> None:
+    """Cancel ``task``, run ``then()``, and check that the task ends cancelled in time.
+
+    A task that swallowed its cancellation is still running when the bound
+    expires (or ended normally): the test fails instead of hanging, and the
+    task is cancelled again so nothing outlives the test.
+    """
+    task.cancel()
+    if then is not None:
+        then()
+    await asyncio.wait([task], timeout=scaled(within))
+    try:
+        assert task.done(), f"still running {scaled(within):g} s after its cancellation"
+        assert task.cancelled(), f"ended without its cancellation: {task!r}"
+    finally:
+        if not task.done():
+            task.cancel()

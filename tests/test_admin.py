@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import pytest
 
@@ -206,10 +207,11 @@ async def test_expect_100_continue_post_like_curl() -> None:
         assert (await browser.recv())["pad"] == "p" * 4000
 
 
-async def _wait_for(predicate, srv, attempts: int = 200):
+async def _wait_for(predicate, srv):
     """Poll /status/ until ``predicate`` holds: disconnects are seen asynchronously."""
     status = {}
-    for _ in range(attempts):
+    deadline = time.monotonic() + TIMEOUT
+    while time.monotonic() < deadline:
         status = await srv.status()
         if predicate(status):
             return status

@@ -31,6 +31,8 @@ from urllib.parse import urlencode
 
 import pytest
 
+from support import TIMEOUT, scaled
+
 CHROMIUM = Path("/usr/bin/chromium")
 # Without the networking flags Chromium phones home at start-up (updates,
 # sync, field trials); on a closed network those connections fail slowly.
@@ -47,7 +49,7 @@ CHROMIUM_ARGS = [
 SRC = Path(__file__).resolve().parents[1] / "src"
 PAGE = Path(__file__).with_name("browser_page.html")
 #: Generous: Chromium and the server share two loaded cores in CI.
-WAIT_MS = 15_000
+WAIT_MS = round(scaled(15) * 1000)
 PHORGE_CONTENT_TYPE = "application/x-www-form-urlencoded"
 
 USER = "PHID-USER-alice"
@@ -91,7 +93,7 @@ class ServerProcess:
         if any(SRC.glob("fastaphlict/_fanout*.so")):  # a development checkout
             self.env["PYTHONPATH"] = f"{SRC}{os.pathsep}{self.env.get('PYTHONPATH', '')}"
 
-    def start(self, timeout: float = 15.0) -> None:
+    def start(self, timeout: float = scaled(15.0)) -> None:
         with open(self.stderr, "ab") as err:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "fastaphlict", f"--config={self.config}"],
@@ -111,7 +113,7 @@ class ServerProcess:
                 assert time.monotonic() < deadline, f"server never ready: {self.log()}"
                 time.sleep(0.02)
 
-    def terminate(self, timeout: float = 15.0) -> None:
+    def terminate(self, timeout: float = scaled(15.0)) -> None:
         """SIGTERM: every socket gets close 1001, then the process exits 0."""
         assert self.process is not None
         self.process.send_signal(signal.SIGTERM)
@@ -120,7 +122,7 @@ class ServerProcess:
     def kill(self) -> None:
         if self.process is not None and self.process.poll() is None:
             self.process.kill()
-            self.process.wait(5)
+            self.process.wait(scaled(5))
 
     def log(self) -> str:
         return self.stderr.read_text(errors="replace")
@@ -132,13 +134,13 @@ class ServerProcess:
             data=json.dumps(message, ensure_ascii=False).encode(),
             headers={"Content-Type": PHORGE_CONTENT_TYPE},
         )
-        with urllib.request.urlopen(request, timeout=5) as response:
+        with urllib.request.urlopen(request, timeout=TIMEOUT) as response:
             assert response.status == 200
             assert "fingerprint" in json.loads(response.read())
 
     def status(self, instance: str = "acme") -> dict[str, Any]:
         url = f"http://127.0.0.1:{self.admin_port}/status/?instance={instance}"
-        with urllib.request.urlopen(url, timeout=5) as response:
+        with urllib.request.urlopen(url, timeout=TIMEOUT) as response:
             return json.loads(response.read())
 
 
@@ -152,7 +154,7 @@ def browser() -> Iterator[Any]:
         _require(False, "playwright is not installed (pip install '.[test]')")
     with sync_playwright() as pw:
         chromium = pw.chromium.launch(
-            executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, timeout=60_000
+            executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, timeout=scaled(60) * 1000
         )
         try:
             yield chromium

@@ -17,6 +17,7 @@ import pytest
 
 from fastaphlict import cli
 from fastaphlict.config import Config, LogConfig
+from support import scaled
 
 SRC = Path(__file__).resolve().parent.parent / "src"
 ENV_VARS = ("APHLICT_CONFIG", "CLIENT_PORT", "ADMIN_PORT", "LISTEN_ADDR")
@@ -43,7 +44,7 @@ def run_cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
         env={**base, "PYTHONPATH": pythonpath, **env},
         capture_output=True,
         text=True,
-        timeout=30,
+        timeout=scaled(30),
         check=False,
     )
 
@@ -154,7 +155,7 @@ def test_cli_does_not_import_the_server_until_it_serves() -> None:
         [sys.executable, "-c", code],
         env={**os.environ, "PYTHONPATH": str(SRC)},
         capture_output=True,
-        timeout=30,
+        timeout=scaled(30),
         check=False,
     )
     assert result.returncode == 0, result.stderr

@@ -47,7 +47,7 @@ from hypothesis import strategies as st
 from websockets.asyncio.client import connect
 
 from fastaphlict.admin import MAX_BODY_SIZE
-from support import PHORGE_CONTENT_TYPE, TIMEOUT, Browser, Running, running
+from support import PHORGE_CONTENT_TYPE, TIMEOUT, Browser, Running, running, scaled
 
 T = TypeVar("T")
 
@@ -60,7 +60,7 @@ PING = b'{"command":"ping","data":null}'
 UNSUBSCRIBE = b'{"command":"unsubscribe","data":[]}'
 PONG = b'{"type":"pong"}'
 #: Deadline for one hypothesis example, every await included.
-EXAMPLE_TIMEOUT = 10.0
+EXAMPLE_TIMEOUT = scaled(10.0)
 
 OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
 

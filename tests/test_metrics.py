@@ -6,6 +6,7 @@ import asyncio
 import base64
 import os
 import socket
+import time
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -78,7 +79,8 @@ async def test_relay_metrics_per_peer() -> None:
         peer = PeerConfig("127.0.0.1", b.server.admin_ports[0], "http")
         async with running(local_config(peers=(peer,))) as a:
             await a.post({"subscribers": []})
-            for _ in range(500):
+            deadline = time.monotonic() + TIMEOUT
+            while time.monotonic() < deadline:
                 if a.server.relay.peers[0].sent:
                     break
                 await asyncio.sleep(0.01)

@@ -19,6 +19,7 @@ import pytest
 from aiohttp import web
 
 from fastaphlict.peers import FINGERPRINT_ALPHABET, PeerRelay, new_fingerprint
+from support import TIMEOUT, scaled
 
 try:
     from fastaphlict.config import PeerConfig
@@ -32,7 +33,7 @@ except ImportError:  # config.py not written yet; the relay only reads these thr
 
 
 LOGGER = "fastaphlict.peers"
-WAIT = 5.0  # ceiling for any single wait; tests normally finish far sooner
+WAIT = TIMEOUT  # ceiling for any single wait; tests normally finish far sooner
 
 
 @dataclass
@@ -348,7 +349,7 @@ async def test_down_peer_delays_neither_caller_nor_healthy_peer(
     for body in expected:
         relay.relay("default", {"touched": ["self"]}, body)
     elapsed = time.perf_counter() - started
-    assert elapsed < 0.5, f"relay() took {elapsed:.3f}s for 100 messages"
+    assert elapsed < scaled(0.5), f"relay() took {elapsed:.3f}s for 100 messages"
 
     await eventually(lambda: len(healthy.requests) == 100)
     assert healthy.bodies == expected
@@ -368,10 +369,10 @@ async def test_hung_peer_times_out_and_healthy_peer_gets_everything(
 
     for body in expected:
         relay.relay("default", {"touched": ["self"]}, body)
-    await eventually(lambda: len(healthy.requests) == 5, timeout=1.0)
+    await eventually(lambda: len(healthy.requests) == 5, timeout=scaled(1.0))
     assert healthy.bodies == expected
 
-    await eventually(lambda: hung.failed >= 1, timeout=2.0)
+    await eventually(lambda: hung.failed >= 1, timeout=scaled(2.0))
     assert hung.sent == 0
     assert hung.last_error is not None and "timed out" in hung.last_error
 
@@ -441,7 +442,7 @@ async def test_close_drains_queued_messages(start_peer) -> None:
     for body in expected:
         relay.relay("default", {"touched": ["self"]}, body)
 
-    await within(relay.close(timeout=2.0))
+    await within(relay.close(timeout=scaled(2.0)))
 
     assert fake.bodies == expected
 
@@ -455,11 +456,11 @@ async def test_close_is_idempotent_and_bounded_with_hung_peer(hung_peer) -> None
 
     started = time.perf_counter()
     await within(relay.close(timeout=0.3))
-    assert time.perf_counter() - started < 1.5
+    assert time.perf_counter() - started < scaled(1.5)
 
     started = time.perf_counter()
     await within(relay.close(timeout=0.3))
-    assert time.perf_counter() - started < 0.1
+    assert time.perf_counter() - started < scaled(0.1)
 
     relay.relay("default", {"touched": ["self"]}, message(3))  # after close: ignored, never raises
     assert relay.peers[0].queued == 0

@@ -16,10 +16,10 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from support import child_env, free_ports
+from support import TIMEOUT, child_env, free_ports, scaled
 
 
-def eventually(predicate, timeout: float = 5.0) -> None:
+def eventually(predicate, timeout: float = TIMEOUT) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
         assert time.monotonic() < deadline
@@ -53,7 +53,7 @@ class Proc:
             )
         return self
 
-    def wait_ready(self, timeout: float = 10.0) -> None:
+    def wait_ready(self, timeout: float = scaled(10.0)) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             assert self.process is not None
@@ -72,7 +72,7 @@ class Proc:
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
             self.process.kill()
-            self.process.wait(5)
+            self.process.wait(scaled(5))
 
 
 @pytest.fixture
@@ -99,15 +99,15 @@ async def test_sigterm_says_going_away_and_exits_zero(proc, tmp_path: Path) -> N
     url = f"ws://127.0.0.1:{server.client_port}/~acme/"
     async with connect(url) as one, connect(url) as two:
         await one.send('{"command":"ping","data":null}')
-        assert await asyncio.wait_for(one.recv(), 5) == '{"type":"pong"}'
+        assert await asyncio.wait_for(one.recv(), TIMEOUT) == '{"type":"pong"}'
         started = time.monotonic()
         server.process.send_signal(signal.SIGTERM)
         for ws in (one, two):
             with pytest.raises(ConnectionClosed):
-                await asyncio.wait_for(ws.recv(), 5)
+                await asyncio.wait_for(ws.recv(), TIMEOUT)
             assert ws.close_code == 1001, "browsers reconnect at once on going-away"
-    assert await asyncio.to_thread(server.process.wait, 10) == 0
-    assert time.monotonic() - started < 10
+    assert await asyncio.to_thread(server.process.wait, scaled(10)) == 0
+    assert time.monotonic() - started < scaled(10)
     assert not pidfile.exists(), "the pidfile is removed at exit"
     assert "Traceback" not in server.log()
 
@@ -116,7 +116,7 @@ async def test_sigterm_says_going_away_and_exits_zero(proc, tmp_path: Path) -> N
 def test_stale_pidfile_is_replaced_with_a_warning(proc, tmp_path: Path) -> None:
     pidfile = tmp_path / "aphlict.pid"
     # A live process that is not fastaphlict: what a reboot leaves behind.
-    squatter = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    squatter = subprocess.Popen([sys.executable, "-c", f"import time; time.sleep({scaled(30)})"])
     try:
         pidfile.write_text(f"{squatter.pid}\n")
         server = proc(pidfile=str(pidfile)).start()
@@ -149,7 +149,7 @@ def test_live_server_pidfile_refuses_to_start(proc, tmp_path: Path) -> None:
     second_dir.mkdir()
     second = Proc(second_dir, pidfile=str(pidfile)).start()
     try:
-        assert second.process.wait(10) == 1
+        assert second.process.wait(scaled(10)) == 1
         assert "still running" in second.log() and str(first.process.pid) in second.log()
         assert pidfile.read_text().strip() == str(first.process.pid), "left alone"
     finally:
@@ -165,14 +165,14 @@ async def test_sighup_reopens_log_files_for_logrotate(proc, tmp_path: Path) -> N
     rotated = logfile.with_suffix(".log.1")
     logfile.rename(rotated)
     server.process.send_signal(signal.SIGHUP)
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + TIMEOUT
     while not (logfile.exists() and "log files reopened" in logfile.read_text()):
         assert time.monotonic() < deadline, server.log()
         await asyncio.sleep(0.02)
     async with connect(f"ws://127.0.0.1:{server.client_port}/") as ws:
         await ws.send('{"command":"ping","data":null}')
-        await asyncio.wait_for(ws.recv(), 5)
-    deadline = time.monotonic() + 5
+        await asyncio.wait_for(ws.recv(), TIMEOUT)
+    deadline = time.monotonic() + TIMEOUT
     while "connection open" not in logfile.read_text():
         assert time.monotonic() < deadline
         await asyncio.sleep(0.02)

@@ -48,11 +48,18 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from fastaphlict.bench import raise_nofile_limit, server_rss_bytes
-from support import ServerProcess, child_env, free_ports
+from support import (
+    TIMEOUT,
+    ServerProcess,
+    assert_cancelled_promptly,
+    cancel_and_wait,
+    child_env,
+    free_ports,
+    scaled,
+)
 
 __all__ = ["RSS_GROWTH_BOUND", "ServerProcess", "SoakOptions", "SoakResult", "soak", "spawn"]
 
-TIMEOUT = 5.0
 PING = '{"command":"ping","data":null}'
 PONG = '{"type":"pong"}'
 PHORGE_CONTENT_TYPE = "application/x-www-form-urlencoded"
@@ -89,8 +96,8 @@ class SoakServer(ServerProcess):
         return len(os.listdir(f"/proc/{self.pid}/fd"))
 
     async def open_files_settled(self, target: int, within: float = 2.0) -> int:
-        """Open files, read again for up to ``within`` s until at most ``target``."""
-        deadline = time.monotonic() + within
+        """Open files, read again for up to ``within`` s (scaled) until at most ``target``."""
+        deadline = time.monotonic() + scaled(within)
         while (count := self.open_files()) > target and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         return count
@@ -120,19 +127,19 @@ def spawn(log_path: Path) -> Any:
         if proc.poll() is None:
             proc.terminate()
             try:
-                proc.wait(10)
+                proc.wait(scaled(10))
             except subprocess.TimeoutExpired:
                 proc.kill()
-                proc.wait(5)
+                proc.wait(scaled(5))
 
 
 async def wait_ready(server: SoakServer, session: aiohttp.ClientSession) -> None:
-    deadline = time.monotonic() + 15.0
+    deadline = time.monotonic() + scaled(15.0)
     while True:
         assert server.proc.poll() is None, f"server exited:\n{server.log()}"
         with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError):
             async with session.get(
-                f"{server.admin_url}/healthz", timeout=aiohttp.ClientTimeout(total=1.0)
+                f"{server.admin_url}/healthz", timeout=aiohttp.ClientTimeout(total=scaled(1.0))
             ) as resp:
                 if resp.status == 200:
                     return
@@ -186,9 +193,10 @@ class Tab:
         await asyncio.wait_for(pong, TIMEOUT)
 
     async def stop(self) -> None:
-        self._reader.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._reader
+        """End the reader; a reader's failure is raised, a cancellation of the caller too."""
+        await cancel_and_wait(self._reader)
+        if not self._reader.cancelled():
+            self._reader.result()
 
 
 # -- the run ----------------------------------------------------------------------------
@@ -289,7 +297,7 @@ class Soak:
         pick = self.random
         path = "/~soak-other/" if other_instance else "/"
         async with connect(
-            f"{self.server.client_url}{path}", open_timeout=TIMEOUT, close_timeout=1.0
+            f"{self.server.client_url}{path}", open_timeout=TIMEOUT, close_timeout=scaled(1.0)
         ) as ws:
             tab = Tab(ws, self.targets)
             try:
@@ -371,7 +379,7 @@ class Soak:
 
     async def settle(self) -> None:
         """Wait until the server holds only the stable tabs again (in both instances)."""
-        deadline = time.monotonic() + 10.0
+        deadline = time.monotonic() + scaled(10.0)
         while True:
             default, other = await self.status(), await self.status("soak-other")
             if (default["clients.active"], other["clients.active"]) == (self.options.stable, 0):
@@ -389,9 +397,7 @@ class Soak:
             for task in done:  # only a failure ends one early
                 task.result()
         finally:
-            for task in (poster, *tasks):
-                task.cancel()
-            await asyncio.gather(poster, *tasks, return_exceptions=True)
+            await cancel_and_wait(poster, *tasks)
         await self.settle()
 
     async def run(self) -> SoakResult:
@@ -468,6 +474,41 @@ def summary(result: SoakResult) -> str:
         f" open files {result.fds_before} -> {result.fds_after},"
         f" RSS {result.rss_before / 2**20:.1f} -> {result.rss_after / 2**20:.1f} MiB"
     )
+
+
+class _SlowClosingSocket:
+    """A socket for :class:`Tab` whose frames never come and whose reader ends slowly."""
+
+    def __init__(self) -> None:
+        self.reading = asyncio.Event()
+        self.release = asyncio.Event()
+
+    def __aiter__(self) -> _SlowClosingSocket:
+        return self
+
+    async def __anext__(self) -> str:
+        self.reading.set()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await self.release.wait()  # the reader's clean-up outlasts its cancellation
+        raise StopAsyncIteration
+
+
+async def test_a_tab_being_stopped_passes_on_its_callers_cancellation() -> None:
+    """A churner cancelled inside ``tab.stop()`` must end, not churn on for ever."""
+    ws = _SlowClosingSocket()
+    tab = Tab(ws, {})  # type: ignore[arg-type]
+    await asyncio.wait_for(ws.reading.wait(), TIMEOUT)
+
+    async def churner() -> None:
+        await tab.stop()
+        await asyncio.Event().wait()  # the next connection, and the next: for ever
+
+    task = asyncio.create_task(churner())
+    await asyncio.sleep(0.01)  # the churner now waits for the reader's clean-up
+    assert not task.done()
+    await assert_cancelled_promptly(task, then=ws.release.set)
 
 
 @pytest.mark.timeout(60)

@@ -1,0 +1,103 @@
+"""The test helpers' own rules: cancellation passes through, time bounds scale."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import support
+from support import assert_cancelled_promptly, cancel_and_wait, scaled
+
+TESTS = Path(__file__).resolve().parent
+
+
+async def test_cancel_and_wait_passes_on_a_cancellation_aimed_at_its_caller() -> None:
+    """The caller is cancelled while its child is still cleaning up: it must end too."""
+    started = asyncio.Event()
+    release = asyncio.Event()
+
+    async def child() -> None:
+        started.set()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await release.wait()  # a slow clean-up, as a closing handshake is
+
+    async def caller() -> None:
+        await started.wait()
+        await cancel_and_wait(worker)
+        await asyncio.Event().wait()  # where a swallowed cancellation leads: forever
+
+    worker = asyncio.create_task(child())
+    parent = asyncio.create_task(caller())
+    await started.wait()
+    await asyncio.sleep(0.01)  # the parent now waits for the child's clean-up
+    assert not parent.done()
+    await assert_cancelled_promptly(parent, then=release.set)
+    await asyncio.wait([worker], timeout=scaled(1.0))
+    assert worker.cancelled()
+
+
+async def test_cancel_and_wait_leaves_the_childs_failure_on_the_child() -> None:
+    async def failing() -> None:
+        try:
+            await asyncio.Event().wait()
+        finally:
+            raise RuntimeError("clean-up failed")
+
+    worker = asyncio.create_task(failing())
+    await asyncio.sleep(0)
+    await cancel_and_wait(worker)
+    with pytest.raises(RuntimeError, match="clean-up failed"):
+        worker.result()
+
+
+async def test_cancel_and_wait_of_nothing_returns() -> None:
+    await asyncio.wait_for(cancel_and_wait(), scaled(1.0))
+
+
+def test_scaled_multiplies_by_the_factor(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(support, "TIMEOUT_FACTOR", 2.5)
+    assert scaled(4.0) == 10.0
+    monkeypatch.setattr(support, "TIMEOUT_FACTOR", 1.0)
+    assert scaled(4.0) == 4.0
+
+
+def _factor_in_child(value: str | None) -> subprocess.CompletedProcess[str]:
+    """Import ``support`` afresh under ``FASTAPHLICT_TESTS_TIMEOUT_FACTOR=value``."""
+    env = {k: v for k, v in os.environ.items() if k != "FASTAPHLICT_TESTS_TIMEOUT_FACTOR"}
+    if value is not None:
+        env["FASTAPHLICT_TESTS_TIMEOUT_FACTOR"] = value
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TESTS), env.get("PYTHONPATH")]))
+    code = "import support; print(support.TIMEOUT_FACTOR, support.TIMEOUT, support.scaled(2))"
+    return subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=scaled(30)
+    )
+
+
+@pytest.mark.parametrize(
+    ("value", "printed"),
+    [(None, "1.0 5.0 2.0"), ("", "1.0 5.0 2.0"), ("3", "3.0 15.0 6.0"), ("0.5", "0.5 2.5 1.0")],
+)
+def test_the_factor_is_read_from_the_environment(value: str | None, printed: str) -> None:
+    done = _factor_in_child(value)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == printed.split()
+
+
+@pytest.mark.parametrize("value", ["fast", "0", "-2", "inf", "nan"])
+def test_a_bad_factor_is_refused(value: str) -> None:
+    done = _factor_in_child(value)
+    assert done.returncode != 0
+    assert "FASTAPHLICT_TESTS_TIMEOUT_FACTOR must be a positive number" in done.stderr
+
+
+@pytest.mark.timeout(7)
+def test_timeout_marks_are_scaled(request: pytest.FixtureRequest) -> None:
+    mark = request.node.get_closest_marker("timeout")
+    assert mark is not None and mark.args[0] == scaled(7)
