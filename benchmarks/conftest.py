@@ -214,6 +214,9 @@ _COLUMNS: list[tuple[str, str, str]] = [
     ("noise %", "noise_pct", ".0f"),
     ("steal %", "steal_pct", ".1f"),
     ("RSS MB", "server_rss_mb", ".1f"),
+    ("srv us/tab", "server_cpu_per_tab_us", ".0f"),
+    ("storm s", "storm_wall_s", ".2f"),
+    ("watch max ms", "watcher_ping_max_ms", ".1f"),
     ("B/socket", "bytes_per_socket", ".0f"),
 ]
 
@@ -306,6 +309,14 @@ def target_lines(rows: list[dict[str, Any]]) -> list[str]:
             3.0,
             " ms",
         )
+    for name, node_us in (("storm-full", 2700.0), ("storm-empty", 600.0)):
+        if name in named:
+            row = named[name]
+            # Node Aphlict's CPU per tab in issue 8's measurement; the target is a quarter.
+            check(
+                f"{name} server CPU per tab", row.get("server_cpu_per_tab_us"), node_us / 4, " us"
+            )
+            check(f"{name} watcher's worst ping", row.get("watcher_ping_max_ms"), 100.0, " ms")
     if "idle" in named:
         value = named["idle"].get("bytes_per_socket")
         check("idle RSS per subscribed socket", None if value is None else value / 1024, 7.0, " KB")

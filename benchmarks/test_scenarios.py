@@ -44,6 +44,9 @@ BURST_CONCURRENCY = 16 if QUICK else 64
 SCALING = (100, 200, 300) if QUICK else (1_000, 5_000, 15_000)
 LATENCY_RATE = 200.0 if QUICK else 500.0
 LATENCY_MESSAGES = 200 if QUICK else 2_500
+#: Tabs reconnecting at once, and the history they replay (issue 8's sizes).
+STORM_TABS = 200 if QUICK else 4_000
+STORM_HISTORY = 100 if QUICK else 1_000
 #: CPU is read around each slice of messages and the medians reported, so a
 #: noisy neighbour spoils one window rather than the figure.
 WINDOWS = 2 if QUICK else 5
@@ -156,3 +159,26 @@ def test_idle_memory(benchmark: Any, server: ServerProcess, record: Any) -> None
         benchmark, server, record, "idle", scenario="idle", sockets=SOCKETS, messages=0
     )
     assert result.bytes_per_socket is not None
+
+
+@pytest.mark.parametrize("history", [STORM_HISTORY, 0], ids=["full", "empty"])
+def test_storm(benchmark: Any, server: ServerProcess, record: Any, history: int) -> None:
+    """A node restart: every tab reconnects at once with subscribe, replay and ping.
+
+    ``full`` first posts a busy minute of history (each message naming 21
+    PHIDs), so each tab is replayed the messages naming its PHIDs; ``empty``
+    measures the connection path alone. The replays are checked exactly;
+    CPU per tab and the watcher tab's worst ping are printed, not asserted.
+    """
+    result = _scenario(
+        benchmark,
+        server,
+        record,
+        f"storm-{'full' if history else 'empty'}",
+        scenario="storm",
+        sockets=STORM_TABS,
+        history=history,
+    )
+    assert result.replay_tabs_wrong == 0
+    assert result.out_of_order == 0
+    assert result.replay_frames_received == result.replay_frames_expected

@@ -37,6 +37,16 @@ when the generator is far from saturated, which is what the paced
 (``--rate``) runs are for; in broadcast and burst runs it mostly measures how
 fast one Python process drains 10000 sockets.
 
+The ``storm`` scenario plays a node restart instead: a busy minute of history
+is posted first, then every tab reconnects at once and sends what
+``JX.Aphlict`` sends (``subscribe``, ``replay``, ``ping``). Each tab's replay
+is checked against the model (the messages naming its PHIDs, once, oldest
+first, before its pong); the server's CPU is read around the storm; a watcher
+tab in a separate process pings throughout, and its worst round trip is how
+long the storm left an established tab unanswered. It needs a server with an
+empty history (a fresh one); only the protocol is used, so Node Aphlict can be
+measured the same way.
+
 Run ``fastaphlict-bench --help`` for the command line; the pytest scenarios in
 ``benchmarks/`` call :func:`run_scenario` directly.
 """
@@ -77,17 +87,20 @@ __all__ = [
     "raise_nofile_limit",
     "run_floor",
     "run_scenario",
+    "run_storm",
     "server_cpu_seconds",
     "server_rss_bytes",
     "ws_frame",
 ]
 
-Scenario = Literal["targeted", "broadcast", "burst", "idle"]
-SCENARIOS: tuple[Scenario, ...] = ("targeted", "broadcast", "burst", "idle")
+Scenario = Literal["targeted", "broadcast", "burst", "idle", "storm"]
+SCENARIOS: tuple[Scenario, ...] = ("targeted", "broadcast", "burst", "idle", "storm")
 
 #: What Phorge's curl sends: raw JSON under the form content type.
 PHORGE_CONTENT_TYPE = "application/x-www-form-urlencoded"
 _PING = b'{"command":"ping","data":null}'
+#: What JX.Aphlict sends after its subscribe on every (re)connect.
+_REPLAY = b'{"command":"replay","data":{"age":60000}}'
 _PONG = b'{"type":"pong"}'
 #: Object PHIDs per tab, users and objects per message: the targeted mix.
 OBJECTS_PER_TAB = 5
@@ -142,12 +155,33 @@ class Options:
     floor: bool = True
     #: WebSocket handshakes in flight; keep it at or below the server's listen
     #: backlog (asyncio's default is 100) or refused SYNs cost 1 s retries.
-    connect_concurrency: int = 100
+    #: 0 picks the scenario's default (see :func:`effective_connect_concurrency`).
+    connect_concurrency: int = 0
     #: Seconds to wait, after a window's last post is answered, for missing deliveries.
     deadline: float = 10.0
     #: Measurement windows: the messages are posted in this many slices, the
     #: server's CPU is read around each, and the figures are the medians.
     windows: int = 1
+    #: storm: messages posted before the storm (the busy minute); 0 = empty history.
+    history: int = 1000
+    #: storm: PHIDs each tab subscribes to (its user and the page's objects).
+    phids_per_tab: int = 20
+    #: storm: seconds between the watcher tab's pings.
+    watch_interval: float = 0.005
+
+
+#: Handshakes in flight during a storm: enough to keep a server's listen
+#: backlog (Node's 511, ours 4096) busy, as thousands of tabs reconnecting do.
+STORM_CONNECT_CONCURRENCY = 500
+#: Tabs in a storm unless told otherwise: issue 8's measurement.
+STORM_TABS = 4000
+
+
+def effective_connect_concurrency(opts: Options) -> int:
+    """Handshakes in flight: the storm's burst, else 100 (asyncio's default backlog)."""
+    if opts.connect_concurrency > 0:
+        return opts.connect_concurrency
+    return STORM_CONNECT_CONCURRENCY if opts.scenario == "storm" else 100
 
 
 def effective_concurrency(opts: Options) -> int:
@@ -233,6 +267,20 @@ class Result:
     steal_pct: float | None = None
     window_server_cpu_per_delivery_us: list[float] = field(default_factory=list)
     window_floor_cpu_per_send_us: list[float] = field(default_factory=list)
+    #: storm: history messages posted before it, and its figures (see run_storm).
+    history: int | None = None
+    storm_wall_s: float | None = None
+    server_cpu_per_tab_us: float | None = None
+    replay_frames_expected: int | None = None
+    replay_frames_received: int | None = None
+    #: storm: tabs whose replay was not exactly their expected list, in order.
+    replay_tabs_wrong: int = 0
+    out_of_order: int = 0
+    connect_retries: int = 0
+    watcher_pings: int | None = None
+    watcher_ping_p50_ms: float | None = None
+    watcher_ping_p99_ms: float | None = None
+    watcher_ping_max_ms: float | None = None
     notes: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
@@ -255,6 +303,8 @@ class Result:
             or self.foreign_frames
             or self.post_errors
             or self.floor_loss_bytes
+            or self.replay_tabs_wrong
+            or self.out_of_order
         )
 
 
@@ -291,7 +341,8 @@ def build_model(opts: Options) -> Model:
 
     users = opts.users or n
     objects = opts.objects or max(1, n // SOCKETS_PER_OBJECT)
-    per_tab = min(OBJECTS_PER_TAB, objects)
+    storm = opts.scenario == "storm"
+    per_tab = min(max(0, opts.phids_per_tab - 1) if storm else OBJECTS_PER_TAB, objects)
     subs = []
     by_phid: dict[str, list[int]] = {}
     for i in range(n):
@@ -307,7 +358,7 @@ def build_model(opts: Options) -> Model:
     messages = []
     targets = []
     named = min(USERS_PER_MESSAGE, users)
-    for _ in range(opts.messages):
+    for _ in range(opts.history if storm else opts.messages):
         phids = [user_phid(u) for u in rng.sample(range(users), named)]
         phids.append(object_phid(rng.randrange(objects)))
         reached: set[int] = set()
@@ -559,7 +610,7 @@ async def _open_tabs(
         for i in next_index:
             tabs[i] = await open_one(i)
 
-    workers = [asyncio.ensure_future(worker()) for _ in range(max(1, opts.connect_concurrency))]
+    workers = [asyncio.ensure_future(worker()) for _ in range(effective_connect_concurrency(opts))]
     try:
         await asyncio.gather(*workers)
     except BaseException:
@@ -575,7 +626,7 @@ async def _sync_all(tabs: Sequence[_Tab], timeout: float) -> None:
     await asyncio.gather(*(tab.sync(timeout) for tab in tabs))
 
 
-async def _close_tabs(tabs: Sequence[_Tab], timeout: float = 10.0) -> None:
+async def _close_tabs(tabs: Sequence[_Tab | _StormTab], timeout: float = 10.0) -> None:
     """Close every tab and wait until their descriptors are released."""
     loop = asyncio.get_running_loop()
     waits = []
@@ -825,6 +876,286 @@ async def run_floor(
             proc.join(5.0)
 
 
+# -- the reconnect storm --------------------------------------------------------
+
+
+class _StormTab(WSListener):
+    """A reconnecting tab: records the ids replayed to it, in arrival order, until its pong."""
+
+    __slots__ = ("closed", "foreign", "ids", "index", "late", "pong", "pong_ns", "transport")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.index = -1
+        self.ids = array("i")
+        self.foreign = 0
+        self.late = 0  # frames after the pong: a server that reordered replay and pong
+        self.pong_ns = 0
+        self.pong: asyncio.Future[None] | None = None
+        self.closed: asyncio.Future[None] | None = None
+        self.transport: WSTransport | None = None
+
+    def on_ws_connected(self, transport: WSTransport) -> None:
+        self.transport = transport
+
+    def on_ws_disconnected(self, transport: WSTransport) -> None:
+        closed = self.closed
+        if closed is not None and not closed.done():
+            closed.set_result(None)
+        pong = self.pong
+        if pong is not None and not pong.done():
+            pong.set_exception(ConnectionError("socket closed before its pong"))
+
+    def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
+        msg_type = frame.msg_type
+        if msg_type is not WSMsgType.TEXT:
+            if msg_type is WSMsgType.CLOSE:
+                transport.disconnect()
+            return
+        payload = frame.get_payload_as_bytes()
+        if payload == _PONG:
+            if not self.pong_ns:
+                self.pong_ns = time.monotonic_ns()
+            pong = self.pong
+            if pong is not None and not pong.done():
+                pong.set_result(None)
+            return
+        if self.pong_ns:
+            self.late += 1
+        try:
+            self.ids.append(orjson.loads(payload)["id"])
+        except (ValueError, KeyError, TypeError, OverflowError):
+            self.foreign += 1
+
+
+def _watch_worker(conn: Connection, url: str, phid: str, interval: float) -> None:
+    """The watcher process: one tab that pings every ``interval`` s until told to stop.
+
+    It lives in its own process so that the generator's work (thousands of
+    handshakes, every replayed frame) does not delay its pongs: what it
+    measures is how long the server leaves an established tab unanswered.
+    """
+    try:
+        import uvloop
+
+        runner: Any = uvloop.run
+    except ImportError:
+        runner = asyncio.run
+    conn.send(runner(_watch(conn, url, phid, interval)))
+    conn.close()
+
+
+async def _watch(conn: Connection, url: str, phid: str, interval: float) -> list[int]:
+    _, tab = await asyncio.wait_for(
+        ws_connect(_StormTab, url, use_aiofastnet=False, websocket_handshake_timeout=10.0), 10.0
+    )
+    assert isinstance(tab, _StormTab) and tab.transport is not None
+    transport = tab.transport
+    loop = asyncio.get_running_loop()
+    transport.send(WSMsgType.TEXT, orjson.dumps({"command": "subscribe", "data": [phid]}))
+    rtts: list[int] = []
+    ready = False
+    while not conn.poll():
+        tab.pong = loop.create_future()
+        start = time.monotonic_ns()
+        transport.send(WSMsgType.TEXT, _PING)
+        await asyncio.wait_for(tab.pong, 60.0)
+        if ready:
+            rtts.append(time.monotonic_ns() - start)
+        else:  # the first round only proves the subscription; the parent waits for it
+            conn.send("ready")
+            ready = True
+        await asyncio.sleep(interval)
+    transport.disconnect()
+    return rtts
+
+
+#: Aphlict keeps 60 s of history; past this the oldest posts may be gone.
+HISTORY_SECONDS = 55
+
+
+def _check_replays(tabs: Sequence[_StormTab], expected: list[array], result: Result) -> None:
+    """Compare each tab's replayed ids with its expected list; fill ``result``'s counts."""
+    received = matched = 0
+    for tab in tabs:
+        want, got = expected[tab.index], tab.ids
+        received += len(got)
+        result.foreign_frames += tab.foreign
+        if got == want and not tab.late:
+            matched += len(want)
+            continue
+        result.replay_tabs_wrong += 1
+        got_set, want_set = set(got), set(want)
+        matched += len(got_set & want_set)
+        result.unexpected += len(got_set - want_set)
+        result.duplicates += len(got) - len(got_set)
+        if list(got) != sorted(got):
+            result.out_of_order += 1
+        result.out_of_order += tab.late
+    result.replay_frames_received = received
+    result.deliveries_received = matched
+    result.loss = result.deliveries_expected - matched
+    if len(tabs) < result.sockets:
+        result.notes.append(f"only {len(tabs)} of {result.sockets} tabs connected")
+
+
+def _expected_replays(model: Model) -> list[array]:
+    """Per tab, the history indices it must be replayed, oldest first (the post order)."""
+    expected = [array("i") for _ in model.subscriptions]
+    for m, group in enumerate(model.targets):
+        for s in group:
+            expected[s].append(m)
+    return expected
+
+
+async def _history_size(opts: Options) -> int:
+    """``history.size`` from ``/status/`` (0 when unreadable: the check is a courtesy)."""
+    query = f"instance={quote(opts.instance, safe='')}" if opts.instance else ""
+    url = urlunsplit(urlsplit(opts.admin_url)._replace(path="/status/", query=query))
+    try:
+        async with aiohttp.ClientSession() as session, session.get(url) as resp:
+            return int((await resp.json(content_type=None)).get("history.size") or 0)
+    except (aiohttp.ClientError, ValueError, TypeError, AttributeError):
+        return 0
+
+
+async def _post_history(opts: Options, model: Model, result: Result) -> None:
+    """Post the busy minute one message at a time, so the history's order is the index order."""
+    stats = _PostStats()
+    connector = aiohttp.TCPConnector(limit=1, keepalive_timeout=60)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        await _post_range(opts, model, session, 0, len(model.messages), stats)
+    result.post_errors = stats.errors
+    result.first_post_error = stats.first_error
+
+
+async def run_storm(opts: Options) -> Result:
+    """A node restart: every tab reconnects at once and does what JX.Aphlict does.
+
+    Order: post ``history`` messages (Phorge-shaped, one at a time); start the
+    watcher (another process, one tab pinging every ``watch_interval``); read
+    the server's CPU; open ``sockets`` tabs with at most
+    ``connect_concurrency`` handshakes in flight, each sending ``subscribe``
+    (its PHIDs), ``replay`` ``{"age":60000}`` and ``ping`` as soon as it is
+    open; wait for every pong; read the CPU again. A tab's replay is checked
+    against the model: exactly the history messages naming one of its PHIDs,
+    once each, oldest first, all before its pong.
+    """
+    _check_fd_budget(opts.sockets + 1)
+    model = build_model(opts)
+    expected = _expected_replays(model)
+    result = Result(
+        scenario="storm",
+        sockets=opts.sockets,
+        messages=len(model.messages),
+        concurrency=effective_connect_concurrency(opts),
+        rate=0.0,
+        windows=0,
+        history=len(model.messages),
+        deliveries_expected=model.expected,
+        replay_frames_expected=model.expected,
+    )
+    pid = opts.server_pid
+    url = client_url_for(opts)
+    ticks0 = _cpu_ticks()
+    held = await _history_size(opts)
+    if held:
+        raise RuntimeError(
+            f"the server already holds {held} history messages: a storm needs a fresh server"
+            " (or one idle for 60 s), or its replays cannot be checked"
+        )
+    posted = time.monotonic()
+    if model.messages:
+        await _post_history(opts, model, result)
+
+    ctx = multiprocessing.get_context("spawn")
+    parent, child = ctx.Pipe()
+    watcher = ctx.Process(
+        target=_watch_worker,
+        args=(child, url, "PHID-USER-watcher000000000000", opts.watch_interval),
+        daemon=True,
+    )
+    watcher.start()
+    child.close()
+    tabs: list[_StormTab] = []
+    loop = asyncio.get_running_loop()
+    try:
+        if await _recv(parent, watcher, 30.0) != "ready":
+            raise RuntimeError("the watcher tab did not start")
+        limit = asyncio.Semaphore(effective_connect_concurrency(opts))
+        pongs: list[asyncio.Future[None]] = []
+
+        async def reconnect(i: int) -> None:
+            subscribe = orjson.dumps({"command": "subscribe", "data": model.subscriptions[i]})
+            last: BaseException | None = None
+            for attempt in range(3):
+                try:
+                    async with limit:  # a slot per handshake, not per replay
+                        _, tab = await asyncio.wait_for(
+                            ws_connect(
+                                _StormTab,
+                                url,
+                                use_aiofastnet=False,
+                                websocket_handshake_timeout=opts.deadline,
+                                max_frame_size=16 * 1024 * 1024,
+                            ),
+                            opts.deadline,
+                        )
+                except (OSError, asyncio.TimeoutError) as exc:
+                    last = exc
+                    result.connect_retries += attempt < 2
+                    await asyncio.sleep(0.2)
+                    continue
+                assert isinstance(tab, _StormTab) and tab.transport is not None
+                tab.pong = loop.create_future()
+                pongs.append(tab.pong)
+                tabs.append(tab)
+                tab.index = i
+                send = tab.transport.send
+                send(WSMsgType.TEXT, subscribe)
+                send(WSMsgType.TEXT, _REPLAY)
+                send(WSMsgType.TEXT, _PING)
+                return
+            raise ConnectionError(f"tab {i}: cannot connect to {url}: {last!r}")
+
+        with _no_gc():
+            cpu0 = server_cpu_seconds(pid) if pid else 0.0
+            start = time.monotonic_ns()
+            await asyncio.gather(*(reconnect(i) for i in range(opts.sockets)))
+            await asyncio.wait_for(asyncio.gather(*pongs), opts.deadline * 6)
+            last_pong = max(tab.pong_ns for tab in tabs)
+            cpu = (server_cpu_seconds(pid) if pid else 0.0) - cpu0
+        result.storm_wall_s = result.elapsed_s = (last_pong - start) / 1e9
+        if pid:
+            result.server_cpu_s = cpu
+            result.server_cpu_per_tab_us = cpu / opts.sockets * 1e6
+            result.server_rss_mb = server_rss_bytes(pid) / 2**20
+        if time.monotonic() - posted > HISTORY_SECONDS:
+            result.notes.append(
+                f"the storm ended over {HISTORY_SECONDS} s after the first post: "
+                "servers may have purged the oldest history"
+            )
+        parent.send("stop")
+        rtts = sorted(await _recv(parent, watcher, 30.0))
+        if rtts:
+            result.watcher_pings = len(rtts)
+            result.watcher_ping_p50_ms = _percentile(rtts, 0.50)
+            result.watcher_ping_p99_ms = _percentile(rtts, 0.99)
+            result.watcher_ping_max_ms = rtts[-1] / 1e6
+        await asyncio.sleep(0.2)  # a frame sent after a pong would show up now
+        _check_replays(tabs, expected, result)
+    finally:
+        await _close_tabs(tabs)
+        parent.close()
+        await loop.run_in_executor(None, watcher.join, 10.0)
+        if watcher.is_alive():
+            watcher.kill()
+    ticks1 = _cpu_ticks()
+    if ticks1[0] > ticks0[0]:
+        result.steal_pct = (ticks1[1] - ticks0[1]) / (ticks1[0] - ticks0[0]) * 100
+    return result
+
+
 # -- the scenario -------------------------------------------------------------
 
 
@@ -875,6 +1206,8 @@ async def run_scenario(opts: Options) -> Result:
     too; close the tabs; and, with their descriptors released, run the floor
     over the same number of sockets and the same windows.
     """
+    if opts.scenario == "storm":
+        return await run_storm(opts)
     _check_fd_budget(opts.sockets)
     model = build_model(opts)
     windows = split_windows(len(model.messages), opts.windows)
@@ -1059,14 +1392,20 @@ def _build_parser() -> argparse.ArgumentParser:
             "scenarios: targeted = each tab on its user PHID and 5 object PHIDs, each "
             "message names 20 users and 1 object (~45 deliveries); broadcast = every tab on "
             "one PHID, every message to all; burst = broadcast posted --concurrency at a "
-            "time; idle = connect and subscribe only, report server RSS per socket."
+            "time; idle = connect and subscribe only, report server RSS per socket; "
+            "storm = post --history messages, then every tab reconnects at once with "
+            "subscribe (--phids-per-tab PHIDs), replay and ping, as JX.Aphlict does after a "
+            "restart: server CPU per tab, time to the last pong, replays checked exactly, "
+            "and a separate watcher tab's worst ping round trip."
         ),
     )
     parser.add_argument("--client-url", default=defaults.client_url, help="WebSocket URL")
     parser.add_argument("--admin-url", default=defaults.admin_url, help="admin HTTP URL")
     parser.add_argument("--instance", default=None, help="instance name (?instance= and /~name/)")
     parser.add_argument("--scenario", choices=SCENARIOS, default=defaults.scenario)
-    parser.add_argument("--sockets", type=int, default=defaults.sockets)
+    parser.add_argument(
+        "--sockets", type=int, default=None, help=f"tabs (default: storm {STORM_TABS}, else 1000)"
+    )
     parser.add_argument("--messages", type=int, default=defaults.messages)
     parser.add_argument(
         "--rate", type=float, default=defaults.rate, help="messages/s; 0 = as fast as possible"
@@ -1089,13 +1428,36 @@ def _build_parser() -> argparse.ArgumentParser:
         default=True,
         help="also time a plain send() of the same frames (default: on)",
     )
-    parser.add_argument("--connect-concurrency", type=int, default=defaults.connect_concurrency)
+    parser.add_argument(
+        "--connect-concurrency",
+        type=int,
+        default=defaults.connect_concurrency,
+        help=f"handshakes in flight (default: storm {STORM_CONNECT_CONCURRENCY}, else 100)",
+    )
     parser.add_argument("--deadline", type=float, default=defaults.deadline)
     parser.add_argument(
         "--windows",
         type=int,
         default=defaults.windows,
         help="measure in this many slices of messages and report medians (default 1)",
+    )
+    parser.add_argument(
+        "--history",
+        type=int,
+        default=defaults.history,
+        help="storm: messages posted before the storm (default 1000; 0 = empty history)",
+    )
+    parser.add_argument(
+        "--phids-per-tab",
+        type=int,
+        default=defaults.phids_per_tab,
+        help="storm: PHIDs per tab, its user and the rest objects (default 20)",
+    )
+    parser.add_argument(
+        "--watch-interval",
+        type=float,
+        default=defaults.watch_interval,
+        help="storm: seconds between the watcher tab's pings (default 0.005)",
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     return parser
@@ -1120,7 +1482,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         admin_url=args.admin_url,
         instance=args.instance,
         scenario=args.scenario,
-        sockets=args.sockets,
+        sockets=args.sockets or (STORM_TABS if args.scenario == "storm" else Options().sockets),
         messages=args.messages,
         rate=args.rate,
         concurrency=args.concurrency,
@@ -1132,6 +1494,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         connect_concurrency=args.connect_concurrency,
         deadline=args.deadline,
         windows=args.windows,
+        history=args.history,
+        phids_per_tab=args.phids_per_tab,
+        watch_interval=args.watch_interval,
     )
     try:
         result = run(opts)

@@ -52,6 +52,9 @@ _PONG_FRAME = build_frame(PONG)
 #: Seconds a refused socket gets to read its close frame before it is dropped.
 _CLOSE_GRACE = 1.0
 
+#: JX.Aphlict's ping, byte for byte: answered without decoding it.
+_PING_COMMAND = b'{"command":"ping","data":null}'
+
 _COMMANDS = frozenset({"subscribe", "unsubscribe", "replay", "ping"})
 
 
@@ -178,7 +181,11 @@ class ClientListener(WSListener):
         transport.underlying_transport.set_write_buffer_limits(
             high=self._options.limits.max_buffered
         )
-        log.info("connection open: instance=%s peer=%s", self._instance, describe(transport))
+        # Debug only, as Aphlict traces them: after a restart thousands of tabs
+        # reconnect at once, and two info lines per socket were a tenth of the
+        # server's CPU per reconnecting tab (issue 8).
+        if self._options.debug:
+            log.debug("connection open: instance=%s peer=%s", self._instance, describe(transport))
 
     def pause_writing(self) -> None:
         """The socket's unsent data passed the cap.
@@ -202,7 +209,8 @@ class ClientListener(WSListener):
         if sub is not None:
             self._hub.detach(self._instance, sub)
             self._sub = None
-        log.info("connection closed: instance=%s peer=%s", self._instance, describe(transport))
+        if self._options.debug:
+            log.debug("connection closed: instance=%s peer=%s", self._instance, describe(transport))
 
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
         sub = self._sub
@@ -245,6 +253,11 @@ class ClientListener(WSListener):
     def _handle(self, transport: WSTransport, payload: bytes) -> None:
         sub = self._sub
         if sub is None:
+            return
+        if payload == _PING_COMMAND:  # what every browser sends every 15 s, byte for byte
+            if self._options.debug:
+                log.debug("command ping from %s", describe(transport))
+            sub.send(_PONG_FRAME)
             return
         parsed = _parse(payload)
         if isinstance(parsed, str):
