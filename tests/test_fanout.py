@@ -355,3 +355,52 @@ class IndexModel(RuleBasedStateMachine):
 
 TestIndexModel = IndexModel.TestCase
 TestIndexModel.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
+
+
+def test_outbox_schedules_its_flush_on_each_new_loop() -> None:
+    # One outbox outlives an event loop (tests; a restarted loop). It used to
+    # cache the first loop's call_soon and set its "flush scheduled" flag
+    # before calling it: the closed loop's call_soon raised into the
+    # publisher, the flag stayed set, and no later publish was ever written.
+    channel = Channel()
+    frame = build_frame(b'{"n":1}')
+    for _ in range(2):
+        loop = asyncio.new_event_loop()
+        try:
+            conn = Conn(loop)
+            sub = channel.attach(conn.transport)
+            channel.subscribe(sub, ["A"])
+
+            async def publish() -> None:
+                assert channel.publish(["A"], frame) == 1
+                for _ in range(3):
+                    await asyncio.sleep(0)
+
+            loop.run_until_complete(publish())
+            assert channel.outbox.pending == 0
+            assert conn.read() == frame
+            channel.detach(sub)
+            conn.close()
+        finally:
+            loop.close()
+
+
+def test_equal_phids_share_one_string_that_is_freed_with_its_last_listener(loop) -> None:
+    import sys
+
+    channel = Channel()
+    first = "".join(["PHID-TASK-", "x" * 20])
+    second = "".join(["PHID-TASK-", "x" * 20])
+    assert first == second and first is not second
+    conns = [Conn(loop) for _ in range(2)]
+    a, b = (channel.attach(c.transport) for c in conns)
+    baseline = sys.getrefcount(first)
+    channel.subscribe(a, [first])
+    channel.subscribe(b, [second])
+    assert next(iter(b.subscriptions())) is first, "the second tab holds the shared string"
+    channel.detach(a)
+    channel.detach(b)
+    assert channel.phid_count == 0
+    assert sys.getrefcount(first) == baseline, "nothing (no intern table) keeps it alive"
+    for c in conns:
+        c.close()

@@ -115,6 +115,16 @@ class HubCollector(Collector):
             total.add_metric([OTHER], rest[1])
             history.add_metric([OTHER], rest[2])
         yield from (open_, total, history)
+        yield GaugeMetricFamily(
+            "fastaphlict_instances",
+            "Instances held (with sockets or history); idle ones are dropped.",
+            value=len(instances),
+        )
+        yield GaugeMetricFamily(
+            "fastaphlict_subscribed_phids",
+            "Distinct PHIDs some socket listens to, over all instances.",
+            value=sum(inst.channel.phid_count for inst in instances),
+        )
 
     @staticmethod
     def _peers(relay: PeerRelay) -> Iterator[Metric]:
