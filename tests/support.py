@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -28,6 +29,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from picows import WSTransport
 from websockets.asyncio.client import ClientConnection, connect
 
 from fastaphlict.config import Config, PeerConfig, ServerConfig
@@ -417,3 +419,54 @@ async def metric(session: aiohttp.ClientSession, admin_url: str, name: str) -> f
         if line.startswith(name + " "):
             return float(line.split()[1])
     raise AssertionError(f"{name} not in /metrics")
+
+
+# -- fake connections over socketpairs (for the index, without a server) ---------
+
+
+class PairTransport:
+    """The asyncio-transport surface picows' WSTransport needs, over a real socket."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.aborted = False
+
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        return self.sock if name == "socket" else default
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+    def write(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def close(self) -> None:
+        self.aborted = True
+
+    def abort(self) -> None:
+        self.aborted = True
+
+
+class Conn:
+    """One fake client connection: the transport the index sees, and our read end."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.ours, self.theirs = socket.socketpair()
+        self.theirs.setblocking(False)
+        self.transport = WSTransport(False, PairTransport(self.ours), logging.getLogger("t"), loop)
+
+    def read(self) -> bytes:
+        chunks = []
+        while True:
+            try:
+                chunk = self.theirs.recv(1 << 16)
+            except BlockingIOError:
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def close(self) -> None:
+        self.ours.close()
+        self.theirs.close()

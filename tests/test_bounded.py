@@ -14,11 +14,17 @@ import json
 import aiohttp
 import pytest
 
+import fastaphlict.hub as hub_module
+import fastaphlict.server as server_module
+from fastaphlict.hub import HISTORY_TTL_MS, Hub
 from support import (
+    TIMEOUT,
+    Conn,
     bare_session,
     client_frame,
     metric,
     rss_bytes,
+    running,
     scaled,
     spawned,
     wait_healthy,
@@ -117,3 +123,42 @@ async def test_unique_phids_of_tabs_that_leave_are_freed(tmp_path) -> None:
                         f"{WARM_UP} cycles"
                     )
             print(f"worst RSS above the warm level over {CYCLES} cycles: {worst} bytes")
+
+
+# -- periodic work: in slices, and expiry without traffic ---------------------------
+
+
+def test_housekeeping_hands_the_loop_back_between_slices() -> None:
+    loop = asyncio.new_event_loop()
+    hub = Hub("FPFPFPFPFPFPFPFP")
+    conns = [Conn(loop) for _ in range(1200)]
+    try:
+        for conn in conns:
+            hub.attach("default", conn.transport)
+        slices = list(hub.housekeeping(batch=500, expire=False))
+        assert slices == [0, 0, 0], "1200 sockets in slices of at most 500"
+        # Nobody answered the round's ping: the next round finds every socket
+        # quiet and the one after that drops them, slice by slice.
+        assert sum(hub.housekeeping(batch=500, expire=False)) == 0
+        assert list(hub.housekeeping(batch=500, expire=False)) == [500, 500, 200]
+        assert hub.dead_disconnects == 1200
+    finally:
+        for conn in conns:
+            conn.close()
+        loop.close()
+
+
+async def test_an_idle_instances_history_expires_without_traffic(monkeypatch) -> None:
+    monkeypatch.setattr(server_module, "EXPIRE_INTERVAL", 0.05)
+    async with running() as srv:
+        stale = hub_module.now_ms() - HISTORY_TTL_MS - 1
+        monkeypatch.setattr(hub_module, "now_ms", lambda: stale)
+        assert (await srv.post({"subscribers": ["PHID-A"]}, instance="quiet")).status == 200
+        monkeypatch.setattr(hub_module, "now_ms", lambda: stale + HISTORY_TTL_MS + 2)
+        deadline = asyncio.get_running_loop().time() + TIMEOUT
+        # Nobody posts or reads /status/: only the server's own round can drop it.
+        while any(inst.name == "quiet" for inst in srv.hub.instances()):
+            assert asyncio.get_running_loop().time() < deadline, "history never expired"
+            await asyncio.sleep(0.02)
+        status = await srv.status("quiet")
+        assert status["history.size"] == 0 and status["history.age"] is None

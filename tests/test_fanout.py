@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import ast
 import asyncio
-import logging
-import socket
 import struct
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,10 +17,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
-from picows import WSTransport
 
 import fastaphlict._fanout as fanout
 from fastaphlict._fanout import Channel, build_frame
+from support import Conn
 
 
 def test_compiled_module_is_in_use() -> None:
@@ -84,54 +82,6 @@ def test_build_frame_matches_reference(payload: bytes) -> None:
 
 
 # -- fake connections over socketpairs ------------------------------------
-
-
-class PairTransport:
-    """The asyncio-transport surface picows' WSTransport needs, over a real socket."""
-
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-        self.aborted = False
-
-    def get_extra_info(self, name: str, default: object = None) -> object:
-        return self.sock if name == "socket" else default
-
-    def get_write_buffer_size(self) -> int:
-        return 0
-
-    def write(self, data: bytes) -> None:
-        self.sock.sendall(data)
-
-    def close(self) -> None:
-        self.aborted = True
-
-    def abort(self) -> None:
-        self.aborted = True
-
-
-class Conn:
-    """One fake client connection: the transport the index sees, and our read end."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.ours, self.theirs = socket.socketpair()
-        self.theirs.setblocking(False)
-        self.transport = WSTransport(False, PairTransport(self.ours), logging.getLogger("t"), loop)
-
-    def read(self) -> bytes:
-        chunks = []
-        while True:
-            try:
-                chunk = self.theirs.recv(1 << 16)
-            except BlockingIOError:
-                break
-            if not chunk:
-                break
-            chunks.append(chunk)
-        return b"".join(chunks)
-
-    def close(self) -> None:
-        self.ours.close()
-        self.theirs.close()
 
 
 @pytest.fixture
