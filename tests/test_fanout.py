@@ -12,6 +12,7 @@ import asyncio
 import struct
 from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 from hypothesis import given, settings
@@ -19,17 +20,20 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 import fastaphlict._fanout as fanout
+import fastaphlict._history as history_module
 from fastaphlict._fanout import Channel, build_frame
 from support import Conn
 
 
-def test_compiled_module_is_in_use() -> None:
-    assert fanout.COMPILED is True
-    assert Path(fanout.__file__).suffix in (".so", ".pyd")
+@pytest.mark.parametrize("module", [fanout, history_module], ids=lambda m: m.__name__)
+def test_compiled_module_is_in_use(module: ModuleType) -> None:
+    assert module.COMPILED is True
+    assert Path(module.__file__ or "").suffix in (".so", ".pyd")
 
 
-def test_stub_names_exactly_what_the_module_exports() -> None:
-    stub = Path(fanout.__file__).with_name("_fanout.pyi")
+@pytest.mark.parametrize("module", [fanout, history_module], ids=lambda m: m.__name__)
+def test_stub_names_exactly_what_the_module_exports(module: ModuleType) -> None:
+    stub = Path(module.__file__ or "").with_name(module.__name__.rsplit(".", 1)[1] + ".pyi")
     tree = ast.parse(stub.read_text())
     stub_names = {
         node.name for node in tree.body if isinstance(node, (ast.ClassDef, ast.FunctionDef))
@@ -38,11 +42,9 @@ def test_stub_names_exactly_what_the_module_exports() -> None:
         for node in tree.body
         if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
     }
-    assert stub_names == set(fanout.__all__)
-    for cls in (fanout.Channel, fanout.Outbox, fanout.Subscriber):
-        stub_cls = next(
-            n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == cls.__name__
-        )
+    assert stub_names == set(module.__all__)
+    for stub_cls in (n for n in tree.body if isinstance(n, ast.ClassDef)):
+        cls = getattr(module, stub_cls.name)
         stub_members = {
             n.name
             for n in stub_cls.body
