@@ -479,6 +479,7 @@ cdef class Channel:
         for phid in sub._phids:
             self._unindex(phid, sub)
         sub._phids = []
+        sub._end_replay()  # let go of the frames a paced replay still held
         sub.attached = False
         self._members.discard(sub)
 
