@@ -5,8 +5,14 @@ the Cython extensions must be cythonized at build time. There is deliberately no
 pure-Python fallback: a failed compile must fail the install.
 """
 
+from importlib.metadata import version
+
 from Cython.Build import cythonize
 from setuptools import Extension, setup
+
+# _fanout cimports picows' WSTransport: the compiled module is only valid with
+# the picows it was built against. Its version is baked in, checked at import.
+PICOWS_BUILD_VERSION = version("picows")
 
 extensions = [
     Extension(
@@ -25,6 +31,7 @@ setup(
     ext_modules=cythonize(
         extensions,
         language_level=3,
+        compile_time_env={"PICOWS_BUILD_VERSION": PICOWS_BUILD_VERSION},
         compiler_directives={
             "boundscheck": False,
             "wraparound": False,

@@ -390,3 +390,76 @@ async def test_message_published_in_the_shutdown_iteration_is_delivered_before_1
         with pytest.raises(ConnectionClosed):
             await browser.recv_raw()
         assert browser.ws.close_code == 1001
+
+
+# -- JSON nested past what the parser and the serialiser handle -------------
+
+
+def _deep_object(depth: int, kind: str, phid: str = "PHID-1") -> bytes:
+    """A JSON object ``depth`` containers deep (itself included) naming ``phid``."""
+    inner = depth - 1
+    deep = b"[" * inner + b"]" * inner if kind == "list" else b'{"a":' * inner + b"1" + b"}" * inner
+    return b'{"subscribers":["%s"],"n":%d,"deep":%s}' % (phid.encode(), depth, deep)
+
+
+def _chunked_post_bytes(body: bytes, *, extra: bytes = b"") -> bytes:
+    chunks = b"".join(
+        b"%x\r\n%s\r\n" % (len(body[i : i + 4096]), body[i : i + 4096])
+        for i in range(0, len(body), 4096)
+    )
+    return (
+        b"POST / HTTP/1.1\r\nHost: x\r\nContent-Type: %s\r\nTransfer-Encoding: chunked\r\n"
+        b"%s\r\n%s0\r\n\r\n" % (PHORGE_CONTENT_TYPE.encode(), extra, chunks)
+    )
+
+
+@pytest.mark.parametrize("depth", [255, 1000, 1025, 5000])
+@pytest.mark.parametrize("kind", ["list", "object"])
+@pytest.mark.parametrize("chunked", [False, True], ids=["fast-path", "aiohttp"])
+async def test_deep_body_is_400_and_the_pipelined_post_after_it_is_served(
+    depth: int, kind: str, chunked: bool
+) -> None:
+    """Too deep is a 400 on both HTTP paths; the same connection serves the next request.
+
+    Nothing of the refused body is stored, counted as accepted, delivered or relayed.
+    """
+    relayed: list[bytes] = []
+
+    class Recorder:
+        def relay(self, instance: str, message: dict, body: bytes) -> None:
+            relayed.append(body)
+
+    async with running() as srv, srv.client() as browser:
+        srv.hub.relays.append(Recorder())
+        await browser.subscribe("PHID-1")
+        deep = _deep_object(depth, kind)
+        after = _post_bytes(
+            b'{"subscribers":["PHID-1"],"n":"after"}', extra=b"Connection: close\r\n"
+        )
+        first = _chunked_post_bytes(deep) if chunked else _post_bytes(deep)
+        data = await _raw_exchange(srv, first + after)
+        assert data.startswith(b"HTTP/1.1 400 "), data[:200]
+        assert data.count(b"HTTP/1.1 200 OK") == 1, data[:400]
+        assert (await browser.recv())["n"] == "after", "the deep post reached nobody"
+        status = await srv.status()
+        assert status["messages.in"] == 1 and status["history.size"] == 1
+        assert srv.hub.posts_rejected == 1
+        assert len(relayed) == 1 and b'"after"' in relayed[0]
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["fast-path", "aiohttp"])
+async def test_max_depth_body_is_accepted_and_delivered_intact(chunked: bool) -> None:
+    from fastaphlict.hub import MAX_DEPTH
+
+    async with running() as srv, srv.client() as browser:
+        await browser.subscribe("PHID-1")
+        body = _deep_object(MAX_DEPTH, "list")
+        first = (
+            _chunked_post_bytes(body, extra=b"Connection: close\r\n")
+            if chunked
+            else (_post_bytes(body, extra=b"Connection: close\r\n"))
+        )
+        data = await _raw_exchange(srv, first)
+        assert data.startswith(b"HTTP/1.1 200 OK")
+        got = await browser.recv_raw()
+        assert got.encode() == body[:-1] + b',"touched":["%s"]}' % srv.hub.fingerprint.encode()

@@ -10,7 +10,7 @@ import time
 import pytest
 
 import fastaphlict.hub as hub_module
-from fastaphlict.client import instance_from_path, parse_command
+from fastaphlict.client import PONG, instance_from_path, parse_command
 from fastaphlict.hub import HISTORY_TTL_MS, replay_age
 from support import TIMEOUT, Browser, assert_silent, running, scaled
 
@@ -543,3 +543,133 @@ async def test_handshake_timeout_drops_silent_connections() -> None:
         assert await asyncio.wait_for(reader.read(), TIMEOUT) == b"", "closed, nothing sent"
         assert time.monotonic() - started < scaled(2.0)
         writer.close()
+
+
+# -- frames the protocol forbids, and JSON nested too deep -------------------
+
+
+def _client_frame(opcode: int, payload: bytes, *, fin: bool = True) -> bytes:
+    """One masked client frame (RFC 6455 §5.2), whatever it means."""
+    import os
+    import struct
+
+    key = os.urandom(4)
+    n = len(payload)
+    if n < 126:
+        head = bytes([(0x80 if fin else 0) | opcode, 0x80 | n])
+    elif n < 1 << 16:
+        head = struct.pack("!BBH", (0x80 if fin else 0) | opcode, 0x80 | 126, n)
+    else:
+        head = struct.pack("!BBQ", (0x80 if fin else 0) | opcode, 0x80 | 127, n)
+    return head + key + bytes(b ^ key[i % 4] for i, b in enumerate(payload))
+
+
+async def _raw_socket(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(
+        b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)
+    assert head.startswith(b"HTTP/1.1 101 ")
+    return reader, writer
+
+
+async def _server_frames(reader: asyncio.StreamReader) -> list[tuple[int, bytes]]:
+    """Server frames up to and including its close frame (short frames only)."""
+    frames = []
+    while True:
+        head = await asyncio.wait_for(reader.readexactly(2), TIMEOUT)
+        payload = await asyncio.wait_for(reader.readexactly(head[1] & 0x7F), TIMEOUT)
+        frames.append((head[0] & 0x0F, payload))
+        if head[0] & 0x0F == 0x8:
+            return frames
+
+
+PING_COMMAND = b'{"command":"ping","data":null}'
+
+
+@pytest.mark.parametrize(
+    "frames",
+    [
+        [_client_frame(0x1, b'{"command":', fin=False), _client_frame(0x1, PING_COMMAND)],
+        [_client_frame(0x1, b'{"command":', fin=False), _client_frame(0x2, PING_COMMAND)],
+        [_client_frame(0x2, b'{"command":', fin=False), _client_frame(0x1, b"{", fin=False)],
+        [_client_frame(0x0, PING_COMMAND)],
+        [_client_frame(0x0, b'{"command":', fin=False), _client_frame(0x0, b'"ping"}')],
+    ],
+    ids=[
+        "text-inside-fragments",
+        "binary-inside-fragments",
+        "new-fragmented-message-inside-fragments",
+        "continuation-alone",
+        "continuations-without-a-start",
+    ],
+)
+async def test_fragmentation_errors_close_with_1002(
+    frames: list[bytes], caplog: pytest.LogCaptureFixture
+) -> None:
+    """RFC 6455 §5.4, as ws does it: fail the connection with 1002, run nothing of it."""
+    caplog.set_level(logging.INFO, logger="fastaphlict.client")
+    async with running() as srv:
+        reader, writer = await _raw_socket(srv.server.client_ports[0])
+        try:
+            writer.write(b"".join(frames) + _client_frame(0x1, PING_COMMAND))
+            got = await _server_frames(reader)
+        finally:
+            writer.close()
+        assert got == [(0x8, b"\x03\xea" + b"protocol error")], "no pong, just the 1002 close"
+        assert srv.hub.frames_rejected == 1
+        lines = [r for r in caplog.records if "protocol error" in r.getMessage()]
+        assert len(lines) == 1, [r.getMessage() for r in lines]
+
+
+async def test_fragments_around_control_frames_are_still_one_message() -> None:
+    async with running() as srv:
+        reader, writer = await _raw_socket(srv.server.client_ports[0])
+        try:
+            writer.write(
+                _client_frame(0x1, b'{"command":', fin=False)
+                + _client_frame(0x9, b"hi")
+                + _client_frame(0x0, b'"ping","data":null}')
+            )
+            first = await asyncio.wait_for(reader.readexactly(4), TIMEOUT)
+            second = await asyncio.wait_for(reader.readexactly(2 + len(PONG)), TIMEOUT)
+        finally:
+            writer.close()
+        assert first == b"\x8a\x02hi", "picows answers the ping"
+        assert second == b"\x81\x0f" + PONG
+        assert srv.hub.frames_rejected == 0
+
+
+def _deep_ping(depth: int, kind: str) -> str:
+    """A ping command ``depth`` containers deep, the command object included."""
+    inner = depth - 1
+    data = "[" * inner + "]" * inner if kind == "list" else '{"a":' * inner + "1" + "}" * inner
+    return '{"command":"ping","data":' + data + "}"
+
+
+@pytest.mark.parametrize("depth", [253, 254, 255, 256, 500, 1000, 1023, 1024, 1025, 5000])
+@pytest.mark.parametrize("kind", ["list", "object"])
+async def test_frame_nested_past_max_depth_is_ignored_like_the_admin_port_refuses_it(
+    depth: int, kind: str
+) -> None:
+    """Up to MAX_DEPTH a deep ping is a ping; past it the frame is ignored, the socket lives."""
+    from fastaphlict.hub import MAX_DEPTH
+
+    async with running() as srv, srv.client() as browser:
+        await browser.send_raw(_deep_ping(depth, kind))
+        if depth <= MAX_DEPTH:
+            assert await browser.recv_raw() == PONG.decode()
+        await assert_silent(browser)  # the next frame is the pong of this ping
+        assert srv.hub.frames_rejected == (0 if depth <= MAX_DEPTH else 1)
+
+
+async def test_frame_100000_deep_is_over_the_size_limit_and_closes_with_1009() -> None:
+    from websockets.exceptions import ConnectionClosed
+
+    async with running() as srv, srv.client() as browser:
+        await browser.send_raw(_deep_ping(100_000, "list"))
+        with pytest.raises(ConnectionClosed):
+            await browser.recv_raw()
+        assert browser.ws.close_code == 1009

@@ -356,3 +356,19 @@ def test_equal_phids_share_one_string_that_is_freed_with_its_last_listener(loop)
     assert sys.getrefcount(first) == baseline, "nothing (no intern table) keeps it alive"
     for c in conns:
         c.close()
+
+
+def test_built_against_the_installed_picows() -> None:
+    import picows
+
+    assert picows.__version__ == fanout.PICOWS_VERSION
+    fanout.check_picows_version(picows.__version__)
+
+
+def test_another_picows_is_a_clear_import_error() -> None:
+    """_fanout reads picows' structs directly: with another picows it must refuse to load."""
+    with pytest.raises(ImportError) as info:
+        fanout.check_picows_version("9.9.9", "2.3.1")
+    message = str(info.value)
+    assert "2.3.1" in message and "9.9.9" in message
+    assert "reinstall fastaphlict" in message

@@ -47,6 +47,7 @@ from hypothesis import strategies as st
 from websockets.asyncio.client import connect
 
 from fastaphlict.admin import MAX_BODY_SIZE
+from fastaphlict.hub import MAX_DEPTH
 from support import PHORGE_CONTENT_TYPE, TIMEOUT, Browser, Running, running, scaled
 
 T = TypeVar("T")
@@ -329,6 +330,32 @@ def _no_constants(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
+def json_depth(text: bytes) -> int:
+    """How deep arrays and objects nest in ``text`` (``[]`` is 1), strings skipped.
+
+    Written here, byte by byte, so the oracle shares nothing with the server's
+    own depth check. Exact for valid JSON; for anything else it does not matter.
+    """
+    depth = deepest = 0
+    in_string = escaped = False
+    for byte in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:  # backslash
+                escaped = True
+            elif byte == 0x22:
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):
+            depth += 1
+            deepest = max(deepest, depth)
+        elif byte in (0x5D, 0x7D):
+            depth -= 1
+    return deepest
+
+
 AMBIGUOUS = object()
 
 
@@ -336,11 +363,13 @@ def json_object_or_none(body: bytes) -> Any:
     """What the body must be read as: a dict (200), None (400), or AMBIGUOUS (either).
 
     The reference is ``JSON.parse`` as closely as the standard library gets:
-    strict UTF-8, no ``NaN``/``Infinity``, lone surrogates allowed. Where
-    reasonable parsers differ (nesting deeper than a recursion limit,
-    integers too long for ``int()``, encodings the standard library guesses)
-    either answer is fine.
+    strict UTF-8, no ``NaN``/``Infinity``, lone surrogates allowed, and
+    nothing nested deeper than MAX_DEPTH (what orjson can write back). Where
+    reasonable parsers differ (integers too long for ``int()``, encodings the
+    standard library guesses) either answer is fine.
     """
+    if json_depth(body) > MAX_DEPTH:
+        return None
     results = []
     for source in (body, None):
         try:
@@ -363,10 +392,13 @@ def json_object_or_none(body: bytes) -> Any:
 def pongs_owed(payload: bytes) -> range:
     """Pongs a message earns: 1 if ``JSON.parse`` reads a ping command, else 0.
 
-    Where parsers may reasonably differ (invalid UTF-8, which browsers'
-    servers may replace instead of refusing, nesting past a recursion limit,
-    integers too long for ``int()``), either count is fine.
+    Nothing nested past MAX_DEPTH is a command (the admin port refuses the
+    same JSON). Where parsers may reasonably differ (invalid UTF-8, which
+    browsers' servers may replace instead of refusing, integers too long for
+    ``int()``), either count is fine.
     """
+    if json_depth(payload) > MAX_DEPTH:
+        return range(0, 1)
     try:
         value = json.loads(payload.decode("utf-8"), parse_constant=_no_constants)
     except (UnicodeDecodeError, RecursionError):
@@ -412,6 +444,17 @@ def nested(depth: int, kind: str) -> bytes:
     if kind == "list":
         return b"[" * depth + b"]" * depth
     return b'{"a":' * depth + b"1" + b"}" * depth
+
+
+#: Every nesting depth, the limits in play drawn more often: MAX_DEPTH (what
+#: orjson writes), Python's recursion limit, orjson's reader (1024).
+BOUNDARY_DEPTHS = [253, 254, 255, 256, 500, 999, 1000, 1001, 1023, 1024, 1025, 5000]
+depths = st.one_of(
+    st.sampled_from(BOUNDARY_DEPTHS),
+    st.integers(1, 3000),
+    st.integers(1, 20_000),
+    st.integers(MAX_DEPTH - 3, MAX_DEPTH + 3),
+)
 
 
 #: Number literals where parsers disagree: past float range, past 64 bits, underflow.
@@ -471,7 +514,7 @@ def command_payloads(draw: st.DrawFn) -> bytes:
     if kind == "bytes":
         return draw(st.binary(max_size=300))
     if kind == "nested":
-        depth = draw(st.integers(1, 400) | st.integers(3000, 20_000))
+        depth = draw(depths)
         body = nested(depth, draw(st.sampled_from(["list", "object"])))
         if draw(st.booleans()):
             body = b'{"command":"subscribe","data":' + body + b"}"
@@ -596,16 +639,32 @@ def violation_acts(max_frame: int) -> st.SearchStrategy[Act]:
                 True,
             )
         ),
-        # Tolerated by the server (allowed, not required): RSV bits, a stray
-        # continuation, a message abandoned mid-fragments.
+        # Tolerated by the server (allowed, not required): RSV bits.
         st.integers(1, 7).map(
             lambda rsv: Act(
                 f"rsv bits {rsv}", (frame(OP_TEXT, UNSUBSCRIBE, rsv=rsv),), frozenset({1002})
             )
         ),
-        st.just(Act("continuation alone", (frame(OP_CONT, b"{}"),), frozenset({1002}))),
+        # RFC 6455 §5.4, as ws does: nothing to continue, or a new message
+        # before the last one's final fragment (here: the ping play() sends).
         st.just(
-            Act("abandoned fragments", (frame(OP_TEXT, b'{"comm', fin=False),), frozenset({1002}))
+            Act("continuation alone", (frame(OP_CONT, b"{}"),), frozenset({1002}), must_close=True)
+        ),
+        st.just(
+            Act(
+                "continuation after a whole message",
+                (frame(OP_TEXT, PING), frame(OP_CONT, b"{}")),
+                frozenset({1002}),
+                must_close=True,
+            )
+        ),
+        st.sampled_from([OP_TEXT, OP_BINARY]).map(
+            lambda op: Act(
+                f"message {op:#x} abandoned mid-fragments",
+                (frame(op, b'{"comm', fin=False),),
+                frozenset({1002}),
+                must_close=True,
+            )
         ),
     )
     return st.one_of(protocol, oversize, fragmented_oversize)
@@ -776,9 +835,7 @@ def posts(draw: st.DrawFn, fingerprint: str) -> Post:
     elif kind == "bytes":
         body = draw(st.binary(max_size=500))
     elif kind == "nested":
-        # Shallow enough for every parser, or too deep for all of them: in
-        # between, the standard library's limit depends on the call stack.
-        depth = draw(st.integers(1, 400) | st.integers(3000, 20_000))
+        depth = draw(depths)
         inner = nested(depth, draw(st.sampled_from(["list", "object"])))
         body = (
             b'{"subscribers":["%s"],"deep":%s}' % (WATCHED.encode(), inner)
@@ -921,3 +978,35 @@ def test_non_finite_number_reaches_browsers_as_null(harness: Harness, beside: by
     raw = harness.run(check())
     harness.run(harness.watcher_still_receives())
     assert json.loads(raw, parse_constant=_no_constants)["a"] is None, raw
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    "depth", [2, 253, 254, 255, 256, 500, 1000, 1023, 1024, 1025, 5000, 100_000]
+)
+@pytest.mark.parametrize("kind", ["list", "object"])
+@pytest.mark.parametrize("chunked", [False, True], ids=["fast-path", "chunked"])
+def test_depth_table_on_both_admin_paths(
+    harness: Harness, depth: int, kind: str, chunked: bool
+) -> None:
+    """An object ``depth`` deep: up to MAX_DEPTH delivered intact, past it 400 and nothing."""
+    body = b'{"subscribers":["%s"],"uniqueID":"deep-%d","deep":%s}' % (
+        WATCHED.encode(),
+        depth,
+        nested(depth - 1, kind),
+    )
+    assert json_depth(body) == depth
+
+    async def check() -> None:
+        rejected = harness.srv.hub.posts_rejected
+        status = await send_post(harness, Post(body, None, chunked))
+        if depth <= MAX_DEPTH:
+            assert status == 200
+            await harness.watcher_still_receives([json.loads(body)])
+        else:
+            assert status == 400
+            assert harness.srv.hub.posts_rejected == rejected + 1
+            await harness.watcher_still_receives()
+
+    harness.run(check())
+    harness.assert_healthy()

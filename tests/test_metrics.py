@@ -145,3 +145,32 @@ async def test_slow_client_is_closed_and_others_keep_receiving() -> None:
                 assert m[("fastaphlict_connections_open", (("instance", "default"),))] == 1
         finally:
             stalled.close()
+
+
+#: Hub integers that are not process counters: a setting, and a gauge exported
+#: per instance as fastaphlict_connections_open.
+NOT_COUNTERS = {"max_instance_length", "clients_active"}
+
+
+async def test_every_hub_counter_is_exported() -> None:
+    """A counter the hub keeps but /metrics doesn't show is invisible in production."""
+    async with running() as srv:
+        counters = sorted(
+            name
+            for name, value in vars(srv.hub).items()
+            if type(value) is int and not name.startswith("_") and name not in NOT_COUNTERS
+        )
+        assert "dead_disconnects" in counters and "slow_disconnects" in counters
+        for n, name in enumerate(counters):
+            setattr(srv.hub, name, 1_000_003 + 7 * n)  # a value nothing else can show
+        m = await scrape(srv)
+        values = set(m.values())
+        missing = [n for n in counters if getattr(srv.hub, n) not in values]
+        assert not missing, f"hub counters not exported: {missing}"
+
+
+async def test_dead_client_disconnects_are_exported() -> None:
+    async with running() as srv:
+        srv.hub.dead_disconnects = 3
+        m = await scrape(srv)
+        assert m[("fastaphlict_dead_client_disconnects_total", ())] == 3

@@ -5,9 +5,22 @@ from typing import Any, Final
 
 from picows import WSTransport
 
-__all__ = ["COMPILED", "Channel", "Outbox", "Subscriber", "build_frame"]
+__all__ = [
+    "COMPILED",
+    "PICOWS_VERSION",
+    "Channel",
+    "Outbox",
+    "Subscriber",
+    "build_frame",
+    "check_picows_version",
+]
 
 COMPILED: Final[bool]
+#: The picows version this module was compiled against.
+PICOWS_VERSION: Final[str]
+
+def check_picows_version(installed: str, built: str = ...) -> None:
+    """Raise ImportError unless ``installed`` is the picows compiled against."""
 
 def build_frame(payload: bytes) -> bytes:
     """``payload`` as one final, unmasked WebSocket text frame."""

@@ -35,8 +35,41 @@ from libc.stdint cimport uint8_t, uint64_t
 from libc.string cimport memcpy
 from asyncio import get_running_loop as _get_running_loop
 from picows.picows cimport MemoryBuffer, WSTransport
+from picows import __version__ as _picows_installed
 
-__all__ = ["COMPILED", "Channel", "Outbox", "Subscriber", "build_frame"]
+__all__ = [
+    "COMPILED",
+    "PICOWS_VERSION",
+    "Channel",
+    "Outbox",
+    "Subscriber",
+    "build_frame",
+    "check_picows_version",
+]
+
+#: The picows this module was compiled against (setup.py bakes it in).
+PICOWS_VERSION = PICOWS_BUILD_VERSION
+
+
+def check_picows_version(str installed, str built=PICOWS_VERSION):
+    """Refuse to run against another picows than the one compiled against.
+
+    This module reads picows' ``WSTransport`` struct directly: with another
+    picows the layout may differ and a write would corrupt memory instead of
+    failing. (A changed struct size is caught earlier by Cython's own import
+    check; a reshuffled one only here.)
+    """
+    if installed != built:
+        raise ImportError(
+            f"fastaphlict._fanout was built against picows {built} but picows "
+            f"{installed} is installed: reinstall fastaphlict so it is compiled "
+            f"against picows {installed} (pip install --force-reinstall fastaphlict; "
+            f"in a checkout, python setup.py build_ext --inplace), or install "
+            f"picows=={built}"
+        )
+
+
+check_picows_version(_picows_installed)
 
 #: True in the compiled module; tests assert it so a broken build can't hide.
 COMPILED = cython.compiled

@@ -28,7 +28,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from fastaphlict import metrics
-from fastaphlict.hub import DEFAULT_INSTANCE, Hub, dumps, loads
+from fastaphlict.hub import DEFAULT_INSTANCE, MAX_DEPTH, Hub, NestingTooDeep, dumps, loads
 from fastaphlict.peers import PeerRelay
 
 __all__ = ["MAX_BODY_SIZE", "AdminProtocol", "accept_post", "make_app", "parse_networks"]
@@ -58,7 +58,11 @@ def accept_post(hub: Hub, instance: str, body: bytes, remote: object) -> tuple[i
         return 400, b"instance name too long\n"
     try:
         message = loads(body)
-    except (ValueError, RecursionError):
+    except NestingTooDeep:
+        hub.posts_rejected += 1
+        log.info("rejected post from %s: JSON nested deeper than %d", remote, MAX_DEPTH)
+        return 400, b"body must be a JSON object\n"
+    except ValueError:
         hub.posts_rejected += 1
         log.info("rejected post from %s: body is not JSON", remote)
         return 400, b"body must be a JSON object\n"
@@ -127,7 +131,13 @@ def make_app(
     return app
 
 
-_REASONS = {200: b"OK", 400: b"Bad Request", 403: b"Forbidden", 413: b"Request Entity Too Large"}
+_REASONS = {
+    200: b"OK",
+    400: b"Bad Request",
+    403: b"Forbidden",
+    413: b"Request Entity Too Large",
+    500: b"Internal Server Error",
+}
 
 
 def parse_networks(specs: tuple[str, ...]) -> tuple[IPv4Network | IPv6Network, ...]:
@@ -272,7 +282,16 @@ class AdminProtocol(asyncio.Protocol):
             body = bytes(buffer[start : start + length])
             del buffer[: start + length]
             self._continued = False
-            status, answer = accept_post(self._hub, _query_instance(target), body, self._remote)
+            try:
+                status, answer = accept_post(self._hub, _query_instance(target), body, self._remote)
+            except Exception:
+                # The boundary of one request, as aiohttp's is: log it, answer
+                # 500 and close, rather than let the loop drop the connection
+                # with no answer at all.
+                log.exception("post from %s failed", self._remote)
+                self._transport.write(_response(500, b"internal error\n", close=True))
+                self._transport.close()
+                return
             self._transport.write(_response(status, answer, close=close))
             if close:
                 self._transport.close()

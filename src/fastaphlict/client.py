@@ -30,7 +30,7 @@ from picows import (
 
 from fastaphlict._fanout import Subscriber, build_frame
 from fastaphlict.config import Limits
-from fastaphlict.hub import DEFAULT_INSTANCE, Hub, describe, loads, replay_age
+from fastaphlict.hub import DEFAULT_INSTANCE, Hub, NestingTooDeep, describe, loads, replay_age
 
 __all__ = [
     "NOT_WEBSOCKET_BODY",
@@ -96,7 +96,9 @@ def _parse(payload: bytes | str) -> tuple[str, Any] | str:
     """``(command, data)``, or why the frame is ignored."""
     try:
         msg = loads(payload)
-    except (ValueError, RecursionError):
+    except NestingTooDeep:
+        return "nested too deep"  # the admin port refuses the same JSON
+    except ValueError:
         return "not JSON"
     if not isinstance(msg, dict):
         return "not a JSON object"
@@ -226,9 +228,12 @@ class ClientListener(WSListener):
             transport.disconnect()
             return
         if msg_type is WSMsgType.TEXT or msg_type is WSMsgType.BINARY:
-            if frame.fin:
-                if self._fragments is not None:  # a new message mid-fragments: protocol error
-                    self._fragments = None
+            if self._fragments is not None:
+                # RFC 6455 §5.4: a new message before the last one's final
+                # fragment. ws fails the connection with 1002; so do we.
+                self._fragments = None
+                self._protocol_error(transport, "new message inside a fragmented one")
+            elif frame.fin:
                 self._handle(transport, frame.get_payload_as_bytes())
             else:
                 self._fragments = bytearray(frame.get_payload_as_memoryview())
@@ -236,6 +241,8 @@ class ClientListener(WSListener):
         if msg_type is WSMsgType.CONTINUATION:
             buf = self._fragments
             if buf is None:
+                # Nothing to continue (RFC 6455 §5.4): ws closes with 1002 too.
+                self._protocol_error(transport, "continuation without a message")
                 return
             limit = self._options.limits.max_frame_size
             if len(buf) + frame.payload_size > limit:
@@ -249,6 +256,14 @@ class ClientListener(WSListener):
                 self._fragments = None
                 self._handle(transport, bytes(buf))
         # PING is answered by picows itself; unsolicited PONGs need nothing.
+
+    def _protocol_error(self, transport: WSTransport, reason: str) -> None:
+        """Close with 1002 for a fragmentation error; count and log it once."""
+        if transport.is_close_frame_sent:
+            return  # already closing: what follows the close is not ours to judge
+        self._hub.frames_rejected += 1
+        log.info("closing: protocol error (%s) from %s", reason, describe(transport))
+        _close(transport, WSCloseCode.PROTOCOL_ERROR, b"protocol error")
 
     def _handle(self, transport: WSTransport, payload: bytes) -> None:
         sub = self._sub

@@ -41,8 +41,10 @@ __all__ = [
     "DEFAULT_INSTANCE",
     "HISTORY_LIMIT",
     "HISTORY_TTL_MS",
+    "MAX_DEPTH",
     "History",
     "Hub",
+    "NestingTooDeep",
     "Relay",
     "describe",
     "dumps",
@@ -76,20 +78,77 @@ def _finite_or_null(text: str) -> float | None:
     return value if math.isfinite(value) else None
 
 
+#: Deepest nesting of arrays and objects a message may have (``[]`` is 1 deep).
+#: orjson writes at most this deep (it reads up to 1024), so every value that
+#: :func:`loads` returns goes out on orjson's fast path, and the admin and
+#: client ports refuse exactly the same inputs. A Phorge message is 2 deep.
+MAX_DEPTH = 254
+
+
+class NestingTooDeep(ValueError):
+    """JSON nested deeper than :data:`MAX_DEPTH`: refused like invalid JSON."""
+
+    def __init__(self) -> None:
+        super().__init__(f"JSON nested deeper than {MAX_DEPTH}")
+
+
+#: A body this short can't hold more than MAX_DEPTH levels: each costs 2 bytes.
+_SHALLOW_BODY = 2 * MAX_DEPTH + 1
+
+
+def _deeper_than(value: Any, limit: int, source: bytes | str | None = None) -> bool:
+    """Whether ``value`` nests lists and dicts more than ``limit`` deep.
+
+    Each container of ``value`` came from one ``[`` or ``{`` of ``source``:
+    when the text holds at most ``limit`` of them, the answer is no without
+    touching the value. Finding them is memchr, a few hundred ns for a post
+    of any size, far less than counting bytes or walking the value, so the
+    walk is left to unusual bodies. The walk is iterative (no depth can
+    overflow the stack) and stops at the first container past the limit.
+    """
+    if not isinstance(value, (list, dict)):
+        return False
+    if source is not None:
+        found = 0
+        for opener in ("[", "{") if isinstance(source, str) else (b"[", b"{"):
+            at = source.find(opener)  # type: ignore[arg-type]
+            while at >= 0 and found <= limit:
+                found += 1
+                at = source.find(opener, at + 1)  # type: ignore[arg-type]
+        if found <= limit:
+            return False
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > limit:
+            return True
+        for child in node.values() if isinstance(node, dict) else node:
+            if isinstance(child, (list, dict)):
+                stack.append((child, depth + 1))
+    return False
+
+
 def loads(body: bytes | str) -> Any:
-    """Decode JSON as JavaScript's ``JSON.parse`` would.
+    """Decode JSON as JavaScript's ``JSON.parse`` would, up to :data:`MAX_DEPTH` deep.
 
     orjson is the fast path. It refuses lone UTF-16 surrogates in ``\\u``
     escapes and numbers beyond a double, which JavaScript accepts, so those
     fall back to the standard library (told to refuse ``NaN`` and
     ``Infinity``, and to read an overflowing number as null, as a browser
     would after its own round trip).
-    Raises ``ValueError`` on invalid JSON.
+    Raises ``ValueError`` on invalid JSON and :class:`NestingTooDeep` (a
+    ``ValueError``) past :data:`MAX_DEPTH`; never ``RecursionError``.
     """
     try:
-        return orjson.loads(body)
+        value = orjson.loads(body)
     except orjson.JSONDecodeError:
-        return json.loads(body, parse_constant=_reject_constant, parse_float=_finite_or_null)
+        try:
+            value = json.loads(body, parse_constant=_reject_constant, parse_float=_finite_or_null)
+        except RecursionError:
+            raise NestingTooDeep() from None
+    if len(body) > _SHALLOW_BODY and _deeper_than(value, MAX_DEPTH, body):
+        raise NestingTooDeep()
+    return value
 
 
 def dumps(value: Any) -> bytes:
@@ -97,11 +156,15 @@ def dumps(value: Any) -> bytes:
 
     A lone surrogate (see :func:`loads`) can't be UTF-8: it goes out as its
     ``\\uXXXX`` escape, as ``JSON.stringify`` writes it, so the frame stays
-    valid UTF-8 and no browser drops the connection over it.
+    valid UTF-8 and no browser drops the connection over it. A value nested
+    past :data:`MAX_DEPTH` raises :class:`NestingTooDeep`, whichever encoder
+    would have taken it: what :func:`loads` refuses, this never writes.
     """
     try:
         return orjson.dumps(value)
-    except TypeError:
+    except TypeError:  # orjson.JSONEncodeError: a surrogate, a huge int, or depth
+        if _deeper_than(value, MAX_DEPTH):
+            raise NestingTooDeep() from None
         text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
         return text.encode("utf-8", "backslashreplace")
 
@@ -329,7 +392,8 @@ class Hub:
             "messages.in": self.messages_in,
             "messages.out": self.messages_out,
             "history.size": size,
-            "history.age": None if oldest is None else int(now - oldest),
+            # The wall clock can step back (NTP): an age is never negative.
+            "history.age": None if oldest is None else max(0, int(now - oldest)),
             "version": STATUS_VERSION,
         }
 

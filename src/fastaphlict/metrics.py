@@ -73,7 +73,7 @@ class HubCollector(Collector):
         )
         yield _counter(
             "fastaphlict_rejected_frames",
-            "Client frames ignored as malformed.",
+            "Client frames refused: malformed ones ignored, protocol errors, oversize messages.",
             hub.frames_rejected,
         )
         yield _counter(
@@ -85,6 +85,11 @@ class HubCollector(Collector):
             "fastaphlict_slow_client_disconnects",
             "Sockets closed because their unsent data passed the cap.",
             hub.slow_disconnects,
+        )
+        yield _counter(
+            "fastaphlict_dead_client_disconnects",
+            "Sockets closed because they stopped answering the server's pings.",
+            hub.dead_disconnects,
         )
         if self._relay is not None:
             yield from self._peers(self._relay)
