@@ -174,3 +174,18 @@ async def test_dead_client_disconnects_are_exported() -> None:
         srv.hub.dead_disconnects = 3
         m = await scrape(srv)
         assert m[("fastaphlict_dead_client_disconnects_total", ())] == 3
+
+
+async def test_a_scrape_never_shows_expired_history(monkeypatch) -> None:
+    import fastaphlict.hub as hub_module
+    from fastaphlict.hub import HISTORY_TTL_MS
+
+    async with running() as srv:
+        now = hub_module.now_ms()
+        monkeypatch.setattr(hub_module, "now_ms", lambda: now - HISTORY_TTL_MS - 1)
+        assert (await srv.post({"subscribers": ["PHID-A"]}, instance="gone")).status == 200
+        monkeypatch.undo()
+        async with srv.session.get(f"{srv.admin_url}/metrics") as resp:
+            text = await resp.text()
+        assert 'instance="gone"' not in text
+        assert "fastaphlict_instances 0.0" in text

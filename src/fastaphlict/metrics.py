@@ -96,6 +96,10 @@ class HubCollector(Collector):
 
     def _per_instance(self) -> Iterator[Metric]:
         hub = self._hub
+        # Expire first, as /status/ does: a scrape never shows stale history
+        # or an instance that has nothing left.
+        for _ in hub.housekeeping(sweep=False):
+            pass
         instances = sorted(hub.instances(), key=lambda i: i.channel.size, reverse=True)
         open_ = GaugeMetricFamily(
             "fastaphlict_connections_open", "Open client sockets.", labels=["instance"]
