@@ -3,7 +3,9 @@
 - Every asyncio test runs on uvloop, as production does.
 - pytest-timeout's limits (the ``timeout`` of pyproject.toml and every
   ``timeout`` mark) are multiplied by ``FASTAPHLICT_TESTS_TIMEOUT_FACTOR``,
-  like every other bound (see ``support.py``).
+  like every other bound (see ``support.py``), and every asyncio test is
+  cancelled at 0.9 of its limit, so a stuck await fails with its traceback
+  instead of hanging the suite (``support.bound_async_tests``).
 - With ``CI`` set (CI sets ``CI=true``) hypothesis runs the "ci" profile:
   derandomized, so a red build is the same build when run again, and with the
   blob to reproduce a failure printed. Developers keep the default profile
@@ -37,5 +39,6 @@ def pytest_configure(config: pytest.Config) -> None:
     support.scale_timeout_option(config)
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     support.scale_timeout_marks(items)
+    support.bound_async_tests(config, items)

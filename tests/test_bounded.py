@@ -56,7 +56,7 @@ async def _settled(session: aiohttp.ClientSession, admin_url: str, name: str) ->
 
 
 async def test_instances_named_by_browsers_are_dropped_when_they_leave(tmp_path) -> None:
-    with spawned(tmp_path) as server:
+    with spawned(tmp_path / "server.log") as server:
         async with aiohttp.ClientSession() as session:
             await wait_healthy(server, session)
             subscribe = client_frame(b'{"command":"subscribe","data":["PHID-USER-1"]}')
@@ -94,7 +94,7 @@ async def test_instances_named_by_browsers_are_dropped_when_they_leave(tmp_path)
 
 
 async def test_unique_phids_of_tabs_that_leave_are_freed(tmp_path) -> None:
-    with spawned(tmp_path) as server:
+    with spawned(tmp_path / "server.log") as server:
         async with aiohttp.ClientSession() as session:
             await wait_healthy(server, session)
             baseline = None

@@ -9,9 +9,11 @@ reaches a tab that reads it, whole and in order, with live messages and the
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -159,16 +161,27 @@ async def _eventually(check: Any, what: str) -> None:
         await asyncio.sleep(0.01)
 
 
+@contextlib.asynccontextmanager
+async def _paced_replay(srv: Any, **options: Any) -> AsyncIterator[tuple[Browser, Subscriber]]:
+    """A tab on a tiny receive window that asked for the whole history: its replay waits."""
+    sock = _slow_reader(srv.server.client_ports[0])
+    async with connect(
+        srv.client_url(), sock=sock, open_timeout=TIMEOUT, max_queue=1, **options
+    ) as ws:
+        browser = Browser(ws)
+        await browser.subscribe("PHID-A")
+        await browser.send("replay", None)
+        sub = _server_side(srv)
+        await _eventually(
+            lambda: sub.replaying or sub.slow, "the replay is paced, not written at once"
+        )
+        yield browser, sub
+
+
 async def test_live_messages_and_pong_wait_behind_a_paced_replay_in_order() -> None:
     async with running() as srv:
         _publish_history(srv.hub, HISTORY_LIMIT)
-        sock = _slow_reader(srv.server.client_ports[0])
-        async with connect(srv.client_url(), sock=sock, open_timeout=TIMEOUT, max_queue=1) as ws:
-            browser = Browser(ws)
-            await browser.subscribe("PHID-A")
-            await browser.send("replay", None)
-            sub = _server_side(srv)
-            await _eventually(lambda: sub.replaying, "the replay is paced, not written at once")
+        async with _paced_replay(srv) as (browser, sub):
             live = [HISTORY_LIMIT + i for i in range(3)]
             for n in live:
                 response = await srv.post(_message(n))
@@ -195,15 +208,9 @@ async def _wait_closed(ws: Any) -> int | None:
 async def test_a_tab_that_stops_reading_a_replay_is_closed_after_a_sweep_round() -> None:
     async with running(limits=Limits(ping_interval=0.2)) as srv:
         _publish_history(srv.hub, HISTORY_LIMIT)
-        sock = _slow_reader(srv.server.client_ports[0])
-        async with connect(
-            srv.client_url(), sock=sock, open_timeout=TIMEOUT, max_queue=1, ping_interval=None
-        ) as ws:
-            browser = Browser(ws)
-            await browser.subscribe("PHID-A")
-            await browser.send("replay", None)
+        async with _paced_replay(srv, ping_interval=None) as (browser, _):
             await _eventually(lambda: srv.hub.slow_disconnects == 1, "closed as too slow")
-            assert await _wait_closed(ws) == 1013
+            assert await _wait_closed(browser.ws) == 1013
         assert srv.hub.slow_disconnects == 1
 
 
@@ -211,18 +218,12 @@ async def test_live_traffic_past_the_cap_behind_a_stalled_replay_closes_the_tab(
     cap = 64 * 1024
     async with running(limits=Limits(ping_interval=0, max_buffered=cap)) as srv:
         _publish_history(srv.hub, HISTORY_LIMIT)
-        sock = _slow_reader(srv.server.client_ports[0])
-        async with connect(srv.client_url(), sock=sock, open_timeout=TIMEOUT, max_queue=1) as ws:
-            browser = Browser(ws)
-            await browser.subscribe("PHID-A")
-            await browser.send("replay", None)
-            sub = _server_side(srv)
-            await _eventually(lambda: sub.replaying, "the replay waits for the tab")
+        async with _paced_replay(srv) as (browser, _):
             for n in range(cap // BIG + 2):
                 srv.hub.publish("default", _message(HISTORY_LIMIT + n) | {"pad": "p" * BIG})
                 await asyncio.sleep(0)
             await _eventually(lambda: srv.hub.slow_disconnects == 1, "closed past the cap")
-            assert await _wait_closed(ws) == 1013
+            assert await _wait_closed(browser.ws) == 1013
 
 
 async def test_a_slow_client_is_closed_and_counted_once() -> None:

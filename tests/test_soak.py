@@ -32,8 +32,6 @@ import contextlib
 import json
 import os
 import random
-import subprocess
-import sys
 import time
 from collections import deque
 from collections.abc import Callable
@@ -53,9 +51,9 @@ from support import (
     ServerProcess,
     assert_cancelled_promptly,
     cancel_and_wait,
-    child_env,
-    free_ports,
     scaled,
+    spawned,
+    wait_healthy,
 )
 
 __all__ = ["RSS_GROWTH_BOUND", "ServerProcess", "SoakOptions", "SoakResult", "soak", "spawn"]
@@ -110,41 +108,8 @@ class SoakServer(ServerProcess):
 def spawn(log_path: Path) -> Any:
     """``python -m fastaphlict`` on free loopback ports (environment config); killed after."""
     raise_nofile_limit()
-    client_port, admin_port = free_ports(2)
-    env = child_env()
-    env.update(CLIENT_PORT=str(client_port), ADMIN_PORT=str(admin_port), LISTEN_ADDR="127.0.0.1")
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "fastaphlict"],
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        yield SoakServer(proc, client_port, admin_port, log_path)
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(scaled(10))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(scaled(5))
-
-
-async def wait_ready(server: SoakServer, session: aiohttp.ClientSession) -> None:
-    deadline = time.monotonic() + scaled(15.0)
-    while True:
-        assert server.proc.poll() is None, f"server exited:\n{server.log()}"
-        with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError):
-            async with session.get(
-                f"{server.admin_url}/healthz", timeout=aiohttp.ClientTimeout(total=scaled(1.0))
-            ) as resp:
-                if resp.status == 200:
-                    return
-        assert time.monotonic() < deadline, f"server not ready:\n{server.log()}"
-        await asyncio.sleep(0.05)
+    with spawned(log_path, server_class=SoakServer) as server:
+        yield server
 
 
 # -- tabs ------------------------------------------------------------------------------
@@ -445,7 +410,7 @@ async def soak(server: SoakServer, options: SoakOptions) -> SoakResult:
     # how many keep-alive connections happen to be pooled.
     connector = aiohttp.TCPConnector(limit=1)
     async with aiohttp.ClientSession(connector=connector) as session:
-        await wait_ready(server, session)
+        await wait_healthy(server, session)
         return await Soak(server, session, options).run()
 
 

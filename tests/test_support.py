@@ -101,3 +101,33 @@ def test_a_bad_factor_is_refused(value: str) -> None:
 def test_timeout_marks_are_scaled(request: pytest.FixtureRequest) -> None:
     mark = request.node.get_closest_marker("timeout")
     assert mark is not None and mark.args[0] == scaled(7)
+
+
+async def test_a_stuck_async_test_fails_with_where_it_waited() -> None:
+    async def stuck() -> None:
+        await asyncio.Event().wait()
+
+    with pytest.raises(AssertionError, match="still running after") as info:
+        await support._bounded(stuck, 0.05)()
+    assert isinstance(info.value.__cause__, asyncio.TimeoutError)
+
+
+async def test_a_cancelled_child_that_will_not_end_fails_the_caller() -> None:
+    release = asyncio.Event()
+
+    async def stubborn() -> None:
+        while not release.is_set():
+            try:
+                await asyncio.sleep(10)
+            except asyncio.CancelledError:
+                continue  # swallows its cancellation, as the bug class does
+
+    task = asyncio.create_task(stubborn())
+    await asyncio.sleep(0)
+    try:
+        with pytest.raises(AssertionError, match="after cancellation"):
+            await cancel_and_wait(task, within=0.1)
+    finally:
+        release.set()
+        task.cancel()
+        await asyncio.wait([task])

@@ -159,12 +159,7 @@ cdef class Subscriber:
         self._pending = None
         self.heard = True
         self._awaiting = False
-        self._replay = None
-        self._replay_pos = 0
-        self._later = None
-        self._later_bytes = 0
-        self._paused = False
-        self._stalled = False
+        self._end_replay()
         self.slow = False
 
     @property

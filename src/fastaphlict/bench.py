@@ -473,19 +473,13 @@ class _Collector:
             self.done.set()
 
 
-class _Tab(WSListener):
-    """One browser tab: answers pongs to whoever waits, records every delivery.
+class _Socket(WSListener):
+    """What every generator tab shares: its transport, a pong waiter, a close waiter."""
 
-    ``seen[m]`` is 1 once message ``m`` arrived, so duplicates are caught on
-    arrival and loss is exact afterwards.
-    """
+    __slots__ = ("closed", "pong", "transport")
 
-    __slots__ = ("closed", "collector", "pong", "seen", "transport")
-
-    def __init__(self, collector: _Collector, messages: int) -> None:
+    def __init__(self) -> None:
         super().__init__()
-        self.collector = collector
-        self.seen = bytearray(messages)
         self.pong: asyncio.Future[None] | None = None
         self.closed: asyncio.Future[None] | None = None
         self.transport: WSTransport | None = None
@@ -500,6 +494,21 @@ class _Tab(WSListener):
         pong = self.pong
         if pong is not None and not pong.done():
             pong.set_exception(ConnectionError("socket closed while waiting for a pong"))
+
+
+class _Tab(_Socket):
+    """One browser tab: answers pongs to whoever waits, records every delivery.
+
+    ``seen[m]`` is 1 once message ``m`` arrived, so duplicates are caught on
+    arrival and loss is exact afterwards.
+    """
+
+    __slots__ = ("collector", "seen")
+
+    def __init__(self, collector: _Collector, messages: int) -> None:
+        super().__init__()
+        self.collector = collector
+        self.seen = bytearray(messages)
 
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
         msg_type = frame.msg_type
@@ -879,10 +888,10 @@ async def run_floor(
 # -- the reconnect storm --------------------------------------------------------
 
 
-class _StormTab(WSListener):
+class _StormTab(_Socket):
     """A reconnecting tab: records the ids replayed to it, in arrival order, until its pong."""
 
-    __slots__ = ("closed", "foreign", "ids", "index", "late", "pong", "pong_ns", "transport")
+    __slots__ = ("foreign", "ids", "index", "late", "pong_ns")
 
     def __init__(self) -> None:
         super().__init__()
@@ -891,20 +900,6 @@ class _StormTab(WSListener):
         self.foreign = 0
         self.late = 0  # frames after the pong: a server that reordered replay and pong
         self.pong_ns = 0
-        self.pong: asyncio.Future[None] | None = None
-        self.closed: asyncio.Future[None] | None = None
-        self.transport: WSTransport | None = None
-
-    def on_ws_connected(self, transport: WSTransport) -> None:
-        self.transport = transport
-
-    def on_ws_disconnected(self, transport: WSTransport) -> None:
-        closed = self.closed
-        if closed is not None and not closed.done():
-            closed.set_result(None)
-        pong = self.pong
-        if pong is not None and not pong.done():
-            pong.set_exception(ConnectionError("socket closed before its pong"))
 
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
         msg_type = frame.msg_type
