@@ -322,7 +322,22 @@ async def cancel_and_wait(*tasks: asyncio.Task[Any], within: float = TIMEOUT) ->
         _, pending = await asyncio.wait(tasks, timeout=within)
         if pending:
             # A child that ignores its cancellation must fail the test, not hang it.
-            raise AssertionError(f"still running {within:g} s after cancellation: {pending}")
+            where = "; ".join(awaiting(task) for task in pending)
+            raise AssertionError(f"still running {within:g} s after cancellation, at {where}")
+
+
+def awaiting(task: asyncio.Task[Any]) -> str:
+    """Where a suspended task waits: its chain of awaits, outermost first."""
+    steps = []
+    coro: Any = task.get_coro()
+    while coro is not None:
+        frame = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None)
+        if frame is not None:
+            steps.append(
+                f"{frame.f_code.co_name} ({Path(frame.f_code.co_filename).name}:{frame.f_lineno})"
+            )
+        coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
+    return " > ".join(steps) or repr(task)
 
 
 async def assert_cancelled_promptly(

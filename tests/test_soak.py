@@ -214,6 +214,11 @@ class Soak:
         self.next_n = 0  # the next post's number; posts >= this weren't sent yet
         self.acknowledged = 0  # posts < this are published (their receipt arrived)
         self.result = SoakResult()
+        # Set when a churn round ends. The loops check it as well as being
+        # cancelled: Python 3.11's wait_for can lose a cancellation that
+        # arrives as its future completes, and a churner that missed it ran
+        # on for ever (seen in CI as a hung suite).
+        self.stopping = False
 
     def problem(self, text: str) -> None:
         if len(self.result.problems) < 20:
@@ -224,7 +229,7 @@ class Soak:
         interval = 1.0 / self.options.rate
         pick = self.random
         started = time.monotonic()
-        while True:
+        while not self.stopping:
             n = self.next_n
             subscribers = [stable_phid(pick.randrange(self.options.stable))]
             subscribers += [churn_phid(pick.randrange(self.options.pool)) for _ in range(3)]
@@ -249,7 +254,7 @@ class Soak:
             await asyncio.sleep(max(0.0, delay))
 
     async def churn_forever(self) -> None:
-        while True:
+        while not self.stopping:
             roll = self.random.random()
             if roll < 0.08:
                 await self.plain_request()
@@ -355,6 +360,7 @@ class Soak:
 
     async def churn_for(self, seconds: float) -> None:
         """Post and churn for ``seconds``, then let every churner finish its connection."""
+        self.stopping = False
         tasks = [asyncio.create_task(self.churn_forever()) for _ in range(self.options.churners)]
         poster = asyncio.create_task(self.post_forever())
         try:
@@ -362,6 +368,7 @@ class Soak:
             for task in done:  # only a failure ends one early
                 task.result()
         finally:
+            self.stopping = True
             await cancel_and_wait(poster, *tasks)
         await self.settle()
 
