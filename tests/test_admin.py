@@ -449,7 +449,7 @@ async def test_deep_body_is_400_and_the_pipelined_post_after_it_is_served(
 
 @pytest.mark.parametrize("chunked", [False, True], ids=["fast-path", "aiohttp"])
 async def test_max_depth_body_is_accepted_and_delivered_intact(chunked: bool) -> None:
-    from fastaphlict.hub import MAX_DEPTH
+    from fastaphlict.protocol import MAX_DEPTH
 
     async with running() as srv, srv.client() as browser:
         await browser.subscribe("PHID-1")

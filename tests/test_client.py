@@ -10,8 +10,7 @@ import time
 import pytest
 
 import fastaphlict.hub as hub_module
-from fastaphlict.client import PONG, instance_from_path, parse_command
-from fastaphlict.hub import HISTORY_TTL_MS, replay_age
+from fastaphlict.protocol import HISTORY_TTL_MS, PONG
 from support import TIMEOUT, Browser, assert_silent, running, scaled
 
 
@@ -57,26 +56,6 @@ async def test_any_origin_is_accepted() -> None:
 
 
 # -- instance from the path -----------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("path", "instance"),
-    [
-        ("/~acme/", "acme"),
-        ("/~a/b/", "ab"),
-        ("/~a~b", "a"),
-        ("/~/", "default"),
-        ("/", "default"),
-        ("", "default"),
-        ("/~acme/?instance=acme", "acme"),
-        ("/?instance=acme", "default"),
-        ("/ws/~acme", "acme"),
-        ("/~a%20b/", "a%20b"),
-        (b"/~acme/", "acme"),
-    ],
-)
-def test_instance_from_path(path: str | bytes, instance: str) -> None:
-    assert instance_from_path(path) == instance
 
 
 async def test_two_instances_are_isolated_for_delivery_history_replay_and_status() -> None:
@@ -336,33 +315,6 @@ async def test_replay_age_window(monkeypatch: pytest.MonkeyPatch) -> None:
             await browser.send("replay", {"age": 10000})
             assert (await browser.recv())["n"] == 1
             assert (await browser.recv())["n"] == 2
-
-
-def test_replay_age_rule() -> None:
-    assert replay_age(None) == HISTORY_TTL_MS
-    assert replay_age({}) == HISTORY_TTL_MS
-    assert replay_age({"age": 0}) == HISTORY_TTL_MS
-    assert replay_age({"age": "5"}) == HISTORY_TTL_MS
-    assert replay_age({"age": 1500}) == 1500
-    assert replay_age({"age": 2.5}) == 2.5
-    assert replay_age({"age": 10**9}) == HISTORY_TTL_MS, "capped at the retention"
-    assert replay_age({"age": -5}) < 0
-    assert replay_age([1]) is None
-    assert replay_age("x") is None
-
-
-def test_parse_command_types() -> None:
-    assert parse_command(b'{"command":"ping"}') == ("ping", None)
-    assert parse_command('{"command":"subscribe","data":["a"]}') == ("subscribe", ["a"])
-    assert parse_command(b'{"command":"subscribe","data":"a"}') is None
-    assert parse_command(b'{"command":"replay","data":{"age":1}}') == ("replay", {"age": 1})
-    assert parse_command(b'{"command":"replay","data":1}') is None
-    assert parse_command(b"\xff") is None
-    # Beyond 64 bits a number becomes a float, as in JavaScript.
-    assert parse_command(b'{"command":"ping","data":' + b"1" * 30 + b"}") == (
-        "ping",
-        1.111111111111111e29,
-    )
 
 
 async def test_history_is_purged_by_age_on_read(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -655,7 +607,7 @@ async def test_frame_nested_past_max_depth_is_ignored_like_the_admin_port_refuse
     depth: int, kind: str
 ) -> None:
     """Up to MAX_DEPTH a deep ping is a ping; past it the frame is ignored, the socket lives."""
-    from fastaphlict.hub import MAX_DEPTH
+    from fastaphlict.protocol import MAX_DEPTH
 
     async with running() as srv, srv.client() as browser:
         await browser.send_raw(_deep_ping(depth, kind))

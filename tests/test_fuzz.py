@@ -47,7 +47,7 @@ from hypothesis import strategies as st
 from websockets.asyncio.client import connect
 
 from fastaphlict.admin import MAX_BODY_SIZE
-from fastaphlict.hub import MAX_DEPTH
+from fastaphlict.protocol import MAX_DEPTH
 from support import PHORGE_CONTENT_TYPE, TIMEOUT, Browser, Running, running, scaled
 
 T = TypeVar("T")

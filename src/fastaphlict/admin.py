@@ -22,14 +22,22 @@ import asyncio
 import logging
 from collections.abc import Callable
 from ipaddress import IPv4Network, IPv6Address, IPv6Network, ip_address, ip_network
-from urllib.parse import parse_qsl
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from fastaphlict import metrics
-from fastaphlict.hub import DEFAULT_INSTANCE, MAX_DEPTH, Hub, NestingTooDeep, dumps, loads
+from fastaphlict.hub import Hub
 from fastaphlict.peers import PeerRelay
+from fastaphlict.protocol import (
+    DEFAULT_INSTANCE,
+    MAX_DEPTH,
+    NestingTooDeep,
+    dumps,
+    loads,
+    parse_post_head,
+    query_instance,
+)
 
 __all__ = ["MAX_BODY_SIZE", "AdminProtocol", "accept_post", "make_app", "parse_networks"]
 
@@ -176,15 +184,6 @@ def _response(status: int, body: bytes, *, close: bool) -> bytes:
     )
 
 
-def _query_instance(target: bytes) -> str:
-    """The first ``instance`` query value, decoded as aiohttp/yarl would."""
-    _, _, query = target.partition(b"?")
-    for key, value in parse_qsl(query.decode("latin-1"), keep_blank_values=True, encoding="utf-8"):
-        if key == "instance":
-            return value
-    return ""
-
-
 class AdminProtocol(asyncio.Protocol):
     """One admin connection: ``POST /`` served here, anything else by aiohttp.
 
@@ -262,7 +261,7 @@ class AdminProtocol(asyncio.Protocol):
                 if len(buffer) >= MAX_HEAD_SIZE:
                     self._hand_off()
                 return
-            parsed = self._parse_head(bytes(buffer[:end]))
+            parsed = parse_post_head(bytes(buffer[:end]))
             if parsed is None:
                 self._hand_off()
                 return
@@ -283,7 +282,7 @@ class AdminProtocol(asyncio.Protocol):
             del buffer[: start + length]
             self._continued = False
             try:
-                status, answer = accept_post(self._hub, _query_instance(target), body, self._remote)
+                status, answer = accept_post(self._hub, query_instance(target), body, self._remote)
             except Exception:
                 # The boundary of one request, as aiohttp's is: log it, answer
                 # 500 and close, rather than let the loop drop the connection
@@ -297,53 +296,6 @@ class AdminProtocol(asyncio.Protocol):
                 self._transport.close()
                 return
             self._active_at = self._loop.time()
-
-    @staticmethod
-    def _parse_head(head: bytes) -> tuple[bytes, int, bool, bool] | None:
-        """``(target, content length, expects 100-continue, close after)``, or None.
-
-        None means "not the plain post this path serves": aiohttp takes over.
-        """
-        lines = head.split(b"\r\n")
-        parts = lines[0].split(b" ")
-        if len(parts) != 3 or parts[0] != b"POST":
-            return None
-        target, version = parts[1], parts[2]
-        if not (target == b"/" or target.startswith(b"/?")):
-            return None
-        if version == b"HTTP/1.1":
-            close = False
-        elif version == b"HTTP/1.0":
-            close = True
-        else:
-            return None
-        length = -1
-        expect_continue = False
-        for line in lines[1:]:
-            name, colon, value = line.partition(b":")
-            if not colon:
-                return None
-            name = name.strip().lower()
-            value = value.strip()
-            if name == b"content-length":
-                if length >= 0 or not value.isdigit():
-                    return None
-                length = int(value)
-            elif name == b"transfer-encoding":
-                return None
-            elif name == b"connection":
-                tokens = value.lower()
-                if b"close" in tokens:
-                    close = True
-                elif b"keep-alive" in tokens:
-                    close = False
-            elif name == b"expect":
-                if value.lower() != b"100-continue":
-                    return None
-                expect_continue = True
-        if length < 0:
-            return None
-        return target, length, expect_continue, close
 
     def _hand_off(self) -> None:
         """Give this connection, and what it sent so far, to aiohttp for good."""

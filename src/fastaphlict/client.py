@@ -1,10 +1,11 @@
 """The client port: browsers' WebSockets, served by picows.
 
-This module turns frames into hub calls and nothing else. It parses the four
-Aphlict commands (``subscribe``, ``unsubscribe``, ``replay``, ``ping``), works
-out the instance from the request path, and answers plain HTTP requests the
-way Phorge's health check expects. It never touches the admin side and holds
-no state beyond each socket's :class:`~fastaphlict._fanout.Subscriber`.
+This module turns frames into hub calls and nothing else. It reads the four
+Aphlict commands (``subscribe``, ``unsubscribe``, ``replay``, ``ping``) and the
+instance of the request path by the rules of :mod:`fastaphlict.protocol`,
+and answers plain HTTP requests the way Phorge's health check expects. It
+never touches the admin side and holds no state beyond each socket's
+:class:`~fastaphlict._fanout.Subscriber`.
 
 Commands of one socket run synchronously in arrival order, so a ``pong`` is
 proof that every earlier command on that socket took effect.
@@ -15,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass, field
-from typing import Any
 
 from picows import (
     WSCloseCode,
@@ -30,16 +30,23 @@ from picows import (
 
 from fastaphlict._fanout import Subscriber, build_frame
 from fastaphlict.config import Limits
-from fastaphlict.hub import DEFAULT_INSTANCE, Hub, NestingTooDeep, describe, loads, replay_age
+from fastaphlict.hub import Hub, describe
+from fastaphlict.protocol import (
+    BENIGN,
+    PING_COMMAND,
+    PONG,
+    instance_from_path,
+    read_command,
+    replay_age,
+)
 
 __all__ = [
     "NOT_WEBSOCKET_BODY",
-    "PONG",
     "ClientListener",
     "Options",
-    "instance_from_path",
+    "close_all",
+    "close_slow",
     "listener_factory",
-    "parse_command",
 ]
 
 log = logging.getLogger("fastaphlict.client")
@@ -47,75 +54,9 @@ log = logging.getLogger("fastaphlict.client")
 #: Aphlict's exact answer to a plain HTTP request; Phorge reads 501 as healthy.
 NOT_WEBSOCKET_BODY = b"HTTP/501 Use Websockets\n"
 #: The reply to ``ping``, byte for byte.
-PONG = b'{"type":"pong"}'
 _PONG_FRAME = build_frame(PONG)
 #: Seconds a refused socket gets to read its close frame before it is dropped.
 _CLOSE_GRACE = 1.0
-
-#: JX.Aphlict's ping, byte for byte: answered without decoding it.
-_PING_COMMAND = b'{"command":"ping","data":null}'
-
-_COMMANDS = frozenset({"subscribe", "unsubscribe", "replay", "ping"})
-
-
-def instance_from_path(path: bytes | str) -> str:
-    """The instance named by a raw request path, Aphlict's way.
-
-    No ``~`` means ``default``; otherwise the text between the first ``~`` and
-    the next ``~`` (or the end), with every ``/`` deleted; empty means
-    ``default``. The query string is ignored and nothing is URL-decoded:
-    ``/~acme/?instance=acme`` is ``acme``, ``/~a/b/`` is ``ab``.
-    """
-    if isinstance(path, bytes):
-        path = path.decode("utf-8", "replace")
-    path = path.split("?", 1)[0]
-    start = path.find("~")
-    if start < 0:
-        return DEFAULT_INSTANCE
-    rest = path[start + 1 :]
-    end = rest.find("~")
-    if end >= 0:
-        rest = rest[:end]
-    name = rest.replace("/", "")
-    return name or DEFAULT_INSTANCE
-
-
-def parse_command(payload: bytes | str) -> tuple[str, Any] | None:
-    """Decode one client message into ``(command, data)``, or None to ignore it.
-
-    Aphlict never answers a bad frame with an error: non-JSON, non-objects,
-    unknown commands and wrongly typed ``data`` are all ignored. ``data`` is
-    checked here so the caller can trust its type: a list for
-    (un)subscribe, an object or None for replay, anything for ping.
-    """
-    parsed = _parse(payload)
-    return None if isinstance(parsed, str) else parsed
-
-
-def _parse(payload: bytes | str) -> tuple[str, Any] | str:
-    """``(command, data)``, or why the frame is ignored."""
-    try:
-        msg = loads(payload)
-    except NestingTooDeep:
-        return "nested too deep"  # the admin port refuses the same JSON
-    except ValueError:
-        return "not JSON"
-    if not isinstance(msg, dict):
-        return "not a JSON object"
-    command = msg.get("command")
-    if not isinstance(command, str) or command not in _COMMANDS:
-        return "unknown command"
-    data = msg.get("data")
-    if command in ("subscribe", "unsubscribe"):
-        if not isinstance(data, list):
-            # Browsers really send {"command":"subscribe","data":null}: routine.
-            return _BENIGN
-    elif command == "replay" and data is not None and not isinstance(data, dict):
-        return "replay data is not an object"
-    return command, data
-
-
-_BENIGN = "data is not a list"
 
 
 def _close(transport: WSTransport, code: WSCloseCode, reason: bytes) -> None:
@@ -269,12 +210,12 @@ class ClientListener(WSListener):
         sub = self._sub
         if sub is None:
             return
-        if payload == _PING_COMMAND:  # what every browser sends every 15 s, byte for byte
+        if payload == PING_COMMAND:  # what every browser sends every 15 s, byte for byte
             if self._options.debug:
                 log.debug("command ping from %s", describe(transport))
             sub.send(_PONG_FRAME)
             return
-        parsed = _parse(payload)
+        parsed = read_command(payload)
         if isinstance(parsed, str):
             self._reject(transport, parsed, payload)
             return
@@ -297,7 +238,7 @@ class ClientListener(WSListener):
                 self._hub.replay(self._instance, sub, age)
 
     def _reject(self, transport: WSTransport, reason: str, payload: bytes) -> None:
-        if reason is _BENIGN:
+        if reason is BENIGN:
             if self._options.debug:
                 log.debug("ignored frame from %s: %s", describe(transport), reason)
             return

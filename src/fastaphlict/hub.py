@@ -21,18 +21,15 @@ paced send, so a replay costs what it sends and arrives whole.
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
-import orjson
-
 from fastaphlict._fanout import Channel, Outbox, Subscriber, build_frame
 from fastaphlict._history import History
+from fastaphlict.protocol import DEFAULT_INSTANCE, HISTORY_LIMIT, HISTORY_TTL_MS, dumps
 
 if TYPE_CHECKING:
     from picows import WSTransport
@@ -41,22 +38,14 @@ __all__ = [
     "DEFAULT_INSTANCE",
     "HISTORY_LIMIT",
     "HISTORY_TTL_MS",
-    "MAX_DEPTH",
     "History",
     "Hub",
-    "NestingTooDeep",
     "Relay",
     "describe",
-    "dumps",
-    "loads",
-    "replay_age",
 ]
 
 log = logging.getLogger("fastaphlict.hub")
 
-DEFAULT_INSTANCE = "default"
-HISTORY_LIMIT = 4096
-HISTORY_TTL_MS = 60_000
 STATUS_VERSION = 8
 #: A protocol-level ping (opcode 9, no payload): browsers answer it themselves.
 _PING_FRAME = b"\x89\x00"
@@ -65,129 +54,6 @@ _PING_FRAME = b"\x89\x00"
 def now_ms() -> float:
     """Wall-clock milliseconds: history timestamps and ages, as Aphlict keeps them."""
     return time.time() * 1000.0
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
-
-
-def _finite_or_null(text: str) -> float | None:
-    # JSON.parse reads 1e400 as Infinity and JSON.stringify writes it as null;
-    # keeping inf would let a frame carry "Infinity", which no browser parses.
-    value = float(text)
-    return value if math.isfinite(value) else None
-
-
-#: Deepest nesting of arrays and objects a message may have (``[]`` is 1 deep).
-#: orjson writes at most this deep (it reads up to 1024), so every value that
-#: :func:`loads` returns goes out on orjson's fast path, and the admin and
-#: client ports refuse exactly the same inputs. A Phorge message is 2 deep.
-MAX_DEPTH = 254
-
-
-class NestingTooDeep(ValueError):
-    """JSON nested deeper than :data:`MAX_DEPTH`: refused like invalid JSON."""
-
-    def __init__(self) -> None:
-        super().__init__(f"JSON nested deeper than {MAX_DEPTH}")
-
-
-#: A body this short can't hold more than MAX_DEPTH levels: each costs 2 bytes.
-_SHALLOW_BODY = 2 * MAX_DEPTH + 1
-
-
-def _deeper_than(value: Any, limit: int, source: bytes | str | None = None) -> bool:
-    """Whether ``value`` nests lists and dicts more than ``limit`` deep.
-
-    Each container of ``value`` came from one ``[`` or ``{`` of ``source``:
-    when the text holds at most ``limit`` of them, the answer is no without
-    touching the value. Finding them is memchr, a few hundred ns for a post
-    of any size, far less than counting bytes or walking the value, so the
-    walk is left to unusual bodies. The walk is iterative (no depth can
-    overflow the stack) and stops at the first container past the limit.
-    """
-    if not isinstance(value, (list, dict)):
-        return False
-    if source is not None:
-        found = 0
-        for opener in ("[", "{") if isinstance(source, str) else (b"[", b"{"):
-            at = source.find(opener)  # type: ignore[arg-type]
-            while at >= 0 and found <= limit:
-                found += 1
-                at = source.find(opener, at + 1)  # type: ignore[arg-type]
-        if found <= limit:
-            return False
-    stack: list[tuple[Any, int]] = [(value, 1)]
-    while stack:
-        node, depth = stack.pop()
-        if depth > limit:
-            return True
-        for child in node.values() if isinstance(node, dict) else node:
-            if isinstance(child, (list, dict)):
-                stack.append((child, depth + 1))
-    return False
-
-
-def loads(body: bytes | str) -> Any:
-    """Decode JSON as JavaScript's ``JSON.parse`` would, up to :data:`MAX_DEPTH` deep.
-
-    orjson is the fast path. It refuses lone UTF-16 surrogates in ``\\u``
-    escapes and numbers beyond a double, which JavaScript accepts, so those
-    fall back to the standard library (told to refuse ``NaN`` and
-    ``Infinity``, and to read an overflowing number as null, as a browser
-    would after its own round trip).
-    Raises ``ValueError`` on invalid JSON and :class:`NestingTooDeep` (a
-    ``ValueError``) past :data:`MAX_DEPTH`; never ``RecursionError``.
-    """
-    try:
-        value = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        try:
-            value = json.loads(body, parse_constant=_reject_constant, parse_float=_finite_or_null)
-        except RecursionError:
-            raise NestingTooDeep() from None
-    if len(body) > _SHALLOW_BODY and _deeper_than(value, MAX_DEPTH, body):
-        raise NestingTooDeep()
-    return value
-
-
-def dumps(value: Any) -> bytes:
-    """Encode compactly as UTF-8, key order kept, without ``\\u`` escapes.
-
-    A lone surrogate (see :func:`loads`) can't be UTF-8: it goes out as its
-    ``\\uXXXX`` escape, as ``JSON.stringify`` writes it, so the frame stays
-    valid UTF-8 and no browser drops the connection over it. A value nested
-    past :data:`MAX_DEPTH` raises :class:`NestingTooDeep`, whichever encoder
-    would have taken it: what :func:`loads` refuses, this never writes.
-    """
-    try:
-        return orjson.dumps(value)
-    except TypeError:  # orjson.JSONEncodeError: a surrogate, a huge int, or depth
-        if _deeper_than(value, MAX_DEPTH):
-            raise NestingTooDeep() from None
-        text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
-        return text.encode("utf-8", "backslashreplace")
-
-
-def replay_age(data: Any) -> float | None:
-    """The replay window in ms for a ``replay`` command's ``data``, or None to ignore it.
-
-    Aphlict's rule: a missing, zero or non-numeric age means the default
-    (60 s); a negative age means nothing; the window never exceeds the
-    history's retention. ``data`` itself must be an object, or null/missing.
-    """
-    if data is None:
-        return float(HISTORY_TTL_MS)
-    if not isinstance(data, dict):
-        return None
-    age = data.get("age")
-    if isinstance(age, bool) or not isinstance(age, (int, float)) or age == 0:
-        return float(HISTORY_TTL_MS)
-    if isinstance(age, float) and math.isnan(age):  # a huge int is no float
-        return float(HISTORY_TTL_MS)
-    if age < 0:
-        return -1.0
-    return float(min(age, HISTORY_TTL_MS))
 
 
 class Relay(Protocol):

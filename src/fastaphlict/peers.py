@@ -26,7 +26,7 @@ from urllib.parse import quote
 import aiohttp
 import yarl
 
-from fastaphlict.hub import dumps
+from fastaphlict.protocol import dumps
 
 if TYPE_CHECKING:
     from fastaphlict.config import PeerConfig
