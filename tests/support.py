@@ -15,6 +15,7 @@ under test, not bounds, and stay as they are.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import functools
 import inspect
@@ -526,3 +527,41 @@ class Conn:
     def close(self) -> None:
         self.ours.close()
         self.theirs.close()
+
+
+async def eventually(
+    predicate: Callable[[], bool], timeout: float = TIMEOUT, what: str = "the condition"
+) -> None:
+    """Wait until ``predicate()`` holds; fail the test if it doesn't within ``timeout``.
+
+    ``timeout`` is a bound already scaled (``TIMEOUT`` or ``scaled(...)``).
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():
+        assert loop.time() < deadline, f"{what} did not hold within {timeout:g} s"
+        await asyncio.sleep(0.005)
+
+
+async def stalled_websocket(port: int, path: str = "/") -> socket.socket:
+    """A WebSocket that subscribes to PHID-1 and then never reads again."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    await loop.sock_connect(sock, ("127.0.0.1", port))
+    key = base64.b64encode(os.urandom(16))
+    await loop.sock_sendall(
+        sock,
+        b"GET %s HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\n\r\n" % (path.encode(), key),
+    )
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += await asyncio.wait_for(loop.sock_recv(sock, 1), TIMEOUT)
+    assert head.startswith(b"HTTP/1.1 101")
+    payload = b'{"command":"subscribe","data":["PHID-1"]}'
+    mask = os.urandom(4)
+    masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    await loop.sock_sendall(sock, bytes([0x81, 0x80 | len(payload)]) + mask + masked)
+    return sock

@@ -31,7 +31,7 @@ from urllib.parse import urlencode
 
 import pytest
 
-from support import TIMEOUT, scaled
+from support import PHORGE_CONTENT_TYPE, TIMEOUT, scaled
 
 CHROMIUM = Path("/usr/bin/chromium")
 # Without the networking flags Chromium phones home at start-up (updates,
@@ -50,7 +50,6 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 PAGE = Path(__file__).with_name("browser_page.html")
 #: Generous: Chromium and the server share two loaded cores in CI.
 WAIT_MS = round(scaled(15) * 1000)
-PHORGE_CONTENT_TYPE = "application/x-www-form-urlencoded"
 
 USER = "PHID-USER-alice"
 TASK = "PHID-TASK-acme1"

@@ -11,7 +11,7 @@ import pytest
 
 import fastaphlict.hub as hub_module
 from fastaphlict.protocol import HISTORY_TTL_MS, PONG
-from support import TIMEOUT, Browser, assert_silent, running, scaled
+from support import TIMEOUT, Browser, assert_silent, running, scaled, stalled_websocket
 
 
 async def raw_http(port: int, request: bytes) -> bytes:
@@ -466,10 +466,9 @@ async def test_origin_allow_list() -> None:
 async def test_a_client_that_stops_answering_pings_is_closed() -> None:
     """Half-open TCP: the socket is closed within two ping intervals."""
     from fastaphlict.server import Limits
-    from test_metrics import _stalled_websocket
 
     async with running(limits=Limits(ping_interval=0.2)) as srv:
-        stalled = await _stalled_websocket(srv.server.client_ports[0])
+        stalled = await stalled_websocket(srv.server.client_ports[0])
         try:
             async with srv.client() as alive:  # answers pings (websockets does)
                 await alive.subscribe("PHID-1")

@@ -42,6 +42,7 @@ from support import (
     Browser,
     assert_silent,
     child_env,
+    eventually,
     free_ports,
     scaled,
 )
@@ -79,14 +80,6 @@ async def expect(browser: Browser, name: str) -> dict[str, Any]:
     got = await browser.recv()
     assert got.get("uniqueID") == name, f"expected {name}, got {got}"
     return got
-
-
-async def eventually(predicate: Callable[[], bool], timeout: float = TIMEOUT) -> None:
-    async def poll() -> None:
-        while not predicate():
-            await asyncio.sleep(0.01)
-
-    await asyncio.wait_for(poll(), timeout)
 
 
 @dataclass

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import base64
-import os
-import socket
 import time
 
 import pytest
@@ -14,7 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from fastaphlict.config import PeerConfig
 from fastaphlict.metrics import MAX_INSTANCES
 from fastaphlict.server import Limits
-from support import TIMEOUT, local_config, running
+from support import TIMEOUT, local_config, running, stalled_websocket
 
 
 def _rss() -> int:
@@ -96,35 +93,11 @@ async def test_relay_metrics_per_peer() -> None:
 # -- slow consumers ---------------------------------------------------------
 
 
-async def _stalled_websocket(port: int, path: str = "/") -> socket.socket:
-    """A WebSocket that subscribes to PHID-1 and then never reads again."""
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.setblocking(False)
-    loop = asyncio.get_running_loop()
-    await loop.sock_connect(sock, ("127.0.0.1", port))
-    key = base64.b64encode(os.urandom(16))
-    await loop.sock_sendall(
-        sock,
-        b"GET %s HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-        b"Sec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\n\r\n" % (path.encode(), key),
-    )
-    head = b""
-    while b"\r\n\r\n" not in head:
-        head += await asyncio.wait_for(loop.sock_recv(sock, 1), TIMEOUT)
-    assert head.startswith(b"HTTP/1.1 101")
-    payload = b'{"command":"subscribe","data":["PHID-1"]}'
-    mask = os.urandom(4)
-    masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-    await loop.sock_sendall(sock, bytes([0x81, 0x80 | len(payload)]) + mask + masked)
-    return sock
-
-
 @pytest.mark.timeout(60)
 async def test_slow_client_is_closed_and_others_keep_receiving() -> None:
     limits = Limits(max_buffered=256 * 1024)
     async with running(limits=limits) as srv:
-        stalled = await _stalled_websocket(srv.server.client_ports[0])
+        stalled = await stalled_websocket(srv.server.client_ports[0])
         try:
             async with srv.client() as healthy:
                 await healthy.subscribe("PHID-1")

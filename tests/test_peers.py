@@ -19,7 +19,7 @@ import pytest
 from aiohttp import web
 
 from fastaphlict.peers import FINGERPRINT_ALPHABET, PeerRelay, new_fingerprint
-from support import TIMEOUT, scaled
+from support import TIMEOUT, eventually, scaled
 
 try:
     from fastaphlict.config import PeerConfig
@@ -92,16 +92,6 @@ class HungPeer:
     @property
     def config(self) -> PeerConfig:
         return PeerConfig(host="127.0.0.1", port=self.port, protocol="http")
-
-
-async def eventually(predicate: Callable[[], bool], timeout: float = WAIT) -> None:
-    """Wait until ``predicate()`` holds; fail the test if it doesn't within ``timeout``."""
-
-    async def poll() -> None:
-        while not predicate():
-            await asyncio.sleep(0.005)
-
-    await asyncio.wait_for(poll(), timeout)
 
 
 def within(awaitable: Awaitable[Any], timeout: float = WAIT) -> Awaitable[Any]:

@@ -27,7 +27,7 @@ from fastaphlict._fanout import Subscriber
 from fastaphlict._history import History
 from fastaphlict.hub import HISTORY_LIMIT, HISTORY_TTL_MS
 from fastaphlict.server import Limits
-from support import TIMEOUT, Browser, running, scaled
+from support import TIMEOUT, Browser, eventually, running, scaled
 
 # -- selection, without sockets ----------------------------------------------------
 
@@ -154,13 +154,6 @@ def _slow_reader(port: int) -> socket.socket:
     return sock
 
 
-async def _eventually(check: Any, what: str) -> None:
-    deadline = time.monotonic() + TIMEOUT
-    while not check():
-        assert time.monotonic() < deadline, what
-        await asyncio.sleep(0.01)
-
-
 @contextlib.asynccontextmanager
 async def _paced_replay(srv: Any, **options: Any) -> AsyncIterator[tuple[Browser, Subscriber]]:
     """A tab on a tiny receive window that asked for the whole history: its replay waits."""
@@ -172,8 +165,8 @@ async def _paced_replay(srv: Any, **options: Any) -> AsyncIterator[tuple[Browser
         await browser.subscribe("PHID-A")
         await browser.send("replay", None)
         sub = _server_side(srv)
-        await _eventually(
-            lambda: sub.replaying or sub.slow, "the replay is paced, not written at once"
+        await eventually(
+            lambda: sub.replaying or sub.slow, what="the replay is paced, not written at once"
         )
         yield browser, sub
 
@@ -209,7 +202,7 @@ async def test_a_tab_that_stops_reading_a_replay_is_closed_after_a_sweep_round()
     async with running(limits=Limits(ping_interval=0.2)) as srv:
         _publish_history(srv.hub, HISTORY_LIMIT)
         async with _paced_replay(srv, ping_interval=None) as (browser, _):
-            await _eventually(lambda: srv.hub.slow_disconnects == 1, "closed as too slow")
+            await eventually(lambda: srv.hub.slow_disconnects == 1, what="closed as too slow")
             assert await _wait_closed(browser.ws) == 1013
         assert srv.hub.slow_disconnects == 1
 
@@ -222,7 +215,7 @@ async def test_live_traffic_past_the_cap_behind_a_stalled_replay_closes_the_tab(
             for n in range(cap // BIG + 2):
                 srv.hub.publish("default", _message(HISTORY_LIMIT + n) | {"pad": "p" * BIG})
                 await asyncio.sleep(0)
-            await _eventually(lambda: srv.hub.slow_disconnects == 1, "closed past the cap")
+            await eventually(lambda: srv.hub.slow_disconnects == 1, what="closed past the cap")
             assert await _wait_closed(browser.ws) == 1013
 
 

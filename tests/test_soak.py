@@ -47,6 +47,7 @@ from websockets.exceptions import ConnectionClosed
 
 from fastaphlict.bench import raise_nofile_limit, server_rss_bytes
 from support import (
+    PHORGE_CONTENT_TYPE,
     TIMEOUT,
     ServerProcess,
     assert_cancelled_promptly,
@@ -60,7 +61,6 @@ __all__ = ["RSS_GROWTH_BOUND", "ServerProcess", "SoakOptions", "SoakResult", "so
 
 PING = '{"command":"ping","data":null}'
 PONG = '{"type":"pong"}'
-PHORGE_CONTENT_TYPE = "application/x-www-form-urlencoded"
 #: Every stable tab also listens here; some messages go to all of them.
 ALL = "PHID-SOAK-ALL"
 #: Open files the server may hold above its baseline after churn. None are
