@@ -459,15 +459,6 @@ async def wait_healthy(server: ServerProcess, session: aiohttp.ClientSession) ->
         await asyncio.sleep(0.05)
 
 
-def rss_bytes(pid: int) -> int:
-    """Resident memory of a process (``VmRSS``)."""
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError(f"no VmRSS for {pid}")
-
-
 async def metric(session: aiohttp.ClientSession, admin_url: str, name: str) -> float:
     """One unlabelled sample from ``/metrics``."""
     async with session.get(f"{admin_url}/metrics") as resp:

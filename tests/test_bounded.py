@@ -16,6 +16,7 @@ import pytest
 
 import fastaphlict.hub as hub_module
 import fastaphlict.server as server_module
+from fastaphlict.bench import server_rss_bytes
 from fastaphlict.hub import HISTORY_TTL_MS, Hub
 from support import (
     TIMEOUT,
@@ -23,7 +24,6 @@ from support import (
     bare_session,
     client_frame,
     metric,
-    rss_bytes,
     running,
     scaled,
     spawned,
@@ -113,7 +113,7 @@ async def test_unique_phids_of_tabs_that_leave_are_freed(tmp_path) -> None:
                 assert (
                     await _settled(session, server.admin_url, "fastaphlict_subscribed_phids") == 0
                 )
-                rss = rss_bytes(server.pid)
+                rss = server_rss_bytes(server.pid)
                 if cycle == WARM_UP:
                     baseline = rss
                 elif baseline is not None:
