@@ -1,0 +1,243 @@
+"""The README, ``docs/`` and ``contrib/`` say what works: their commands run, their links resolve.
+
+- A fenced ``sh`` block preceded by the line ``<!-- docs-test -->`` is run line
+  by line from the root of the clone, as a reader would paste it, so the
+  documented command and the tested one are the same text. The clone's
+  ``.venv/bin/`` is read as the bin directory of the interpreter running the
+  tests (the same directory when the tests run as the README says).
+- Every other ``sh`` block is at least checked for programs called bare
+  (``python``, ``pip``, ``fastaphlict``...) that a fresh clone does not put on
+  ``PATH``.
+- The Grafana dashboard only queries series that a real ``/metrics`` answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from fastaphlict.config import PeerConfig
+from support import TIMEOUT, child_env, local_config, running, scaled
+
+REPO = Path(__file__).resolve().parents[1]
+DOCS = (REPO / "README.md", *sorted((REPO / "docs").glob("*.md")))
+DASHBOARD = REPO / "contrib" / "grafana-dashboard.json"
+
+MARKER = "<!-- docs-test -->"
+VENV_BIN = ".venv/bin/"
+
+#: Programs a fresh clone only has inside ``.venv/bin/``.
+VENV_PROGRAMS = frozenset(
+    {"python", "pip", "pytest", "ruff", "fastaphlict", "fastaphlict-bench", "cibuildwheel"}
+)
+
+#: Labels Prometheus adds to every scraped series, not the server's own.
+TARGET_LABELS = frozenset({"instance", "job"})
+
+
+@dataclass(frozen=True)
+class Block:
+    path: Path
+    line: int  # of the opening fence, 1-based
+    language: str
+    marked: bool
+    commands: tuple[str, ...]
+
+    def where(self) -> str:
+        return f"{self.path.relative_to(REPO)}:{self.line}"
+
+
+def fenced_blocks(path: Path) -> Iterator[Block]:
+    """Every fenced code block of a markdown file, continuation lines joined."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    index = 0
+    while index < len(lines):
+        stripped = lines[index].strip()
+        if not stripped.startswith("```"):
+            index += 1
+            continue
+        start, fence = index, stripped[: len(stripped) - len(stripped.lstrip("`"))]
+        language = stripped[len(fence) :].strip()
+        previous = next(
+            (lines[i].strip() for i in range(start - 1, -1, -1) if lines[i].strip()), ""
+        )
+        body = []
+        index += 1
+        while index < len(lines) and lines[index].strip() != fence:
+            body.append(lines[index].strip())
+            index += 1
+        index += 1
+        yield Block(path, start + 1, language, previous == MARKER, tuple(_commands(body)))
+
+
+def _commands(body: list[str]) -> Iterator[str]:
+    """Shell lines with ``\\`` continuations joined; here-document bodies skipped."""
+    pending = ""
+    heredoc_end = None
+    for line in body:
+        if heredoc_end is not None:
+            if line == heredoc_end:
+                heredoc_end = None
+            continue
+        if line.endswith("\\"):
+            pending += line[:-1] + " "
+            continue
+        command, pending = pending + line, ""
+        if not command or command.startswith("#"):
+            continue
+        heredoc = re.search(r"<<-?\s*'?\"?(\w+)", command)
+        if heredoc:
+            heredoc_end = heredoc.group(1)
+        yield command
+
+
+def shell_blocks() -> list[Block]:
+    return [b for path in DOCS for b in fenced_blocks(path) if b.language in ("sh", "bash")]
+
+
+def marked_commands() -> list[tuple[str, str]]:
+    return [(b.where(), command) for b in shell_blocks() if b.marked for command in b.commands]
+
+
+def test_docs_mark_some_commands_to_run() -> None:
+    where = {w.split(":")[0] for w, _ in marked_commands()}
+    assert {"README.md", "docs/benchmarks.md"} <= where
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize(("where", "command"), marked_commands())
+def test_documented_command_runs(where: str, command: str) -> None:
+    bin_dir = Path(sys.executable).parent
+    runnable = command.replace(VENV_BIN, f"{bin_dir}/")
+    for program in re.findall(r"\.venv/bin/([\w.-]+)", command):
+        assert (bin_dir / program).exists(), f"{where}: {program} is not in {bin_dir}"
+    done = subprocess.run(
+        ["sh", "-c", runnable],
+        cwd=REPO,
+        env=child_env(),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=scaled(100),
+    )
+    assert done.returncode == 0, (
+        f"{where}: `{command}` exited {done.returncode}\n{done.stdout}\n{done.stderr}"
+    )
+
+
+def test_fresh_clone_has_no_bare_venv_programs() -> None:
+    """``python -m pytest`` fails from a fresh clone; ``.venv/bin/python -m pytest`` works."""
+    bare = []
+    for block in shell_blocks():
+        for command in block.commands:
+            for part in re.split(r"&&|\|\||;|\|", command):
+                words = part.strip().lstrip("(").split()
+                while words and re.match(r"\w+=", words[0]):  # VAR=value before the program
+                    words.pop(0)
+                if words and words[0] in VENV_PROGRAMS:
+                    bare.append(f"{block.where()}: {command}")
+    assert not bare, "call these through .venv/bin/ (or the install's own path):\n" + "\n".join(
+        bare
+    )
+
+
+def test_relative_links_resolve() -> None:
+    broken = []
+    for path in DOCS:
+        text = path.read_text(encoding="utf-8")
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"[a-z]+:", target) or target.startswith("#"):
+                continue
+            if not (path.parent / target.split("#")[0]).exists():
+                broken.append(f"{path.relative_to(REPO)}: {target}")
+    assert not broken, broken
+
+
+def test_readme_keeps_the_ci_test_command() -> None:
+    """``.ci/run`` refuses a README whose test command changed; fail here first."""
+    ci = (REPO / ".ci" / "run").read_text(encoding="utf-8")
+    install = re.search(r'^install="(.*)"$', ci, re.M)
+    tests = re.search(r'^tests="(.*)"$', ci, re.M)
+    assert install and tests
+    lines = (REPO / "README.md").read_text(encoding="utf-8").splitlines()
+    assert f"{install.group(1)} && {tests.group(1)}" in lines
+
+
+# -- the Grafana dashboard -----------------------------------------------------
+
+
+def dashboard_expressions() -> list[str]:
+    """Every PromQL expression of the dashboard: panel targets and variable queries."""
+    found: list[str] = []
+
+    def walk(node: object) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key in ("expr", "definition") and isinstance(value, str):
+                    found.append(value)
+                else:
+                    walk(value)
+        elif isinstance(node, list):
+            for item in node:
+                walk(item)
+
+    walk(json.loads(DASHBOARD.read_text(encoding="utf-8")))
+    return found
+
+
+def test_dashboard_panels_have_unique_ids_and_queries() -> None:
+    dashboard = json.loads(DASHBOARD.read_text(encoding="utf-8"))
+    ids = [panel["id"] for panel in dashboard["panels"]]
+    assert len(ids) == len(set(ids))
+    for panel in dashboard["panels"]:
+        if panel["type"] != "row":
+            assert panel["targets"], panel["title"]
+            assert all(t["expr"] for t in panel["targets"]), panel["title"]
+
+
+async def test_dashboard_queries_only_series_that_metrics_exports() -> None:
+    # A cluster peer, so that the per-peer series exist, and one relay through it.
+    async with running() as b:
+        peer = PeerConfig("127.0.0.1", b.server.admin_ports[0], "http")
+        async with running(local_config(peers=(peer,))) as a:
+            async with a.client("/") as browser:
+                await browser.subscribe("PHID-1")
+                await a.post({"subscribers": ["PHID-1"]})
+                await browser.recv()
+                deadline = time.monotonic() + TIMEOUT
+                while not a.server.relay.peers[0].sent:
+                    assert time.monotonic() < deadline, "the relay never arrived"
+                    await asyncio.sleep(0.01)
+                async with a.session.get(f"{a.admin_url}/metrics") as resp:
+                    assert resp.status == 200
+                    text = await resp.text()
+    labels: dict[str, set[str]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels.setdefault(sample.name, set()).update(sample.labels)
+
+    expressions = dashboard_expressions()
+    assert expressions
+    missing, unlabelled = set(), []
+    for expr in expressions:
+        names = set(re.findall(r"\bfastaphlict_[a-z0-9_]+", expr))
+        assert names, f"no fastaphlict series in {expr!r}"
+        missing |= names - labels.keys()
+        # Every label the query groups by is one the series carry (or Prometheus adds).
+        for group in re.findall(r"\bby\s*\(([^)]*)\)", expr):
+            for label in (g.strip() for g in group.split(",")):
+                have = set().union(*(labels.get(n, set()) for n in names))
+                if label not in TARGET_LABELS and label not in have:
+                    unlabelled.append(f"{label} in {expr}")
+    assert not missing, f"the dashboard queries series /metrics lacks: {sorted(missing)}"
+    assert not unlabelled, unlabelled
