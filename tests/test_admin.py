@@ -226,7 +226,7 @@ async def test_relay_failure_never_fails_the_post() -> None:
             def relay(self, instance: str, message: dict, body: bytes) -> None:
                 raise RuntimeError("boom")
 
-        srv.hub.relays.append(Broken())
+        srv.hub.add_relay(Broken())
         resp = await srv.post({"subscribers": []})
         assert resp.status == 200
 
@@ -372,7 +372,7 @@ async def test_admin_allow_list_refuses_other_addresses() -> None:
     async with running(limits=Limits(admin_allow=("10.0.0.0/8",))) as srv:
         data = await _raw_exchange(srv, _post_bytes(b"{}"))
         assert data.startswith(b"HTTP/1.1 403 ")
-        assert srv.hub.messages_in == 0
+        assert srv.hub.stats.messages_in == 0
     async with running(limits=Limits(admin_allow=("10.0.0.0/8", "127.0.0.0/8"))) as srv:
         assert (await srv.post({"subscribers": []})).status == 200
         assert (await srv.status())["messages.in"] == 1
@@ -430,7 +430,7 @@ async def test_deep_body_is_400_and_the_pipelined_post_after_it_is_served(
             relayed.append(body)
 
     async with running() as srv, srv.client() as browser:
-        srv.hub.relays.append(Recorder())
+        srv.hub.add_relay(Recorder())
         await browser.subscribe("PHID-1")
         deep = _deep_object(depth, kind)
         after = _post_bytes(
@@ -443,7 +443,7 @@ async def test_deep_body_is_400_and_the_pipelined_post_after_it_is_served(
         assert (await browser.recv())["n"] == "after", "the deep post reached nobody"
         status = await srv.status()
         assert status["messages.in"] == 1 and status["history.size"] == 1
-        assert srv.hub.posts_rejected == 1
+        assert srv.hub.stats.posts_rejected == 1
         assert len(relayed) == 1 and b'"after"' in relayed[0]
 
 

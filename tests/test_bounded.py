@@ -141,7 +141,7 @@ def test_housekeeping_hands_the_loop_back_between_slices() -> None:
         # quiet and the one after that drops them, slice by slice.
         assert sum(hub.housekeeping(batch=500, expire=False)) == 0
         assert list(hub.housekeeping(batch=500, expire=False)) == [500, 500, 200]
-        assert hub.dead_disconnects == 1200
+        assert hub.stats.dead_disconnects == 1200
     finally:
         for conn in conns:
             conn.close()

@@ -115,7 +115,7 @@ async def test_empty_missing_or_non_list_subscribers_reach_nobody(message: dict)
                 self.bodies.append(body)
 
         recorder = Recorder()
-        srv.hub.relays.append(recorder)
+        srv.hub.add_relay(recorder)
         assert (await srv.post(message)).status == 200
         await srv.post({"subscribers": ["PHID-1"], "n": 2})
         assert (await browser.recv())["n"] == 2, "the first message reached nobody"
@@ -478,7 +478,7 @@ async def test_a_client_that_stops_answering_pings_is_closed() -> None:
                     assert elapsed < scaled(5), "the silent socket was never closed"
                     await asyncio.sleep(0.05)
                 assert time.monotonic() - started < scaled(1.0), "closed within about two intervals"
-                assert srv.hub.dead_disconnects == 1
+                assert srv.hub.stats.dead_disconnects == 1
                 await srv.post({"subscribers": ["PHID-1"], "n": 1})
                 assert (await alive.recv())["n"] == 1
         finally:
@@ -570,7 +570,7 @@ async def test_fragmentation_errors_close_with_1002(
         finally:
             writer.close()
         assert got == [(0x8, b"\x03\xea" + b"protocol error")], "no pong, just the 1002 close"
-        assert srv.hub.frames_rejected == 1
+        assert srv.hub.stats.frames_rejected == 1
         lines = [r for r in caplog.records if "protocol error" in r.getMessage()]
         assert len(lines) == 1, [r.getMessage() for r in lines]
 
@@ -590,7 +590,7 @@ async def test_fragments_around_control_frames_are_still_one_message() -> None:
             writer.close()
         assert first == b"\x8a\x02hi", "picows answers the ping"
         assert second == b"\x81\x0f" + PONG
-        assert srv.hub.frames_rejected == 0
+        assert srv.hub.stats.frames_rejected == 0
 
 
 def _deep_ping(depth: int, kind: str) -> str:
@@ -613,7 +613,7 @@ async def test_frame_nested_past_max_depth_is_ignored_like_the_admin_port_refuse
         if depth <= MAX_DEPTH:
             assert await browser.recv_raw() == PONG.decode()
         await assert_silent(browser)  # the next frame is the pong of this ping
-        assert srv.hub.frames_rejected == (0 if depth <= MAX_DEPTH else 1)
+        assert srv.hub.stats.frames_rejected == (0 if depth <= MAX_DEPTH else 1)
 
 
 async def test_frame_100000_deep_is_over_the_size_limit_and_closes_with_1009() -> None:

@@ -998,14 +998,14 @@ def test_depth_table_on_both_admin_paths(
     assert json_depth(body) == depth
 
     async def check() -> None:
-        rejected = harness.srv.hub.posts_rejected
+        rejected = harness.srv.hub.stats.posts_rejected
         status = await send_post(harness, Post(body, None, chunked))
         if depth <= MAX_DEPTH:
             assert status == 200
             await harness.watcher_still_receives([json.loads(body)])
         else:
             assert status == 400
-            assert harness.srv.hub.posts_rejected == rejected + 1
+            assert harness.srv.hub.stats.posts_rejected == rejected + 1
             await harness.watcher_still_receives()
 
     harness.run(check())

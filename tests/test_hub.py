@@ -60,7 +60,7 @@ def test_publish_appends_fingerprint_to_touched() -> None:
         def relay(self, instance: str, message: dict, body: bytes) -> None:
             relayed.append((instance, body, list(message["touched"])))
 
-    hub.relays.append(Recorder())
+    hub.add_relay(Recorder())
     message = {"touched": "not a list", "subscribers": []}
     hub.publish("acme", message)
     assert message["touched"] == ["FPFPFPFPFPFPFPFP"]
@@ -78,9 +78,9 @@ def test_loopback_is_not_stored_counted_or_relayed() -> None:
         def relay(self, instance: str, message: dict, body: bytes) -> None:
             relayed.append(body)
 
-    hub.relays.append(Recorder())
+    hub.add_relay(Recorder())
     assert hub.publish("default", {"touched": ["X", "ME"], "subscribers": []}) is None
-    assert relayed == [] and hub.messages_in == 0
+    assert relayed == [] and hub.stats.messages_in == 0
     assert hub.status("default")["history.size"] == 0
 
 

@@ -247,7 +247,7 @@ def _serve(chunks: list[bytes]) -> tuple[bytes, list[bytes]]:
 
     async def run() -> bytes:
         hub = Hub("FPFPFPFPFPFPFPFP")
-        hub.relays.append(Recorder())
+        hub.add_relay(Recorder())
         wire = _Wire()
         conn = AdminProtocol(hub, lambda: None, set())  # type: ignore[arg-type, return-value]
         conn.connection_made(wire)  # type: ignore[arg-type]

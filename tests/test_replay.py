@@ -141,8 +141,8 @@ async def test_a_replay_far_over_the_cap_reaches_a_reading_tab_whole() -> None:
                 assert json.loads(frame)["n"] == n
             assert await browser.recv_raw() == '{"type":"pong"}', "pong after the replay"
             await browser.sync()  # still open, still answering
-        assert srv.hub.slow_disconnects == 0
-        assert srv.hub.replayed == HISTORY_LIMIT
+        assert srv.hub.stats.slow_disconnects == 0
+        assert srv.hub.stats.replayed == HISTORY_LIMIT
 
 
 def _slow_reader(port: int) -> socket.socket:
@@ -187,7 +187,7 @@ async def test_live_messages_and_pong_wait_behind_a_paced_replay_in_order() -> N
             # only after the replay chose its frames, so each arrives once.
             assert received == [*range(HISTORY_LIMIT), *live]
             assert not sub.replaying
-        assert srv.hub.slow_disconnects == 0
+        assert srv.hub.stats.slow_disconnects == 0
 
 
 async def _wait_closed(ws: Any) -> int | None:
@@ -202,9 +202,9 @@ async def test_a_tab_that_stops_reading_a_replay_is_closed_after_a_sweep_round()
     async with running(limits=Limits(ping_interval=0.2)) as srv:
         _publish_history(srv.hub, HISTORY_LIMIT)
         async with _paced_replay(srv, ping_interval=None) as (browser, _):
-            await eventually(lambda: srv.hub.slow_disconnects == 1, what="closed as too slow")
+            await eventually(lambda: srv.hub.stats.slow_disconnects == 1, what="closed as too slow")
             assert await _wait_closed(browser.ws) == 1013
-        assert srv.hub.slow_disconnects == 1
+        assert srv.hub.stats.slow_disconnects == 1
 
 
 async def test_live_traffic_past_the_cap_behind_a_stalled_replay_closes_the_tab() -> None:
@@ -215,7 +215,9 @@ async def test_live_traffic_past_the_cap_behind_a_stalled_replay_closes_the_tab(
             for n in range(cap // BIG + 2):
                 srv.hub.publish("default", _message(HISTORY_LIMIT + n) | {"pad": "p" * BIG})
                 await asyncio.sleep(0)
-            await eventually(lambda: srv.hub.slow_disconnects == 1, what="closed past the cap")
+            await eventually(
+                lambda: srv.hub.stats.slow_disconnects == 1, what="closed past the cap"
+            )
             assert await _wait_closed(browser.ws) == 1013
 
 
@@ -228,5 +230,5 @@ async def test_a_slow_client_is_closed_and_counted_once() -> None:
         cap = srv.server.limits.max_buffered
         client_module.close_slow(srv.hub, sub, cap)
         client_module.close_slow(srv.hub, sub, cap)
-        assert srv.hub.slow_disconnects == 1
+        assert srv.hub.stats.slow_disconnects == 1
         assert await _wait_closed(browser.ws) == 1013

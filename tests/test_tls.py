@@ -83,7 +83,7 @@ async def test_plain_http_to_a_tls_port_gets_nothing_in_clear(pki: dict) -> None
         data = await asyncio.wait_for(reader.read(), TIMEOUT)
         writer.close()
         assert b"fingerprint" not in data
-        assert srv.hub.messages_in == 0
+        assert srv.hub.stats.messages_in == 0
 
 
 async def test_relay_to_an_https_peer_verifies_with_the_given_ca(pki: dict) -> None:  # type: ignore[type-arg]
@@ -138,7 +138,7 @@ async def test_relay_refuses_an_unverifiable_https_peer(pki: dict) -> None:  # t
                 await asyncio.sleep(0.01)
             assert a.server.relay.peers[0].failed == 1
             assert a.server.relay.peers[0].fingerprint is None
-            assert b.hub.messages_in == 0
+            assert b.hub.stats.messages_in == 0
 
 
 def test_mismatched_key_and_certificate_fail_with_the_entry_named(

@@ -61,21 +61,21 @@ def accept_post(hub: Hub, instance: str, body: bytes, remote: object) -> tuple[i
     they can't disagree.
     """
     if len(instance) > hub.max_instance_length:
-        hub.posts_rejected += 1
+        hub.stats.posts_rejected += 1
         log.info("rejected post from %s: instance name too long", remote)
         return 400, b"instance name too long\n"
     try:
         message = loads(body)
     except NestingTooDeep:
-        hub.posts_rejected += 1
+        hub.stats.posts_rejected += 1
         log.info("rejected post from %s: JSON nested deeper than %d", remote, MAX_DEPTH)
         return 400, b"body must be a JSON object\n"
     except ValueError:
-        hub.posts_rejected += 1
+        hub.stats.posts_rejected += 1
         log.info("rejected post from %s: body is not JSON", remote)
         return 400, b"body must be a JSON object\n"
     if not isinstance(message, dict):
-        hub.posts_rejected += 1
+        hub.stats.posts_rejected += 1
         log.info("rejected post from %s: body is JSON but not an object", remote)
         return 400, b"body must be a JSON object\n"
     hub.publish(instance or DEFAULT_INSTANCE, message)
@@ -99,7 +99,7 @@ async def handle_root(request: web.Request) -> web.Response:
     try:
         body = await request.read()
     except web.HTTPRequestEntityTooLarge:
-        hub.posts_rejected += 1
+        hub.stats.posts_rejected += 1
         log.warning("rejected post over %d bytes from %s", MAX_BODY_SIZE, request.remote)
         return _text(413, "request body too large")
     status, answer = accept_post(hub, _instance(request), body, request.remote)
@@ -267,7 +267,7 @@ class AdminProtocol(asyncio.Protocol):
                 return
             target, length, expect_continue, close = parsed
             if length > self._max_body:
-                self._hub.posts_rejected += 1
+                self._hub.stats.posts_rejected += 1
                 log.warning("rejected post over %d bytes from %s", self._max_body, self._remote)
                 self._transport.write(_response(413, b"request body too large\n", close=True))
                 self._transport.close()

@@ -80,7 +80,7 @@ def close_slow(hub: Hub, sub: Subscriber, cap: int) -> None:
     if sub.slow:
         return
     sub.slow = True
-    hub.slow_disconnects += 1
+    hub.stats.slow_disconnects += 1
     transport = sub.transport
     log.warning("closing slow client: over %d unsent bytes: peer=%s", cap, describe(transport))
     # The close frame queues behind the backlog; the socket is dropped
@@ -188,7 +188,7 @@ class ClientListener(WSListener):
             limit = self._options.limits.max_frame_size
             if len(buf) + frame.payload_size > limit:
                 self._fragments = None
-                self._hub.frames_rejected += 1
+                self._hub.stats.frames_rejected += 1
                 log.info("closing: message over %d bytes from %s", limit, describe(transport))
                 _close(transport, WSCloseCode.MESSAGE_TOO_BIG, b"message too big")
                 return
@@ -202,7 +202,7 @@ class ClientListener(WSListener):
         """Close with 1002 for a fragmentation error; count and log it once."""
         if transport.is_close_frame_sent:
             return  # already closing: what follows the close is not ours to judge
-        self._hub.frames_rejected += 1
+        self._hub.stats.frames_rejected += 1
         log.info("closing: protocol error (%s) from %s", reason, describe(transport))
         _close(transport, WSCloseCode.PROTOCOL_ERROR, b"protocol error")
 
@@ -227,7 +227,7 @@ class ClientListener(WSListener):
         elif command == "subscribe":
             if not self._hub.subscribe(sub, data):
                 limit = self._options.limits.max_subscriptions
-                self._hub.frames_rejected += 1
+                self._hub.stats.frames_rejected += 1
                 log.info("closing: over %d subscriptions from %s", limit, describe(transport))
                 _close(transport, WSCloseCode.POLICY_VIOLATION, b"too many subscriptions")
         elif command == "unsubscribe":
@@ -242,7 +242,7 @@ class ClientListener(WSListener):
             if self._options.debug:
                 log.debug("ignored frame from %s: %s", describe(transport), reason)
             return
-        self._hub.frames_rejected += 1
+        self._hub.stats.frames_rejected += 1
         # One line per connection, not per frame: a hostile client can't flood the log.
         if not self._logged_rejection:
             self._logged_rejection = True

@@ -41,6 +41,7 @@ __all__ = [
     "History",
     "Hub",
     "Relay",
+    "Stats",
     "describe",
 ]
 
@@ -66,6 +67,30 @@ class Relay(Protocol):
     """
 
     def relay(self, instance: str, message: dict[str, Any], body: bytes) -> None: ...
+
+
+@dataclass(slots=True)
+class Stats:
+    """The process-wide counters: ``/status/`` and ``/metrics`` read this one object.
+
+    Each is incremented where the event happens (the hub, the client and
+    admin listeners); nothing else writes them, and reading them costs the
+    delivery path nothing.
+    """
+
+    #: Messages accepted on the admin port (``messages.in``).
+    messages_in: int = 0
+    #: Frames queued to sockets by live fan-out (``messages.out``).
+    messages_out: int = 0
+    #: Replay commands served, and the messages they resent.
+    replays: int = 0
+    replayed: int = 0
+    #: Client frames ignored or refused, and admin posts refused.
+    frames_rejected: int = 0
+    posts_rejected: int = 0
+    #: Sockets closed for not reading (1013) and for not answering pings.
+    slow_disconnects: int = 0
+    dead_disconnects: int = 0
 
 
 @dataclass(slots=True)
@@ -98,19 +123,11 @@ class Hub:
     ) -> None:
         self.fingerprint = fingerprint
         self.started = time.monotonic()
-        self.messages_in = 0
-        self.messages_out = 0
+        self.stats = Stats()
         self.clients_active = 0  # every instance's open sockets, for the connection cap
         self._channel_limits = (max_subscriptions, max_phid_length)
         self.max_instance_length = max_instance_length
-        # Counters for /metrics (read at scrape time only).
-        self.replays = 0
-        self.replayed = 0
-        self.frames_rejected = 0
-        self.posts_rejected = 0
-        self.slow_disconnects = 0
-        self.dead_disconnects = 0
-        self.relays: list[Relay] = []
+        self._relays: list[Relay] = []
         self._instances: dict[str, Instance] = {}
         # One outbox for every instance: a socket's frames of one loop
         # iteration leave in one write whichever instance published them.
@@ -124,6 +141,10 @@ class Hub:
     def receipt(self) -> bytes:
         """The body of every accepted post: ``{"fingerprint":"..."}``."""
         return self._receipt
+
+    def add_relay(self, relay: Relay) -> None:
+        """Carry every message published from now on to other nodes too (see :class:`Relay`)."""
+        self._relays.append(relay)
 
     def instance(self, name: str) -> Instance:
         """The named instance, created on first use."""
@@ -176,14 +197,14 @@ class Hub:
         subscribers = message.get("subscribers")
         inst = self.instance(instance)
         inst.history.add(now_ms(), subscribers, frame)
-        self.messages_in += 1
+        self.stats.messages_in += 1
 
         if self._debug:
             self._trace_delivery(inst, subscribers, payload)
         sent = inst.channel.publish(subscribers, frame)
-        self.messages_out += sent
+        self.stats.messages_out += sent
 
-        for relay in self.relays:
+        for relay in self._relays:
             try:
                 relay.relay(instance, message, payload)
             except Exception:  # a relay must not fail a publish; see Relay
@@ -221,7 +242,7 @@ class Hub:
             subs = inst.channel.subscribers()
             for start in range(0, len(subs), batch):
                 dead = inst.channel.sweep(_PING_FRAME, subs[start : start + batch])
-                self.dead_disconnects += dead
+                self.stats.dead_disconnects += dead
                 yield dead
             self._release(inst)
         if not expire:
@@ -255,8 +276,8 @@ class Hub:
             "uptime": int((time.monotonic() - self.started) * 1000),
             "clients.active": active,
             "clients.total": total,
-            "messages.in": self.messages_in,
-            "messages.out": self.messages_out,
+            "messages.in": self.stats.messages_in,
+            "messages.out": self.stats.messages_out,
             "history.size": size,
             # The wall clock can step back (NTP): an age is never negative.
             "history.age": None if oldest is None else max(0, int(now - oldest)),
@@ -303,13 +324,13 @@ class Hub:
         ahead of anything published later. Returns how many were queued.
         Replays are not counted in ``messages.out``.
         """
-        self.replays += 1
+        self.stats.replays += 1
         inst = self._instances.get(instance)
         if inst is None:
             return 0
         frames = inst.history.select(sub.subscriptions(), now_ms(), age_ms)
         sent = sub.replay(frames) if frames else 0
-        self.replayed += sent
+        self.stats.replayed += sent
         return sent
 
 

@@ -50,12 +50,12 @@ class HubCollector(Collector):
         yield from self._per_instance()
 
         yield _counter(
-            "fastaphlict_messages_in", "Messages accepted on the admin port.", hub.messages_in
+            "fastaphlict_messages_in", "Messages accepted on the admin port.", hub.stats.messages_in
         )
         yield _counter(
             "fastaphlict_deliveries",
             "Frames delivered to sockets by live fan-out.",
-            hub.messages_out,
+            hub.stats.messages_out,
         )
         yield _counter(
             "fastaphlict_sent_bytes",
@@ -67,29 +67,31 @@ class HubCollector(Collector):
             "Frames that left in the same write as an earlier one to the same socket.",
             hub.outbox.coalesced,
         )
-        yield _counter("fastaphlict_replays", "Replay commands served.", hub.replays)
+        yield _counter("fastaphlict_replays", "Replay commands served.", hub.stats.replays)
         yield _counter(
-            "fastaphlict_replayed_messages", "Messages resent by replay commands.", hub.replayed
+            "fastaphlict_replayed_messages",
+            "Messages resent by replay commands.",
+            hub.stats.replayed,
         )
         yield _counter(
             "fastaphlict_rejected_frames",
             "Client frames refused: malformed ones ignored, protocol errors, oversize messages.",
-            hub.frames_rejected,
+            hub.stats.frames_rejected,
         )
         yield _counter(
             "fastaphlict_rejected_posts",
             "Admin posts refused (not a JSON object, or too large).",
-            hub.posts_rejected,
+            hub.stats.posts_rejected,
         )
         yield _counter(
             "fastaphlict_slow_client_disconnects",
             "Sockets closed because their unsent data passed the cap.",
-            hub.slow_disconnects,
+            hub.stats.slow_disconnects,
         )
         yield _counter(
             "fastaphlict_dead_client_disconnects",
             "Sockets closed because they stopped answering the server's pings.",
-            hub.dead_disconnects,
+            hub.stats.dead_disconnects,
         )
         if self._relay is not None:
             yield from self._peers(self._relay)

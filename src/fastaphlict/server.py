@@ -74,7 +74,7 @@ class Server:
             queue_limit=self.limits.relay_queue,
             ssl_context=client_context(peer_ca_file) if peer_ca_file else None,
         )
-        self.hub.relays.append(self.relay)
+        self.hub.add_relay(self.relay)
         self.client_ports: list[int] = []
         self.admin_ports: list[int] = []
         self._client_servers: list[asyncio.AbstractServer] = []
