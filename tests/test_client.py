@@ -398,7 +398,8 @@ async def test_debug_traces_every_command_and_delivery(caplog: pytest.LogCapture
     assert "command subscribe" in text and "command ping" in text
     assert "ignored frame" in text
     assert "publish instance=default to 1 socket(s)" in text
-    assert "deliver to ('127.0.0.1'," in text
+    assert "deliver to 127.0.0.1:" in text, "one address format, no tuples"
+    assert "('127.0.0.1'" not in text
 
 
 async def test_without_debug_nothing_is_traced(caplog: pytest.LogCaptureFixture) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import signal
 import socket
@@ -16,7 +17,9 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from support import TIMEOUT, child_env, free_ports, scaled
+from fastaphlict.config import PeerConfig
+from fastaphlict.server import PidFile, PidFileError, Server
+from support import TIMEOUT, child_env, free_ports, local_config, scaled
 
 
 def eventually(predicate, timeout: float = TIMEOUT) -> None:
@@ -178,3 +181,39 @@ async def test_sighup_reopens_log_files_for_logrotate(proc, tmp_path: Path) -> N
         assert time.monotonic() < deadline
         await asyncio.sleep(0.02)
     assert "ignored frame" not in rotated.read_text()
+
+
+async def test_a_failed_start_closes_listeners_and_the_peer_session(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The pidfile is written once every listener is bound; when that fails (a
+    # full disk, a race past --test), an unclosed relay session used to add an
+    # asyncio "Unclosed client session" error to the operator's one line.
+    def full_disk(self: PidFile) -> None:
+        raise PidFileError(f"cannot write pidfile {self.path}: No space left on device")
+
+    monkeypatch.setattr(PidFile, "write", full_disk)
+    peer = PeerConfig("127.0.0.1", free_ports(1)[0], "http")
+    config = dataclasses.replace(local_config(peers=(peer,)), pidfile=str(tmp_path / "a.pid"))
+    server = Server(config)
+    with pytest.raises(PidFileError, match="No space left"):
+        await asyncio.wait_for(server.serve(), TIMEOUT)
+    session = server.relay._session
+    assert session is not None and session.closed
+    assert server._client_servers and not any(s.is_serving() for s in server._client_servers)
+
+
+@pytest.mark.timeout(60)
+def test_a_port_in_use_fails_in_one_line_naming_the_listener(proc) -> None:
+    server = proc(cluster=[{"host": "127.0.0.1", "port": free_ports(1)[0], "protocol": "http"}])
+    with socket.socket() as taken:
+        taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        taken.bind(("127.0.0.1", server.admin_port))
+        taken.listen()
+        server.start()
+        assert server.process.wait(scaled(10)) == 1
+    problems = [line for line in server.log().splitlines() if " INFO " not in line]
+    address = f"127.0.0.1:{server.admin_port}"
+    assert len(problems) == 1, server.log()
+    assert f'admin server (at index "1") cannot listen on {address}' in problems[0]
+    assert problems[0].endswith("Address already in use")

@@ -20,10 +20,18 @@ import logging
 import logging.handlers
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from fastaphlict import __version__
-from fastaphlict.config import Config, ConfigError, Limits, check_files, load_config
+from fastaphlict.config import (
+    Config,
+    ConfigError,
+    LimitError,
+    Limits,
+    check_files,
+    check_listen,
+    load_config,
+)
 
 __all__ = ["main", "reopen_log_files", "setup_logging"]
 
@@ -112,7 +120,8 @@ def _build_parser() -> argparse.ArgumentParser:
             f"--{name}",
             dest=f"limit_{field.name}",
             type=kind,
-            default=os.environ.get(f"FASTAPHLICT_{field.name.upper()}") or None,
+            # None, not the variable: _limits() reads it, to name it in errors.
+            default=None,
             metavar=_METAVARS[type(default)],
             help=f"{_limit_help(field.name)} (default: {_show(default)})",
         )
@@ -182,14 +191,35 @@ def _parse_seconds(value: str) -> float:
 _LIMIT_TYPES = {float: _parse_seconds, int: _parse_count, tuple: _parse_list}
 
 
-def _limits(args: argparse.Namespace) -> Limits:
-    """Limits from the flags and variables that were given; defaults for the rest."""
-    overrides = {}
+def _limits(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -> Limits:
+    """Limits from the flags, then the variables; defaults for the rest.
+
+    Raises ConfigError naming the flag, or the variable when the value came
+    from the environment, since that is where the operator has to fix it.
+    """
+    overrides: dict[str, object] = {}
+    sources: dict[str, str] = {}
+    defaults = Limits()
     for field in dataclasses.fields(Limits):
+        flag = f"--{field.name.replace('_', '-')}"
         value = getattr(args, f"limit_{field.name}")
         if value is not None:
             overrides[field.name] = value
-    return Limits(**overrides)
+            sources[field.name] = f"{flag}={_show(value)}"
+            continue
+        variable = f"FASTAPHLICT_{field.name.upper()}"
+        raw = environ.get(variable, "").strip()
+        if not raw:
+            continue
+        sources[field.name] = f"{variable}={raw} (environment, for {flag})"
+        try:
+            overrides[field.name] = _LIMIT_TYPES[type(getattr(defaults, field.name))](raw)
+        except argparse.ArgumentTypeError as exc:
+            raise ConfigError(f"{sources[field.name]}: {exc}") from exc
+    try:
+        return Limits(**overrides)  # type: ignore[arg-type]
+    except LimitError as exc:
+        raise ConfigError(f"{sources.get(exc.name, exc.name)}: {exc.reason}") from exc
 
 
 def reopen_log_files() -> None:
@@ -275,17 +305,6 @@ def _check_tls(config: Config, peer_ca_file: str | None) -> None:
         tls.client_context(peer_ca_file)
 
 
-def admin_networks(specs: tuple[str, ...]) -> None:
-    """Check the admin allow-list now: a typo must fail at start, not open the port."""
-    import ipaddress
-
-    for spec in specs:
-        try:
-            ipaddress.ip_network(spec, strict=False)
-        except ValueError as exc:
-            raise ValueError(f"--admin-allow: {spec!r} is not a network ({exc})") from exc
-
-
 def _fail(message: object) -> int:
     print(f"fastaphlict: {message}", file=sys.stderr)
     return 1
@@ -303,16 +322,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         limits = _limits(args)
-        admin_networks(limits.admin_allow)
         config = load_config(args.config)
+        # The same checks at start as for --test: what --test passes, starts.
+        check_files(config)
+        check_listen(config)
         if args.test:
-            check_files(config)
             _check_tls(config, args.peer_ca_file)
-        setup_logging(config, debug=args.debug)
+        else:
+            setup_logging(config, debug=args.debug)
     except (ConfigError, OSError, ValueError) as exc:
         return _fail(exc)
 
     if args.test:
+        # Nothing was created: no log file, no directory, no pidfile.
         print("Configuration test OK.")
         return 0
 

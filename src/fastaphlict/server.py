@@ -24,7 +24,7 @@ from picows import ws_create_server
 
 from fastaphlict import admin, client
 from fastaphlict.config import Config, ConfigError, Limits, ServerConfig
-from fastaphlict.hub import Hub
+from fastaphlict.hub import Hub, format_address
 from fastaphlict.peers import PeerRelay, new_fingerprint
 from fastaphlict.tls import client_context, server_context
 
@@ -90,10 +90,18 @@ class Server:
         log.info("fingerprint %s", self.fingerprint)
         try:
             await self.relay.start()
-            for entry in self.config.client_servers:
-                await self._start_client(entry)
-            for entry in self.config.admin_servers:
-                await self._start_admin(entry)
+            for index, entry in enumerate(self.config.servers):
+                try:
+                    if entry.type == "client":
+                        await self._start_client(entry)
+                    else:
+                        await self._start_admin(entry)
+                except OSError as exc:
+                    # Name the entry: "address in use" alone doesn't say which port.
+                    raise OSError(
+                        f'{entry.type} server (at index "{index}") cannot listen on '
+                        f"{format_address(entry.listen, entry.port)}: {_reason(exc)}"
+                    ) from exc
             if self.limits.ping_interval > 0:
                 self._periodic.append(
                     asyncio.ensure_future(self._housekeeping(self.limits.ping_interval, sweep=True))
@@ -134,7 +142,9 @@ class Server:
         port = server.sockets[0].getsockname()[1]
         self.client_ports.append(port)
         log.info(
-            "client server listening on %s:%d%s", entry.listen, port, " (tls)" if entry.tls else ""
+            "client server listening on %s%s",
+            format_address(entry.listen, port),
+            " (tls)" if entry.tls else "",
         )
 
     async def _start_admin(self, entry: ServerConfig) -> None:
@@ -167,7 +177,9 @@ class Server:
         port = server.sockets[0].getsockname()[1]
         self.admin_ports.append(port)
         log.info(
-            "admin server listening on %s:%d%s", entry.listen, port, " (tls)" if entry.tls else ""
+            "admin server listening on %s%s",
+            format_address(entry.listen, port),
+            " (tls)" if entry.tls else "",
         )
 
     async def _housekeeping(
@@ -246,11 +258,17 @@ class Server:
             signals.append(signal.SIGHUP)
         pidfile = PidFile(self.config.pidfile) if self.config.pidfile else None
         try:
-            if pidfile is not None:
-                pidfile.check()
-            await self.start()
-            if pidfile is not None:
-                pidfile.write()
+            try:
+                if pidfile is not None:
+                    pidfile.check()
+                await self.start()
+                if pidfile is not None:
+                    pidfile.write()
+            except BaseException:
+                # Close the listeners and the relay's HTTP session, or asyncio
+                # adds an "Unclosed client session" error to our one line.
+                await self.close()
+                raise
             _tune_gc()
             log.info("ready")
             await stop.wait()
@@ -348,11 +366,14 @@ class PidFile:
     def write(self) -> None:
         """Write our pid atomically (creating the directory)."""
         directory = os.path.dirname(self.path) or "."
-        os.makedirs(directory, exist_ok=True)
         tmp = f"{self.path}.{os.getpid()}.tmp"
-        with open(tmp, "w") as f:
-            f.write(f"{os.getpid()}\n")
-        os.replace(tmp, self.path)
+        try:
+            os.makedirs(directory, exist_ok=True)
+            with open(tmp, "w") as f:
+                f.write(f"{os.getpid()}\n")
+            os.replace(tmp, self.path)
+        except OSError as exc:
+            raise PidFileError(f"cannot write pidfile {self.path}: {_reason(exc)}") from exc
 
     def remove(self) -> None:
         """Remove the pidfile if it is still ours."""
@@ -417,7 +438,12 @@ def run(
     try:
         server = Server(config, debug=debug, limits=limits, peer_ca_file=peer_ca_file)
         uvloop.run(server.serve(on_reload=on_reload))
-    except (OSError, ConfigError) as exc:
+    except (OSError, ConfigError, ValueError) as exc:
         log.error("cannot start: %s", exc)
         return 1
     return 0
+
+
+def _reason(exc: OSError) -> str:
+    """The system's words for an OSError, without the address tuple uvloop adds."""
+    return os.strerror(exc.errno) if exc.errno and exc.errno > 0 else str(exc)
