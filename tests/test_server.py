@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from websockets.exceptions import ConnectionClosed
 
 from fastaphlict.config import PeerConfig
 from fastaphlict.server import PidFile, PidFileError, Server
-from support import TIMEOUT, child_env, free_ports, local_config, scaled
+from support import TIMEOUT, blackholed_port, child_env, free_ports, local_config, scaled
 
 
 def eventually(predicate, timeout: float = TIMEOUT) -> None:
@@ -217,3 +218,20 @@ def test_a_port_in_use_fails_in_one_line_naming_the_listener(proc) -> None:
     assert len(problems) == 1, server.log()
     assert f'admin server (at index "1") cannot listen on {address}' in problems[0]
     assert problems[0].endswith("Address already in use")
+
+
+@pytest.mark.timeout(60)
+def test_sigterm_exits_within_200ms_with_an_unreachable_peer(proc) -> None:
+    with blackholed_port() as port:
+        server = proc(cluster=[{"host": "127.0.0.1", "port": port, "protocol": "http"}]).start()
+        server.wait_ready()
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{server.admin_port}/", data=b'{"subscribers":[]}'
+        )
+        with urllib.request.urlopen(request, timeout=TIMEOUT) as response:
+            assert response.status == 200
+        time.sleep(0.3)  # the relay is now stuck in its connect
+        started = time.monotonic()
+        server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(scaled(10)) == 0
+        assert time.monotonic() - started < scaled(0.2), server.log()
