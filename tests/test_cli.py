@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+import fastaphlict
 from fastaphlict import cli
 from fastaphlict.config import Config, LogConfig
 from support import scaled
@@ -396,3 +397,9 @@ def test_a_limit_from_the_environment_is_named_as_a_variable(
 def test_a_nonsense_limit_fails_the_start_in_one_line(good_config: str) -> None:
     # Without --test: the process used to die in a traceback building the relay.
     assert_clean_failure(run_cli(f"--config={good_config}", "--relay-queue=0"), "--relay-queue=0")
+
+
+def test_version_prints_the_package_version() -> None:
+    result = run_cli("--version")
+    assert result.returncode == 0
+    assert result.stdout == f"fastaphlict {fastaphlict.__version__}\n"

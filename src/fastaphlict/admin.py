@@ -28,10 +28,25 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from fastaphlict import metrics
-from fastaphlict.hub import DEFAULT_INSTANCE, MAX_DEPTH, Hub, NestingTooDeep, dumps, loads
+from fastaphlict.hub import (
+    DEFAULT_INSTANCE,
+    MAX_DEPTH,
+    Hub,
+    NestingTooDeep,
+    dumps,
+    format_address,
+    loads,
+)
 from fastaphlict.peers import PeerRelay
 
-__all__ = ["MAX_BODY_SIZE", "AdminProtocol", "accept_post", "make_app", "parse_networks"]
+__all__ = [
+    "MAX_BODY_SIZE",
+    "AdminProtocol",
+    "accept_post",
+    "make_app",
+    "parse_networks",
+    "refused_loopback",
+]
 
 log = logging.getLogger("fastaphlict.admin")
 
@@ -151,6 +166,30 @@ def parse_networks(specs: tuple[str, ...]) -> tuple[IPv4Network | IPv6Network, .
     return tuple(networks)
 
 
+def refused_loopback(listen: str, allow: tuple[IPv4Network | IPv6Network, ...]) -> tuple[str, ...]:
+    """The loopback addresses a listener on ``listen`` accepts but ``allow`` refuses.
+
+    Docker's health check and a Phorge on the same host connect from there;
+    an allow-list that forgets them is most likely a mistake.
+    """
+    if not allow:
+        return ()
+    if listen == "localhost":
+        candidates = ("127.0.0.1", "::1")
+    else:
+        try:
+            address = ip_address(listen)
+        except ValueError:
+            return ()  # a host name: its loopback, if any, is unknown here
+        if address.is_unspecified:
+            candidates = ("127.0.0.1",) if address.version == 4 else ("127.0.0.1", "::1")
+        elif address.is_loopback:
+            candidates = (str(address),)
+        else:
+            return ()
+    return tuple(c for c in candidates if not _allowed((c, 0), allow))
+
+
 def _allowed(peername: object, allow: tuple[IPv4Network | IPv6Network, ...]) -> bool:
     try:
         address = ip_address(peername[0])  # type: ignore[index]
@@ -221,7 +260,10 @@ class AdminProtocol(asyncio.Protocol):
         self._transport = transport  # type: ignore[assignment]
         self._remote = transport.get_extra_info("peername")
         if self._allow and not _allowed(self._remote, self._allow):
-            log.warning("refused admin connection from %s: not in the allow-list", self._remote)
+            log.warning(
+                "refused admin connection from %s: not in the allow-list",
+                format_address(self._remote),
+            )
             transport.write(_response(403, b"forbidden\n", close=True))  # type: ignore[attr-defined]
             transport.close()
             self._transport = None

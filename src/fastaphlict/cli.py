@@ -85,6 +85,7 @@ def _build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         allow_abbrev=False,
     )
+    parser.add_argument("--version", action="version", version=f"fastaphlict {__version__}")
     parser.add_argument(
         "--config",
         metavar="PATH",

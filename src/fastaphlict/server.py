@@ -176,6 +176,15 @@ class Server:
         self._admin_servers.append(server)
         port = server.sockets[0].getsockname()[1]
         self.admin_ports.append(port)
+        refused = admin.refused_loopback(entry.listen, allow)
+        if refused:
+            log.warning(
+                "--admin-allow=%s refuses %s: health checks and a Phorge on this host"
+                " get 403 from the admin server on %s",
+                ",".join(self.limits.admin_allow),
+                " and ".join(refused),
+                format_address(entry.listen, port),
+            )
         log.info(
             "admin server listening on %s%s",
             format_address(entry.listen, port),
