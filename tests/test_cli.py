@@ -403,3 +403,38 @@ def test_version_prints_the_package_version() -> None:
     result = run_cli("--version")
     assert result.returncode == 0
     assert result.stdout == f"fastaphlict {fastaphlict.__version__}\n"
+
+
+@pytest.mark.parametrize(
+    ("flags", "env", "level"),
+    [
+        ([], "", logging.INFO),
+        (["--log-level=warning"], "", logging.WARNING),
+        (["--log-level=ERROR"], "", logging.ERROR),
+        ([], "warning", logging.WARNING),
+        (["--log-level=info"], "error", logging.INFO),
+        (["--debug", "--log-level=error"], "", logging.DEBUG),
+    ],
+)
+def test_log_level_flag_and_variable(
+    fake_server: list[tuple[Config, bool]],
+    good_config: str,
+    monkeypatch: pytest.MonkeyPatch,
+    flags: list[str],
+    env: str,
+    level: int,
+) -> None:
+    monkeypatch.setenv("FASTAPHLICT_LOG_LEVEL", env)
+    assert cli.main([f"--config={good_config}", *flags]) == 0
+    assert logging.getLogger("fastaphlict").level == level
+
+
+def test_bad_log_level_variable_is_named(
+    good_config: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("FASTAPHLICT_LOG_LEVEL", "loud")
+    assert cli.main(["--test", f"--config={good_config}"]) == 1
+    assert capsys.readouterr().err.startswith(
+        "fastaphlict: FASTAPHLICT_LOG_LEVEL=loud (environment, for --log-level)"
+    )
+    assert cli.main(["--test", f"--config={good_config}", "--log-level=loud"]) == 2

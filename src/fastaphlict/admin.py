@@ -311,7 +311,11 @@ class AdminProtocol(asyncio.Protocol):
             target, length, expect_continue, close = parsed
             if length > self._max_body:
                 self._hub.posts_rejected += 1
-                log.warning("rejected post over %d bytes from %s", self._max_body, self._remote)
+                log.warning(
+                    "rejected post over %d bytes from %s",
+                    self._max_body,
+                    format_address(self._remote),
+                )
                 self._transport.write(_response(413, b"request body too large\n", close=True))
                 self._transport.close()
                 return
@@ -325,7 +329,9 @@ class AdminProtocol(asyncio.Protocol):
             del buffer[: start + length]
             self._continued = False
             try:
-                status, answer = accept_post(self._hub, _query_instance(target), body, self._remote)
+                status, answer = accept_post(
+                    self._hub, _query_instance(target), body, format_address(self._remote)
+                )
             except Exception:
                 # The boundary of one request, as aiohttp's is: log it, answer
                 # 500 and close, rather than let the loop drop the connection

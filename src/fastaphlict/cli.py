@@ -44,6 +44,9 @@ logger = logging.getLogger("fastaphlict")
 # (pytest's capture handler, an embedding application's).
 _installed: list[logging.Handler] = []
 
+#: --log-level's choices, most verbose first.
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off", ""})
 
@@ -108,6 +111,15 @@ def _build_parser() -> argparse.ArgumentParser:
         type=_parse_bool,
         metavar="BOOL",
         help="log at debug level, including per-connection traces",
+    )
+    parser.add_argument(
+        "--log-level",
+        # None, not the variable: main() reads it, to name it in errors.
+        default=None,
+        type=str.lower,
+        choices=LOG_LEVELS,
+        help="least severe level logged (default: info; --debug means debug;"
+        " env FASTAPHLICT_LOG_LEVEL)",
     )
     limits = parser.add_argument_group(
         "limits and operations (fastaphlict's own; Aphlict's file has no keys for them)"
@@ -243,14 +255,31 @@ def _remove_installed_handlers() -> None:
         handler.close()
 
 
-def setup_logging(config: Config, debug: bool) -> None:
+def log_level(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -> int:
+    """The level of the ``fastaphlict`` loggers: ``--debug``, ``--log-level``, then the variable."""
+    if args.debug:
+        return logging.DEBUG
+    name = args.log_level
+    if name is None:
+        raw = environ.get("FASTAPHLICT_LOG_LEVEL", "").strip()
+        name = raw.lower() or "info"
+        if name not in LOG_LEVELS:
+            raise ConfigError(
+                f"FASTAPHLICT_LOG_LEVEL={raw} (environment, for --log-level): "
+                f"expected one of {', '.join(LOG_LEVELS)}"
+            )
+    return logging.getLevelName(name.upper())  # type: ignore[no-any-return]
+
+
+def setup_logging(config: Config, debug: bool, level: int | None = None) -> None:
     """Send logs to stderr and to every ``logs[].path``; safe to call again.
 
     Handlers go on the Python root logger, not only on ``fastaphlict``, so that
     warnings and errors from picows, aiohttp and asyncio (an unretrieved task
     exception, say) land in the same log file with the same format. Only the
     ``fastaphlict`` logger is raised to INFO; everything else keeps the root's
-    level (WARNING by default).
+    level (WARNING by default). ``level`` (``--log-level``) overrides ``debug``'s choice
+    of DEBUG or INFO for ``fastaphlict``.
 
     Raises ConfigError, naming the log's index, when a log directory can't be
     created or a log file can't be opened: Node fails its ``--test`` the same way.
@@ -291,9 +320,11 @@ def setup_logging(config: Config, debug: bool) -> None:
         root.addHandler(handler)
         _installed.append(handler)
 
-    logger.setLevel(logging.DEBUG if debug else logging.INFO)
+    if level is None:
+        level = logging.DEBUG if debug else logging.INFO
+    logger.setLevel(level)
     # picows logs every accepted connection at INFO: noise at Phorge's scale.
-    logging.getLogger("picows").setLevel(logging.DEBUG if debug else logging.WARNING)
+    logging.getLogger("picows").setLevel(logging.DEBUG if debug else max(level, logging.WARNING))
 
 
 def _check_tls(config: Config, peer_ca_file: str | None) -> None:
@@ -323,6 +354,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         limits = _limits(args)
+        level = log_level(args)
         config = load_config(args.config)
         # The same checks at start as for --test: what --test passes, starts.
         check_files(config)
@@ -330,7 +362,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.test:
             _check_tls(config, args.peer_ca_file)
         else:
-            setup_logging(config, debug=args.debug)
+            setup_logging(config, debug=args.debug, level=level)
     except (ConfigError, OSError, ValueError) as exc:
         return _fail(exc)
 

@@ -246,7 +246,9 @@ class PeerRelay:
             self._workers.append(task)
         if self._peers:
             logger.info(
-                "relaying to %d peer(s): %s", len(self._peers), [p.url for p in self._peers]
+                "relaying to %d peer(s): %s",
+                len(self._peers),
+                ", ".join(p.url for p in self._peers),
             )
 
     def relay(self, instance: str, message: Mapping[str, Any], body: bytes) -> None:
