@@ -42,7 +42,7 @@ EXPIRE_INTERVAL = 5.0
 HOUSEKEEPING_BATCH = 500
 #: Initial picows read buffer per socket (picows never goes below 2 KiB).
 READ_BUFFER_SIZE = 2048
-_PICOWS_LOG = logging.LoggerAdapter(logging.getLogger("picows.server"), {})
+_PICOWS_LOG = client.PicowsLog(logging.getLogger("picows.server"), {})
 
 
 class Server:
