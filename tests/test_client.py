@@ -753,3 +753,22 @@ async def test_rejected_frames_from_many_sockets_are_rate_limited(
         assert srv.hub.frames_rejected == 30, "every one counted"
     lines = [r for r in caplog.records if "ignored frame" in r.getMessage()]
     assert len(lines) == 20
+
+
+async def test_debug_close_line_says_who_closed_with_code_reason_and_lifetime(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="fastaphlict.client")
+    async with running(debug=True) as srv:
+        async with srv.client() as browser:
+            await browser.ws.close(4000, "tab closed")
+        deadline = time.monotonic() + TIMEOUT
+        while not [r for r in caplog.records if "connection closed" in r.getMessage()]:
+            assert time.monotonic() < deadline, caplog.text
+            await asyncio.sleep(0.01)
+    [line] = [r.getMessage() for r in caplog.records if "connection closed" in r.getMessage()]
+    pattern = (
+        r"connection closed: instance=default peer=127\.0\.0\.1:\d+ closed by the client:"
+        r" code 4000 reason 'tab closed', after \d+\.\ds"
+    )
+    assert re.fullmatch(pattern, line), line

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import logging
 import signal
 import socket
 import subprocess
@@ -235,3 +236,29 @@ def test_sigterm_exits_within_200ms_with_an_unreachable_peer(proc) -> None:
         server.process.send_signal(signal.SIGTERM)
         assert server.process.wait(scaled(10)) == 0
         assert time.monotonic() - started < scaled(0.2), server.log()
+
+
+async def test_a_summary_line_reports_what_happened_since_the_last(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import fastaphlict.server as server_module
+    from support import running
+
+    monkeypatch.setattr(server_module, "SUMMARY_INTERVAL", scaled(0.3))
+    caplog.set_level(logging.INFO, logger="fastaphlict.server")
+    async with running() as srv, srv.client() as browser:
+        await browser.subscribe("PHID-1")
+        await srv.post({"subscribers": ["PHID-1"]})
+        await asyncio.wait_for(browser.recv(), TIMEOUT)
+        deadline = time.monotonic() + TIMEOUT
+        while not (lines := summaries(caplog, "1 message(s) in")):
+            assert time.monotonic() < deadline, caplog.text
+            await asyncio.sleep(0.02)
+    assert ": 1 socket(s) open, 1 message(s) in, 1 deliveries, 0 replay(s)," in lines[0]
+    assert "0 slow disconnect(s), 0 dead disconnect(s)" in lines[0]
+    assert not summaries(caplog, "2 message(s) in"), "each line counts since the last"
+
+
+def summaries(caplog: pytest.LogCaptureFixture, fragment: str) -> list[str]:
+    messages = (r.getMessage() for r in caplog.records)
+    return [m for m in messages if m.startswith("last ") and fragment in m]

@@ -40,6 +40,18 @@ EXPIRE_INTERVAL = 5.0
 #: Items (sockets, instances) handled per slice of periodic work before the
 #: loop gets control back: a few milliseconds at most, with 15000 sockets.
 HOUSEKEEPING_BATCH = 500
+#: Seconds between two summary lines at info (connections, traffic, disconnects).
+SUMMARY_INTERVAL = 300.0
+#: Hub counters the summary line reports, as (attribute, words).
+_SUMMARY_COUNTERS = (
+    ("messages_in", "message(s) in"),
+    ("messages_out", "deliveries"),
+    ("replays", "replay(s)"),
+    ("slow_disconnects", "slow disconnect(s)"),
+    ("dead_disconnects", "dead disconnect(s)"),
+    ("frames_rejected", "frame(s) rejected"),
+    ("posts_rejected", "post(s) rejected"),
+)
 #: Initial picows read buffer per socket (picows never goes below 2 KiB).
 READ_BUFFER_SIZE = 2048
 _PICOWS_LOG = client.PicowsLog(logging.getLogger("picows.server"), {})
@@ -109,6 +121,7 @@ class Server:
             self._periodic.append(
                 asyncio.ensure_future(self._housekeeping(EXPIRE_INTERVAL, expire=True))
             )
+            self._periodic.append(asyncio.ensure_future(self._summaries(SUMMARY_INTERVAL)))
         except BaseException:
             await self.close()
             raise
@@ -210,6 +223,26 @@ class Server:
                 log.exception("periodic %s failed", "ping sweep" if sweep else "expiry")
             if dead:
                 log.info("closed %d socket(s) that stopped answering pings", dead)
+
+    async def _summaries(self, interval: float) -> None:
+        """Every ``interval``, one info line of what happened since the last one.
+
+        The per-connection lines are at debug; this is what an operator reads
+        at the default level to see the server is alive and busy.
+        """
+        hub = self.hub
+        last = [getattr(hub, name) for name, _ in _SUMMARY_COUNTERS]
+        while True:
+            await asyncio.sleep(interval)
+            now = [getattr(hub, name) for name, _ in _SUMMARY_COUNTERS]
+            parts = [
+                f"{new - old} {words}"
+                for (_, words), new, old in zip(_SUMMARY_COUNTERS, now, last, strict=True)
+            ]
+            log.info(
+                "last %.0fs: %d socket(s) open, %s", interval, hub.clients_active, ", ".join(parts)
+            )
+            last = now
 
     async def close(self) -> None:
         """Stop accepting, say 1001 to every socket, drain admin and peers. Idempotent."""
