@@ -646,3 +646,23 @@ def test_check_files_creates_nothing(tmp_path: Path) -> None:
     )
     check_files(config)
     assert not new.exists()
+
+
+def test_check_files_refuses_a_pidfile_directory_this_user_cannot_create(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Root may write anywhere, so the refusal is staged: tmp_path "belongs to
+    # someone else". The check asks os.access; it never tries to create.
+    real_access = os.access
+    monkeypatch.setattr(
+        os, "access", lambda path, mode: str(path) != str(tmp_path) and real_access(path, mode)
+    )
+    pidfile = tmp_path / "aphlict" / "pid" / "aphlict.pid"
+    config = Config(servers=(), pidfile=str(pidfile))
+    with pytest.raises(ConfigError) as caught:
+        check_files(config)
+    assert str(caught.value) == (
+        f'Configuration file has "pidfile" set to "{pidfile}", which can not be written: '
+        f'"{tmp_path}" is not writable: Permission denied.'
+    )
+    assert not (tmp_path / "aphlict").exists()

@@ -101,7 +101,8 @@ def _build_parser() -> argparse.ArgumentParser:
         default=False,
         type=_parse_bool,
         metavar="BOOL",
-        help="check the config, TLS and log files, print 'Configuration test OK.' and exit",
+        help="check the config, limits, TLS files, listen addresses and log and pidfile"
+        " paths (creating nothing), print 'Configuration test OK.' and exit",
     )
     parser.add_argument(
         "--debug",
