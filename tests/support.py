@@ -25,7 +25,7 @@ import os
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -556,3 +556,18 @@ async def stalled_websocket(port: int, path: str = "/") -> socket.socket:
     masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
     await loop.sock_sendall(sock, bytes([0x81, 0x80 | len(payload)]) + mask + masked)
     return sock
+
+
+@contextlib.contextmanager
+def blackholed_port() -> Iterator[int]:
+    """A loopback port where a TCP connect hangs, as with a firewalled host.
+
+    A listener with a backlog of 0 that never accepts: once one connection
+    waits in its queue, the kernel drops further SYNs, and connects hang.
+    """
+    with socket.socket() as listener, socket.socket() as filler:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        port = listener.getsockname()[1]
+        filler.connect(("127.0.0.1", port))
+        yield port

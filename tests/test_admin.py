@@ -463,3 +463,47 @@ async def test_max_depth_body_is_accepted_and_delivered_intact(chunked: bool) ->
         assert data.startswith(b"HTTP/1.1 200 OK")
         got = await browser.recv_raw()
         assert got.encode() == body[:-1] + b',"touched":["%s"]}' % srv.hub.fingerprint.encode()
+
+
+@pytest.mark.parametrize(
+    ("listen", "allow", "refused"),
+    [
+        ("127.0.0.1", (), ()),
+        ("127.0.0.1", ("10.0.0.0/8",), ("127.0.0.1",)),
+        ("127.0.0.1", ("10.0.0.0/8", "127.0.0.0/8"), ()),
+        ("0.0.0.0", ("10.0.0.0/8",), ("127.0.0.1",)),
+        ("::", ("10.0.0.0/8",), ("127.0.0.1", "::1")),
+        ("::", ("127.0.0.1/32",), ("::1",)),
+        ("::1", ("::1/128",), ()),
+        ("localhost", ("10.0.0.0/8",), ("127.0.0.1", "::1")),
+        ("10.1.2.3", ("10.0.0.0/8",), ()),
+        ("admin.example", ("10.0.0.0/8",), ()),
+    ],
+)
+def test_refused_loopback_names_what_the_allow_list_locks_out(
+    listen: str, allow: tuple[str, ...], refused: tuple[str, ...]
+) -> None:
+    from fastaphlict.admin import parse_networks, refused_loopback
+
+    assert refused_loopback(listen, parse_networks(allow)) == refused
+
+
+async def test_an_allow_list_refusing_loopback_warns_once_at_start(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from fastaphlict.server import Limits
+
+    caplog.set_level("INFO", logger="fastaphlict")
+    async with running(limits=Limits(admin_allow=("10.0.0.0/8",))) as srv:
+        await _raw_exchange(srv, _post_bytes(b"{}"))
+    warned = [r.getMessage() for r in caplog.records if "refuses 127.0.0.1" in r.getMessage()]
+    assert warned == [
+        "--admin-allow=10.0.0.0/8 refuses 127.0.0.1: health checks and a Phorge on this host"
+        f" get 403 from the admin server on 127.0.0.1:{srv.server.admin_ports[0]}"
+    ]
+    refused = [r.getMessage() for r in caplog.records if "refused admin" in r.getMessage()]
+    assert len(refused) == 1 and refused[0].startswith("refused admin connection from 127.0.0.1:")
+    caplog.clear()
+    async with running(limits=Limits(admin_allow=("10.0.0.0/8", "127.0.0.0/8"))):
+        pass
+    assert not [r for r in caplog.records if "refuses" in r.getMessage()]

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+import fastaphlict
 from fastaphlict import cli
 from fastaphlict.config import Config, LogConfig
 from support import scaled
@@ -320,3 +321,120 @@ def test_bad_admin_allow_list_fails_at_start(good_config: str, capsys) -> None:
 @pytest.mark.parametrize("value", ["-1", "soon", "nan"])
 def test_bad_shutdown_timeout_is_a_usage_error(good_config: str, value: str) -> None:
     assert cli.main([f"--config={good_config}", f"--shutdown-timeout={value}"]) == 2
+
+
+# -- --test means "this will start" ----------------------------------------------------
+
+
+def test_test_refuses_a_pidfile_whose_directory_cannot_be_made(tmp_path: Path) -> None:
+    (tmp_path / "a-file").write_text("")
+    pidfile = tmp_path / "a-file" / "run" / "aphlict.pid"
+    path = write_config(tmp_path / "c.json", {**GOOD, "pidfile": str(pidfile)})
+    result = run_cli("--test", f"--config={path}")
+    assert_clean_failure(result, '"pidfile"')
+    assert str(pidfile) in result.stderr and "not a directory" in result.stderr
+    assert result.stderr.count("\n") == 1
+
+
+def test_test_creates_no_log_file_pidfile_or_directory(tmp_path: Path) -> None:
+    log_path = tmp_path / "var" / "log" / "aphlict.log"
+    pidfile = tmp_path / "run" / "aphlict.pid"
+    data = {**GOOD, "logs": [{"path": str(log_path)}], "pidfile": str(pidfile)}
+    path = write_config(tmp_path / "c.json", data)
+    assert_test_ok(run_cli("--test", f"--config={path}"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.json"]
+
+
+def test_test_refuses_listen_addr_that_does_not_resolve() -> None:
+    # .invalid never resolves (RFC 6761), with or without a network.
+    result = run_cli("--test", LISTEN_ADDR="bogus.invalid")
+    assert_clean_failure(result, 'LISTEN_ADDR ("bogus.invalid") does not resolve')
+
+
+def test_test_names_the_server_entry_whose_listen_does_not_resolve(tmp_path: Path) -> None:
+    servers = [GOOD["servers"][0], {**GOOD["servers"][1], "listen": "bogus.invalid"}]
+    path = write_config(tmp_path / "c.json", {"servers": servers})
+    result = run_cli("--test", f"--config={path}")
+    assert_clean_failure(result, 'Server (at index "1", on port "22281") has "listen"')
+    assert "bogus.invalid" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "flag",
+    [
+        "--max-frame-size=0",
+        "--relay-queue=0",
+        "--relay-timeout=0",
+        "--handshake-timeout=0",
+        "--max-subscriptions=0",
+        "--max-phid-length=0",
+        "--max-instance-length=0",
+        "--max-buffered=0",
+        "--max-body-size=0",
+    ],
+)
+def test_test_refuses_a_limit_that_makes_no_sense(
+    good_config: str, flag: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main(["--test", f"--config={good_config}", flag]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"fastaphlict: {flag}") and ": must be " in err
+    assert err.count("\n") == 1
+
+
+def test_a_limit_from_the_environment_is_named_as_a_variable(
+    good_config: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("FASTAPHLICT_RELAY_QUEUE", "0")
+    assert cli.main(["--test", f"--config={good_config}"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("fastaphlict: FASTAPHLICT_RELAY_QUEUE=0 (environment, for --relay-queue)")
+    monkeypatch.setenv("FASTAPHLICT_RELAY_QUEUE", "many")
+    assert cli.main(["--test", f"--config={good_config}"]) == 1
+    assert "FASTAPHLICT_RELAY_QUEUE=many (environment" in capsys.readouterr().err
+
+
+def test_a_nonsense_limit_fails_the_start_in_one_line(good_config: str) -> None:
+    # Without --test: the process used to die in a traceback building the relay.
+    assert_clean_failure(run_cli(f"--config={good_config}", "--relay-queue=0"), "--relay-queue=0")
+
+
+def test_version_prints_the_package_version() -> None:
+    result = run_cli("--version")
+    assert result.returncode == 0
+    assert result.stdout == f"fastaphlict {fastaphlict.__version__}\n"
+
+
+@pytest.mark.parametrize(
+    ("flags", "env", "level"),
+    [
+        ([], "", logging.INFO),
+        (["--log-level=warning"], "", logging.WARNING),
+        (["--log-level=ERROR"], "", logging.ERROR),
+        ([], "warning", logging.WARNING),
+        (["--log-level=info"], "error", logging.INFO),
+        (["--debug", "--log-level=error"], "", logging.DEBUG),
+    ],
+)
+def test_log_level_flag_and_variable(
+    fake_server: list[tuple[Config, bool]],
+    good_config: str,
+    monkeypatch: pytest.MonkeyPatch,
+    flags: list[str],
+    env: str,
+    level: int,
+) -> None:
+    monkeypatch.setenv("FASTAPHLICT_LOG_LEVEL", env)
+    assert cli.main([f"--config={good_config}", *flags]) == 0
+    assert logging.getLogger("fastaphlict").level == level
+
+
+def test_bad_log_level_variable_is_named(
+    good_config: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("FASTAPHLICT_LOG_LEVEL", "loud")
+    assert cli.main(["--test", f"--config={good_config}"]) == 1
+    assert capsys.readouterr().err.startswith(
+        "fastaphlict: FASTAPHLICT_LOG_LEVEL=loud (environment, for --log-level)"
+    )
+    assert cli.main(["--test", f"--config={good_config}", "--log-level=loud"]) == 2

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import time
 
 import pytest
@@ -350,7 +351,8 @@ async def test_debug_traces_every_command_and_delivery(caplog: pytest.LogCapture
     assert "command subscribe" in text and "command ping" in text
     assert "ignored frame" in text
     assert "publish instance=default to 1 socket(s)" in text
-    assert "deliver to ('127.0.0.1'," in text
+    assert "deliver to 127.0.0.1:" in text, "one address format, no tuples"
+    assert "('127.0.0.1'" not in text
 
 
 async def test_without_debug_nothing_is_traced(caplog: pytest.LogCaptureFixture) -> None:
@@ -624,3 +626,100 @@ async def test_frame_100000_deep_is_over_the_size_limit_and_closes_with_1009() -
         with pytest.raises(ConnectionClosed):
             await browser.recv_raw()
         assert browser.ws.close_code == 1009
+
+
+@pytest.mark.parametrize(
+    ("frame", "code"),
+    [
+        (_client_frame(0x1, b"x" * 2000), 1009),
+        (_client_frame(0x3, b"x"), 1002),
+    ],
+    ids=["oversized", "bad-opcode"],
+)
+async def test_a_protocol_error_is_one_info_line_with_address_and_reason(
+    frame: bytes, code: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    from fastaphlict.config import Limits
+
+    caplog.set_level(logging.INFO, logger="fastaphlict")
+    async with running(limits=Limits(max_frame_size=1024)) as srv:
+        reader, writer = await _raw_socket(srv.server.client_ports[0])
+        try:
+            writer.write(frame + _client_frame(0x1, PING_COMMAND))
+            got = await _server_frames(reader)
+        finally:
+            writer.close()
+        assert got[-1][0] == 0x8 and int.from_bytes(got[-1][1][:2], "big") == code
+        reason = got[-1][1][2:].decode()
+        deadline = time.monotonic() + TIMEOUT
+        while srv.hub.stats.frames_rejected == 0:
+            assert time.monotonic() < deadline, "the close was never counted"
+            await asyncio.sleep(0.01)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+    lines = [r.getMessage() for r in caplog.records if r.name == "fastaphlict.client"]
+    assert len(lines) == 1, lines
+    assert re.fullmatch(rf"closed 127\.0\.0\.1:\d+: protocol error: .+ \(close {code}\)", lines[0])
+    assert reason in lines[0], "the reason the client was sent"
+    assert srv.hub.stats.frames_rejected == 1
+
+
+async def test_a_frame_that_is_not_utf8_is_named_so(caplog: pytest.LogCaptureFixture) -> None:
+    # Ignored like any bad frame, as Aphlict's ws did not; but not called "not JSON".
+    caplog.set_level(logging.INFO, logger="fastaphlict")
+    async with running() as srv, srv.client() as browser:
+        await browser.ws.send(b'{"command":"\xff\xfe"}')
+        await browser.ws.send(PING_COMMAND.decode())
+        assert await asyncio.wait_for(browser.ws.recv(), TIMEOUT) == PONG.decode()
+    lines = [r.getMessage() for r in caplog.records if "ignored frame" in r.getMessage()]
+    assert len(lines) == 1 and lines[0].startswith("ignored frame (not UTF-8) from 127.0.0.1:")
+
+
+def test_throttle_allows_a_burst_then_counts_and_reports_what_it_suppressed(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from fastaphlict.client import Throttle
+
+    caplog.set_level(logging.INFO, logger="fastaphlict.client")
+    throttle = Throttle("ignored frame", limit=3, window=scaled(0.2))
+    assert [throttle.allow() for _ in range(5)] == [True, True, True, False, False]
+    assert not caplog.records
+    time.sleep(scaled(0.2))
+    assert throttle.allow()
+    [record] = caplog.records
+    assert record.getMessage().startswith(
+        "suppressed 2 similar line(s) (ignored frame) in the last"
+    )
+
+
+async def test_rejected_frames_from_many_sockets_are_rate_limited(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="fastaphlict.client")
+    async with running() as srv:
+        for _ in range(30):  # a hostile client, one new socket per bad frame
+            async with srv.client() as browser:
+                await browser.send_raw("not json")
+                await browser.send("ping")
+                await asyncio.wait_for(browser.ws.recv(), TIMEOUT)
+        assert srv.hub.stats.frames_rejected == 30, "every one counted"
+    lines = [r for r in caplog.records if "ignored frame" in r.getMessage()]
+    assert len(lines) == 20
+
+
+async def test_debug_close_line_says_who_closed_with_code_reason_and_lifetime(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="fastaphlict.client")
+    async with running(debug=True) as srv:
+        async with srv.client() as browser:
+            await browser.ws.close(4000, "tab closed")
+        deadline = time.monotonic() + TIMEOUT
+        while not [r for r in caplog.records if "connection closed" in r.getMessage()]:
+            assert time.monotonic() < deadline, caplog.text
+            await asyncio.sleep(0.01)
+    [line] = [r.getMessage() for r in caplog.records if "connection closed" in r.getMessage()]
+    pattern = (
+        r"connection closed: instance=default peer=127\.0\.0\.1:\d+ closed by the client:"
+        r" code 4000 reason 'tab closed', after \d+\.\ds"
+    )
+    assert re.fullmatch(pattern, line), line

@@ -18,6 +18,8 @@ from fastaphlict.config import (
     DEFAULT_CLIENT_PORT,
     Config,
     ConfigError,
+    LimitError,
+    Limits,
     LogConfig,
     PeerConfig,
     ServerConfig,
@@ -594,3 +596,73 @@ def test_parse_config_raises_nothing_but_config_error(data: object) -> None:
         assert config.admin_servers
         assert len({s.port for s in config.servers}) == len(config.servers)
         assert all(s.tls == bool(s.ssl_key) for s in config.servers)
+
+
+# -- Limits --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("handshake_timeout", 0.0),
+        ("max_frame_size", 0),
+        ("max_frame_size", 127),
+        ("max_subscriptions", 0),
+        ("max_phid_length", 0),
+        ("max_instance_length", 0),
+        ("max_connections", -1),
+        ("max_buffered", 0),
+        ("max_body_size", 0),
+        ("ping_interval", -1.0),
+        ("ping_interval", float("inf")),
+        ("relay_timeout", 0.0),
+        ("relay_queue", 0),
+        ("relay_drain_timeout", float("nan")),
+        ("shutdown_timeout", -1.0),
+        ("admin_allow", ("10.0.0.0/33",)),
+    ],
+)
+def test_limits_refuse_values_that_cannot_work(name: str, value: object) -> None:
+    with pytest.raises(LimitError) as caught:
+        Limits(**{name: value})  # type: ignore[arg-type]
+    assert caught.value.name == name
+
+
+def test_limits_accept_their_defaults_and_the_documented_zeros() -> None:
+    Limits()
+    Limits(max_connections=0, ping_interval=0.0, relay_drain_timeout=0.0, shutdown_timeout=0.0)
+
+
+def test_check_files_refuses_a_log_path_that_is_a_directory(tmp_path: Path) -> None:
+    config = Config(servers=(), logs=(LogConfig(str(tmp_path)),))
+    with pytest.raises(ConfigError, match=r'Failed to open log file .* "0"'):
+        check_files(config)
+
+
+def test_check_files_creates_nothing(tmp_path: Path) -> None:
+    new = tmp_path / "new"
+    config = Config(
+        servers=(), logs=(LogConfig(str(new / "log" / "a.log")),), pidfile=str(new / "a.pid")
+    )
+    check_files(config)
+    assert not new.exists()
+
+
+def test_check_files_refuses_a_pidfile_directory_this_user_cannot_create(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Root may write anywhere, so the refusal is staged: tmp_path "belongs to
+    # someone else". The check asks os.access; it never tries to create.
+    real_access = os.access
+    monkeypatch.setattr(
+        os, "access", lambda path, mode: str(path) != str(tmp_path) and real_access(path, mode)
+    )
+    pidfile = tmp_path / "aphlict" / "pid" / "aphlict.pid"
+    config = Config(servers=(), pidfile=str(pidfile))
+    with pytest.raises(ConfigError) as caught:
+        check_files(config)
+    assert str(caught.value) == (
+        f'Configuration file has "pidfile" set to "{pidfile}", which can not be written: '
+        f'"{tmp_path}" is not writable: Permission denied.'
+    )
+    assert not (tmp_path / "aphlict").exists()

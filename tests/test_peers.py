@@ -10,6 +10,8 @@ import asyncio
 import json
 import logging
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -19,7 +21,7 @@ import pytest
 from aiohttp import web
 
 from fastaphlict.peers import FINGERPRINT_ALPHABET, PeerRelay, new_fingerprint
-from support import TIMEOUT, eventually, scaled
+from support import TIMEOUT, blackholed_port, eventually, scaled
 
 try:
     from fastaphlict.config import PeerConfig
@@ -461,3 +463,74 @@ async def test_close_without_start() -> None:
     relay.relay("default", {"touched": ["self"]}, message(1))
     await within(relay.close(timeout=0.1))
     await within(relay.close(timeout=0.1))
+
+
+async def test_close_does_not_wait_for_a_peer_still_connecting() -> None:
+    # A firewalled peer: the connect hangs; draining it could only time out.
+    with blackholed_port() as port:
+        relay = PeerRelay([PeerConfig("127.0.0.1", port, "http")], timeout=5.0)
+        await within(relay.start())
+        relay.relay("default", {"touched": ["self"]}, message(1))
+        await eventually(lambda: relay.peers[0]._connecting)
+        started = time.perf_counter()
+        await within(relay.close(timeout=2.0))
+        assert time.perf_counter() - started < scaled(0.2)
+
+
+async def test_close_does_not_wait_for_a_failing_peer(dead_port: int) -> None:
+    relay = PeerRelay([PeerConfig("127.0.0.1", dead_port, "http")], timeout=5.0)
+    await within(relay.start())
+    relay.relay("default", {"touched": ["self"]}, message(1))
+    await eventually(lambda: relay.peers[0].failed == 1)
+    with blackholed_port() as port:
+        # Still failing, now slowly: the next attempts would each hang.
+        relay.peers[0].url = f"http://127.0.0.1:{port}/"
+        for n in range(2, 5):
+            relay.relay("default", {"touched": ["self"]}, message(n))
+        started = time.perf_counter()
+        await within(relay.close(timeout=2.0))
+        assert time.perf_counter() - started < scaled(0.2)
+
+
+_HUNG_LOOKUP = """
+import asyncio, socket, sys, threading, time
+sys.path[:0] = {paths!r}
+from fastaphlict.config import PeerConfig
+from fastaphlict.peers import PeerRelay
+
+real = socket.getaddrinfo
+started = threading.Event()
+
+def hung(host, *args, **kwargs):
+    if host == "hung.invalid":
+        started.set()
+        time.sleep({hang})  # a DNS server that never answers
+    return real(host, *args, **kwargs)
+
+socket.getaddrinfo = hung
+
+async def main():
+    relay = PeerRelay([PeerConfig("hung.invalid", 80, "http")])
+    await relay.start()
+    relay.relay("default", {{}}, b"{{}}")
+    await asyncio.get_running_loop().run_in_executor(None, started.wait)
+    await relay.close(timeout=0.1)
+
+asyncio.run(main())  # the plain loop's lookups run in its executor, joined at exit
+print("exiting", flush=True)
+"""
+
+
+def test_a_hung_name_lookup_does_not_hold_the_process_at_exit() -> None:
+    code = _HUNG_LOOKUP.format(paths=sys.path, hang=scaled(30))
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=scaled(60),
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "exiting\n"
+    assert time.monotonic() - started < scaled(10), "waited for the lookup"

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
+import logging
 import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,7 +19,9 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from support import TIMEOUT, child_env, free_ports, scaled
+from fastaphlict.config import PeerConfig
+from fastaphlict.server import PidFile, PidFileError, Server
+from support import TIMEOUT, blackholed_port, child_env, free_ports, local_config, scaled
 
 
 def eventually(predicate, timeout: float = TIMEOUT) -> None:
@@ -178,3 +183,82 @@ async def test_sighup_reopens_log_files_for_logrotate(proc, tmp_path: Path) -> N
         assert time.monotonic() < deadline
         await asyncio.sleep(0.02)
     assert "ignored frame" not in rotated.read_text()
+
+
+async def test_a_failed_start_closes_listeners_and_the_peer_session(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The pidfile is written once every listener is bound; when that fails (a
+    # full disk, a race past --test), an unclosed relay session used to add an
+    # asyncio "Unclosed client session" error to the operator's one line.
+    def full_disk(self: PidFile) -> None:
+        raise PidFileError(f"cannot write pidfile {self.path}: No space left on device")
+
+    monkeypatch.setattr(PidFile, "write", full_disk)
+    peer = PeerConfig("127.0.0.1", free_ports(1)[0], "http")
+    config = dataclasses.replace(local_config(peers=(peer,)), pidfile=str(tmp_path / "a.pid"))
+    server = Server(config)
+    with pytest.raises(PidFileError, match="No space left"):
+        await asyncio.wait_for(server.serve(), TIMEOUT)
+    session = server.relay._session
+    assert session is not None and session.closed
+    assert server._client_servers and not any(s.is_serving() for s in server._client_servers)
+
+
+@pytest.mark.timeout(60)
+def test_a_port_in_use_fails_in_one_line_naming_the_listener(proc) -> None:
+    server = proc(cluster=[{"host": "127.0.0.1", "port": free_ports(1)[0], "protocol": "http"}])
+    with socket.socket() as taken:
+        taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        taken.bind(("127.0.0.1", server.admin_port))
+        taken.listen()
+        server.start()
+        assert server.process.wait(scaled(10)) == 1
+    problems = [line for line in server.log().splitlines() if " INFO " not in line]
+    address = f"127.0.0.1:{server.admin_port}"
+    assert len(problems) == 1, server.log()
+    assert f'admin server (at index "1") cannot listen on {address}' in problems[0]
+    assert problems[0].endswith("Address already in use")
+
+
+@pytest.mark.timeout(60)
+def test_sigterm_exits_within_200ms_with_an_unreachable_peer(proc) -> None:
+    with blackholed_port() as port:
+        server = proc(cluster=[{"host": "127.0.0.1", "port": port, "protocol": "http"}]).start()
+        server.wait_ready()
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{server.admin_port}/", data=b'{"subscribers":[]}'
+        )
+        with urllib.request.urlopen(request, timeout=TIMEOUT) as response:
+            assert response.status == 200
+        time.sleep(0.3)  # the relay is now stuck in its connect
+        started = time.monotonic()
+        server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(scaled(10)) == 0
+        assert time.monotonic() - started < scaled(0.2), server.log()
+
+
+async def test_a_summary_line_reports_what_happened_since_the_last(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import fastaphlict.server as server_module
+    from support import running
+
+    monkeypatch.setattr(server_module, "SUMMARY_INTERVAL", scaled(0.3))
+    caplog.set_level(logging.INFO, logger="fastaphlict.server")
+    async with running() as srv, srv.client() as browser:
+        await browser.subscribe("PHID-1")
+        await srv.post({"subscribers": ["PHID-1"]})
+        await asyncio.wait_for(browser.recv(), TIMEOUT)
+        deadline = time.monotonic() + TIMEOUT
+        while not (lines := summaries(caplog, "1 message(s) in")):
+            assert time.monotonic() < deadline, caplog.text
+            await asyncio.sleep(0.02)
+    assert ": 1 socket(s) open, 1 message(s) in, 1 deliveries, 0 replay(s)," in lines[0]
+    assert "0 slow disconnect(s), 0 dead disconnect(s)" in lines[0]
+    assert not summaries(caplog, "2 message(s) in"), "each line counts since the last"
+
+
+def summaries(caplog: pytest.LogCaptureFixture, fragment: str) -> list[str]:
+    messages = (r.getMessage() for r in caplog.records)
+    return [m for m in messages if m.startswith("last ") and fragment in m]

@@ -131,3 +131,39 @@ async def test_a_cancelled_child_that_will_not_end_fails_the_caller() -> None:
         release.set()
         task.cancel()
         await asyncio.wait([task])
+
+
+_REPORT_PLUGIN = """
+def pytest_collection_finish(session):
+    option = session.config.option
+    print("benchmark_only", getattr(option, "benchmark_only", None))
+    print("roots", sorted({item.nodeid.split("/")[0] for item in session.items}))
+"""
+
+
+def _collect(tmp_path: Path, *args: str) -> str:
+    """``python -m pytest --collect-only ARGS`` from the project root, as a developer types it."""
+    (tmp_path / "report_plugin.py").write_text(_REPORT_PLUGIN)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])}
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "report_plugin", *args],
+        cwd=Path(__file__).resolve().parents[1],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=scaled(60),
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+def test_pytest_benchmark_collects_the_benchmarks_and_plain_pytest_the_tests(
+    tmp_path: Path,
+) -> None:
+    out = _collect(tmp_path, "--benchmark", "-p", "no:cacheprovider")
+    assert "benchmark_only True" in out
+    assert "roots ['benchmarks']" in out
+    out = _collect(tmp_path, "-p", "no:cacheprovider")
+    assert "benchmark_only False" in out, "the README's test command is unchanged"
+    assert "roots ['tests']" in out

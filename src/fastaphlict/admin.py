@@ -27,7 +27,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from fastaphlict import metrics
-from fastaphlict.hub import Hub
+from fastaphlict.hub import Hub, format_address
 from fastaphlict.peers import PeerRelay
 from fastaphlict.protocol import (
     DEFAULT_INSTANCE,
@@ -39,7 +39,14 @@ from fastaphlict.protocol import (
     query_instance,
 )
 
-__all__ = ["MAX_BODY_SIZE", "AdminProtocol", "accept_post", "make_app", "parse_networks"]
+__all__ = [
+    "MAX_BODY_SIZE",
+    "AdminProtocol",
+    "accept_post",
+    "make_app",
+    "parse_networks",
+    "refused_loopback",
+]
 
 log = logging.getLogger("fastaphlict.admin")
 
@@ -159,6 +166,30 @@ def parse_networks(specs: tuple[str, ...]) -> tuple[IPv4Network | IPv6Network, .
     return tuple(networks)
 
 
+def refused_loopback(listen: str, allow: tuple[IPv4Network | IPv6Network, ...]) -> tuple[str, ...]:
+    """The loopback addresses a listener on ``listen`` accepts but ``allow`` refuses.
+
+    Docker's health check and a Phorge on the same host connect from there;
+    an allow-list that forgets them is most likely a mistake.
+    """
+    if not allow:
+        return ()
+    if listen == "localhost":
+        candidates = ("127.0.0.1", "::1")
+    else:
+        try:
+            address = ip_address(listen)
+        except ValueError:
+            return ()  # a host name: its loopback, if any, is unknown here
+        if address.is_unspecified:
+            candidates = ("127.0.0.1",) if address.version == 4 else ("127.0.0.1", "::1")
+        elif address.is_loopback:
+            candidates = (str(address),)
+        else:
+            return ()
+    return tuple(c for c in candidates if not _allowed((c, 0), allow))
+
+
 def _allowed(peername: object, allow: tuple[IPv4Network | IPv6Network, ...]) -> bool:
     try:
         address = ip_address(peername[0])  # type: ignore[index]
@@ -220,7 +251,10 @@ class AdminProtocol(asyncio.Protocol):
         self._transport = transport  # type: ignore[assignment]
         self._remote = transport.get_extra_info("peername")
         if self._allow and not _allowed(self._remote, self._allow):
-            log.warning("refused admin connection from %s: not in the allow-list", self._remote)
+            log.warning(
+                "refused admin connection from %s: not in the allow-list",
+                format_address(self._remote),
+            )
             transport.write(_response(403, b"forbidden\n", close=True))  # type: ignore[attr-defined]
             transport.close()
             self._transport = None
@@ -268,7 +302,11 @@ class AdminProtocol(asyncio.Protocol):
             target, length, expect_continue, close = parsed
             if length > self._max_body:
                 self._hub.stats.posts_rejected += 1
-                log.warning("rejected post over %d bytes from %s", self._max_body, self._remote)
+                log.warning(
+                    "rejected post over %d bytes from %s",
+                    self._max_body,
+                    format_address(self._remote),
+                )
                 self._transport.write(_response(413, b"request body too large\n", close=True))
                 self._transport.close()
                 return
@@ -282,7 +320,9 @@ class AdminProtocol(asyncio.Protocol):
             del buffer[: start + length]
             self._continued = False
             try:
-                status, answer = accept_post(self._hub, query_instance(target), body, self._remote)
+                status, answer = accept_post(
+                    self._hub, query_instance(target), body, format_address(self._remote)
+                )
             except Exception:
                 # The boundary of one request, as aiohttp's is: log it, answer
                 # 500 and close, rather than let the loop drop the connection

@@ -20,10 +20,18 @@ import logging
 import logging.handlers
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from fastaphlict import __version__
-from fastaphlict.config import Config, ConfigError, Limits, check_files, load_config
+from fastaphlict.config import (
+    Config,
+    ConfigError,
+    LimitError,
+    Limits,
+    check_files,
+    check_listen,
+    load_config,
+)
 
 __all__ = ["main", "reopen_log_files", "setup_logging"]
 
@@ -35,6 +43,9 @@ logger = logging.getLogger("fastaphlict")
 # than doubles them, and never touches handlers that belong to someone else
 # (pytest's capture handler, an embedding application's).
 _installed: list[logging.Handler] = []
+
+#: --log-level's choices, most verbose first.
+LOG_LEVELS = ("debug", "info", "warning", "error")
 
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off", ""})
@@ -77,6 +88,7 @@ def _build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         allow_abbrev=False,
     )
+    parser.add_argument("--version", action="version", version=f"fastaphlict {__version__}")
     parser.add_argument(
         "--config",
         metavar="PATH",
@@ -89,7 +101,8 @@ def _build_parser() -> argparse.ArgumentParser:
         default=False,
         type=_parse_bool,
         metavar="BOOL",
-        help="check the config, TLS and log files, print 'Configuration test OK.' and exit",
+        help="check the config, limits, TLS files, listen addresses and log and pidfile"
+        " paths (creating nothing), print 'Configuration test OK.' and exit",
     )
     parser.add_argument(
         "--debug",
@@ -99,6 +112,15 @@ def _build_parser() -> argparse.ArgumentParser:
         type=_parse_bool,
         metavar="BOOL",
         help="log at debug level, including per-connection traces",
+    )
+    parser.add_argument(
+        "--log-level",
+        # None, not the variable: main() reads it, to name it in errors.
+        default=None,
+        type=str.lower,
+        choices=LOG_LEVELS,
+        help="least severe level logged (default: info; --debug means debug;"
+        " env FASTAPHLICT_LOG_LEVEL)",
     )
     limits = parser.add_argument_group(
         "limits and operations (fastaphlict's own; Aphlict's file has no keys for them)"
@@ -112,7 +134,8 @@ def _build_parser() -> argparse.ArgumentParser:
             f"--{name}",
             dest=f"limit_{field.name}",
             type=kind,
-            default=os.environ.get(f"FASTAPHLICT_{field.name.upper()}") or None,
+            # None, not the variable: _limits() reads it, to name it in errors.
+            default=None,
             metavar=_METAVARS[type(default)],
             help=f"{_limit_help(field.name)} (default: {_show(default)})",
         )
@@ -182,14 +205,35 @@ def _parse_seconds(value: str) -> float:
 _LIMIT_TYPES = {float: _parse_seconds, int: _parse_count, tuple: _parse_list}
 
 
-def _limits(args: argparse.Namespace) -> Limits:
-    """Limits from the flags and variables that were given; defaults for the rest."""
-    overrides = {}
+def _limits(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -> Limits:
+    """Limits from the flags, then the variables; defaults for the rest.
+
+    Raises ConfigError naming the flag, or the variable when the value came
+    from the environment, since that is where the operator has to fix it.
+    """
+    overrides: dict[str, object] = {}
+    sources: dict[str, str] = {}
+    defaults = Limits()
     for field in dataclasses.fields(Limits):
+        flag = f"--{field.name.replace('_', '-')}"
         value = getattr(args, f"limit_{field.name}")
         if value is not None:
             overrides[field.name] = value
-    return Limits(**overrides)
+            sources[field.name] = f"{flag}={_show(value)}"
+            continue
+        variable = f"FASTAPHLICT_{field.name.upper()}"
+        raw = environ.get(variable, "").strip()
+        if not raw:
+            continue
+        sources[field.name] = f"{variable}={raw} (environment, for {flag})"
+        try:
+            overrides[field.name] = _LIMIT_TYPES[type(getattr(defaults, field.name))](raw)
+        except argparse.ArgumentTypeError as exc:
+            raise ConfigError(f"{sources[field.name]}: {exc}") from exc
+    try:
+        return Limits(**overrides)  # type: ignore[arg-type]
+    except LimitError as exc:
+        raise ConfigError(f"{sources.get(exc.name, exc.name)}: {exc.reason}") from exc
 
 
 def reopen_log_files() -> None:
@@ -212,14 +256,31 @@ def _remove_installed_handlers() -> None:
         handler.close()
 
 
-def setup_logging(config: Config, debug: bool) -> None:
+def log_level(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -> int:
+    """The level of the ``fastaphlict`` loggers: ``--debug``, ``--log-level``, then the variable."""
+    if args.debug:
+        return logging.DEBUG
+    name = args.log_level
+    if name is None:
+        raw = environ.get("FASTAPHLICT_LOG_LEVEL", "").strip()
+        name = raw.lower() or "info"
+        if name not in LOG_LEVELS:
+            raise ConfigError(
+                f"FASTAPHLICT_LOG_LEVEL={raw} (environment, for --log-level): "
+                f"expected one of {', '.join(LOG_LEVELS)}"
+            )
+    return logging.getLevelName(name.upper())  # type: ignore[no-any-return]
+
+
+def setup_logging(config: Config, debug: bool, level: int | None = None) -> None:
     """Send logs to stderr and to every ``logs[].path``; safe to call again.
 
     Handlers go on the Python root logger, not only on ``fastaphlict``, so that
     warnings and errors from picows, aiohttp and asyncio (an unretrieved task
     exception, say) land in the same log file with the same format. Only the
     ``fastaphlict`` logger is raised to INFO; everything else keeps the root's
-    level (WARNING by default).
+    level (WARNING by default). ``level`` (``--log-level``) overrides ``debug``'s choice
+    of DEBUG or INFO for ``fastaphlict``.
 
     Raises ConfigError, naming the log's index, when a log directory can't be
     created or a log file can't be opened: Node fails its ``--test`` the same way.
@@ -260,9 +321,11 @@ def setup_logging(config: Config, debug: bool) -> None:
         root.addHandler(handler)
         _installed.append(handler)
 
-    logger.setLevel(logging.DEBUG if debug else logging.INFO)
+    if level is None:
+        level = logging.DEBUG if debug else logging.INFO
+    logger.setLevel(level)
     # picows logs every accepted connection at INFO: noise at Phorge's scale.
-    logging.getLogger("picows").setLevel(logging.DEBUG if debug else logging.WARNING)
+    logging.getLogger("picows").setLevel(logging.DEBUG if debug else max(level, logging.WARNING))
 
 
 def _check_tls(config: Config, peer_ca_file: str | None) -> None:
@@ -273,17 +336,6 @@ def _check_tls(config: Config, peer_ca_file: str | None) -> None:
         tls.server_context(entry, index)
     if peer_ca_file:
         tls.client_context(peer_ca_file)
-
-
-def admin_networks(specs: tuple[str, ...]) -> None:
-    """Check the admin allow-list now: a typo must fail at start, not open the port."""
-    import ipaddress
-
-    for spec in specs:
-        try:
-            ipaddress.ip_network(spec, strict=False)
-        except ValueError as exc:
-            raise ValueError(f"--admin-allow: {spec!r} is not a network ({exc})") from exc
 
 
 def _fail(message: object) -> int:
@@ -303,16 +355,20 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         limits = _limits(args)
-        admin_networks(limits.admin_allow)
+        level = log_level(args)
         config = load_config(args.config)
+        # The same checks at start as for --test: what --test passes, starts.
+        check_files(config)
+        check_listen(config)
         if args.test:
-            check_files(config)
             _check_tls(config, args.peer_ca_file)
-        setup_logging(config, debug=args.debug)
+        else:
+            setup_logging(config, debug=args.debug, level=level)
     except (ConfigError, OSError, ValueError) as exc:
         return _fail(exc)
 
     if args.test:
+        # Nothing was created: no log file, no directory, no pidfile.
         print("Configuration test OK.")
         return 0
 

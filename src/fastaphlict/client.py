@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from picows import (
     WSCloseCode,
@@ -44,9 +46,12 @@ __all__ = [
     "NOT_WEBSOCKET_BODY",
     "ClientListener",
     "Options",
+    "PicowsLog",
+    "Throttle",
     "close_all",
     "close_slow",
     "listener_factory",
+    "new_throttles",
 ]
 
 log = logging.getLogger("fastaphlict.client")
@@ -88,6 +93,27 @@ def close_slow(hub: Hub, sub: Subscriber, cap: int) -> None:
     _close(transport, WSCloseCode.TRY_AGAIN_LATER, b"too slow")
 
 
+def _text(reason: object) -> str:
+    """A close reason for a log line: picows keeps str or bytes."""
+    if isinstance(reason, bytes):
+        return reason.decode("utf-8", "replace")
+    return str(reason or "")
+
+
+def _close_summary(handshake: Any) -> str:
+    """Who closed, with which code and reason, for the debug close line."""
+    if handshake is None:
+        return "without a close frame"
+    first, who = (
+        (handshake.recv, "client")
+        if handshake.recv is not None and (handshake.sent is None or handshake.recv_then_sent)
+        else (handshake.sent, "server")
+    )
+    if first is None:
+        return "without a close frame"
+    return f"closed by the {who}: code {int(first.code)} reason {_text(first.reason)!r}"
+
+
 def _sendable(code: int) -> bool:
     """Whether an endpoint may put ``code`` in a close frame (RFC 6455 §7.4)."""
     return code in (1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011) or 3000 <= code <= 4999
@@ -101,12 +127,91 @@ class Options:
     limits: Limits = field(default_factory=Limits)
     #: The connection cap in force (Limits.max_connections resolved at start).
     max_connections: int = 0
+    #: Log-line budgets for rejected input, shared by the server's sockets.
+    throttles: dict[str, Throttle] = field(default_factory=lambda: new_throttles())
+
+
+#: Close codes picows sends when its frame parser refuses a client's bytes.
+_PARSER_CLOSE_CODES = frozenset({1002, 1003, 1007, 1009})
+#: How picows words those refusals, at ERROR, one per connection.
+_PICOWS_CLIENT_ERRORS = ("WS parser error", "on_ws_frame raised WSProtocolError")
+
+
+class PicowsLog(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """picows' logger, with a client's protocol errors demoted to debug.
+
+    picows logs a malformed frame (too big, bad opcode, bad UTF-8) at ERROR,
+    on an internet-facing port, and without the client's address; the
+    listener logs it instead, once, at info and rate-limited. An adapter,
+    not a Logger: picows builds a child Logger per connection from a Logger.
+    """
+
+    def log(self, level: int, msg: object, *args: Any, **kwargs: Any) -> None:
+        if (
+            level >= logging.ERROR
+            and isinstance(msg, str)
+            and msg.startswith(_PICOWS_CLIENT_ERRORS)
+        ):
+            level = logging.DEBUG
+        super().log(level, msg, *args, **kwargs)
+
+
+class Throttle:
+    """At most ``limit`` log lines per ``window`` seconds for one kind of rejected input.
+
+    A hostile client opening socket after socket can't fill the disk; the
+    first line allowed after a window that suppressed some says how many.
+    """
+
+    __slots__ = ("_count", "_start", "_suppressed", "kind", "limit", "window")
+
+    def __init__(self, kind: str, limit: int = 20, window: float = 60.0) -> None:
+        self.kind = kind
+        self.limit = limit
+        self.window = window
+        self._start = -window
+        self._count = 0
+        self._suppressed = 0
+
+    def allow(self) -> bool:
+        """Whether to log this line; counts it as suppressed otherwise."""
+        now = time.monotonic()
+        if now - self._start >= self.window:
+            if self._suppressed:
+                log.info(
+                    "suppressed %d similar line(s) (%s) in the last %.0fs",
+                    self._suppressed,
+                    self.kind,
+                    now - self._start,
+                )
+            self._start = now
+            self._count = 0
+            self._suppressed = 0
+        if self._count < self.limit:
+            self._count += 1
+            return True
+        self._suppressed += 1
+        return False
+
+
+def new_throttles() -> dict[str, Throttle]:
+    """One throttle per kind of rejected client input, for one server."""
+    return {kind: Throttle(kind) for kind in ("ignored frame", "protocol error", "oversized")}
 
 
 class ClientListener(WSListener):
     """One browser socket: runs its commands against the hub, in order."""
 
-    __slots__ = ("_fragments", "_hub", "_instance", "_logged_rejection", "_options", "_sub")
+    __slots__ = (
+        "_closed_here",
+        "_fragments",
+        "_hub",
+        "_instance",
+        "_logged_rejection",
+        "_opened",
+        "_options",
+        "_sub",
+    )
 
     def __init__(self, hub: Hub, instance: str, options: Options = Options()) -> None:
         super().__init__()
@@ -116,6 +221,9 @@ class ClientListener(WSListener):
         self._sub: Subscriber | None = None
         self._fragments: bytearray | None = None
         self._logged_rejection = False
+        #: This listener closed the socket itself (and logged why).
+        self._closed_here = False
+        self._opened = 0.0  # monotonic time of the upgrade; set only with debug on
 
     def on_ws_connected(self, transport: WSTransport) -> None:
         self._sub = self._hub.attach(self._instance, transport)
@@ -128,6 +236,7 @@ class ClientListener(WSListener):
         # reconnect at once, and two info lines per socket were a tenth of the
         # server's CPU per reconnecting tab (issue 8).
         if self._options.debug:
+            self._opened = time.monotonic()
             log.debug("connection open: instance=%s peer=%s", self._instance, describe(transport))
 
     def pause_writing(self) -> None:
@@ -152,8 +261,31 @@ class ClientListener(WSListener):
         if sub is not None:
             self._hub.detach(self._instance, sub)
             self._sub = None
+        handshake = transport.close_handshake
+        sent = handshake.sent if handshake is not None else None
+        if (
+            sent is not None
+            and not self._closed_here
+            and handshake.recv is None
+            and int(sent.code) in _PARSER_CLOSE_CODES
+        ):
+            # picows' parser refused the client's bytes (its own line is at debug).
+            self._hub.stats.frames_rejected += 1
+            if self._options.throttles["protocol error"].allow():
+                log.info(
+                    "closed %s: protocol error: %s (close %d)",
+                    describe(transport),
+                    _text(sent.reason),
+                    int(sent.code),
+                )
         if self._options.debug:
-            log.debug("connection closed: instance=%s peer=%s", self._instance, describe(transport))
+            log.debug(
+                "connection closed: instance=%s peer=%s %s, after %.1fs",
+                self._instance,
+                describe(transport),
+                _close_summary(handshake),
+                time.monotonic() - self._opened,
+            )
 
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
         sub = self._sub
@@ -167,6 +299,10 @@ class ClientListener(WSListener):
             code = frame.get_close_code()
             transport.send_close(code if _sendable(int(code)) else WSCloseCode.OK)
             transport.disconnect()
+            return
+        if transport.is_close_frame_sent:
+            # Closing (a refused frame, a limit, shutdown): what follows is not
+            # ours to judge; after a parser error it may not even be frames.
             return
         if msg_type is WSMsgType.TEXT or msg_type is WSMsgType.BINARY:
             if self._fragments is not None:
@@ -189,7 +325,9 @@ class ClientListener(WSListener):
             if len(buf) + frame.payload_size > limit:
                 self._fragments = None
                 self._hub.stats.frames_rejected += 1
-                log.info("closing: message over %d bytes from %s", limit, describe(transport))
+                self._closed_here = True
+                if self._options.throttles["oversized"].allow():
+                    log.info("closing: message over %d bytes from %s", limit, describe(transport))
                 _close(transport, WSCloseCode.MESSAGE_TOO_BIG, b"message too big")
                 return
             buf += frame.get_payload_as_memoryview()
@@ -203,7 +341,9 @@ class ClientListener(WSListener):
         if transport.is_close_frame_sent:
             return  # already closing: what follows the close is not ours to judge
         self._hub.stats.frames_rejected += 1
-        log.info("closing: protocol error (%s) from %s", reason, describe(transport))
+        self._closed_here = True
+        if self._options.throttles["protocol error"].allow():
+            log.info("closing: protocol error (%s) from %s", reason, describe(transport))
         _close(transport, WSCloseCode.PROTOCOL_ERROR, b"protocol error")
 
     def _handle(self, transport: WSTransport, payload: bytes) -> None:
@@ -246,6 +386,8 @@ class ClientListener(WSListener):
         # One line per connection, not per frame: a hostile client can't flood the log.
         if not self._logged_rejection:
             self._logged_rejection = True
+            if not self._options.throttles["ignored frame"].allow():
+                return
             log.info(
                 "ignored frame (%s) from %s; further ones on this socket logged at debug",
                 reason,

@@ -22,8 +22,11 @@ of servers and peers, must also lie in 1..65535 rather than fail at bind time.
 
 from __future__ import annotations
 
+import ipaddress
 import json
+import math
 import os
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal, cast
@@ -33,11 +36,13 @@ __all__ = [
     "DEFAULT_CLIENT_PORT",
     "Config",
     "ConfigError",
+    "LimitError",
     "Limits",
     "LogConfig",
     "PeerConfig",
     "ServerConfig",
     "check_files",
+    "check_listen",
     "from_environment",
     "load_config",
     "load_file",
@@ -149,9 +154,57 @@ class Limits:
     #: Origins allowed on the client port; empty: any (Aphlict's behaviour).
     allowed_origins: tuple[str, ...] = ()
 
+    def __post_init__(self) -> None:
+        """Refuse values that would start a server that cannot work (``--test`` included)."""
+        for name, (minimum, why) in _LIMIT_MINIMUMS.items():
+            value = getattr(self, name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise LimitError(name, value, "must be a finite number")
+            if minimum == _POSITIVE and value <= 0:
+                raise LimitError(name, value, f"must be more than 0; {why}")
+            if value < minimum:
+                raise LimitError(name, value, f"must be at least {minimum:g}; {why}")
+        for spec in self.admin_allow:
+            try:
+                ipaddress.ip_network(spec.strip(), strict=False)
+            except ValueError as exc:
+                raise LimitError("admin_allow", spec, f"{spec!r} is not a network ({exc})") from exc
+
+
+#: ``_LIMIT_MINIMUMS`` marker: any value above zero will do.
+_POSITIVE = -1.0
+
+#: Smallest value each numeric limit may take, and what a smaller one would do.
+_LIMIT_MINIMUMS: dict[str, tuple[float, str]] = {
+    "handshake_timeout": (_POSITIVE, "no handshake could finish"),
+    # Above the 125 bytes of any control frame, so pings and closes still pass.
+    "max_frame_size": (128, "a smaller one closes nearly every client"),
+    "max_subscriptions": (1, "0 closes every socket that subscribes"),
+    "max_phid_length": (1, "0 skips every PHID"),
+    "max_instance_length": (1, "0 refuses every named instance"),
+    "max_connections": (0, "0 means the open-file limit less 256"),
+    "max_buffered": (1, "0 closes every socket that is sent anything"),
+    "max_body_size": (1, "0 refuses every post"),
+    "ping_interval": (0, "0 turns pings off"),
+    "relay_timeout": (_POSITIVE, "no relay could finish"),
+    "relay_queue": (1, "0 would drop every relayed message"),
+    "relay_drain_timeout": (0, "0 abandons queued relays at shutdown"),
+    "shutdown_timeout": (0, "0 exits without draining"),
+}
+
 
 class ConfigError(Exception):
     """A configuration problem; the message is user-facing, names index and key."""
+
+
+class LimitError(ConfigError):
+    """A limit out of range; the CLI names the flag or variable it came from."""
+
+    def __init__(self, name: str, value: object, reason: str) -> None:
+        super().__init__(f"{name} = {value!r}: {reason}")
+        self.name = name
+        self.value = value
+        self.reason = reason
 
 
 # -- type names, as PhutilTypeSpec prints them, so messages read like Phorge's --
@@ -472,7 +525,10 @@ def load_config(path: str | None = None, environ: Mapping[str, str] | None = Non
 
 
 def check_files(config: Config) -> None:
-    """For ``--test``: fail now, on the console, rather than later at bind time."""
+    """For ``--test`` and start: fail now, on the console, rather than later at bind time.
+
+    Nothing is created: a log or pidfile path only has to be one that could be.
+    """
     for index, server in enumerate(config.servers):
         for key, path in zip(
             _SSL_KEYS, (server.ssl_key, server.ssl_cert, server.ssl_chain), strict=True
@@ -488,3 +544,82 @@ def check_files(config: Config) -> None:
                     f'Server (at index "{index}", on port "{server.port}") has "{key}" '
                     f'set to "{path}", which can not be read: {exc.strerror or exc}.'
                 ) from exc
+    for index, log in enumerate(config.logs):
+        problem = _uncreatable_directory(log.path)
+        if problem:
+            directory = os.path.dirname(log.path)
+            raise ConfigError(
+                f'Failed to create directory "{directory}" for specified log file '
+                f'(with index "{index}"). You should manually create this directory '
+                f"or choose a different logfile location. {problem}."
+            )
+        problem = _unwritable_file(log.path)
+        if problem:
+            raise ConfigError(
+                f'Failed to open log file "{log.path}" (with index "{index}"). {problem}.'
+            )
+    if config.pidfile:
+        problem = _uncreatable_directory(config.pidfile) or _unwritable_file(
+            config.pidfile, replaced=True
+        )
+        if problem:
+            raise ConfigError(
+                f'Configuration file has "pidfile" set to "{config.pidfile}", which can not '
+                f"be written: {problem}."
+            )
+
+
+def _uncreatable_directory(path: str) -> str | None:
+    """Why ``path``'s directory could not be made by this user; None if it exists or could.
+
+    Walks up to the first existing ancestor, which must be a directory this
+    user may write and search; nothing is created.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(directory):
+        return None
+    while not os.path.exists(directory):
+        directory = os.path.dirname(directory)
+    if not os.path.isdir(directory):
+        return f'"{directory}" is not a directory'
+    if not os.access(directory, os.W_OK | os.X_OK):
+        return f'"{directory}" is not writable: Permission denied'
+    return None
+
+
+def _unwritable_file(path: str, *, replaced: bool = False) -> str | None:
+    """Why ``path`` could not be opened for appending (or created) by this user.
+
+    ``replaced``: the file is written next to it and renamed over it (the
+    pidfile), so its directory must be writable even when the file exists.
+    """
+    if os.path.isdir(path):
+        return "Is a directory"
+    if os.path.exists(path) and not replaced:
+        return None if os.access(path, os.W_OK) else "Permission denied"
+    directory = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(directory) and not os.access(directory, os.W_OK | os.X_OK):
+        return f'"{directory}" is not writable: Permission denied'
+    return None
+
+
+def check_listen(config: Config) -> None:
+    """For ``--test`` and start: every ``listen`` must resolve, or binding would fail.
+
+    The only network I/O in this module: a name lookup, no socket is bound.
+    """
+    for index, server in enumerate(config.servers):
+        try:
+            socket.getaddrinfo(
+                server.listen, server.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+            )
+        except (OSError, UnicodeError) as exc:
+            reason = getattr(exc, "strerror", None) or exc
+            if config.source == "environment":
+                where = f'Environment variable LISTEN_ADDR ("{server.listen}")'
+            else:
+                where = (
+                    f'Server (at index "{index}", on port "{server.port}") has "listen" '
+                    f'set to "{server.listen}", which'
+                )
+            raise ConfigError(f"{where} does not resolve to an address: {reason}.") from exc

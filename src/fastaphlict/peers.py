@@ -14,11 +14,15 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import json
 import logging
 import secrets
+import socket
 import ssl
+import threading
 import time
+import types
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
@@ -37,6 +41,10 @@ logger = logging.getLogger("fastaphlict.peers")
 
 FINGERPRINT_ALPHABET = "23456789abcdefghjkmnpqrstuvwxyzABCDEFGHJKLMNPQRSTUVWXYZ"
 FINGERPRINT_LENGTH = 16
+#: Seconds a peer gets at shutdown to have a connection before its queue is
+#: abandoned: a reachable peer connects in a millisecond, and SIGTERM should
+#: exit within 200 ms whatever the peers do.
+CONNECT_GRACE = 0.1
 
 _HEADERS = {"Content-Type": "application/json"}
 
@@ -84,6 +92,55 @@ def _base_url(config: PeerConfig) -> str:
     return f"{config.protocol}://{host}:{config.port}/"
 
 
+async def _connected(
+    session: aiohttp.ClientSession,
+    context: types.SimpleNamespace,
+    params: object,
+) -> None:
+    """Trace hook: the request to this peer has its connection now."""
+    peer = context.trace_request_ctx
+    if isinstance(peer, Peer):
+        peer._connecting = False
+
+
+class _DaemonLookups:
+    """The part of a loop ``aiohttp.ThreadedResolver`` uses, looking names up in daemon threads.
+
+    The loop's own lookups run in a thread pool that is joined at exit: a
+    peer whose DNS server doesn't answer would hold a stopping process for
+    the resolver's whole timeout. A daemon thread is simply left behind.
+    Lookups are rare (aiohttp caches them), so a thread each is cheap.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+
+    async def getaddrinfo(self, *args: Any, **kwargs: Any) -> Any:
+        future: asyncio.Future[Any] = self._loop.create_future()
+
+        def settle(result: Any, error: BaseException | None) -> None:
+            if future.done():
+                return
+            if error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(result)
+
+        def lookup() -> None:
+            try:
+                result, error = socket.getaddrinfo(*args, **kwargs), None
+            except BaseException as exc:
+                result, error = None, exc
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                self._loop.call_soon_threadsafe(settle, result, error)
+
+        threading.Thread(target=lookup, name="fastaphlict-dns", daemon=True).start()
+        return await future
+
+    def getnameinfo(self, *args: Any) -> Any:
+        return self._loop.getnameinfo(*args)
+
+
 class Peer:
     """State of one configured peer: its queue, learned fingerprint and counters.
 
@@ -110,6 +167,9 @@ class Peer:
         self._failure_streak = 0
         self._dropping = False
         self._dropped_at_start = 0
+        #: A request is under way and has no connection yet (name lookup or
+        #: TCP connect): shutdown doesn't wait for such a peer.
+        self._connecting = False
 
     @property
     def queued(self) -> int:
@@ -170,18 +230,25 @@ class PeerRelay:
             limit=0,
             limit_per_host=2,
             ssl=self._ssl_context if self._ssl_context is not None else True,
+            resolver=aiohttp.ThreadedResolver(_DaemonLookups(asyncio.get_running_loop())),  # type: ignore[arg-type]
         )
+        trace = aiohttp.TraceConfig()
+        trace.on_connection_create_end.append(_connected)
+        trace.on_connection_reuseconn.append(_connected)
         self._session = aiohttp.ClientSession(
             connector=connector,
             timeout=aiohttp.ClientTimeout(total=self._timeout),
             cookie_jar=aiohttp.DummyCookieJar(),
+            trace_configs=[trace],
         )
         for peer in self._peers:
             task = asyncio.create_task(self._run(peer), name=f"fastaphlict-peer {peer.url}")
             self._workers.append(task)
         if self._peers:
             logger.info(
-                "relaying to %d peer(s): %s", len(self._peers), [p.url for p in self._peers]
+                "relaying to %d peer(s): %s",
+                len(self._peers),
+                ", ".join(p.url for p in self._peers),
             )
 
     def relay(self, instance: str, message: Mapping[str, Any], body: bytes) -> None:
@@ -242,10 +309,16 @@ class PeerRelay:
         for peer in self._peers:
             peer._wakeup.set()
         if self._workers:
-            _, pending = await asyncio.wait(self._workers, timeout=timeout)
-            for task in pending:
+            _, pending = await asyncio.wait(
+                [
+                    asyncio.ensure_future(self._drain(peer, worker))
+                    for peer, worker in zip(self._peers, self._workers, strict=True)
+                ],
+                timeout=timeout,
+            )
+            for task in (*pending, *self._workers):
                 task.cancel()
-            await asyncio.gather(*self._workers, return_exceptions=True)
+            await asyncio.gather(*pending, *self._workers, return_exceptions=True)
         if self._session is not None:
             await self._session.close()
         for peer in self._peers:
@@ -255,11 +328,25 @@ class PeerRelay:
                 )
                 peer._queue.clear()
 
+    async def _drain(self, peer: Peer, worker: asyncio.Task[None]) -> None:
+        """Let ``worker`` send its queue, unless its peer is down or can't be reached.
+
+        A peer that is failing, or still has no connection after
+        ``CONNECT_GRACE`` (a name or address that doesn't answer), would only
+        run out the deadline: the shutdown, and a restart, don't wait for it.
+        """
+        give_up = asyncio.get_running_loop().time() + CONNECT_GRACE
+        while not worker.done():
+            if peer._failing or (peer._connecting and asyncio.get_running_loop().time() >= give_up):
+                worker.cancel()
+                return
+            await asyncio.wait([worker], timeout=CONNECT_GRACE / 10)
+
     async def _run(self, peer: Peer) -> None:
         """Send this peer's queue in order until close() asks us to stop."""
         queue = peer._queue
         while True:
-            if not queue:
+            if not queue or (self._closing and peer._failing):
                 if self._closing:
                     return
                 # No await between the emptiness check and clear(): relay() runs
@@ -284,9 +371,10 @@ class PeerRelay:
         # encoded=True: the query is already percent-encoded; yarl must not requote it.
         url = yarl.URL(f"{peer.url}?instance={quote(instance, safe='')}", encoded=True)
         started = time.monotonic()
+        peer._connecting = True
         try:
             async with session.post(
-                url, data=body, headers=_HEADERS, allow_redirects=False
+                url, data=body, headers=_HEADERS, allow_redirects=False, trace_request_ctx=peer
             ) as response:
                 status = response.status
                 raw = await response.read()
@@ -302,6 +390,8 @@ class PeerRelay:
             logger.debug("unexpected error relaying to %s", peer.url, exc_info=True)
             self._failure(peer, f"{type(exc).__name__}: {exc}")
             return
+        finally:
+            peer._connecting = False
 
         _observe(peer, time.monotonic() - started)
         if status != 200:

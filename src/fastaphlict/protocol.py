@@ -218,13 +218,25 @@ def parse_command(payload: bytes | str) -> tuple[str, Any] | None:
     return None if isinstance(parsed, str) else parsed
 
 
+def _is_utf8(payload: bytes) -> bool:
+    try:
+        payload.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
 def read_command(payload: bytes | str) -> tuple[str, Any] | str:
     """``(command, data)``, or why the frame is ignored (:data:`BENIGN` for the routine case)."""
     try:
         msg = loads(payload)
     except NestingTooDeep:
         return "nested too deep"  # the admin port refuses the same JSON
+    except UnicodeDecodeError:
+        return "not UTF-8"
     except ValueError:
+        if isinstance(payload, bytes) and not _is_utf8(payload):
+            return "not UTF-8"  # orjson and json both say "not JSON" for it
         return "not JSON"
     if not isinstance(msg, dict):
         return "not a JSON object"

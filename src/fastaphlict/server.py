@@ -24,7 +24,7 @@ from picows import ws_create_server
 
 from fastaphlict import admin, client
 from fastaphlict.config import Config, ConfigError, Limits, ServerConfig
-from fastaphlict.hub import Hub
+from fastaphlict.hub import Hub, format_address
 from fastaphlict.peers import PeerRelay, new_fingerprint
 from fastaphlict.tls import client_context, server_context
 
@@ -40,9 +40,21 @@ EXPIRE_INTERVAL = 5.0
 #: Items (sockets, instances) handled per slice of periodic work before the
 #: loop gets control back: a few milliseconds at most, with 15000 sockets.
 HOUSEKEEPING_BATCH = 500
+#: Seconds between two summary lines at info (connections, traffic, disconnects).
+SUMMARY_INTERVAL = 300.0
+#: Hub counters the summary line reports, as (attribute, words).
+_SUMMARY_COUNTERS = (
+    ("messages_in", "message(s) in"),
+    ("messages_out", "deliveries"),
+    ("replays", "replay(s)"),
+    ("slow_disconnects", "slow disconnect(s)"),
+    ("dead_disconnects", "dead disconnect(s)"),
+    ("frames_rejected", "frame(s) rejected"),
+    ("posts_rejected", "post(s) rejected"),
+)
 #: Initial picows read buffer per socket (picows never goes below 2 KiB).
 READ_BUFFER_SIZE = 2048
-_PICOWS_LOG = logging.LoggerAdapter(logging.getLogger("picows.server"), {})
+_PICOWS_LOG = client.PicowsLog(logging.getLogger("picows.server"), {})
 
 
 class Server:
@@ -90,10 +102,18 @@ class Server:
         log.info("fingerprint %s", self.fingerprint)
         try:
             await self.relay.start()
-            for entry in self.config.client_servers:
-                await self._start_client(entry)
-            for entry in self.config.admin_servers:
-                await self._start_admin(entry)
+            for index, entry in enumerate(self.config.servers):
+                try:
+                    if entry.type == "client":
+                        await self._start_client(entry)
+                    else:
+                        await self._start_admin(entry)
+                except OSError as exc:
+                    # Name the entry: "address in use" alone doesn't say which port.
+                    raise OSError(
+                        f'{entry.type} server (at index "{index}") cannot listen on '
+                        f"{format_address(entry.listen, entry.port)}: {_reason(exc)}"
+                    ) from exc
             if self.limits.ping_interval > 0:
                 self._periodic.append(
                     asyncio.ensure_future(self._housekeeping(self.limits.ping_interval, sweep=True))
@@ -101,6 +121,7 @@ class Server:
             self._periodic.append(
                 asyncio.ensure_future(self._housekeeping(EXPIRE_INTERVAL, expire=True))
             )
+            self._periodic.append(asyncio.ensure_future(self._summaries(SUMMARY_INTERVAL)))
         except BaseException:
             await self.close()
             raise
@@ -134,7 +155,9 @@ class Server:
         port = server.sockets[0].getsockname()[1]
         self.client_ports.append(port)
         log.info(
-            "client server listening on %s:%d%s", entry.listen, port, " (tls)" if entry.tls else ""
+            "client server listening on %s%s",
+            format_address(entry.listen, port),
+            " (tls)" if entry.tls else "",
         )
 
     async def _start_admin(self, entry: ServerConfig) -> None:
@@ -166,8 +189,19 @@ class Server:
         self._admin_servers.append(server)
         port = server.sockets[0].getsockname()[1]
         self.admin_ports.append(port)
+        refused = admin.refused_loopback(entry.listen, allow)
+        if refused:
+            log.warning(
+                "--admin-allow=%s refuses %s: health checks and a Phorge on this host"
+                " get 403 from the admin server on %s",
+                ",".join(self.limits.admin_allow),
+                " and ".join(refused),
+                format_address(entry.listen, port),
+            )
         log.info(
-            "admin server listening on %s:%d%s", entry.listen, port, " (tls)" if entry.tls else ""
+            "admin server listening on %s%s",
+            format_address(entry.listen, port),
+            " (tls)" if entry.tls else "",
         )
 
     async def _housekeeping(
@@ -189,6 +223,26 @@ class Server:
                 log.exception("periodic %s failed", "ping sweep" if sweep else "expiry")
             if dead:
                 log.info("closed %d socket(s) that stopped answering pings", dead)
+
+    async def _summaries(self, interval: float) -> None:
+        """Every ``interval``, one info line of what happened since the last one.
+
+        The per-connection lines are at debug; this is what an operator reads
+        at the default level to see the server is alive and busy.
+        """
+        hub = self.hub
+        last = [getattr(hub.stats, name) for name, _ in _SUMMARY_COUNTERS]
+        while True:
+            await asyncio.sleep(interval)
+            now = [getattr(hub.stats, name) for name, _ in _SUMMARY_COUNTERS]
+            parts = [
+                f"{new - old} {words}"
+                for (_, words), new, old in zip(_SUMMARY_COUNTERS, now, last, strict=True)
+            ]
+            log.info(
+                "last %.0fs: %d socket(s) open, %s", interval, hub.clients_active, ", ".join(parts)
+            )
+            last = now
 
     async def close(self) -> None:
         """Stop accepting, say 1001 to every socket, drain admin and peers. Idempotent."""
@@ -246,11 +300,17 @@ class Server:
             signals.append(signal.SIGHUP)
         pidfile = PidFile(self.config.pidfile) if self.config.pidfile else None
         try:
-            if pidfile is not None:
-                pidfile.check()
-            await self.start()
-            if pidfile is not None:
-                pidfile.write()
+            try:
+                if pidfile is not None:
+                    pidfile.check()
+                await self.start()
+                if pidfile is not None:
+                    pidfile.write()
+            except BaseException:
+                # Close the listeners and the relay's HTTP session, or asyncio
+                # adds an "Unclosed client session" error to our one line.
+                await self.close()
+                raise
             _tune_gc()
             log.info("ready")
             await stop.wait()
@@ -348,11 +408,14 @@ class PidFile:
     def write(self) -> None:
         """Write our pid atomically (creating the directory)."""
         directory = os.path.dirname(self.path) or "."
-        os.makedirs(directory, exist_ok=True)
         tmp = f"{self.path}.{os.getpid()}.tmp"
-        with open(tmp, "w") as f:
-            f.write(f"{os.getpid()}\n")
-        os.replace(tmp, self.path)
+        try:
+            os.makedirs(directory, exist_ok=True)
+            with open(tmp, "w") as f:
+                f.write(f"{os.getpid()}\n")
+            os.replace(tmp, self.path)
+        except OSError as exc:
+            raise PidFileError(f"cannot write pidfile {self.path}: {_reason(exc)}") from exc
 
     def remove(self) -> None:
         """Remove the pidfile if it is still ours."""
@@ -417,7 +480,12 @@ def run(
     try:
         server = Server(config, debug=debug, limits=limits, peer_ca_file=peer_ca_file)
         uvloop.run(server.serve(on_reload=on_reload))
-    except (OSError, ConfigError) as exc:
+    except (OSError, ConfigError, ValueError) as exc:
         log.error("cannot start: %s", exc)
         return 1
     return 0
+
+
+def _reason(exc: OSError) -> str:
+    """The system's words for an OSError, without the address tuple uvloop adds."""
+    return os.strerror(exc.errno) if exc.errno and exc.errno > 0 else str(exc)
