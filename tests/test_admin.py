@@ -483,9 +483,10 @@ async def test_max_depth_body_is_accepted_and_delivered_intact(chunked: bool) ->
 def test_refused_loopback_names_what_the_allow_list_locks_out(
     listen: str, allow: tuple[str, ...], refused: tuple[str, ...]
 ) -> None:
-    from fastaphlict.admin import parse_networks, refused_loopback
+    from fastaphlict.admin import refused_loopback
+    from fastaphlict.config import Limits
 
-    assert refused_loopback(listen, parse_networks(allow)) == refused
+    assert refused_loopback(listen, Limits(admin_allow=allow).admin_networks()) == refused
 
 
 async def test_an_allow_list_refusing_loopback_warns_once_at_start(

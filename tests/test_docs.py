@@ -241,3 +241,11 @@ async def test_dashboard_queries_only_series_that_metrics_exports() -> None:
                     unlabelled.append(f"{label} in {expr}")
     assert not missing, f"the dashboard queries series /metrics lacks: {sorted(missing)}"
     assert not unlabelled, unlabelled
+
+
+def test_the_readme_limits_table_is_the_declared_one() -> None:
+    """Limits are declared once (config.Limits); the README shows what is declared."""
+    from fastaphlict.config import limits_table
+
+    readme = (REPO / "README.md").read_text()
+    assert limits_table() in readme, "regenerate with fastaphlict.config.limits_table()"

@@ -137,7 +137,7 @@ def _build_parser() -> argparse.ArgumentParser:
             # None, not the variable: _limits() reads it, to name it in errors.
             default=None,
             metavar=_METAVARS[type(default)],
-            help=f"{_limit_help(field.name)} (default: {_show(default)})",
+            help=f"{field.metadata['help']} (default: {_show(default)})",
         )
     limits.add_argument(
         "--peer-ca-file",
@@ -159,31 +159,6 @@ def _parse_list(value: str) -> tuple[str, ...]:
 
 
 _METAVARS = {float: "SECONDS", int: "N", tuple: "A,B,..."}
-
-
-def _limit_help(name: str) -> str:
-    """Help text for a Limits field (config.Limits documents the same in comments)."""
-    return _LIMIT_DOCS.get(name, name.replace("_", " "))
-
-
-_LIMIT_DOCS = {
-    "handshake_timeout": "seconds a connection has to finish its WebSocket handshake",
-    "max_frame_size": "largest client frame or message in bytes; bigger closes with 1009",
-    "max_subscriptions": "PHIDs one socket may listen to; more closes it with 1008",
-    "max_phid_length": "longest PHID kept, in bytes; longer ones are skipped",
-    "max_instance_length": "longest instance name; longer is refused with 400",
-    "max_connections": "open client sockets before upgrades get 503; 0: open-file limit less 256",
-    "max_buffered": "unsent bytes a socket may hold before it is closed with 1013",
-    "max_body_size": "largest admin post in bytes; bigger gets 413",
-    "ping_interval": "seconds of silence before a server ping; no answer as long again closes"
-    " the socket; 0 turns pings off",
-    "relay_timeout": "seconds a relay to a peer may take",
-    "relay_queue": "relays queued per peer before the oldest are dropped",
-    "relay_drain_timeout": "seconds peer queues get to drain at shutdown",
-    "shutdown_timeout": "longest graceful shutdown before exiting anyway",
-    "admin_allow": "networks (CIDR) allowed on the admin port; empty: anyone who reaches it",
-    "allowed_origins": "Origins allowed on the client port; empty: any, as Aphlict",
-}
 
 
 def _show(value: object) -> str:

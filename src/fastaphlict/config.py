@@ -28,8 +28,8 @@ import math
 import os
 import socket
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Literal, cast
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal, cast
 
 __all__ = [
     "DEFAULT_ADMIN_PORT",
@@ -44,6 +44,7 @@ __all__ = [
     "check_files",
     "check_listen",
     "from_environment",
+    "limits_table",
     "load_config",
     "load_file",
     "parse_config",
@@ -117,80 +118,178 @@ class Config:
         return tuple(s for s in self.servers if s.type == "admin")
 
 
+#: A limit's minimum meaning "any value above zero will do".
+_POSITIVE = -1.0
+
+
+def _limit(
+    default: Any,
+    help: str,
+    *,
+    minimum: float | None = None,
+    why: str = "",
+    shown: str = "",
+    past: str = "",
+) -> Any:
+    """One limit, declared once: its default, and what ``--help``, the checks and
+    the README's limits table say of it.
+
+    ``minimum`` and ``why`` are the smallest workable value and what a smaller
+    one would do; ``shown`` and ``past`` (the default as an operator reads it,
+    and what happens past the limit) put it in the README table.
+    """
+    return field(
+        default=default,
+        metadata={"help": help, "minimum": minimum, "why": why, "shown": shown, "past": past},
+    )
+
+
 @dataclass(frozen=True)
 class Limits:
     """Tunables Aphlict's file has no key for: set by CLI flags or FASTAPHLICT_* variables.
 
     Every limit has a default safe for a public client port; each one that
-    refuses something says so with a close code or an HTTP status.
+    refuses something says so with a close code or an HTTP status. Each is
+    declared once, here: the CLI builds its flags, variables and ``--help``
+    from these fields, and a test checks the README's table against them.
     """
 
-    #: Seconds a new connection has to finish its WebSocket handshake.
-    handshake_timeout: float = 5.0
-    #: Largest client frame (and reassembled message); bigger closes with 1009.
-    max_frame_size: int = 64 * 1024
-    #: PHIDs one socket may listen to; more closes it with 1008.
-    max_subscriptions: int = 4096
-    #: Longest PHID kept, in UTF-8 bytes; longer ones are skipped.
-    max_phid_length: int = 512
-    #: Longest instance name (client path or ?instance=); longer is refused (400).
-    max_instance_length: int = 128
-    #: Open client sockets; past it upgrades get 503. 0: the open-file limit less 256.
-    max_connections: int = 0
-    #: Unsent bytes a socket may hold; past it the socket is closed with 1013.
-    max_buffered: int = 1024 * 1024
-    #: Largest admin post body; bigger gets 413.
-    max_body_size: int = 2 * 1024 * 1024
-    #: Seconds of silence before a protocol ping; no answer for as long again
-    #: closes the socket (half-open TCP connections). 0 turns pings off.
-    ping_interval: float = 30.0
-    relay_timeout: float = 5.0
-    relay_queue: int = 4096
-    relay_drain_timeout: float = 2.0
-    #: Longest graceful shutdown before exiting anyway.
-    shutdown_timeout: float = 10.0
-    #: Networks (CIDR) allowed on the admin port; empty: whoever reaches it.
-    admin_allow: tuple[str, ...] = ()
-    #: Origins allowed on the client port; empty: any (Aphlict's behaviour).
-    allowed_origins: tuple[str, ...] = ()
+    max_frame_size: int = _limit(
+        64 * 1024,
+        "largest client frame or message in bytes; bigger closes with 1009",
+        # Above the 125 bytes of any control frame, so pings and closes still pass.
+        minimum=128,
+        why="a smaller one closes nearly every client",
+        shown="64 KiB",
+        past="close 1009 (also for a fragmented message)",
+    )
+    max_subscriptions: int = _limit(
+        4096,
+        "PHIDs one socket may listen to; more closes it with 1008",
+        minimum=1,
+        why="0 closes every socket that subscribes",
+        shown="4096 per socket",
+        past="close 1008",
+    )
+    max_phid_length: int = _limit(
+        512,
+        "longest PHID kept, in bytes; longer ones are skipped",
+        minimum=1,
+        why="0 skips every PHID",
+        shown="512 bytes",
+        past="the PHID is skipped",
+    )
+    max_instance_length: int = _limit(
+        128,
+        "longest instance name; longer is refused with 400",
+        minimum=1,
+        why="0 refuses every named instance",
+        shown="128 characters",
+        past="400 (client upgrade and admin post)",
+    )
+    max_connections: int = _limit(
+        0,
+        "open client sockets before upgrades get 503; 0: open-file limit less 256",
+        minimum=0,
+        why="0 means the open-file limit less 256",
+        shown="open-file limit less 256",
+        past="upgrade answered 503 with `Retry-After`",
+    )
+    max_buffered: int = _limit(
+        1024 * 1024,
+        "unsent bytes a socket may hold before it is closed with 1013",
+        minimum=1,
+        why="0 closes every socket that is sent anything",
+        shown="1 MiB unsent per socket",
+        past="close 1013, counted",
+    )
+    max_body_size: int = _limit(
+        2 * 1024 * 1024,
+        "largest admin post in bytes; bigger gets 413",
+        minimum=1,
+        why="0 refuses every post",
+        shown="2 MiB",
+        past="413",
+    )
+    handshake_timeout: float = _limit(
+        5.0,
+        "seconds a connection has to finish its WebSocket handshake",
+        minimum=_POSITIVE,
+        why="no handshake could finish",
+        shown="5 s",
+        past="connection dropped",
+    )
+    ping_interval: float = _limit(
+        30.0,
+        "seconds of silence before a server ping; no answer as long again closes"
+        " the socket; 0 turns pings off",
+        minimum=0,
+        why="0 turns pings off",
+        shown="30 s",
+        past="silent sockets closed after two intervals",
+    )
+    relay_timeout: float = _limit(
+        5.0, "seconds a relay to a peer may take", minimum=_POSITIVE, why="no relay could finish"
+    )
+    relay_queue: int = _limit(
+        4096,
+        "relays queued per peer before the oldest are dropped",
+        minimum=1,
+        why="0 would drop every relayed message",
+    )
+    relay_drain_timeout: float = _limit(
+        2.0,
+        "seconds peer queues get to drain at shutdown",
+        minimum=0,
+        why="0 abandons queued relays at shutdown",
+    )
+    shutdown_timeout: float = _limit(
+        10.0,
+        "longest graceful shutdown before exiting anyway",
+        minimum=0,
+        why="0 exits without draining",
+    )
+    admin_allow: tuple[str, ...] = _limit(
+        (), "networks (CIDR) allowed on the admin port; empty: anyone who reaches it"
+    )
+    allowed_origins: tuple[str, ...] = _limit(
+        (), "Origins allowed on the client port; empty: any, as Aphlict"
+    )
 
     def __post_init__(self) -> None:
         """Refuse values that would start a server that cannot work (``--test`` included)."""
-        for name, (minimum, why) in _LIMIT_MINIMUMS.items():
-            value = getattr(self, name)
+        for spec in fields(self):
+            minimum, why = spec.metadata["minimum"], spec.metadata["why"]
+            if minimum is None:
+                continue
+            value = getattr(self, spec.name)
             if isinstance(value, float) and not math.isfinite(value):
-                raise LimitError(name, value, "must be a finite number")
+                raise LimitError(spec.name, value, "must be a finite number")
             if minimum == _POSITIVE and value <= 0:
-                raise LimitError(name, value, f"must be more than 0; {why}")
+                raise LimitError(spec.name, value, f"must be more than 0; {why}")
             if value < minimum:
-                raise LimitError(name, value, f"must be at least {minimum:g}; {why}")
-        for spec in self.admin_allow:
+                raise LimitError(spec.name, value, f"must be at least {minimum:g}; {why}")
+        self.admin_networks()  # raises LimitError naming a bad entry
+
+    def admin_networks(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+        """``admin_allow`` parsed: the one place the allow-list is read."""
+        networks = []
+        for net in self.admin_allow:
             try:
-                ipaddress.ip_network(spec.strip(), strict=False)
+                networks.append(ipaddress.ip_network(net.strip(), strict=False))
             except ValueError as exc:
-                raise LimitError("admin_allow", spec, f"{spec!r} is not a network ({exc})") from exc
+                raise LimitError("admin_allow", net, f"{net!r} is not a network ({exc})") from exc
+        return tuple(networks)
 
 
-#: ``_LIMIT_MINIMUMS`` marker: any value above zero will do.
-_POSITIVE = -1.0
-
-#: Smallest value each numeric limit may take, and what a smaller one would do.
-_LIMIT_MINIMUMS: dict[str, tuple[float, str]] = {
-    "handshake_timeout": (_POSITIVE, "no handshake could finish"),
-    # Above the 125 bytes of any control frame, so pings and closes still pass.
-    "max_frame_size": (128, "a smaller one closes nearly every client"),
-    "max_subscriptions": (1, "0 closes every socket that subscribes"),
-    "max_phid_length": (1, "0 skips every PHID"),
-    "max_instance_length": (1, "0 refuses every named instance"),
-    "max_connections": (0, "0 means the open-file limit less 256"),
-    "max_buffered": (1, "0 closes every socket that is sent anything"),
-    "max_body_size": (1, "0 refuses every post"),
-    "ping_interval": (0, "0 turns pings off"),
-    "relay_timeout": (_POSITIVE, "no relay could finish"),
-    "relay_queue": (1, "0 would drop every relayed message"),
-    "relay_drain_timeout": (0, "0 abandons queued relays at shutdown"),
-    "shutdown_timeout": (0, "0 exits without draining"),
-}
+def limits_table() -> str:
+    """The README's limits table, generated from the declarations above."""
+    rows = ["| limit | default | past it |", "|---|---|---|"]
+    for spec in fields(Limits):
+        if spec.metadata["past"]:
+            flag = "--" + spec.name.replace("_", "-")
+            rows.append(f"| `{flag}` | {spec.metadata['shown']} | {spec.metadata['past']} |")
+    return "\n".join(rows)
 
 
 class ConfigError(Exception):

@@ -171,7 +171,7 @@ class Server:
         self._admin_runners.append(runner)
         fallback = runner.server
         assert fallback is not None
-        allow = admin.parse_networks(self.limits.admin_allow)
+        allow = self.limits.admin_networks()
         server = await asyncio.get_running_loop().create_server(
             lambda: admin.AdminProtocol(
                 self.hub,
