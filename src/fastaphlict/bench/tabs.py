@@ -57,6 +57,16 @@ class _Socket(WSListener):
         if pong is not None and not pong.done():
             pong.set_exception(ConnectionError("socket closed while waiting for a pong"))
 
+    def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
+        msg_type = frame.msg_type
+        if msg_type is WSMsgType.TEXT:
+            self.on_text(frame.get_payload_as_bytes())
+        elif msg_type is WSMsgType.CLOSE:
+            transport.disconnect()
+
+    def on_text(self, payload: bytes) -> None:
+        """One text frame from the server."""
+
 
 class Tab(_Socket):
     """One browser tab: answers pongs to whoever waits, records every delivery.
@@ -72,13 +82,7 @@ class Tab(_Socket):
         self.collector = collector
         self.seen = bytearray(messages)
 
-    def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
-        msg_type = frame.msg_type
-        if msg_type is not WSMsgType.TEXT:
-            if msg_type is WSMsgType.CLOSE:
-                transport.disconnect()
-            return
-        payload = frame.get_payload_as_bytes()
+    def on_text(self, payload: bytes) -> None:
         collector = self.collector
         if payload == PONG:
             pong = self.pong
@@ -245,13 +249,7 @@ class StormTab(_Socket):
         self.late = 0  # frames after the pong: a server that reordered replay and pong
         self.pong_ns = 0
 
-    def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
-        msg_type = frame.msg_type
-        if msg_type is not WSMsgType.TEXT:
-            if msg_type is WSMsgType.CLOSE:
-                transport.disconnect()
-            return
-        payload = frame.get_payload_as_bytes()
+    def on_text(self, payload: bytes) -> None:
         if payload == PONG:
             if not self.pong_ns:
                 self.pong_ns = time.monotonic_ns()
