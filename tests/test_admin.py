@@ -508,3 +508,18 @@ async def test_an_allow_list_refusing_loopback_warns_once_at_start(
     async with running(limits=Limits(admin_allow=("10.0.0.0/8", "127.0.0.0/8"))):
         pass
     assert not [r for r in caplog.records if "refuses" in r.getMessage()]
+
+
+async def test_refused_admin_connections_are_logged_within_a_budget(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An outsider hammering the admin port gets 403 every time, and 20 log lines a minute."""
+    from fastaphlict.server import Limits
+
+    caplog.set_level("INFO", logger="fastaphlict")
+    async with running(limits=Limits(admin_allow=("10.0.0.0/8",))) as srv:
+        for _ in range(30):
+            answer = await _raw_exchange(srv, _post_bytes(b"{}"))
+            assert answer.startswith(b"HTTP/1.1 403 ")
+    refused = [r for r in caplog.records if "refused admin connection" in r.getMessage()]
+    assert len(refused) == 20

@@ -677,9 +677,9 @@ async def test_a_frame_that_is_not_utf8_is_named_so(caplog: pytest.LogCaptureFix
 def test_throttle_allows_a_burst_then_counts_and_reports_what_it_suppressed(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    from fastaphlict.client import Throttle
+    from fastaphlict.ratelimit import Throttle
 
-    caplog.set_level(logging.INFO, logger="fastaphlict.client")
+    caplog.set_level(logging.INFO, logger="fastaphlict")
     throttle = Throttle("ignored frame", limit=3, window=scaled(0.2))
     assert [throttle.allow() for _ in range(5)] == [True, True, True, False, False]
     assert not caplog.records

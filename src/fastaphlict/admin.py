@@ -38,6 +38,7 @@ from fastaphlict.protocol import (
     parse_post_head,
     query_instance,
 )
+from fastaphlict.ratelimit import Throttle
 
 __all__ = [
     "MAX_BODY_SIZE",
@@ -221,12 +222,16 @@ class AdminProtocol(asyncio.Protocol):
         connections: set[AdminProtocol],
         max_body_size: int = MAX_BODY_SIZE,
         allow: tuple[IPv4Network | IPv6Network, ...] = (),
+        refused: Throttle | None = None,
     ) -> None:
         self._hub = hub
         self._fallback = fallback
         self._connections = connections
         self._max_body = max_body_size
         self._allow = allow
+        # One budget per listener for "refused" lines: an outsider hammering
+        # the port must not fill the disk.
+        self._refused = refused
         self._transport: asyncio.Transport | None = None
         self._buffer = bytearray()
         self._continued = False  # 100 Continue already sent for the current request
@@ -239,10 +244,11 @@ class AdminProtocol(asyncio.Protocol):
         self._transport = transport  # type: ignore[assignment]
         self._remote = transport.get_extra_info("peername")
         if self._allow and not _allowed(self._remote, self._allow):
-            log.warning(
-                "refused admin connection from %s: not in the allow-list",
-                format_address(self._remote),
-            )
+            if self._refused is None or self._refused.allow():
+                log.warning(
+                    "refused admin connection from %s: not in the allow-list",
+                    format_address(self._remote),
+                )
             transport.write(_response(403, b"forbidden\n", close=True))  # type: ignore[attr-defined]
             transport.close()
             self._transport = None

@@ -41,13 +41,13 @@ from fastaphlict.protocol import (
     read_command,
     replay_age,
 )
+from fastaphlict.ratelimit import Throttle
 
 __all__ = [
     "NOT_WEBSOCKET_BODY",
     "ClientListener",
     "Options",
     "PicowsLog",
-    "Throttle",
     "close_all",
     "close_slow",
     "listener_factory",
@@ -156,47 +156,12 @@ class PicowsLog(logging.LoggerAdapter):  # type: ignore[type-arg]
         super().log(level, msg, *args, **kwargs)
 
 
-class Throttle:
-    """At most ``limit`` log lines per ``window`` seconds for one kind of rejected input.
-
-    A hostile client opening socket after socket can't fill the disk; the
-    first line allowed after a window that suppressed some says how many.
-    """
-
-    __slots__ = ("_count", "_start", "_suppressed", "kind", "limit", "window")
-
-    def __init__(self, kind: str, limit: int = 20, window: float = 60.0) -> None:
-        self.kind = kind
-        self.limit = limit
-        self.window = window
-        self._start = -window
-        self._count = 0
-        self._suppressed = 0
-
-    def allow(self) -> bool:
-        """Whether to log this line; counts it as suppressed otherwise."""
-        now = time.monotonic()
-        if now - self._start >= self.window:
-            if self._suppressed:
-                log.info(
-                    "suppressed %d similar line(s) (%s) in the last %.0fs",
-                    self._suppressed,
-                    self.kind,
-                    now - self._start,
-                )
-            self._start = now
-            self._count = 0
-            self._suppressed = 0
-        if self._count < self.limit:
-            self._count += 1
-            return True
-        self._suppressed += 1
-        return False
-
-
 def new_throttles() -> dict[str, Throttle]:
     """One throttle per kind of rejected client input, for one server."""
-    return {kind: Throttle(kind) for kind in ("ignored frame", "protocol error", "oversized")}
+    return {
+        kind: Throttle(kind, logger=log)
+        for kind in ("ignored frame", "protocol error", "oversized")
+    }
 
 
 class ClientListener(WSListener):

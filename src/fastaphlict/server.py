@@ -26,6 +26,7 @@ from fastaphlict import admin, client
 from fastaphlict.config import Config, ConfigError, Limits, ServerConfig
 from fastaphlict.hub import Hub, format_address
 from fastaphlict.peers import PeerRelay, new_fingerprint
+from fastaphlict.ratelimit import Throttle
 from fastaphlict.tls import client_context, server_context
 
 __all__ = ["Limits", "Server", "run"]
@@ -172,6 +173,7 @@ class Server:
         fallback = runner.server
         assert fallback is not None
         allow = self.limits.admin_networks()
+        refusals = Throttle("refused admin connection", logger=admin.log)
         server = await asyncio.get_running_loop().create_server(
             lambda: admin.AdminProtocol(
                 self.hub,
@@ -179,6 +181,7 @@ class Server:
                 self._admin_connections,
                 max_body_size=self.limits.max_body_size,
                 allow=allow,
+                refused=refusals,
             ),
             entry.listen,
             entry.port,
