@@ -17,12 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
-import socket
-import subprocess
 import sys
-import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -83,41 +78,6 @@ class ServerProcess(support.ServerProcess):
         return [line for line in lines if any(marker in line for marker in _LOG_MARKERS)]
 
 
-def _server_env(client_port: int, admin_port: int) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "APHLICT_CONFIG"}
-    env.update(CLIENT_PORT=str(client_port), ADMIN_PORT=str(admin_port), LISTEN_ADDR="127.0.0.1")
-    if serving_src():
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SRC), env.get("PYTHONPATH")]))
-    return env
-
-
-def _ready(server: ServerProcess, timeout: float) -> bool:
-    """Wait until both ports answer (or the process died)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.proc.poll() is not None:
-            return False
-        try:
-            with urllib.request.urlopen(f"{server.admin_url}/status/", timeout=1) as resp:
-                resp.read()
-            with socket.create_connection(("127.0.0.1", server.client_port), timeout=1):
-                pass
-            return True
-        except OSError:
-            time.sleep(0.05)
-    return False
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(support.scaled(15))
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(support.scaled(5))
-
-
 @contextlib.contextmanager
 def fastaphlict_server(log_dir: Path, attempts: int = 3) -> Iterator[ServerProcess]:
     """Start ``python -m fastaphlict`` on free loopback ports; stop it afterwards.
@@ -129,27 +89,19 @@ def fastaphlict_server(log_dir: Path, attempts: int = 3) -> Iterator[ServerProce
     # it at ~1000 sockets, so raise it to the hard limit before spawning.
     raise_nofile_limit()
     for attempt in range(attempts):
-        client_port, admin_port = support.free_ports(2)
-        log_path = log_dir / f"server-{attempt}.log"
-        with open(log_path, "wb") as log:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "fastaphlict"],
-                env=_server_env(client_port, admin_port),
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        server = ServerProcess(proc, client_port, admin_port, log_path)
-        if _ready(server, support.scaled(15.0)):
+        server = support.launch(log_dir / f"server-{attempt}.log", server_class=ServerProcess)
+        try:
+            server.wait_ready()
             break
-        _stop(proc)
+        except AssertionError:
+            server.stop()
     else:
-        tail = log_path.read_text(errors="replace")[-2000:]
+        tail = server.log()[-2000:]
         raise RuntimeError(f"fastaphlict did not start after {attempts} attempts:\n{tail}")
     try:
         yield server
     finally:
-        _stop(proc)
+        server.stop(support.scaled(15))
 
 
 @pytest.fixture

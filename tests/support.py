@@ -17,15 +17,20 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import functools
+import http.client
 import inspect
 import json
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable, Iterator
+import time
+import urllib.request
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -170,14 +175,26 @@ def free_ports(count: int) -> list[int]:
 PHORGE_CONTENT_TYPE = "application/x-www-form-urlencoded"
 
 
+#: Deadline for a spawned server to answer ``/healthz``.
+STARTUP = scaled(15.0)
+#: Deadline for a server to exit after SIGTERM before it is killed.
+SHUTDOWN = scaled(10.0)
+
+
 @dataclass
 class ServerProcess:
-    """A ``python -m fastaphlict`` child process: where it listens, where it logs."""
+    """A ``python -m fastaphlict`` child process: where it listens, where it logs.
+
+    Started by :func:`launch`; ``restart()`` runs the same command again on the
+    same ports.
+    """
 
     proc: subprocess.Popen[bytes]
     client_port: int
     admin_port: int
     log_path: Path
+    command: list[str]
+    env: dict[str, str]
 
     @property
     def pid(self) -> int:
@@ -195,6 +212,93 @@ class ServerProcess:
         if not self.log_path.exists():
             return ""
         return self.log_path.read_text(encoding="utf-8", errors="replace")
+
+    def restart(self, log_path: Path | None = None) -> Any:
+        """The same command again, on the same ports; the old process must have exited.
+
+        The log goes to ``log_path``, or is appended to the old one.
+        """
+        assert self.proc.poll() is not None, "still running"
+        log_path = log_path or self.log_path
+        proc = _popen(self.command, self.env, log_path)
+        return dataclasses.replace(self, proc=proc, log_path=log_path)
+
+    def _probe(self) -> bool:
+        """Whether ``/healthz`` answers 200; fails with the log once the process exited."""
+        code = self.proc.poll()
+        assert code is None, f"server exited with {code}:\n{self.log()}"
+        try:
+            with urllib.request.urlopen(f"{self.admin_url}/healthz", timeout=scaled(1.0)) as resp:
+                return resp.status == 200
+        except (OSError, http.client.HTTPException):
+            return False
+
+    def wait_ready(self, within: float = STARTUP) -> None:
+        """Until the admin port answers ``/healthz`` (the process must stay up)."""
+        deadline = time.monotonic() + within
+        while not self._probe():
+            assert time.monotonic() < deadline, f"not ready after {within:g} s:\n{self.log()}"
+            time.sleep(0.05)
+
+    def stop(self, within: float = SHUTDOWN) -> None:
+        stop(self, within=within)
+
+
+def _popen(command: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
+    with log_path.open("ab") as log:
+        return subprocess.Popen(
+            command, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
+        )
+
+
+def launch(
+    log_path: Path,
+    *args: str,
+    config: dict[str, Any] | None = None,
+    ports: Sequence[int] | None = None,
+    env: dict[str, str] | None = None,
+    server_class: type[ServerProcess] = ServerProcess,
+) -> Any:
+    """Start ``python -m fastaphlict ARGS`` on loopback, logging to ``log_path``.
+
+    ``ports`` (client, admin) are free ones unless given. Without ``config`` the
+    server is configured by the environment, as a fresh install is; with it,
+    by a JSON file next to the log (``config`` plus the two listeners), passed
+    as ``--config=``. ``env`` adds to :func:`child_env`. Does not wait: see
+    ``wait_ready()`` and :func:`wait_healthy`.
+    """
+    client_port, admin_port = ports or free_ports(2)
+    child = child_env()
+    command = [sys.executable, "-m", "fastaphlict", *args]
+    if config is None:
+        child.update(
+            CLIENT_PORT=str(client_port), ADMIN_PORT=str(admin_port), LISTEN_ADDR="127.0.0.1"
+        )
+    else:
+        listeners = [
+            {"type": "client", "port": client_port, "listen": "127.0.0.1"},
+            {"type": "admin", "port": admin_port, "listen": "127.0.0.1"},
+        ]
+        path = log_path.with_suffix(".json")
+        path.write_text(json.dumps({"servers": listeners, **config}))
+        command.insert(3, f"--config={path}")
+    child.update(env or {})
+    proc = _popen(command, child, log_path)
+    return server_class(proc, client_port, admin_port, log_path, command, child)
+
+
+def stop(*servers: ServerProcess, within: float = SHUTDOWN) -> None:
+    """SIGTERM every server still running, then kill what outlives one shared deadline."""
+    running = [server.proc for server in servers if server.proc.poll() is None]
+    for proc in running:
+        proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + within
+    for proc in running:
+        try:
+            proc.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(scaled(5))
 
 
 def local_config(*, peers: tuple[PeerConfig, ...] = (), clients: int = 1) -> Config:
@@ -416,46 +520,32 @@ async def bare_session(port: int, path: str, *frames: bytes) -> bytes:
 
 
 @contextlib.contextmanager
-def spawned(log_path: Path, *args: str, server_class: type[ServerProcess] = ServerProcess) -> Any:
-    """``python -m fastaphlict ARGS`` on free loopback ports, logging to ``log_path``.
-
-    Configured by the environment as a fresh install is; terminated afterwards.
-    """
-    client_port, admin_port = free_ports(2)
-    env = child_env()
-    env.update(CLIENT_PORT=str(client_port), ADMIN_PORT=str(admin_port), LISTEN_ADDR="127.0.0.1")
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "fastaphlict", *args],
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
+def spawned(log_path: Path, *args: str, **options: Any) -> Any:
+    """:func:`launch` as a context: the server is stopped afterwards."""
+    server = launch(log_path, *args, **options)
     try:
-        yield server_class(proc, client_port, admin_port, log_path)
+        yield server
     finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(scaled(10))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(scaled(5))
+        server.stop()
 
 
-async def wait_healthy(server: ServerProcess, session: aiohttp.ClientSession) -> None:
-    """Until the admin port answers ``/healthz`` (the process must stay up)."""
-    deadline = asyncio.get_running_loop().time() + scaled(15.0)
+async def wait_healthy(
+    server: ServerProcess, session: aiohttp.ClientSession, within: float = STARTUP
+) -> None:
+    """``server.wait_ready()`` for a test's event loop, over the test's own session."""
+    deadline = asyncio.get_running_loop().time() + within
     while True:
-        assert server.proc.poll() is None, f"server exited:\n{server.log()}"
+        code = server.proc.poll()
+        assert code is None, f"server exited with {code}:\n{server.log()}"
         with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError):
             async with session.get(
                 f"{server.admin_url}/healthz", timeout=aiohttp.ClientTimeout(total=scaled(1.0))
             ) as resp:
                 if resp.status == 200:
                     return
-        assert asyncio.get_running_loop().time() < deadline, f"not ready:\n{server.log()}"
+        assert asyncio.get_running_loop().time() < deadline, (
+            f"not ready after {within:g} s:\n{server.log()}"
+        )
         await asyncio.sleep(0.05)
 
 

@@ -17,11 +17,7 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
-import subprocess
-import sys
 import threading
-import time
 import urllib.request
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -31,7 +27,7 @@ from urllib.parse import urlencode
 
 import pytest
 
-from support import PHORGE_CONTENT_TYPE, TIMEOUT, scaled
+from support import PHORGE_CONTENT_TYPE, TIMEOUT, ServerProcess, scaled, spawned
 
 CHROMIUM = Path("/usr/bin/chromium")
 # Without the networking flags Chromium phones home at start-up (updates,
@@ -46,7 +42,6 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
-SRC = Path(__file__).resolve().parents[1] / "src"
 PAGE = Path(__file__).with_name("browser_page.html")
 #: Generous: Chromium and the server share two loaded cores in CI.
 WAIT_MS = round(scaled(15) * 1000)
@@ -64,72 +59,13 @@ def _require(ok: bool, reason: str) -> None:
     pytest.skip(reason)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class ServerProcess:
-    """``python -m fastaphlict`` on fixed ports, restartable on the same ports."""
-
-    def __init__(self, tmp: Path) -> None:
-        self.client_port, self.admin_port = _free_port(), _free_port()
-        self.config = tmp / "aphlict.json"
-        self.config.write_text(
-            json.dumps(
-                {
-                    "servers": [
-                        {"type": "client", "port": self.client_port, "listen": "127.0.0.1"},
-                        {"type": "admin", "port": self.admin_port, "listen": "127.0.0.1"},
-                    ]
-                }
-            )
-        )
-        self.stderr = tmp / "stderr.log"
-        self.process: subprocess.Popen[bytes] | None = None
-        self.env = dict(os.environ)
-        if any(SRC.glob("fastaphlict/_fanout*.so")):  # a development checkout
-            self.env["PYTHONPATH"] = f"{SRC}{os.pathsep}{self.env.get('PYTHONPATH', '')}"
-
-    def start(self, timeout: float = scaled(15.0)) -> None:
-        with open(self.stderr, "ab") as err:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "fastaphlict", f"--config={self.config}"],
-                env=self.env,
-                stdout=subprocess.DEVNULL,
-                stderr=err,
-            )
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.process.poll() is not None:
-                raise AssertionError(f"server exited early: {self.log()}")
-            try:
-                # The client port is bound before the admin port answers.
-                with socket.create_connection(("127.0.0.1", self.admin_port), 0.2):
-                    return
-            except OSError:
-                assert time.monotonic() < deadline, f"server never ready: {self.log()}"
-                time.sleep(0.02)
-
-    def terminate(self, timeout: float = scaled(15.0)) -> None:
-        """SIGTERM: every socket gets close 1001, then the process exits 0."""
-        assert self.process is not None
-        self.process.send_signal(signal.SIGTERM)
-        assert self.process.wait(timeout) == 0, self.log()
-
-    def kill(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(scaled(5))
-
-    def log(self) -> str:
-        return self.stderr.read_text(errors="replace")
+class Server(ServerProcess):
+    """The server under test, posted to and read from as Phorge's PHP does."""
 
     def post(self, message: dict[str, Any], instance: str = "acme") -> None:
         """Post as Phorge's PHP does: raw JSON under the form content type."""
         request = urllib.request.Request(
-            f"http://127.0.0.1:{self.admin_port}/?instance={instance}",
+            f"{self.admin_url}/?instance={instance}",
             data=json.dumps(message, ensure_ascii=False).encode(),
             headers={"Content-Type": PHORGE_CONTENT_TYPE},
         )
@@ -138,7 +74,7 @@ class ServerProcess:
             assert "fingerprint" in json.loads(response.read())
 
     def status(self, instance: str = "acme") -> dict[str, Any]:
-        url = f"http://127.0.0.1:{self.admin_port}/status/?instance={instance}"
+        url = f"{self.admin_url}/status/?instance={instance}"
         with urllib.request.urlopen(url, timeout=TIMEOUT) as response:
             return json.loads(response.read())
 
@@ -162,13 +98,11 @@ def browser() -> Iterator[Any]:
 
 
 @pytest.fixture
-def server(tmp_path: Path) -> Iterator[ServerProcess]:
-    proc = ServerProcess(tmp_path)
-    proc.start()
-    try:
-        yield proc
-    finally:
-        proc.kill()
+def server(tmp_path: Path) -> Iterator[Server]:
+    """A server started from a config file."""
+    with spawned(tmp_path / "server.log", config={}, server_class=Server) as server:
+        server.wait_ready()
+        yield server
 
 
 class _PageHandler(BaseHTTPRequestHandler):
@@ -213,7 +147,7 @@ def notification(key: int, *subscribers: str) -> dict[str, Any]:
 
 @pytest.mark.timeout(120)
 def test_browser_receives_notifications_and_reconnects_after_restart(
-    browser: Any, server: ServerProcess, page_origin: str
+    browser: Any, server: Server, page_origin: str
 ) -> None:
     ws = f"ws://127.0.0.1:{server.client_port}/~acme/?instance=acme"
     url = f"{page_origin}/?{urlencode([('ws', ws), ('phid', USER), ('phid', TASK)])}"
@@ -247,21 +181,26 @@ def test_browser_receives_notifications_and_reconnects_after_restart(
     # Restart: SIGTERM sends close 1001; the page reconnects, subscribes again
     # and confirms it with a pong on the new connection. Its old socket closed
     # only once the old listener had, so the new one is on the new process.
-    server.terminate()
-    server.start()
-    page.wait_for_function("window.aphlict.ready >= 2", timeout=WAIT_MS)
-    assert page.evaluate("window.aphlict.closeCodes[0]") == 1001
-    assert server.status()["clients.active"] == 1
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.proc.wait(scaled(15)) == 0, server.log()
+    server = server.restart()  # on the same ports, appending to the same log
+    try:
+        server.wait_ready()
+        page.wait_for_function("window.aphlict.ready >= 2", timeout=WAIT_MS)
+        assert page.evaluate("window.aphlict.closeCodes[0]") == 1001
+        assert server.status()["clients.active"] == 1
 
-    # Not for this page: another user's PHID, and this page's PHID on another
-    # instance. Posted first, so they would arrive first.
-    server.post(notification(201, "PHID-USER-stranger"))
-    server.post(notification(202, USER), instance="other")
-    server.post(notification(203, USER))
-    wait_for_key("203")
-    keys = [m["key"] for m in received()]
-    assert keys == ["100", "203"], "only what is addressed to this page, once each"
-    assert received()[1]["text"] == TEXT
-    assert page.locator("#received li").count() == 2
-    assert errors == []
-    assert "Traceback" not in server.log()
+        # Not for this page: another user's PHID, and this page's PHID on another
+        # instance. Posted first, so they would arrive first.
+        server.post(notification(201, "PHID-USER-stranger"))
+        server.post(notification(202, USER), instance="other")
+        server.post(notification(203, USER))
+        wait_for_key("203")
+        keys = [m["key"] for m in received()]
+        assert keys == ["100", "203"], "only what is addressed to this page, once each"
+        assert received()[1]["text"] == TEXT
+        assert page.locator("#received li").count() == 2
+        assert errors == []
+        assert "Traceback" not in server.log()
+    finally:
+        server.stop()

@@ -20,10 +20,7 @@ import contextlib
 import itertools
 import json
 import re
-import signal
 import statistics
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from dataclasses import dataclass
@@ -40,19 +37,17 @@ from support import (
     PHORGE_CONTENT_TYPE,
     TIMEOUT,
     Browser,
+    ServerProcess,
     assert_silent,
-    child_env,
     eventually,
     free_ports,
+    launch,
     scaled,
+    stop,
+    wait_healthy,
 )
 
 pytestmark = pytest.mark.timeout(60)
-
-#: Deadline for a process to answer ``/healthz`` after it is spawned.
-STARTUP = scaled(10.0)
-#: Deadline for a process to exit after SIGTERM before it is killed.
-SHUTDOWN = scaled(5.0)
 
 TOPIC = "PHID-1"
 
@@ -83,30 +78,16 @@ async def expect(browser: Browser, name: str) -> dict[str, Any]:
 
 
 @dataclass
-class Node:
-    """One fastaphlict process and how to reach it."""
+class Node(ServerProcess):
+    """One fastaphlict process of the cluster: its name and fingerprint."""
 
-    name: str
-    client_port: int
-    admin_port: int
-    log_path: Path
-    process: subprocess.Popen[bytes] | None = None
+    name: str = ""
     fingerprint: str = ""
-
-    @property
-    def admin_url(self) -> str:
-        return f"http://127.0.0.1:{self.admin_port}"
 
     @property
     def peer_url(self) -> str:
         """How a peer's relay names this node in its log."""
         return f"http://127.0.0.1:{self.admin_port}/"
-
-    def client_url(self, path: str = "/") -> str:
-        return f"ws://127.0.0.1:{self.client_port}{path}"
-
-    def log(self) -> str:
-        return self.log_path.read_text(encoding="utf-8", errors="replace")
 
     def loopbacks(self) -> int:
         """Loopbacks this node dropped; logged only when it runs with ``--debug``."""
@@ -115,6 +96,11 @@ class Node:
     def learned(self, peer: Node) -> bool:
         """Whether this node's relay has learned ``peer``'s fingerprint from a receipt."""
         return f"peer {peer.peer_url} has fingerprint {peer.fingerprint}" in self.log()
+
+    def read_fingerprint(self) -> None:
+        found = re.search(r"fastaphlict\.server: fingerprint (\S+)", self.log())
+        assert found, self.log()
+        self.fingerprint = found.group(1)
 
 
 class Cluster:
@@ -139,54 +125,26 @@ class Cluster:
         nodes whose index is in ``debug`` run with ``--debug=1``.
         """
         ports = free_ports(2 * len(topology))
-        nodes = [
-            Node(chr(ord("A") + i), ports[2 * i], ports[2 * i + 1], self.directory / f"{i}.log")
-            for i in range(len(topology))
-        ]
+        admin_ports = ports[1::2]
+        nodes = []
+        for index, peering in enumerate(topology):
+            peers = [admin_ports[j] for j in peering] + list(extra_peers)
+            node = launch(
+                self.directory / f"{index}.log",
+                *(["--debug=1"] if index in debug else []),
+                config={
+                    "cluster": [{"host": "127.0.0.1", "port": p, "protocol": "http"} for p in peers]
+                },
+                ports=ports[2 * index : 2 * index + 2],
+                server_class=Node,
+            )
+            node.name = chr(ord("A") + index)
+            nodes.append(node)
         self.nodes.extend(nodes)
-        env = child_env()
-        for index, node in enumerate(nodes):
-            peers = [nodes[j].admin_port for j in topology[index]] + list(extra_peers)
-            config = {
-                "servers": [
-                    {"type": "client", "port": node.client_port, "listen": "127.0.0.1"},
-                    {"type": "admin", "port": node.admin_port, "listen": "127.0.0.1"},
-                ],
-                "cluster": [{"host": "127.0.0.1", "port": p, "protocol": "http"} for p in peers],
-            }
-            path = self.directory / f"{index}.json"
-            path.write_text(json.dumps(config))
-            args = [sys.executable, "-m", "fastaphlict", f"--config={path}"]
-            if index in debug:
-                args.append("--debug=1")
-            with node.log_path.open("wb") as log:
-                node.process = subprocess.Popen(
-                    args, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
-                )
-        await asyncio.gather(*(self._ready(node) for node in nodes))
+        await asyncio.gather(*(wait_healthy(node, self.session) for node in nodes))
         for node in nodes:
-            found = re.search(r"fastaphlict\.server: fingerprint (\S+)", node.log())
-            assert found, node.log()
-            node.fingerprint = found.group(1)
+            node.read_fingerprint()
         return nodes
-
-    async def _ready(self, node: Node) -> None:
-        assert node.process is not None
-        deadline = time.monotonic() + STARTUP
-        while True:
-            if node.process.poll() is not None:
-                pytest.fail(
-                    f"node {node.name} exited with {node.process.returncode}:\n{node.log()}"
-                )
-            with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError):
-                async with self.session.get(
-                    f"{node.admin_url}/healthz", timeout=aiohttp.ClientTimeout(total=1.0)
-                ) as resp:
-                    if resp.status == 200:
-                        return
-            if time.monotonic() > deadline:
-                pytest.fail(f"node {node.name} not ready after {STARTUP}s:\n{node.log()}")
-            await asyncio.sleep(0.05)
 
     async def restart(self, node: Node) -> Node:
         """Start ``node``'s config again, on its ports: a new process, log and fingerprint.
@@ -194,43 +152,17 @@ class Cluster:
         The old process must be gone (killed or stopped); the returned node
         replaces it, and ``stop()`` takes care of it like the others.
         """
-        assert node.process is not None and node.process.poll() is not None, "still running"
         index = ord(node.name) - ord("A")
         lives = sum(1 for n in self.nodes if n.name == node.name)
-        again = Node(
-            node.name,
-            node.client_port,
-            node.admin_port,
-            self.directory / f"{index}-restart{lives}.log",
-        )
+        again = node.restart(self.directory / f"{index}-restart{lives}.log")
         self.nodes.append(again)
-        args = [sys.executable, "-m", "fastaphlict", f"--config={self.directory / f'{index}.json'}"]
-        with again.log_path.open("wb") as log:
-            again.process = subprocess.Popen(
-                args,
-                env=child_env(),
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        await self._ready(again)
-        found = re.search(r"fastaphlict\.server: fingerprint (\S+)", again.log())
-        assert found, again.log()
-        again.fingerprint = found.group(1)
+        await wait_healthy(again, self.session)
+        again.read_fingerprint()
         return again
 
     def stop(self) -> None:
         """SIGTERM everyone, then give all of them one shared deadline before killing."""
-        running = [n.process for n in self.nodes if n.process and n.process.poll() is None]
-        for process in running:
-            process.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + SHUTDOWN
-        for process in running:
-            try:
-                process.wait(timeout=max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        stop(*self.nodes)
 
     async def post(self, node: Node, msg: dict[str, Any]) -> dict[str, Any]:
         """Post as Phorge does (raw JSON, form content type); return the receipt."""
@@ -259,7 +191,7 @@ class Cluster:
             browsers = []
             for index, node in enumerate(nodes):
                 ws = await stack.enter_async_context(
-                    connect(node.client_url(), open_timeout=TIMEOUT)
+                    connect(f"{node.client_url}/", open_timeout=TIMEOUT)
                 )
                 browser = Browser(ws)
                 await browser.subscribe(TOPIC, mark_topic(index))
@@ -611,7 +543,7 @@ async def test_garbage_error_and_slow_peers_never_delay_receipts_or_delivery(
         gaps = [b - a for a, b in itertools.pairwise(slow_hits)]
         assert all(gap >= SLOW_ANSWER * 0.9 for gap in gaps), "one relay at a time, in order"
 
-        assert node.process is not None and node.process.poll() is None, node.log()
+        assert node.proc.poll() is None, node.log()
         log = node.log()
         for name, port in failing.items():
             failures = log.count(f"peer http://127.0.0.1:{port}/ failing")
@@ -673,9 +605,8 @@ async def test_ring_node_killed_and_restarted_mid_stream_delivers_at_most_once(
         for _ in range(10):
             await post_next()
 
-        assert b.process is not None
-        b.process.kill()  # SIGKILL: relays to B in flight are cut off
-        b.process.wait(TIMEOUT)
+        b.proc.kill()  # SIGKILL: relays to B in flight are cut off
+        b.proc.wait(TIMEOUT)
         for _ in range(5):
             await post_next()
 
@@ -687,7 +618,7 @@ async def test_ring_node_killed_and_restarted_mid_stream_delivers_at_most_once(
         for _ in range(5):
             await post_next()
 
-        ws = await stack.enter_async_context(connect(b2.client_url(), open_timeout=TIMEOUT))
+        ws = await stack.enter_async_context(connect(f"{b2.client_url}/", open_timeout=TIMEOUT))
         on_b2 = Browser(ws)
         await on_b2.subscribe(TOPIC, mark_topic(1))
         subscribed = len(names)
@@ -724,7 +655,7 @@ async def test_ring_node_killed_and_restarted_mid_stream_delivers_at_most_once(
         assert markers == 6
 
     for node in (a, c):
-        assert node.process is not None and node.process.poll() is None, node.log()
+        assert node.proc.poll() is None, node.log()
     log = a.log()
     assert log.count(f"peer {b.peer_url} failing") == 1, log
     assert log.count(f"peer {b.peer_url} recovered") == 1, log

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
-import json
 import logging
 import signal
 import socket
@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -21,7 +21,15 @@ from websockets.exceptions import ConnectionClosed
 
 from fastaphlict.config import PeerConfig
 from fastaphlict.server import PidFile, PidFileError, Server
-from support import TIMEOUT, blackholed_port, child_env, free_ports, local_config, scaled
+from support import (
+    TIMEOUT,
+    ServerProcess,
+    blackholed_port,
+    free_ports,
+    local_config,
+    scaled,
+    spawned,
+)
 
 
 def eventually(predicate, timeout: float = TIMEOUT) -> None:
@@ -31,87 +39,42 @@ def eventually(predicate, timeout: float = TIMEOUT) -> None:
         time.sleep(0.01)
 
 
-class Proc:
-    """A fastaphlict process started from a config file, its log on disk."""
-
-    def __init__(self, tmp: Path, **extra: object) -> None:
-        self.client_port, self.admin_port = free_ports(2)
-        self.config = {
-            "servers": [
-                {"type": "client", "port": self.client_port, "listen": "127.0.0.1"},
-                {"type": "admin", "port": self.admin_port, "listen": "127.0.0.1"},
-            ],
-            **extra,
-        }
-        self.path = tmp / "aphlict.json"
-        self.path.write_text(json.dumps(self.config))
-        self.stderr = tmp / "stderr.log"
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self, *args: str) -> Proc:
-        with open(self.stderr, "ab") as err:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "fastaphlict", f"--config={self.path}", *args],
-                env=child_env(),
-                stdout=subprocess.DEVNULL,
-                stderr=err,
-            )
-        return self
-
-    def wait_ready(self, timeout: float = scaled(10.0)) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.process is not None
-            if self.process.poll() is not None:
-                raise AssertionError(f"exited early: {self.log()}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.admin_port), 0.2):
-                    return
-            except OSError:
-                time.sleep(0.02)
-        raise AssertionError(f"never ready: {self.log()}")
-
-    def log(self) -> str:
-        return self.stderr.read_text(errors="replace")
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(scaled(5))
-
-
 @pytest.fixture
-def proc(tmp_path: Path) -> Iterator[Proc]:
-    procs: list[Proc] = []
+def proc(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
+    """``proc(**config)``: a server started from a config file, stopped after the test.
 
-    def make(**extra: object) -> Proc:
-        p = Proc(tmp_path, **extra)
-        procs.append(p)
-        return p
+    ``directory`` holds its log and config (``tmp_path`` unless given);
+    ``ports`` are free ones unless given.
+    """
+    with contextlib.ExitStack() as stack:
 
-    yield make  # type: ignore[misc]
-    for p in procs:
-        p.stop()
+        def make(
+            directory: Path = tmp_path, ports: Sequence[int] | None = None, **config: object
+        ) -> ServerProcess:
+            log_path = directory / "server.log"
+            return stack.enter_context(spawned(log_path, config=config, ports=ports))
+
+        yield make
 
 
 @pytest.mark.timeout(60)
 async def test_sigterm_says_going_away_and_exits_zero(proc, tmp_path: Path) -> None:
     pidfile = tmp_path / "run" / "aphlict.pid"
-    server = proc(pidfile=str(pidfile)).start()
+    server = proc(pidfile=str(pidfile))
     server.wait_ready()
     eventually(pidfile.exists)  # written once every listener is bound
-    assert pidfile.read_text().strip() == str(server.process.pid)
+    assert pidfile.read_text().strip() == str(server.pid)
     url = f"ws://127.0.0.1:{server.client_port}/~acme/"
     async with connect(url) as one, connect(url) as two:
         await one.send('{"command":"ping","data":null}')
         assert await asyncio.wait_for(one.recv(), TIMEOUT) == '{"type":"pong"}'
         started = time.monotonic()
-        server.process.send_signal(signal.SIGTERM)
+        server.proc.send_signal(signal.SIGTERM)
         for ws in (one, two):
             with pytest.raises(ConnectionClosed):
                 await asyncio.wait_for(ws.recv(), TIMEOUT)
             assert ws.close_code == 1001, "browsers reconnect at once on going-away"
-    assert await asyncio.to_thread(server.process.wait, scaled(10)) == 0
+    assert await asyncio.to_thread(server.proc.wait, scaled(10)) == 0
     assert time.monotonic() - started < scaled(10)
     assert not pidfile.exists(), "the pidfile is removed at exit"
     assert "Traceback" not in server.log()
@@ -124,9 +87,9 @@ def test_stale_pidfile_is_replaced_with_a_warning(proc, tmp_path: Path) -> None:
     squatter = subprocess.Popen([sys.executable, "-c", f"import time; time.sleep({scaled(30)})"])
     try:
         pidfile.write_text(f"{squatter.pid}\n")
-        server = proc(pidfile=str(pidfile)).start()
+        server = proc(pidfile=str(pidfile))
         server.wait_ready()
-        eventually(lambda: pidfile.read_text().strip() == str(server.process.pid))
+        eventually(lambda: pidfile.read_text().strip() == str(server.pid))
         assert "replacing stale pidfile" in server.log()
     finally:
         squatter.kill()
@@ -139,37 +102,34 @@ def test_dead_pid_in_pidfile_is_replaced(proc, tmp_path: Path) -> None:
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
     pidfile.write_text(f"{gone.pid}\n")
-    server = proc(pidfile=str(pidfile)).start()
+    server = proc(pidfile=str(pidfile))
     server.wait_ready()
-    eventually(lambda: pidfile.read_text().strip() == str(server.process.pid))
+    eventually(lambda: pidfile.read_text().strip() == str(server.pid))
 
 
 @pytest.mark.timeout(60)
 def test_live_server_pidfile_refuses_to_start(proc, tmp_path: Path) -> None:
     pidfile = tmp_path / "aphlict.pid"
-    first = proc(pidfile=str(pidfile)).start()
+    first = proc(pidfile=str(pidfile))
     first.wait_ready()
     eventually(pidfile.exists)
     second_dir = tmp_path / "second"
     second_dir.mkdir()
-    second = Proc(second_dir, pidfile=str(pidfile)).start()
-    try:
-        assert second.process.wait(scaled(10)) == 1
-        assert "still running" in second.log() and str(first.process.pid) in second.log()
-        assert pidfile.read_text().strip() == str(first.process.pid), "left alone"
-    finally:
-        second.stop()
+    second = proc(second_dir, pidfile=str(pidfile))
+    assert second.proc.wait(scaled(10)) == 1
+    assert "still running" in second.log() and str(first.pid) in second.log()
+    assert pidfile.read_text().strip() == str(first.pid), "left alone"
 
 
 @pytest.mark.timeout(60)
 async def test_sighup_reopens_log_files_for_logrotate(proc, tmp_path: Path) -> None:
     logfile = tmp_path / "logs" / "aphlict.log"
-    server = proc(logs=[{"path": str(logfile)}]).start()
+    server = proc(logs=[{"path": str(logfile)}])
     server.wait_ready()
     eventually(lambda: "fastaphlict.server: ready" in logfile.read_text())
     rotated = logfile.with_suffix(".log.1")
     logfile.rename(rotated)
-    server.process.send_signal(signal.SIGHUP)
+    server.proc.send_signal(signal.SIGHUP)
     deadline = time.monotonic() + TIMEOUT
     while not (logfile.exists() and "log files reopened" in logfile.read_text()):
         assert time.monotonic() < deadline, server.log()
@@ -207,13 +167,15 @@ async def test_a_failed_start_closes_listeners_and_the_peer_session(
 
 @pytest.mark.timeout(60)
 def test_a_port_in_use_fails_in_one_line_naming_the_listener(proc) -> None:
-    server = proc(cluster=[{"host": "127.0.0.1", "port": free_ports(1)[0], "protocol": "http"}])
+    ports = free_ports(3)
     with socket.socket() as taken:
         taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        taken.bind(("127.0.0.1", server.admin_port))
+        taken.bind(("127.0.0.1", ports[1]))
         taken.listen()
-        server.start()
-        assert server.process.wait(scaled(10)) == 1
+        server = proc(
+            ports=ports[:2], cluster=[{"host": "127.0.0.1", "port": ports[2], "protocol": "http"}]
+        )
+        assert server.proc.wait(scaled(10)) == 1
     problems = [line for line in server.log().splitlines() if " INFO " not in line]
     address = f"127.0.0.1:{server.admin_port}"
     assert len(problems) == 1, server.log()
@@ -224,7 +186,7 @@ def test_a_port_in_use_fails_in_one_line_naming_the_listener(proc) -> None:
 @pytest.mark.timeout(60)
 def test_sigterm_exits_within_200ms_with_an_unreachable_peer(proc) -> None:
     with blackholed_port() as port:
-        server = proc(cluster=[{"host": "127.0.0.1", "port": port, "protocol": "http"}]).start()
+        server = proc(cluster=[{"host": "127.0.0.1", "port": port, "protocol": "http"}])
         server.wait_ready()
         request = urllib.request.Request(
             f"http://127.0.0.1:{server.admin_port}/", data=b'{"subscribers":[]}'
@@ -233,8 +195,8 @@ def test_sigterm_exits_within_200ms_with_an_unreachable_peer(proc) -> None:
             assert response.status == 200
         time.sleep(0.3)  # the relay is now stuck in its connect
         started = time.monotonic()
-        server.process.send_signal(signal.SIGTERM)
-        assert server.process.wait(scaled(10)) == 0
+        server.proc.send_signal(signal.SIGTERM)
+        assert server.proc.wait(scaled(10)) == 0
         assert time.monotonic() - started < scaled(0.2), server.log()
 
 
