@@ -723,3 +723,17 @@ async def test_debug_close_line_says_who_closed_with_code_reason_and_lifetime(
         r" code 4000 reason 'tab closed', after \d+\.\ds"
     )
     assert re.fullmatch(pattern, line), line
+
+
+def test_picows_lines_use_the_one_address_format(caplog: pytest.LogCaptureFixture) -> None:
+    from fastaphlict.client import PicowsLog
+
+    caplog.set_level(logging.DEBUG, logger="picows.server")
+    picows_log = PicowsLog(logging.getLogger("picows.server"), {})
+    picows_log.info("New connection accepted: %s <- %s", ("127.0.0.1", 22280), ("::1", 5, 0, 0))
+    picows_log.error("WS parser error: %s", "frame too big")
+    messages = [(r.levelno, r.getMessage()) for r in caplog.records]
+    assert messages == [
+        (logging.INFO, "New connection accepted: 127.0.0.1:22280 <- [::1]:5"),
+        (logging.DEBUG, "WS parser error: frame too big"),
+    ]

@@ -32,7 +32,7 @@ from picows import (
 
 from fastaphlict._fanout import Subscriber, build_frame
 from fastaphlict.config import Limits
-from fastaphlict.hub import Hub, describe
+from fastaphlict.hub import Hub, describe, format_address
 from fastaphlict.protocol import (
     BENIGN,
     PING_COMMAND,
@@ -153,6 +153,10 @@ class PicowsLog(logging.LoggerAdapter):  # type: ignore[type-arg]
             and msg.startswith(_PICOWS_CLIENT_ERRORS)
         ):
             level = logging.DEBUG
+        if not self.isEnabledFor(level):
+            return  # picows logs every connection: nothing is formatted unless shown
+        # picows passes socket addresses as tuples: one address format everywhere.
+        args = tuple(format_address(a) if isinstance(a, tuple) else a for a in args)
         super().log(level, msg, *args, **kwargs)
 
 
