@@ -25,18 +25,12 @@ from support import (
     TIMEOUT,
     ServerProcess,
     blackholed_port,
+    eventually,
     free_ports,
     local_config,
     scaled,
     spawned,
 )
-
-
-def eventually(predicate, timeout: float = TIMEOUT) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
 
 
 @pytest.fixture
@@ -62,7 +56,7 @@ async def test_sigterm_says_going_away_and_exits_zero(proc, tmp_path: Path) -> N
     pidfile = tmp_path / "run" / "aphlict.pid"
     server = proc(pidfile=str(pidfile))
     server.wait_ready()
-    eventually(pidfile.exists)  # written once every listener is bound
+    await eventually(pidfile.exists)  # written once every listener is bound
     assert pidfile.read_text().strip() == str(server.pid)
     url = f"ws://127.0.0.1:{server.client_port}/~acme/"
     async with connect(url) as one, connect(url) as two:
@@ -81,7 +75,7 @@ async def test_sigterm_says_going_away_and_exits_zero(proc, tmp_path: Path) -> N
 
 
 @pytest.mark.timeout(60)
-def test_stale_pidfile_is_replaced_with_a_warning(proc, tmp_path: Path) -> None:
+async def test_stale_pidfile_is_replaced_with_a_warning(proc, tmp_path: Path) -> None:
     pidfile = tmp_path / "aphlict.pid"
     # A live process that is not fastaphlict: what a reboot leaves behind.
     squatter = subprocess.Popen([sys.executable, "-c", f"import time; time.sleep({scaled(30)})"])
@@ -89,7 +83,7 @@ def test_stale_pidfile_is_replaced_with_a_warning(proc, tmp_path: Path) -> None:
         pidfile.write_text(f"{squatter.pid}\n")
         server = proc(pidfile=str(pidfile))
         server.wait_ready()
-        eventually(lambda: pidfile.read_text().strip() == str(server.pid))
+        await eventually(lambda: pidfile.read_text().strip() == str(server.pid))
         assert "replacing stale pidfile" in server.log()
     finally:
         squatter.kill()
@@ -97,22 +91,22 @@ def test_stale_pidfile_is_replaced_with_a_warning(proc, tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(60)
-def test_dead_pid_in_pidfile_is_replaced(proc, tmp_path: Path) -> None:
+async def test_dead_pid_in_pidfile_is_replaced(proc, tmp_path: Path) -> None:
     pidfile = tmp_path / "aphlict.pid"
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
     pidfile.write_text(f"{gone.pid}\n")
     server = proc(pidfile=str(pidfile))
     server.wait_ready()
-    eventually(lambda: pidfile.read_text().strip() == str(server.pid))
+    await eventually(lambda: pidfile.read_text().strip() == str(server.pid))
 
 
 @pytest.mark.timeout(60)
-def test_live_server_pidfile_refuses_to_start(proc, tmp_path: Path) -> None:
+async def test_live_server_pidfile_refuses_to_start(proc, tmp_path: Path) -> None:
     pidfile = tmp_path / "aphlict.pid"
     first = proc(pidfile=str(pidfile))
     first.wait_ready()
-    eventually(pidfile.exists)
+    await eventually(pidfile.exists)
     second_dir = tmp_path / "second"
     second_dir.mkdir()
     second = proc(second_dir, pidfile=str(pidfile))
@@ -126,7 +120,7 @@ async def test_sighup_reopens_log_files_for_logrotate(proc, tmp_path: Path) -> N
     logfile = tmp_path / "logs" / "aphlict.log"
     server = proc(logs=[{"path": str(logfile)}])
     server.wait_ready()
-    eventually(lambda: "fastaphlict.server: ready" in logfile.read_text())
+    await eventually(lambda: "fastaphlict.server: ready" in logfile.read_text())
     rotated = logfile.with_suffix(".log.1")
     logfile.rename(rotated)
     server.proc.send_signal(signal.SIGHUP)
