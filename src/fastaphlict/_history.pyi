@@ -24,6 +24,8 @@ class History:
         """Store a message; entries past the window or the limit leave first."""
     def purge(self, now: float) -> int:
         """Drop entries older than the retention window; return how many left."""
+    def entries(self) -> list[tuple[float, Any, bytes]]:
+        """Every entry as ``(at, subscribers, frame)``, oldest first: what a restart keeps."""
     def clear(self) -> None: ...
     def since(self, now: float, age_ms: float) -> list[bytes]:
         """Frames of every entry inside the window, oldest first."""

@@ -166,6 +166,15 @@ cdef class History:
             dropped += 1
         return dropped
 
+    def entries(self):
+        """Every entry as ``(at, subscribers, frame)``, oldest first: what a restart keeps.
+
+        ``subscribers`` is the list the entry was stored with (``()`` when the
+        message had none); like the frame, it is shared, not copied.
+        """
+        cdef _Entry e
+        return [(e.at, e.subscribers, e.frame) for e in self._entries]
+
     def clear(self):
         """Forget everything."""
         self._entries.clear()

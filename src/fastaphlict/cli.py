@@ -30,6 +30,7 @@ from fastaphlict.config import (
     Limits,
     check_files,
     check_listen,
+    check_state_dir,
     load_config,
 )
 
@@ -101,8 +102,9 @@ def _build_parser() -> argparse.ArgumentParser:
         default=False,
         type=_parse_bool,
         metavar="BOOL",
-        help="check the config, limits, TLS files, listen addresses and log and pidfile"
-        " paths (creating nothing), print 'Configuration test OK.' and exit",
+        help="check the config, limits, TLS files, listen addresses, log and pidfile"
+        " paths and the state directory (creating nothing), print 'Configuration test OK.'"
+        " and exit",
     )
     parser.add_argument(
         "--debug",
@@ -144,6 +146,13 @@ def _build_parser() -> argparse.ArgumentParser:
         default=os.environ.get("FASTAPHLICT_PEER_CA_FILE") or None,
         metavar="PATH",
         help="PEM file of CAs trusted for https cluster peers (default: the system's)",
+    )
+    limits.add_argument(
+        "--state-dir",
+        default=os.environ.get("FASTAPHLICT_STATE_DIR") or None,
+        metavar="PATH",
+        help="keep every instance's history here across a graceful restart"
+        " (created if missing; default: none, a restart forgets the history)",
     )
     return parser
 
@@ -335,6 +344,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         # The same checks at start as for --test: what --test passes, starts.
         check_files(config)
         check_listen(config)
+        if args.state_dir:
+            check_state_dir(args.state_dir)
         if args.test:
             _check_tls(config, args.peer_ca_file)
         else:
@@ -359,6 +370,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             debug=args.debug,
             limits=limits,
             peer_ca_file=args.peer_ca_file,
+            state_dir=args.state_dir,
             on_reload=reopen_log_files,
         )
     except KeyboardInterrupt:

@@ -43,6 +43,7 @@ __all__ = [
     "ServerConfig",
     "check_files",
     "check_listen",
+    "check_state_dir",
     "from_environment",
     "limits_table",
     "load_config",
@@ -666,6 +667,24 @@ def check_files(config: Config) -> None:
                 f'Configuration file has "pidfile" set to "{config.pidfile}", which can not '
                 f"be written: {problem}."
             )
+
+
+def check_state_dir(path: str) -> None:
+    """For ``--test`` and start: the state directory must exist writable, or be creatable.
+
+    Nothing is created here; the server makes a missing one at start.
+    """
+    if os.path.exists(path):
+        if not os.path.isdir(path):
+            problem: str | None = "it is not a directory"
+        elif not os.access(path, os.W_OK | os.X_OK):
+            problem = "Permission denied"
+        else:
+            problem = None
+    else:
+        problem = _uncreatable_directory(os.path.join(path, "history"))
+    if problem:
+        raise ConfigError(f'State directory "{path}" can not be written: {problem}.')
 
 
 def _uncreatable_directory(path: str) -> str | None:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -169,6 +169,40 @@ class Hub:
         """
         if inst.idle and inst.name != DEFAULT_INSTANCE and self._instances.get(inst.name) is inst:
             del self._instances[inst.name]
+
+    def export_state(self) -> dict[str, list[tuple[float, Any, bytes]]]:
+        """Every instance's history as ``(at, subscribers, payload)``, oldest first.
+
+        For the state directory at a graceful stop: payloads, not frames, so
+        the file holds the messages' JSON as it was sent.
+        """
+        now = now_ms()
+        out: dict[str, list[tuple[float, Any, bytes]]] = {}
+        for name, inst in self._instances.items():
+            inst.history.purge(now)
+            if len(inst.history):
+                out[name] = [
+                    (at, subscribers, _frame_payload(frame))
+                    for at, subscribers, frame in inst.history.entries()
+                ]
+        return out
+
+    def import_state(self, instance: str, entries: Iterable[tuple[float, Any, bytes]]) -> int:
+        """Restore saved entries of ``instance`` with their original times; return how many.
+
+        Only entries still inside the history window are kept (the window
+        counts from when each was first accepted, not from the restart).
+        Call before any listener accepts: entries must arrive oldest first.
+        """
+        horizon = now_ms() - HISTORY_TTL_MS
+        inst = self.instance(instance)
+        loaded = 0
+        for at, subscribers, payload in entries:
+            if at >= horizon:
+                inst.history.add(at, subscribers, build_frame(payload))
+                loaded += 1
+        self._release(inst)
+        return loaded
 
     def on_slow_client(self, handler: Callable[[Subscriber], None]) -> None:
         """Who closes a socket that falls behind a paced replay (the client side)."""
@@ -333,6 +367,12 @@ class Hub:
         sent = sub.replay(frames) if frames else 0
         self.stats.replayed += sent
         return sent
+
+
+def _frame_payload(frame: bytes) -> bytes:
+    """The payload of a frame from ``build_frame`` (unmasked, 2, 4 or 10 header bytes)."""
+    size = frame[1] & 0x7F
+    return frame[2 if size < 126 else 4 if size == 126 else 10 :]
 
 
 def format_address(host: object, port: object = None) -> str:

@@ -7,7 +7,8 @@ the bound ports back from :attr:`Server.client_ports` / :attr:`Server.admin_port
 
 Shutdown order matters for browsers and for Phorge: stop accepting, tell every
 WebSocket "going away" (1001) so browsers reconnect at once, let in-flight
-admin requests finish, then give peer queues a short deadline.
+admin requests finish, write the histories to the state directory (if one
+is configured), then give peer queues a short deadline.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from collections.abc import Callable
 from aiohttp import web
 from picows import ws_create_server
 
-from fastaphlict import admin, client
+from fastaphlict import admin, client, state
 from fastaphlict.config import Config, ConfigError, Limits, ServerConfig
 from fastaphlict.hub import Hub, format_address
 from fastaphlict.peers import PeerRelay, new_fingerprint
@@ -68,6 +69,7 @@ class Server:
         debug: bool = False,
         limits: Limits | None = None,
         peer_ca_file: str | None = None,
+        state_dir: str | None = None,
     ):
         self.config = config
         self.debug = debug
@@ -97,11 +99,17 @@ class Server:
         self._stopped = asyncio.Event()
         self._closing = False
         self._periodic: list[asyncio.Future[None]] = []
+        self.state_dir = state_dir
+        # Set once start() has finished: a start that failed (a port in use,
+        # say) must not overwrite the saved histories.
+        self._save_state = False
 
     async def start(self) -> None:
         """Bind every listener; raise (and close what was opened) if one fails."""
         log.info("fingerprint %s", self.fingerprint)
         try:
+            # Before any listener: a tab's first replay must find the history.
+            self._load_state()
             await self.relay.start()
             for index, entry in enumerate(self.config.servers):
                 try:
@@ -123,6 +131,7 @@ class Server:
                 asyncio.ensure_future(self._housekeeping(EXPIRE_INTERVAL, expire=True))
             )
             self._periodic.append(asyncio.ensure_future(self._summaries(SUMMARY_INTERVAL)))
+            self._save_state = self.state_dir is not None
         except BaseException:
             await self.close()
             raise
@@ -247,6 +256,46 @@ class Server:
             )
             last = now
 
+    def _load_state(self) -> None:
+        """Load the state directory's histories (creating it if missing)."""
+        if self.state_dir is None:
+            return
+        try:
+            state.check_writable(self.state_dir)
+        except OSError as exc:
+            raise OSError(
+                f'state directory "{self.state_dir}" can not be written: {_reason(exc)}'
+            ) from exc
+        instances = entries = 0
+        for name, saved in state.read_dir(self.state_dir):
+            loaded = self.hub.import_state(name, saved)
+            instances += loaded > 0
+            entries += loaded
+        log.info(
+            "state: loaded %d message(s) of %d instance(s) from %s",
+            entries,
+            instances,
+            self.state_dir,
+        )
+
+    def write_state(self) -> None:
+        """Write every history to the state directory, once; a failure is one error line."""
+        if not self._save_state or self.state_dir is None:
+            return
+        self._save_state = False
+        histories = self.hub.export_state()
+        try:
+            written = state.write_dir(self.state_dir, histories)
+        except OSError as exc:
+            log.error("cannot write state to %s: %s", self.state_dir, _reason(exc))
+            return
+        log.info(
+            "state: wrote %d message(s) of %d instance(s) to %s",
+            written,
+            len(histories),
+            self.state_dir,
+        )
+
     async def close(self) -> None:
         """Stop accepting, say 1001 to every socket, drain admin and peers. Idempotent."""
         if self._closing:
@@ -264,6 +313,8 @@ class Server:
             connection.close()  # fast-path requests finish synchronously: none is in flight
         for runner in self._admin_runners:
             await runner.cleanup()
+        # Every accepted post is in the history now; peers' queues are not ours to keep.
+        self.write_state()
         await self.relay.close(timeout=self.limits.relay_drain_timeout)
         # Give close frames a moment to flush, then drop what is left.
         await asyncio.sleep(0)
@@ -328,6 +379,8 @@ class Server:
             forced.cancel()
             if closing not in done:
                 closing.cancel()
+                # A second signal or the deadline skips the waits, not the state.
+                self.write_state()
                 log.warning("shutdown did not finish in time; exiting anyway")
             else:
                 log.info("stopped")
@@ -475,13 +528,16 @@ def run(
     limits: Limits | None = None,
     on_reload: Callable[[], None] | None = None,
     peer_ca_file: str | None = None,
+    state_dir: str | None = None,
 ) -> int:
     """Run the server on uvloop until SIGTERM/SIGINT; return the exit code."""
     import uvloop
 
     raise_open_file_limit()
     try:
-        server = Server(config, debug=debug, limits=limits, peer_ca_file=peer_ca_file)
+        server = Server(
+            config, debug=debug, limits=limits, peer_ca_file=peer_ca_file, state_dir=state_dir
+        )
         uvloop.run(server.serve(on_reload=on_reload))
     except (OSError, ConfigError, ValueError) as exc:
         log.error("cannot start: %s", exc)

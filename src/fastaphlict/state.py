@@ -1,0 +1,191 @@
+"""The state directory: histories written at a graceful stop, read back at start.
+
+A restart used to lose the last minute of messages: a tab that reconnects
+after it asks for ``replay`` and got nothing. With ``--state-dir`` the server
+writes every instance's history there after the going-away frames, and loads
+it before any listener accepts, each entry with the wall-clock time it was
+first accepted, so ``history.age`` and replay windows count on as if the
+process had never stopped.
+
+One file per instance, ``history-<sha256 of the name>.jsonl`` (browsers
+choose instance names; a hash is always a valid file name). JSON lines: a
+header naming the format, its version and the instance; one ``[at, payload]``
+line per entry, oldest first, ``payload`` being the message's JSON text
+exactly as it was framed; a trailer with the entry count, so a file cut at a
+line boundary is still found truncated. Each file is written to a temporary
+name, fsynced and renamed over the old one: a crash mid-write leaves the old
+file or the new one, never half of one.
+
+A file that cannot be read as this format (garbage, truncated, empty, another
+version, a directory in its place) is renamed aside with a ``.bad-<time>``
+suffix, kept for inspection, and logged in one line; the other files still
+load and the server always starts. This module owns the files only: it never
+touches the hub's instances itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import time
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import orjson
+
+__all__ = [
+    "FORMAT",
+    "VERSION",
+    "StateError",
+    "check_writable",
+    "file_name",
+    "read_dir",
+    "write_dir",
+]
+
+log = logging.getLogger("fastaphlict.state")
+
+#: The header's ``format``: a file without it was not written by us.
+FORMAT = "fastaphlict-history"
+#: Bumped when the layout changes; other versions are set aside, not guessed at.
+VERSION = 1
+_PREFIX = "history-"
+_SUFFIX = ".jsonl"
+
+#: One entry: (wall-clock ms when first accepted, subscribers, payload bytes).
+Entry = tuple[float, Any, bytes]
+
+
+class StateError(ValueError):
+    """A state file that is not a complete history in this format."""
+
+
+def file_name(instance: str) -> str:
+    """The file that holds ``instance``'s history."""
+    digest = hashlib.sha256(instance.encode("utf-8", "surrogatepass")).hexdigest()
+    return f"{_PREFIX}{digest[:32]}{_SUFFIX}"
+
+
+def check_writable(directory: str) -> None:
+    """Create ``directory`` if missing; raise OSError if files cannot be made in it."""
+    os.makedirs(directory, exist_ok=True)
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise PermissionError(f'state directory "{directory}" is not writable')
+
+
+def encode(instance: str, entries: Iterable[Entry]) -> bytes:
+    """One instance's history in the file format (see the module docstring)."""
+    lines = [orjson.dumps({"format": FORMAT, "version": VERSION, "instance": instance})]
+    for at, _, payload in entries:
+        lines.append(orjson.dumps([at, payload.decode("utf-8")]))
+    lines.append(orjson.dumps({"entries": len(lines) - 1}))
+    return b"\n".join(lines) + b"\n"
+
+
+def decode(data: bytes) -> tuple[str, list[Entry]]:
+    """The instance and entries of one file; raise :class:`StateError` if it is not whole."""
+    if not data.endswith(b"\n"):
+        raise StateError("empty" if not data else "truncated (no final newline)")
+    lines = data[:-1].split(b"\n")
+    try:
+        header = orjson.loads(lines[0])
+    except orjson.JSONDecodeError as exc:
+        raise StateError(f"not a state file: {exc}") from exc
+    if not isinstance(header, dict) or header.get("format") != FORMAT:
+        raise StateError("not a fastaphlict history file")
+    if header.get("version") != VERSION:
+        raise StateError(f"format version {header.get('version')!r}, expected {VERSION}")
+    instance = header.get("instance")
+    if not isinstance(instance, str):
+        raise StateError("header names no instance")
+    try:
+        trailer = orjson.loads(lines[-1]) if len(lines) > 1 else None
+        if not isinstance(trailer, dict) or trailer.get("entries") != len(lines) - 2:
+            raise StateError("truncated (entry count does not match)")
+        entries: list[Entry] = []
+        for line in lines[1:-1]:
+            at, text = orjson.loads(line)
+            if not isinstance(at, (int, float)) or not isinstance(text, str):
+                raise StateError("malformed entry")
+            payload = text.encode("utf-8")
+            message = orjson.loads(payload)
+            subscribers = message.get("subscribers") if isinstance(message, dict) else None
+            entries.append((float(at), subscribers, payload))
+    except (orjson.JSONDecodeError, ValueError, TypeError) as exc:
+        if isinstance(exc, StateError):
+            raise
+        raise StateError(f"malformed entry: {exc}") from exc
+    return instance, entries
+
+
+def _state_files(directory: str) -> Iterator[str]:
+    for name in sorted(os.listdir(directory)):
+        if name.startswith(_PREFIX) and name.endswith(_SUFFIX):
+            yield os.path.join(directory, name)
+
+
+def read_dir(directory: str) -> Iterator[tuple[str, list[Entry]]]:
+    """Every good history in ``directory``; bad files are set aside and logged once each."""
+    for path in _state_files(directory):
+        try:
+            if os.path.isdir(path):
+                raise StateError("a directory, not a file")
+            with open(path, "rb") as f:
+                data = f.read()
+            yield decode(data)
+        except (OSError, StateError) as exc:
+            _set_aside(path, exc)
+
+
+def _set_aside(path: str, problem: Exception) -> None:
+    """Rename a bad state file out of the way, keeping it for inspection; one log line."""
+    aside = f"{path}.bad-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
+    reason = problem.strerror if isinstance(problem, OSError) else problem
+    try:
+        os.replace(path, aside)
+    except OSError as exc:
+        log.error("state file %s is unusable (%s) and cannot be moved aside: %s", path, reason, exc)
+        return
+    log.warning(
+        "state file %s is unusable (%s): moved to %s, history starts empty", path, reason, aside
+    )
+
+
+def write_dir(directory: str, histories: dict[str, list[Entry]]) -> int:
+    """Replace the directory's histories with ``histories``; return the entries written.
+
+    Files of instances not in ``histories`` are removed: their history was
+    empty at the stop. Raises OSError; the caller logs it.
+    """
+    os.makedirs(directory, exist_ok=True)
+    keep: set[str] = set()
+    written = 0
+    for instance, entries in histories.items():
+        if not entries:
+            continue
+        name = file_name(instance)
+        keep.add(name)
+        path = os.path.join(directory, name)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        try:
+            with open(tmp, "wb") as f:
+                f.write(encode(instance, entries))
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        written += len(entries)
+    for path in _state_files(directory):
+        if os.path.basename(path) not in keep and not os.path.isdir(path):
+            os.unlink(path)
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # the renames themselves survive a power cut
+    finally:
+        os.close(fd)
+    return written
