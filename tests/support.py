@@ -244,10 +244,18 @@ class ServerProcess:
         stop(self, within=within)
 
 
-def _popen(command: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
+def _popen(
+    command: list[str], env: dict[str, str], log_path: Path, **options: Any
+) -> subprocess.Popen[bytes]:
+    """Start ``command`` logging to ``log_path``; ``options`` go to :class:`subprocess.Popen`."""
     with log_path.open("ab") as log:
         return subprocess.Popen(
-            command, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
+            command,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            **options,
         )
 
 

@@ -18,11 +18,12 @@ import logging
 import os
 import signal
 from collections.abc import Callable
+from typing import Any
 
 from aiohttp import web
 from picows import ws_create_server
 
-from fastaphlict import admin, client
+from fastaphlict import admin, client, systemd
 from fastaphlict.config import Config, ConfigError, Limits, ServerConfig
 from fastaphlict.hub import Hub, format_address
 from fastaphlict.peers import PeerRelay, new_fingerprint
@@ -68,8 +69,11 @@ class Server:
         debug: bool = False,
         limits: Limits | None = None,
         peer_ca_file: str | None = None,
+        inherited: dict[int, systemd.Inherited] | None = None,
     ):
         self.config = config
+        #: Sockets systemd passed in, by index in ``config.servers``; served instead of binding.
+        self.inherited = inherited or {}
         self.debug = debug
         self.limits = limits or Limits()
         self.fingerprint = new_fingerprint()
@@ -128,13 +132,12 @@ class Server:
             raise
 
     async def _start_client(self, entry: ServerConfig) -> None:
+        where = self._where(entry)
         server = await ws_create_server(
             client.listener_factory(
                 self.hub,
                 client.Options(self.debug, self.limits, _connection_cap(self.limits)),
             ),
-            entry.listen,
-            entry.port,
             ssl=server_context(entry),
             websocket_handshake_timeout=self.limits.handshake_timeout,
             # Oversized frames are closed with 1009 by picows itself.
@@ -148,9 +151,9 @@ class Server:
             read_buffer_init_size=READ_BUFFER_SIZE,
             # uvloop's own transports: lighter per idle socket than aiofastnet.
             use_aiofastnet=False,
-            reuse_address=True,
             # After a restart every open tab reconnects at once.
             backlog=BACKLOG,
+            **where,
         )
         self._client_servers.append(server)
         port = server.sockets[0].getsockname()[1]
@@ -174,6 +177,7 @@ class Server:
         assert fallback is not None
         allow = self.limits.admin_networks()
         refusals = Throttle("refused admin connection", logger=admin.log)
+        where = self._where(entry)
         server = await asyncio.get_running_loop().create_server(
             lambda: admin.AdminProtocol(
                 self.hub,
@@ -183,11 +187,9 @@ class Server:
                 allow=allow,
                 refused=refusals,
             ),
-            entry.listen,
-            entry.port,
             ssl=server_context(entry),
-            reuse_address=True,
             backlog=BACKLOG,
+            **where,
         )
         self._admin_servers.append(server)
         port = server.sockets[0].getsockname()[1]
@@ -206,6 +208,26 @@ class Server:
             format_address(entry.listen, port),
             " (tls)" if entry.tls else "",
         )
+
+    def _where(self, entry: ServerConfig) -> dict[str, Any]:
+        """Where a listener accepts: systemd's inherited socket for it, or a bind.
+
+        An inherited socket is served as it is: its address was systemd's
+        choice, so the config's ``listen`` is only compared, for the log.
+        Closing our listener later closes only this process's copy; systemd's
+        stays open, and with it the backlog the next process will serve.
+        """
+        inherited = self.inherited.get(self.config.servers.index(entry))
+        if inherited is None:
+            return {"host": entry.listen, "port": entry.port, "reuse_address": True}
+        log.info("%s server uses inherited socket %s", entry.type, inherited.describe())
+        if entry.listen != inherited.host:
+            log.info(
+                "the config's listen address %s does not apply to inherited socket %s",
+                entry.listen,
+                inherited.describe(),
+            )
+        return {"sock": inherited.sock}
 
     async def _housekeeping(
         self, interval: float, *, sweep: bool = False, expire: bool = False
@@ -246,6 +268,12 @@ class Server:
                 "last %.0fs: %d socket(s) open, %s", interval, hub.clients_active, ", ".join(parts)
             )
             last = now
+
+    def status_line(self) -> str:
+        """The one-line summary ``systemctl status`` shows while serving."""
+        clients = ", ".join(map(str, self.client_ports))
+        admins = ", ".join(map(str, self.admin_ports))
+        return f"serving clients on port(s) {clients}, admin on {admins}"
 
     async def close(self) -> None:
         """Stop accepting, say 1001 to every socket, drain admin and peers. Idempotent."""
@@ -316,7 +344,9 @@ class Server:
                 raise
             _tune_gc()
             log.info("ready")
+            systemd.notify(f"READY=1\nSTATUS={self.status_line()}")
             await stop.wait()
+            systemd.notify("STOPPING=1\nSTATUS=shutting down")
             log.info("shutting down (up to %.1fs)", self.limits.shutdown_timeout)
             closing = asyncio.ensure_future(self.close())
             forced = asyncio.ensure_future(force.wait())
@@ -481,7 +511,13 @@ def run(
 
     raise_open_file_limit()
     try:
-        server = Server(config, debug=debug, limits=limits, peer_ca_file=peer_ca_file)
+        server = Server(
+            config,
+            debug=debug,
+            limits=limits,
+            peer_ca_file=peer_ca_file,
+            inherited=systemd.adopt(config.servers),
+        )
         uvloop.run(server.serve(on_reload=on_reload))
     except (OSError, ConfigError, ValueError) as exc:
         log.error("cannot start: %s", exc)
