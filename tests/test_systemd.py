@@ -184,7 +184,9 @@ def held() -> Iterator[list[socket.socket]]:
 async def test_a_post_reaches_a_tab_on_the_inherited_client_socket(
     tmp_path: Path, held: list[socket.socket]
 ) -> None:
-    server = activated(tmp_path / "server.log", held, names="client:admin")
+    # systemd chose the address: the config's listen is only compared, for the log.
+    config = {"listen": "0.0.0.0"}
+    server = activated(tmp_path / "server.log", held, names="client:admin", config=config)
     try:
         async with aiohttp.ClientSession() as session:
             await wait_healthy(server, session)
@@ -200,6 +202,7 @@ async def test_a_post_reaches_a_tab_on_the_inherited_client_socket(
     log = server.log()
     assert "client server uses inherited socket fd 3 (client)" in log
     assert "admin server uses inherited socket fd 4 (admin)" in log
+    assert "listen address 0.0.0.0 does not apply to inherited socket fd 3" in log
 
 
 async def test_connections_wait_in_the_backlog_across_a_restart(
