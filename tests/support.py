@@ -128,10 +128,16 @@ def bound_async_tests(config: pytest.Config, items: list[pytest.Item]) -> None:
 def _bounded(func: Callable[..., Any], limit: float) -> Callable[..., Any]:
     @functools.wraps(func)
     async def bounded(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return await asyncio.wait_for(func(*args, **kwargs), limit)
-        except asyncio.TimeoutError as exc:
-            raise AssertionError(f"test still running after {limit:g} s (cancelled)") from exc
+        # Only our own deadline becomes "still running": a TimeoutError the
+        # test itself raised (a recv that waited its bound) stays as it is.
+        task = asyncio.ensure_future(func(*args, **kwargs))
+        done, _ = await asyncio.wait([task], timeout=limit)
+        if task in done:
+            return task.result()
+        where = awaiting(task)  # before the cancellation unwinds it
+        task.cancel()
+        await asyncio.wait([task], timeout=TIMEOUT)
+        raise AssertionError(f"test still running after {limit:g} s, at {where}")
 
     bounded._bounded = True  # type: ignore[attr-defined]
     return bounded
@@ -244,10 +250,18 @@ class ServerProcess:
         stop(self, within=within)
 
 
-def _popen(command: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
+def _popen(
+    command: list[str], env: dict[str, str], log_path: Path, **options: Any
+) -> subprocess.Popen[bytes]:
+    """Start ``command`` logging to ``log_path``; ``options`` go to :class:`subprocess.Popen`."""
     with log_path.open("ab") as log:
         return subprocess.Popen(
-            command, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
+            command,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            **options,
         )
 
 

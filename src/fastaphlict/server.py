@@ -19,11 +19,12 @@ import logging
 import os
 import signal
 from collections.abc import Callable
+from typing import Any
 
 from aiohttp import web
 from picows import ws_create_server
 
-from fastaphlict import admin, client, state
+from fastaphlict import admin, client, state, systemd
 from fastaphlict.config import Config, ConfigError, Limits, ServerConfig
 from fastaphlict.hub import Hub, format_address
 from fastaphlict.peers import PeerRelay, new_fingerprint
@@ -70,8 +71,11 @@ class Server:
         limits: Limits | None = None,
         peer_ca_file: str | None = None,
         state_dir: str | None = None,
+        inherited: dict[int, systemd.Inherited] | None = None,
     ):
         self.config = config
+        #: Sockets systemd passed in, by index in ``config.servers``; served instead of binding.
+        self.inherited = inherited or {}
         self.debug = debug
         self.limits = limits or Limits()
         self.fingerprint = new_fingerprint()
@@ -137,13 +141,12 @@ class Server:
             raise
 
     async def _start_client(self, entry: ServerConfig) -> None:
+        where = self._where(entry)
         server = await ws_create_server(
             client.listener_factory(
                 self.hub,
                 client.Options(self.debug, self.limits, _connection_cap(self.limits)),
             ),
-            entry.listen,
-            entry.port,
             ssl=server_context(entry),
             websocket_handshake_timeout=self.limits.handshake_timeout,
             # Oversized frames are closed with 1009 by picows itself.
@@ -157,9 +160,9 @@ class Server:
             read_buffer_init_size=READ_BUFFER_SIZE,
             # uvloop's own transports: lighter per idle socket than aiofastnet.
             use_aiofastnet=False,
-            reuse_address=True,
             # After a restart every open tab reconnects at once.
             backlog=BACKLOG,
+            **where,
         )
         self._client_servers.append(server)
         port = server.sockets[0].getsockname()[1]
@@ -183,6 +186,7 @@ class Server:
         assert fallback is not None
         allow = self.limits.admin_networks()
         refusals = Throttle("refused admin connection", logger=admin.log)
+        where = self._where(entry)
         server = await asyncio.get_running_loop().create_server(
             lambda: admin.AdminProtocol(
                 self.hub,
@@ -192,11 +196,9 @@ class Server:
                 allow=allow,
                 refused=refusals,
             ),
-            entry.listen,
-            entry.port,
             ssl=server_context(entry),
-            reuse_address=True,
             backlog=BACKLOG,
+            **where,
         )
         self._admin_servers.append(server)
         port = server.sockets[0].getsockname()[1]
@@ -215,6 +217,26 @@ class Server:
             format_address(entry.listen, port),
             " (tls)" if entry.tls else "",
         )
+
+    def _where(self, entry: ServerConfig) -> dict[str, Any]:
+        """Where a listener accepts: systemd's inherited socket for it, or a bind.
+
+        An inherited socket is served as it is: its address was systemd's
+        choice, so the config's ``listen`` is only compared, for the log.
+        Closing our listener later closes only this process's copy; systemd's
+        stays open, and with it the backlog the next process will serve.
+        """
+        inherited = self.inherited.get(self.config.servers.index(entry))
+        if inherited is None:
+            return {"host": entry.listen, "port": entry.port, "reuse_address": True}
+        log.info("%s server uses inherited socket %s", entry.type, inherited.describe())
+        if entry.listen != inherited.host:
+            log.info(
+                "the config's listen address %s does not apply to inherited socket %s",
+                entry.listen,
+                inherited.describe(),
+            )
+        return {"sock": inherited.sock}
 
     async def _housekeeping(
         self, interval: float, *, sweep: bool = False, expire: bool = False
@@ -296,6 +318,12 @@ class Server:
             self.state_dir,
         )
 
+    def status_line(self) -> str:
+        """The one-line summary ``systemctl status`` shows while serving."""
+        clients = ", ".join(map(str, self.client_ports))
+        admins = ", ".join(map(str, self.admin_ports))
+        return f"serving clients on port(s) {clients}, admin on {admins}"
+
     async def close(self) -> None:
         """Stop accepting, say 1001 to every socket, drain admin and peers. Idempotent."""
         if self._closing:
@@ -367,7 +395,9 @@ class Server:
                 raise
             _tune_gc()
             log.info("ready")
+            systemd.notify(f"READY=1\nSTATUS={self.status_line()}")
             await stop.wait()
+            systemd.notify("STOPPING=1\nSTATUS=shutting down")
             log.info("shutting down (up to %.1fs)", self.limits.shutdown_timeout)
             closing = asyncio.ensure_future(self.close())
             forced = asyncio.ensure_future(force.wait())
@@ -536,7 +566,12 @@ def run(
     raise_open_file_limit()
     try:
         server = Server(
-            config, debug=debug, limits=limits, peer_ca_file=peer_ca_file, state_dir=state_dir
+            config,
+            debug=debug,
+            limits=limits,
+            peer_ca_file=peer_ca_file,
+            state_dir=state_dir,
+            inherited=systemd.adopt(config.servers),
         )
         uvloop.run(server.serve(on_reload=on_reload))
     except (OSError, ConfigError, ValueError) as exc:
