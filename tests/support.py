@@ -18,6 +18,7 @@ import asyncio
 import base64
 import contextlib
 import dataclasses
+import fcntl
 import functools
 import http.client
 import inspect
@@ -42,6 +43,7 @@ from websockets.asyncio.client import ClientConnection, connect
 
 from fastaphlict.config import Config, PeerConfig, ServerConfig
 from fastaphlict.server import Limits, Server
+from fastaphlict.systemd import LISTEN_FDS_START
 
 
 def _timeout_factor() -> float:
@@ -675,3 +677,65 @@ def blackholed_port() -> Iterator[int]:
         port = listener.getsockname()[1]
         filler.connect(("127.0.0.1", port))
         yield port
+
+
+# -- started as systemd starts it: listening sockets handed over as fds 3, 4... ----
+
+
+def listening(port: int = 0) -> socket.socket:
+    """A listening socket as systemd's ListenStream= makes one."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", port))
+    sock.listen(4096)
+    return sock
+
+
+def activated(
+    log_path: Path,
+    sockets: Sequence[socket.socket],
+    *,
+    names: str = "",
+    config: dict[str, Any] | None = None,
+    ports: Sequence[int] = (),
+    args: Sequence[str] = (),
+) -> ServerProcess:
+    """``python -m fastaphlict`` started as systemd starts it, with ``sockets`` as fds 3, 4...
+
+    The config lists a client and an admin server on ``ports`` (default: the
+    ports of the first two sockets).
+    """
+    client_port, admin_port = ports or [s.getsockname()[1] for s in sockets[:2]]
+    listeners = [
+        {"type": "client", "port": client_port, "listen": "127.0.0.1"},
+        {"type": "admin", "port": admin_port, "listen": "127.0.0.1"},
+    ]
+    for listener in listeners:
+        listener.update(config or {})
+    path = log_path.with_suffix(".json")
+    path.write_text(json.dumps({"servers": listeners}))
+    env = child_env()
+    env.update(LISTEN_FDS=str(len(sockets)), LISTEN_FDNAMES=names)
+    # $$ is the shell's pid, which exec hands on to Python: the server's own.
+    command = [
+        "/bin/sh",
+        "-c",
+        'LISTEN_PID=$$; export LISTEN_PID; exec "$0" "$@"',
+        sys.executable,
+        "-m",
+        "fastaphlict",
+        f"--config={path}",
+        *args,
+    ]
+    fds = [s.fileno() for s in sockets]
+
+    def place() -> None:
+        # Out of the way first: a socket may already sit on 3 or 4.
+        high = [fcntl.fcntl(fd, fcntl.F_DUPFD, 100) for fd in fds]
+        for target, fd in enumerate(high, LISTEN_FDS_START):
+            os.dup2(fd, target)
+            os.set_inheritable(target, True)
+            os.close(fd)
+
+    proc = _popen(command, env, log_path, preexec_fn=place, close_fds=False)
+    return ServerProcess(proc, client_port, admin_port, log_path, command, env)

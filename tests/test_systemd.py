@@ -10,16 +10,12 @@ socket of their own.
 from __future__ import annotations
 
 import asyncio
-import fcntl
-import json
 import os
 import signal
 import socket
 import ssl
-import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import pytest
@@ -35,9 +31,9 @@ from support import (
     TIMEOUT,
     Browser,
     ServerProcess,
-    _popen,
-    child_env,
+    activated,
     launch,
+    listening,
     post,
     scaled,
     wait_healthy,
@@ -113,63 +109,6 @@ def test_notify_reaches_an_abstract_socket() -> None:
 
 
 # --- real processes -----------------------------------------------------------
-
-
-def listening(port: int = 0) -> socket.socket:
-    """A listening socket as systemd's ListenStream= makes one."""
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", port))
-    sock.listen(4096)
-    return sock
-
-
-def activated(
-    log_path: Path,
-    sockets: Sequence[socket.socket],
-    *,
-    names: str = "",
-    config: dict[str, Any] | None = None,
-    ports: Sequence[int] = (),
-) -> ServerProcess:
-    """``python -m fastaphlict`` started as systemd starts it, with ``sockets`` as fds 3, 4...
-
-    The config lists a client and an admin server on ``ports`` (default: the
-    ports of the first two sockets).
-    """
-    client_port, admin_port = ports or [s.getsockname()[1] for s in sockets[:2]]
-    listeners = [
-        {"type": "client", "port": client_port, "listen": "127.0.0.1"},
-        {"type": "admin", "port": admin_port, "listen": "127.0.0.1"},
-    ]
-    for listener in listeners:
-        listener.update(config or {})
-    path = log_path.with_suffix(".json")
-    path.write_text(json.dumps({"servers": listeners}))
-    env = child_env()
-    env.update(LISTEN_FDS=str(len(sockets)), LISTEN_FDNAMES=names)
-    # $$ is the shell's pid, which exec hands on to Python: the server's own.
-    command = [
-        "/bin/sh",
-        "-c",
-        'LISTEN_PID=$$; export LISTEN_PID; exec "$0" "$@"',
-        sys.executable,
-        "-m",
-        "fastaphlict",
-        f"--config={path}",
-    ]
-    fds = [s.fileno() for s in sockets]
-
-    def place() -> None:
-        # Out of the way first: a socket may already sit on 3 or 4.
-        high = [fcntl.fcntl(fd, fcntl.F_DUPFD, 100) for fd in fds]
-        for target, fd in enumerate(high, systemd.LISTEN_FDS_START):
-            os.dup2(fd, target)
-            os.set_inheritable(target, True)
-            os.close(fd)
-
-    proc = _popen(command, env, log_path, preexec_fn=place, close_fds=False)
-    return ServerProcess(proc, client_port, admin_port, log_path, command, env)
 
 
 @pytest.fixture
