@@ -9,8 +9,10 @@ rule stays as it is.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -220,3 +222,56 @@ async def test_a_state_dir_that_breaks_before_the_stop_is_one_error_line(tmp_pat
         finally:
             server.stop()
     assert os.path.isfile(state_dir)
+
+
+async def test_a_second_signal_skips_the_waits_but_still_writes_the_state(
+    tmp_path: Path,
+) -> None:
+    state_dir = tmp_path / "state"
+    server = launch(tmp_path / "server.log", f"--state-dir={state_dir}")
+    try:
+        async with aiohttp.ClientSession() as session:
+            await wait_healthy(server, session)
+            message = {"key": "kept", "subscribers": ["PHID-A"]}
+            assert (await post(session, server.admin_url, message)).status == 200
+            # A post whose body is still arriving: the first SIGTERM waits for it.
+            _, writer = await asyncio.open_connection("127.0.0.1", server.admin_port)
+            writer.write(
+                b'POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\n{"a":'
+            )
+            await writer.drain()
+            await asyncio.sleep(scaled(0.2))
+            server.proc.send_signal(signal.SIGTERM)
+            await asyncio.sleep(scaled(0.5))
+            assert server.proc.poll() is None, "the first signal waits for the post"
+            server.proc.send_signal(signal.SIGTERM)
+            assert server.proc.wait(scaled(2)) == 0, server.log()
+            writer.close()
+        assert "second SIGTERM: exiting without waiting" in server.log()
+        assert "state: wrote 1 message(s) of 1 instance(s)" in server.log()
+        server = server.restart()
+        assert [m["key"] for m in await _replay_after_start(server)] == ["kept"]
+    finally:
+        server.stop()
+
+
+async def _replay_after_start(server: ServerProcess) -> list[Any]:
+    async with aiohttp.ClientSession() as session:
+        await wait_healthy(server, session)
+    return await replayed(server, "/", "PHID-A")
+
+
+async def test_without_a_state_dir_nothing_is_written(tmp_path: Path) -> None:
+    home = tmp_path / "cwd"
+    home.mkdir()
+    server = launch(tmp_path / "server.log")
+    try:
+        async with aiohttp.ClientSession() as session:
+            await wait_healthy(server, session)
+            message = {"key": 1, "subscribers": ["PHID-A"]}
+            assert (await post(session, server.admin_url, message)).status == 200
+    finally:
+        server.stop()
+    assert server.proc.returncode == 0
+    assert "state:" not in server.log()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cwd", "server.log"]
