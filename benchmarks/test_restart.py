@@ -1,0 +1,326 @@
+"""A restart on systemd's sockets with a full history and every tab connected (issue 10).
+
+The benchmark plays systemd: it holds the client and admin listening sockets
+and a ``NOTIFY_SOCKET``, and starts ``python -m fastaphlict --state-dir=...``
+on them as fds 3 and 4 (``support.activated``). It posts a full history
+(4096 messages in each of 10 instances, ``/~inst0/`` to ``/~inst9/``), then
+connects the tabs, spread over the instances, each subscribed to a few PHIDs
+(subscribe, then a ping: its pong proves the subscription took effect).
+
+Then the restart, as ``systemctl restart`` does it: SIGTERM, wait for the old
+process to exit, start the new one on the same sockets and state directory.
+Each tab behaves like ``JX.Aphlict``: when its socket closes it reconnects at
+once (connections wait in the listen backlog meanwhile), subscribes again,
+sends ``replay`` ``{"age": 60000}`` and a ping; its replay is complete when
+the pong arrives. Measured from the SIGTERM:
+
+- the old process's exit (it writes the history to the state directory);
+- the new process's ``READY=1`` (it has loaded the history and accepts);
+- the last tab's pong: every tab reconnected and replayed (also the median
+  and 90th percentile over tabs).
+
+Checked: every post got its 200, the old process exited with 0, the new one
+logged ``state: loaded``, and every tab's replay held exactly the history
+messages naming its PHIDs in its instance, each once, and nothing else.
+Speed is printed and kept in ``extra_info``, never asserted.
+
+Run: ``python -m pytest benchmarks/test_restart.py --benchmark-only`` (full:
+10000 tabs); ``FASTAPHLICT_BENCH_QUICK=1`` shrinks it to 200 tabs and a
+smaller history.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import time
+from array import array
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+from picows import WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
+
+import support
+from fastaphlict.bench import raise_nofile_limit
+
+QUICK = os.environ.get("FASTAPHLICT_BENCH_QUICK", "").lower() not in ("", "0", "false", "no")
+
+pytestmark = pytest.mark.timeout(600)
+
+INSTANCES = 10
+#: Messages per instance: the history limit (4096) in a full run.
+HISTORY = 256 if QUICK else 4096
+TABS = 200 if QUICK else 10_000
+#: PHIDs per instance; every message names two, every tab subscribes to three.
+PHIDS = 64 if QUICK else 1024
+PHIDS_PER_TAB = 3
+#: Concurrent keep-alive posting connections, and tabs connecting at once.
+POSTERS = 32
+CONNECTING = 256
+REPLAY = orjson.dumps({"command": "replay", "data": {"age": 60000}})
+PING = b'{"command":"ping","data":null}'
+PONG = b'{"type":"pong"}'
+
+
+def _phid(n: int) -> str:
+    return f"PHID-USER-{n:05d}"
+
+
+def message_phids(j: int) -> tuple[int, int]:
+    """The two PHIDs (numbers) message ``j`` of an instance names."""
+    return j % PHIDS, (j * 7 + 3) % PHIDS
+
+
+def tab_phids(t: int) -> list[int]:
+    """The PHIDs (numbers) tab ``t`` subscribes to, in its instance."""
+    base = t // INSTANCES
+    return [(base * 5 + k * 331) % PHIDS for k in range(PHIDS_PER_TAB)]
+
+
+class TabState:
+    """One browser tab across its connections: what its last connection replayed."""
+
+    __slots__ = ("closed", "connections", "foreign", "ids", "instance", "phids", "pong", "pong_ns")
+
+    def __init__(self, instance: int, phids: list[int]) -> None:
+        self.instance = instance
+        self.phids = phids
+        self.ids = array("i")
+        self.foreign = 0
+        self.connections = 0
+        self.pong: asyncio.Future[None] | None = None
+        self.closed: asyncio.Future[None] | None = None
+        self.pong_ns = 0
+
+    def subscribe_frame(self) -> bytes:
+        return orjson.dumps({"command": "subscribe", "data": [_phid(p) for p in self.phids]})
+
+
+class Tab(WSListener):
+    """One connection of a tab: resolves its pong and close waiters, records replayed ids."""
+
+    __slots__ = ("state", "transport")
+
+    def __init__(self, state: TabState) -> None:
+        super().__init__()
+        self.state = state
+        self.transport: WSTransport | None = None
+
+    def on_ws_connected(self, transport: WSTransport) -> None:
+        self.transport = transport
+
+    def on_ws_disconnected(self, transport: WSTransport) -> None:
+        state = self.state
+        if state.closed is not None and not state.closed.done():
+            state.closed.set_result(None)
+        if state.pong is not None and not state.pong.done():
+            state.pong.set_exception(ConnectionError("closed before the pong"))
+
+    def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
+        if frame.msg_type is WSMsgType.CLOSE:
+            transport.disconnect()
+            return
+        if frame.msg_type is not WSMsgType.TEXT:
+            return
+        payload = frame.get_payload_as_bytes()
+        state = self.state
+        if payload == PONG:
+            if state.pong is not None and not state.pong.done():
+                state.pong.set_result(None)
+            return
+        try:
+            state.ids.append(orjson.loads(payload)["id"])
+        except (ValueError, KeyError, TypeError, OverflowError):
+            state.foreign += 1
+
+
+async def connect(url: str, state: TabState, replay: bool, timeout: float) -> WSTransport:
+    """Connect, subscribe (and replay), ping; return once the pong arrived."""
+    state.ids = array("i")  # only the last connection's replay counts
+    transport, _ = await asyncio.wait_for(
+        ws_connect(
+            lambda: Tab(state),
+            url,
+            use_aiofastnet=False,
+            websocket_handshake_timeout=timeout,
+            read_buffer_init_size=4096,
+        ),
+        timeout,
+    )
+    state.connections += 1
+    loop = asyncio.get_running_loop()
+    state.closed = loop.create_future()
+    state.pong = loop.create_future()
+    transport.send(WSMsgType.TEXT, state.subscribe_frame())
+    if replay:
+        transport.send(WSMsgType.TEXT, REPLAY)
+    transport.send(WSMsgType.TEXT, PING)
+    await asyncio.wait_for(state.pong, timeout)
+    return transport
+
+
+async def post_history(admin_url: str) -> float:
+    """Post ``HISTORY`` messages to each instance over keep-alive connections; seconds taken."""
+    queue = [(i, j) for j in range(HISTORY) for i in range(INSTANCES)]
+    headers = {"Content-Type": support.PHORGE_CONTENT_TYPE}
+    errors: list[str] = []
+    started = time.monotonic()
+    connector = aiohttp.TCPConnector(limit=POSTERS)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        jobs = iter(queue)
+
+        async def poster() -> None:
+            for i, j in jobs:
+                a, b = message_phids(j)
+                body = orjson.dumps(
+                    {
+                        "key": f"inst{i}-{j}",
+                        "type": "notification",
+                        "subscribers": [_phid(a), _phid(b)],
+                        "id": j,
+                    }
+                )
+                url = f"{admin_url}/?instance=inst{i}"
+                async with session.post(url, data=body, headers=headers) as resp:
+                    await resp.read()
+                    if resp.status != 200:
+                        errors.append(f"inst{i} message {j}: HTTP {resp.status}")
+
+        await asyncio.gather(*(poster() for _ in range(POSTERS)))
+    assert not errors, errors[:5]
+    return time.monotonic() - started
+
+
+def expected_ids(state: TabState) -> list[int]:
+    """The history messages of a tab's instance naming any of its PHIDs, in id order."""
+    wanted = set(state.phids)
+    return [j for j in range(HISTORY) if wanted.intersection(message_phids(j))]
+
+
+async def scenario(tmp_path: Path, notify: socket.socket) -> dict[str, Any]:
+    loop = asyncio.get_running_loop()
+    client, admin = support.listening(), support.listening()
+    args = (f"--state-dir={tmp_path / 'state'}",)
+    servers = [support.activated(tmp_path / "first.log", [client, admin], args=args)]
+    client_url = f"ws://127.0.0.1:{client.getsockname()[1]}"
+    admin_url = f"http://127.0.0.1:{admin.getsockname()[1]}"
+    timeout = support.scaled(120)
+    states = [TabState(t % INSTANCES, tab_phids(t)) for t in range(TABS)]
+    transports: list[WSTransport] = []
+    try:
+        ready = await asyncio.wait_for(loop.sock_recv(notify, 4096), support.STARTUP)
+        assert ready.startswith(b"READY=1"), ready
+        history_s = await post_history(admin_url)
+
+        # The tabs, CONNECTING at a time; a first connection replays nothing.
+        started = time.monotonic()
+        pending = iter(states)
+
+        async def opener() -> None:
+            for state in pending:
+                url = f"{client_url}/~inst{state.instance}/"
+                transports.append(await connect(url, state, False, timeout))
+
+        await asyncio.gather(*(opener() for _ in range(CONNECTING)))
+        connect_s = time.monotonic() - started
+        assert all(not s.ids and not s.foreign for s in states), "frames before the restart"
+
+        async def come_back(state: TabState) -> None:
+            assert state.closed is not None
+            await state.closed
+            url = f"{client_url}/~inst{state.instance}/"
+            deadline = time.monotonic() + timeout
+            while True:  # a connection the old process took and dropped is tried again
+                try:
+                    transports.append(await connect(url, state, True, timeout))
+                    state.pong_ns = time.monotonic_ns()
+                    return
+                except (OSError, ConnectionError, asyncio.TimeoutError):
+                    assert time.monotonic() < deadline, "a tab never came back"
+                    await asyncio.sleep(0.05)
+
+        returning = [asyncio.ensure_future(come_back(s)) for s in states]
+        while True:  # the first READY=1 is read; drop anything else queued
+            try:
+                notify.recv(4096)
+            except BlockingIOError:
+                break
+
+        def play_systemd() -> tuple[int, int]:
+            """In a thread, as systemd does it, whatever the tabs keep this loop busy with:
+            wait for the exit, start the new process, wait for its READY=1. Returns the
+            exit's and READY's times."""
+            assert servers[0].proc.wait(support.SHUTDOWN) == 0, servers[0].log()
+            exit_ns = time.monotonic_ns()
+            servers.append(support.activated(tmp_path / "second.log", [client, admin], args=args))
+            notify.settimeout(support.STARTUP)
+            while not notify.recv(4096).startswith(b"READY=1"):
+                pass
+            return exit_ns, time.monotonic_ns()
+
+        sigterm_ns = time.monotonic_ns()
+        servers[0].proc.send_signal(signal.SIGTERM)
+        exit_ns, ready_ns = await loop.run_in_executor(None, play_systemd)
+        await asyncio.wait_for(asyncio.gather(*returning), timeout)
+
+        assert "state: loaded" in servers[1].log(), servers[1].log()
+        wrong = [n for n, s in enumerate(states) if s.foreign or sorted(s.ids) != expected_ids(s)]
+        assert not wrong, f"{len(wrong)} tabs replayed the wrong messages, e.g. tab {wrong[0]}"
+        back = sorted((s.pong_ns - sigterm_ns) / 1e6 for s in states)
+        replayed = sum(len(s.ids) for s in states)
+        return {
+            "instances": INSTANCES,
+            "history_per_instance": HISTORY,
+            "tabs": TABS,
+            "replayed_frames": replayed,
+            "post_history_s": round(history_s, 2),
+            "connect_tabs_s": round(connect_s, 2),
+            "sigterm_to_exit_ms": round((exit_ns - sigterm_ns) / 1e6, 1),
+            "exit_to_ready_ms": round((ready_ns - exit_ns) / 1e6, 1),
+            "sigterm_to_ready_ms": round((ready_ns - sigterm_ns) / 1e6, 1),
+            "sigterm_to_all_replayed_ms": round(back[-1], 1),
+            "tab_replayed_p50_ms": round(back[len(back) // 2], 1),
+            "tab_replayed_p90_ms": round(back[len(back) * 9 // 10], 1),
+            "reconnects_max": max(s.connections for s in states) - 1,
+        }
+    finally:
+        for transport in transports:
+            if not transport.is_disconnected:
+                transport.disconnect(graceful=False)
+        support.stop(*servers)
+        client.close()
+        admin.close()
+
+
+def run_scenario(tmp_path: Path, notify: socket.socket) -> dict[str, Any]:
+    """:func:`scenario` on a fresh uvloop event loop, as the other scenarios run."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(scenario(tmp_path, notify))
+    return uvloop.run(scenario(tmp_path, notify))
+
+
+def test_restart_with_full_history(
+    benchmark: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    raise_nofile_limit()  # the server inherits it; the tabs need it here
+    path = tmp_path / "notify.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
+        notify.bind(str(path))
+        notify.setblocking(False)
+        monkeypatch.setenv("NOTIFY_SOCKET", str(path))
+        results: list[dict[str, Any]] = []
+        benchmark.pedantic(
+            lambda: results.append(run_scenario(tmp_path, notify)), rounds=1, iterations=1
+        )
+    (figures,) = results
+    benchmark.extra_info.update(figures)
+    print()
+    for key, value in figures.items():
+        print(f"  {key}: {value}")
