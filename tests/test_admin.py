@@ -523,3 +523,14 @@ async def test_refused_admin_connections_are_logged_within_a_budget(
             assert answer.startswith(b"HTTP/1.1 403 ")
     refused = [r for r in caplog.records if "refused admin connection" in r.getMessage()]
     assert len(refused) == 20
+
+
+async def test_a_rejected_post_names_its_sender_as_host_and_port(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level("INFO", logger="fastaphlict.admin")
+    async with running() as srv:
+        answer = await _raw_exchange(srv, _post_bytes(b"[1]", extra=b"Connection: close\r\n"))
+        assert answer.startswith(b"HTTP/1.1 400 ")
+    [line] = [r.getMessage() for r in caplog.records if "rejected post" in r.getMessage()]
+    assert line.startswith("rejected post from 127.0.0.1:") and "(" not in line, line

@@ -65,25 +65,28 @@ def accept_post(hub: Hub, instance: str, body: bytes, remote: object) -> tuple[i
     """Decide one ``POST /``: publish a JSON object, refuse anything else.
 
     Returns the status and the response body. Shared by both HTTP paths so
-    they can't disagree.
+    they can't disagree. ``remote`` (a peer name) is only formatted for a
+    rejection's log line, never on the accepted path.
     """
     if len(instance) > hub.max_instance_length:
         hub.stats.posts_rejected += 1
-        log.info("rejected post from %s: instance name too long", remote)
+        log.info("rejected post from %s: instance name too long", format_address(remote))
         return 400, b"instance name too long\n"
     try:
         message = loads(body)
     except NestingTooDeep:
         hub.stats.posts_rejected += 1
-        log.info("rejected post from %s: JSON nested deeper than %d", remote, MAX_DEPTH)
+        log.info(
+            "rejected post from %s: JSON nested deeper than %d", format_address(remote), MAX_DEPTH
+        )
         return 400, b"body must be a JSON object\n"
     except ValueError:
         hub.stats.posts_rejected += 1
-        log.info("rejected post from %s: body is not JSON", remote)
+        log.info("rejected post from %s: body is not JSON", format_address(remote))
         return 400, b"body must be a JSON object\n"
     if not isinstance(message, dict):
         hub.stats.posts_rejected += 1
-        log.info("rejected post from %s: body is JSON but not an object", remote)
+        log.info("rejected post from %s: body is JSON but not an object", format_address(remote))
         return 400, b"body must be a JSON object\n"
     hub.publish(instance or DEFAULT_INSTANCE, message)
     return 200, hub.receipt
@@ -314,14 +317,12 @@ class AdminProtocol(asyncio.Protocol):
             del buffer[: start + length]
             self._continued = False
             try:
-                status, answer = accept_post(
-                    self._hub, query_instance(target), body, format_address(self._remote)
-                )
+                status, answer = accept_post(self._hub, query_instance(target), body, self._remote)
             except Exception:
                 # The boundary of one request, as aiohttp's is: log it, answer
                 # 500 and close, rather than let the loop drop the connection
                 # with no answer at all.
-                log.exception("post from %s failed", self._remote)
+                log.exception("post from %s failed", format_address(self._remote))
                 self._transport.write(_response(500, b"internal error\n", close=True))
                 self._transport.close()
                 return
