@@ -9,6 +9,7 @@ import re
 import time
 
 import pytest
+from websockets.exceptions import ConnectionClosed
 
 import fastaphlict.hub as hub_module
 from fastaphlict.protocol import HISTORY_TTL_MS, PONG
@@ -737,3 +738,21 @@ def test_picows_lines_use_the_one_address_format(caplog: pytest.LogCaptureFixtur
         (logging.INFO, "New connection accepted: 127.0.0.1:22280 <- [::1]:5"),
         (logging.DEBUG, "WS parser error: frame too big"),
     ]
+
+
+async def test_sockets_closed_for_too_many_subscriptions_are_logged_within_a_budget(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from fastaphlict.server import Limits
+
+    caplog.set_level(logging.INFO, logger="fastaphlict.client")
+    async with running(limits=Limits(max_subscriptions=2)) as srv:
+        for _ in range(25):  # a hostile client, one new socket per refusal
+            async with srv.client() as browser:
+                await browser.send("subscribe", ["A", "B", "C"])
+                with pytest.raises(ConnectionClosed):
+                    await asyncio.wait_for(browser.ws.recv(), TIMEOUT)
+                assert browser.ws.close_code == 1008
+        assert srv.hub.stats.frames_rejected == 25, "every one counted"
+    lines = [r for r in caplog.records if "subscriptions from" in r.getMessage()]
+    assert len(lines) == 20

@@ -164,7 +164,7 @@ def new_throttles() -> dict[str, Throttle]:
     """One throttle per kind of rejected client input, for one server."""
     return {
         kind: Throttle(kind, logger=log)
-        for kind in ("ignored frame", "protocol error", "oversized")
+        for kind in ("ignored frame", "protocol error", "oversized", "subscriptions")
     }
 
 
@@ -337,7 +337,8 @@ class ClientListener(WSListener):
             if not self._hub.subscribe(sub, data):
                 limit = self._options.limits.max_subscriptions
                 self._hub.stats.frames_rejected += 1
-                log.info("closing: over %d subscriptions from %s", limit, describe(transport))
+                if self._options.throttles["subscriptions"].allow():
+                    log.info("closing: over %d subscriptions from %s", limit, describe(transport))
                 _close(transport, WSCloseCode.POLICY_VIOLATION, b"too many subscriptions")
         elif command == "unsubscribe":
             self._hub.unsubscribe(sub, data)
