@@ -232,3 +232,16 @@ async def test_a_slow_client_is_closed_and_counted_once() -> None:
         client_module.close_slow(srv.hub, sub, cap)
         assert srv.hub.stats.slow_disconnects == 1
         assert await _wait_closed(browser.ws) == 1013
+
+
+async def test_replays_asked_again_and_again_without_reading_close_the_tab() -> None:
+    # Each replay queues references to up to 4096 history frames; a tab that
+    # keeps asking and never reads would pile them up without bound.
+    async with running(limits=Limits(ping_interval=0)) as srv:
+        _publish_history(srv.hub, HISTORY_LIMIT)
+        async with _paced_replay(srv) as (browser, _):
+            for _ in range(4):
+                await browser.send("replay", None)
+            await eventually(lambda: srv.hub.stats.slow_disconnects == 1, what="closed as slow")
+            assert await _wait_closed(browser.ws) == 1013
+        assert srv.hub.stats.slow_disconnects == 1

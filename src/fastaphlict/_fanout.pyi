@@ -54,13 +54,14 @@ class Subscriber:
 class Outbox:
     """Frames published in this event-loop iteration, written when it ends."""
 
-    def __init__(self, max_buffered: int = ...) -> None: ...
+    def __init__(self, max_buffered: int = ..., max_backlog: int = ...) -> None: ...
     @property
     def pending(self) -> int: ...
     @property
     def coalesced(self) -> int: ...
     bytes_sent: int
     max_buffered: int
+    max_backlog: int
     on_overflow: Callable[[Subscriber], None] | None
     def flush(self) -> None:
         """Write every pending frame: one write per socket."""

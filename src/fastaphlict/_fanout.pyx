@@ -199,9 +199,20 @@ cdef class Subscriber:
         Writes while the transport takes them; what is left waits, as
         references to the history's own frames, for :meth:`resume`. Frames
         the outbox holds for this socket go first. Returns 0 if the socket
-        is closing.
+        is closing, or if the replays it has not read yet would pass the
+        outbox's ``max_backlog`` frames: a tab that asks again and again
+        without reading is closed as too slow instead of piling up
+        references (8 bytes each, but a replay command costs the tab 40).
         """
         if not frames or not _usable(self.transport):
+            return 0
+        cdef Py_ssize_t waiting = 0
+        if self._replay is not None:
+            waiting = len(self._replay) - self._replay_pos
+            if self._later is not None:
+                waiting += len(self._later)
+        if waiting + len(frames) > self.channel.outbox.max_backlog:
+            self.channel.outbox._overflow(self)
             return 0
         if self._pending is not None:
             frames = [_join(self._pending, None), *frames]
@@ -333,9 +344,11 @@ cdef class Outbox:
     ``call_soon``; every socket then gets all its frames in one write, in
     publish order. Without a running loop (unit tests) call :meth:`flush`.
 
-    ``max_buffered`` is the slow-client cap for frames held behind a paced
-    replay; past it ``on_overflow(subscriber)`` is called (the client side
-    closes the socket with 1013). Without a handler the socket is dropped.
+    ``max_backlog`` caps the frames a socket's unread replays may hold (two
+    full histories by default). ``max_buffered`` is the slow-client cap for
+    frames held behind a paced replay. Past either, ``on_overflow(subscriber)``
+    is called (the client side closes the socket with 1013); without a
+    handler the socket is dropped.
     """
 
     cdef list _dirty        # Subscribers with pending frames, first-queued first
@@ -343,14 +356,16 @@ cdef class Outbox:
     cdef readonly Py_ssize_t coalesced  # frames that shared a write with another
     cdef public unsigned long long bytes_sent  # frame bytes handed to sockets
     cdef public Py_ssize_t max_buffered
+    cdef public Py_ssize_t max_backlog
     cdef public object on_overflow
 
-    def __cinit__(self, Py_ssize_t max_buffered=1024 * 1024):
+    def __cinit__(self, Py_ssize_t max_buffered=1024 * 1024, Py_ssize_t max_backlog=8192):
         self._dirty = []
         self._scheduled = False
         self.coalesced = 0
         self.bytes_sent = 0
         self.max_buffered = max_buffered
+        self.max_backlog = max_backlog
         self.on_overflow = None
 
     @property

@@ -132,7 +132,8 @@ class Hub:
         self._instances: dict[str, Instance] = {}
         # One outbox for every instance: a socket's frames of one loop
         # iteration leave in one write whichever instance published them.
-        self.outbox = Outbox(max_buffered)
+        # A socket may hold two full histories of unread replays, no more.
+        self.outbox = Outbox(max_buffered, 2 * HISTORY_LIMIT)
         self._debug = debug
         self._receipt = dumps({"fingerprint": fingerprint})
 
