@@ -176,9 +176,10 @@ cdef class History:
         return [(e.at, e.subscribers, e.frame) for e in self._entries]
 
     def clear(self):
-        """Forget everything."""
+        """Forget everything (a cleared history takes entries of any time again)."""
         self._entries.clear()
         self._by_phid.clear()
+        self._last_at = float("-inf")
 
     def since(self, double now, double age_ms):
         """Frames of every entry with ``at >= now - age_ms``, oldest first (after purging)."""

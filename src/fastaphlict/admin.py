@@ -22,6 +22,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 from ipaddress import IPv4Network, IPv6Address, IPv6Network, ip_address
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
@@ -39,6 +40,9 @@ from fastaphlict.protocol import (
     query_instance,
 )
 from fastaphlict.ratelimit import Throttle
+
+if TYPE_CHECKING:
+    from fastaphlict.broker import Broker
 
 __all__ = [
     "MAX_BODY_SIZE",
@@ -136,12 +140,16 @@ async def handle_healthz(request: web.Request) -> web.Response:
 
 
 def make_app(
-    hub: Hub, *, relay: PeerRelay | None = None, max_body_size: int = MAX_BODY_SIZE
+    hub: Hub,
+    *,
+    relay: PeerRelay | None = None,
+    broker: Broker | None = None,
+    max_body_size: int = MAX_BODY_SIZE,
 ) -> web.Application:
     """The admin application. ``/status`` without its slash is a 404, as in Aphlict."""
     app = web.Application(client_max_size=max_body_size)
     app[HUB_KEY] = hub
-    app[REGISTRY_KEY] = metrics.make_registry(hub, relay)
+    app[REGISTRY_KEY] = metrics.make_registry(hub, relay, broker)
     app.router.add_get("/metrics", handle_metrics)
     app.router.add_route("*", "/", handle_root)
     app.router.add_get("/status/", handle_status)

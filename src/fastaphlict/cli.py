@@ -24,6 +24,7 @@ from collections.abc import Mapping, Sequence
 
 from fastaphlict import __version__
 from fastaphlict.config import (
+    BrokerConfig,
     Config,
     ConfigError,
     LimitError,
@@ -32,6 +33,7 @@ from fastaphlict.config import (
     check_listen,
     check_state_dir,
     load_config,
+    parse_broker_url,
 )
 
 __all__ = ["main", "reopen_log_files", "setup_logging"]
@@ -146,6 +148,20 @@ def _build_parser() -> argparse.ArgumentParser:
         default=os.environ.get("FASTAPHLICT_PEER_CA_FILE") or None,
         metavar="PATH",
         help="PEM file of CAs trusted for https cluster peers (default: the system's)",
+    )
+    limits.add_argument(
+        "--broker",
+        default=None,
+        metavar="URL",
+        help="Redis broker shared by every node of a cluster: redis://[user:password@]host:port/db,"
+        " rediss://... (TLS, verified) or unix:///path (default: none; env FASTAPHLICT_BROKER,"
+        " which keeps a password off the command line)",
+    )
+    limits.add_argument(
+        "--broker-ca-file",
+        default=os.environ.get("FASTAPHLICT_BROKER_CA_FILE") or None,
+        metavar="PATH",
+        help="PEM file of CAs trusted for a rediss:// broker (default: the system's)",
     )
     limits.add_argument(
         "--state-dir",
@@ -322,6 +338,42 @@ def _check_tls(config: Config, peer_ca_file: str | None) -> None:
         tls.client_context(peer_ca_file)
 
 
+def broker_config(
+    args: argparse.Namespace, environ: Mapping[str, str] = os.environ
+) -> BrokerConfig | None:
+    """``--broker`` or ``FASTAPHLICT_BROKER`` parsed; None when neither is set.
+
+    Errors name where the URL came from and never repeat its password.
+    """
+    if args.broker is not None:
+        raw, where = args.broker, "--broker"
+    else:
+        raw, where = environ.get("FASTAPHLICT_BROKER", ""), "FASTAPHLICT_BROKER (environment)"
+    if not raw.strip():
+        if args.broker is not None:
+            raise ConfigError("--broker: empty URL")
+        return None
+    try:
+        config = parse_broker_url(raw)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    if args.broker_ca_file and config.scheme != "rediss":
+        raise ConfigError(f"--broker-ca-file applies to a rediss:// broker, not {config.display}")
+    return config
+
+
+def _check_broker_ca(path: str | None) -> None:
+    """For ``--test`` and start: the broker's CA file must load."""
+    if not path:
+        return
+    import ssl
+
+    try:
+        ssl.create_default_context(cafile=path)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f'Broker CA file "{path}" can not be loaded: {exc}.') from exc
+
+
 def _fail(message: object) -> int:
     print(f"fastaphlict: {message}", file=sys.stderr)
     return 1
@@ -346,6 +398,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_listen(config)
         if args.state_dir:
             check_state_dir(args.state_dir)
+        broker = broker_config(args)
+        _check_broker_ca(args.broker_ca_file)
         if args.test:
             _check_tls(config, args.peer_ca_file)
         else:
@@ -371,6 +425,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             limits=limits,
             peer_ca_file=args.peer_ca_file,
             state_dir=args.state_dir,
+            broker=broker,
+            broker_ca_file=args.broker_ca_file,
             on_reload=reopen_log_files,
         )
     except KeyboardInterrupt:

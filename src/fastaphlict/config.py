@@ -34,6 +34,7 @@ from typing import Any, Literal, cast
 __all__ = [
     "DEFAULT_ADMIN_PORT",
     "DEFAULT_CLIENT_PORT",
+    "BrokerConfig",
     "Config",
     "ConfigError",
     "LimitError",
@@ -48,6 +49,7 @@ __all__ = [
     "limits_table",
     "load_config",
     "load_file",
+    "parse_broker_url",
     "parse_config",
 ]
 
@@ -250,6 +252,27 @@ class Limits:
         minimum=0,
         why="0 exits without draining",
     )
+    broker_timeout: float = _limit(
+        2.0,
+        "seconds any one Redis call may take before the broker counts as down",
+        minimum=_POSITIVE,
+        why="no Redis call could finish",
+    )
+    broker_buffer: int = _limit(
+        16384,
+        "messages kept for Redis while it is unreachable; past it the oldest are dropped",
+        minimum=1,
+        why="0 would drop every message of an outage",
+        shown="16384 messages",
+        past="oldest dropped from the buffer, counted and logged",
+    )
+    broker_probe_interval: float = _limit(
+        1.0,
+        "seconds between the probes a node publishes to itself; three missed mean"
+        " the subscription is stalled and is reconnected",
+        minimum=_POSITIVE,
+        why="probes would never stop",
+    )
     admin_allow: tuple[str, ...] = _limit(
         (), "networks (CIDR) allowed on the admin port; empty: anyone who reaches it"
     )
@@ -291,6 +314,102 @@ def limits_table() -> str:
             flag = "--" + spec.name.replace("_", "-")
             rows.append(f"| `{flag}` | {spec.metadata['shown']} | {spec.metadata['past']} |")
     return "\n".join(rows)
+
+
+@dataclass(frozen=True)
+class BrokerConfig:
+    """Where the Redis broker is: ``--broker=URL`` parsed.
+
+    The password is kept out of ``repr`` and out of :attr:`display`, which is
+    what every log line, error and metric uses.
+    """
+
+    scheme: Literal["redis", "rediss", "unix"]
+    host: str = ""
+    port: int = 6379
+    path: str = ""
+    db: int = 0
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+
+    @property
+    def display(self) -> str:
+        """The URL with the password replaced by ``***``: safe for logs and errors."""
+        credentials = ""
+        if self.username or self.password:
+            secret = ":***" if self.password else ""
+            credentials = f"{self.username or ''}{secret}@"
+        if self.scheme == "unix":
+            return f"unix://{credentials}{self.path}?db={self.db}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.scheme}://{credentials}{host}:{self.port}/{self.db}"
+
+
+def _redacted_url(url: str) -> str:
+    """``url`` with anything that may be credentials cut out, for an error message."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return "(not a URL)" if "@" in url or ":" in url else repr(url)
+    at = rest.rfind("@")
+    if at >= 0:
+        rest = "***@" + rest[at + 1 :]
+    return f"{scheme}://{rest}"
+
+
+def parse_broker_url(url: str) -> BrokerConfig:
+    """Parse ``redis://[user:password@]host:port/db``, ``rediss://...`` or ``unix:///path``.
+
+    Raises ConfigError whose message never holds the password, however
+    malformed the URL (it names the URL with its credentials cut out).
+    """
+    from urllib.parse import parse_qs, unquote, urlsplit
+
+    shown = _redacted_url(url.strip())
+
+    def fail(reason: str) -> ConfigError:
+        return ConfigError(f"broker URL {shown}: {reason}")
+
+    try:
+        parts = urlsplit(url.strip())
+        port = parts.port
+    except ValueError:
+        raise fail("the port is not a number in 1..65535") from None
+    scheme = parts.scheme.lower()
+    if scheme not in ("redis", "rediss", "unix"):
+        raise fail("expected redis://host:port/db, rediss://host:port/db or unix:///path")
+    username = unquote(parts.username) if parts.username else None
+    password = unquote(parts.password) if parts.password is not None else None
+    query = parse_qs(parts.query, keep_blank_values=True)
+    db_text = query.pop("db", [""])[-1]
+    unknown = sorted(query)
+    if unknown:
+        raise fail(f"unknown parameter(s): {', '.join(unknown)} (only db is read)")
+    if scheme == "unix":
+        if not parts.path:
+            raise fail("unix:// needs the socket's path, as in unix:///run/redis/redis.sock")
+        path = unquote(parts.path)
+    else:
+        path = ""
+        if not parts.hostname:
+            raise fail("no host")
+        if port == 0:
+            raise fail("the port is not a number in 1..65535")
+        segment = parts.path.strip("/")
+        if segment:
+            if db_text:
+                raise fail("the database is given twice (path and ?db=)")
+            db_text = segment
+    if db_text and not db_text.isdigit():
+        raise fail("the database must be a whole number, as in /0")
+    return BrokerConfig(
+        scheme=cast('Literal["redis", "rediss", "unix"]', scheme),
+        host=parts.hostname or "",
+        port=port or 6379,
+        path=path,
+        db=int(db_text or 0),
+        username=username,
+        password=password,
+    )
 
 
 class ConfigError(Exception):

@@ -8,8 +8,11 @@ the other: everything they share goes through here.
 
 Publishing serialises a message once (orjson), frames it once, stores that
 frame in the history, hands it to the Cython fan-out, and passes the same
-payload bytes to every relay. Relays (cluster peers today, a broker tomorrow)
-sit behind the small :class:`Relay` protocol and must never block.
+payload bytes to every relay. Relays (cluster peers, the Redis broker) sit
+behind the small :class:`Relay` protocol and must never block. A message
+another node already published (from the broker) enters through
+:meth:`Hub.receive`: the same local step (history, fan-out, counters), and
+no relay at all, so it is never sent back where it came from.
 
 Everything a browser chooses is bounded here: an instance exists while it has
 sockets or live history and is dropped with the last of them, and histories
@@ -29,7 +32,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from fastaphlict._fanout import Channel, Outbox, Subscriber, build_frame
 from fastaphlict._history import History
-from fastaphlict.protocol import DEFAULT_INSTANCE, HISTORY_LIMIT, HISTORY_TTL_MS, dumps
+from fastaphlict.protocol import DEFAULT_INSTANCE, HISTORY_LIMIT, HISTORY_TTL_MS, dumps, loads
 
 if TYPE_CHECKING:
     from picows import WSTransport
@@ -136,6 +139,7 @@ class Hub:
         self.outbox = Outbox(max_buffered, 2 * HISTORY_LIMIT)
         self._debug = debug
         self._receipt = dumps({"fingerprint": fingerprint})
+        self._is_member: Callable[[str], bool] | None = None
 
     # -- shared -----------------------------------------------------------
 
@@ -147,6 +151,15 @@ class Hub:
     def add_relay(self, relay: Relay) -> None:
         """Carry every message published from now on to other nodes too (see :class:`Relay`)."""
         self._relays.append(relay)
+
+    def join_cluster(self, is_member: Callable[[str], bool]) -> None:
+        """Tell the hub which fingerprints belong to this node's broker cluster.
+
+        A post whose ``touched`` names one of them already went through the
+        broker, which brings it here too: the post is a loopback, like one
+        naming our own fingerprint (a mesh peer bouncing a cluster message).
+        """
+        self._is_member = is_member
 
     def instance(self, name: str) -> Instance:
         """The named instance, created on first use."""
@@ -221,7 +234,10 @@ class Hub:
         touched = message.get("touched")
         if not isinstance(touched, list):
             touched = []
-        if self.fingerprint in touched:
+        if self.fingerprint in touched or (
+            self._is_member is not None
+            and any(isinstance(fp, str) and self._is_member(fp) for fp in touched)
+        ):
             if self._debug:
                 log.debug("loopback dropped: instance=%s touched=%s", instance, touched)
             return None
@@ -229,22 +245,68 @@ class Hub:
         message["touched"] = touched
 
         payload = dumps(message)
-        frame = build_frame(payload)
-        subscribers = message.get("subscribers")
-        inst = self.instance(instance)
-        inst.history.add(now_ms(), subscribers, frame)
-        self.stats.messages_in += 1
-
-        if self._debug:
-            self._trace_delivery(inst, subscribers, payload)
-        sent = inst.channel.publish(subscribers, frame)
-        self.stats.messages_out += sent
-
+        sent = self._deliver(instance, message.get("subscribers"), payload, now_ms())
         for relay in self._relays:
             try:
                 relay.relay(instance, message, payload)
             except Exception:  # a relay must not fail a publish; see Relay
                 log.exception("relay %r raised; message still delivered locally", relay)
+        return sent
+
+    def receive(self, instance: str, payload: bytes, at: float) -> int:
+        """Store and deliver a message another node published; return the sockets reached.
+
+        ``payload`` is the message as its first node serialised it (its
+        ``touched`` included) and ``at`` when that node accepted it, so ages
+        count from then. Nothing is relayed: the broker already carried it
+        to every node, and a mesh peer must not get it from two nodes.
+        """
+        subscribers = _subscribers(payload)
+        return self._deliver(instance, subscribers, payload, at)
+
+    def merge(
+        self, instance: str, entries: Iterable[tuple[float, bytes]], *, deliver_from: float = 0.0
+    ) -> int:
+        """Merge ``(at, payload)`` entries of ``instance`` (a first sync); return how many were new.
+
+        Entries whose payload the history already holds (loaded from the
+        state directory, say) are skipped; the new ones accepted at or after
+        ``deliver_from`` are delivered, then the history is rebuilt ordered
+        by acceptance time, so each keeps its true age. For the first sync
+        of an instance only: it costs the history's size.
+        """
+        inst = self.instance(instance)
+        known = {_frame_payload(frame) for _, _, frame in inst.history.entries()}
+        added: list[tuple[float, Any, bytes]] = []
+        for at, payload in entries:
+            if payload in known:
+                continue
+            known.add(payload)
+            subscribers = _subscribers(payload)
+            frame = build_frame(payload)
+            self.stats.messages_in += 1
+            if at >= deliver_from:
+                self.stats.messages_out += inst.channel.publish(subscribers, frame)
+            added.append((at, subscribers, frame))
+        if added:
+            merged = sorted([*inst.history.entries(), *added], key=_entry_time)
+            inst.history.clear()
+            for at, subscribers, frame in merged:
+                inst.history.add(at, subscribers, frame)
+            inst.history.purge(now_ms())
+        self._release(inst)
+        return len(added)
+
+    def _deliver(self, instance: str, subscribers: Any, payload: bytes, at: float) -> int:
+        """The local step every message takes: history, fan-out, counters."""
+        frame = build_frame(payload)
+        inst = self.instance(instance)
+        inst.history.add(at, subscribers, frame)
+        self.stats.messages_in += 1
+        if self._debug:
+            self._trace_delivery(inst, subscribers, payload)
+        sent = inst.channel.publish(subscribers, frame)
+        self.stats.messages_out += sent
         return sent
 
     def _trace_delivery(self, inst: Instance, subscribers: Any, payload: bytes) -> None:
@@ -368,6 +430,20 @@ class Hub:
         sent = sub.replay(frames) if frames else 0
         self.stats.replayed += sent
         return sent
+
+
+def _entry_time(entry: tuple[float, Any, bytes]) -> float:
+    return entry[0]
+
+
+def _subscribers(payload: bytes) -> Any:
+    """The ``subscribers`` of a serialised message (None when it has none or is unreadable)."""
+    try:
+        message = loads(payload)
+    except ValueError:
+        log.warning("unreadable message from another node: %r", payload[:120])
+        return None
+    return message.get("subscribers") if isinstance(message, dict) else None
 
 
 def _frame_payload(frame: bytes) -> bytes:

@@ -25,9 +25,11 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from fastaphlict.broker import LATENCY_BUCKETS as BROKER_BUCKETS
 from fastaphlict.peers import LATENCY_BUCKETS
 
 if TYPE_CHECKING:
+    from fastaphlict.broker import Broker
     from fastaphlict.hub import Hub
     from fastaphlict.peers import PeerRelay
 
@@ -39,11 +41,14 @@ OTHER = "_other"
 
 
 class HubCollector(Collector):
-    """Reads the hub's and the relay's counters at scrape time."""
+    """Reads the hub's, the relay's and the broker's counters at scrape time."""
 
-    def __init__(self, hub: Hub, relay: PeerRelay | None = None) -> None:
+    def __init__(
+        self, hub: Hub, relay: PeerRelay | None = None, broker: Broker | None = None
+    ) -> None:
         self._hub = hub
         self._relay = relay
+        self._broker = broker
 
     def collect(self) -> Iterator[Metric]:
         hub = self._hub
@@ -95,6 +100,53 @@ class HubCollector(Collector):
         )
         if self._relay is not None:
             yield from self._peers(self._relay)
+        if self._broker is not None:
+            yield from self._broker_metrics(self._broker)
+
+    @staticmethod
+    def _broker_metrics(broker: Broker) -> Iterator[Metric]:
+        stats = broker.stats
+        yield GaugeMetricFamily(
+            "fastaphlict_broker_up",
+            "1 while the node is subscribed to Redis and its own probe comes back, else 0.",
+            value=1 if broker.up else 0,
+        )
+        yield GaugeMetricFamily(
+            "fastaphlict_broker_buffered",
+            "Messages accepted here and waiting for Redis.",
+            value=broker.buffered,
+        )
+        yield _counter(
+            "fastaphlict_broker_published",
+            "Messages this node published to Redis.",
+            stats.published,
+        )
+        yield _counter(
+            "fastaphlict_broker_dropped",
+            "Messages dropped before reaching Redis (buffer full, or unsaved at a stop).",
+            stats.dropped,
+        )
+        yield _counter(
+            "fastaphlict_broker_publish_failures",
+            "Publish attempts to Redis that failed and were retried.",
+            stats.publish_failures,
+        )
+        yield _counter(
+            "fastaphlict_broker_reconnects",
+            "Times the subscription to Redis was rebuilt after having been up.",
+            stats.reconnects,
+        )
+        yield _counter(
+            "fastaphlict_broker_received",
+            "Messages other nodes published that reached this node.",
+            stats.received,
+        )
+        latency = HistogramMetricFamily(
+            "fastaphlict_broker_publish_seconds",
+            "Time from a message's acceptance here to Redis' acknowledgement.",
+        )
+        latency.add_metric([], _buckets(BROKER_BUCKETS, stats.latency_counts), stats.latency_sum)
+        yield latency
 
     def _per_instance(self) -> Iterator[Metric]:
         hub = self._hub
@@ -167,12 +219,19 @@ class HubCollector(Collector):
             dropped.add_metric(name, peer.dropped)
             queued.add_metric(name, peer.queued)
             known.add_metric(name, 1 if peer.fingerprint else 0)
-            cumulative, buckets = 0, []
-            for bound, count in zip(LATENCY_BUCKETS, peer.latency_counts, strict=True):
-                cumulative += count
-                buckets.append(("+Inf" if bound == float("inf") else str(bound), cumulative))
-            latency.add_metric(name, buckets, peer.latency_sum)
+            latency.add_metric(
+                name, _buckets(LATENCY_BUCKETS, peer.latency_counts), peer.latency_sum
+            )
         yield from (sent, failed, dropped, queued, known, latency)
+
+
+def _buckets(bounds: tuple[float, ...], counts: list[int]) -> list[tuple[str, float]]:
+    """Per-bucket counts as Prometheus' cumulative ``(le, count)`` pairs."""
+    cumulative, out = 0, []
+    for bound, count in zip(bounds, counts, strict=True):
+        cumulative += count
+        out.append(("+Inf" if bound == float("inf") else str(bound), cumulative))
+    return out
 
 
 def _counter(name: str, documentation: str, value: float) -> CounterMetricFamily:
@@ -184,8 +243,10 @@ def render(registry: CollectorRegistry) -> bytes:
     return generate_latest(registry)
 
 
-def make_registry(hub: Hub, relay: PeerRelay | None = None) -> CollectorRegistry:
+def make_registry(
+    hub: Hub, relay: PeerRelay | None = None, broker: Broker | None = None
+) -> CollectorRegistry:
     """A registry of our own (not the global one), so servers in one process don't clash."""
     registry = CollectorRegistry(auto_describe=True)
-    registry.register(HubCollector(hub, relay))
+    registry.register(HubCollector(hub, relay, broker))
     return registry

@@ -23,7 +23,7 @@ import ssl
 import threading
 import time
 import types
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
@@ -215,10 +215,20 @@ class PeerRelay:
         self._workers: list[asyncio.Task[None]] = []
         self._closing = False
         self._close_task: asyncio.Future[None] | None = None
+        self._cluster: Callable[[], Iterable[str]] | None = None
 
     @property
     def peers(self) -> tuple[Peer, ...]:
         return self._peers
+
+    def join_cluster(self, members: Callable[[], Iterable[str]]) -> None:
+        """List this node's broker cluster in ``touched`` of every relayed copy.
+
+        A mesh peer then relays the message to none of the cluster's nodes
+        (they have it from the broker already), and a cluster node it reaches
+        anyway drops it as a loopback.
+        """
+        self._cluster = members
 
     async def start(self) -> None:
         """Create the HTTP session and one worker per peer. Calling it again does nothing."""
@@ -271,8 +281,14 @@ class PeerRelay:
             if not isinstance(touched, list):
                 touched = []
             seen = {fp for fp in touched if isinstance(fp, str)}  # entries may be any JSON
-            targets = [p for p in self._peers if p.fingerprint is None or p.fingerprint not in seen]
+            # Nodes of our broker cluster have it from the broker: not relayed to.
+            cluster = [fp for fp in self._cluster() if fp not in seen] if self._cluster else []
+            skip = seen.union(cluster)
+            targets = [p for p in self._peers if p.fingerprint is None or p.fingerprint not in skip]
+            if not targets:
+                return
             known = list(dict.fromkeys(p.fingerprint for p in targets if p.fingerprint))
+            known.extend(fp for fp in cluster if fp not in known)
             for peer in targets:
                 others = [fp for fp in known if fp != peer.fingerprint]
                 copy = dumps({**message, "touched": [*touched, *others]}) if others else body

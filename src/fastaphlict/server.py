@@ -8,7 +8,9 @@ the bound ports back from :attr:`Server.client_ports` / :attr:`Server.admin_port
 Shutdown order matters for browsers and for Phorge: stop accepting, tell every
 WebSocket "going away" (1001) so browsers reconnect at once, let in-flight
 admin requests finish, write the histories to the state directory (if one
-is configured), then give peer queues a short deadline.
+is configured), then give peer queues and the broker's buffer a short
+deadline; what the broker could not publish is kept in the state directory
+for the next start, or counted as dropped.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ from aiohttp import web
 from picows import ws_create_server
 
 from fastaphlict import admin, client, state, systemd
-from fastaphlict.config import Config, ConfigError, Limits, ServerConfig
+from fastaphlict.broker import Broker
+from fastaphlict.config import BrokerConfig, Config, ConfigError, Limits, ServerConfig
 from fastaphlict.hub import Hub, format_address
 from fastaphlict.peers import PeerRelay, new_fingerprint
 from fastaphlict.ratelimit import Throttle
@@ -72,6 +75,8 @@ class Server:
         peer_ca_file: str | None = None,
         state_dir: str | None = None,
         inherited: dict[int, systemd.Inherited] | None = None,
+        broker: BrokerConfig | None = None,
+        broker_ca_file: str | None = None,
     ):
         self.config = config
         #: Sockets systemd passed in, by index in ``config.servers``; served instead of binding.
@@ -94,6 +99,19 @@ class Server:
             ssl_context=client_context(peer_ca_file) if peer_ca_file else None,
         )
         self.hub.add_relay(self.relay)
+        self.broker: Broker | None = None
+        if broker is not None:
+            self.broker = Broker(
+                self.hub,
+                broker,
+                timeout=self.limits.broker_timeout,
+                buffer_limit=self.limits.broker_buffer,
+                probe_interval=self.limits.broker_probe_interval,
+                ca_file=broker_ca_file,
+            )
+            self.hub.add_relay(self.broker)
+            self.hub.join_cluster(self.broker.is_member)
+            self.relay.join_cluster(self.broker.members)
         self.client_ports: list[int] = []
         self.admin_ports: list[int] = []
         self._client_servers: list[asyncio.AbstractServer] = []
@@ -106,7 +124,8 @@ class Server:
         self.state_dir = state_dir
         # Set once start() has finished: a start that failed (a port in use,
         # say) must not overwrite the saved histories.
-        self._save_state = False
+        self._save_state = self._save_pending = False
+        self._pending_kept = False
 
     async def start(self) -> None:
         """Bind every listener; raise (and close what was opened) if one fails."""
@@ -114,6 +133,13 @@ class Server:
         try:
             # Before any listener: a tab's first replay must find the history.
             self._load_state()
+            if self.broker is not None:
+                if self.state_dir is not None:
+                    self.broker.restore(state.read_pending(self.state_dir))
+                    # Read means removed: even a failed start must write them back.
+                    self._save_pending = True
+                # Warmed from Redis (or given up on) before any tab can replay.
+                await self.broker.start()
             await self.relay.start()
             for index, entry in enumerate(self.config.servers):
                 try:
@@ -135,7 +161,7 @@ class Server:
                 asyncio.ensure_future(self._housekeeping(EXPIRE_INTERVAL, expire=True))
             )
             self._periodic.append(asyncio.ensure_future(self._summaries(SUMMARY_INTERVAL)))
-            self._save_state = self.state_dir is not None
+            self._save_state = self._save_pending = self.state_dir is not None
         except BaseException:
             await self.close()
             raise
@@ -175,7 +201,12 @@ class Server:
 
     async def _start_admin(self, entry: ServerConfig) -> None:
         runner = web.AppRunner(
-            admin.make_app(self.hub, relay=self.relay, max_body_size=self.limits.max_body_size),
+            admin.make_app(
+                self.hub,
+                relay=self.relay,
+                broker=self.broker,
+                max_body_size=self.limits.max_body_size,
+            ),
             access_log=None,
             handle_signals=False,
             shutdown_timeout=self.limits.shutdown_timeout / 2,
@@ -318,6 +349,32 @@ class Server:
             self.state_dir,
         )
 
+    def keep_pending(self, pending: list[state.Pending]) -> None:
+        """What the broker could not publish: to the state directory, or counted dropped."""
+        if self.broker is None or self._pending_kept:
+            return
+        self._pending_kept = True
+        if not pending:
+            return
+        if self.state_dir is not None and self._save_pending:
+            try:
+                state.write_pending(self.state_dir, pending)
+            except OSError as exc:
+                log.error("cannot write state to %s: %s", self.state_dir, _reason(exc))
+            else:
+                log.warning(
+                    "broker: %d unpublished message(s) kept in %s for the next start",
+                    len(pending),
+                    self.state_dir,
+                )
+                return
+        self.broker.stats.dropped += len(pending)
+        log.warning(
+            "broker: %d unpublished message(s) dropped at stop (no state directory to keep them);"
+            " other nodes' tabs miss them",
+            len(pending),
+        )
+
     def status_line(self) -> str:
         """The one-line summary ``systemctl status`` shows while serving."""
         clients = ", ".join(map(str, self.client_ports))
@@ -343,7 +400,14 @@ class Server:
             await runner.cleanup()
         # Every accepted post is in the history now; peers' queues are not ours to keep.
         self.write_state()
-        await self.relay.close(timeout=self.limits.relay_drain_timeout)
+        drain = self.limits.relay_drain_timeout
+        if self.broker is not None:
+            _, left = await asyncio.gather(
+                self.relay.close(timeout=drain), self.broker.close(drain)
+            )
+            self.keep_pending(left)
+        else:
+            await self.relay.close(timeout=drain)
         # Give close frames a moment to flush, then drop what is left.
         await asyncio.sleep(0)
         for inst in self.hub.instances():
@@ -411,6 +475,8 @@ class Server:
                 closing.cancel()
                 # A second signal or the deadline skips the waits, not the state.
                 self.write_state()
+                if self.broker is not None:
+                    self.keep_pending(self.broker.abandon())
                 log.warning("shutdown did not finish in time; exiting anyway")
             else:
                 log.info("stopped")
@@ -559,6 +625,8 @@ def run(
     on_reload: Callable[[], None] | None = None,
     peer_ca_file: str | None = None,
     state_dir: str | None = None,
+    broker: BrokerConfig | None = None,
+    broker_ca_file: str | None = None,
 ) -> int:
     """Run the server on uvloop until SIGTERM/SIGINT; return the exit code."""
     import uvloop
@@ -572,6 +640,8 @@ def run(
             peer_ca_file=peer_ca_file,
             state_dir=state_dir,
             inherited=systemd.adopt(config.servers),
+            broker=broker,
+            broker_ca_file=broker_ca_file,
         )
         uvloop.run(server.serve(on_reload=on_reload))
     except (OSError, ConfigError, ValueError) as exc:

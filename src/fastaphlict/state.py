@@ -37,12 +37,17 @@ import orjson
 
 __all__ = [
     "FORMAT",
+    "PENDING_FILE",
+    "PENDING_FORMAT",
     "VERSION",
+    "Pending",
     "StateError",
     "check_writable",
     "file_name",
     "read_dir",
+    "read_pending",
     "write_dir",
+    "write_pending",
 ]
 
 log = logging.getLogger("fastaphlict.state")
@@ -56,6 +61,15 @@ _SUFFIX = ".jsonl"
 
 #: One entry: (wall-clock ms when first accepted, subscribers, payload bytes).
 Entry = tuple[float, Any, bytes]
+
+#: Messages accepted while Redis was unreachable and still unpublished at a
+#: stop: one file, same layout (header, one line per message, trailer).
+PENDING_FILE = "broker-pending.jsonl"
+PENDING_FORMAT = "fastaphlict-broker-pending"
+#: One pending message: (origin fingerprint, its sequence number at that
+#: origin, instance, wall-clock ms when accepted, payload bytes). Origin and
+#: number are kept so Redis can tell a message it already has.
+Pending = tuple[str, int, str, float, bytes]
 
 
 class StateError(ValueError):
@@ -189,3 +203,83 @@ def write_dir(directory: str, histories: dict[str, list[Entry]]) -> int:
     finally:
         os.close(fd)
     return written
+
+
+def write_pending(directory: str, pending: list[Pending]) -> None:
+    """Write the broker's unpublished messages, replacing the file (none: remove it)."""
+    path = os.path.join(directory, PENDING_FILE)
+    if not pending:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        return
+    lines = [orjson.dumps({"format": PENDING_FORMAT, "version": VERSION})]
+    for origin, seq, instance, at, payload in pending:
+        lines.append(orjson.dumps([origin, seq, instance, at, payload.decode("utf-8")]))
+    lines.append(orjson.dumps({"entries": len(pending)}))
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(b"\n".join(lines) + b"\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def read_pending(directory: str) -> list[Pending]:
+    """The unpublished messages a previous stop left, and the file is removed.
+
+    A damaged file is set aside like a bad history (one log line) and
+    nothing is returned: a partial list could publish some messages twice.
+    """
+    path = os.path.join(directory, PENDING_FILE)
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        return []
+    except OSError as exc:
+        _set_aside(path, exc)
+        return []
+    try:
+        pending = _decode_pending(data)
+    except StateError as exc:
+        _set_aside(path, exc)
+        return []
+    os.unlink(path)
+    return pending
+
+
+def _decode_pending(data: bytes) -> list[Pending]:
+    if not data.endswith(b"\n"):
+        raise StateError("empty" if not data else "truncated (no final newline)")
+    lines = data[:-1].split(b"\n")
+    try:
+        header = orjson.loads(lines[0])
+        if not isinstance(header, dict) or header.get("format") != PENDING_FORMAT:
+            raise StateError("not a fastaphlict pending-messages file")
+        if header.get("version") != VERSION:
+            raise StateError(f"format version {header.get('version')!r}, expected {VERSION}")
+        trailer = orjson.loads(lines[-1]) if len(lines) > 1 else None
+        if not isinstance(trailer, dict) or trailer.get("entries") != len(lines) - 2:
+            raise StateError("truncated (entry count does not match)")
+        pending: list[Pending] = []
+        for line in lines[1:-1]:
+            origin, seq, instance, at, text = orjson.loads(line)
+            if not (
+                isinstance(origin, str)
+                and isinstance(seq, int)
+                and isinstance(instance, str)
+                and isinstance(at, (int, float))
+                and isinstance(text, str)
+            ):
+                raise StateError("malformed entry")
+            pending.append((origin, seq, instance, float(at), text.encode("utf-8")))
+    except (orjson.JSONDecodeError, ValueError, TypeError) as exc:
+        if isinstance(exc, StateError):
+            raise
+        raise StateError(f"malformed entry: {exc}") from exc
+    return pending

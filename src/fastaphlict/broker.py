@@ -1,0 +1,663 @@
+"""The Redis broker: every node given the same Redis is one cluster.
+
+What it owns: the connection to Redis, the buffer of messages waiting for
+it, the subscription other nodes' messages arrive on, and the record of how
+far this node has read each instance's shared history. What it must never
+do: block or fail a post. :meth:`Broker.relay` runs on the publish path (the
+posting node's own tabs already have the message); it only appends to a
+bounded buffer, and one task publishes from there.
+
+Redis holds, per instance, a stream ``fastaphlict:history:<instance>``
+(trimmed to the history's 4096 entries and 60 s by Redis' clock, expiring
+with its instance), a sorted set of instances by last publish, and per
+origin node the sequence number it last published. One Lua script writes
+the stream entry and publishes it on the cluster's channel, so a node never
+sees a message the history lacks or the reverse, and refuses a sequence
+number it already has, so a publish retried after a timeout lands once.
+
+Receiving, this node takes nothing on trust from the channel alone
+(Centrifugo's way): after every (re)connection it subscribes first, then
+reads each instance's stream from where it stopped (or the whole window, the
+first time), and only then reads the channel, skipping what the streams
+already gave by stream position. So a node cut off for a while gets every
+message of the window it missed, once. Its own messages are recognised by
+their origin and skipped: they reached its tabs when they were posted.
+
+A subscription can stay connected and stop delivering (a failover behind a
+proxy, a paused Redis): every node publishes a probe to itself each
+``probe_interval``; three intervals without its own probe back and the link
+is torn down and rebuilt, catch-up included. The probes double as the
+cluster's membership list, which the hub's loopback rule and the mesh relay
+use in mixed clusters.
+
+The password stays in the connection settings: logs, errors and metrics
+name the broker by :attr:`BrokerConfig.display`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import ssl
+import time
+from collections.abc import Awaitable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
+from fastaphlict.protocol import HISTORY_LIMIT, HISTORY_TTL_MS
+
+if TYPE_CHECKING:
+    from fastaphlict.config import BrokerConfig
+    from fastaphlict.hub import Hub
+    from fastaphlict.state import Pending
+
+__all__ = ["LATENCY_BUCKETS", "Broker", "BrokerStats", "StreamId", "parse_stream_id"]
+
+log = logging.getLogger("fastaphlict.broker")
+
+T = TypeVar("T")
+
+#: Key prefix of everything fastaphlict keeps in Redis.
+PREFIX = "fastaphlict:"
+#: Probes missed in a row before a quiet subscription counts as stalled.
+PROBES_MISSED = 3
+#: Messages published in one pipeline (each still its own atomic script).
+PUBLISH_BATCH = 256
+#: Reconnection delays: the first retry is quick, then doubling up to the cap.
+BACKOFF_FIRST = 0.05
+BACKOFF_CAP = 2.0
+#: Seconds a fingerprint stays a cluster member after its last probe or
+#: message: longer than a history window, so a late relay of its messages
+#: by a mesh peer is still recognised.
+MEMBER_TTL = 2 * HISTORY_TTL_MS / 1000
+#: Entries read per XRANGE call during catch-up.
+CATCH_UP_PAGE = 1024
+
+#: Upper bounds (seconds) of the publish latency histogram; the last is +Inf.
+LATENCY_BUCKETS = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    float("inf"),
+)
+
+# KEYS: 1 the instance's stream, 2 the instance set, 3 the origin's sequence.
+# ARGV: 1 instance, 2 origin, 3 sequence, 4 accepted at (ms), 5 payload,
+#       6 history limit, 7 history window (ms), 8 channel.
+# Returns the new entry's id, or false when this origin already published
+# this sequence number (a retry after a lost reply).
+_PUBLISH_LUA = """
+local seq = tonumber(ARGV[3])
+local last = tonumber(redis.call('GET', KEYS[3]) or '0')
+if seq <= last then return false end
+local window = tonumber(ARGV[7])
+redis.call('SET', KEYS[3], ARGV[3], 'PX', 86400000)
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[6], '*',
+  'o', ARGV[2], 's', ARGV[3], 'a', ARGV[4], 'p', ARGV[5])
+redis.call('XTRIM', KEYS[1], 'MINID', tostring(now - window))
+redis.call('PEXPIRE', KEYS[1], 2 * window)
+redis.call('ZADD', KEYS[2], now, ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - 2 * window)
+redis.call('PEXPIRE', KEYS[2], 2 * window)
+redis.call('PUBLISH', ARGV[8], 'M\\n' .. ARGV[2] .. '\\n' .. ARGV[3] .. '\\n' .. id .. '\\n'
+  .. ARGV[4] .. '\\n' .. #ARGV[1] .. '\\n' .. ARGV[1] .. ARGV[5])
+return id
+"""
+
+#: A stream entry id as (milliseconds, sequence): ordered like Redis orders them.
+StreamId = tuple[int, int]
+
+
+def parse_stream_id(raw: bytes | str) -> StreamId:
+    """``b"1700000000000-3"`` as ``(1700000000000, 3)``."""
+    text = raw.decode() if isinstance(raw, bytes) else raw
+    ms, _, seq = text.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def _format_id(sid: StreamId) -> str:
+    return f"{sid[0]}-{sid[1]}"
+
+
+def _key(instance: str) -> str:
+    return f"{PREFIX}history:{instance}"
+
+
+def _encode(instance: str) -> bytes:
+    return instance.encode("utf-8", "surrogatepass")
+
+
+def _decode(raw: bytes) -> str:
+    return raw.decode("utf-8", "surrogatepass")
+
+
+class _Stalled(Exception):
+    """The subscription is connected but our own probes stopped coming back."""
+
+
+@dataclass
+class BrokerStats:
+    """Counters ``/metrics`` reads; only the broker writes them, on the loop."""
+
+    #: Messages this node published to Redis (acknowledged).
+    published: int = 0
+    #: Messages dropped: the buffer was full, or a stop found them unpublished
+    #: with no state directory to keep them.
+    dropped: int = 0
+    #: Times the link to Redis was rebuilt after it had been up.
+    reconnects: int = 0
+    #: Messages other nodes published that reached this node.
+    received: int = 0
+    #: Publish attempts that failed (a pipeline counts once).
+    publish_failures: int = 0
+
+    def __post_init__(self) -> None:
+        #: Seconds from a message's acceptance to Redis' acknowledgement.
+        self.latency_counts = [0] * len(LATENCY_BUCKETS)
+        self.latency_sum = 0.0
+        self.latency_count = 0
+
+    def observe(self, seconds: float) -> None:
+        for index, bound in enumerate(LATENCY_BUCKETS):
+            if seconds <= bound:
+                self.latency_counts[index] += 1
+                break
+        self.latency_sum += seconds
+        self.latency_count += 1
+
+
+class Broker:
+    """One node's link to the Redis broker: publish, subscribe, catch up, probe.
+
+    Lifecycle: construct, ``await start()`` before the listeners accept (it
+    warms the history from Redis, for at most one ``timeout``), ``relay()``
+    from the publish path, ``await close()`` at shutdown (it returns what
+    could not be published).
+    """
+
+    def __init__(
+        self,
+        hub: Hub,
+        config: BrokerConfig,
+        *,
+        timeout: float = 2.0,
+        buffer_limit: int = 16384,
+        probe_interval: float = 1.0,
+        ca_file: str | None = None,
+    ) -> None:
+        if timeout <= 0 or probe_interval <= 0:
+            raise ValueError("timeout and probe_interval must be positive")
+        if buffer_limit < 1:
+            raise ValueError(f"buffer_limit must be at least 1, got {buffer_limit!r}")
+        self._hub = hub
+        self.config = config
+        self.display = config.display
+        self.fingerprint = hub.fingerprint
+        self.stats = BrokerStats()
+        self._timeout = timeout
+        self._buffer_limit = buffer_limit
+        self._probe_interval = probe_interval
+        self._stall_after = PROBES_MISSED * probe_interval
+        self._ca_file = ca_file
+        self._channel = f"{PREFIX}{config.db}:messages"
+        self._probe = b"P\n" + self.fingerprint.encode()
+        #: (origin, seq, instance, at, payload, accepted monotonic), oldest first.
+        self._buffer: collections.deque[tuple[str, int, str, float, bytes, float]] = (
+            collections.deque()
+        )
+        self._seq = 0
+        self._wakeup = asyncio.Event()
+        #: Origins whose messages this node delivered when they were posted:
+        #: itself, and the previous process whose unpublished messages it took over.
+        self._own = {self.fingerprint}
+        #: Per instance, the last stream id this node has taken in.
+        self._read: dict[str, StreamId] = {}
+        self._members: dict[str, float] = {}
+        self._client: aioredis.Redis | None = None
+        self._script: Any = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._closing = False
+        #: Link state: subscribed and caught up, and when our last probe came back.
+        self._linked = False
+        self._last_probe = 0.0
+        self._down_since: float | None = None
+        self._ever_up = False
+        self._dropping = False
+        self._synced = asyncio.Event()
+        self._attempted = asyncio.Event()
+        self._start_reason = "timed out"
+        self._down_logged = False
+        #: Wall-clock ms of this node's start: a first sync delivers to tabs
+        #: only what was accepted since (older messages were never this
+        #: node's to deliver; its tabs replayed what it had).
+        self._started_at = _now_ms()
+
+    # -- state for metrics and the hub ------------------------------------
+
+    @property
+    def up(self) -> bool:
+        """Subscribed, caught up, and our own probe came back recently."""
+        return self._linked and time.monotonic() - self._last_probe <= self._stall_after
+
+    @property
+    def buffered(self) -> int:
+        """Messages accepted here and not yet acknowledged by Redis."""
+        return len(self._buffer)
+
+    def is_member(self, fingerprint: str) -> bool:
+        """Whether ``fingerprint`` is another node of this cluster (seen recently)."""
+        seen = self._members.get(fingerprint)
+        return seen is not None and time.monotonic() - seen <= MEMBER_TTL
+
+    def members(self) -> list[str]:
+        """The other nodes of this cluster seen recently (for the mesh relay's ``touched``)."""
+        horizon = time.monotonic() - MEMBER_TTL
+        for fp in [fp for fp, seen in self._members.items() if seen < horizon]:
+            del self._members[fp]
+        return list(self._members)
+
+    # -- the publish path -------------------------------------------------
+
+    def relay(self, instance: str, message: Mapping[str, Any], body: bytes) -> None:
+        """Queue a message this node accepted for Redis. Never blocks, never raises."""
+        if self._closing:
+            self.stats.dropped += 1
+            return
+        self._seq += 1
+        self._append((self.fingerprint, self._seq, instance, _now_ms(), body, time.monotonic()))
+
+    def restore(self, pending: Iterable[Pending]) -> int:
+        """Queue the unpublished messages a previous process left; return how many.
+
+        They keep their origin and number (Redis refuses one it already has)
+        and their acceptance time; those already out of the history window
+        are dropped and counted. Their origin counts as our own: the tabs
+        that replayed them from the saved history must not get them again.
+        """
+        horizon = _now_ms() - HISTORY_TTL_MS
+        queued = expired = 0
+        for origin, seq, instance, at, payload in pending:
+            if at < horizon:
+                expired += 1
+                continue
+            self._own.add(origin)
+            self._append((origin, seq, instance, at, payload, time.monotonic()))
+            queued += 1
+        self.stats.dropped += expired
+        if queued or expired:
+            log.info(
+                "broker: %d saved message(s) to publish, %d past the history window dropped",
+                queued,
+                expired,
+            )
+        return queued
+
+    def _append(self, item: tuple[str, int, str, float, bytes, float]) -> None:
+        buffer = self._buffer
+        if len(buffer) >= self._buffer_limit:
+            buffer.popleft()
+            self.stats.dropped += 1
+            if not self._dropping:
+                self._dropping = True
+                log.warning(
+                    "broker buffer full (%d messages): dropping the oldest; other nodes'"
+                    " tabs will miss them",
+                    self._buffer_limit,
+                )
+        buffer.append(item)
+        self._wakeup.set()
+
+    # -- lifecycle --------------------------------------------------------
+
+    async def start(self) -> None:
+        """Connect, warm the history from Redis, and start the tasks.
+
+        Waits at most one ``timeout`` (plus the warm-up's reads once
+        connected): an unreachable Redis is logged and retried in the
+        background, and the node serves its own tabs meanwhile.
+        """
+        self._client = self._make_client()
+        self._script = self._client.register_script(_PUBLISH_LUA)
+        self._tasks = [
+            asyncio.create_task(self._subscriber(), name="fastaphlict-broker-subscriber"),
+            asyncio.create_task(self._publisher(), name="fastaphlict-broker-publisher"),
+            asyncio.create_task(self._prober(), name="fastaphlict-broker-probe"),
+        ]
+        # The first attempt's outcome: in sync, or failed (then no waiting on).
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._attempted.wait(), self._timeout * 4)
+        if not self._synced.is_set():
+            log.warning(
+                "broker %s unreachable at start (%s): serving this node's tabs with %s history,"
+                " retrying in the background",
+                self.display,
+                self._start_reason,
+                "its saved" if any(len(i.history) for i in self._hub.instances()) else "no",
+            )
+            self._down_logged = True
+            self._down_since = time.monotonic()
+
+    async def close(self, drain_timeout: float = 2.0) -> list[Pending]:
+        """Publish what is buffered (for up to ``drain_timeout`` s), stop; return the rest.
+
+        Idempotent. The caller keeps the returned messages (state directory)
+        or counts them as dropped.
+        """
+        if self._closing:
+            return []
+        self._closing = True
+        self._wakeup.set()
+        if self._buffer and self._linked and drain_timeout > 0:
+            deadline = time.monotonic() + drain_timeout
+            while self._buffer and self._linked and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._client is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._client.aclose(), self._timeout)
+        left = [(o, s, i, at, p) for o, s, i, at, p, _ in self._buffer]
+        self._buffer.clear()
+        return left
+
+    def abandon(self) -> list[Pending]:
+        """Stop publishing at once (a forced shutdown); return what is still buffered."""
+        self._closing = True
+        for task in self._tasks:
+            task.cancel()
+        left = [(o, s, i, at, p) for o, s, i, at, p, _ in self._buffer]
+        self._buffer.clear()
+        return left
+
+    def _make_client(self) -> aioredis.Redis:
+        config = self.config
+        common: dict[str, Any] = {
+            "db": config.db,
+            "username": config.username,
+            "password": config.password,
+            "socket_timeout": self._timeout,
+            "socket_connect_timeout": self._timeout,
+            # Reconnection and catch-up are ours (see the module docstring):
+            # a silent retry inside redis-py would skip the catch-up.
+            "retry": Retry(NoBackoff(), 0),
+            "client_name": f"fastaphlict-{self.fingerprint}",
+            "protocol": 2,
+        }
+        if config.scheme == "unix":
+            return aioredis.Redis(unix_socket_path=config.path, **common)
+        if config.scheme == "rediss":
+            common.update(
+                ssl=True,
+                ssl_cert_reqs=ssl.CERT_REQUIRED,
+                ssl_check_hostname=True,
+                ssl_ca_certs=self._ca_file,
+            )
+        return aioredis.Redis(host=config.host, port=config.port, **common)
+
+    async def _call(self, awaitable: Awaitable[T]) -> T:
+        """One Redis call, bounded: socket timeouts aside, nothing may hang a task."""
+        return await asyncio.wait_for(awaitable, self._timeout)
+
+    # -- the link: subscribe, catch up, read, watch the probes -------------
+
+    async def _subscriber(self) -> None:
+        """Keep the subscription up; after each (re)connection, catch up first."""
+        delay = BACKOFF_FIRST
+        while not self._closing:
+            assert self._client is not None
+            pool = self._client.connection_pool
+            conn = pool.connection_class(**pool.connection_kwargs)
+            try:
+                await self._call(conn.connect())
+                await conn.send_command("SUBSCRIBE", self._channel)
+                reply = await conn.read_response(timeout=self._timeout)
+                if not (isinstance(reply, list) and reply and reply[0] == b"subscribe"):
+                    raise RedisError(f"unexpected reply to SUBSCRIBE: {reply!r}")
+                # The channel's messages wait in the socket while the streams are read.
+                caught_up = await self._catch_up()
+                self._last_probe = time.monotonic()
+                self._linked = True
+                delay = BACKOFF_FIRST
+                self._on_up(caught_up)
+                while True:
+                    message = await conn.read_response(timeout=self._probe_interval)
+                    if message is not None:
+                        self._on_message(message)
+                    if time.monotonic() - self._last_probe > self._stall_after:
+                        raise _Stalled(
+                            f"no probe came back for {self._stall_after:g}s: subscription stalled"
+                        )
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self._on_down(_reason(exc))
+            finally:
+                self._linked = False
+                with contextlib.suppress(Exception):
+                    await conn.disconnect(nowait=True)
+            if self._closing:
+                return
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, BACKOFF_CAP)
+
+    async def _catch_up(self) -> int:
+        """Read every instance's stream past what this node has; return how many were new.
+
+        An instance read for the first time (at start, or Redis unreachable
+        until now) is merged whole with what the node already holds; later
+        ones continue from the last id taken in.
+        """
+        assert self._client is not None
+        names = await self._call(self._client.zrange(f"{PREFIX}instances", 0, -1))
+        horizon = _now_ms() - HISTORY_TTL_MS
+        new = 0
+        for raw in names:
+            instance = _decode(raw)
+            last = self._read.get(instance)
+            start = "-" if last is None else f"({_format_id(last)}"
+            fresh: list[tuple[float, bytes]] = []
+            while True:
+                page = await self._call(
+                    self._client.xrange(_key(instance), min=start, max="+", count=CATCH_UP_PAGE)
+                )
+                for sid_raw, fields in page:
+                    sid = parse_stream_id(sid_raw)
+                    self._read[instance] = sid
+                    origin = _decode(fields[b"o"])
+                    self._members[origin] = time.monotonic()
+                    if origin in self._own and last is not None:
+                        continue  # delivered when it was posted here
+                    at = float(fields[b"a"])
+                    if at >= horizon:
+                        fresh.append((at, fields[b"p"]))
+                if len(page) < CATCH_UP_PAGE:
+                    break
+                start = f"({_format_id(self._read[instance])}"
+            if last is None:
+                new += self._hub.merge(instance, fresh, deliver_from=self._started_at)
+            else:
+                for at, payload in fresh:
+                    self._hub.receive(instance, payload, at)
+                new += len(fresh)
+        self.stats.received += new
+        return new
+
+    def _on_message(self, reply: Any) -> None:
+        """One message from the channel: another node's message, or a probe."""
+        if not (isinstance(reply, list) and len(reply) == 3 and reply[0] == b"message"):
+            return
+        data: bytes = reply[2]
+        if data.startswith(b"P\n"):
+            origin = data[2:].decode("ascii", "replace")
+            if origin == self.fingerprint:
+                self._last_probe = time.monotonic()
+            else:
+                self._members[origin] = time.monotonic()
+            return
+        if not data.startswith(b"M\n"):
+            return
+        try:
+            _, origin_raw, _seq, sid_raw, at_raw, size_raw, rest = data.split(b"\n", 6)
+            size = int(size_raw)
+            instance = _decode(rest[:size])
+            payload = rest[size:]
+            sid = parse_stream_id(sid_raw)
+            at = float(at_raw)
+        except ValueError:
+            log.warning("broker: unreadable message on %s: %r", self._channel, data[:120])
+            return
+        last = self._read.get(instance)
+        if last is not None and sid <= last:
+            return  # the catch-up already took it in
+        self._read[instance] = sid
+        origin = origin_raw.decode("ascii", "replace")
+        if origin in self._own:
+            return
+        self._members[origin] = time.monotonic()
+        self.stats.received += 1
+        self._hub.receive(instance, payload, at)
+
+    def _on_up(self, caught_up: int) -> None:
+        self._attempted.set()
+        if not self._ever_up:
+            self._ever_up = True
+            self._synced.set()
+            log.info(
+                "broker %s connected: history in sync (%d message(s) from Redis)",
+                self.display,
+                caught_up,
+            )
+            if self._down_logged:
+                self._down_logged = False
+            self._down_since = None
+            return
+        self.stats.reconnects += 1
+        if self._down_logged:
+            down_for = time.monotonic() - (self._down_since or time.monotonic())
+            log.info(
+                "broker %s back after %.1fs: %d missed message(s) caught up,"
+                " %d buffered to publish",
+                self.display,
+                down_for,
+                caught_up,
+                len(self._buffer),
+            )
+            self._down_logged = False
+        self._down_since = None
+
+    def _on_down(self, reason: str) -> None:
+        if self._closing:
+            return
+        if not self._attempted.is_set():
+            # At start: one line says it all (see start()).
+            self._attempted.set()
+            log.debug("broker %s unreachable: %s", self.display, reason)
+            self._start_reason = reason
+            return
+        if self._down_since is None:
+            self._down_since = time.monotonic()
+        if not self._down_logged:
+            self._down_logged = True
+            log.warning(
+                "broker %s down: %s; posts still reach this node's tabs and wait for Redis"
+                " in a buffer of up to %d messages",
+                self.display,
+                reason,
+                self._buffer_limit,
+            )
+        else:
+            log.debug("broker %s still down: %s", self.display, reason)
+
+    # -- publishing ---------------------------------------------------------
+
+    async def _publisher(self) -> None:
+        """Publish the buffer in order, in pipelines; on failure keep it and retry."""
+        delay = BACKOFF_FIRST
+        buffer = self._buffer
+        while True:
+            if not buffer:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            batch = [buffer.popleft() for _ in range(min(PUBLISH_BATCH, len(buffer)))]
+            try:
+                await self._publish(batch)
+            except asyncio.CancelledError:
+                buffer.extendleft(reversed(batch))
+                raise
+            except Exception as exc:
+                # Back to the front, in order; the bound applies again.
+                buffer.extendleft(reversed(batch))
+                while len(buffer) > self._buffer_limit:
+                    buffer.popleft()
+                    self.stats.dropped += 1
+                self.stats.publish_failures += 1
+                log.debug("broker publish failed: %s", _reason(exc))
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, BACKOFF_CAP)
+                continue
+            delay = BACKOFF_FIRST
+            acked = time.monotonic()
+            for item in batch:
+                self.stats.observe(acked - item[5])
+            self.stats.published += len(batch)
+            if self._dropping and len(buffer) <= self._buffer_limit // 2:
+                self._dropping = False
+                log.info("broker buffer below half again (%d messages)", len(buffer))
+
+    async def _publish(self, batch: list[tuple[str, int, str, float, bytes, float]]) -> None:
+        assert self._client is not None and self._script is not None
+        tail = (HISTORY_LIMIT, int(HISTORY_TTL_MS), self._channel)
+        async with self._client.pipeline(transaction=False) as pipe:
+            for origin, seq, instance, at, payload, _ in batch:
+                await self._script(
+                    keys=[_key(instance), f"{PREFIX}instances", f"{PREFIX}seq:{origin}"],
+                    args=(_encode(instance), origin, seq, repr(at), payload, *tail),
+                    client=pipe,
+                )
+            await self._call(pipe.execute())
+
+    async def _prober(self) -> None:
+        """Publish a probe to ourselves every interval; the subscriber watches for it."""
+        assert self._client is not None
+        while True:
+            await asyncio.sleep(self._probe_interval)
+            if not self._linked:
+                continue
+            try:
+                await self._call(self._client.publish(self._channel, self._probe))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.debug("broker probe failed: %s", _reason(exc))
+
+
+def _now_ms() -> float:
+    return time.time() * 1000.0
+
+
+def _reason(exc: BaseException) -> str:
+    """A failure in words for one log line (never the connection settings)."""
+    if isinstance(exc, asyncio.TimeoutError):
+        return "timed out"
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
