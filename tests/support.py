@@ -145,6 +145,21 @@ def _bounded(func: Callable[..., Any], limit: float) -> Callable[..., Any]:
     return bounded
 
 
+def require(ok: bool, reason: str, what: str) -> None:
+    """Skip the test for ``reason`` unless ``ok``; with ``CI`` set, fail it instead.
+
+    For a test that needs a program from outside the virtual environment
+    (Chromium, redis-server: ``tests/install-deps.sh`` installs them). A
+    developer without it still gets the rest of the suite; CI cannot pass
+    without having run ``what`` (``CI`` empty, ``0`` or ``false`` counts as unset).
+    """
+    if ok:
+        return
+    if os.environ.get("CI", "").lower() not in ("", "0", "false"):
+        pytest.fail(f"{reason} (CI is set, so {what} must run)")
+    pytest.skip(reason)
+
+
 #: The ceiling for any single wait on the server (a frame, a response, a close).
 TIMEOUT = scaled(5.0)
 SRC = Path(__file__).resolve().parents[1] / "src"

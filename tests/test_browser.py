@@ -6,16 +6,16 @@ the socket closes. The test posts to the admin port as Phorge's PHP does and
 reads what the page received, then restarts the server and checks that the
 page comes back on its own.
 
-Chromium is Debian's ``chromium`` package (``.ci/run`` installs it), driven by
-Playwright for Python; Playwright's own browser download is never used. Where
-``/usr/bin/chromium`` is missing the test skips, unless ``CI`` is set: there it
-fails, so that CI cannot pass without having run it.
+Chromium is Debian's ``chromium`` package (``tests/install-deps.sh`` installs
+it), driven by Playwright for Python; Playwright's own browser download is never
+used. Where ``/usr/bin/chromium`` is missing the test skips, unless ``CI`` is
+set: there it fails, so that CI cannot pass without having run it
+(``support.require``).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import signal
 import threading
 import urllib.request
@@ -27,7 +27,7 @@ from urllib.parse import urlencode
 
 import pytest
 
-from support import PHORGE_CONTENT_TYPE, TIMEOUT, ServerProcess, scaled, spawned
+from support import PHORGE_CONTENT_TYPE, TIMEOUT, ServerProcess, require, scaled, spawned
 
 CHROMIUM = Path("/usr/bin/chromium")
 # Without the networking flags Chromium phones home at start-up (updates,
@@ -49,14 +49,6 @@ WAIT_MS = round(scaled(15) * 1000)
 USER = "PHID-USER-alice"
 TASK = "PHID-TASK-acme1"
 TEXT = "build 100% done & a=1 — ünïcødé"
-
-
-def _require(ok: bool, reason: str) -> None:
-    if ok:
-        return
-    if os.environ.get("CI", "").lower() not in ("", "0", "false"):
-        pytest.fail(f"{reason} (CI is set, so the browser test must run)")
-    pytest.skip(reason)
 
 
 class Server(ServerProcess):
@@ -82,11 +74,15 @@ class Server(ServerProcess):
 @pytest.fixture
 def browser() -> Iterator[Any]:
     """Headless Debian Chromium under Playwright; skips (fails under CI) when either is absent."""
-    _require(CHROMIUM.exists(), f"{CHROMIUM} is missing (Debian: apt-get install chromium)")
+    require(
+        CHROMIUM.exists(),
+        f"{CHROMIUM} is missing (Debian: apt-get install chromium)",
+        "the browser test",
+    )
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
-        _require(False, "playwright is not installed (pip install '.[test]')")
+        require(False, "playwright is not installed (pip install '.[test]')", "the browser test")
     with sync_playwright() as pw:
         chromium = pw.chromium.launch(
             executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, timeout=scaled(60) * 1000

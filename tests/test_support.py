@@ -1,4 +1,4 @@
-"""The test helpers' own rules: cancellation passes through, time bounds scale."""
+"""The test helpers' own rules: cancellation passes through, time bounds scale, CI runs all."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import support
-from support import assert_cancelled_promptly, cancel_and_wait, scaled
+from support import assert_cancelled_promptly, cancel_and_wait, require, scaled
 
 TESTS = Path(__file__).resolve().parent
 
@@ -174,3 +174,24 @@ def test_pytest_benchmark_collects_the_benchmarks_and_plain_pytest_the_tests(
     out = _collect(tmp_path, "-p", "no:cacheprovider")
     assert "benchmark_only False" in out, "the README's test command is unchanged"
     assert "roots ['tests']" in out
+
+
+@pytest.mark.parametrize("ci", [None, "", "0", "false", "False"])
+def test_require_skips_a_developer_without_the_program(
+    monkeypatch: pytest.MonkeyPatch, ci: str | None
+) -> None:
+    if ci is None:
+        monkeypatch.delenv("CI", raising=False)
+    else:
+        monkeypatch.setenv("CI", ci)
+    require(True, "present", "the test")
+    with pytest.raises(pytest.skip.Exception, match=r"^redis-server is missing$"):
+        require(False, "redis-server is missing", "the Redis tests")
+
+
+@pytest.mark.parametrize("ci", ["true", "1", "yes"])
+def test_require_fails_under_ci(monkeypatch: pytest.MonkeyPatch, ci: str) -> None:
+    monkeypatch.setenv("CI", ci)
+    require(True, "present", "the test")
+    with pytest.raises(pytest.fail.Exception, match="CI is set, so the Redis tests must run"):
+        require(False, "redis-server is missing", "the Redis tests")

@@ -1,0 +1,41 @@
+#!/bin/sh
+# Install what the tests run outside the virtual environment, from Debian:
+# - chromium at /usr/bin/chromium, which tests/test_browser.py drives through
+#   Playwright for Python (Playwright's own browser download is never used);
+# - redis-server at /usr/bin/redis-server, which the Redis tests start as
+#   their own throwaway servers on free ports (tests/redis_support.py).
+# Each is checked on its own and only what is missing is installed, with one
+# `apt-get update` before; with both there, nothing runs. This script starts
+# no service: the tests start the redis-server they use, and apt, where no
+# init system runs, starts none either.
+# Without root or sudo it says what to install by hand and exits 0: the tests
+# that need a missing program are then skipped, unless CI is set (then they fail).
+# INSTALL_DEPS_ROOT, if set, is prefixed to the checked paths
+# (tests/test_install_deps.py only).
+set -eu
+root=${INSTALL_DEPS_ROOT:-}
+missing=""
+if [ ! -x "$root/usr/bin/chromium" ]; then
+    missing="$missing chromium"
+fi
+if [ ! -x "$root/usr/bin/redis-server" ]; then
+    missing="$missing redis-server"
+fi
+if [ -z "$missing" ]; then
+    exit 0
+fi
+if [ "$(id -u)" -eq 0 ]; then
+    SUDO=""
+elif command -v sudo >/dev/null 2>&1; then
+    SUDO="sudo"
+else
+    echo "install-deps: not root and no sudo: install Debian's$missing by hand" \
+        "(apt-get install$missing)," >&2
+    echo "install-deps: or the tests that need them will be skipped (they fail when CI is set)" >&2
+    exit 0
+fi
+echo "install-deps: installing$missing" >&2
+$SUDO apt-get update -qq
+# Through env: sudo's env_reset would drop a variable set in front of it.
+# shellcheck disable=SC2086  # $missing is a list of package names
+$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing
