@@ -9,6 +9,9 @@
   (``python``, ``pip``, ``fastaphlict``...) that a fresh clone does not put on
   ``PATH``.
 - The Grafana dashboard only queries series that a real ``/metrics`` answers.
+- The systemd units pass ``systemd-analyze verify``, and their ``ExecStart=``
+  passes ``--test``: a renamed flag or a misspelt key fails here, not at a
+  customer's ``systemctl start``.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -249,3 +254,88 @@ def test_the_readme_limits_table_is_the_declared_one() -> None:
 
     readme = (REPO / "README.md").read_text()
     assert limits_table() in readme, "regenerate with fastaphlict.config.limits_table()"
+
+
+# -- the systemd units -----------------------------------------------------------
+
+CONTRIB = REPO / "contrib"
+UNITS = ("fastaphlict.service", "fastaphlict.socket", "fastaphlict@.service")
+#: The install path the units name, read as the bin directory running the tests.
+INSTALLED = "/opt/fastaphlict/venv/bin/"
+
+
+def exec_start(unit: str, instance: str = "1") -> list[str]:
+    """A unit's ``ExecStart=`` as words, continuation lines joined, ``%i`` expanded."""
+    lines = iter((CONTRIB / unit).read_text(encoding="utf-8").splitlines())
+    for line in lines:
+        if line.startswith("ExecStart="):
+            command = line.removeprefix("ExecStart=")
+            while command.endswith("\\"):
+                command = command[:-1] + next(lines)
+            return shlex.split(command.replace("%i", instance))
+    raise AssertionError(f"{unit} has no ExecStart=")
+
+
+@pytest.mark.parametrize("unit", ["fastaphlict.service", "fastaphlict@.service"])
+def test_a_units_command_line_passes_the_config_test(
+    unit: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Every flag of the unit's ``ExecStart=`` is one the server takes, with paths it accepts."""
+    from fastaphlict import cli
+
+    config = tmp_path / "aphlict.json"
+    config.write_text(
+        json.dumps(
+            {"servers": [{"type": "client", "port": 22280}, {"type": "admin", "port": 22281}]}
+        )
+    )
+    places = {
+        "/etc/fastaphlict/aphlict.json": str(config),
+        "/run/fastaphlict/": f"{tmp_path}/run/",
+        "${STATE_DIRECTORY}": f"{tmp_path}/state",
+    }
+    program, *args = exec_start(unit)
+    assert program == INSTALLED + "fastaphlict"
+    for old, new in places.items():
+        args = [arg.replace(old, new) for arg in args]
+    assert cli.main(["--test", *args]) == 0, capsys.readouterr().err
+    assert capsys.readouterr().out == "Configuration test OK.\n"
+
+
+def test_the_template_unit_gives_each_process_its_own_pidfile_and_state() -> None:
+    one, two = exec_start("fastaphlict@.service", "1"), exec_start("fastaphlict@.service", "2")
+    assert "--reuse-port" in one
+    pidfiles = [[a for a in words if a.startswith("--pidfile=")] for words in (one, two)]
+    assert pidfiles[0] and pidfiles[0] != pidfiles[1]
+    text = (CONTRIB / "fastaphlict@.service").read_text(encoding="utf-8")
+    assert re.search(r"^StateDirectory=\S*%i$", text, re.M)
+    assert "--state-dir=${STATE_DIRECTORY}" in " ".join(one)
+    # One inherited socket serves one unit: the instances bind their ports themselves.
+    assert not re.search(r"^(Sockets|Requires)=.*\.socket", text, re.M)
+    # Secrets come from a file, optional ("-"), never from the command line.
+    assert re.search(r"^EnvironmentFile=-/", text, re.M)
+    assert not any("redis://" in arg for arg in one)
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="needs systemd-analyze")
+def test_the_units_pass_systemd_analyze_verify(tmp_path: Path) -> None:
+    """systemd parses every line: an unknown key or a bad value is only a warning at load."""
+    bin_dir = f"{Path(sys.executable).parent}/"
+    for unit in UNITS:
+        text = (CONTRIB / unit).read_text(encoding="utf-8")
+        (tmp_path / unit).write_text(text.replace(INSTALLED, bin_dir), encoding="utf-8")
+    paths = [str(tmp_path / unit.replace("@.", "@1.")) for unit in UNITS]
+    done = subprocess.run(
+        ["systemd-analyze", "verify", *paths],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=scaled(60),
+    )
+    # Only what concerns our units: a host's own units may warn about themselves.
+    ours = [
+        line
+        for line in (done.stdout + done.stderr).splitlines()
+        if "fastaphlict" in line or str(tmp_path) in line
+    ]
+    assert done.returncode == 0 and not ours, "\n".join(ours) or done.stderr

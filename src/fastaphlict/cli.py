@@ -144,6 +144,26 @@ def _build_parser() -> argparse.ArgumentParser:
             help=f"{field.metadata['help']} (default: {_show(default)})",
         )
     limits.add_argument(
+        "--pidfile",
+        # None, not the variable: _pidfile() reads it, to name it in errors.
+        default=None,
+        metavar="PATH",
+        help="write the pid here, not at the config file's pidfile, so processes"
+        " sharing one config each have their own (env FASTAPHLICT_PIDFILE)",
+    )
+    limits.add_argument(
+        "--reuse-port",
+        nargs="?",
+        const=True,
+        # None, not the variable: _reuse_port() reads it, to name it in errors.
+        default=None,
+        type=_parse_bool,
+        metavar="BOOL",
+        help="bind every client and admin port with SO_REUSEPORT, so several processes"
+        " share them and the kernel spreads connections over them (not for sockets"
+        " inherited from systemd; env FASTAPHLICT_REUSE_PORT)",
+    )
+    limits.add_argument(
         "--peer-ca-file",
         default=os.environ.get("FASTAPHLICT_PEER_CA_FILE") or None,
         metavar="PATH",
@@ -234,6 +254,34 @@ def _limits(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -
         return Limits(**overrides)  # type: ignore[arg-type]
     except LimitError as exc:
         raise ConfigError(f"{sources.get(exc.name, exc.name)}: {exc.reason}") from exc
+
+
+def _pidfile(
+    args: argparse.Namespace, environ: Mapping[str, str] = os.environ
+) -> tuple[str | None, str | None]:
+    """``--pidfile``, then ``FASTAPHLICT_PIDFILE``: the path, and how to name it in errors.
+
+    (None, None) leaves the config file's ``pidfile`` in force.
+    """
+    if args.pidfile:
+        return args.pidfile, f"--pidfile={args.pidfile}"
+    raw = environ.get("FASTAPHLICT_PIDFILE", "").strip()
+    if raw:
+        return raw, f"FASTAPHLICT_PIDFILE={raw} (environment, for --pidfile)"
+    return None, None
+
+
+def _reuse_port(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -> bool:
+    """``--reuse-port``, then ``FASTAPHLICT_REUSE_PORT``; off by default."""
+    if args.reuse_port is not None:
+        return bool(args.reuse_port)
+    raw = environ.get("FASTAPHLICT_REUSE_PORT", "").strip()
+    try:
+        return _parse_bool(raw)
+    except argparse.ArgumentTypeError as exc:
+        raise ConfigError(
+            f"FASTAPHLICT_REUSE_PORT={raw} (environment, for --reuse-port): {exc}"
+        ) from exc
 
 
 def reopen_log_files() -> None:
@@ -392,9 +440,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         limits = _limits(args)
         level = log_level(args)
+        reuse_port = _reuse_port(args)
+        pidfile, pidfile_from = _pidfile(args)
         config = load_config(args.config)
+        if pidfile:
+            config = dataclasses.replace(config, pidfile=pidfile)
         # The same checks at start as for --test: what --test passes, starts.
-        check_files(config)
+        check_files(config, pidfile_from=pidfile_from)
         check_listen(config)
         if args.state_dir:
             check_state_dir(args.state_dir)
@@ -422,6 +474,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         status = server.run(
             config,
             debug=args.debug,
+            reuse_port=reuse_port,
             limits=limits,
             peer_ca_file=args.peer_ca_file,
             state_dir=args.state_dir,

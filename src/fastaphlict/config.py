@@ -743,10 +743,12 @@ def load_config(path: str | None = None, environ: Mapping[str, str] | None = Non
     return from_environment(environ)
 
 
-def check_files(config: Config) -> None:
+def check_files(config: Config, *, pidfile_from: str | None = None) -> None:
     """For ``--test`` and start: fail now, on the console, rather than later at bind time.
 
     Nothing is created: a log or pidfile path only has to be one that could be.
+    ``pidfile_from`` names the flag or variable that replaced the file's
+    ``pidfile``, since that is where the operator has to fix it.
     """
     for index, server in enumerate(config.servers):
         for key, path in zip(
@@ -781,6 +783,8 @@ def check_files(config: Config) -> None:
         problem = _uncreatable_directory(config.pidfile) or _unwritable_file(
             config.pidfile, replaced=True
         )
+        if problem and pidfile_from:
+            raise ConfigError(f"{pidfile_from}: can not be written: {problem}.")
         if problem:
             raise ConfigError(
                 f'Configuration file has "pidfile" set to "{config.pidfile}", which can not '

@@ -71,6 +71,7 @@ class Server:
         config: Config,
         *,
         debug: bool = False,
+        reuse_port: bool = False,
         limits: Limits | None = None,
         peer_ca_file: str | None = None,
         state_dir: str | None = None,
@@ -82,6 +83,8 @@ class Server:
         #: Sockets systemd passed in, by index in ``config.servers``; served instead of binding.
         self.inherited = inherited or {}
         self.debug = debug
+        #: Bind with SO_REUSEPORT: other processes of this user may serve the same ports.
+        self.reuse_port = reuse_port
         self.limits = limits or Limits()
         self.fingerprint = new_fingerprint()
         self.hub = Hub(
@@ -130,6 +133,11 @@ class Server:
     async def start(self) -> None:
         """Bind every listener; raise (and close what was opened) if one fails."""
         log.info("fingerprint %s", self.fingerprint)
+        if self.reuse_port:
+            log.info(
+                "--reuse-port: client and admin ports are shared (SO_REUSEPORT) with other"
+                " fastaphlict processes; the kernel spreads connections over them"
+            )
         try:
             # Before any listener: a tab's first replay must find the history.
             self._load_state()
@@ -194,9 +202,10 @@ class Server:
         port = server.sockets[0].getsockname()[1]
         self.client_ports.append(port)
         log.info(
-            "client server listening on %s%s",
+            "client server listening on %s%s%s",
             format_address(entry.listen, port),
             " (tls)" if entry.tls else "",
+            self._shared(entry),
         )
 
     async def _start_admin(self, entry: ServerConfig) -> None:
@@ -244,9 +253,10 @@ class Server:
                 format_address(entry.listen, port),
             )
         log.info(
-            "admin server listening on %s%s",
+            "admin server listening on %s%s%s",
             format_address(entry.listen, port),
             " (tls)" if entry.tls else "",
+            self._shared(entry),
         )
 
     def _where(self, entry: ServerConfig) -> dict[str, Any]:
@@ -259,8 +269,16 @@ class Server:
         """
         inherited = self.inherited.get(self.config.servers.index(entry))
         if inherited is None:
-            return {"host": entry.listen, "port": entry.port, "reuse_address": True}
+            return {
+                "host": entry.listen,
+                "port": entry.port,
+                "reuse_address": True,
+                "reuse_port": self.reuse_port,
+            }
         log.info("%s server uses inherited socket %s", entry.type, inherited.describe())
+        if self.reuse_port:
+            # systemd made the socket; its options are the socket unit's (ReusePort=).
+            log.info("--reuse-port does not apply to inherited socket %s", inherited.describe())
         if entry.listen != inherited.host:
             log.info(
                 "the config's listen address %s does not apply to inherited socket %s",
@@ -268,6 +286,12 @@ class Server:
                 inherited.describe(),
             )
         return {"sock": inherited.sock}
+
+    def _shared(self, entry: ServerConfig) -> str:
+        """The listening line's note that other processes may accept on this port too."""
+        if self.reuse_port and self.config.servers.index(entry) not in self.inherited:
+            return " (shared port, SO_REUSEPORT)"
+        return ""
 
     async def _housekeeping(
         self, interval: float, *, sweep: bool = False, expire: bool = False
@@ -549,7 +573,8 @@ class PidFile:
         if pid and pid != os.getpid() and _is_fastaphlict(pid):
             raise PidFileError(
                 f"pidfile {self.path} names process {pid}, which is still running: "
-                "is another fastaphlict using this config? Stop it first."
+                "is another fastaphlict using this config? Stop it first, or give each"
+                " process its own --pidfile."
             )
         log.warning(
             "replacing stale pidfile %s (process %s is gone or is not fastaphlict)",
@@ -621,6 +646,7 @@ def run(
     config: Config,
     *,
     debug: bool = False,
+    reuse_port: bool = False,
     limits: Limits | None = None,
     on_reload: Callable[[], None] | None = None,
     peer_ca_file: str | None = None,
@@ -636,6 +662,7 @@ def run(
         server = Server(
             config,
             debug=debug,
+            reuse_port=reuse_port,
             limits=limits,
             peer_ca_file=peer_ca_file,
             state_dir=state_dir,
