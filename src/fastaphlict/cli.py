@@ -452,6 +452,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             check_state_dir(args.state_dir)
         broker = broker_config(args)
         _check_broker_ca(args.broker_ca_file)
+        if reuse_port and broker is None:
+            raise ConfigError(
+                "--reuse-port needs a broker (--broker or FASTAPHLICT_BROKER): Phorge posts"
+                " to whichever process the kernel picks, and without a broker the other"
+                " processes' tabs would miss the message"
+            )
         if args.test:
             _check_tls(config, args.peer_ca_file)
         else:
