@@ -112,6 +112,11 @@ class HubCollector(Collector):
             value=1 if broker.up else 0,
         )
         yield GaugeMetricFamily(
+            "fastaphlict_broker_nodes",
+            "Other nodes of this broker cluster seen in the last two minutes (probes, messages).",
+            value=len(broker.members()),
+        )
+        yield GaugeMetricFamily(
             "fastaphlict_broker_buffered",
             "Messages accepted here and waiting for Redis.",
             value=broker.buffered,

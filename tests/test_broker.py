@@ -1,0 +1,503 @@
+"""The Redis broker, end to end: real ``redis-server``, real fastaphlict processes.
+
+Each test starts its own Redis (``redis_server``, append-only so it can be
+stopped and started again with its data) and its own nodes, each given the
+broker through ``FASTAPHLICT_BROKER`` as the README recommends. Probes run
+every 0.2 s and every Redis call has 0.5 s, so a stalled or lost broker is
+found within about a second.
+
+Delivery is checked field by field on real WebSocket clients. A message
+that must *not* arrive (a duplicate) is disproved by a ping whose pong must
+be the next frame, never by sleeping.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import signal
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from websockets.asyncio.client import connect
+
+from redis_support import RedisServer, StallProxy
+from support import (
+    TIMEOUT,
+    Browser,
+    ServerProcess,
+    assert_silent,
+    eventually,
+    launch,
+    metric,
+    post,
+    scaled,
+    stop,
+    wait_healthy,
+)
+
+pytestmark = pytest.mark.timeout(90)
+
+#: Fast failure detection for tests: probes every 0.2 s, 0.5 s per Redis call.
+FAST = ("--broker-probe-interval=0.2", "--broker-timeout=0.5")
+#: How long a node may take to notice Redis is back and catch up (backoff caps at 2 s).
+RECOVERY = scaled(15.0)
+
+
+Start = Callable[..., ServerProcess]
+
+
+@pytest.fixture
+def nodes(tmp_path: Path) -> Iterator[Start]:
+    """Start fastaphlict nodes of a broker cluster; all are stopped after the test."""
+    started: list[ServerProcess] = []
+
+    def start(
+        name: str,
+        broker: str | None,
+        *args: str,
+        config: dict[str, Any] | None = None,
+        env: dict[str, str] | None = None,
+        ports: tuple[int, int] | None = None,
+    ) -> ServerProcess:
+        extra = dict(env or {})
+        if broker is not None:
+            extra["FASTAPHLICT_BROKER"] = broker
+        server = launch(
+            tmp_path / f"{name}.log", *FAST, *args, config=config, env=extra, ports=ports
+        )
+        started.append(server)
+        return server
+
+    yield start
+    stop(*started)
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as s:
+        yield s
+
+
+@contextlib.asynccontextmanager
+async def tab(server: ServerProcess, *phids: str, path: str = "/") -> AsyncIterator[Browser]:
+    """A browser tab on ``server``, subscribed to ``phids`` (synchronised by ping)."""
+    async with connect(f"{server.client_url}{path}", open_timeout=TIMEOUT) as ws:
+        browser = Browser(ws)
+        if phids:
+            await browser.subscribe(*phids)
+        yield browser
+
+
+async def publish(
+    session: aiohttp.ClientSession,
+    server: ServerProcess,
+    key: str,
+    *subscribers: str,
+    instance: str | None = None,
+) -> None:
+    """Post one story as Phorge does; the node must answer 200 at once."""
+    resp = await post(
+        session,
+        server.admin_url,
+        {"key": key, "type": "notification", "subscribers": list(subscribers)},
+        instance=instance,
+    )
+    assert resp.status == 200
+
+
+async def keys_of(browser: Browser, count: int) -> list[str]:
+    """The ``key`` of the next ``count`` frames (each must be a message, not a pong)."""
+    keys = []
+    for _ in range(count):
+        message = await browser.recv()
+        assert message.get("type") == "notification", message
+        keys.append(message["key"])
+    return keys
+
+
+async def replayed(browser: Browser, age: int = 60000) -> list[str]:
+    """Ask for a replay; the keys of what came back before the pong."""
+    await browser.send("replay", {"age": age})
+    await browser.send("ping", None)
+    keys = []
+    while True:
+        frame = await browser.recv_raw()
+        if frame == '{"type":"pong"}':
+            return keys
+        keys.append(json.loads(frame)["key"])
+
+
+async def broker_up(session: aiohttp.ClientSession, server: ServerProcess) -> float:
+    return await metric(session, server.admin_url, "fastaphlict_broker_up")
+
+
+async def until_up(session: aiohttp.ClientSession, *servers: ServerProcess) -> None:
+    for server in servers:
+        await wait_healthy(server, session)
+        deadline = asyncio.get_running_loop().time() + RECOVERY
+        while await broker_up(session, server) != 1:
+            assert asyncio.get_running_loop().time() < deadline, server.log()
+            await asyncio.sleep(0.05)
+
+
+async def until_down(session: aiohttp.ClientSession, server: ServerProcess) -> None:
+    deadline = asyncio.get_running_loop().time() + RECOVERY
+    while await broker_up(session, server) != 0:
+        assert asyncio.get_running_loop().time() < deadline, server.log()
+        await asyncio.sleep(0.05)
+
+
+# -- delivery ---------------------------------------------------------------------
+
+
+async def test_every_tab_on_every_node_gets_each_message_once_in_order_per_origin(
+    redis_server: RedisServer, nodes: Start, session: aiohttp.ClientSession
+) -> None:
+    a, b, c = (nodes(name, redis_server.url) for name in "abc")
+    await until_up(session, a, b, c)
+    async with tab(a, "PHID-USER-1") as ta, tab(b, "PHID-USER-1") as tb, tab(c, "PHID-X") as tc:
+        for i in range(10):
+            await publish(session, a, f"a{i}", "PHID-USER-1")
+            await publish(session, b, f"b{i}", "PHID-USER-1")
+        for browser in (ta, tb):
+            got = await keys_of(browser, 20)
+            assert sorted(got) == sorted(
+                [f"a{i}" for i in range(10)] + [f"b{i}" for i in range(10)]
+            )
+            assert [k for k in got if k[0] == "a"] == [f"a{i}" for i in range(10)], "order of a"
+            assert [k for k in got if k[0] == "b"] == [f"b{i}" for i in range(10)], "order of b"
+            await assert_silent(browser)  # nothing arrived twice
+        await assert_silent(tc)  # not subscribed: nothing
+    status = json.loads(await (await session.get(f"{b.admin_url}/status/")).read())
+    assert status["messages.in"] == 20, "a node counts what it took in, from Phorge or Redis"
+
+
+async def test_the_posting_node_delivers_without_waiting_for_redis(
+    redis_server: RedisServer, nodes: Start, session: aiohttp.ClientSession
+) -> None:
+    a = nodes("a", redis_server.url)
+    await until_up(session, a)
+    redis_server.pause()  # every Redis call now hangs
+    try:
+        async with tab(a, "PHID-1") as ta:
+            started = asyncio.get_running_loop().time()
+            await publish(session, a, "k1", "PHID-1")
+            assert await keys_of(ta, 1) == ["k1"]
+            assert asyncio.get_running_loop().time() - started < scaled(0.4)
+    finally:
+        redis_server.resume()
+
+
+async def test_a_message_carries_the_posting_nodes_fingerprint_in_touched(
+    redis_server: RedisServer, nodes: Start, session: aiohttp.ClientSession
+) -> None:
+    a, b = nodes("a", redis_server.url), nodes("b", redis_server.url)
+    await until_up(session, a, b)
+    async with tab(b, "PHID-1") as tb:
+        body = b'{"key":"k","subscribers":["PHID-1"]}'
+        async with session.post(f"{a.admin_url}/", data=body) as resp:
+            fingerprint = json.loads(await resp.read())["fingerprint"]
+        message = await tb.recv()
+        assert message == {"key": "k", "subscribers": ["PHID-1"], "touched": [fingerprint]}
+
+
+# -- history ------------------------------------------------------------------------
+
+
+async def test_a_replay_on_another_node_returns_the_shared_window_of_its_instance(
+    redis_server: RedisServer, nodes: Start, session: aiohttp.ClientSession
+) -> None:
+    a, b = nodes("a", redis_server.url), nodes("b", redis_server.url)
+    await until_up(session, a, b)
+    for i in range(3):
+        await publish(session, a, f"one{i}", "PHID-1", instance="one")
+        await publish(session, a, f"two{i}", "PHID-1", instance="two")
+    await publish(session, a, "other", "PHID-2", instance="one")
+    async with tab(b, "PHID-1", path="/~one/") as tb:
+        # The broker may still be carrying the last posts: ask until they are there.
+        got: list[str] = []
+        deadline = asyncio.get_running_loop().time() + TIMEOUT
+        while len(got) < 3:
+            got = await replayed(tb)
+            assert asyncio.get_running_loop().time() < deadline, got
+        assert got == ["one0", "one1", "one2"]
+
+
+async def test_the_history_outlives_every_node(
+    redis_server: RedisServer, nodes: Start, session: aiohttp.ClientSession
+) -> None:
+    a, b = nodes("a", redis_server.url), nodes("b", redis_server.url)
+    await until_up(session, a, b)
+    async with tab(b, "PHID-1") as tb:
+        for i in range(5):
+            await publish(session, a, f"k{i}", "PHID-1")
+        assert await keys_of(tb, 5) == [f"k{i}" for i in range(5)]  # all in Redis now
+    stop(a, b)
+    c = nodes("c", redis_server.url)
+    await until_up(session, c)
+    async with tab(c, "PHID-1") as tc:
+        assert await replayed(tc) == [f"k{i}" for i in range(5)]
+    status = json.loads(await (await session.get(f"{c.admin_url}/status/")).read())
+    assert status["history.size"] == 5
+    assert status["history.age"] < 10000, "ages count from the first acceptance"
+    assert "history in sync (5 message(s) from Redis)" in c.log()
+
+
+async def test_a_crashed_nodes_tab_moves_over_and_replays_what_was_posted_before(
+    redis_server: RedisServer, nodes: Start, session: aiohttp.ClientSession
+) -> None:
+    a, b = nodes("a", redis_server.url), nodes("b", redis_server.url)
+    await until_up(session, a, b)
+    async with tab(a, "PHID-1") as ta, tab(b, "PHID-1") as tb:
+        await publish(session, a, "before", "PHID-1")
+        assert await keys_of(ta, 1) == ["before"]
+        assert await keys_of(tb, 1) == ["before"]
+        a.proc.send_signal(signal.SIGKILL)
+        a.proc.wait(TIMEOUT)
+        await publish(session, b, "after", "PHID-1")
+        assert await keys_of(tb, 1) == ["after"], "the survivor keeps delivering"
+    async with tab(b, "PHID-1") as moved:
+        assert await replayed(moved) == ["before", "after"]
+
+
+# -- faults -----------------------------------------------------------------------
+
+
+async def test_redis_restarted_mid_stream_loses_nothing_and_duplicates_nothing(
+    redis_server: RedisServer, nodes: Start, session: aiohttp.ClientSession
+) -> None:
+    a, b = nodes("a", redis_server.url), nodes("b", redis_server.url)
+    await until_up(session, a, b)
+    async with tab(a, "PHID-1") as ta, tab(b, "PHID-1") as tb:
+        await publish(session, a, "a0", "PHID-1")
+        assert await keys_of(ta, 1) == ["a0"]
+        assert await keys_of(tb, 1) == ["a0"]
+
+        redis_server.stop()
+        for i in range(1, 4):
+            await publish(session, a, f"a{i}", "PHID-1")
+            await publish(session, b, f"b{i}", "PHID-1")
+        # Each node's own tabs have their node's posts at once.
+        assert await keys_of(ta, 3) == ["a1", "a2", "a3"]
+        assert await keys_of(tb, 3) == ["b1", "b2", "b3"]
+        await until_down(session, a)
+        assert await metric(session, a.admin_url, "fastaphlict_broker_buffered") == 3
+
+        redis_server.start()
+        # The other node's posts arrive late, once, in order.
+        assert await asyncio.wait_for(keys_of(ta, 3), RECOVERY) == ["b1", "b2", "b3"]
+        assert await asyncio.wait_for(keys_of(tb, 3), RECOVERY) == ["a1", "a2", "a3"]
+        await until_up(session, a, b)
+        await publish(session, a, "a4", "PHID-1")
+        for browser in (ta, tb):
+            assert await keys_of(browser, 1) == ["a4"], "and nothing twice before it"
+            await assert_silent(browser)
+    assert await metric(session, a.admin_url, "fastaphlict_broker_buffered") == 0
+    assert await metric(session, a.admin_url, "fastaphlict_broker_reconnects_total") >= 1
+    for server in (a, b):
+        log = server.log()
+        assert log.count("down:") == 1, log
+        assert log.count("back after") == 1, log
+
+
+async def test_a_node_cut_off_catches_up_on_what_others_published_meanwhile(
+    redis_server: RedisServer, nodes: Start, session: aiohttp.ClientSession
+) -> None:
+    async with StallProxy("127.0.0.1", redis_server.port) as proxy:
+        a = nodes("a", redis_server.url)
+        b = nodes("b", f"redis://127.0.0.1:{proxy.port}/0")
+        await until_up(session, a, b)
+        async with tab(b, "PHID-1") as tb:
+            proxy.cut()  # B's connections drop; A and Redis are fine
+            for i in range(5):
+                await publish(session, a, f"k{i}", "PHID-1")
+            assert await asyncio.wait_for(keys_of(tb, 5), RECOVERY) == [f"k{i}" for i in range(5)]
+            await assert_silent(tb)
+
+
+async def test_a_subscription_that_stays_up_but_goes_silent_is_found_and_rebuilt(
+    redis_server: RedisServer, nodes: Start, session: aiohttp.ClientSession
+) -> None:
+    async with StallProxy("127.0.0.1", redis_server.port) as proxy:
+        a = nodes("a", redis_server.url)
+        b = nodes("b", f"redis://127.0.0.1:{proxy.port}/0")
+        await until_up(session, a, b)
+        async with tab(b, "PHID-1") as tb:
+            proxy.stall()  # nothing is closed: B's sockets just stop delivering
+            await publish(session, a, "during", "PHID-1")
+            await until_down(session, b)
+            proxy.unstall()
+            assert await asyncio.wait_for(keys_of(tb, 1), RECOVERY) == ["during"]
+            await until_up(session, b)
+            await publish(session, a, "after", "PHID-1")
+            assert await keys_of(tb, 1) == ["after"]
+            await assert_silent(tb)
+    assert "down:" in b.log() and "back after" in b.log(), b.log()
+
+
+async def test_a_paused_redis_is_detected_and_recovered(
+    redis_server: RedisServer, nodes: Start, session: aiohttp.ClientSession
+) -> None:
+    a, b = nodes("a", redis_server.url), nodes("b", redis_server.url)
+    await until_up(session, a, b)
+    async with tab(b, "PHID-1") as tb:
+        redis_server.pause()
+        try:
+            await publish(session, a, "paused", "PHID-1")
+            await until_down(session, a)
+            await until_down(session, b)
+        finally:
+            redis_server.resume()
+        assert await asyncio.wait_for(keys_of(tb, 1), RECOVERY) == ["paused"]
+        await until_up(session, a, b)
+        await assert_silent(tb)
+
+
+async def test_a_node_starts_without_redis_and_joins_when_it_comes(
+    redis_server: RedisServer, nodes: Start, session: aiohttp.ClientSession
+) -> None:
+    redis_server.stop()
+    a = nodes("a", redis_server.url)
+    await wait_healthy(a, session)
+    assert await broker_up(session, a) == 0
+    assert "unreachable at start" in a.log()
+    async with tab(a, "PHID-1") as ta:
+        await publish(session, a, "alone", "PHID-1")
+        assert await keys_of(ta, 1) == ["alone"], "its own tabs are served meanwhile"
+        redis_server.start()
+        b = nodes("b", redis_server.url)
+        await until_up(session, a, b)
+        async with tab(b, "PHID-1") as tb:
+            assert await replayed(tb) == ["alone"], "published once Redis came"
+            await publish(session, b, "from-b", "PHID-1")
+            assert await keys_of(ta, 1) == ["from-b"]
+            await assert_silent(ta)
+
+
+async def test_messages_waiting_for_redis_at_a_stop_go_to_the_state_dir_and_out_at_the_next_start(
+    tmp_path: Path, redis_server: RedisServer, nodes: Start, session: aiohttp.ClientSession
+) -> None:
+    state = tmp_path / "state"
+    a = nodes("a", redis_server.url, f"--state-dir={state}")
+    b = nodes("b", redis_server.url)
+    await until_up(session, a, b)
+    async with tab(b, "PHID-1") as tb:
+        redis_server.stop()
+        await publish(session, a, "kept1", "PHID-1")
+        await publish(session, a, "kept2", "PHID-1")
+        stop(a)
+        assert "2 unpublished message(s) kept in" in a.log()
+        assert (state / "broker-pending.jsonl").exists()
+        redis_server.start()
+        a2 = a.restart()
+        await until_up(session, a2, b)
+        assert await asyncio.wait_for(keys_of(tb, 2), RECOVERY) == ["kept1", "kept2"]
+        await assert_silent(tb)
+    assert not (state / "broker-pending.jsonl").exists()
+    async with tab(a2, "PHID-1") as ta:
+        assert await replayed(ta) == ["kept1", "kept2"], "in the restarted node's history once"
+    stop(a2)
+
+
+async def test_without_a_state_dir_messages_waiting_at_a_stop_are_counted_and_logged(
+    redis_server: RedisServer, nodes: Start, session: aiohttp.ClientSession
+) -> None:
+    a = nodes("a", redis_server.url)
+    await until_up(session, a)
+    redis_server.stop()
+    await publish(session, a, "lost", "PHID-1")
+    stop(a)
+    assert "1 unpublished message(s) dropped at stop" in a.log(), a.log()
+
+
+# -- secrets --------------------------------------------------------------------------
+
+
+async def test_the_password_is_in_no_log_line_status_or_metric(
+    tmp_path: Path, nodes: Start, session: aiohttp.ClientSession
+) -> None:
+    secret = "s3cret-Pa55word"
+    with RedisServer(tmp_path / "redis-auth", password=secret) as redis:
+        good = nodes("good", f"redis://:{secret}@127.0.0.1:{redis.port}/0", "--debug")
+        wrong = nodes("wrong", f"redis://:{secret}-wrong@127.0.0.1:{redis.port}/0", "--debug")
+        await until_up(session, good)
+        await wait_healthy(wrong, session)
+        scraped = []
+        for server in (good, wrong):
+            for path in ("/status/", "/metrics"):
+                async with session.get(f"{server.admin_url}{path}") as resp:
+                    scraped.append(await resp.text())
+        redis.stop()
+        await until_down(session, good)
+        stop(good, wrong)
+    malformed = launch(
+        tmp_path / "malformed.log",
+        env={"FASTAPHLICT_BROKER": f"redis://:{secret}@127.0.0.1:notaport/0"},
+    )
+    assert malformed.proc.wait(TIMEOUT) == 1
+    for text in (good.log(), wrong.log(), malformed.log(), *scraped):
+        assert secret not in text
+    assert "redis://:***@127.0.0.1" in good.log()
+    assert "WRONGPASS" in wrong.log() or "invalid" in wrong.log().lower(), wrong.log()
+    assert "redis://***@127.0.0.1:notaport/0" in malformed.log(), malformed.log()
+
+
+# -- several processes, mixed clusters --------------------------------------------------
+
+
+async def test_processes_sharing_ports_deliver_every_message_to_every_tab_once(
+    redis_server: RedisServer, nodes: Start, session: aiohttp.ClientSession
+) -> None:
+    a = nodes("a", redis_server.url, "--reuse-port")
+    b = nodes("b", redis_server.url, "--reuse-port", ports=(a.client_port, a.admin_port))
+    await wait_healthy(a, session)
+    await wait_healthy(b, session)
+    await asyncio.sleep(0)
+    async with contextlib.AsyncExitStack() as stack:
+        tabs = [await stack.enter_async_context(tab(a, "PHID-1")) for _ in range(16)]
+        await until_up(session, a)  # whichever process answers; both started in sync
+        await eventually(lambda: "connected" in a.log() and "connected" in b.log())
+        fresh = aiohttp.TCPConnector(force_close=True)  # a new connection per post
+        async with aiohttp.ClientSession(connector=fresh) as posting:
+            for i in range(12):
+                await publish(posting, a, f"k{i}", "PHID-1")
+        for browser in tabs:
+            got = await keys_of(browser, 12)
+            assert sorted(got, key=lambda k: int(k[1:])) == [f"k{i}" for i in range(12)]
+            await assert_silent(browser)
+
+
+async def test_a_mesh_peer_of_one_cluster_node_reaches_every_tab_and_the_reverse(
+    redis_server: RedisServer, nodes: Start, session: aiohttp.ClientSession
+) -> None:
+    from support import free_ports
+
+    a_ports, b_ports, c_ports = free_ports(2), free_ports(2), free_ports(2)
+    mesh = [{"host": "127.0.0.1", "port": c_ports[1], "protocol": "http"}]
+    a = nodes("a", redis_server.url, config={"cluster": mesh}, ports=tuple(a_ports))
+    # B lists the mesh peer too (one config file for every cluster node).
+    b = nodes("b", redis_server.url, config={"cluster": mesh}, ports=tuple(b_ports))
+    # C is an Aphlict-style node without the broker, peering with A only.
+    back = [{"host": "127.0.0.1", "port": a_ports[1], "protocol": "http"}]
+    c = nodes("c", None, config={"cluster": back}, ports=tuple(c_ports))
+    await until_up(session, a, b)
+    await wait_healthy(c, session)
+    # A and B know each other (probes) before anything is posted.
+    for server in (a, b):
+        deadline = asyncio.get_running_loop().time() + RECOVERY
+        while await metric(session, server.admin_url, "fastaphlict_broker_nodes") < 1:
+            assert asyncio.get_running_loop().time() < deadline
+            await asyncio.sleep(0.05)
+    async with tab(a, "PHID-1") as ta, tab(b, "PHID-1") as tb, tab(c, "PHID-1") as tc:
+        for origin in (c, a, b, c, b):
+            key = f"from-{origin.log_path.stem}"
+            await publish(session, origin, key, "PHID-1")
+            for browser in (ta, tb, tc):
+                assert await keys_of(browser, 1) == [key]
+        for browser in (ta, tb, tc):
+            await assert_silent(browser)
