@@ -328,9 +328,15 @@ async def test_a_subscription_that_stays_up_but_goes_silent_is_found_and_rebuilt
         b = nodes("b", f"redis://127.0.0.1:{proxy.port}/0")
         await until_up(session, a, b)
         async with tab(b, "PHID-1") as tb:
+            accepted = proxy.accepted
             proxy.stall()  # nothing is closed: B's sockets just stop delivering
             await publish(session, a, "during", "PHID-1")
             await until_down(session, b)
+            # B gave up on the silent link and is trying a new one...
+            await eventually(lambda: "subscription stalled" in b.log(), RECOVERY, what="stall")
+            await eventually(lambda: proxy.accepted > accepted, RECOVERY, what="a reconnection")
+            # ...and the old link's held data is lost: only the catch-up can bring it.
+            proxy.cut()
             proxy.unstall()
             assert await asyncio.wait_for(keys_of(tb, 1), RECOVERY) == ["during"]
             await until_up(session, b)
