@@ -505,6 +505,11 @@ _UPGRADE = (
 )
 
 
+def upgrade_request(path: str) -> bytes:
+    """The browser's opening handshake for ``path`` (one fixed key: the tests check no accept)."""
+    return _UPGRADE.format(path=path).encode()
+
+
 def client_frame(payload: bytes, opcode: int = 0x1) -> bytes:
     """One final, masked client frame (a zero mask: the payload stays readable in captures)."""
     size = len(payload)

@@ -31,12 +31,14 @@ from support import (
     Browser,
     ServerProcess,
     assert_silent,
+    client_frame,
     eventually,
     launch,
     metric,
     post,
     scaled,
     stop,
+    upgrade_request,
     wait_healthy,
 )
 
@@ -507,3 +509,48 @@ async def test_a_mesh_peer_of_one_cluster_node_reaches_every_tab_and_the_reverse
                 assert await keys_of(browser, 1) == [key]
         for browser in (ta, tb, tc):
             await assert_silent(browser)
+
+
+async def test_a_tab_joining_mid_stream_gets_replay_then_live_each_message_once_in_order(
+    redis_server: RedisServer, nodes: Start, session: aiohttp.ClientSession
+) -> None:
+    a, b = nodes("a", redis_server.url), nodes("b", redis_server.url)
+    await until_up(session, a, b)
+    keys = [f"k{i}" for i in range(40)] + ["end"]
+    joined = asyncio.Event()
+
+    async def stream() -> None:
+        for i, key in enumerate(keys):
+            if i == 15:
+                await joined.wait()
+            await publish(session, a, key, "PHID-1")
+
+    publisher = asyncio.create_task(stream())
+    try:
+        # As JX.Aphlict does on (re)connect: subscribe, then replay, in one write.
+        reader, writer = await asyncio.open_connection("127.0.0.1", b.client_port)
+        writer.write(upgrade_request("/"))
+        writer.write(client_frame(b'{"command":"subscribe","data":["PHID-1"]}'))
+        writer.write(client_frame(b'{"command":"replay","data":{"age":60000}}'))
+        writer.write(client_frame(b'{"command":"ping","data":null}'))
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)
+        assert head.startswith(b"HTTP/1.1 101"), head
+        joined.set()
+        got: list[str] = []
+        pongs = 0
+        while not got or got[-1] != "end":
+            _, size = await asyncio.wait_for(reader.readexactly(2), TIMEOUT)
+            size &= 0x7F
+            if size == 126:
+                size = int.from_bytes(await reader.readexactly(2), "big")
+            payload = await asyncio.wait_for(reader.readexactly(size), TIMEOUT)
+            if payload == b'{"type":"pong"}':
+                pongs += 1
+                continue
+            got.append(json.loads(payload)["key"])
+        writer.close()
+    finally:
+        await publisher
+    assert pongs == 1
+    assert got[0] == "k0", "the replay brought the start of the stream"
+    assert got == keys[keys.index(got[0]) :], "every message once, in order"
