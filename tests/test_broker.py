@@ -396,6 +396,7 @@ async def test_messages_waiting_for_redis_at_a_stop_go_to_the_state_dir_and_out_
     await until_up(session, a, b)
     async with tab(b, "PHID-1") as tb:
         redis_server.stop()
+        accepted = asyncio.get_running_loop().time()
         await publish(session, a, "kept1", "PHID-1")
         await publish(session, a, "kept2", "PHID-1")
         stop(a)
@@ -406,6 +407,12 @@ async def test_messages_waiting_for_redis_at_a_stop_go_to_the_state_dir_and_out_
         await until_up(session, a2, b)
         assert await asyncio.wait_for(keys_of(tb, 2), RECOVERY) == ["kept1", "kept2"]
         await assert_silent(tb)
+        # Their age counts from when A first accepted them, not from Redis.
+        elapsed_ms = (asyncio.get_running_loop().time() - accepted) * 1000
+        async with session.get(f"{b.admin_url}/status/") as resp:
+            status = await resp.json()
+        assert status["history.size"] == 2
+        assert status["history.age"] >= elapsed_ms - 250, (status, elapsed_ms)
     assert not (state / "broker-pending.jsonl").exists()
     async with tab(a2, "PHID-1") as ta:
         assert await replayed(ta) == ["kept1", "kept2"], "in the restarted node's history once"
