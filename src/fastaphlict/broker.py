@@ -241,6 +241,8 @@ class Broker:
         self._down_since: float | None = None
         self._ever_up = False
         self._dropping = False
+        #: The last publish attempt failed (Redis unreachable, or timing out).
+        self._publish_failing = False
         self._synced = asyncio.Event()
         self._attempted = asyncio.Event()
         self._start_reason = "timed out"
@@ -365,10 +367,10 @@ class Broker:
             return []
         self._closing = True
         self._wakeup.set()
-        if self._buffer and self._linked and drain_timeout > 0:
-            deadline = time.monotonic() + drain_timeout
-            while self._buffer and self._linked and time.monotonic() < deadline:
-                await asyncio.sleep(0.01)
+        # Drain while publishing works; during an outage, stop at once.
+        deadline = time.monotonic() + drain_timeout
+        while self._buffer and not self._publish_failing and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -611,11 +613,13 @@ class Broker:
                     buffer.popleft()
                     self.stats.dropped += 1
                 self.stats.publish_failures += 1
+                self._publish_failing = True
                 log.debug("broker publish failed: %s", _reason(exc))
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, BACKOFF_CAP)
                 continue
             delay = BACKOFF_FIRST
+            self._publish_failing = False
             acked = time.monotonic()
             for item in batch:
                 self.stats.observe(acked - item[5])
