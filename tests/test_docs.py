@@ -278,10 +278,15 @@ def exec_start(unit: str, instance: str = "1") -> list[str]:
 
 @pytest.mark.parametrize("unit", ["fastaphlict.service", "fastaphlict@.service"])
 def test_a_units_command_line_passes_the_config_test(
-    unit: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    unit: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Every flag of the unit's ``ExecStart=`` is one the server takes, with paths it accepts."""
+    """Every flag of the unit's ``ExecStart=`` is one the server takes, with paths it accepts.
+
+    The broker comes from the unit's EnvironmentFile, as the README says it should.
+    """
     from fastaphlict import cli
+
+    monkeypatch.setenv("FASTAPHLICT_BROKER", "redis://:password@redis.example:6379/0")
 
     config = tmp_path / "aphlict.json"
     config.write_text(

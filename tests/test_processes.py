@@ -24,6 +24,7 @@ import pytest
 from fastaphlict import cli
 from fastaphlict.config import Config, ServerConfig
 from fastaphlict.server import Server
+from redis_support import RedisServer
 from support import (
     TIMEOUT,
     ServerProcess,
@@ -34,6 +35,7 @@ from support import (
     launch,
     listening,
     local_config,
+    metric,
     post,
     scaled,
     stop,
@@ -41,7 +43,12 @@ from support import (
 )
 
 #: The variables these tests set; kept out of the in-process CLI unless a test sets them.
-VARIABLES = ("FASTAPHLICT_PIDFILE", "FASTAPHLICT_REUSE_PORT", "APHLICT_CONFIG")
+VARIABLES = (
+    "FASTAPHLICT_PIDFILE",
+    "FASTAPHLICT_REUSE_PORT",
+    "FASTAPHLICT_BROKER",
+    "APHLICT_CONFIG",
+)
 
 GOOD: dict[str, Any] = {
     "servers": [
@@ -242,6 +249,7 @@ def test_reuse_port_flag_and_variable(
     reuse_port: bool,
 ) -> None:
     monkeypatch.setenv("FASTAPHLICT_REUSE_PORT", variable)
+    monkeypatch.setenv("FASTAPHLICT_BROKER", "redis://127.0.0.1:6379/0")  # --reuse-port needs one
     assert cli.main([f"--config={good_config}", *flags]) == 0
     [(_, options)] = runs
     assert options["reuse_port"] is reuse_port
@@ -308,7 +316,7 @@ async def status(session: aiohttp.ClientSession, server: ServerProcess) -> dict[
 
 @pytest.mark.timeout(90)
 async def test_reuse_port_spreads_clients_and_posts_over_two_processes(
-    tmp_path: Path, processes: list[ServerProcess]
+    tmp_path: Path, processes: list[ServerProcess], redis_server: RedisServer
 ) -> None:
     client, admin, *private = free_ports(4)
     for name, own in zip("ab", private, strict=True):
@@ -318,6 +326,7 @@ async def test_reuse_port_spreads_clients_and_posts_over_two_processes(
                 "--reuse-port",
                 config=shared_ports_config(client, admin, own),
                 ports=(client, own),
+                env={"FASTAPHLICT_BROKER": redis_server.url},
             )
         )
     # A fresh connection per request: the kernel picks a process per connection.
@@ -340,16 +349,26 @@ async def test_reuse_port_spreads_clients_and_posts_over_two_processes(
                 assert resp.status == 200
                 made += 1
             seen = [await status(session, server) for server in processes]
-            if all(s["clients.total"] and s["messages.in"] for s in seen):
+            # Each process published the posts it took to the broker.
+            posted = [
+                await metric(session, server.admin_url, "fastaphlict_broker_published_total")
+                for server in processes
+            ]
+            if all(s["clients.total"] for s in seen) and all(posted):
                 break
-            assert loop.time() < deadline, f"after {made} connections: {seen}"
-    assert sum(s["clients.total"] for s in seen) == made, "every connection went somewhere"
-    assert sum(s["messages.in"] for s in seen) == made, "every post went somewhere"
+            assert loop.time() < deadline, f"after {made} connections: {seen} {posted}"
+        assert sum(s["clients.total"] for s in seen) == made, "every connection went somewhere"
+        # The other took each in from the broker: every process has every message.
+        for server in processes:
+            deadline = loop.time() + scaled(10)
+            while (await status(session, server))["messages.in"] != made:
+                assert loop.time() < deadline, await status(session, server)
+                await asyncio.sleep(0.02)
 
 
 @pytest.mark.timeout(60)
 async def test_without_reuse_port_the_second_process_finds_the_port_taken(
-    tmp_path: Path, processes: list[ServerProcess]
+    tmp_path: Path, processes: list[ServerProcess], redis_server: RedisServer
 ) -> None:
     client, admin, *private = free_ports(4)
     first = launch(
@@ -357,6 +376,7 @@ async def test_without_reuse_port_the_second_process_finds_the_port_taken(
         "--reuse-port",
         config=shared_ports_config(client, admin, private[0]),
         ports=(client, private[0]),
+        env={"FASTAPHLICT_BROKER": redis_server.url},
     )
     processes.append(first)
     await asyncio.to_thread(first.wait_ready)
@@ -373,10 +393,16 @@ async def test_without_reuse_port_the_second_process_finds_the_port_taken(
 
 
 @pytest.mark.timeout(60)
-async def test_reuse_port_does_not_apply_to_inherited_sockets(tmp_path: Path) -> None:
+async def test_reuse_port_does_not_apply_to_inherited_sockets(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
     with contextlib.ExitStack() as stack:
         sockets = [stack.enter_context(listening()) for _ in range(2)]
-        server = activated(tmp_path / "server.log", sockets, args=("--reuse-port",))
+        server = activated(
+            tmp_path / "server.log",
+            sockets,
+            args=("--reuse-port", f"--broker={redis_server.url}"),
+        )
         try:
             await asyncio.to_thread(server.wait_ready)
             log = server.log()
