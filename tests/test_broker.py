@@ -21,6 +21,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -604,3 +605,66 @@ async def test_a_tab_joining_mid_stream_gets_replay_then_live_each_message_once_
     assert pongs == 1
     assert got[0] == "k0", "the replay brought the start of the stream"
     assert got == keys[keys.index(got[0]) :], "every message once, in order"
+
+
+# -- TLS ----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def tls_redis(tmp_path: Path) -> Iterator[tuple[RedisServer, int, Path]]:
+    """A Redis that also speaks TLS on a port of its own; yields it, that port and its CA."""
+    import trustme
+
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    files = {name: tmp_path / f"{name}.pem" for name in ("key", "cert", "ca")}
+    cert.private_key_pem.write_to_path(files["key"])
+    cert.cert_chain_pems[0].write_to_path(files["cert"])
+    ca.cert_pem.write_to_path(files["ca"])
+    [tls_port] = free_ports(1)
+    args = [
+        "--tls-port", str(tls_port),
+        "--tls-cert-file", str(files["cert"]),
+        "--tls-key-file", str(files["key"]),
+        "--tls-ca-cert-file", str(files["ca"]),
+        "--tls-auth-clients", "no",
+    ]  # fmt: skip
+    with RedisServer(tmp_path / "redis-tls", args=args) as redis:
+        yield redis, tls_port, files["ca"]
+
+
+async def test_a_rediss_broker_is_verified_against_the_given_ca(
+    tls_redis: tuple[RedisServer, int, Path], nodes: Start, session: aiohttp.ClientSession
+) -> None:
+    _, port, ca = tls_redis
+    url = f"rediss://127.0.0.1:{port}/0"
+    a = nodes("a", url, f"--broker-ca-file={ca}")
+    b = nodes("b", url, f"--broker-ca-file={ca}")
+    # The system's CAs don't know this one: the node starts, but can't join.
+    stranger = nodes("stranger", url)
+    await until_up(session, a, b)
+    async with tab(b, "PHID-1") as tb:
+        await publish(session, a, "over-tls", "PHID-1")
+        assert await keys_of(tb, 1) == ["over-tls"]
+    await wait_healthy(stranger, session)
+    assert await broker_up(session, stranger) == 0
+    assert "unreachable at start" in stranger.log()
+    assert "certificate verify failed" in stranger.log(), stranger.log()
+
+
+async def test_a_unix_socket_broker_joins_the_same_cluster_as_a_tcp_one(
+    tmp_path: Path, nodes: Start, session: aiohttp.ClientSession
+) -> None:
+    short = Path(tempfile.mkdtemp(prefix="fa-redis-"))  # unix socket paths are short
+    try:
+        with RedisServer(tmp_path / "redis-unix", unixsocket=short / "redis.sock") as redis:
+            a = nodes("a", redis.unix_url)
+            b = nodes("b", redis.url)
+            await until_up(session, a, b)
+            async with tab(a, "PHID-1") as ta:
+                await publish(session, b, "over-tcp", "PHID-1")
+                assert await keys_of(ta, 1) == ["over-tcp"]
+            assert f"broker unix://{short}/redis.sock?db=0 connected" in a.log(), a.log()
+            stop(a, b)
+    finally:
+        shutil.rmtree(short, ignore_errors=True)
