@@ -158,11 +158,13 @@ _COLUMNS: list[tuple[str, str, str]] = [
     ("p90 ms", "latency_p90_ms", ".2f"),
     ("p99 ms", "latency_p99_ms", ".2f"),
     ("max ms", "latency_max_ms", ".2f"),
+    ("remote p50", "latency_remote_p50_ms", ".2f"),
     ("srv us/deliv", "server_cpu_per_delivery_us", ".2f"),
     ("srv us/msg", "server_cpu_per_message_us", ".1f"),
     ("floor us/send", "floor_cpu_per_send_us", ".2f"),
     ("x floor", "ratio_to_floor", ".2f"),
     ("ovh us/msg", "overhead_per_message_us", ".0f"),
+    ("redis us/deliv", "redis_cpu_per_delivery_us", ".2f"),
     ("noise %", "noise_pct", ".0f"),
     ("steal %", "steal_pct", ".1f"),
     ("RSS MB", "server_rss_mb", ".1f"),
@@ -269,6 +271,23 @@ def target_lines(rows: list[dict[str, Any]]) -> list[str]:
                 f"{name} server CPU per tab", row.get("server_cpu_per_tab_us"), node_us / 4, " us"
             )
             check(f"{name} watcher's worst ping", row.get("watcher_ping_max_ms"), 100.0, " ms")
+    for row in rows:
+        comparison = row.get("broker_comparison")
+        if not comparison:
+            continue
+        # Issue 11: the broker cluster against one node without it, same tabs and messages.
+        check(f"{row['name']}: p50 added by the broker", comparison["p50_added_ms"], 1.0, " ms")
+        check(
+            f"{row['name']}: CPU per delivery, cluster / single node",
+            comparison["cpu_per_delivery_ratio"],
+            1.25,
+            "x",
+        )
+        out.append(
+            f"  remote node's p50 added: {comparison['remote_p50_added_ms']} ms;"
+            f" with Redis' CPU: {comparison['cpu_per_delivery_with_redis_ratio']}x;"
+            f" deliveries/s ratio {comparison['deliveries_per_s_ratio']}"
+        )
     if "idle" in named:
         value = named["idle"].get("bytes_per_socket")
         check("idle RSS per subscribed socket", None if value is None else value / 1024, 7.0, " KB")

@@ -47,16 +47,27 @@ long the storm left an established tab unanswered. It needs a server with an
 empty history (a fresh one); only the protocol is used, so Node Aphlict can be
 measured the same way.
 
+The ``broker`` scenario (issue 11) starts its own servers: a ``redis-server``,
+two fastaphlict nodes sharing it as a broker, and one node without it. Half the
+tabs open on each brokered node and the posts go to the first; the same tabs
+and messages go to the single node, window by window in alternation. It
+reports deliveries per second, CPU per delivery (both nodes summed, Redis'
+apart) and latency (the cluster's, the posting node's own tabs', the other
+node's) side by side with the single node's (see
+:mod:`fastaphlict.bench.brokered`).
+
 Run ``fastaphlict-bench --help`` for the command line; the pytest scenarios in
 ``benchmarks/`` call :func:`run_scenario` directly.
 """
 
 from __future__ import annotations
 
+from fastaphlict.bench.brokered import run_broker
 from fastaphlict.bench.cli import main, run
 from fastaphlict.bench.floor import run_floor
 from fastaphlict.bench.model import (
     SCENARIOS,
+    BrokerResult,
     FloorResult,
     Model,
     Options,
@@ -70,6 +81,7 @@ from fastaphlict.bench.storm import run_storm
 
 __all__ = [
     "SCENARIOS",
+    "BrokerResult",
     "FloorResult",
     "Model",
     "Options",
@@ -78,6 +90,7 @@ __all__ = [
     "main",
     "raise_nofile_limit",
     "run",
+    "run_broker",
     "run_floor",
     "run_scenario",
     "run_storm",

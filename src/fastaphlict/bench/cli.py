@@ -6,13 +6,16 @@ import argparse
 import asyncio
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import orjson
 
+from fastaphlict.bench.brokered import run_broker
 from fastaphlict.bench.model import (
     SCENARIOS,
     STORM_CONNECT_CONCURRENCY,
     STORM_TABS,
+    BrokerResult,
     Options,
     Result,
 )
@@ -38,7 +41,12 @@ def _build_parser() -> argparse.ArgumentParser:
             "storm = post --history messages, then every tab reconnects at once with "
             "subscribe (--phids-per-tab PHIDs), replay and ping, as JX.Aphlict does after a "
             "restart: server CPU per tab, time to the last pong, replays checked exactly, "
-            "and a separate watcher tab's worst ping round trip."
+            "and a separate watcher tab's worst ping round trip; "
+            "broker = starts redis-server (from PATH) and three fastaphlict nodes itself: the "
+            "targeted mix with half the tabs on each of two --broker nodes and posts to the "
+            "first, alternated window by window with one node without a broker holding every "
+            "tab; reports both side by side (--client-url, --admin-url and --server-pid are "
+            "not used)."
         ),
     )
     parser.add_argument("--client-url", default=defaults.client_url, help="WebSocket URL")
@@ -105,9 +113,15 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _print_human(result: Result) -> None:
+def _print_human(result: Result | BrokerResult) -> None:
     for key, value in result.as_dict().items():
         if value is None or value == []:
+            continue
+        if isinstance(value, dict):  # broker: each set-up's figures under its name
+            print(f"{key}:")
+            for sub, item in value.items():
+                if item is not None and item != []:
+                    print(f"  {sub:28} {item}")
             continue
         print(f"{key:28} {value}")
 
@@ -117,6 +131,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _build_parser()
     try:
         args = parser.parse_args(argv)
+        if args.scenario == "broker" and args.server_pid is not None:
+            parser.error("--server-pid: the broker scenario measures the servers it starts")
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else int(exc.code is not None)
     opts = Options(
@@ -152,13 +168,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0 if result.clean else 1
 
 
-def run(opts: Options) -> Result:
-    """:func:`run_scenario` on a fresh uvloop event loop (the sync entry point)."""
+def run(opts: Options, workdir: Path | None = None) -> Result | BrokerResult:
+    """:func:`run_scenario` (``broker``: :func:`run_broker`) on a fresh uvloop event loop.
+
+    The sync entry point. Only the ``broker`` scenario returns a
+    :class:`BrokerResult` (its two set-ups side by side), and only it uses
+    ``workdir`` (where its servers log; a temporary directory by default).
+    """
+    main = run_broker(opts, workdir) if opts.scenario == "broker" else run_scenario(opts)
     try:
         import uvloop
     except ImportError:  # uvloop is a dependency, but the generator works without it
-        return asyncio.run(run_scenario(opts))
-    return uvloop.run(run_scenario(opts))
+        return asyncio.run(main)
+    return uvloop.run(main)
 
 
 if __name__ == "__main__":

@@ -7,8 +7,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-Scenario = Literal["targeted", "broadcast", "burst", "idle", "storm"]
-SCENARIOS: tuple[Scenario, ...] = ("targeted", "broadcast", "burst", "idle", "storm")
+Scenario = Literal["targeted", "broadcast", "burst", "idle", "storm", "broker"]
+SCENARIOS: tuple[Scenario, ...] = ("targeted", "broadcast", "burst", "idle", "storm", "broker")
 
 #: What Phorge's curl sends: raw JSON under the form content type.
 PHORGE_CONTENT_TYPE = "application/x-www-form-urlencoded"
@@ -195,6 +195,17 @@ class Result:
     watcher_ping_p50_ms: float | None = None
     watcher_ping_p99_ms: float | None = None
     watcher_ping_max_ms: float | None = None
+    #: broker: latency of the tabs on the node posted to (local) and on the
+    #: other node (remote, through Redis), and Redis' own CPU.
+    latency_local_p50_ms: float | None = None
+    latency_local_p99_ms: float | None = None
+    latency_remote_p50_ms: float | None = None
+    latency_remote_p99_ms: float | None = None
+    redis_cpu_s: float | None = None
+    redis_cpu_per_delivery_us: float | None = None
+    #: broker: each node's share of ``server_cpu_per_delivery_us`` (median
+    #: over windows; the posting node first), to tell publishing from receiving.
+    node_cpu_per_delivery_us: list[float] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
@@ -220,6 +231,63 @@ class Result:
             or self.replay_tabs_wrong
             or self.out_of_order
         )
+
+
+@dataclass
+class BrokerResult:
+    """The ``broker`` scenario: the same messages through a brokered cluster and one node.
+
+    ``broker`` is the two-node cluster (half the tabs on each node, posts to
+    the first; its CPU is both nodes', Redis' apart), ``single`` one node
+    without a broker holding every tab. The ratios are broker over single.
+    """
+
+    broker: Result
+    single: Result
+
+    def comparison(self) -> dict[str, float | None]:
+        """The issue's figures: latency added, and CPU and throughput as ratios."""
+        b, s = self.broker, self.single
+
+        def ratio(x: float | None, y: float | None) -> float | None:
+            return x / y if x is not None and y else None
+
+        def delta(x: float | None, y: float | None) -> float | None:
+            return x - y if x is not None and y is not None else None
+
+        cpu_with_redis = (
+            b.server_cpu_per_delivery_us + b.redis_cpu_per_delivery_us
+            if b.server_cpu_per_delivery_us is not None and b.redis_cpu_per_delivery_us is not None
+            else None
+        )
+        return {
+            "p50_added_ms": delta(b.latency_p50_ms, s.latency_p50_ms),
+            "p50_ratio": ratio(b.latency_p50_ms, s.latency_p50_ms),
+            "p99_added_ms": delta(b.latency_p99_ms, s.latency_p99_ms),
+            "p99_ratio": ratio(b.latency_p99_ms, s.latency_p99_ms),
+            "remote_p50_added_ms": delta(b.latency_remote_p50_ms, s.latency_p50_ms),
+            "cpu_per_delivery_ratio": ratio(
+                b.server_cpu_per_delivery_us, s.server_cpu_per_delivery_us
+            ),
+            "cpu_per_delivery_with_redis_ratio": ratio(
+                cpu_with_redis, s.server_cpu_per_delivery_us
+            ),
+            "deliveries_per_s_ratio": ratio(b.deliveries_per_s, s.deliveries_per_s),
+        }
+
+    def as_dict(self) -> dict[str, Any]:
+        """``scenario``, the rounded comparison, then each side's :meth:`Result.as_dict`."""
+        ratios = {k: None if v is None else round(v, 4) for k, v in self.comparison().items()}
+        return {
+            "scenario": "broker",
+            **ratios,
+            "broker": self.broker.as_dict(),
+            "single": self.single.as_dict(),
+        }
+
+    @property
+    def clean(self) -> bool:
+        return self.broker.clean and self.single.clean
 
 
 # -- the subscription model ---------------------------------------------------

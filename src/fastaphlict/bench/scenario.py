@@ -1,4 +1,8 @@
-"""One steady-state scenario (targeted, broadcast, burst, idle), measured in windows."""
+"""One steady-state scenario (targeted, broadcast, burst, idle), measured in windows.
+
+``storm`` is dispatched to :mod:`fastaphlict.bench.storm`; ``broker``, which starts
+its own servers and returns a pair of results, is run by :func:`fastaphlict.bench.run`.
+"""
 
 from __future__ import annotations
 
@@ -38,7 +42,7 @@ from fastaphlict.bench.tabs import Collector, Tab, close_tabs, no_gc, open_tabs,
 # -- the scenario -------------------------------------------------------------
 
 
-def _count(model: Model, tabs: Sequence[Tab]) -> tuple[int, int]:
+def count_deliveries(model: Model, tabs: Sequence[Tab]) -> tuple[int, int]:
     """``(matched, unique)``: expected deliveries that arrived, and all distinct ones."""
     unique = sum(tab.seen.count(1) for tab in tabs)
     if model.reaches_all:
@@ -62,6 +66,8 @@ async def run_scenario(opts: Options) -> Result:
     """
     if opts.scenario == "storm":
         return await run_storm(opts)
+    if opts.scenario == "broker":
+        raise RuntimeError("the broker scenario starts its own servers: run it with run()")
     check_fd_budget(opts.sockets)
     model = build_model(opts)
     windows = split_windows(len(model.messages), opts.windows)
@@ -122,7 +128,7 @@ async def run_scenario(opts: Options) -> Result:
     return result
 
 
-async def _warm_up(opts: Options, session: aiohttp.ClientSession) -> None:
+async def warm_up(opts: Options, session: aiohttp.ClientSession) -> None:
     """Open every keep-alive admin connection with concurrent status reads.
 
     Otherwise the first window pays the TCP handshakes (and the server its
@@ -163,7 +169,7 @@ async def _measure(
         limit=effective_concurrency(opts), keepalive_timeout=60, force_close=False
     )
     async with aiohttp.ClientSession(connector=connector) as session:
-        await _warm_up(opts, session)
+        await warm_up(opts, session)
         gen0 = time.process_time()
         wanted = 0
         marks = []
@@ -191,7 +197,7 @@ async def _measure(
     with contextlib.suppress(asyncio.TimeoutError, ConnectionError):
         await sync_all(tabs, opts.deadline)
 
-    matched, unique = _count(model, tabs)
+    matched, unique = count_deliveries(model, tabs)
     result.deliveries_received = matched
     result.loss = model.expected - matched
     result.unexpected = unique - matched
