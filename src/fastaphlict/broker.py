@@ -39,19 +39,18 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import hashlib
 import logging
-import ssl
 import time
-from collections.abc import Awaitable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
-import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+import hiredis
 
+from fastaphlict import resp
 from fastaphlict.protocol import HISTORY_LIMIT, HISTORY_TTL_MS
+from fastaphlict.resp import RedisError, RespConnection
 
 if TYPE_CHECKING:
     from fastaphlict.config import BrokerConfig
@@ -61,8 +60,6 @@ if TYPE_CHECKING:
 __all__ = ["LATENCY_BUCKETS", "Broker", "BrokerStats", "StreamId", "parse_stream_id"]
 
 log = logging.getLogger("fastaphlict.broker")
-
-T = TypeVar("T")
 
 #: Key prefix of everything fastaphlict keeps in Redis.
 PREFIX = "fastaphlict:"
@@ -99,28 +96,36 @@ LATENCY_BUCKETS = (
 
 # KEYS: 1 the instance's stream, 2 the instance set, 3 the origin's sequence.
 # ARGV: 1 instance, 2 origin, 3 sequence, 4 accepted at (ms), 5 payload,
-#       6 history limit, 7 history window (ms), 8 channel.
+#       6 history limit, 7 history window (ms), 8 channel, 9 "1" to maintain.
 # Returns the new entry's id, or false when this origin already published
-# this sequence number (a retry after a lost reply).
+# this sequence number (a retry after a lost reply). The count trim is
+# approximate (whole radix nodes, cheap) and on every message; the age trim,
+# the expiries and the instance set are kept up to date when the node asks
+# ("maintain": at most once a second per instance), which keeps the script
+# at a few microseconds of Redis' time.
 _PUBLISH_LUA = """
-local seq = tonumber(ARGV[3])
-local last = tonumber(redis.call('GET', KEYS[3]) or '0')
-if seq <= last then return false end
-local window = tonumber(ARGV[7])
+local last = redis.call('GET', KEYS[3])
+if last and tonumber(ARGV[3]) <= tonumber(last) then return false end
 redis.call('SET', KEYS[3], ARGV[3], 'PX', 86400000)
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[6], '*',
   'o', ARGV[2], 's', ARGV[3], 'a', ARGV[4], 'p', ARGV[5])
-redis.call('XTRIM', KEYS[1], 'MINID', tostring(now - window))
-redis.call('PEXPIRE', KEYS[1], 2 * window)
-redis.call('ZADD', KEYS[2], now, ARGV[1])
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - 2 * window)
-redis.call('PEXPIRE', KEYS[2], 2 * window)
+if ARGV[9] == '1' then
+  local window = tonumber(ARGV[7])
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  redis.call('XTRIM', KEYS[1], 'MINID', tostring(now - window))
+  redis.call('PEXPIRE', KEYS[1], 2 * window)
+  redis.call('ZADD', KEYS[2], now, ARGV[1])
+  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - 2 * window)
+  redis.call('PEXPIRE', KEYS[2], 2 * window)
+end
 redis.call('PUBLISH', ARGV[8], 'M\\n' .. ARGV[2] .. '\\n' .. ARGV[3] .. '\\n' .. id .. '\\n'
   .. ARGV[4] .. '\\n' .. #ARGV[1] .. '\\n' .. ARGV[1] .. ARGV[5])
 return id
 """
+_PUBLISH_SHA = hashlib.sha1(_PUBLISH_LUA.encode()).hexdigest()
+#: Seconds between two "maintain" publishes of one instance (see the script).
+MAINTAIN_INTERVAL = 1.0
 
 #: A stream entry id as (milliseconds, sequence): ordered like Redis orders them.
 StreamId = tuple[int, int]
@@ -219,6 +224,7 @@ class Broker:
         self._ca_file = ca_file
         self._channel = f"{PREFIX}{config.db}:messages"
         self._probe = b"P\n" + self.fingerprint.encode()
+        self._script_tail = (HISTORY_LIMIT, int(HISTORY_TTL_MS), self._channel)
         #: (origin, seq, instance, at, payload, accepted monotonic), oldest first.
         self._buffer: collections.deque[tuple[str, int, str, float, bytes, float]] = (
             collections.deque()
@@ -231,8 +237,15 @@ class Broker:
         #: Per instance, the last stream id this node has taken in.
         self._read: dict[str, StreamId] = {}
         self._members: dict[str, float] = {}
-        self._client: aioredis.Redis | None = None
-        self._script: Any = None
+        #: The connection for publishes, probes and catch-up reads (made on demand).
+        self._command: RespConnection | None = None
+        self._command_lock = asyncio.Lock()
+        #: The subscription's connection, while it is up.
+        self._subscription: RespConnection | None = None
+        #: Channel messages held while a catch-up reads the streams (None: not catching up).
+        self._held: list[Any] | None = None
+        #: Per instance, when this node last asked the script to maintain it.
+        self._maintained: dict[str, float] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._closing = False
         #: Link state: subscribed and caught up, and when our last probe came back.
@@ -241,6 +254,8 @@ class Broker:
         self._down_since: float | None = None
         self._ever_up = False
         self._dropping = False
+        #: Why the prober closed the subscription (a stall), for the log line.
+        self._stall: Exception | None = None
         #: The last publish attempt failed (Redis unreachable, or timing out).
         self._publish_failing = False
         self._synced = asyncio.Event()
@@ -330,20 +345,17 @@ class Broker:
     # -- lifecycle --------------------------------------------------------
 
     async def start(self) -> None:
-        """Connect, warm the history from Redis, and start the tasks.
+        r"""Connect, warm the history from Redis, and start the tasks.
 
-        Waits at most one ``timeout`` (plus the warm-up's reads once
-        connected): an unreachable Redis is logged and retried in the
-        background, and the node serves its own tabs meanwhile.
+        Waits for the first attempt's outcome (at most a few ``timeout``\ s):
+        an unreachable Redis is logged and retried in the background, and the
+        node serves its own tabs meanwhile.
         """
-        self._client = self._make_client()
-        self._script = self._client.register_script(_PUBLISH_LUA)
         self._tasks = [
             asyncio.create_task(self._subscriber(), name="fastaphlict-broker-subscriber"),
             asyncio.create_task(self._publisher(), name="fastaphlict-broker-publisher"),
             asyncio.create_task(self._prober(), name="fastaphlict-broker-probe"),
         ]
-        # The first attempt's outcome: in sync, or failed (then no waiting on).
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self._attempted.wait(), self._timeout * 4)
         if not self._synced.is_set():
@@ -371,53 +383,48 @@ class Broker:
         deadline = time.monotonic() + drain_timeout
         while self._buffer and not self._publish_failing and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._client is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._client.aclose(), self._timeout)
-        left = [(o, s, i, at, p) for o, s, i, at, p, _ in self._buffer]
-        self._buffer.clear()
-        return left
+        return self.abandon()
 
     def abandon(self) -> list[Pending]:
-        """Stop publishing at once (a forced shutdown); return what is still buffered."""
+        """Stop at once (also a forced shutdown); return what is still buffered."""
         self._closing = True
         for task in self._tasks:
             task.cancel()
+        for conn in (self._command, self._subscription):
+            if conn is not None:
+                conn.close()
         left = [(o, s, i, at, p) for o, s, i, at, p, _ in self._buffer]
         self._buffer.clear()
         return left
 
-    def _make_client(self) -> aioredis.Redis:
-        config = self.config
-        common: dict[str, Any] = {
-            "db": config.db,
-            "username": config.username,
-            "password": config.password,
-            "socket_timeout": self._timeout,
-            "socket_connect_timeout": self._timeout,
-            # Reconnection and catch-up are ours (see the module docstring):
-            # a silent retry inside redis-py would skip the catch-up.
-            "retry": Retry(NoBackoff(), 0),
-            "client_name": f"fastaphlict-{self.fingerprint}",
-            "protocol": 2,
-        }
-        if config.scheme == "unix":
-            return aioredis.Redis(unix_socket_path=config.path, **common)
-        if config.scheme == "rediss":
-            common.update(
-                ssl=True,
-                ssl_cert_reqs=ssl.CERT_REQUIRED,
-                ssl_check_hostname=True,
-                ssl_ca_certs=self._ca_file,
-            )
-        return aioredis.Redis(host=config.host, port=config.port, **common)
+    async def _connect(self, role: str) -> RespConnection:
+        return await resp.connect(
+            self.config,
+            timeout=self._timeout,
+            ca_file=self._ca_file,
+            name=f"fastaphlict-{self.fingerprint}-{role}",
+        )
 
-    async def _call(self, awaitable: Awaitable[T]) -> T:
-        """One Redis call, bounded: socket timeouts aside, nothing may hang a task."""
-        return await asyncio.wait_for(awaitable, self._timeout)
+    async def _commands(self) -> RespConnection:
+        """The command connection, (re)made on demand with the publish script loaded."""
+        async with self._command_lock:
+            conn = self._command
+            if conn is None or conn.is_closed:
+                conn = await self._connect("commands")
+                try:
+                    sha = await conn.execute(("SCRIPT", "LOAD", _PUBLISH_LUA), self._timeout)
+                except BaseException:
+                    conn.close()
+                    raise
+                if _decode(sha) != _PUBLISH_SHA:
+                    conn.close()
+                    raise RedisError(f"SCRIPT LOAD answered {sha!r}, expected {_PUBLISH_SHA}")
+                self._command = conn
+            return conn
+
+    async def _command_reply(self, command: tuple[Any, ...]) -> Any:
+        """One command on the command connection, bounded by ``timeout``."""
+        return await (await self._commands()).execute(command, self._timeout)
 
     # -- the link: subscribe, catch up, read, watch the probes -------------
 
@@ -425,37 +432,38 @@ class Broker:
         """Keep the subscription up; after each (re)connection, catch up first."""
         delay = BACKOFF_FIRST
         while not self._closing:
-            assert self._client is not None
-            pool = self._client.connection_pool
-            conn = pool.connection_class(**pool.connection_kwargs)
+            conn: RespConnection | None = None
             try:
-                await self._call(conn.connect())
-                await conn.send_command("SUBSCRIBE", self._channel)
-                reply = await conn.read_response(timeout=self._timeout)
+                conn = await self._connect("subscription")
+                # From the SUBSCRIBE on, channel messages are held until the
+                # streams have been read (see the module docstring).
+                self._held = []
+                conn.on_push = self._on_push
+                reply = await conn.execute(("SUBSCRIBE", self._channel), self._timeout)
                 if not (isinstance(reply, list) and reply and reply[0] == b"subscribe"):
                     raise RedisError(f"unexpected reply to SUBSCRIBE: {reply!r}")
-                # The channel's messages wait in the socket while the streams are read.
                 caught_up = await self._catch_up()
+                held, self._held = self._held, None
+                for message in held:
+                    self._on_message(message)
+                self._subscription = conn
                 self._last_probe = time.monotonic()
                 self._linked = True
                 delay = BACKOFF_FIRST
                 self._on_up(caught_up)
-                while True:
-                    message = await conn.read_response(timeout=self._probe_interval)
-                    if message is not None:
-                        self._on_message(message)
-                    if time.monotonic() - self._last_probe > self._stall_after:
-                        raise _Stalled(
-                            f"no probe came back for {self._stall_after:g}s: subscription stalled"
-                        )
+                await conn.closed
+                raise self._stall or RedisError("subscription connection closed")
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 self._on_down(_reason(exc))
             finally:
                 self._linked = False
-                with contextlib.suppress(Exception):
-                    await conn.disconnect(nowait=True)
+                self._held = None
+                self._stall = None
+                self._subscription = None
+                if conn is not None:
+                    conn.close()
             if self._closing:
                 return
             await asyncio.sleep(delay)
@@ -468,8 +476,7 @@ class Broker:
         until now) is merged whole with what the node already holds; later
         ones continue from the last id taken in.
         """
-        assert self._client is not None
-        names = await self._call(self._client.zrange(f"{PREFIX}instances", 0, -1))
+        names = await self._command_reply(("ZRANGE", f"{PREFIX}instances", 0, -1))
         horizon = _now_ms() - HISTORY_TTL_MS
         new = 0
         for raw in names:
@@ -478,10 +485,11 @@ class Broker:
             start = "-" if last is None else f"({_format_id(last)}"
             fresh: list[tuple[float, bytes]] = []
             while True:
-                page = await self._call(
-                    self._client.xrange(_key(instance), min=start, max="+", count=CATCH_UP_PAGE)
+                page = await self._command_reply(
+                    ("XRANGE", _key(instance), start, "+", "COUNT", CATCH_UP_PAGE)
                 )
-                for sid_raw, fields in page:
+                for sid_raw, flat in page:
+                    fields = dict(zip(flat[::2], flat[1::2], strict=True))
                     sid = parse_stream_id(sid_raw)
                     self._read[instance] = sid
                     origin = _decode(fields[b"o"])
@@ -502,6 +510,16 @@ class Broker:
                 new += len(fresh)
         self.stats.received += new
         return new
+
+    def _on_push(self, reply: Any) -> None:
+        """A reply nobody waited for on the subscription: hold it, or take it in now."""
+        if self._held is not None:
+            self._held.append(reply)
+        else:
+            try:
+                self._on_message(reply)
+            except Exception:  # a boundary: one bad message must not end the link
+                log.exception("broker: message from the channel failed")
 
     def _on_message(self, reply: Any) -> None:
         """One message from the channel: another node's message, or a probe."""
@@ -592,7 +610,7 @@ class Broker:
     # -- publishing ---------------------------------------------------------
 
     async def _publisher(self) -> None:
-        """Publish the buffer in order, in pipelines; on failure keep it and retry."""
+        """Publish the buffer in order, in batches; on failure keep it and retry."""
         delay = BACKOFF_FIRST
         buffer = self._buffer
         while True:
@@ -629,26 +647,48 @@ class Broker:
                 log.info("broker buffer below half again (%d messages)", len(buffer))
 
     async def _publish(self, batch: list[tuple[str, int, str, float, bytes, float]]) -> None:
-        assert self._client is not None and self._script is not None
-        tail = (HISTORY_LIMIT, int(HISTORY_TTL_MS), self._channel)
-        async with self._client.pipeline(transaction=False) as pipe:
-            for origin, seq, instance, at, payload, _ in batch:
-                await self._script(
-                    keys=[_key(instance), f"{PREFIX}instances", f"{PREFIX}seq:{origin}"],
-                    args=(_encode(instance), origin, seq, repr(at), payload, *tail),
-                    client=pipe,
-                )
-            await self._call(pipe.execute())
+        """One write of EVALSHA commands; raise unless Redis took every one."""
+        conn = await self._commands()
+        now = time.monotonic()
+        maintained = self._maintained
+        commands = []
+        for origin, seq, instance, at, payload, _ in batch:
+            maintain = now - maintained.get(instance, -MAINTAIN_INTERVAL) >= MAINTAIN_INTERVAL
+            if maintain:
+                maintained[instance] = now
+            keys = (_key(instance), f"{PREFIX}instances", f"{PREFIX}seq:{origin}")
+            args = (_encode(instance), origin, seq, repr(at), payload, *self._script_tail)
+            commands.append(("EVALSHA", _PUBLISH_SHA, 3, *keys, *args, "1" if maintain else "0"))
+        replies = await conn.execute_many(commands, self._timeout)
+        for reply in replies:
+            if isinstance(reply, hiredis.ReplyError):
+                # NOSCRIPT (the cache was flushed) included: a new connection loads it again.
+                conn.close()
+                for instance in {item[2] for item in batch}:
+                    maintained.pop(instance, None)
+                raise RedisError(str(reply))
+        if len(maintained) > 4 * len(self._read) + 1024:
+            horizon = now - 2 * MAINTAIN_INTERVAL
+            for instance in [i for i, at in maintained.items() if at < horizon]:
+                del maintained[instance]
 
     async def _prober(self) -> None:
-        """Publish a probe to ourselves every interval; the subscriber watches for it."""
-        assert self._client is not None
+        """Every interval: publish a probe to ourselves; give up a link whose probes stopped."""
+        probe = ("PUBLISH", self._channel, self._probe)
         while True:
             await asyncio.sleep(self._probe_interval)
             if not self._linked:
                 continue
+            if time.monotonic() - self._last_probe > self._stall_after:
+                subscription = self._subscription
+                if subscription is not None:
+                    self._stall = _Stalled(
+                        f"no probe came back for {self._stall_after:g}s: subscription stalled"
+                    )
+                    subscription.close()
+                continue
             try:
-                await self._call(self._client.publish(self._channel, self._probe))
+                await self._command_reply(probe)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
