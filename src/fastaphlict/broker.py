@@ -223,6 +223,8 @@ class Broker:
         self._buffer: collections.deque[tuple[str, int, str, float, bytes, float]] = (
             collections.deque()
         )
+        #: The batch being published: out of the buffer, not yet acknowledged.
+        self._in_flight: list[tuple[str, int, str, float, bytes, float]] = []
         self._seq = 0
         self._wakeup = asyncio.Event()
         #: Origins whose messages this node delivered when they were posted:
@@ -260,7 +262,7 @@ class Broker:
     @property
     def buffered(self) -> int:
         """Messages accepted here and not yet acknowledged by Redis."""
-        return len(self._buffer)
+        return len(self._buffer) + len(self._in_flight)
 
     def is_member(self, fingerprint: str) -> bool:
         """Whether ``fingerprint`` is another node of this cluster (seen recently)."""
@@ -314,16 +316,20 @@ class Broker:
         buffer = self._buffer
         if len(buffer) >= self._buffer_limit:
             buffer.popleft()
-            self.stats.dropped += 1
-            if not self._dropping:
-                self._dropping = True
-                log.warning(
-                    "broker buffer full (%d messages): dropping the oldest; other nodes'"
-                    " tabs will miss them",
-                    self._buffer_limit,
-                )
+            self._dropped_oldest()
         buffer.append(item)
         self._wakeup.set()
+
+    def _dropped_oldest(self) -> None:
+        """Count one message the bound pushed out; the first of a streak is logged."""
+        self.stats.dropped += 1
+        if not self._dropping:
+            self._dropping = True
+            log.warning(
+                "broker buffer full (%d messages): dropping the oldest; other nodes'"
+                " tabs will miss them",
+                self._buffer_limit,
+            )
 
     # -- lifecycle --------------------------------------------------------
 
@@ -365,9 +371,9 @@ class Broker:
             return []
         self._closing = True
         self._wakeup.set()
-        if self._buffer and self._linked and drain_timeout > 0:
+        if self.buffered and self._linked and drain_timeout > 0:
             deadline = time.monotonic() + drain_timeout
-            while self._buffer and self._linked and time.monotonic() < deadline:
+            while self.buffered and self._linked and time.monotonic() < deadline:
                 await asyncio.sleep(0.01)
         for task in self._tasks:
             task.cancel()
@@ -384,7 +390,8 @@ class Broker:
         self._closing = True
         for task in self._tasks:
             task.cancel()
-        left = [(o, s, i, at, p) for o, s, i, at, p, _ in self._buffer]
+        left = [(o, s, i, at, p) for o, s, i, at, p, _ in [*self._in_flight, *self._buffer]]
+        self._in_flight = []
         self._buffer.clear()
         return left
 
@@ -599,22 +606,26 @@ class Broker:
                 await self._wakeup.wait()
                 continue
             batch = [buffer.popleft() for _ in range(min(PUBLISH_BATCH, len(buffer)))]
+            self._in_flight = batch
             try:
                 await self._publish(batch)
             except asyncio.CancelledError:
+                self._in_flight = []
                 buffer.extendleft(reversed(batch))
                 raise
             except Exception as exc:
+                self._in_flight = []
                 # Back to the front, in order; the bound applies again.
                 buffer.extendleft(reversed(batch))
                 while len(buffer) > self._buffer_limit:
                     buffer.popleft()
-                    self.stats.dropped += 1
+                    self._dropped_oldest()
                 self.stats.publish_failures += 1
                 log.debug("broker publish failed: %s", _reason(exc))
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, BACKOFF_CAP)
                 continue
+            self._in_flight = []
             delay = BACKOFF_FIRST
             acked = time.monotonic()
             for item in batch:
