@@ -278,10 +278,15 @@ def exec_start(unit: str, instance: str = "1") -> list[str]:
 
 @pytest.mark.parametrize("unit", ["fastaphlict.service", "fastaphlict@.service"])
 def test_a_units_command_line_passes_the_config_test(
-    unit: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    unit: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Every flag of the unit's ``ExecStart=`` is one the server takes, with paths it accepts."""
     from fastaphlict import cli
+
+    monkeypatch.delenv("FASTAPHLICT_BROKER", raising=False)
+    if "EnvironmentFile=-/etc/fastaphlict/broker.env" in (CONTRIB / unit).read_text():
+        # What the unit's EnvironmentFile= gives it (--reuse-port needs a broker).
+        monkeypatch.setenv("FASTAPHLICT_BROKER", "redis://:secret@redis.example.com:6379/0")
 
     config = tmp_path / "aphlict.json"
     config.write_text(

@@ -2,7 +2,8 @@
 
 N processes started from one config need a pidfile each (``--pidfile``) and,
 to share the client and admin ports, SO_REUSEPORT (``--reuse-port``): the
-kernel then hands each new connection to one of them.
+kernel then hands each new connection to one of them, and a broker carries
+each post to the others (``--reuse-port`` is refused without one).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import pytest
 from fastaphlict import cli
 from fastaphlict.config import Config, ServerConfig
 from fastaphlict.server import Server
+from redis_support import RedisServer
 from support import (
     TIMEOUT,
     ServerProcess,
@@ -34,6 +36,7 @@ from support import (
     launch,
     listening,
     local_config,
+    metric,
     post,
     scaled,
     stop,
@@ -41,7 +44,15 @@ from support import (
 )
 
 #: The variables these tests set; kept out of the in-process CLI unless a test sets them.
-VARIABLES = ("FASTAPHLICT_PIDFILE", "FASTAPHLICT_REUSE_PORT", "APHLICT_CONFIG")
+VARIABLES = (
+    "FASTAPHLICT_PIDFILE",
+    "FASTAPHLICT_REUSE_PORT",
+    "FASTAPHLICT_BROKER",
+    "APHLICT_CONFIG",
+)
+#: A broker nothing listens on (port 1): for processes that only bind, or never
+#: get that far. The node starts anyway, as it does while Redis is down.
+NO_REDIS = "redis://127.0.0.1:1/0"
 
 GOOD: dict[str, Any] = {
     "servers": [
@@ -242,6 +253,7 @@ def test_reuse_port_flag_and_variable(
     reuse_port: bool,
 ) -> None:
     monkeypatch.setenv("FASTAPHLICT_REUSE_PORT", variable)
+    monkeypatch.setenv("FASTAPHLICT_BROKER", NO_REDIS)
     assert cli.main([f"--config={good_config}", *flags]) == 0
     [(_, options)] = runs
     assert options["reuse_port"] is reuse_port
@@ -306,9 +318,14 @@ async def status(session: aiohttp.ClientSession, server: ServerProcess) -> dict[
         return await resp.json()  # type: ignore[no-any-return]
 
 
+async def published(session: aiohttp.ClientSession, server: ServerProcess) -> int:
+    """How many posts this process accepted (and published to the broker)."""
+    return int(await metric(session, server.admin_url, "fastaphlict_broker_published_total"))
+
+
 @pytest.mark.timeout(90)
 async def test_reuse_port_spreads_clients_and_posts_over_two_processes(
-    tmp_path: Path, processes: list[ServerProcess]
+    tmp_path: Path, processes: list[ServerProcess], redis_server: RedisServer
 ) -> None:
     client, admin, *private = free_ports(4)
     for name, own in zip("ab", private, strict=True):
@@ -316,6 +333,7 @@ async def test_reuse_port_spreads_clients_and_posts_over_two_processes(
             launch(
                 tmp_path / f"{name}.log",
                 "--reuse-port",
+                f"--broker={redis_server.url}",
                 config=shared_ports_config(client, admin, own),
                 ports=(client, own),
             )
@@ -340,11 +358,19 @@ async def test_reuse_port_spreads_clients_and_posts_over_two_processes(
                 assert resp.status == 200
                 made += 1
             seen = [await status(session, server) for server in processes]
-            if all(s["clients.total"] and s["messages.in"] for s in seen):
+            # Posts a process accepted: it published them to the broker.
+            accepted = [await published(session, server) for server in processes]
+            if all(s["clients.total"] for s in seen) and all(accepted):
                 break
-            assert loop.time() < deadline, f"after {made} connections: {seen}"
-    assert sum(s["clients.total"] for s in seen) == made, "every connection went somewhere"
-    assert sum(s["messages.in"] for s in seen) == made, "every post went somewhere"
+            assert loop.time() < deadline, f"after {made} connections: {seen}, {accepted}"
+        assert sum(s["clients.total"] for s in seen) == made, "every connection went somewhere"
+        # Every post went somewhere, and through the broker every process has each.
+        deadline = loop.time() + TIMEOUT
+        while sum(accepted) != made or [s["messages.in"] for s in seen] != [made, made]:
+            assert loop.time() < deadline, f"{made} posts: {accepted} published, {seen}"
+            await asyncio.sleep(0.05)
+            accepted = [await published(session, server) for server in processes]
+            seen = [await status(session, server) for server in processes]
 
 
 @pytest.mark.timeout(60)
@@ -355,6 +381,7 @@ async def test_without_reuse_port_the_second_process_finds_the_port_taken(
     first = launch(
         tmp_path / "first.log",
         "--reuse-port",
+        f"--broker={NO_REDIS}",
         config=shared_ports_config(client, admin, private[0]),
         ports=(client, private[0]),
     )
@@ -376,7 +403,9 @@ async def test_without_reuse_port_the_second_process_finds_the_port_taken(
 async def test_reuse_port_does_not_apply_to_inherited_sockets(tmp_path: Path) -> None:
     with contextlib.ExitStack() as stack:
         sockets = [stack.enter_context(listening()) for _ in range(2)]
-        server = activated(tmp_path / "server.log", sockets, args=("--reuse-port",))
+        server = activated(
+            tmp_path / "server.log", sockets, args=("--reuse-port", f"--broker={NO_REDIS}")
+        )
         try:
             await asyncio.to_thread(server.wait_ready)
             log = server.log()
