@@ -438,3 +438,260 @@ def test_bad_log_level_variable_is_named(
         "fastaphlict: FASTAPHLICT_LOG_LEVEL=loud (environment, for --log-level)"
     )
     assert cli.main(["--test", f"--config={good_config}", "--log-level=loud"]) == 2
+
+
+# -- --broker ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def no_broker_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("FASTAPHLICT_BROKER", "FASTAPHLICT_BROKER_CA_FILE", "FASTAPHLICT_REUSE_PORT"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def test_no_broker_by_default(
+    fake_server: list[tuple[Config, bool]], good_config: str, no_broker_variables: None
+) -> None:
+    assert cli.main([f"--config={good_config}"]) == 0
+    assert OPTIONS[-1]["broker"] is None
+    assert OPTIONS[-1]["broker_ca_file"] is None
+
+
+def test_broker_flag_and_variable_and_the_flag_wins(
+    fake_server: list[tuple[Config, bool]],
+    good_config: str,
+    monkeypatch: pytest.MonkeyPatch,
+    no_broker_variables: None,
+) -> None:
+    assert cli.main([f"--config={good_config}", "--broker=redis://flag.example:6380/2"]) == 0
+    broker = OPTIONS[-1]["broker"]
+    assert (broker.host, broker.port, broker.db) == ("flag.example", 6380, 2)
+    monkeypatch.setenv("FASTAPHLICT_BROKER", "redis://:s3cret@env.example/5")
+    assert cli.main([f"--config={good_config}"]) == 0
+    broker = OPTIONS[-1]["broker"]
+    assert (broker.host, broker.db, broker.password) == ("env.example", 5, "s3cret")
+    assert cli.main([f"--config={good_config}", "--broker=unix:///run/redis.sock"]) == 0
+    assert OPTIONS[-1]["broker"].path == "/run/redis.sock", "the flag wins over the variable"
+
+
+def test_an_empty_broker_variable_means_none(
+    fake_server: list[tuple[Config, bool]], good_config: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FASTAPHLICT_BROKER", "  ")
+    assert cli.main([f"--config={good_config}"]) == 0
+    assert OPTIONS[-1]["broker"] is None
+
+
+def test_an_empty_broker_flag_is_refused(
+    good_config: str, no_broker_variables: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main(["--test", f"--config={good_config}", "--broker="]) == 1
+    assert capsys.readouterr().err == "fastaphlict: --broker: empty URL\n"
+
+
+@pytest.mark.parametrize(
+    ("url", "reason"),
+    [
+        ("redis://admin:hunter22@cache.example:99999/0", "the port is not a number"),
+        ("http://admin:hunter22@cache.example/0", "expected redis://host:port/db"),
+        ("redis://admin:hunter22@cache.example/zero", "the database must be a whole number"),
+        ("unix://:hunter22/x@/run/redis.sock", "percent-encode"),
+        ("admin:hunter22@cache.example", "(not a URL)"),
+    ],
+)
+def test_a_malformed_broker_url_names_its_source_and_never_the_password(
+    good_config: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    no_broker_variables: None,
+    url: str,
+    reason: str,
+) -> None:
+    assert cli.main(["--test", f"--config={good_config}", f"--broker={url}"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("fastaphlict: --broker: broker URL ") and reason in err
+    assert "hunter22" not in err and err.count("\n") == 1
+    monkeypatch.setenv("FASTAPHLICT_BROKER", url)
+    assert cli.main([f"--config={good_config}"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("fastaphlict: FASTAPHLICT_BROKER (environment): broker URL ")
+    assert reason in err and "hunter22" not in err
+
+
+def test_a_broker_ca_file_without_rediss_is_refused(
+    good_config: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    no_broker_variables: None,
+) -> None:
+    ca = tmp_path / "ca.pem"
+    ca.write_text("")
+    flags = ["--test", f"--config={good_config}", f"--broker-ca-file={ca}"]
+    assert cli.main([*flags, "--broker=redis://u:hunter22@h/0"]) == 1
+    err = capsys.readouterr().err
+    assert err == (
+        "fastaphlict: --broker-ca-file applies to a rediss:// broker, not redis://u:***@h:6379/0\n"
+    )
+    assert cli.main([*flags, "--broker=unix:///run/redis.sock"]) == 1
+    assert "--broker-ca-file applies to a rediss:// broker" in capsys.readouterr().err
+
+
+def test_an_unloadable_broker_ca_file_fails_the_config_test(
+    good_config: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    no_broker_variables: None,
+) -> None:
+    missing, garbage = tmp_path / "missing.pem", tmp_path / "garbage.pem"
+    garbage.write_text(
+        "-----BEGIN CERTIFICATE-----\nnot base64 at all\n-----END CERTIFICATE-----\n"
+    )
+    broker = "--broker=rediss://cache.example/0"
+    for path in (missing, garbage):
+        assert (
+            cli.main(["--test", f"--config={good_config}", broker, f"--broker-ca-file={path}"]) == 1
+        )
+        err = capsys.readouterr().err
+        assert err.startswith(f'fastaphlict: Broker CA file "{path}" can not be loaded')
+        assert err.count("\n") == 1
+    monkeypatch.setenv("FASTAPHLICT_BROKER_CA_FILE", str(missing))
+    assert cli.main(["--test", f"--config={good_config}", broker]) == 1
+    assert f'Broker CA file "{missing}"' in capsys.readouterr().err
+
+
+def test_a_good_broker_ca_file_passes_and_reaches_the_server(
+    fake_server: list[tuple[Config, bool]],
+    good_config: str,
+    tmp_path: Path,
+    no_broker_variables: None,
+) -> None:
+    trustme = pytest.importorskip("trustme")
+    ca = trustme.CA()
+    path = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(path))
+    args = [f"--config={good_config}", "--broker=rediss://cache.example/0"]
+    assert cli.main(["--test", *args, f"--broker-ca-file={path}"]) == 0
+    assert cli.main([*args, f"--broker-ca-file={path}"]) == 0
+    assert OPTIONS[-1]["broker_ca_file"] == str(path)
+    assert OPTIONS[-1]["broker"].scheme == "rediss"
+
+
+@pytest.mark.parametrize("reuse", [["--reuse-port"], ["--reuse-port=1"]])
+def test_reuse_port_without_a_broker_is_refused(
+    good_config: str,
+    no_broker_variables: None,
+    capsys: pytest.CaptureFixture[str],
+    reuse: list[str],
+) -> None:
+    for test in (["--test"], []):
+        assert cli.main([*test, f"--config={good_config}", *reuse]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("fastaphlict: --reuse-port needs a broker (--broker or")
+        assert "FASTAPHLICT_BROKER" in err and "would miss the message" in err
+
+
+def test_reuse_port_from_the_variable_without_a_broker_is_refused_too(
+    good_config: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    no_broker_variables: None,
+) -> None:
+    monkeypatch.setenv("FASTAPHLICT_REUSE_PORT", "true")
+    assert cli.main(["--test", f"--config={good_config}"]) == 1
+    assert "--reuse-port needs a broker" in capsys.readouterr().err
+    monkeypatch.setenv("FASTAPHLICT_BROKER", "redis://127.0.0.1:1/0")
+    assert cli.main(["--test", f"--config={good_config}"]) == 0
+
+
+def test_reuse_port_with_a_broker_reaches_the_server(
+    fake_server: list[tuple[Config, bool]], good_config: str, no_broker_variables: None
+) -> None:
+    args = [f"--config={good_config}", "--reuse-port", "--broker=redis://127.0.0.1:1/0"]
+    assert cli.main(args) == 0
+    assert OPTIONS[-1]["reuse_port"] is True
+    assert OPTIONS[-1]["broker"].port == 1
+
+
+def test_test_with_a_broker_prints_ok_without_contacting_redis(good_config: str) -> None:
+    """--test checks the URL; whether Redis is up is a fact of the moment, not of the config."""
+    import socket
+
+    with socket.socket() as redis:
+        redis.bind(("127.0.0.1", 0))
+        redis.listen(8)
+        redis.settimeout(0)
+        port = redis.getsockname()[1]
+        result = run_cli(
+            "--test",
+            f"--config={good_config}",
+            f"--broker=redis://:hunter22@127.0.0.1:{port}/0",
+            "--reuse-port",
+        )
+        assert_test_ok(result)
+        with pytest.raises(BlockingIOError):
+            redis.accept()  # nobody connected
+    assert "hunter22" not in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(
+    ("flag", "error"),
+    [
+        ("--broker-timeout=0", "--broker-timeout=0.0: must be more than 0"),
+        ("--broker-buffer=0", "--broker-buffer=0: must be at least 1"),
+        ("--broker-probe-interval=0", "--broker-probe-interval=0.0: must be more than 0"),
+    ],
+)
+def test_broker_limits_refuse_values_that_cannot_work(
+    good_config: str, capsys: pytest.CaptureFixture[str], flag: str, error: str
+) -> None:
+    assert cli.main(["--test", f"--config={good_config}", flag]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"fastaphlict: {error}; ")
+    assert err.count("\n") == 1
+
+
+@pytest.mark.parametrize("value", ["-1", "soon", "nan"])
+def test_a_broker_timeout_that_is_not_seconds_is_a_usage_error(
+    good_config: str, value: str
+) -> None:
+    assert cli.main(["--test", f"--config={good_config}", f"--broker-timeout={value}"]) == 2
+    assert cli.main(["--test", f"--config={good_config}", f"--broker-buffer={value}"]) == 2
+
+
+def test_broker_limits_flags_and_variables(
+    fake_server: list[tuple[Config, bool]],
+    good_config: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert cli.main([f"--config={good_config}"]) == 0
+    limits = OPTIONS[-1]["limits"]
+    assert (limits.broker_timeout, limits.broker_buffer, limits.broker_probe_interval) == (
+        2.0,
+        16384,
+        1.0,
+    )
+    monkeypatch.setenv("FASTAPHLICT_BROKER_TIMEOUT", "0.5")
+    monkeypatch.setenv("FASTAPHLICT_BROKER_BUFFER", "100")
+    monkeypatch.setenv("FASTAPHLICT_BROKER_PROBE_INTERVAL", "0.25")
+    assert cli.main([f"--config={good_config}", "--broker-buffer=7"]) == 0
+    limits = OPTIONS[-1]["limits"]
+    assert (limits.broker_timeout, limits.broker_buffer, limits.broker_probe_interval) == (
+        0.5,
+        7,
+        0.25,
+    ), "the flag wins over the variable"
+    capsys.readouterr()
+    monkeypatch.setenv("FASTAPHLICT_BROKER_BUFFER", "0")
+    assert cli.main(["--test", f"--config={good_config}"]) == 1
+    assert capsys.readouterr().err.startswith(
+        "fastaphlict: FASTAPHLICT_BROKER_BUFFER=0 (environment, for --broker-buffer)"
+    )
+
+
+def test_help_tells_where_the_broker_password_belongs() -> None:
+    result = run_cli("--help")
+    assert result.returncode == 0
+    for text in ("--broker URL", "FASTAPHLICT_BROKER", "--broker-ca-file", "--broker-buffer"):
+        assert text in result.stdout

@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import ast
+import asyncio
+import logging
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 import fastaphlict
 from fastaphlict import hub as hub_module
+from fastaphlict._fanout import build_frame
 from fastaphlict.hub import HISTORY_LIMIT, HISTORY_TTL_MS, History, Hub
-from fastaphlict.protocol import loads
+from fastaphlict.protocol import dumps, loads
+from support import Conn
 
 
 def test_history_keeps_at_most_the_limit() -> None:
@@ -119,3 +125,186 @@ def test_history_age_is_never_negative_when_the_clock_steps_back(
     assert status["history.age"] == 0
     monkeypatch.setattr(hub_module, "now_ms", lambda: 1_000_000.0 + 2_500)
     assert hub.status("default")["history.age"] == 2_500
+
+
+# -- messages from other nodes of a broker cluster ---------------------------------
+
+NOW = 1_700_000_000_000.0
+
+
+class Recorder:
+    """A relay that records what it is handed."""
+
+    def __init__(self) -> None:
+        self.relayed: list[tuple[str, bytes]] = []
+
+    def relay(self, instance: str, message: dict, body: bytes) -> None:
+        self.relayed.append((instance, body))
+
+
+@pytest.fixture
+def loop() -> Iterator[asyncio.AbstractEventLoop]:
+    loop = asyncio.new_event_loop()
+    yield loop
+    loop.close()
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(hub_module, "now_ms", lambda: NOW)
+
+
+@pytest.fixture
+def tabs(loop: asyncio.AbstractEventLoop) -> Iterator[Any]:
+    """Fake sockets: ``tabs(hub, instance, *phids)`` attaches one subscribed to ``phids``."""
+    made: list[Conn] = []
+
+    def attach(hub: Hub, instance: str, *phids: str) -> Conn:
+        conn = Conn(loop)
+        made.append(conn)
+        conn.sub = hub.attach(instance, conn.transport)  # type: ignore[attr-defined]
+        hub.subscribe(conn.sub, list(phids))  # type: ignore[attr-defined]
+        return conn
+
+    yield attach
+    for conn in made:
+        conn.close()
+
+
+def payload(key: object, *subscribers: str, touched: tuple[str, ...] = ("ORIGIN",)) -> bytes:
+    """A message as another node serialised it (its fingerprint in ``touched``)."""
+    return dumps({"key": key, "subscribers": list(subscribers), "touched": list(touched)})
+
+
+def test_receive_delivers_to_matching_sockets_only(clock: None, tabs: Any) -> None:
+    hub = Hub("ME")
+    a, b = tabs(hub, "acme", "PHID-A"), tabs(hub, "acme", "PHID-B")
+    other = tabs(hub, "default", "PHID-A")
+    body = payload(1, "PHID-A")
+    assert hub.receive("acme", body, NOW - 5) == 1
+    hub.outbox.flush()
+    assert a.read() == build_frame(body), "the payload as its first node serialised it"
+    assert b.read() == b"" and other.read() == b""
+    assert hub.stats.messages_in == 1 and hub.stats.messages_out == 1
+
+
+def test_receive_keeps_the_acceptance_time_so_ages_count_from_it(clock: None) -> None:
+    hub = Hub("ME")
+    hub.receive("acme", payload(1, "PHID-A"), NOW - 12_345)
+    status = hub.status("acme")
+    assert status["history.size"] == 1
+    assert status["history.age"] == 12_345
+    assert hub.export_state()["acme"][0][0] == NOW - 12_345
+
+
+def test_a_received_message_replays_like_a_posted_one(clock: None, tabs: Any) -> None:
+    hub = Hub("ME")
+    hub.receive("acme", payload(1, "PHID-A"), NOW - 30_000)
+    hub.receive("acme", payload(2, "PHID-B"), NOW - 20_000)
+    tab = tabs(hub, "acme", "PHID-A")
+    assert hub.replay("acme", tab.sub, 60_000) == 1
+    assert tab.read() == build_frame(payload(1, "PHID-A"))
+    assert hub.replay("acme", tab.sub, 29_000) == 0, "older than the asked-for age"
+
+
+def test_receive_is_never_relayed_nor_touched(clock: None) -> None:
+    hub = Hub("ME")
+    recorder = Recorder()
+    hub.add_relay(recorder)
+    body = payload(1, "PHID-A", touched=("ORIGIN", "PEER"))
+    hub.receive("default", body, NOW)
+    assert recorder.relayed == []
+    [(_, _, stored)] = hub.export_state()["default"]
+    assert stored == body, "stored byte for byte: our fingerprint is not added"
+    hub.publish("default", {"subscribers": []})
+    assert len(recorder.relayed) == 1, "posts still are"
+
+
+def test_receive_of_an_unreadable_payload_stores_it_for_nobody(
+    clock: None, tabs: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    hub = Hub("ME")
+    tab = tabs(hub, "default", "PHID-A")
+    with caplog.at_level(logging.WARNING, "fastaphlict.hub"):
+        assert hub.receive("default", b"not json", NOW) == 0
+    hub.outbox.flush()
+    assert tab.read() == b""
+    assert hub.status("default")["history.size"] == 1
+    assert "unreadable message from another node" in caplog.text
+
+
+def test_merge_skips_what_the_history_already_holds(clock: None, tabs: Any) -> None:
+    hub = Hub("ME")
+    known = payload("known", "PHID-A")
+    hub.import_state("acme", [(NOW - 3000, ["PHID-A"], known)])
+    tab = tabs(hub, "acme", "PHID-A")
+    new = payload("new", "PHID-A")
+    assert hub.merge("acme", [(NOW - 3000, known), (NOW - 1000, new), (NOW - 500, new)]) == 1
+    hub.outbox.flush()
+    assert tab.read() == build_frame(new), "only the new one, once"
+    assert [p for _, _, p in hub.export_state()["acme"]] == [known, new]
+    assert hub.stats.messages_in == 1
+
+
+def test_merge_delivers_only_what_was_accepted_since_deliver_from(clock: None, tabs: Any) -> None:
+    hub = Hub("ME")
+    tab = tabs(hub, "acme", "PHID-A")
+    before, edge, after = (payload(n, "PHID-A") for n in ("before", "edge", "after"))
+    entries = [(NOW - 2000, before), (NOW - 1000, edge), (NOW - 10, after)]
+    assert hub.merge("acme", entries, deliver_from=NOW - 1000) == 3
+    hub.outbox.flush()
+    assert tab.read() == build_frame(edge) + build_frame(after)
+    assert hub.stats.messages_out == 2
+    assert hub.status("acme")["history.size"] == 3, "every one is in the history"
+    assert hub.replay("acme", tab.sub, 60_000) == 3
+
+
+def test_merge_rebuilds_the_history_ordered_by_acceptance_time(clock: None) -> None:
+    hub = Hub("ME")
+    hub.receive("acme", payload("mine", "PHID-A"), NOW - 2000)
+    entries = [
+        (NOW - 500, payload("late", "PHID-A")),
+        (NOW - 3000, payload("early", "PHID-A")),
+        (NOW - HISTORY_TTL_MS - 1, payload("expired", "PHID-A")),
+        (NOW - 1000, payload("middle", "PHID-A")),
+    ]
+    hub.merge("acme", entries)
+    saved = hub.export_state()["acme"]
+    assert [loads(p)["key"] for _, _, p in saved] == ["early", "mine", "middle", "late"]
+    assert [at for at, _, _ in saved] == [NOW - 3000, NOW - 2000, NOW - 1000, NOW - 500]
+    assert hub.status("acme")["history.age"] == 3000, "each keeps its true age"
+
+
+def test_merge_of_nothing_new_leaves_no_empty_instance_behind(clock: None) -> None:
+    hub = Hub("ME")
+    assert hub.merge("ghost", []) == 0
+    assert hub.instances() == []
+
+
+def test_a_post_touched_by_a_cluster_member_is_a_loopback(clock: None) -> None:
+    """A mesh peer bouncing back a message the broker already brought here."""
+    hub = Hub("ME")
+    recorder = Recorder()
+    hub.add_relay(recorder)
+    asked: list[object] = []
+
+    def is_member(fp: str) -> bool:
+        asked.append(fp)
+        assert isinstance(fp, str), "only strings are asked about"
+        return fp == "MEMBER"
+
+    hub.join_cluster(is_member)
+    assert (
+        hub.publish("default", {"subscribers": [], "touched": [1, None, "PEER", "MEMBER"]}) is None
+    )
+    assert recorder.relayed == [] and hub.stats.messages_in == 0
+    assert hub.status("default")["history.size"] == 0
+    assert "MEMBER" in asked
+    assert hub.publish("default", {"subscribers": [], "touched": ["PEER", "STRANGER"]}) == 0
+    assert len(recorder.relayed) == 1 and hub.status("default")["history.size"] == 1
+
+
+def test_without_a_cluster_a_touched_stranger_is_no_loopback(clock: None) -> None:
+    hub = Hub("ME")
+    assert hub.publish("default", {"subscribers": [], "touched": ["MEMBER"]}) == 0
+    assert hub.status("default")["history.size"] == 1

@@ -4,15 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import socket
 import time
+from pathlib import Path
 
+import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from fastaphlict.config import PeerConfig
+from fastaphlict import metrics
+from fastaphlict.broker import LATENCY_BUCKETS, Broker
+from fastaphlict.config import PeerConfig, parse_broker_url
+from fastaphlict.hub import Hub
 from fastaphlict.metrics import MAX_INSTANCES
-from fastaphlict.server import Limits
-from support import TIMEOUT, local_config, running, stalled_websocket
+from fastaphlict.server import Limits, Server
+from redis_support import RedisServer
+from support import TIMEOUT, Running, eventually, local_config, running, stalled_websocket
 
 
 def _rss() -> int:
@@ -156,3 +163,136 @@ async def test_a_scrape_never_shows_expired_history(monkeypatch) -> None:
             text = await resp.text()
         assert 'instance="gone"' not in text
         assert "fastaphlict_instances 0.0" in text
+
+
+# -- the broker -----------------------------------------------------------------------
+
+PASSWORD = "hunter22-Secret"
+BROKER_SERIES = (
+    "fastaphlict_broker_up",
+    "fastaphlict_broker_buffered",
+    "fastaphlict_broker_published_total",
+    "fastaphlict_broker_dropped_total",
+    "fastaphlict_broker_publish_failures_total",
+    "fastaphlict_broker_reconnects_total",
+    "fastaphlict_broker_received_total",
+    "fastaphlict_broker_publish_seconds_count",
+    "fastaphlict_broker_publish_seconds_sum",
+)
+
+
+def parse(text: str) -> dict[tuple[str, tuple], float]:
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+async def test_broker_counters_are_exported_without_the_password() -> None:
+    hub = Hub("ME")
+    broker = Broker(hub, parse_broker_url(f"redis://fastaphlict:{PASSWORD}@127.0.0.1:1/0"))
+    for _n in range(3):
+        broker.relay("default", {}, b"{}")
+    stats = broker.stats
+    stats.published, stats.dropped, stats.reconnects = 1_000_003, 1_000_010, 1_000_017
+    stats.received, stats.publish_failures = 1_000_024, 1_000_031
+    for seconds in (0.0001, 0.003, 0.003, 7.0):
+        stats.observe(seconds)
+    text = metrics.render(metrics.make_registry(hub, None, broker)).decode()
+    assert PASSWORD not in text and "fastaphlict:" not in text
+    m = parse(text)
+    for name in BROKER_SERIES:
+        assert (name, ()) in m, name
+    assert m[("fastaphlict_broker_up", ())] == 0, "never started: down"
+    assert m[("fastaphlict_broker_buffered", ())] == 3
+    assert m[("fastaphlict_broker_published_total", ())] == 1_000_003
+    assert m[("fastaphlict_broker_dropped_total", ())] == 1_000_010
+    assert m[("fastaphlict_broker_reconnects_total", ())] == 1_000_017
+    assert m[("fastaphlict_broker_received_total", ())] == 1_000_024
+    assert m[("fastaphlict_broker_publish_failures_total", ())] == 1_000_031
+    assert m[("fastaphlict_broker_publish_seconds_count", ())] == 4
+    assert m[("fastaphlict_broker_publish_seconds_sum", ())] == pytest.approx(7.0061)
+    buckets = {
+        dict(labels)["le"]: value
+        for (name, labels), value in m.items()
+        if name == "fastaphlict_broker_publish_seconds_bucket"
+    }
+    assert len(buckets) == len(LATENCY_BUCKETS)
+    assert (buckets["0.0005"], buckets["0.0025"], buckets["0.005"]) == (1, 1, 3)
+    assert (buckets["5.0"] if "5.0" in buckets else buckets["2.5"], buckets["+Inf"]) == (3, 4)
+
+
+async def test_every_broker_counter_is_exported() -> None:
+    """A counter the broker keeps but /metrics doesn't show is invisible in production."""
+    hub = Hub("ME")
+    broker = Broker(hub, parse_broker_url("redis://127.0.0.1:1/0"))
+    counters = [f.name for f in dataclasses.fields(broker.stats)]
+    for n, name in enumerate(counters):
+        setattr(broker.stats, name, 2_000_003 + 7 * n)
+    values = set(parse(metrics.render(metrics.make_registry(hub, None, broker)).decode()).values())
+    missing = [n for n in counters if getattr(broker.stats, n) not in values]
+    assert not missing, f"broker counters not exported: {missing}"
+
+
+async def test_without_a_broker_there_are_no_broker_series() -> None:
+    text = metrics.render(metrics.make_registry(Hub("ME"))).decode()
+    assert "fastaphlict_broker_" not in text
+
+
+async def test_a_node_whose_redis_is_down_shows_it_and_keeps_posts(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    broker = parse_broker_url(f"redis://:{PASSWORD}@127.0.0.1:{closed_port()}/0")
+    server = Server(local_config(), limits=Limits(broker_timeout=0.5), broker=broker)
+    await asyncio.wait_for(server.start(), TIMEOUT)
+    try:
+        async with aiohttp.ClientSession() as session:
+            srv = Running(server, session)
+            assert (await srv.post({"subscribers": []})).status == 200
+            m = await scrape(srv)
+            async with session.get(f"{srv.admin_url}/metrics") as resp:
+                text = await resp.text()
+            status = await srv.status()
+    finally:
+        await asyncio.wait_for(server.close(), TIMEOUT)
+    assert m[("fastaphlict_broker_up", ())] == 0
+    assert m[("fastaphlict_broker_buffered", ())] == 1
+    assert m[("fastaphlict_broker_published_total", ())] == 0
+    assert PASSWORD not in text and PASSWORD not in str(status)
+    assert PASSWORD not in caplog.text
+    assert "unreachable at start" in caplog.text
+    assert server.broker is not None and server.broker.stats.dropped == 1, (
+        "no state directory: the unpublished post is dropped at the stop"
+    )
+
+
+async def test_a_connected_node_shows_up_and_its_publishes(tmp_path: Path) -> None:
+    with RedisServer(tmp_path / "redis", password=PASSWORD) as redis:
+        limits = Limits(broker_probe_interval=0.05)
+        server = Server(local_config(), limits=limits, broker=parse_broker_url(redis.url))
+        await asyncio.wait_for(server.start(), TIMEOUT)
+        try:
+            async with aiohttp.ClientSession() as session:
+                srv = Running(server, session)
+                assert server.broker is not None
+                await eventually(lambda: server.broker.up, what="the broker is up")
+                assert (await srv.post({"subscribers": []})).status == 200
+                await eventually(lambda: server.broker.stats.published == 1)
+                m = await scrape(srv)
+                async with session.get(f"{srv.admin_url}/metrics") as resp:
+                    text = await resp.text()
+        finally:
+            await asyncio.wait_for(server.close(), TIMEOUT)
+    assert m[("fastaphlict_broker_up", ())] == 1
+    assert m[("fastaphlict_broker_buffered", ())] == 0
+    assert m[("fastaphlict_broker_published_total", ())] == 1
+    assert m[("fastaphlict_broker_publish_seconds_count", ())] == 1
+    assert m[("fastaphlict_broker_dropped_total", ())] == 0
+    assert PASSWORD not in text

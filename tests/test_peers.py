@@ -534,3 +534,81 @@ def test_a_hung_name_lookup_does_not_hold_the_process_at_exit() -> None:
     assert result.returncode == 0, result.stderr
     assert result.stdout == "exiting\n"
     assert time.monotonic() - started < scaled(10), "waited for the lookup"
+
+
+# -- a node of a broker cluster (join_cluster) ------------------------------------------
+
+
+async def test_a_relayed_copy_lists_the_broker_cluster_in_touched(start_peer, relays) -> None:
+    """The mesh peer then relays it to none of the cluster's nodes: they have it already."""
+    fake = await start_peer(fingerprint="MeshPeerNodeJS01")
+    relay = await relays([fake.config])
+    members = ["ClusterMember001", "ClusterMember002"]
+    relay.join_cluster(lambda: members)
+    msg = {"key": "1", "subscribers": [], "touched": ["ThisNode00000000"]}
+    relay.relay("default", msg, json.dumps(msg).encode())
+    await eventually(lambda: len(fake.bodies) == 1)
+    assert json.loads(fake.bodies[0])["touched"] == ["ThisNode00000000", *members]
+    assert msg["touched"] == ["ThisNode00000000"], "the published message is not modified"
+
+    # A member already in touched is not listed twice.
+    msg = {"key": "2", "subscribers": [], "touched": ["ClusterMember002", "ThisNode00000000"]}
+    relay.relay("default", msg, json.dumps(msg).encode())
+    await eventually(lambda: len(fake.bodies) == 2)
+    touched = json.loads(fake.bodies[1])["touched"]
+    assert touched == ["ClusterMember002", "ThisNode00000000", "ClusterMember001"]
+
+
+async def test_the_cluster_is_asked_at_each_relay(start_peer, relays) -> None:
+    """Members come and go: the list is read per message, not once."""
+    fake = await start_peer()
+    relay = await relays([fake.config])
+    members: list[str] = []
+    relay.join_cluster(lambda: members)
+    relay.relay("default", {"touched": ["self"]}, message(1))
+    members.append("JoinedLater00001")
+    relay.relay("default", {"touched": ["self"]}, message(2))
+    await eventually(lambda: len(fake.bodies) == 2)
+    assert fake.bodies[0] == message(1), "no member yet: the body as it is"
+    assert json.loads(fake.bodies[1])["touched"] == ["self", "JoinedLater00001"]
+
+
+async def test_a_peer_that_is_a_cluster_member_is_not_relayed_to(start_peer, relays) -> None:
+    member = await start_peer(fingerprint="ClusterMember001")
+    outsider = await start_peer(fingerprint="MeshPeerNodeJS01")
+    relay = await relays([member.config, outsider.config])
+    relay.relay("default", {"touched": ["self"]}, message(1))
+    await eventually(lambda: all(p.fingerprint for p in relay.peers))
+    assert len(member.bodies) == len(outsider.bodies) == 1
+
+    relay.join_cluster(lambda: ["ClusterMember001"])
+    relay.relay("default", {"touched": ["self"]}, message(2))
+    assert relay.peers[0].queued == 0, "decided synchronously: nothing queued for the member"
+    await eventually(lambda: len(outsider.bodies) == 2)
+    assert len(member.bodies) == 1
+    assert json.loads(outsider.bodies[1])["touched"] == ["self", "ClusterMember001"]
+
+
+async def test_nothing_is_relayed_when_every_peer_is_a_cluster_member(start_peer, relays) -> None:
+    member = await start_peer(fingerprint="ClusterMember001")
+    relay = await relays([member.config])
+    relay.relay("default", {"touched": ["self"]}, message(1))
+    await eventually(lambda: relay.peers[0].fingerprint is not None)
+    relay.join_cluster(lambda: ["ClusterMember001"])
+    relay.relay("default", {"touched": ["self"]}, message(2))
+    relay.relay("default", {"touched": ["self", "ClusterMember001"]}, message(3))
+    assert relay.peers[0].queued == 0
+    await asyncio.sleep(scaled(0.05))
+    assert member.bodies == [message(1)]
+
+
+async def test_a_cluster_that_raises_never_reaches_the_poster(start_peer, relays, caplog) -> None:
+    fake = await start_peer()
+    relay = await relays([fake.config])
+
+    def broken() -> list[str]:
+        raise RuntimeError("boom")
+
+    relay.join_cluster(broken)
+    relay.relay("default", {"touched": ["self"]}, message(1))  # must not raise
+    assert "relay failed for instance default" in caplog.text

@@ -275,3 +275,99 @@ async def test_without_a_state_dir_nothing_is_written(tmp_path: Path) -> None:
     assert server.proc.returncode == 0
     assert "state:" not in server.log()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cwd", "server.log"]
+
+
+# -- the broker's unpublished messages (write_pending / read_pending) ------------------
+
+PENDING: list[state.Pending] = [
+    ("PreviousProcess1", 7, "default", 1_700_000_000_123.5, b'{"key":1,"subscribers":["PHID-A"]}'),
+    (
+        "PreviousProcess1",
+        8,
+        "acme \u2713",
+        1_700_000_000_456.0,
+        dumps({"text": "h\u00e9llo \u2713"}),
+    ),
+    ("OlderProcess0002", 1, "default", 1_700_000_000_000.0, b"[]"),
+]
+
+
+def test_pending_messages_round_trip_in_order_and_are_read_once(tmp_path: Path) -> None:
+    state.write_pending(str(tmp_path), PENDING)
+    assert [p.name for p in tmp_path.iterdir()] == [state.PENDING_FILE]
+    assert state.read_pending(str(tmp_path)) == PENDING
+    assert not (tmp_path / state.PENDING_FILE).exists(), "read means removed: published once"
+    assert state.read_pending(str(tmp_path)) == []
+
+
+def test_writing_no_pending_messages_removes_the_file(tmp_path: Path) -> None:
+    state.write_pending(str(tmp_path), PENDING)
+    state.write_pending(str(tmp_path), [])
+    assert list(tmp_path.iterdir()) == []
+    state.write_pending(str(tmp_path), [])  # and nothing to remove is fine too
+    assert state.read_pending(str(tmp_path)) == []
+
+
+def test_pending_messages_replace_the_previous_file(tmp_path: Path) -> None:
+    state.write_pending(str(tmp_path), PENDING)
+    state.write_pending(str(tmp_path), PENDING[:1])
+    assert state.read_pending(str(tmp_path)) == PENDING[:1]
+
+
+def test_pending_messages_leave_the_history_files_alone(tmp_path: Path) -> None:
+    """write_dir() removes state files it does not know; the pending file is not one."""
+    state.write_pending(str(tmp_path), PENDING)
+    state.write_dir(str(tmp_path), {"default": [(1.0, [], b"{}")]})
+    assert (tmp_path / state.PENDING_FILE).exists()
+    assert [name for name, _ in state.read_dir(str(tmp_path))] == ["default"]
+
+
+def _pending_file() -> bytes:
+    lines = [
+        b'{"format":"fastaphlict-broker-pending","version":1}',
+        b'["PreviousProcess1",7,"default",1700000000123.5,"{}"]',
+        b'{"entries":1}',
+    ]
+    return b"\n".join(lines) + b"\n"
+
+
+PENDING_CORRUPTIONS = {
+    "garbage": b"\x00\xffnot json at all\n",
+    "truncated": _pending_file()[: _pending_file().rstrip(b"\n").rindex(b"\n") + 1],
+    "no final newline": _pending_file()[:-1],
+    "empty": b"",
+    "foreign": b'{"format":"fastaphlict-history","version":1}\n{"entries":0}\n',
+    "future version": _pending_file().replace(b'"version":1', b'"version":99'),
+    "malformed entry": _pending_file().replace(b'"default"', b"42"),
+    "short entry": _pending_file().replace(b',"{}"]', b"]"),
+}
+
+
+@pytest.mark.parametrize("corruption", PENDING_CORRUPTIONS)
+def test_a_damaged_pending_file_is_set_aside_whole(
+    tmp_path: Path, corruption: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Nothing of it is published: a partial list could publish some messages twice."""
+    path = tmp_path / state.PENDING_FILE
+    path.write_bytes(PENDING_CORRUPTIONS[corruption])
+    assert state.read_pending(str(tmp_path)) == []
+    assert not path.exists()
+    [aside] = [p for p in tmp_path.iterdir() if ".bad-" in p.name]
+    assert aside.name.startswith(state.PENDING_FILE)
+    assert aside.read_bytes() == PENDING_CORRUPTIONS[corruption], "kept for inspection"
+    complaints = [r for r in caplog.records if str(path) in r.getMessage()]
+    assert len(complaints) == 1 and "moved to" in complaints[0].getMessage()
+
+
+def test_the_sample_pending_file_is_good(tmp_path: Path) -> None:
+    """The corruptions above break a file that reads."""
+    (tmp_path / state.PENDING_FILE).write_bytes(_pending_file())
+    assert state.read_pending(str(tmp_path)) == [
+        ("PreviousProcess1", 7, "default", 1700000000123.5, b"{}")
+    ]
+
+
+def test_a_pending_file_that_is_a_directory_is_set_aside(tmp_path: Path) -> None:
+    (tmp_path / state.PENDING_FILE).mkdir()
+    assert state.read_pending(str(tmp_path)) == []
+    assert not (tmp_path / state.PENDING_FILE).exists()

@@ -229,6 +229,8 @@ class Broker:
         self._buffer: collections.deque[tuple[str, int, str, float, bytes, float]] = (
             collections.deque()
         )
+        #: The batch being published: out of the buffer, not yet acknowledged.
+        self._in_flight: list[tuple[str, int, str, float, bytes, float]] = []
         self._seq = 0
         self._wakeup = asyncio.Event()
         #: Origins whose messages this node delivered when they were posted:
@@ -277,7 +279,7 @@ class Broker:
     @property
     def buffered(self) -> int:
         """Messages accepted here and not yet acknowledged by Redis."""
-        return len(self._buffer)
+        return len(self._buffer) + len(self._in_flight)
 
     def is_member(self, fingerprint: str) -> bool:
         """Whether ``fingerprint`` is another node of this cluster (seen recently)."""
@@ -331,16 +333,20 @@ class Broker:
         buffer = self._buffer
         if len(buffer) >= self._buffer_limit:
             buffer.popleft()
-            self.stats.dropped += 1
-            if not self._dropping:
-                self._dropping = True
-                log.warning(
-                    "broker buffer full (%d messages): dropping the oldest; other nodes'"
-                    " tabs will miss them",
-                    self._buffer_limit,
-                )
+            self._dropped_oldest()
         buffer.append(item)
         self._wakeup.set()
+
+    def _dropped_oldest(self) -> None:
+        """Count one message the bound pushed out; the first of a streak is logged."""
+        self.stats.dropped += 1
+        if not self._dropping:
+            self._dropping = True
+            log.warning(
+                "broker buffer full (%d messages): dropping the oldest; other nodes'"
+                " tabs will miss them",
+                self._buffer_limit,
+            )
 
     # -- lifecycle --------------------------------------------------------
 
@@ -381,7 +387,7 @@ class Broker:
         self._wakeup.set()
         # Drain while publishing works; during an outage, stop at once.
         deadline = time.monotonic() + drain_timeout
-        while self._buffer and not self._publish_failing and time.monotonic() < deadline:
+        while self.buffered and not self._publish_failing and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
         return self.abandon()
 
@@ -393,7 +399,8 @@ class Broker:
         for conn in (self._command, self._subscription):
             if conn is not None:
                 conn.close()
-        left = [(o, s, i, at, p) for o, s, i, at, p, _ in self._buffer]
+        left = [(o, s, i, at, p) for o, s, i, at, p, _ in [*self._in_flight, *self._buffer]]
+        self._in_flight = []
         self._buffer.clear()
         return left
 
@@ -619,23 +626,27 @@ class Broker:
                 await self._wakeup.wait()
                 continue
             batch = [buffer.popleft() for _ in range(min(PUBLISH_BATCH, len(buffer)))]
+            self._in_flight = batch
             try:
                 await self._publish(batch)
             except asyncio.CancelledError:
+                self._in_flight = []
                 buffer.extendleft(reversed(batch))
                 raise
             except Exception as exc:
+                self._in_flight = []
                 # Back to the front, in order; the bound applies again.
                 buffer.extendleft(reversed(batch))
                 while len(buffer) > self._buffer_limit:
                     buffer.popleft()
-                    self.stats.dropped += 1
+                    self._dropped_oldest()
                 self.stats.publish_failures += 1
                 self._publish_failing = True
                 log.debug("broker publish failed: %s", _reason(exc))
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, BACKOFF_CAP)
                 continue
+            self._in_flight = []
             delay = BACKOFF_FIRST
             self._publish_failing = False
             acked = time.monotonic()

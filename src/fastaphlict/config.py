@@ -369,6 +369,17 @@ def parse_broker_url(url: str) -> BrokerConfig:
     def fail(reason: str) -> ConfigError:
         return ConfigError(f"broker URL {shown}: {reason}")
 
+    # Credentials end at the last '@' (as _redacted_url cuts them). A raw '/',
+    # '?' or '#' before it (a base64 password's '/', say) would end the host
+    # part early and put the password's tail in the path, query or fragment,
+    # which the messages below, or a unix:// socket path, would then show.
+    rest = url.strip().partition("://")[2]
+    at = rest.rfind("@")
+    if at >= 0 and any(c in rest[:at] for c in "/?#"):
+        raise fail(
+            "percent-encode the user name and password ('/' as %2F, '?' as %3F, '#' as %23,"
+            " '@' as %40); in a unix:// socket path, write '@' as %40"
+        )
     try:
         parts = urlsplit(url.strip())
         port = parts.port
@@ -399,7 +410,7 @@ def parse_broker_url(url: str) -> BrokerConfig:
             if db_text:
                 raise fail("the database is given twice (path and ?db=)")
             db_text = segment
-    if db_text and not db_text.isdigit():
+    if db_text and not (db_text.isascii() and db_text.isdigit()):
         raise fail("the database must be a whole number, as in /0")
     return BrokerConfig(
         scheme=cast('Literal["redis", "rediss", "unix"]', scheme),

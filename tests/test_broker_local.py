@@ -1,0 +1,467 @@
+"""The broker's own rules, without Redis: stream ids, the buffer, restore, the channel.
+
+What goes through a real ``redis-server`` (delivery across nodes, catch-up,
+outages, the probe) is ``test_broker.py``'s. Here the broker is built on a
+hub and never started: :meth:`Broker.relay` and :meth:`Broker.restore` only
+touch the buffer, :meth:`Broker.close` hands back what is left, and the
+channel's messages are fed to the reader as Redis would hand them over.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import types
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from fastaphlict import broker as broker_module
+from fastaphlict.broker import MEMBER_TTL, Broker, parse_stream_id
+from fastaphlict.config import parse_broker_url
+from fastaphlict.hub import Hub
+from fastaphlict.protocol import HISTORY_TTL_MS, dumps
+from support import TIMEOUT, eventually
+
+ME = "ThisNode00000000"
+OTHER = "OtherNode0000001"
+NOW = 1_700_000_000_000.0
+CONFIG = parse_broker_url("redis://fastaphlict:hunter22@127.0.0.1:1/3")
+
+
+def make(hub: Hub | None = None, **options: Any) -> Broker:
+    return Broker(hub or Hub(ME), CONFIG, **options)
+
+
+def body(n: int) -> bytes:
+    return dumps({"key": n, "subscribers": ["PHID-A"], "touched": [ME]})
+
+
+def channel_message(
+    origin: str, seq: int, sid: str, at: float, instance: str, payload: bytes
+) -> list[bytes]:
+    """A message as the publish script puts it on the channel, as SUBSCRIBE hands it over."""
+    encoded = instance.encode()
+    data = b"\n".join(
+        [
+            b"M",
+            origin.encode(),
+            str(seq).encode(),
+            sid.encode(),
+            repr(at).encode(),
+            str(len(encoded)).encode(),
+            encoded + payload,
+        ]
+    )
+    return [b"message", b"fastaphlict:3:messages", data]
+
+
+def probe(origin: str) -> list[bytes]:
+    return [b"message", b"fastaphlict:3:messages", b"P\n" + origin.encode()]
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(broker_module, "_now_ms", lambda: NOW)
+
+
+# -- stream ids ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("raw", "sid"),
+    [
+        (b"1700000000000-3", (1700000000000, 3)),
+        ("1700000000000-0", (1700000000000, 0)),
+        (b"1700000000000", (1700000000000, 0)),
+        ("0-1", (0, 1)),
+    ],
+)
+def test_parse_stream_id_reads_bytes_and_text(raw: bytes | str, sid: tuple[int, int]) -> None:
+    assert parse_stream_id(raw) == sid
+
+
+@given(
+    st.tuples(st.integers(0, 2**48), st.integers(0, 2**32)),
+    st.tuples(st.integers(0, 2**48), st.integers(0, 2**32)),
+)
+def test_stream_ids_order_as_redis_orders_them(a: tuple[int, int], b: tuple[int, int]) -> None:
+    """By milliseconds, then sequence, as numbers: "10-0" comes after "9-5"."""
+    pa, pb = parse_stream_id(f"{a[0]}-{a[1]}".encode()), parse_stream_id(f"{b[0]}-{b[1]}")
+    assert (pa, pb) == (a, b)
+    assert (pa < pb) == (a[0] < b[0] or (a[0] == b[0] and a[1] < b[1]))
+
+
+@pytest.mark.parametrize("raw", [b"", b"abc-1", b"1-x", "1.5-0"])
+def test_an_unreadable_stream_id_raises_value_error(raw: bytes | str) -> None:
+    with pytest.raises(ValueError):
+        parse_stream_id(raw)
+
+
+# -- construction -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"timeout": 0}, {"timeout": -1}, {"probe_interval": 0}, {"buffer_limit": 0}],
+)
+async def test_settings_that_cannot_work_are_refused(options: dict[str, Any]) -> None:
+    with pytest.raises(ValueError):
+        make(**options)
+
+
+async def test_a_new_broker_is_down_and_names_redis_without_the_password() -> None:
+    broker = make()
+    assert broker.up is False
+    assert broker.buffered == 0
+    assert broker.display == "redis://fastaphlict:***@127.0.0.1:1/3"
+    assert broker.fingerprint == ME
+    assert "hunter22" not in repr(broker.config)
+
+
+async def test_the_channel_is_per_database() -> None:
+    """Nodes on different databases of one Redis are different clusters."""
+    assert make()._channel == "fastaphlict:3:messages"
+    other = Broker(Hub(ME), parse_broker_url("unix:///run/redis.sock?db=0"))
+    assert other._channel == "fastaphlict:0:messages"
+
+
+# -- relay: the publish path ----------------------------------------------------------
+
+
+async def test_relay_only_appends_numbered_messages_of_this_node(clock: None) -> None:
+    broker = make()
+    for n in range(3):
+        broker.relay("acme", {"key": n}, body(n))
+    assert broker.buffered == 3
+    assert broker.stats.published == broker.stats.dropped == 0
+    left = await asyncio.wait_for(broker.close(), TIMEOUT)
+    assert left == [(ME, n + 1, "acme", NOW, body(n)) for n in range(3)]
+    assert broker.buffered == 0
+
+
+async def test_posting_through_the_hub_reaches_the_broker_buffer(clock: None) -> None:
+    hub = Hub(ME)
+    broker = make(hub)
+    hub.add_relay(broker)
+    hub.publish("acme", {"subscribers": ["PHID-A"]})
+    [(origin, seq, instance, at, payload)] = await asyncio.wait_for(broker.close(), TIMEOUT)
+    assert (origin, seq, instance, at) == (ME, 1, "acme", NOW)
+    assert payload == dumps({"subscribers": ["PHID-A"], "touched": [ME]})
+
+
+async def test_a_full_buffer_drops_the_oldest_counts_and_logs_once(
+    clock: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    broker = make(buffer_limit=3)
+    with caplog.at_level(logging.WARNING, "fastaphlict.broker"):
+        for n in range(10):
+            broker.relay("default", {}, body(n))
+    assert broker.buffered == 3
+    assert broker.stats.dropped == 7
+    warnings = [r for r in caplog.records if r.name == "fastaphlict.broker"]
+    assert len(warnings) == 1
+    assert "broker buffer full (3 messages)" in warnings[0].getMessage()
+    left = await asyncio.wait_for(broker.close(), TIMEOUT)
+    assert [seq for _, seq, _, _, _ in left] == [8, 9, 10], "the newest are kept"
+
+
+async def test_the_default_bound_is_16384_messages() -> None:
+    broker = make()
+    for _n in range(16384 + 5):
+        broker.relay("default", {}, b"{}")
+    assert broker.buffered == 16384
+    assert broker.stats.dropped == 5
+
+
+async def test_relay_after_close_counts_the_message_as_dropped() -> None:
+    broker = make()
+    await asyncio.wait_for(broker.close(), TIMEOUT)
+    broker.relay("default", {}, body(1))
+    assert broker.buffered == 0 and broker.stats.dropped == 1
+    assert await asyncio.wait_for(broker.close(), TIMEOUT) == [], "close is idempotent"
+
+
+async def test_abandon_hands_back_the_buffer_at_once(clock: None) -> None:
+    broker = make()
+    broker.relay("default", {}, body(1))
+    assert broker.abandon() == [(ME, 1, "default", NOW, body(1))]
+    broker.relay("default", {}, body(2))
+    assert broker.stats.dropped == 1
+
+
+# -- restore: what a previous process left in the state directory ------------------------
+
+
+async def test_restore_queues_saved_messages_as_they_were(
+    clock: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    broker = make()
+    saved = [
+        ("PreviousProcess1", 41, "acme", NOW - 30_000, body(1)),
+        ("PreviousProcess1", 42, "default", NOW - HISTORY_TTL_MS, body(2)),
+    ]
+    with caplog.at_level(logging.INFO, "fastaphlict.broker"):
+        assert broker.restore(saved) == 2
+    broker.relay("default", {}, body(3))
+    left = await asyncio.wait_for(broker.close(), TIMEOUT)
+    assert left == [*saved, (ME, 1, "default", NOW, body(3))], "origin, number and time kept"
+    assert broker.stats.dropped == 0
+    assert "2 saved message(s) to publish, 0 past the history window dropped" in caplog.text
+
+
+async def test_restore_drops_what_is_past_the_history_window(clock: None) -> None:
+    broker = make()
+    saved = [
+        ("PreviousProcess1", 1, "default", NOW - HISTORY_TTL_MS - 1, body(1)),
+        ("PreviousProcess1", 2, "default", NOW - 120_000, body(2)),
+        ("PreviousProcess1", 3, "default", NOW - 1000, body(3)),
+    ]
+    assert broker.restore(saved) == 1
+    assert broker.stats.dropped == 2
+    assert [s for _, s, _, _, _ in await asyncio.wait_for(broker.close(), TIMEOUT)] == [3]
+
+
+async def test_restore_of_nothing_says_nothing(caplog: pytest.LogCaptureFixture) -> None:
+    broker = make()
+    with caplog.at_level(logging.DEBUG, "fastaphlict.broker"):
+        assert broker.restore([]) == 0
+    assert caplog.records == []
+
+
+async def test_restored_messages_are_bounded_like_any_other(clock: None) -> None:
+    broker = make(buffer_limit=2)
+    saved = [("PreviousProcess1", n, "default", NOW - 10, body(n)) for n in range(1, 5)]
+    assert broker.restore(saved) == 4
+    assert broker.buffered == 2 and broker.stats.dropped == 2
+
+
+async def test_a_restored_origin_counts_as_our_own(clock: None) -> None:
+    """Its messages reached this node's tabs from the saved history: not again from Redis."""
+    hub = Hub(ME)
+    broker = make(hub)
+    broker.restore([("PreviousProcess1", 9, "default", NOW - 1000, body(9))])
+    broker._on_message(
+        channel_message("PreviousProcess1", 9, "5-0", NOW - 1000, "default", body(9))
+    )
+    broker._on_message(
+        channel_message("ExpiredProcess01", 1, "6-0", NOW - 1000, "default", body(1))
+    )
+    assert hub.stats.messages_in == 1, "only the message of the origin not restored"
+    assert broker.stats.received == 1
+
+    expired = make(Hub(ME))
+    expired.restore([("ExpiredProcess01", 1, "default", NOW - HISTORY_TTL_MS - 1, body(1))])
+    expired._on_message(channel_message("ExpiredProcess01", 1, "6-0", NOW, "default", body(1)))
+    assert expired.stats.received == 1, "an origin none of whose messages was restored is not ours"
+
+
+# -- the channel: what other nodes published -----------------------------------------------
+
+
+async def test_another_nodes_message_is_delivered_with_its_acceptance_time() -> None:
+    hub = Hub(ME)
+    broker = make(hub)
+    at = time.time() * 1000 - 4000
+    broker._on_message(channel_message(OTHER, 1, "10-0", at, "acme \u2713", body(1)))
+    assert broker.stats.received == 1
+    status = hub.status("acme \u2713")
+    assert status["history.size"] == 1
+    assert 4000 <= status["history.age"] < 4000 + TIMEOUT * 1000
+    assert broker.is_member(OTHER) and broker.members() == [OTHER]
+
+
+async def test_our_own_messages_on_the_channel_are_skipped() -> None:
+    """They reached this node's tabs when they were posted."""
+    hub = Hub(ME)
+    broker = make(hub)
+    broker._on_message(channel_message(ME, 1, "10-0", NOW, "default", body(1)))
+    assert hub.stats.messages_in == 0 and broker.stats.received == 0
+    assert not broker.is_member(ME)
+
+
+async def test_a_message_the_catch_up_already_gave_is_skipped_by_stream_position() -> None:
+    hub = Hub(ME)
+    broker = make(hub)
+    for sid in ("9-5", "10-0", "10-0", "9-9", "10-1"):
+        broker._on_message(channel_message(OTHER, 1, sid, NOW, "default", body(1)))
+    assert broker.stats.received == 3, "9-5, 10-0 and 10-1: numbers, not text, order them"
+    broker._on_message(channel_message(OTHER, 2, "1-0", NOW, "other", body(2)))
+    assert broker.stats.received == 4, "positions are per instance"
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        [b"message", b"fastaphlict:3:messages", b"M\nshort"],
+        [b"message", b"fastaphlict:3:messages", b"M\nO\n1\nnot-an-id\n1.0\n7\ndefault{}"],
+        [b"message", b"fastaphlict:3:messages", b"M\nO\n1\n1-0\nsoon\n7\ndefault{}"],
+        [b"message", b"fastaphlict:3:messages", b"M\nO\n1\n1-0\n1.0\nseven\ndefault{}"],
+    ],
+)
+async def test_an_unreadable_channel_message_is_logged_and_skipped(
+    reply: list[bytes], caplog: pytest.LogCaptureFixture
+) -> None:
+    hub = Hub(ME)
+    broker = make(hub)
+    with caplog.at_level(logging.WARNING, "fastaphlict.broker"):
+        broker._on_message(reply)
+    assert "unreadable message" in caplog.text
+    assert hub.stats.messages_in == 0 and broker.stats.received == 0
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        [b"subscribe", b"fastaphlict:3:messages", 1],
+        [b"message", b"fastaphlict:3:messages", b"X\nsomething newer"],
+        b"OK",
+        None,
+    ],
+)
+async def test_other_replies_are_ignored(reply: Any, caplog: pytest.LogCaptureFixture) -> None:
+    hub = Hub(ME)
+    broker = make(hub)
+    broker._on_message(reply)
+    assert hub.stats.messages_in == 0 and broker.stats.received == 0
+    assert caplog.records == []
+
+
+async def test_probes_make_members_and_our_own_probe_is_not_one() -> None:
+    broker = make()
+    before = broker._last_probe
+    broker._on_message(probe(OTHER))
+    broker._on_message(probe(ME))
+    assert broker.members() == [OTHER]
+    assert broker.is_member(OTHER) and not broker.is_member(ME)
+    assert not broker.is_member("NeverSeen0000000")
+    assert broker._last_probe > before, "our own probe came back"
+
+
+async def test_members_are_forgotten_after_their_ttl(monkeypatch: pytest.MonkeyPatch) -> None:
+    now = [1000.0]
+    monkeypatch.setattr(
+        broker_module, "time", types.SimpleNamespace(monotonic=lambda: now[0], time=time.time)
+    )
+    broker = make()
+    broker._on_message(probe(OTHER))
+    now[0] += MEMBER_TTL
+    assert broker.is_member(OTHER) and broker.members() == [OTHER]
+    now[0] += 1
+    assert not broker.is_member(OTHER)
+    assert broker.members() == []
+    assert MEMBER_TTL > HISTORY_TTL_MS / 1000, "longer than a history window"
+
+
+# -- the publisher: failures keep the buffer, in order, within its bound ------------------------
+
+
+def failing_publish(
+    broker: Broker, failures: int, gate: asyncio.Event | None = None
+) -> tuple[list[list[int]], Callable[[list[Any]], Awaitable[None]]]:
+    """A stand-in for Broker._publish: fails ``failures`` times (after ``gate``), then records."""
+    published: list[list[int]] = []
+    left = [failures]
+
+    async def publish(batch: list[Any]) -> None:
+        if gate is not None:
+            await gate.wait()
+        if left[0] > 0:
+            left[0] -= 1
+            raise broker_module.RedisError("Connection refused")
+        published.append([item[1] for item in batch])
+
+    return published, publish
+
+
+async def test_a_failed_publish_is_retried_in_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    broker = make()
+    published, publish = failing_publish(broker, failures=2)
+    monkeypatch.setattr(broker, "_publish", publish)
+    for n in range(5):
+        broker.relay("default", {}, body(n))
+    task = asyncio.create_task(broker._publisher())
+    try:
+        await eventually(lambda: broker.stats.published == 5)
+        broker.relay("default", {}, body(5))
+        await eventually(lambda: broker.stats.published == 6)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    assert [seq for batch in published for seq in batch] == [1, 2, 3, 4, 5, 6]
+    assert broker.stats.publish_failures == 2
+    assert broker.stats.dropped == 0
+    assert broker.stats.latency_count == 6
+    assert broker.buffered == 0
+
+
+async def test_a_batch_that_fails_while_the_buffer_filled_keeps_the_bound(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Messages relayed while a publish is in flight count against the bound when it fails."""
+    broker = make(buffer_limit=4)
+    gate = asyncio.Event()
+    published, publish = failing_publish(broker, failures=1, gate=gate)
+    monkeypatch.setattr(broker, "_publish", publish)
+    broker.relay("default", {}, body(1))
+    broker.relay("default", {}, body(2))
+    task = asyncio.create_task(broker._publisher())
+    try:
+        await eventually(lambda: broker._in_flight != [])
+        assert broker.buffered == 2, "in flight is not acknowledged yet: still counted"
+        for n in range(3, 7):
+            broker.relay("default", {}, body(n))
+        assert broker.stats.dropped == 0
+        with caplog.at_level(logging.WARNING, "fastaphlict.broker"):
+            gate.set()
+            await eventually(lambda: broker.stats.publish_failures == 1)
+            assert broker.stats.dropped == 2, "the two oldest"
+            await eventually(lambda: broker.stats.published == 4)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    assert [seq for batch in published for seq in batch] == [3, 4, 5, 6]
+    assert "dropping the oldest" in caplog.text, "what the bound drops is logged"
+
+
+async def test_a_batch_in_flight_counts_as_buffered_and_is_handed_back_by_abandon(
+    monkeypatch: pytest.MonkeyPatch, clock: None
+) -> None:
+    """While Redis takes its time, /metrics still counts them, and a forced stop keeps them."""
+    broker = make()
+    gate = asyncio.Event()
+    _, publish = failing_publish(broker, failures=0, gate=gate)
+    monkeypatch.setattr(broker, "_publish", publish)
+    broker.relay("default", {}, body(1))
+    task = asyncio.create_task(broker._publisher())
+    broker._tasks = [task]
+    await eventually(lambda: broker._in_flight != [])
+    broker.relay("default", {}, body(2))
+    assert broker.buffered == 2
+    left = broker.abandon()
+    await asyncio.gather(task, return_exceptions=True)
+    assert [seq for _, seq, _, _, _ in left] == [1, 2], "the batch in flight first, in order"
+
+
+async def test_close_waits_for_the_batch_in_flight_while_linked(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A batch Redis is about to acknowledge is not handed back as unpublished (or dropped)."""
+    broker = make()
+    gate = asyncio.Event()
+    published, publish = failing_publish(broker, failures=0, gate=gate)
+    monkeypatch.setattr(broker, "_publish", publish)
+    broker.relay("default", {}, body(1))
+    broker._tasks = [asyncio.create_task(broker._publisher())]
+    broker._linked = True  # as the subscriber sets it once subscribed and caught up
+    await eventually(lambda: broker._in_flight != [])
+    closing = asyncio.create_task(broker.close(drain_timeout=TIMEOUT))
+    await asyncio.sleep(0.05)
+    assert not closing.done(), "still draining"
+    gate.set()
+    assert await asyncio.wait_for(closing, TIMEOUT) == []
+    assert published == [[1]] and broker.stats.published == 1
