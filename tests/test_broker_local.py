@@ -13,7 +13,6 @@ import asyncio
 import logging
 import time
 import types
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -360,43 +359,98 @@ async def test_members_are_forgotten_after_their_ttl(monkeypatch: pytest.MonkeyP
 # -- the publisher: failures keep the buffer, in order, within its bound ------------------------
 
 
-def failing_publish(
-    broker: Broker, failures: int, gate: asyncio.Event | None = None
-) -> tuple[list[list[int]], Callable[[list[Any]], Awaitable[None]]]:
-    """A stand-in for Broker._publish: fails ``failures`` times (after ``gate``), then records."""
-    published: list[list[int]] = []
-    left = [failures]
+class FakeCommands:
+    """Stands in for the command connection: records each batch sent; the test answers it."""
 
-    async def publish(batch: list[Any]) -> None:
-        if gate is not None:
-            await gate.wait()
-        if left[0] > 0:
-            left[0] -= 1
-            raise broker_module.RedisError("Connection refused")
-        published.append([item[1] for item in batch])
+    def __init__(self) -> None:
+        self.batches: list[tuple[list[Any], Any]] = []
+        self.answered = 0
+        self.is_closed = False
 
-    return published, publish
+    def send_batch(self, commands: list[Any], done: Any) -> None:
+        self.batches.append((commands, done))
+
+    def close(self) -> None:
+        self.is_closed = True
+
+    @property
+    def sent(self) -> list[list[int]]:
+        """The sequence numbers of each batch (the EVALSHA's 9th word)."""
+        return [[command[8] for command in commands] for commands, _ in self.batches]
+
+    def answer(self, ok: bool = True) -> None:
+        """Reply to the oldest unanswered batch: every script ran, or the connection was lost."""
+        commands, done = self.batches[self.answered]
+        self.answered += 1
+        if ok:
+            done([b"1-0"] * len(commands), None)
+        else:
+            self.is_closed = True
+            done(None, broker_module.RedisError("Connection refused"))
+
+
+def fake_commands(broker: Broker, monkeypatch: pytest.MonkeyPatch) -> list[FakeCommands]:
+    """Every (re)connection the publisher makes gets a new fake; the list holds them all."""
+    made: list[FakeCommands] = []
+
+    async def connect() -> FakeCommands:
+        if broker._command is None or broker._command.is_closed:
+            made.append(FakeCommands())
+            broker._command = made[-1]  # type: ignore[assignment]
+        return broker._command  # type: ignore[return-value]
+
+    monkeypatch.setattr(broker, "_commands", connect)
+    return made
+
+
+def batches(made: list[FakeCommands]) -> list[list[int]]:
+    return [batch for conn in made for batch in conn.sent]
 
 
 async def test_a_failed_publish_is_retried_in_order(monkeypatch: pytest.MonkeyPatch) -> None:
     broker = make()
-    published, publish = failing_publish(broker, failures=2)
-    monkeypatch.setattr(broker, "_publish", publish)
+    made = fake_commands(broker, monkeypatch)
     for n in range(5):
         broker.relay("default", {}, body(n))
     task = asyncio.create_task(broker._publisher())
     try:
-        await eventually(lambda: broker.stats.published == 5)
-        broker.relay("default", {}, body(5))
-        await eventually(lambda: broker.stats.published == 6)
+        for attempt in range(2):
+            await eventually(lambda a=attempt: len(made) == a + 1 and made[-1].batches)
+            made[-1].answer(ok=False)
+        await eventually(lambda: len(made) == 3 and made[-1].batches)
+        made[-1].answer()
+        assert broker.stats.published == 5
+        broker.relay("default", {}, body(5))  # sent at once: nothing is out
+        made[-1].answer()
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
-    assert [seq for batch in published for seq in batch] == [1, 2, 3, 4, 5, 6]
+    assert batches(made) == [[1, 2, 3, 4, 5]] * 3 + [[6]]
     assert broker.stats.publish_failures == 2
     assert broker.stats.dropped == 0
     assert broker.stats.latency_count == 6
     assert broker.buffered == 0
+
+
+async def test_messages_accepted_while_a_batch_is_out_leave_together_after_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    broker = make()
+    made = fake_commands(broker, monkeypatch)
+    task = asyncio.create_task(broker._publisher())
+    try:
+        broker.relay("default", {}, body(1))
+        await eventually(lambda: bool(made) and bool(made[-1].batches))
+        for n in range(2, 5):
+            broker.relay("default", {}, body(n))
+        assert batches(made) == [[1]], "one batch out at a time"
+        made[-1].answer()
+        assert batches(made) == [[1], [2, 3, 4]], "the rest leaves with the reply, in order"
+        made[-1].answer()
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    assert broker.stats.published == 4
 
 
 async def test_a_batch_that_fails_while_the_buffer_filled_keeps_the_bound(
@@ -404,9 +458,7 @@ async def test_a_batch_that_fails_while_the_buffer_filled_keeps_the_bound(
 ) -> None:
     """Messages relayed while a publish is in flight count against the bound when it fails."""
     broker = make(buffer_limit=4)
-    gate = asyncio.Event()
-    published, publish = failing_publish(broker, failures=1, gate=gate)
-    monkeypatch.setattr(broker, "_publish", publish)
+    made = fake_commands(broker, monkeypatch)
     broker.relay("default", {}, body(1))
     broker.relay("default", {}, body(2))
     task = asyncio.create_task(broker._publisher())
@@ -417,14 +469,16 @@ async def test_a_batch_that_fails_while_the_buffer_filled_keeps_the_bound(
             broker.relay("default", {}, body(n))
         assert broker.stats.dropped == 0
         with caplog.at_level(logging.WARNING, "fastaphlict.broker"):
-            gate.set()
-            await eventually(lambda: broker.stats.publish_failures == 1)
+            made[-1].answer(ok=False)
+            assert broker.stats.publish_failures == 1
             assert broker.stats.dropped == 2, "the two oldest"
-            await eventually(lambda: broker.stats.published == 4)
+            await eventually(lambda: len(made) == 2 and bool(made[-1].batches))
+            made[-1].answer()
+            assert broker.stats.published == 4
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
-    assert [seq for batch in published for seq in batch] == [3, 4, 5, 6]
+    assert batches(made) == [[1, 2], [3, 4, 5, 6]]
     assert "dropping the oldest" in caplog.text, "what the bound drops is logged"
 
 
@@ -433,9 +487,7 @@ async def test_a_batch_in_flight_counts_as_buffered_and_is_handed_back_by_abando
 ) -> None:
     """While Redis takes its time, /metrics still counts them, and a forced stop keeps them."""
     broker = make()
-    gate = asyncio.Event()
-    _, publish = failing_publish(broker, failures=0, gate=gate)
-    monkeypatch.setattr(broker, "_publish", publish)
+    made = fake_commands(broker, monkeypatch)
     broker.relay("default", {}, body(1))
     task = asyncio.create_task(broker._publisher())
     broker._tasks = [task]
@@ -445,23 +497,21 @@ async def test_a_batch_in_flight_counts_as_buffered_and_is_handed_back_by_abando
     left = broker.abandon()
     await asyncio.gather(task, return_exceptions=True)
     assert [seq for _, seq, _, _, _ in left] == [1, 2], "the batch in flight first, in order"
+    assert made[-1].is_closed
 
 
-async def test_close_waits_for_the_batch_in_flight_while_linked(
+async def test_close_waits_for_the_batch_in_flight_while_publishing_works(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A batch Redis is about to acknowledge is not handed back as unpublished (or dropped)."""
     broker = make()
-    gate = asyncio.Event()
-    published, publish = failing_publish(broker, failures=0, gate=gate)
-    monkeypatch.setattr(broker, "_publish", publish)
+    made = fake_commands(broker, monkeypatch)
     broker.relay("default", {}, body(1))
     broker._tasks = [asyncio.create_task(broker._publisher())]
-    broker._linked = True  # as the subscriber sets it once subscribed and caught up
     await eventually(lambda: broker._in_flight != [])
     closing = asyncio.create_task(broker.close(drain_timeout=TIMEOUT))
     await asyncio.sleep(0.05)
     assert not closing.done(), "still draining"
-    gate.set()
+    made[-1].answer()
     assert await asyncio.wait_for(closing, TIMEOUT) == []
-    assert published == [[1]] and broker.stats.published == 1
+    assert broker.stats.published == 1

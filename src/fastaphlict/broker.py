@@ -231,6 +231,7 @@ class Broker:
         )
         #: The batch being published: out of the buffer, not yet acknowledged.
         self._in_flight: list[tuple[str, int, str, float, bytes, float]] = []
+        self._in_flight_timer: asyncio.TimerHandle | None = None
         self._seq = 0
         self._wakeup = asyncio.Event()
         #: Origins whose messages this node delivered when they were posted:
@@ -260,6 +261,8 @@ class Broker:
         self._stall: Exception | None = None
         #: The last publish attempt failed (Redis unreachable, or timing out).
         self._publish_failing = False
+        #: The batch out was given up for its timeout (for the log line).
+        self._timed_out = False
         self._synced = asyncio.Event()
         self._attempted = asyncio.Event()
         self._start_reason = "timed out"
@@ -335,7 +338,7 @@ class Broker:
             buffer.popleft()
             self._dropped_oldest()
         buffer.append(item)
-        self._wakeup.set()
+        self._kick()
 
     def _dropped_oldest(self) -> None:
         """Count one message the bound pushed out; the first of a streak is logged."""
@@ -394,14 +397,16 @@ class Broker:
     def abandon(self) -> list[Pending]:
         """Stop at once (also a forced shutdown); return what is still buffered."""
         self._closing = True
+        left = [(o, s, i, at, p) for o, s, i, at, p, _ in [*self._in_flight, *self._buffer]]
+        self._in_flight = []
+        self._buffer.clear()
+        if self._in_flight_timer is not None:
+            self._in_flight_timer.cancel()
         for task in self._tasks:
             task.cancel()
         for conn in (self._command, self._subscription):
             if conn is not None:
                 conn.close()
-        left = [(o, s, i, at, p) for o, s, i, at, p, _ in [*self._in_flight, *self._buffer]]
-        self._in_flight = []
-        self._buffer.clear()
         return left
 
     async def _connect(self, role: str) -> RespConnection:
@@ -617,49 +622,66 @@ class Broker:
     # -- publishing ---------------------------------------------------------
 
     async def _publisher(self) -> None:
-        """Publish the buffer in order, in batches; on failure keep it and retry."""
+        """Keep the command connection up for publishing; retry after failures, backing off.
+
+        Publishing itself happens in callbacks (:meth:`_kick`, :meth:`_published`):
+        a message accepted while no batch is out leaves at once, in the same
+        loop iteration, and those accepted while one is out leave together
+        when its replies are in. This task only steps in when there is no
+        connection or the last batch failed.
+        """
         delay = BACKOFF_FIRST
-        buffer = self._buffer
         while True:
-            if not buffer:
-                self._wakeup.clear()
-                await self._wakeup.wait()
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            if not self._buffer or self._in_flight:
                 continue
-            batch = [buffer.popleft() for _ in range(min(PUBLISH_BATCH, len(buffer)))]
-            self._in_flight = batch
+            if self._publish_failing:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, BACKOFF_CAP)
+            else:
+                delay = BACKOFF_FIRST
             try:
-                await self._publish(batch)
+                await self._commands()
             except asyncio.CancelledError:
-                self._in_flight = []
-                buffer.extendleft(reversed(batch))
                 raise
             except Exception as exc:
-                self._in_flight = []
-                # Back to the front, in order; the bound applies again.
-                buffer.extendleft(reversed(batch))
-                while len(buffer) > self._buffer_limit:
-                    buffer.popleft()
-                    self._dropped_oldest()
                 self.stats.publish_failures += 1
                 self._publish_failing = True
                 log.debug("broker publish failed: %s", _reason(exc))
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, BACKOFF_CAP)
+                self._wakeup.set()
                 continue
-            self._in_flight = []
-            delay = BACKOFF_FIRST
-            self._publish_failing = False
-            acked = time.monotonic()
-            for item in batch:
-                self.stats.observe(acked - item[5])
-            self.stats.published += len(batch)
-            if self._dropping and len(buffer) <= self._buffer_limit // 2:
-                self._dropping = False
-                log.info("broker buffer below half again (%d messages)", len(buffer))
+            self._kick(retry=True)
 
-    async def _publish(self, batch: list[tuple[str, int, str, float, bytes, float]]) -> None:
-        """One write of EVALSHA commands; raise unless Redis took every one."""
-        conn = await self._commands()
+    def _kick(self, *, retry: bool = False) -> None:
+        """Send what is buffered now, unless a batch is out (its replies send the rest).
+
+        Without a usable connection, or after a failure (unless this is the
+        publisher's ``retry``), the publisher task is woken instead.
+        """
+        if self._in_flight or not self._buffer:
+            return
+        conn = self._command
+        if conn is None or conn.is_closed or (self._publish_failing and not retry):
+            self._wakeup.set()
+            return
+        buffer = self._buffer
+        batch = [buffer.popleft() for _ in range(min(PUBLISH_BATCH, len(buffer)))]
+        self._in_flight = batch
+        try:
+            conn.send_batch(self._commands_for(batch), self._published)
+        except RedisError as exc:
+            self._in_flight = []
+            self._publish_failed(batch, exc)
+            return
+        self._in_flight_timer = asyncio.get_running_loop().call_later(
+            self._timeout, self._publish_timed_out, conn
+        )
+
+    def _commands_for(
+        self, batch: list[tuple[str, int, str, float, bytes, float]]
+    ) -> list[tuple[Any, ...]]:
+        """The EVALSHA of each message; "maintain" at most once a second per instance."""
         now = time.monotonic()
         maintained = self._maintained
         commands = []
@@ -670,18 +692,66 @@ class Broker:
             keys = (_key(instance), f"{PREFIX}instances", f"{PREFIX}seq:{origin}")
             args = (_encode(instance), origin, seq, repr(at), payload, *self._script_tail)
             commands.append(("EVALSHA", _PUBLISH_SHA, 3, *keys, *args, "1" if maintain else "0"))
-        replies = await conn.execute_many(commands, self._timeout)
-        for reply in replies:
-            if isinstance(reply, hiredis.ReplyError):
-                # NOSCRIPT (the cache was flushed) included: a new connection loads it again.
-                conn.close()
-                for instance in {item[2] for item in batch}:
-                    maintained.pop(instance, None)
-                raise RedisError(str(reply))
         if len(maintained) > 4 * len(self._read) + 1024:
             horizon = now - 2 * MAINTAIN_INTERVAL
             for instance in [i for i, at in maintained.items() if at < horizon]:
                 del maintained[instance]
+        return commands
+
+    def _publish_timed_out(self, conn: RespConnection) -> None:
+        """No replies within ``timeout``: the connection's order is lost; close it."""
+        self._in_flight_timer = None
+        self._timed_out = True
+        conn.close()  # tells _published, with ConnectionLost
+
+    def _published(self, replies: list[Any] | None, error: Exception | None) -> None:
+        """The replies of the batch out (or why there are none)."""
+        if self._in_flight_timer is not None:
+            self._in_flight_timer.cancel()
+            self._in_flight_timer = None
+        batch, self._in_flight = self._in_flight, []
+        if not batch:
+            return  # abandoned meanwhile
+        if error is None:
+            for reply in replies or ():
+                if isinstance(reply, hiredis.ReplyError):
+                    # NOSCRIPT (the cache was flushed) included: a new connection loads it.
+                    error = RedisError(str(reply))
+                    if self._command is not None:
+                        self._command.close()
+                    break
+        if error is not None:
+            if self._timed_out:
+                error = TimeoutError(f"no reply from Redis within {self._timeout:g}s")
+            self._timed_out = False
+            for instance in {item[2] for item in batch}:
+                self._maintained.pop(instance, None)
+            self._publish_failed(batch, error)
+            return
+        self._publish_failing = False
+        acked = time.monotonic()
+        observe = self.stats.observe
+        for item in batch:
+            observe(acked - item[5])
+        self.stats.published += len(batch)
+        if self._dropping and len(self._buffer) <= self._buffer_limit // 2:
+            self._dropping = False
+            log.info("broker buffer below half again (%d messages)", len(self._buffer))
+        self._kick()
+
+    def _publish_failed(
+        self, batch: list[tuple[str, int, str, float, bytes, float]], error: Exception
+    ) -> None:
+        """Put the batch back at the front, in order; the publisher retries after a pause."""
+        buffer = self._buffer
+        buffer.extendleft(reversed(batch))
+        while len(buffer) > self._buffer_limit:
+            buffer.popleft()
+            self._dropped_oldest()
+        self.stats.publish_failures += 1
+        self._publish_failing = True
+        log.debug("broker publish failed: %s", _reason(error))
+        self._wakeup.set()
 
     async def _prober(self) -> None:
         """Every interval: publish a probe to ourselves; give up a link whose probes stopped."""

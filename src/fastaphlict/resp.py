@@ -43,16 +43,31 @@ class ConnectionLost(RedisError):
     """The connection closed (or was closed) before the reply came."""
 
 
-class RespConnection(asyncio.Protocol):
-    """A Redis connection: ``send`` commands, await replies in order, or get pushes.
+#: What a batch's caller is told: every reply in order, or why there are none.
+BatchDone = Callable[[list[Any] | None, Exception | None], None]
 
-    Replies are matched to waiting callers first; a reply nobody waits for
+
+class _Waiting:
+    """One batch of commands sent, waiting for its replies."""
+
+    __slots__ = ("count", "done", "replies")
+
+    def __init__(self, count: int, done: BatchDone) -> None:
+        self.count = count
+        self.replies: list[Any] = []
+        self.done = done
+
+
+class RespConnection(asyncio.Protocol):
+    """A Redis connection: send commands, get their replies in order, or get pushes.
+
+    Replies are matched to waiting batches first; a reply nobody waits for
     (a pub/sub message) goes to :attr:`on_push`.
     """
 
     def __init__(self) -> None:
         self._reader = hiredis.Reader()
-        self._waiters: collections.deque[asyncio.Future[Any]] = collections.deque()
+        self._waiting: collections.deque[_Waiting] = collections.deque()
         self._transport: asyncio.Transport | None = None
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         #: Called with each reply nobody waits for (pub/sub messages).
@@ -65,16 +80,19 @@ class RespConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         reader = self._reader
+        waiting = self._waiting
         try:
             reader.feed(data)
             while True:
                 reply = reader.gets()
                 if reply is False:
                     return
-                if self._waiters:
-                    waiter = self._waiters.popleft()
-                    if not waiter.done():
-                        waiter.set_result(reply)
+                if waiting:
+                    head = waiting[0]
+                    head.replies.append(reply)
+                    if len(head.replies) == head.count:
+                        waiting.popleft()
+                        head.done(head.replies, None)
                 elif self.on_push is not None:
                     self.on_push(reply)
         except hiredis.ProtocolError as exc:
@@ -89,15 +107,18 @@ class RespConnection(asyncio.Protocol):
     def is_closed(self) -> bool:
         return self.closed.done()
 
-    def send(self, commands: Sequence[Command]) -> list[asyncio.Future[Any]]:
-        """Write ``commands`` in one write; a future per reply, in order."""
+    def send_batch(self, commands: Sequence[Command], done: BatchDone) -> None:
+        """Write ``commands`` in one write; ``done(replies, None)`` once all replies are in.
+
+        ``done(None, error)`` instead when the connection is lost first. Error
+        replies are :class:`hiredis.ReplyError` values among the replies.
+        The caller bounds the wait (and closes the connection on a timeout).
+        """
         if self._transport is None or self.closed.done():
             raise ConnectionLost("connection closed")
-        loop = asyncio.get_running_loop()
-        futures = [loop.create_future() for _ in commands]
-        self._waiters.extend(futures)
-        self._transport.write(b"".join([hiredis.pack_command(tuple(c)) for c in commands]))
-        return futures
+        self._waiting.append(_Waiting(len(commands), done))
+        pack = hiredis.pack_command
+        self._transport.write(b"".join([pack(tuple(c)) for c in commands]))
 
     async def execute_many(self, commands: Sequence[Command], timeout: float) -> list[Any]:
         """Send ``commands``; their replies, error replies as :class:`hiredis.ReplyError` values.
@@ -105,9 +126,19 @@ class RespConnection(asyncio.Protocol):
         On a timeout the connection is closed (a late reply would be taken
         for the next command's) and :class:`TimeoutError` is raised.
         """
-        futures = self.send(commands)
+        future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
+
+        def done(replies: list[Any] | None, error: Exception | None) -> None:
+            if future.done():
+                return
+            if error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(replies or [])
+
+        self.send_batch(commands, done)
         try:
-            return await asyncio.wait_for(asyncio.gather(*futures), timeout)
+            return await asyncio.wait_for(future, timeout)
         except asyncio.TimeoutError:
             self.close()
             raise TimeoutError(f"no reply from Redis within {timeout:g}s") from None
@@ -120,16 +151,14 @@ class RespConnection(asyncio.Protocol):
         return reply
 
     def close(self) -> None:
-        """Close now; whoever waits gets :class:`ConnectionLost`."""
+        """Close now; whatever waits is told :class:`ConnectionLost`."""
         if self._transport is not None:
             self._transport.abort()
         self._fail(ConnectionLost("connection closed"))
 
     def _fail(self, error: RedisError) -> None:
-        while self._waiters:
-            waiter = self._waiters.popleft()
-            if not waiter.done():
-                waiter.set_exception(error)
+        while self._waiting:
+            self._waiting.popleft().done(None, error)
         if not self.closed.done():
             self.closed.set_result(None)
 

@@ -138,7 +138,11 @@ async def run_broker(opts: Options, workdir: Path | None = None) -> BrokerResult
         try:
             redis = start_redis(directory / "redis")
             children.append(redis)
-            url = f"redis://127.0.0.1:{redis.port}/0"
+            url = (
+                f"unix://{directory / 'redis' / 'redis.sock'}"
+                if opts.broker_transport == "unix"
+                else f"redis://127.0.0.1:{redis.port}/0"
+            )
             a, b, single = start_nodes(
                 directory, [("node-a", url), ("node-b", url), ("single", None)]
             )

@@ -92,6 +92,12 @@ def _build_parser() -> argparse.ArgumentParser:
         help="measure in this many slices of messages and report medians (default 1)",
     )
     parser.add_argument(
+        "--broker-transport",
+        choices=("tcp", "unix"),
+        default=defaults.broker_transport,
+        help="broker: the nodes reach Redis over loopback TCP (default) or its unix socket",
+    )
+    parser.add_argument(
         "--history",
         type=int,
         default=defaults.history,
@@ -153,6 +159,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         deadline=args.deadline,
         windows=args.windows,
         history=args.history,
+        broker_transport=args.broker_transport,
         phids_per_tab=args.phids_per_tab,
         watch_interval=args.watch_interval,
     )

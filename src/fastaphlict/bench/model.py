@@ -82,6 +82,8 @@ class Options:
     phids_per_tab: int = 20
     #: storm: seconds between the watcher tab's pings.
     watch_interval: float = 0.005
+    #: broker: how the nodes reach Redis, over loopback TCP or its unix socket.
+    broker_transport: str = "tcp"
 
 
 #: Handshakes in flight during a storm: enough to keep a server's listen

@@ -128,6 +128,9 @@ def start_redis(directory: Path, redis_server: str | None = None) -> Child:
             "--daemonize", "no",
             "--protected-mode", "no",
             "--logfile", str(directory / "redis.log"),
+            # Also a unix socket, for --broker-transport=unix.
+            "--unixsocket", str(directory / "redis.sock"),
+            "--unixsocketperm", "700",
         ]  # fmt: skip
         log_path = directory / "redis.log"
         child = Child("redis", _spawn(command, dict(os.environ), log_path), log_path, port)
