@@ -668,3 +668,49 @@ async def test_a_unix_socket_broker_joins_the_same_cluster_as_a_tcp_one(
             stop(a, b)
     finally:
         shutil.rmtree(short, ignore_errors=True)
+
+
+# -- what Redis refuses ---------------------------------------------------------------------
+
+
+async def test_a_message_redis_refused_is_published_once_it_can_be_and_the_rest_once(
+    redis_server: RedisServer, nodes: Start, session: aiohttp.ClientSession
+) -> None:
+    """One message of a batch fails (its stream key is unusable): the others are not redone."""
+    a, b = nodes("a", redis_server.url), nodes("b", redis_server.url)
+    await until_up(session, a, b)
+    async with tab(b, "PHID-1", path="/~x/") as tx, tab(b, "PHID-1", path="/~y/") as ty:
+        redis_server.command("SET", "fastaphlict:history:y", "not a stream")
+        await publish(session, a, "x1", "PHID-1", instance="x")
+        await publish(session, a, "y1", "PHID-1", instance="y")
+        await publish(session, a, "x2", "PHID-1", instance="x")
+        assert await keys_of(tx, 2) == ["x1", "x2"]
+        # Publishing keeps failing: the node says so, and is not "up".
+        await eventually(lambda: "publishing fails" in a.log(), RECOVERY, what="a down line")
+        assert await broker_up(session, a) == 0
+        redis_server.command("DEL", "fastaphlict:history:y")
+        assert await asyncio.wait_for(keys_of(ty, 1), RECOVERY) == ["y1"]
+        await until_up(session, a)
+        await publish(session, a, "x3", "PHID-1", instance="x")
+        assert await keys_of(tx, 1) == ["x3"], "x1 and x2 were not published twice"
+        await assert_silent(ty)
+    assert a.log().count("down:") == 1 and a.log().count("back after") == 1, a.log()
+
+
+async def test_an_acl_user_without_client_commands_and_a_disabled_auth_leak_nothing(
+    tmp_path: Path, nodes: Start, session: aiohttp.ClientSession
+) -> None:
+    secret = "Acl-S3cret-word"
+    acl = ["--user", "fa", "on", f">{secret}", "~*", "&*", "+@all", "-client"]
+    with RedisServer(tmp_path / "redis-acl", args=acl) as redis:
+        a = nodes("a", f"redis://fa:{secret}@127.0.0.1:{redis.port}/0")
+        await until_up(session, a)  # CLIENT SETNAME refused: only a name lost
+        stop(a)
+    with RedisServer(tmp_path / "redis-noauth", args=["--rename-command", "AUTH", ""]) as redis:
+        b = nodes("b", f"redis://:{secret}@127.0.0.1:{redis.port}/0")
+        await wait_healthy(b, session)
+        assert await broker_up(session, b) == 0
+        stop(b)
+    assert "AUTH refused: ERR" in b.log(), b.log()
+    for log in (a.log(), b.log()):
+        assert secret not in log

@@ -515,3 +515,69 @@ async def test_close_waits_for_the_batch_in_flight_while_publishing_works(
     made[-1].answer()
     assert await asyncio.wait_for(closing, TIMEOUT) == []
     assert broker.stats.published == 1
+
+
+async def test_a_write_that_raises_puts_the_batch_back_for_the_publisher(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """uvloop raises RuntimeError writing to a transport that closed this very iteration."""
+    broker = make()
+    made = fake_commands(broker, monkeypatch)
+    task = asyncio.create_task(broker._publisher())
+    try:
+        broker.relay("default", {}, body(1))
+        await eventually(lambda: bool(made) and bool(made[-1].batches))
+        made[-1].answer()
+
+        def closed_handle(commands: list[Any], done: Any) -> None:
+            raise RuntimeError("unable to perform operation on <TCPTransport closed=True>")
+
+        monkeypatch.setattr(made[-1], "send_batch", closed_handle)
+        broker.relay("default", {}, body(2))  # must not raise into the post
+        assert broker.buffered == 1 and broker.stats.publish_failures == 1
+        await eventually(lambda: len(made) == 2 and bool(made[-1].batches))
+        made[-1].answer()
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    assert batches(made) == [[1], [2]]
+    assert broker.stats.published == 2
+
+
+async def test_a_catch_up_that_fails_midway_reads_the_instance_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The read position moves only once an instance is read whole and delivered."""
+    hub = Hub(ME)
+    broker = make(hub)
+    now = time.time() * 1000
+    entries = [
+        [f"{int(now) - 1000 + n}-0".encode(), [b"o", b"OTHER", b"s", b"%d" % n, b"a",
+         repr(now - 1000 + n).encode(), b"p", body(n)]]
+        for n in range(5)
+    ]  # fmt: skip
+    fail = [True]
+
+    async def reply(command: tuple[Any, ...]) -> Any:
+        if command[0] == "ZRANGE":
+            return [b"acme"]
+        start = command[2]
+        rest = (
+            entries
+            if start == "-"
+            else [e for e in entries if parse_stream_id(e[0]) > parse_stream_id(start[1:])]
+        )
+        page = rest[:2]
+        if page and page[0] is not entries[0] and fail[0]:
+            fail[0] = False
+            raise broker_module.RedisError("connection lost")  # the second page
+        return page
+
+    monkeypatch.setattr(broker_module, "CATCH_UP_PAGE", 2)
+    monkeypatch.setattr(broker, "_command_reply", reply)
+    with pytest.raises(broker_module.RedisError):
+        await broker._catch_up()
+    assert "acme" not in broker._read, "nothing of a failed read counts as read"
+    assert await broker._catch_up() == 5
+    assert hub.status("acme")["history.size"] == 5
+    assert broker._read["acme"] == parse_stream_id(entries[-1][0])

@@ -239,7 +239,8 @@ def test_merge_skips_what_the_history_already_holds(clock: None, tabs: Any) -> N
     hub.import_state("acme", [(NOW - 3000, ["PHID-A"], known)])
     tab = tabs(hub, "acme", "PHID-A")
     new = payload("new", "PHID-A")
-    assert hub.merge("acme", [(NOW - 3000, known), (NOW - 1000, new), (NOW - 500, new)]) == 1
+    entries = [(NOW - 3000, known, True), (NOW - 1000, new, True), (NOW - 500, new, True)]
+    assert hub.merge("acme", entries) == 1
     hub.outbox.flush()
     assert tab.read() == build_frame(new), "only the new one, once"
     assert [p for _, _, p in hub.export_state()["acme"]] == [known, new]
@@ -250,7 +251,7 @@ def test_merge_delivers_only_what_was_accepted_since_deliver_from(clock: None, t
     hub = Hub("ME")
     tab = tabs(hub, "acme", "PHID-A")
     before, edge, after = (payload(n, "PHID-A") for n in ("before", "edge", "after"))
-    entries = [(NOW - 2000, before), (NOW - 1000, edge), (NOW - 10, after)]
+    entries = [(NOW - 2000, before, True), (NOW - 1000, edge, True), (NOW - 10, after, True)]
     assert hub.merge("acme", entries, deliver_from=NOW - 1000) == 3
     hub.outbox.flush()
     assert tab.read() == build_frame(edge) + build_frame(after)
@@ -263,16 +264,46 @@ def test_merge_rebuilds_the_history_ordered_by_acceptance_time(clock: None) -> N
     hub = Hub("ME")
     hub.receive("acme", payload("mine", "PHID-A"), NOW - 2000)
     entries = [
-        (NOW - 500, payload("late", "PHID-A")),
-        (NOW - 3000, payload("early", "PHID-A")),
-        (NOW - HISTORY_TTL_MS - 1, payload("expired", "PHID-A")),
-        (NOW - 1000, payload("middle", "PHID-A")),
+        (NOW - 500, payload("late", "PHID-A"), True),
+        (NOW - 3000, payload("early", "PHID-A"), True),
+        (NOW - HISTORY_TTL_MS - 1, payload("expired", "PHID-A"), True),
+        (NOW - 1000, payload("middle", "PHID-A"), True),
     ]
     hub.merge("acme", entries)
     saved = hub.export_state()["acme"]
     assert [loads(p)["key"] for _, _, p in saved] == ["early", "mine", "middle", "late"]
     assert [at for at, _, _ in saved] == [NOW - 3000, NOW - 2000, NOW - 1000, NOW - 500]
     assert hub.status("acme")["history.age"] == 3000, "each keeps its true age"
+
+
+def test_merge_keeps_but_does_not_deliver_this_nodes_own_messages(clock: None, tabs: Any) -> None:
+    """Its own: its tabs had them when they were posted, even if its history lost them since."""
+    hub = Hub("ME")
+    tab = tabs(hub, "acme", "PHID-A")
+    own, other = payload("own", "PHID-A"), payload("other", "PHID-A")
+    assert hub.merge("acme", [(NOW - 2000, own, False), (NOW - 1000, other, True)]) == 1
+    hub.outbox.flush()
+    assert tab.read() == build_frame(other)
+    assert [loads(p)["key"] for _, _, p in hub.export_state()["acme"]] == ["own", "other"]
+
+
+async def test_a_late_message_is_delivered_at_once_and_kept_with_its_age(
+    clock: None, tabs: Any
+) -> None:
+    """Published late (its node was cut off): the history takes it in time order."""
+    hub = Hub("ME")
+    tab = tabs(hub, "acme", "PHID-A")
+    hub.receive("acme", payload("recent", "PHID-A"), NOW - 100)
+    hub.receive("acme", payload("late", "PHID-A"), NOW - 50_000)
+    hub.outbox.flush()
+    assert tab.read() == build_frame(payload("recent", "PHID-A")) + build_frame(
+        payload("late", "PHID-A")
+    ), "both delivered as they came"
+    await asyncio.sleep(0)  # the history settles once the burst is read
+    saved = hub.export_state()["acme"]
+    assert [loads(p)["key"] for _, _, p in saved] == ["late", "recent"]
+    assert hub.status("acme")["history.age"] == 50_000, "its age counts from its acceptance"
+    assert hub.replay("acme", tab.sub, 10_000) == 1, "a short replay window leaves it out"
 
 
 def test_merge_of_nothing_new_leaves_no_empty_instance_behind(clock: None) -> None:

@@ -74,6 +74,11 @@ BACKOFF_CAP = 2.0
 #: message: longer than a history window, so a late relay of its messages
 #: by a mesh peer is still recognised.
 MEMBER_TTL = 2 * HISTORY_TTL_MS / 1000
+#: Seconds between two prunings of the per-instance and per-node records.
+PRUNE_INTERVAL = 60.0
+#: An instance whose last entry is older than this (ms) is forgotten: its
+#: stream has expired in Redis long before.
+READ_TTL_MS = 10 * HISTORY_TTL_MS
 #: Entries read per XRANGE call during catch-up.
 CATCH_UP_PAGE = 1024
 
@@ -94,21 +99,23 @@ LATENCY_BUCKETS = (
     float("inf"),
 )
 
-# KEYS: 1 the instance's stream, 2 the instance set, 3 the origin's sequence.
+# KEYS: 1 the instance's stream, 2 the instance set, 3 this message's mark
+#       (fastaphlict:seq:<origin>:<sequence>).
 # ARGV: 1 instance, 2 origin, 3 sequence, 4 accepted at (ms), 5 payload,
-#       6 history limit, 7 history window (ms), 8 channel, 9 "1" to maintain.
-# Returns the new entry's id, or false when this origin already published
-# this sequence number (a retry after a lost reply). The count trim is
-# approximate (whole radix nodes, cheap) and on every message; the age trim,
-# the expiries and the instance set are kept up to date when the node asks
-# ("maintain": at most once a second per instance), which keeps the script
-# at a few microseconds of Redis' time.
+#       6 history limit, 7 history window (ms), 8 channel, 9 "1" to maintain,
+#       10 how long the mark is kept (ms).
+# Returns the new entry's id, or false when the mark is there: this message
+# was published already (a retry after a lost reply). The mark is set after
+# the XADD, so a message whose XADD failed (OOM, say) is not marked and its
+# retry goes through. The count trim is approximate (whole radix nodes,
+# cheap) and on every message; the age trim, the expiries and the instance
+# set are kept up to date when the node asks ("maintain": at most once a
+# second per instance), which keeps the script at a few microseconds.
 _PUBLISH_LUA = """
-local last = redis.call('GET', KEYS[3])
-if last and tonumber(ARGV[3]) <= tonumber(last) then return false end
-redis.call('SET', KEYS[3], ARGV[3], 'PX', 86400000)
+if redis.call('EXISTS', KEYS[3]) == 1 then return false end
 local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[6], '*',
   'o', ARGV[2], 's', ARGV[3], 'a', ARGV[4], 'p', ARGV[5])
+redis.call('SET', KEYS[3], '1', 'PX', ARGV[10])
 if ARGV[9] == '1' then
   local window = tonumber(ARGV[7])
   local t = redis.call('TIME')
@@ -123,6 +130,10 @@ redis.call('PUBLISH', ARGV[8], 'M\\n' .. ARGV[2] .. '\\n' .. ARGV[3] .. '\\n' ..
   .. ARGV[4] .. '\\n' .. #ARGV[1] .. '\\n' .. ARGV[1] .. ARGV[5])
 return id
 """
+#: Milliseconds a published message's mark stays in Redis: a retry after a
+#: lost reply, even one saved to the state directory and sent after a
+#: restart, comes well within it. About 80 bytes of Redis memory a message.
+MARK_TTL_MS = 10 * 60 * 1000
 _PUBLISH_SHA = hashlib.sha1(_PUBLISH_LUA.encode()).hexdigest()
 #: Seconds between two "maintain" publishes of one instance (see the script).
 MAINTAIN_INTERVAL = 1.0
@@ -263,6 +274,14 @@ class Broker:
         self._publish_failing = False
         #: The batch out was given up for its timeout (for the log line).
         self._timed_out = False
+        #: Since when publishing fails, and why (None: it works).
+        self._publish_failing_since: float | None = None
+        self._publish_error = ""
+        #: Linked, but our first probe has not come back yet; what the catch-up brought.
+        self._awaiting_probe = False
+        self._caught_up = 0
+        #: Redis' run_id when last linked: another one means another server.
+        self._run_id: str | None = None
         self._synced = asyncio.Event()
         self._attempted = asyncio.Event()
         self._start_reason = "timed out"
@@ -276,8 +295,18 @@ class Broker:
 
     @property
     def up(self) -> bool:
-        """Subscribed, caught up, and our own probe came back recently."""
-        return self._linked and time.monotonic() - self._last_probe <= self._stall_after
+        """Subscribed and caught up, our own probe comes back, and publishing works."""
+        return (
+            self._linked
+            and not self._awaiting_probe
+            and time.monotonic() - self._last_probe <= self._stall_after
+            and not self._publish_stuck()
+        )
+
+    def _publish_stuck(self) -> bool:
+        """Publishing has failed for longer than one ``timeout`` (OOM, READONLY, an ACL...)."""
+        since = self._publish_failing_since
+        return since is not None and time.monotonic() - since > self._timeout
 
     @property
     def buffered(self) -> int:
@@ -454,6 +483,7 @@ class Broker:
                 reply = await conn.execute(("SUBSCRIBE", self._channel), self._timeout)
                 if not (isinstance(reply, list) and reply and reply[0] == b"subscribe"):
                     raise RedisError(f"unexpected reply to SUBSCRIBE: {reply!r}")
+                await self._check_identity()
                 caught_up = await self._catch_up()
                 held, self._held = self._held, None
                 for message in held:
@@ -462,7 +492,10 @@ class Broker:
                 self._last_probe = time.monotonic()
                 self._linked = True
                 delay = BACKOFF_FIRST
-                self._on_up(caught_up)
+                # Up once our own probe has made the round trip (see _on_message).
+                self._caught_up = caught_up
+                self._awaiting_probe = True
+                self._send_probe()
                 await conn.closed
                 raise self._stall or RedisError("subscription connection closed")
             except asyncio.CancelledError:
@@ -471,6 +504,7 @@ class Broker:
                 self._on_down(_reason(exc))
             finally:
                 self._linked = False
+                self._awaiting_probe = False
                 self._held = None
                 self._stall = None
                 self._subscription = None
@@ -484,9 +518,12 @@ class Broker:
     async def _catch_up(self) -> int:
         """Read every instance's stream past what this node has; return how many were new.
 
-        An instance read for the first time (at start, or Redis unreachable
-        until now) is merged whole with what the node already holds; later
-        ones continue from the last id taken in.
+        An instance read for the first time (at start, Redis unreachable
+        until now, or a Redis that is not the one of before) is merged whole
+        with what the node already holds; later ones continue from the last
+        id taken in. The position moves only once an instance's entries are
+        all read and delivered: a read that fails midway is read again.
+        Messages are merged in by acceptance time, so each keeps its age.
         """
         names = await self._command_reply(("ZRANGE", f"{PREFIX}instances", 0, -1))
         horizon = _now_ms() - HISTORY_TTL_MS
@@ -494,32 +531,32 @@ class Broker:
         for raw in names:
             instance = _decode(raw)
             last = self._read.get(instance)
-            start = "-" if last is None else f"({_format_id(last)}"
-            fresh: list[tuple[float, bytes]] = []
+            cursor = last
+            fresh: list[tuple[float, bytes, bool]] = []
             while True:
+                start = "-" if cursor is None else f"({_format_id(cursor)}"
                 page = await self._command_reply(
                     ("XRANGE", _key(instance), start, "+", "COUNT", CATCH_UP_PAGE)
                 )
                 for sid_raw, flat in page:
                     fields = dict(zip(flat[::2], flat[1::2], strict=True))
-                    sid = parse_stream_id(sid_raw)
-                    self._read[instance] = sid
+                    cursor = parse_stream_id(sid_raw)
                     origin = _decode(fields[b"o"])
-                    self._members[origin] = time.monotonic()
-                    if origin in self._own and last is not None:
-                        continue  # delivered when it was posted here
+                    own = origin in self._own
+                    if own and last is not None:
+                        continue  # delivered when it was posted here, and in the history
+                    if not own:
+                        self._members[origin] = time.monotonic()
                     at = float(fields[b"a"])
                     if at >= horizon:
-                        fresh.append((at, fields[b"p"]))
+                        # Our own go into the history only: our tabs had them.
+                        fresh.append((at, fields[b"p"], not own))
                 if len(page) < CATCH_UP_PAGE:
                     break
-                start = f"({_format_id(self._read[instance])}"
-            if last is None:
-                new += self._hub.merge(instance, fresh, deliver_from=self._started_at)
-            else:
-                for at, payload in fresh:
-                    self._hub.receive(instance, payload, at)
-                new += len(fresh)
+            deliver_from = self._started_at if last is None else float("-inf")
+            new += self._hub.merge(instance, fresh, deliver_from=deliver_from)
+            if cursor is not None:
+                self._read[instance] = cursor
         self.stats.received += new
         return new
 
@@ -542,6 +579,9 @@ class Broker:
             origin = data[2:].decode("ascii", "replace")
             if origin == self.fingerprint:
                 self._last_probe = time.monotonic()
+                if self._awaiting_probe and self._linked:
+                    self._awaiting_probe = False
+                    self._on_up(self._caught_up)
             else:
                 self._members[origin] = time.monotonic()
             return
@@ -569,6 +609,7 @@ class Broker:
         self._hub.receive(instance, payload, at)
 
     def _on_up(self, caught_up: int) -> None:
+        """The link is up (subscribed, caught up, probe answered): say so once."""
         self._attempted.set()
         if not self._ever_up:
             self._ever_up = True
@@ -578,21 +619,20 @@ class Broker:
                 self.display,
                 caught_up,
             )
-            if self._down_logged:
-                self._down_logged = False
+            self._down_logged = False
             self._down_since = None
             return
         self.stats.reconnects += 1
+        if not self._publish_stuck():
+            self._on_back(
+                f"{caught_up} missed message(s) caught up, {len(self._buffer)} buffered to publish"
+            )
+
+    def _on_back(self, detail: str) -> None:
+        """The end of an outage: one line, with how long it lasted."""
         if self._down_logged:
             down_for = time.monotonic() - (self._down_since or time.monotonic())
-            log.info(
-                "broker %s back after %.1fs: %d missed message(s) caught up,"
-                " %d buffered to publish",
-                self.display,
-                down_for,
-                caught_up,
-                len(self._buffer),
-            )
+            log.info("broker %s back after %.1fs: %s", self.display, down_for, detail)
             self._down_logged = False
         self._down_since = None
 
@@ -636,6 +676,8 @@ class Broker:
             self._wakeup.clear()
             if not self._buffer or self._in_flight:
                 continue
+            if self._closing and self._publish_failing:
+                continue  # a stop during an outage: what is left goes to the caller
             if self._publish_failing:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, BACKOFF_CAP)
@@ -646,9 +688,7 @@ class Broker:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                self.stats.publish_failures += 1
-                self._publish_failing = True
-                log.debug("broker publish failed: %s", _reason(exc))
+                self._note_publish_failure(exc)
                 self._wakeup.set()
                 continue
             self._kick(retry=True)
@@ -670,8 +710,9 @@ class Broker:
         self._in_flight = batch
         try:
             conn.send_batch(self._commands_for(batch), self._published)
-        except RedisError as exc:
+        except Exception as exc:  # a closed transport raises RuntimeError in uvloop
             self._in_flight = []
+            conn.close()
             self._publish_failed(batch, exc)
             return
         self._in_flight_timer = asyncio.get_running_loop().call_later(
@@ -689,9 +730,11 @@ class Broker:
             maintain = now - maintained.get(instance, -MAINTAIN_INTERVAL) >= MAINTAIN_INTERVAL
             if maintain:
                 maintained[instance] = now
-            keys = (_key(instance), f"{PREFIX}instances", f"{PREFIX}seq:{origin}")
+            keys = (_key(instance), f"{PREFIX}instances", f"{PREFIX}seq:{origin}:{seq}")
             args = (_encode(instance), origin, seq, repr(at), payload, *self._script_tail)
-            commands.append(("EVALSHA", _PUBLISH_SHA, 3, *keys, *args, "1" if maintain else "0"))
+            commands.append(
+                ("EVALSHA", _PUBLISH_SHA, 3, *keys, *args, "1" if maintain else "0", MARK_TTL_MS)
+            )
         if len(maintained) > 4 * len(self._read) + 1024:
             horizon = now - 2 * MAINTAIN_INTERVAL
             for instance in [i for i, at in maintained.items() if at < horizon]:
@@ -729,6 +772,9 @@ class Broker:
             self._publish_failed(batch, error)
             return
         self._publish_failing = False
+        self._publish_failing_since = None
+        if self._down_logged and self.up:
+            self._on_back(f"publishing again, {len(self._buffer)} buffered")
         acked = time.monotonic()
         observe = self.stats.observe
         for item in batch:
@@ -748,19 +794,36 @@ class Broker:
         while len(buffer) > self._buffer_limit:
             buffer.popleft()
             self._dropped_oldest()
-        self.stats.publish_failures += 1
-        self._publish_failing = True
-        log.debug("broker publish failed: %s", _reason(error))
+        self._note_publish_failure(error)
         self._wakeup.set()
 
+    def _note_publish_failure(self, error: BaseException) -> None:
+        self.stats.publish_failures += 1
+        self._publish_failing = True
+        self._publish_error = _reason(error)
+        if self._publish_failing_since is None:
+            self._publish_failing_since = time.monotonic()
+        log.debug("broker publish failed: %s", self._publish_error)
+
+    def _send_probe(self) -> None:
+        """Publish a probe to ourselves now; the subscriber watches for it."""
+        task = asyncio.ensure_future(self._command_reply(("PUBLISH", self._channel, self._probe)))
+        task.add_done_callback(_probe_sent)
+
     async def _prober(self) -> None:
-        """Every interval: publish a probe to ourselves; give up a link whose probes stopped."""
-        probe = ("PUBLISH", self._channel, self._probe)
+        """Every interval: probe the link, give up one whose probes stopped, watch publishing."""
+        pruned = time.monotonic()
         while True:
             await asyncio.sleep(self._probe_interval)
+            now = time.monotonic()
+            if now - pruned > PRUNE_INTERVAL:
+                pruned = now
+                self._prune()
+            if self._publish_stuck() and not self._down_logged:
+                self._on_down(f"publishing fails: {self._publish_error}")
             if not self._linked:
                 continue
-            if time.monotonic() - self._last_probe > self._stall_after:
+            if now - self._last_probe > self._stall_after:
                 subscription = self._subscription
                 if subscription is not None:
                     self._stall = _Stalled(
@@ -768,12 +831,43 @@ class Broker:
                     )
                     subscription.close()
                 continue
-            try:
-                await self._command_reply(probe)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.debug("broker probe failed: %s", _reason(exc))
+            self._send_probe()
+
+    def _prune(self) -> None:
+        """Forget instances nobody published to for a long while, and departed nodes."""
+        horizon_ms = _now_ms() - READ_TTL_MS
+        for instance in [i for i, sid in self._read.items() if sid[0] < horizon_ms]:
+            del self._read[instance]
+            self._maintained.pop(instance, None)
+        self.members()
+
+    async def _check_identity(self) -> None:
+        """A Redis that is not the one of before (restarted empty, failed over): read all again.
+
+        Stream ids come from the server's clock; after a failover to a
+        server whose clock is behind, new ids could sort before the ones
+        this node has read, and it would skip them. Payloads already held
+        are recognised by the merge instead.
+        """
+        info = await self._command_reply(("INFO", "server"))
+        run_id = None
+        for line in _decode(info).splitlines():
+            if line.startswith("run_id:"):
+                run_id = line[7:].strip()
+        if run_id and self._run_id and run_id != self._run_id and self._read:
+            log.info(
+                "broker %s is another Redis process than before (restarted or failed over):"
+                " reading every instance's window again",
+                self.display,
+            )
+            self._read.clear()
+        self._run_id = run_id
+
+
+def _probe_sent(task: asyncio.Future[Any]) -> None:
+    """A probe that failed is only a debug line: the missing answer is what counts."""
+    if not task.cancelled() and task.exception() is not None:
+        log.debug("broker probe failed: %s", _reason(task.exception()))  # type: ignore[arg-type]
 
 
 def _now_ms() -> float:

@@ -24,6 +24,7 @@ paced send, so a replay costs what it sends and arrives whole.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -140,6 +141,8 @@ class Hub:
         self._debug = debug
         self._receipt = dumps({"fingerprint": fingerprint})
         self._is_member: Callable[[str], bool] | None = None
+        #: Late messages from the broker waiting to be put into their history in order.
+        self._late: dict[str, list[tuple[float, Any, bytes]]] = {}
 
     # -- shared -----------------------------------------------------------
 
@@ -260,42 +263,86 @@ class Hub:
         ``touched`` included) and ``at`` when that node accepted it, so ages
         count from then. Nothing is relayed: the broker already carried it
         to every node, and a mesh peer must not get it from two nodes.
+
+        A message older than the history's newest (one published late, after
+        its node was cut off from Redis) is delivered at once and put into
+        the history in time order once the burst it came in has been read.
         """
         subscribers = _subscribers(payload)
-        return self._deliver(instance, subscribers, payload, at)
+        inst = self.instance(instance)
+        newest = inst.history.newest()
+        if newest is None or at >= newest:
+            return self._deliver(instance, subscribers, payload, at)
+        frame = build_frame(payload)
+        self.stats.messages_in += 1
+        sent = inst.channel.publish(subscribers, frame)
+        self.stats.messages_out += sent
+        late = self._late.setdefault(instance, [])
+        if not late:
+            asyncio.get_running_loop().call_soon(self._settle, instance)
+        late.append((at, subscribers, frame))
+        return sent
+
+    def _settle(self, instance: str) -> None:
+        """Put the late messages of ``instance`` into its history, in time order."""
+        late = self._late.pop(instance, [])
+        if late:
+            inst = self.instance(instance)
+            self._insert(inst, late)
+            self._release(inst)
 
     def merge(
-        self, instance: str, entries: Iterable[tuple[float, bytes]], *, deliver_from: float = 0.0
+        self,
+        instance: str,
+        entries: Iterable[tuple[float, bytes, bool]],
+        *,
+        deliver_from: float = 0.0,
     ) -> int:
-        """Merge ``(at, payload)`` entries of ``instance`` (a first sync); return how many were new.
+        """Merge ``(at, payload, deliver)`` entries of ``instance`` read from the broker.
 
         Entries whose payload the history already holds (loaded from the
-        state directory, say) are skipped; the new ones accepted at or after
-        ``deliver_from`` are delivered, then the history is rebuilt ordered
-        by acceptance time, so each keeps its true age. For the first sync
-        of an instance only: it costs the history's size.
+        state directory, say) are skipped. The new ones with ``deliver`` set
+        and accepted at or after ``deliver_from`` go to the sockets; all new
+        ones go into the history in time order, so each keeps its true age.
+        Returns how many new entries had ``deliver`` set.
         """
         inst = self.instance(instance)
         known = {_frame_payload(frame) for _, _, frame in inst.history.entries()}
         added: list[tuple[float, Any, bytes]] = []
-        for at, payload in entries:
+        delivered = 0
+        for at, payload, deliver in entries:
             if payload in known:
                 continue
             known.add(payload)
             subscribers = _subscribers(payload)
             frame = build_frame(payload)
-            self.stats.messages_in += 1
-            if at >= deliver_from:
-                self.stats.messages_out += inst.channel.publish(subscribers, frame)
+            if deliver:
+                delivered += 1
+                self.stats.messages_in += 1
+                if at >= deliver_from:
+                    self.stats.messages_out += inst.channel.publish(subscribers, frame)
             added.append((at, subscribers, frame))
-        if added:
-            merged = sorted([*inst.history.entries(), *added], key=_entry_time)
-            inst.history.clear()
-            for at, subscribers, frame in merged:
-                inst.history.add(at, subscribers, frame)
-            inst.history.purge(now_ms())
+        self._insert(inst, added)
         self._release(inst)
-        return len(added)
+        return delivered
+
+    @staticmethod
+    def _insert(inst: Instance, added: list[tuple[float, Any, bytes]]) -> None:
+        """Add entries to a history in time order: appended when none is older, else rebuilt."""
+        if not added:
+            return
+        added.sort(key=_entry_time)
+        history = inst.history
+        newest = history.newest()
+        if newest is None or added[0][0] >= newest:
+            for at, subscribers, frame in added:
+                history.add(at, subscribers, frame)
+        else:
+            merged = sorted([*history.entries(), *added], key=_entry_time)
+            history.clear()
+            for at, subscribers, frame in merged:
+                history.add(at, subscribers, frame)
+        history.purge(now_ms())
 
     def _deliver(self, instance: str, subscribers: Any, payload: bytes, at: float) -> int:
         """The local step every message takes: history, fan-out, counters."""

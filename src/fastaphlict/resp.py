@@ -116,9 +116,13 @@ class RespConnection(asyncio.Protocol):
         """
         if self._transport is None or self.closed.done():
             raise ConnectionLost("connection closed")
-        self._waiting.append(_Waiting(len(commands), done))
         pack = hiredis.pack_command
-        self._transport.write(b"".join([pack(tuple(c)) for c in commands]))
+        data = b"".join([pack(tuple(c)) for c in commands])
+        try:
+            self._transport.write(data)
+        except Exception as exc:  # uvloop raises RuntimeError once its handle is closed
+            raise ConnectionLost(f"cannot write: {exc}") from exc
+        self._waiting.append(_Waiting(len(commands), done))
 
     async def execute_many(self, commands: Sequence[Command], timeout: float) -> list[Any]:
         """Send ``commands``; their replies, error replies as :class:`hiredis.ReplyError` values.
@@ -211,7 +215,28 @@ async def connect(
             protocol.close()
             raise
         for command, reply in zip(handshake, replies, strict=True):
-            if isinstance(reply, hiredis.ReplyError):
-                protocol.close()
-                raise RedisError(f"{command[0]} refused: {reply}")
+            if not isinstance(reply, hiredis.ReplyError):
+                continue
+            if command[0] == "CLIENT":
+                continue  # the name only helps CLIENT LIST; an ACL may forbid it
+            protocol.close()
+            if command[0] == "AUTH":
+                raise RedisError(f"AUTH refused: {_auth_error(str(reply))}")
+            raise RedisError(f"{command[0]} refused: {reply}")
     return protocol
+
+
+def _auth_error(text: str) -> str:
+    """Redis' answer to AUTH without anything it echoed of the command.
+
+    An ``ERR unknown command 'AUTH', with args beginning with: ...`` (AUTH
+    renamed away, or not Redis at all) repeats the password; the error code
+    and a fixed explanation are enough.
+    """
+    code = text.split(" ", 1)[0] if text else "ERR"
+    known = {
+        "WRONGPASS": "wrong user name or password",
+        "NOPERM": "the user may not do this",
+        "NOAUTH": "authentication required",
+    }
+    return f"{code} ({known.get(code, 'the server refused the credentials')})"
