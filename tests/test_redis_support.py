@@ -183,18 +183,20 @@ def test_a_unix_socket_when_asked(tmp_path: Path) -> None:
                 assert client.command("PING") == "PONG"
 
 
-def test_redis_py_reads_the_urls(tmp_path: Path) -> None:
-    """The URLs are the broker's configuration: the client library must take them as they are."""
-    redis = pytest.importorskip("redis")
+async def test_the_broker_client_reads_the_urls(tmp_path: Path) -> None:
+    """The URLs are the broker's configuration: its client must take them as they are."""
+    from fastaphlict import resp
+    from fastaphlict.config import parse_broker_url
+
     with tempfile.TemporaryDirectory(prefix="redis-") as short:
         path = Path(short) / "redis.sock"
         with RedisServer(tmp_path, unixsocket=path, password="s3cret/:@") as server:
             for url in (server.url, server.unix_url):
-                client = redis.Redis.from_url(url, socket_timeout=TIMEOUT)
+                conn = await resp.connect(parse_broker_url(url), timeout=TIMEOUT)
                 try:
-                    assert client.ping() is True
+                    assert await conn.execute(("PING",), TIMEOUT) == b"PONG"
                 finally:
-                    client.close()
+                    conn.close()
 
 
 def test_a_unix_socket_path_too_long_is_refused(tmp_path: Path) -> None:
