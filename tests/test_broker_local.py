@@ -286,8 +286,8 @@ async def test_our_own_messages_on_the_channel_are_skipped() -> None:
 async def test_a_message_the_catch_up_already_gave_is_skipped_by_stream_position() -> None:
     hub = Hub(ME)
     broker = make(hub)
-    for sid in ("9-5", "10-0", "10-0", "9-9", "10-1"):
-        broker._on_message(channel_message(OTHER, 1, sid, NOW, "default", body(1)))
+    for seq, sid in enumerate(("9-5", "10-0", "10-0", "9-9", "10-1")):
+        broker._on_message(channel_message(OTHER, seq, sid, NOW, "default", body(seq)))
     assert broker.stats.received == 3, "9-5, 10-0 and 10-1: numbers, not text, order them"
     broker._on_message(channel_message(OTHER, 2, "1-0", NOW, "other", body(2)))
     assert broker.stats.received == 4, "positions are per instance"
@@ -581,3 +581,15 @@ async def test_a_catch_up_that_fails_midway_reads_the_instance_again(
     assert await broker._catch_up() == 5
     assert hub.status("acme")["history.size"] == 5
     assert broker._read["acme"] == parse_stream_id(entries[-1][0])
+
+
+async def test_a_message_redis_took_twice_is_delivered_once() -> None:
+    """Published, reply lost, retried on a new primary without its mark: two stream entries."""
+    hub = Hub(ME)
+    broker = make(hub)
+    now = time.time() * 1000
+    broker._on_message(channel_message(OTHER, 7, "10-0", now - 100, "acme", body(7)))
+    broker._on_message(channel_message(OTHER, 7, "11-0", now - 100, "acme", body(7)))
+    broker._on_message(channel_message(OTHER, 8, "12-0", now - 50, "acme", body(8)))
+    assert broker.stats.received == 2
+    assert hub.status("acme")["history.size"] == 2

@@ -74,6 +74,8 @@ BACKOFF_CAP = 2.0
 #: message: longer than a history window, so a late relay of its messages
 #: by a mesh peer is still recognised.
 MEMBER_TTL = 2 * HISTORY_TTL_MS / 1000
+#: Sequence numbers remembered per other node, against duplicates (see _seen_before).
+SEEN_PER_ORIGIN = 2 * HISTORY_LIMIT
 #: Seconds between two prunings of the per-instance and per-node records.
 PRUNE_INTERVAL = 60.0
 #: An instance whose last entry is older than this (ms) is forgotten: its
@@ -250,6 +252,8 @@ class Broker:
         self._own = {self.fingerprint}
         #: Per instance, the last stream id this node has taken in.
         self._read: dict[str, StreamId] = {}
+        #: Per other node, the sequence numbers of its messages taken in lately.
+        self._seen: dict[str, tuple[set[int], collections.deque[int]]] = {}
         self._members: dict[str, float] = {}
         #: The connection for publishes, probes and catch-up reads (made on demand).
         self._command: RespConnection | None = None
@@ -533,6 +537,7 @@ class Broker:
             last = self._read.get(instance)
             cursor = last
             fresh: list[tuple[float, bytes, bool]] = []
+            taken: list[tuple[str, int]] = []
             while True:
                 start = "-" if cursor is None else f"({_format_id(cursor)}"
                 page = await self._command_reply(
@@ -547,6 +552,10 @@ class Broker:
                         continue  # delivered when it was posted here, and in the history
                     if not own:
                         self._members[origin] = time.monotonic()
+                        seq = int(fields[b"s"])
+                        if self._seen_before(origin, seq, note=False):
+                            continue
+                        taken.append((origin, seq))
                     at = float(fields[b"a"])
                     if at >= horizon:
                         # Our own go into the history only: our tabs had them.
@@ -555,6 +564,8 @@ class Broker:
                     break
             deliver_from = self._started_at if last is None else float("-inf")
             new += self._hub.merge(instance, fresh, deliver_from=deliver_from)
+            for origin, seq in taken:
+                self._seen_before(origin, seq)
             if cursor is not None:
                 self._read[instance] = cursor
         self.stats.received += new
@@ -588,7 +599,8 @@ class Broker:
         if not data.startswith(b"M\n"):
             return
         try:
-            _, origin_raw, _seq, sid_raw, at_raw, size_raw, rest = data.split(b"\n", 6)
+            _, origin_raw, seq_raw, sid_raw, at_raw, size_raw, rest = data.split(b"\n", 6)
+            seq = int(seq_raw)
             size = int(size_raw)
             instance = _decode(rest[:size])
             payload = rest[size:]
@@ -602,11 +614,33 @@ class Broker:
             return  # the catch-up already took it in
         self._read[instance] = sid
         origin = origin_raw.decode("ascii", "replace")
-        if origin in self._own:
+        if origin in self._own or self._seen_before(origin, seq):
             return
         self._members[origin] = time.monotonic()
         self.stats.received += 1
         self._hub.receive(instance, payload, at)
+
+    def _seen_before(self, origin: str, seq: int, *, note: bool = True) -> bool:
+        """Whether ``origin``'s message ``seq`` reached this node already; notes it if not.
+
+        The stream position catches what the catch-up and the channel both
+        bring. This catches a message Redis took twice: published, its
+        reply lost, then retried on a new primary that had not replicated
+        its mark yet. The most recent SEEN_PER_ORIGIN numbers per node are kept.
+        """
+        seen = self._seen.get(origin)
+        if seen is None:
+            seen = self._seen[origin] = (set(), collections.deque())
+        numbers, order = seen
+        if seq in numbers:
+            return True
+        if not note:
+            return False
+        numbers.add(seq)
+        order.append(seq)
+        if len(order) > SEEN_PER_ORIGIN:
+            numbers.discard(order.popleft())
+        return False
 
     def _on_up(self, caught_up: int) -> None:
         """The link is up (subscribed, caught up, probe answered): say so once."""
@@ -839,7 +873,9 @@ class Broker:
         for instance in [i for i, sid in self._read.items() if sid[0] < horizon_ms]:
             del self._read[instance]
             self._maintained.pop(instance, None)
-        self.members()
+        members = set(self.members())
+        for origin in [o for o in self._seen if o not in members]:
+            del self._seen[origin]
 
     async def _check_identity(self) -> None:
         """A Redis that is not the one of before (restarted empty, failed over): read all again.
