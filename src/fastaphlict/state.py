@@ -181,18 +181,7 @@ def write_dir(directory: str, histories: dict[str, list[Entry]]) -> int:
             continue
         name = file_name(instance)
         keep.add(name)
-        path = os.path.join(directory, name)
-        tmp = f"{path}.{os.getpid()}.tmp"
-        try:
-            with open(tmp, "wb") as f:
-                f.write(encode(instance, entries))
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except OSError:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+        _write_atomically(os.path.join(directory, name), encode(instance, entries))
         written += len(entries)
     for path in _state_files(directory):
         if os.path.basename(path) not in keep and not os.path.isdir(path):
@@ -216,10 +205,15 @@ def write_pending(directory: str, pending: list[Pending]) -> None:
     for origin, seq, instance, at, payload in pending:
         lines.append(orjson.dumps([origin, seq, instance, at, payload.decode("utf-8")]))
     lines.append(orjson.dumps({"entries": len(pending)}))
+    _write_atomically(path, b"\n".join(lines) + b"\n")
+
+
+def _write_atomically(path: str, data: bytes) -> None:
+    """``data`` at ``path`` whole or not at all: a temporary file, fsynced, renamed over."""
     tmp = f"{path}.{os.getpid()}.tmp"
     try:
         with open(tmp, "wb") as f:
-            f.write(b"\n".join(lines) + b"\n")
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
