@@ -714,3 +714,28 @@ async def test_an_acl_user_without_client_commands_and_a_disabled_auth_leak_noth
     assert "AUTH refused: ERR" in b.log(), b.log()
     for log in (a.log(), b.log()):
         assert secret not in log
+
+
+async def test_a_long_catch_up_over_many_instances_brings_everything_once_in_order(
+    redis_server: RedisServer, nodes: Start, session: aiohttp.ClientSession
+) -> None:
+    """More than a page of one instance, and more instances than one round trip asks for."""
+    async with StallProxy("127.0.0.1", redis_server.port) as proxy:
+        a = nodes("a", redis_server.url)
+        b = nodes("b", f"redis://127.0.0.1:{proxy.port}/0")
+        await until_up(session, a, b)
+        async with tab(b, "PHID-1", path="/~big/") as big, tab(b, "PHID-1", path="/~i19/") as last:
+            proxy.stall()
+            await until_down(session, b)
+            posts = [publish(session, a, f"k{n}", "PHID-1", instance="big") for n in range(600)]
+            for chunk in range(0, len(posts), 50):
+                await asyncio.gather(*posts[chunk : chunk + 50])
+            for n in range(20):
+                await publish(session, a, f"i{n}", "PHID-1", instance=f"i{n}")
+            proxy.cut()
+            proxy.unstall()
+            got = await asyncio.wait_for(keys_of(big, 600), RECOVERY)
+            assert sorted(got, key=lambda k: int(k[1:])) == [f"k{n}" for n in range(600)]
+            assert await keys_of(last, 1) == ["i19"]
+            await assert_silent(big)
+            await assert_silent(last)

@@ -573,8 +573,18 @@ async def test_a_catch_up_that_fails_midway_reads_the_instance_again(
             raise broker_module.RedisError("connection lost")  # the second page
         return page
 
+    class Reads:
+        """The command connection, as the catch-up uses it for first pages."""
+
+        async def execute_many(self, commands: list[Any], timeout: float) -> list[Any]:
+            return [await reply(command) for command in commands]
+
+    async def commands() -> Reads:
+        return Reads()
+
     monkeypatch.setattr(broker_module, "CATCH_UP_PAGE", 2)
     monkeypatch.setattr(broker, "_command_reply", reply)
+    monkeypatch.setattr(broker, "_commands", commands)
     with pytest.raises(broker_module.RedisError):
         await broker._catch_up()
     assert "acme" not in broker._read, "nothing of a failed read counts as read"

@@ -81,8 +81,11 @@ PRUNE_INTERVAL = 60.0
 #: An instance whose last entry is older than this (ms) is forgotten: its
 #: stream has expired in Redis long before.
 READ_TTL_MS = 10 * HISTORY_TTL_MS
-#: Entries read per XRANGE call during catch-up.
-CATCH_UP_PAGE = 1024
+#: Entries read per XRANGE call during catch-up, and instances whose first
+#: page is asked for in one round trip: at Phorge's ~1 KB a message, a few
+#: MB a round trip at most, well inside one ``timeout``.
+CATCH_UP_PAGE = 256
+CATCH_UP_INSTANCES = 16
 
 #: Upper bounds (seconds) of the publish latency histogram; the last is +Inf.
 LATENCY_BUCKETS = (
@@ -528,47 +531,61 @@ class Broker:
         id taken in. The position moves only once an instance's entries are
         all read and delivered: a read that fails midway is read again.
         Messages are merged in by acceptance time, so each keeps its age.
+        The first page of many instances is asked for in one round trip.
         """
         names = await self._command_reply(("ZRANGE", f"{PREFIX}instances", 0, -1))
-        horizon = _now_ms() - HISTORY_TTL_MS
+        instances = [_decode(raw) for raw in names]
         new = 0
-        for raw in names:
-            instance = _decode(raw)
-            last = self._read.get(instance)
-            cursor = last
-            fresh: list[tuple[float, bytes, bool]] = []
-            taken: list[tuple[str, int]] = []
-            while True:
-                start = "-" if cursor is None else f"({_format_id(cursor)}"
-                page = await self._command_reply(
-                    ("XRANGE", _key(instance), start, "+", "COUNT", CATCH_UP_PAGE)
-                )
-                for sid_raw, flat in page:
-                    fields = dict(zip(flat[::2], flat[1::2], strict=True))
-                    cursor = parse_stream_id(sid_raw)
-                    origin = _decode(fields[b"o"])
-                    own = origin in self._own
-                    if own and last is not None:
-                        continue  # delivered when it was posted here, and in the history
-                    if not own:
-                        self._members[origin] = time.monotonic()
-                        seq = int(fields[b"s"])
-                        if self._seen_before(origin, seq, note=False):
-                            continue
-                        taken.append((origin, seq))
-                    at = float(fields[b"a"])
-                    if at >= horizon:
-                        # Our own go into the history only: our tabs had them.
-                        fresh.append((at, fields[b"p"], not own))
-                if len(page) < CATCH_UP_PAGE:
-                    break
-            deliver_from = self._started_at if last is None else float("-inf")
-            new += self._hub.merge(instance, fresh, deliver_from=deliver_from)
-            for origin, seq in taken:
-                self._seen_before(origin, seq)
-            if cursor is not None:
-                self._read[instance] = cursor
+        for first in range(0, len(instances), CATCH_UP_INSTANCES):
+            chunk = instances[first : first + CATCH_UP_INSTANCES]
+            commands = [self._page_command(i, self._read.get(i)) for i in chunk]
+            pages = await (await self._commands()).execute_many(commands, self._timeout)
+            for instance, page in zip(chunk, pages, strict=True):
+                if isinstance(page, hiredis.ReplyError):
+                    raise RedisError(f"XRANGE refused: {page}")
+                new += await self._catch_up_instance(instance, page)
         self.stats.received += new
+        return new
+
+    @staticmethod
+    def _page_command(instance: str, after: StreamId | None) -> tuple[Any, ...]:
+        start = "-" if after is None else f"({_format_id(after)}"
+        return ("XRANGE", _key(instance), start, "+", "COUNT", CATCH_UP_PAGE)
+
+    async def _catch_up_instance(self, instance: str, page: list[Any]) -> int:
+        """Take in one instance's entries past its position, from ``page`` on."""
+        horizon = _now_ms() - HISTORY_TTL_MS
+        last = self._read.get(instance)
+        cursor = last
+        fresh: list[tuple[float, bytes, bool]] = []
+        taken: list[tuple[str, int]] = []
+        while True:
+            for sid_raw, flat in page:
+                fields = dict(zip(flat[::2], flat[1::2], strict=True))
+                cursor = parse_stream_id(sid_raw)
+                origin = _decode(fields[b"o"])
+                own = origin in self._own
+                if own and last is not None:
+                    continue  # delivered when it was posted here, and in the history
+                if not own:
+                    self._members[origin] = time.monotonic()
+                    seq = int(fields[b"s"])
+                    if self._seen_before(origin, seq, note=False):
+                        continue
+                    taken.append((origin, seq))
+                at = float(fields[b"a"])
+                if at >= horizon:
+                    # Our own go into the history only: our tabs had them.
+                    fresh.append((at, fields[b"p"], not own))
+            if len(page) < CATCH_UP_PAGE:
+                break
+            page = await self._command_reply(self._page_command(instance, cursor))
+        deliver_from = self._started_at if last is None else float("-inf")
+        new = self._hub.merge(instance, fresh, deliver_from=deliver_from)
+        for origin, seq in taken:
+            self._seen_before(origin, seq)
+        if cursor is not None:
+            self._read[instance] = cursor
         return new
 
     def _on_push(self, reply: Any) -> None:
