@@ -603,3 +603,38 @@ async def test_a_message_redis_took_twice_is_delivered_once() -> None:
     broker._on_message(channel_message(OTHER, 8, "12-0", now - 50, "acme", body(8)))
     assert broker.stats.received == 2
     assert hub.status("acme")["history.size"] == 2
+
+
+async def test_close_tries_once_more_at_once_when_the_publisher_is_backing_off(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """After a blip Redis is back, but the publisher waits out its backoff: the stop doesn't."""
+    monkeypatch.setattr(broker_module, "BACKOFF_FIRST", 60.0)
+    broker = make()
+    made = fake_commands(broker, monkeypatch)
+    broker.relay("default", {}, body(1))
+    broker._tasks = [asyncio.create_task(broker._publisher())]
+    await eventually(lambda: bool(made) and bool(made[-1].batches))
+    made[-1].answer(ok=False)  # the publisher now backs off for a minute
+    closing = asyncio.create_task(broker.close(drain_timeout=TIMEOUT))
+    await eventually(lambda: len(made) == 2 and bool(made[-1].batches), what="a new attempt")
+    made[-1].answer()
+    assert await asyncio.wait_for(closing, TIMEOUT) == []
+    assert broker.stats.published == 1
+
+
+async def test_close_during_an_outage_hands_back_what_one_more_attempt_could_not_send(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    broker = make()
+    made = fake_commands(broker, monkeypatch)
+    broker.relay("default", {}, body(1))
+    broker._tasks = [asyncio.create_task(broker._publisher())]
+    await eventually(lambda: bool(made) and bool(made[-1].batches))
+    made[-1].answer(ok=False)
+    closing = asyncio.create_task(broker.close(drain_timeout=TIMEOUT))
+    await eventually(lambda: len(made) == 2 and bool(made[-1].batches), what="a new attempt")
+    made[-1].answer(ok=False)
+    left = await asyncio.wait_for(closing, TIMEOUT)
+    assert [seq for _, seq, _, _, _ in left] == [1]
+    assert len(made) == 2, "one attempt at the stop, no more"

@@ -250,6 +250,9 @@ class Broker:
         self._in_flight_timer: asyncio.TimerHandle | None = None
         self._seq = 0
         self._wakeup = asyncio.Event()
+        #: Set by close(): a publisher backing off tries once more at once.
+        self._stop_backoff = asyncio.Event()
+        self._tried_at_close = False
         #: Origins whose messages this node delivered when they were posted:
         #: itself, and the previous process whose unpublished messages it took over.
         self._own = {self.fingerprint}
@@ -423,10 +426,20 @@ class Broker:
         if self._closing:
             return []
         self._closing = True
+        if not self._tasks:
+            return self.abandon()  # never started: nothing could be published
+        # Drain while publishing works. After a failure, one more attempt at
+        # once (Redis may be back and the publisher only backing off); a new
+        # failure, and the rest goes to the caller.
+        failures = self.stats.publish_failures
+        self._stop_backoff.set()
         self._wakeup.set()
-        # Drain while publishing works; during an outage, stop at once.
         deadline = time.monotonic() + drain_timeout
-        while self.buffered and not self._publish_failing and time.monotonic() < deadline:
+        while (
+            self.buffered
+            and time.monotonic() < deadline
+            and self.stats.publish_failures == failures
+        ):
             await asyncio.sleep(0.01)
         return self.abandon()
 
@@ -727,13 +740,16 @@ class Broker:
             self._wakeup.clear()
             if not self._buffer or self._in_flight:
                 continue
-            if self._closing and self._publish_failing:
-                continue  # a stop during an outage: what is left goes to the caller
-            if self._publish_failing:
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, BACKOFF_CAP)
-            else:
+            if not self._publish_failing:
                 delay = BACKOFF_FIRST
+            elif not self._closing:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._stop_backoff.wait(), delay)
+                delay = min(delay * 2, BACKOFF_CAP)
+            if self._closing and self._publish_failing:
+                if self._tried_at_close:
+                    continue  # close() takes what is left
+                self._tried_at_close = True
             try:
                 await self._commands()
             except asyncio.CancelledError:
