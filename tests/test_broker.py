@@ -140,6 +140,16 @@ async def replayed(browser: Browser, age: int = 60000) -> list[str]:
         keys.append(json.loads(frame)["key"])
 
 
+@contextlib.contextmanager
+def logs_on_failure(*servers: ServerProcess) -> Iterator[None]:
+    """A failure or a timeout inside carries the nodes' logs: a flaky run explains itself."""
+    try:
+        yield
+    except (AssertionError, TimeoutError, asyncio.TimeoutError) as exc:
+        logs = "\n".join(f"--- {s.log_path.name}:\n{s.log()[-3000:]}" for s in servers)
+        raise AssertionError(f"{type(exc).__name__}: {exc}\n{logs}") from exc
+
+
 async def broker_up(session: aiohttp.ClientSession, server: ServerProcess) -> float:
     return await metric(session, server.admin_url, "fastaphlict_broker_up")
 
@@ -642,14 +652,15 @@ async def test_a_rediss_broker_is_verified_against_the_given_ca(
     b = nodes("b", url, f"--broker-ca-file={ca}")
     # The system's CAs don't know this one: the node starts, but can't join.
     stranger = nodes("stranger", url)
-    await until_up(session, a, b)
-    async with tab(b, "PHID-1") as tb:
-        await publish(session, a, "over-tls", "PHID-1")
-        assert await keys_of(tb, 1) == ["over-tls"]
-    await wait_healthy(stranger, session)
-    assert await broker_up(session, stranger) == 0
-    assert "unreachable at start" in stranger.log()
-    assert "certificate verify failed" in stranger.log(), stranger.log()
+    with logs_on_failure(a, b, stranger):
+        await until_up(session, a, b)
+        async with tab(b, "PHID-1") as tb:
+            await publish(session, a, "over-tls", "PHID-1")
+            assert await keys_of(tb, 1) == ["over-tls"]
+        await wait_healthy(stranger, session)
+        assert await broker_up(session, stranger) == 0
+        assert "unreachable at start" in stranger.log()
+        assert "certificate verify failed" in stranger.log()
 
 
 async def test_a_unix_socket_broker_joins_the_same_cluster_as_a_tcp_one(

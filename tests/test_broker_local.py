@@ -164,7 +164,7 @@ async def test_a_full_buffer_drops_the_oldest_counts_and_logs_once(
     assert broker.stats.dropped == 7
     warnings = [r for r in caplog.records if r.name == "fastaphlict.broker"]
     assert len(warnings) == 1
-    assert "broker buffer full (3 messages)" in warnings[0].getMessage()
+    assert "broker buffer full (3 messages or 64 MiB)" in warnings[0].getMessage()
     left = await asyncio.wait_for(broker.close(), TIMEOUT)
     assert [seq for _, seq, _, _, _ in left] == [8, 9, 10], "the newest are kept"
 
@@ -638,3 +638,18 @@ async def test_close_during_an_outage_hands_back_what_one_more_attempt_could_not
     left = await asyncio.wait_for(closing, TIMEOUT)
     assert [seq for _, seq, _, _, _ in left] == [1]
     assert len(made) == 2, "one attempt at the stop, no more"
+
+
+async def test_the_buffer_is_bounded_in_bytes_too(caplog: pytest.LogCaptureFixture) -> None:
+    """Big posts during an outage: the oldest go once the bytes pass the bound."""
+    broker = make(buffer_bytes=3000)
+    big = [dumps({"key": n, "subscribers": [], "pad": "x" * 900}) for n in range(5)]
+    with caplog.at_level(logging.WARNING, "fastaphlict.broker"):
+        for payload in big:
+            broker.relay("default", {}, payload)
+    assert broker.buffered == 3 and broker.stats.dropped == 2
+    assert [item[1] for item in broker._buffer] == [3, 4, 5], "the newest stay"
+    assert "dropping the oldest" in caplog.text
+    huge = dumps({"key": "huge", "pad": "x" * 5000})
+    broker.relay("default", {}, huge)
+    assert [item[4] for item in broker._buffer] == [huge], "one message always fits"

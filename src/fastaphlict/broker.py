@@ -221,6 +221,7 @@ class Broker:
         *,
         timeout: float = 2.0,
         buffer_limit: int = 16384,
+        buffer_bytes: int = 64 * 1024 * 1024,
         probe_interval: float = 1.0,
         ca_file: str | None = None,
     ) -> None:
@@ -235,6 +236,9 @@ class Broker:
         self.stats = BrokerStats()
         self._timeout = timeout
         self._buffer_limit = buffer_limit
+        self._buffer_bytes_limit = buffer_bytes
+        #: Payload bytes in the buffer (a batch out is counted again if it comes back).
+        self._buffer_bytes = 0
         self._probe_interval = probe_interval
         self._stall_after = PROBES_MISSED * probe_interval
         self._ca_file = ca_file
@@ -372,12 +376,19 @@ class Broker:
         return queued
 
     def _append(self, item: tuple[str, int, str, float, bytes, float]) -> None:
-        buffer = self._buffer
-        if len(buffer) >= self._buffer_limit:
-            buffer.popleft()
-            self._dropped_oldest()
-        buffer.append(item)
+        self._buffer.append(item)
+        self._buffer_bytes += len(item[4])
+        self._bound()
         self._kick()
+
+    def _bound(self) -> None:
+        """Drop the oldest past ``buffer_limit`` messages or ``buffer_bytes`` (never the newest)."""
+        buffer = self._buffer
+        while len(buffer) > 1 and (
+            len(buffer) > self._buffer_limit or self._buffer_bytes > self._buffer_bytes_limit
+        ):
+            self._buffer_bytes -= len(buffer.popleft()[4])
+            self._dropped_oldest()
 
     def _dropped_oldest(self) -> None:
         """Count one message the bound pushed out; the first of a streak is logged."""
@@ -385,9 +396,10 @@ class Broker:
         if not self._dropping:
             self._dropping = True
             log.warning(
-                "broker buffer full (%d messages): dropping the oldest; other nodes'"
-                " tabs will miss them",
+                "broker buffer full (%d messages or %d MiB): dropping the oldest; other"
+                " nodes' tabs will miss them",
                 self._buffer_limit,
+                self._buffer_bytes_limit >> 20,
             )
 
     # -- lifecycle --------------------------------------------------------
@@ -449,6 +461,7 @@ class Broker:
         left = [(o, s, i, at, p) for o, s, i, at, p, _ in [*self._in_flight, *self._buffer]]
         self._in_flight = []
         self._buffer.clear()
+        self._buffer_bytes = 0
         if self._in_flight_timer is not None:
             self._in_flight_timer.cancel()
         for task in self._tasks:
@@ -775,6 +788,7 @@ class Broker:
         buffer = self._buffer
         batch = [buffer.popleft() for _ in range(min(PUBLISH_BATCH, len(buffer)))]
         self._in_flight = batch
+        self._buffer_bytes -= sum(len(item[4]) for item in batch)
         try:
             conn.send_batch(self._commands_for(batch), self._published)
         except Exception as exc:  # a closed transport raises RuntimeError in uvloop
@@ -856,11 +870,9 @@ class Broker:
         self, batch: list[tuple[str, int, str, float, bytes, float]], error: Exception
     ) -> None:
         """Put the batch back at the front, in order; the publisher retries after a pause."""
-        buffer = self._buffer
-        buffer.extendleft(reversed(batch))
-        while len(buffer) > self._buffer_limit:
-            buffer.popleft()
-            self._dropped_oldest()
+        self._buffer.extendleft(reversed(batch))
+        self._buffer_bytes += sum(len(item[4]) for item in batch)
+        self._bound()
         self._note_publish_failure(error)
         self._wakeup.set()
 

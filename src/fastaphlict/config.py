@@ -266,6 +266,14 @@ class Limits:
         shown="16384 messages",
         past="oldest dropped from the buffer, counted and logged",
     )
+    broker_buffer_bytes: int = _limit(
+        64 * 1024 * 1024,
+        "payload bytes kept for Redis while it is unreachable; past it the oldest are dropped",
+        minimum=1,
+        why="0 would drop every message of an outage",
+        shown="64 MiB",
+        past="oldest dropped from the buffer, counted and logged",
+    )
     broker_probe_interval: float = _limit(
         1.0,
         "seconds between the probes a node publishes to itself; three missed mean"

@@ -109,6 +109,7 @@ class Server:
                 broker,
                 timeout=self.limits.broker_timeout,
                 buffer_limit=self.limits.broker_buffer,
+                buffer_bytes=self.limits.broker_buffer_bytes,
                 probe_interval=self.limits.broker_probe_interval,
                 ca_file=broker_ca_file,
             )
