@@ -265,6 +265,7 @@ async def test_the_history_outlives_every_node(
         assert await replayed(tc) == [f"k{i}" for i in range(5)]
     status = json.loads(await (await session.get(f"{c.admin_url}/status/")).read())
     assert status["history.size"] == 5
+    assert status["messages.in"] == 0, "a warmed history is not traffic this node took in"
     assert status["history.age"] < 10000, "ages count from the first acceptance"
     assert "history in sync (5 message(s) from Redis)" in c.log()
 

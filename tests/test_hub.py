@@ -240,7 +240,7 @@ def test_merge_skips_what_the_history_already_holds(clock: None, tabs: Any) -> N
     tab = tabs(hub, "acme", "PHID-A")
     new = payload("new", "PHID-A")
     entries = [(NOW - 3000, known, True), (NOW - 1000, new, True), (NOW - 500, new, True)]
-    assert hub.merge("acme", entries) == 1
+    assert hub.merge("acme", entries) == (1, 1)
     hub.outbox.flush()
     assert tab.read() == build_frame(new), "only the new one, once"
     assert [p for _, _, p in hub.export_state()["acme"]] == [known, new]
@@ -252,7 +252,7 @@ def test_merge_delivers_only_what_was_accepted_since_deliver_from(clock: None, t
     tab = tabs(hub, "acme", "PHID-A")
     before, edge, after = (payload(n, "PHID-A") for n in ("before", "edge", "after"))
     entries = [(NOW - 2000, before, True), (NOW - 1000, edge, True), (NOW - 10, after, True)]
-    assert hub.merge("acme", entries, deliver_from=NOW - 1000) == 3
+    assert hub.merge("acme", entries, deliver_from=NOW - 1000) == (3, 2)
     hub.outbox.flush()
     assert tab.read() == build_frame(edge) + build_frame(after)
     assert hub.stats.messages_out == 2
@@ -281,7 +281,7 @@ def test_merge_keeps_but_does_not_deliver_this_nodes_own_messages(clock: None, t
     hub = Hub("ME")
     tab = tabs(hub, "acme", "PHID-A")
     own, other = payload("own", "PHID-A"), payload("other", "PHID-A")
-    assert hub.merge("acme", [(NOW - 2000, own, False), (NOW - 1000, other, True)]) == 1
+    assert hub.merge("acme", [(NOW - 2000, own, False), (NOW - 1000, other, True)]) == (2, 1)
     hub.outbox.flush()
     assert tab.read() == build_frame(other)
     assert [loads(p)["key"] for _, _, p in hub.export_state()["acme"]] == ["own", "other"]
@@ -308,7 +308,7 @@ async def test_a_late_message_is_delivered_at_once_and_kept_with_its_age(
 
 def test_merge_of_nothing_new_leaves_no_empty_instance_behind(clock: None) -> None:
     hub = Hub("ME")
-    assert hub.merge("ghost", []) == 0
+    assert hub.merge("ghost", []) == (0, 0)
     assert hub.instances() == []
 
 

@@ -549,7 +549,7 @@ class Broker:
             delay = min(delay * 2, BACKOFF_CAP)
 
     async def _catch_up(self) -> int:
-        """Read every instance's stream past what this node has; return how many were new.
+        """Read every instance's stream past what this node has; return how many were new to it.
 
         An instance read for the first time (at start, Redis unreachable
         until now, or a Redis that is not the one of before) is merged whole
@@ -570,7 +570,6 @@ class Broker:
                 if isinstance(page, hiredis.ReplyError):
                     raise RedisError(f"XRANGE refused: {page}")
                 new += await self._catch_up_instance(instance, page)
-        self.stats.received += new
         return new
 
     @staticmethod
@@ -607,7 +606,8 @@ class Broker:
                 break
             page = await self._command_reply(self._page_command(instance, cursor))
         deliver_from = self._started_at if last is None else float("-inf")
-        new = self._hub.merge(instance, fresh, deliver_from=deliver_from)
+        new, delivered = self._hub.merge(instance, fresh, deliver_from=deliver_from)
+        self.stats.received += delivered
         for origin, seq in taken:
             self._seen_before(origin, seq)
         if cursor is not None:

@@ -297,14 +297,16 @@ class Hub:
         entries: Iterable[tuple[float, bytes, bool]],
         *,
         deliver_from: float = 0.0,
-    ) -> int:
+    ) -> tuple[int, int]:
         """Merge ``(at, payload, deliver)`` entries of ``instance`` read from the broker.
 
         Entries whose payload the history already holds (loaded from the
         state directory, say) are skipped. The new ones with ``deliver`` set
-        and accepted at or after ``deliver_from`` go to the sockets; all new
-        ones go into the history in time order, so each keeps its true age.
-        Returns how many new entries had ``deliver`` set.
+        and accepted at or after ``deliver_from`` go to the sockets and count
+        in ``messages.in``; all new ones go into the history in time order,
+        so each keeps its true age (a node warming its history at start has
+        received nothing yet, as a restarted Aphlict). Returns how many
+        entries were new, and how many of them were delivered.
         """
         inst = self.instance(instance)
         known = {_frame_payload(frame) for _, _, frame in inst.history.entries()}
@@ -316,15 +318,14 @@ class Hub:
             known.add(payload)
             subscribers = _subscribers(payload)
             frame = build_frame(payload)
-            if deliver:
+            if deliver and at >= deliver_from:
                 delivered += 1
                 self.stats.messages_in += 1
-                if at >= deliver_from:
-                    self.stats.messages_out += inst.channel.publish(subscribers, frame)
+                self.stats.messages_out += inst.channel.publish(subscribers, frame)
             added.append((at, subscribers, frame))
         self._insert(inst, added)
         self._release(inst)
-        return delivered
+        return len(added), delivered
 
     @staticmethod
     def _insert(inst: Instance, added: list[tuple[float, Any, bytes]]) -> None:
