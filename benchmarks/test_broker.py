@@ -80,3 +80,99 @@ def test_broker(benchmark: Any, record: Any, tmp_path: Path, rate: float) -> Non
         assert side.unexpected == 0
         assert side.foreign_frames == 0
     assert not [n for n in result.broker.notes if "Traceback" in n], result.broker.notes
+
+
+#: Warm start: instances with a full shared history (4096 messages each) in Redis.
+WARM_INSTANCES = 2 if QUICK else 10
+WARM_MESSAGES = 64 if QUICK else 4096
+
+
+def test_broker_warm_start(benchmark: Any, record: Any, tmp_path: Path) -> None:
+    """A node joins (or restarts into) a cluster whose Redis holds every instance's full window.
+
+    Its listeners accept only once the history is warmed: the time from
+    ``exec`` to ``/healthz`` (and the broker up) is what a restart or a new
+    node behind a load balancer costs, side by side with a node without a
+    broker. Every instance's whole window must be in the new node's history.
+    """
+    import asyncio
+    import json
+    import time
+    import urllib.request
+
+    import aiohttp
+
+    from fastaphlict.bench.nodes import start_nodes, start_redis, stop_all
+
+    support.require(
+        shutil.which("redis-server") is not None,
+        "redis-server is not installed (Debian: apt-get install redis-server, "
+        "or sh tests/install-deps.sh)",
+        "the broker benchmark",
+    )
+    children = []
+    try:
+        redis = start_redis(tmp_path / "redis")
+        children.append(redis)
+        url = f"redis://127.0.0.1:{redis.port}/0"
+        (filler,) = start_nodes(tmp_path / "filler", [("filler", url)])
+        children.append(filler)
+
+        async def fill() -> None:
+            limit = asyncio.Semaphore(64)
+            async with aiohttp.ClientSession() as session:
+
+                async def post(instance: int, n: int) -> None:
+                    body = {
+                        "key": f"{instance}-{n}",
+                        "type": "notification",
+                        "subscribers": [f"PHID-USER-{n % 200:04d}"]
+                        + [f"PHID-X-{k}" for k in range(20)],
+                    }
+                    async with (
+                        limit,
+                        session.post(
+                            f"{filler.admin_url}?instance=inst{instance}",
+                            data=json.dumps(body).encode(),
+                            headers={"Content-Type": support.PHORGE_CONTENT_TYPE},
+                        ) as resp,
+                    ):
+                        assert resp.status == 200
+                        await resp.read()
+
+                await asyncio.gather(
+                    *(post(i, n) for i in range(WARM_INSTANCES) for n in range(WARM_MESSAGES))
+                )
+
+        asyncio.run(fill())
+        time.sleep(1.0)  # the filler's last publishes
+        timings: dict[str, float] = {}
+
+        def start(name: str, broker: str | None) -> None:
+            started = time.perf_counter()
+            (node,) = start_nodes(tmp_path / name, [(name, broker)])
+            children.append(node)
+            timings[name] = time.perf_counter() - started
+            with urllib.request.urlopen(f"{node.admin_url}status/?instance=inst0") as resp:
+                status = json.loads(resp.read())
+            if broker:
+                assert status["history.size"] == WARM_MESSAGES, status
+                assert status["messages.in"] == 0, status
+
+        benchmark.pedantic(lambda: start("warmed", url), rounds=1, iterations=1)
+        start("no-broker", None)
+    finally:
+        stop_all(children)
+    row = {
+        "name": "broker-warm-start",
+        "sockets": 0,
+        "messages": WARM_INSTANCES * WARM_MESSAGES,
+        "warm_start_s": round(timings["warmed"], 3),
+        "plain_start_s": round(timings["no-broker"], 3),
+    }
+    benchmark.extra_info.update(row)
+    record(row)
+    print(
+        f"\nbroker-warm-start: {WARM_INSTANCES} x {WARM_MESSAGES} messages in Redis:"
+        f" ready after {timings['warmed']:.2f} s (no broker: {timings['no-broker']:.2f} s)"
+    )
