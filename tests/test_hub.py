@@ -14,7 +14,7 @@ import pytest
 import fastaphlict
 from fastaphlict import hub as hub_module
 from fastaphlict._fanout import build_frame
-from fastaphlict.hub import HISTORY_LIMIT, HISTORY_TTL_MS, History, Hub
+from fastaphlict.hub import HISTORY_LIMIT, HISTORY_TTL_MS, LATE_MS, History, Hub
 from fastaphlict.protocol import dumps, loads
 from support import Conn
 
@@ -304,6 +304,16 @@ async def test_a_late_message_is_delivered_at_once_and_kept_with_its_age(
     assert [loads(p)["key"] for _, _, p in saved] == ["late", "recent"]
     assert hub.status("acme")["history.age"] == 50_000, "its age counts from its acceptance"
     assert hub.replay("acme", tab.sub, 10_000) == 1, "a short replay window leaves it out"
+
+
+def test_a_message_a_little_late_is_appended_without_a_rebuild(clock: None) -> None:
+    """Two nodes accepting posts at once: a rebuild per message would cost 100 times it."""
+    hub = Hub("ME")
+    hub.receive("acme", payload("first", "PHID-A"), NOW - 100)
+    hub.receive("acme", payload("second", "PHID-A"), NOW - 100 - LATE_MS + 1)  # no loop needed
+    saved = hub.export_state()["acme"]
+    assert [loads(p)["key"] for _, _, p in saved] == ["first", "second"]
+    assert [at for at, _, _ in saved] == [NOW - 100, NOW - 100], "it takes the newest's time"
 
 
 def test_merge_of_nothing_new_leaves_no_empty_instance_behind(clock: None) -> None:

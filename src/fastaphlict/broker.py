@@ -9,11 +9,12 @@ bounded buffer, and one task publishes from there.
 
 Redis holds, per instance, a stream ``fastaphlict:history:<instance>``
 (trimmed to the history's 4096 entries and 60 s by Redis' clock, expiring
-with its instance), a sorted set of instances by last publish, and per
-origin node the sequence number it last published. One Lua script writes
-the stream entry and publishes it on the cluster's channel, so a node never
-sees a message the history lacks or the reverse, and refuses a sequence
-number it already has, so a publish retried after a timeout lands once.
+with its instance), a sorted set of instances by last publish, and a short-
+lived mark per published message. One Lua script writes the stream entry
+and publishes it on the cluster's channel, so a node never sees a message
+the history lacks or the reverse, and refuses a message whose mark is
+there, so a publish retried after a timeout lands once. The connection
+layer is :mod:`fastaphlict.resp`.
 
 Receiving, this node takes nothing on trust from the channel alone
 (Centrifugo's way): after every (re)connection it subscribes first, then
@@ -86,6 +87,13 @@ READ_TTL_MS = 10 * HISTORY_TTL_MS
 #: MB a round trip at most, well inside one ``timeout``.
 CATCH_UP_PAGE = 256
 CATCH_UP_INSTANCES = 16
+#: The smallest page after repeated timeouts, and a catch-up read's deadline
+#: in ``timeout``\ s (a page of big messages over a slow link takes a while).
+CATCH_UP_PAGE_MIN = 16
+CATCH_UP_TIMEOUTS = 4
+#: Channel messages held during a catch-up before the link is rebuilt
+#: instead (a catch-up that long is better begun again than buffered).
+HELD_LIMIT = 100_000
 
 #: Upper bounds (seconds) of the publish latency histogram; the last is +Inf.
 LATENCY_BUCKETS = (
@@ -137,7 +145,8 @@ return id
 """
 #: Milliseconds a published message's mark stays in Redis: a retry after a
 #: lost reply, even one saved to the state directory and sent after a
-#: restart, comes well within it. About 80 bytes of Redis memory a message.
+#: restart, comes well within it. About 100 to 150 bytes of Redis memory a
+#: message: some 10 MB at 100 messages/s.
 MARK_TTL_MS = 10 * 60 * 1000
 _PUBLISH_SHA = hashlib.sha1(_PUBLISH_LUA.encode()).hexdigest()
 #: Seconds between two "maintain" publishes of one instance (see the script).
@@ -268,8 +277,9 @@ class Broker:
         #: The connection for publishes, probes and catch-up reads (made on demand).
         self._command: RespConnection | None = None
         self._command_lock = asyncio.Lock()
-        #: The subscription's connection, while it is up.
+        #: The subscription's connection, while it is up, and while it is being set up.
         self._subscription: RespConnection | None = None
+        self._subscription_conn: RespConnection | None = None
         #: Channel messages held while a catch-up reads the streams (None: not catching up).
         self._held: list[Any] | None = None
         #: Per instance, when this node last asked the script to maintain it.
@@ -296,6 +306,9 @@ class Broker:
         self._caught_up = 0
         #: Redis' run_id when last linked: another one means another server.
         self._run_id: str | None = None
+        #: What a catch-up asks for at a time (halved after a read timed out).
+        self._catch_up_page = CATCH_UP_PAGE
+        self._catch_up_instances = CATCH_UP_INSTANCES
         self._synced = asyncio.Event()
         self._attempted = asyncio.Event()
         self._start_reason = "timed out"
@@ -416,8 +429,15 @@ class Broker:
             asyncio.create_task(self._publisher(), name="fastaphlict-broker-publisher"),
             asyncio.create_task(self._prober(), name="fastaphlict-broker-probe"),
         ]
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(self._attempted.wait(), self._timeout * 4)
+        # A first catch-up that is reading (a big shared history) is waited
+        # for, up to a minute: the listeners must not accept before it.
+        started = time.monotonic()
+        while not self._attempted.is_set():
+            waited = time.monotonic() - started
+            if waited > self._timeout * 4 and (self._held is None or waited > 60.0):
+                break
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._attempted.wait(), 0.1)
         if not self._synced.is_set():
             log.warning(
                 "broker %s unreachable at start (%s): serving this node's tabs with %s history,"
@@ -512,12 +532,19 @@ class Broker:
                 # From the SUBSCRIBE on, channel messages are held until the
                 # streams have been read (see the module docstring).
                 self._held = []
+                self._subscription_conn = conn
                 conn.on_push = self._on_push
                 reply = await conn.execute(("SUBSCRIBE", self._channel), self._timeout)
                 if not (isinstance(reply, list) and reply and reply[0] == b"subscribe"):
                     raise RedisError(f"unexpected reply to SUBSCRIBE: {reply!r}")
-                await self._check_identity()
-                caught_up = await self._catch_up()
+                # The catch-up reads on a connection of their own: a slow read
+                # times out there without closing the one publishes use.
+                reads = await self._connect("catch-up")
+                try:
+                    await self._check_identity(reads)
+                    caught_up = await self._catch_up(reads)
+                finally:
+                    reads.close()
                 held, self._held = self._held, None
                 for message in held:
                     self._on_message(message)
@@ -537,6 +564,7 @@ class Broker:
                 self._on_down(_reason(exc))
             finally:
                 self._linked = False
+                self._subscription_conn = None
                 self._awaiting_probe = False
                 self._held = None
                 self._stall = None
@@ -548,7 +576,7 @@ class Broker:
             await asyncio.sleep(delay)
             delay = min(delay * 2, BACKOFF_CAP)
 
-    async def _catch_up(self) -> int:
+    async def _catch_up(self, reads: RespConnection) -> int:
         """Read every instance's stream past what this node has; return how many were new to it.
 
         An instance read for the first time (at start, Redis unreachable
@@ -557,27 +585,38 @@ class Broker:
         id taken in. The position moves only once an instance's entries are
         all read and delivered: a read that fails midway is read again.
         Messages are merged in by acceptance time, so each keeps its age.
-        The first page of many instances is asked for in one round trip.
+        The first page of many instances is asked for in one round trip;
+        after a read that timed out (big messages, a slow link) the next
+        catch-up asks for half as much at a time.
         """
-        names = await self._command_reply(("ZRANGE", f"{PREFIX}instances", 0, -1))
-        instances = [_decode(raw) for raw in names]
-        new = 0
-        for first in range(0, len(instances), CATCH_UP_INSTANCES):
-            chunk = instances[first : first + CATCH_UP_INSTANCES]
-            commands = [self._page_command(i, self._read.get(i)) for i in chunk]
-            pages = await (await self._commands()).execute_many(commands, self._timeout)
-            for instance, page in zip(chunk, pages, strict=True):
-                if isinstance(page, hiredis.ReplyError):
-                    raise RedisError(f"XRANGE refused: {page}")
-                new += await self._catch_up_instance(instance, page)
+        deadline = CATCH_UP_TIMEOUTS * self._timeout
+        try:
+            names = await reads.execute(("ZRANGE", f"{PREFIX}instances", 0, -1), deadline)
+            instances = [_decode(raw) for raw in names]
+            new = 0
+            step = self._catch_up_instances
+            for first in range(0, len(instances), step):
+                chunk = instances[first : first + step]
+                commands = [self._page_command(i, self._read.get(i)) for i in chunk]
+                pages = await reads.execute_many(commands, deadline)
+                for instance, page in zip(chunk, pages, strict=True):
+                    if isinstance(page, hiredis.ReplyError):
+                        raise RedisError(f"XRANGE refused: {page}")
+                    new += await self._catch_up_instance(reads, instance, page, deadline)
+        except TimeoutError:
+            self._catch_up_page = max(CATCH_UP_PAGE_MIN, self._catch_up_page // 2)
+            self._catch_up_instances = max(1, self._catch_up_instances // 2)
+            raise
+        self._catch_up_page, self._catch_up_instances = CATCH_UP_PAGE, CATCH_UP_INSTANCES
         return new
 
-    @staticmethod
-    def _page_command(instance: str, after: StreamId | None) -> tuple[Any, ...]:
+    def _page_command(self, instance: str, after: StreamId | None) -> tuple[Any, ...]:
         start = "-" if after is None else f"({_format_id(after)}"
-        return ("XRANGE", _key(instance), start, "+", "COUNT", CATCH_UP_PAGE)
+        return ("XRANGE", _key(instance), start, "+", "COUNT", self._catch_up_page)
 
-    async def _catch_up_instance(self, instance: str, page: list[Any]) -> int:
+    async def _catch_up_instance(
+        self, reads: RespConnection, instance: str, page: list[Any], deadline: float
+    ) -> int:
         """Take in one instance's entries past its position, from ``page`` on."""
         horizon = _now_ms() - HISTORY_TTL_MS
         last = self._read.get(instance)
@@ -602,9 +641,9 @@ class Broker:
                 if at >= horizon:
                     # Our own go into the history only: our tabs had them.
                     fresh.append((at, fields[b"p"], not own))
-            if len(page) < CATCH_UP_PAGE:
+            if len(page) < self._catch_up_page:
                 break
-            page = await self._command_reply(self._page_command(instance, cursor))
+            page = await reads.execute(self._page_command(instance, cursor), deadline)
         deliver_from = self._started_at if last is None else float("-inf")
         new, delivered = self._hub.merge(instance, fresh, deliver_from=deliver_from)
         self.stats.received += delivered
@@ -618,6 +657,9 @@ class Broker:
         """A reply nobody waited for on the subscription: hold it, or take it in now."""
         if self._held is not None:
             self._held.append(reply)
+            if len(self._held) > HELD_LIMIT and self._subscription_conn is not None:
+                self._stall = RedisError("catch-up too long: too many messages held")
+                self._subscription_conn.close()
         else:
             try:
                 self._on_message(reply)
@@ -652,11 +694,17 @@ class Broker:
         except ValueError:
             log.warning("broker: unreadable message on %s: %r", self._channel, data[:120])
             return
-        last = self._read.get(instance)
-        if last is not None and sid <= last:
-            return  # the catch-up already took it in
-        self._read[instance] = sid
         origin = origin_raw.decode("ascii", "replace")
+        last = self._read.get(instance)
+        if (
+            last is not None
+            and sid <= last
+            and (origin in self._own or self._seen_before(origin, seq, note=False))
+        ):
+            return  # the catch-up already took it in
+        # An id at or below the position that is not a repeat: a new primary
+        # whose clock is behind. Taken in, and the position follows it.
+        self._read[instance] = sid
         if origin in self._own or self._seen_before(origin, seq):
             return
         self._members[origin] = time.monotonic()
@@ -900,6 +948,8 @@ class Broker:
                 self._prune()
             if self._publish_stuck() and not self._down_logged:
                 self._on_down(f"publishing fails: {self._publish_error}")
+            elif self._down_logged and self._ever_up and self.up:
+                self._on_back(f"{len(self._buffer)} buffered to publish")
             if not self._linked:
                 continue
             if now - self._last_probe > self._stall_after:
@@ -922,7 +972,7 @@ class Broker:
         for origin in [o for o in self._seen if o not in members]:
             del self._seen[origin]
 
-    async def _check_identity(self) -> None:
+    async def _check_identity(self, reads: RespConnection) -> None:
         """A Redis that is not the one of before (restarted empty, failed over): read all again.
 
         Stream ids come from the server's clock; after a failover to a
@@ -930,7 +980,7 @@ class Broker:
         this node has read, and it would skip them. Payloads already held
         are recognised by the merge instead.
         """
-        info = await self._command_reply(("INFO", "server"))
+        info = await reads.execute(("INFO", "server"), self._timeout)
         run_id = None
         for line in _decode(info).splitlines():
             if line.startswith("run_id:"):

@@ -53,6 +53,9 @@ __all__ = [
 log = logging.getLogger("fastaphlict.hub")
 
 STATUS_VERSION = 8
+#: Milliseconds a message from another node may be older than the newest in
+#: the history and still be appended (taking the newest's time).
+LATE_MS = 1000.0
 #: A protocol-level ping (opcode 9, no payload): browsers answer it themselves.
 _PING_FRAME = b"\x89\x00"
 
@@ -264,14 +267,18 @@ class Hub:
         count from then. Nothing is relayed: the broker already carried it
         to every node, and a mesh peer must not get it from two nodes.
 
-        A message older than the history's newest (one published late, after
-        its node was cut off from Redis) is delivered at once and put into
-        the history in time order once the burst it came in has been read.
+        A message more than :data:`LATE_MS` older than the history's newest
+        (one published late, after its node was cut off from Redis) is
+        delivered at once and put into the history in time order once the
+        burst it came in has been read. One only a little older (nodes
+        accepting posts at the same moment, clocks a little apart) takes the
+        newest's time: a rebuild of the history per message would cost a
+        hundred times the message.
         """
         subscribers = _subscribers(payload)
         inst = self.instance(instance)
         newest = inst.history.newest()
-        if newest is None or at >= newest:
+        if newest is None or at >= newest - LATE_MS:
             return self._deliver(instance, subscribers, payload, at)
         frame = build_frame(payload)
         self.stats.messages_in += 1
@@ -308,6 +315,9 @@ class Hub:
         received nothing yet, as a restarted Aphlict). Returns how many
         entries were new, and how many of them were delivered.
         """
+        entries = list(entries)
+        if not entries:
+            return 0, 0
         inst = self.instance(instance)
         known = {_frame_payload(frame) for _, _, frame in inst.history.entries()}
         added: list[tuple[float, Any, bytes]] = []

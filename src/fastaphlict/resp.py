@@ -21,11 +21,14 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import logging
 import ssl
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import hiredis
+
+log = logging.getLogger("fastaphlict.broker")
 
 if TYPE_CHECKING:
     from fastaphlict.config import BrokerConfig
@@ -92,7 +95,7 @@ class RespConnection(asyncio.Protocol):
                     head.replies.append(reply)
                     if len(head.replies) == head.count:
                         waiting.popleft()
-                        head.done(head.replies, None)
+                        _tell(head, head.replies, None)
                 elif self.on_push is not None:
                     self.on_push(reply)
         except hiredis.ProtocolError as exc:
@@ -161,10 +164,18 @@ class RespConnection(asyncio.Protocol):
         self._fail(ConnectionLost("connection closed"))
 
     def _fail(self, error: RedisError) -> None:
-        while self._waiting:
-            self._waiting.popleft().done(None, error)
         if not self.closed.done():
             self.closed.set_result(None)
+        while self._waiting:
+            _tell(self._waiting.popleft(), None, error)
+
+
+def _tell(waiting: _Waiting, replies: list[Any] | None, error: Exception | None) -> None:
+    """Hand a batch its outcome; a caller's bug is logged, never left to stall the others."""
+    try:
+        waiting.done(replies, error)
+    except Exception:
+        log.exception("redis: a reply handler failed")
 
 
 async def connect(
