@@ -76,13 +76,23 @@ WARM_UP_POSTS = 20
 WARM_UP_PHID = "PHID-WARM-00000000000000000000"
 
 
-def split_model(model: Model, parts: int) -> list[Model]:
-    """Tab ``i`` goes to part ``i % parts``; each part's targets in its own tab numbering."""
+def split_model(model: Model, remote_every: int = 2) -> list[Model]:
+    """Tab ``i`` goes to B when ``i % remote_every == remote_every - 1``, else to A.
+
+    Each part's targets are in its own tab numbering. The default (every
+    second tab on B) is the cluster as deployed; a large ``remote_every``
+    puts nearly every tab on A, which leaves B with only the broker's own
+    work, separating the broker's cost from that of splitting tabs.
+    """
+
+    def part(s: int) -> int:
+        return 1 if s % remote_every == remote_every - 1 else 0
+
     out = []
-    for p in range(parts):
-        members = range(p, len(model.subscriptions), parts)
+    for p in (0, 1):
+        members = [s for s in range(len(model.subscriptions)) if part(s) == p]
         local = {s: k for k, s in enumerate(members)}
-        targets = [[local[s] for s in group if s % parts == p] for group in model.targets]
+        targets = [[local[s] for s in group if part(s) == p] for group in model.targets]
         out.append(Model([model.subscriptions[s] for s in members], model.messages, targets))
     return out
 
@@ -158,7 +168,7 @@ async def run_broker(opts: Options, workdir: Path | None = None) -> BrokerResult
 async def _compare(opts: Options, redis: Child, a: Child, b: Child, single: Child) -> BrokerResult:
     model = build_model(opts)
     windows = split_windows(len(model.messages), opts.windows)
-    local, remote = split_model(model, 2)
+    local, remote = split_model(model, opts.broker_remote_every)
     cluster = _SetUp(
         _empty_result(opts, "broker", model, len(windows)),
         replace(opts, admin_url=a.admin_url),

@@ -98,6 +98,14 @@ def _build_parser() -> argparse.ArgumentParser:
         help="broker: the nodes reach Redis over loopback TCP (default) or its unix socket",
     )
     parser.add_argument(
+        "--broker-remote-every",
+        type=int,
+        default=defaults.broker_remote_every,
+        metavar="N",
+        help="broker: every N-th tab on node B, the rest on A (default 2: half each;"
+        " 1000 leaves B the broker's own work only)",
+    )
+    parser.add_argument(
         "--history",
         type=int,
         default=defaults.history,
@@ -160,6 +168,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         windows=args.windows,
         history=args.history,
         broker_transport=args.broker_transport,
+        broker_remote_every=max(2, args.broker_remote_every),
         phids_per_tab=args.phids_per_tab,
         watch_interval=args.watch_interval,
     )

@@ -84,6 +84,8 @@ class Options:
     watch_interval: float = 0.005
     #: broker: how the nodes reach Redis, over loopback TCP or its unix socket.
     broker_transport: str = "tcp"
+    #: broker: every N-th tab opens on node B, the rest on A (2: half each).
+    broker_remote_every: int = 2
 
 
 #: Handshakes in flight during a storm: enough to keep a server's listen
