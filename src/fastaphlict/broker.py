@@ -4,8 +4,9 @@ What it owns: the connection to Redis, the buffer of messages waiting for
 it, the subscription other nodes' messages arrive on, and the record of how
 far this node has read each instance's shared history. What it must never
 do: block or fail a post. :meth:`Broker.relay` runs on the publish path (the
-posting node's own tabs already have the message); it only appends to a
-bounded buffer, and one task publishes from there.
+posting node's own tabs already have the message); it appends to a bounded
+buffer and, when no batch is out, writes it to Redis in the same loop
+iteration; what comes meanwhile leaves with the reply (:meth:`Broker._kick`).
 
 Redis holds, per instance, a stream ``fastaphlict:history:<instance>``
 (trimmed to the history's 4096 entries and 60 s by Redis' clock, expiring
@@ -218,7 +219,7 @@ class Broker:
     """One node's link to the Redis broker: publish, subscribe, catch up, probe.
 
     Lifecycle: construct, ``await start()`` before the listeners accept (it
-    warms the history from Redis, for at most one ``timeout``), ``relay()``
+    warms the history from Redis, or gives up after a few timeouts), ``relay()``
     from the publish path, ``await close()`` at shutdown (it returns what
     could not be published).
     """
@@ -274,12 +275,12 @@ class Broker:
         #: Per other node, the sequence numbers of its messages taken in lately.
         self._seen: dict[str, tuple[set[int], collections.deque[int]]] = {}
         self._members: dict[str, float] = {}
-        #: The connection for publishes, probes and catch-up reads (made on demand).
+        #: The connection for publishes and probes (made on demand); catch-up
+        #: reads have one of their own, per catch-up.
         self._command: RespConnection | None = None
         self._command_lock = asyncio.Lock()
-        #: The subscription's connection, while it is up, and while it is being set up.
+        #: The subscription's connection, from its SUBSCRIBE until it closes.
         self._subscription: RespConnection | None = None
-        self._subscription_conn: RespConnection | None = None
         #: Channel messages held while a catch-up reads the streams (None: not catching up).
         self._held: list[Any] | None = None
         #: Per instance, when this node last asked the script to maintain it.
@@ -532,7 +533,7 @@ class Broker:
                 # From the SUBSCRIBE on, channel messages are held until the
                 # streams have been read (see the module docstring).
                 self._held = []
-                self._subscription_conn = conn
+                self._subscription = conn
                 conn.on_push = self._on_push
                 reply = await conn.execute(("SUBSCRIBE", self._channel), self._timeout)
                 if not (isinstance(reply, list) and reply and reply[0] == b"subscribe"):
@@ -548,7 +549,6 @@ class Broker:
                 held, self._held = self._held, None
                 for message in held:
                     self._on_message(message)
-                self._subscription = conn
                 self._last_probe = time.monotonic()
                 self._linked = True
                 delay = BACKOFF_FIRST
@@ -564,7 +564,6 @@ class Broker:
                 self._on_down(_reason(exc))
             finally:
                 self._linked = False
-                self._subscription_conn = None
                 self._awaiting_probe = False
                 self._held = None
                 self._stall = None
@@ -657,9 +656,9 @@ class Broker:
         """A reply nobody waited for on the subscription: hold it, or take it in now."""
         if self._held is not None:
             self._held.append(reply)
-            if len(self._held) > HELD_LIMIT and self._subscription_conn is not None:
+            if len(self._held) > HELD_LIMIT and self._subscription is not None:
                 self._stall = RedisError("catch-up too long: too many messages held")
-                self._subscription_conn.close()
+                self._subscription.close()
         else:
             try:
                 self._on_message(reply)
