@@ -433,7 +433,7 @@ async def test_a_failed_publish_is_retried_in_order(monkeypatch: pytest.MonkeyPa
     assert batches(made) == [[1, 2, 3, 4, 5]] * 3 + [[6]]
     assert broker.stats.publish_failures == 2
     assert broker.stats.dropped == 0
-    assert broker.stats.latency_count == 6
+    assert broker.stats.latency.count == 6
     assert broker.buffered == 0
 
 

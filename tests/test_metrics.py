@@ -204,7 +204,7 @@ async def test_broker_counters_are_exported_without_the_password() -> None:
     stats.published, stats.dropped, stats.reconnects = 1_000_003, 1_000_010, 1_000_017
     stats.received, stats.publish_failures = 1_000_024, 1_000_031
     for seconds in (0.0001, 0.003, 0.003, 7.0):
-        stats.observe(seconds)
+        stats.latency.observe(seconds)
     text = metrics.render(metrics.make_registry(hub, None, broker)).decode()
     assert PASSWORD not in text and "fastaphlict:" not in text
     m = parse(text)

@@ -51,6 +51,7 @@ from typing import TYPE_CHECKING, Any
 import hiredis
 
 from fastaphlict import resp
+from fastaphlict.metrics import Latency
 from fastaphlict.protocol import HISTORY_LIMIT, HISTORY_TTL_MS
 from fastaphlict.resp import RedisError, RespConnection
 
@@ -201,18 +202,9 @@ class BrokerStats:
     publish_failures: int = 0
 
     def __post_init__(self) -> None:
-        #: Seconds from a message's acceptance to Redis' acknowledgement.
-        self.latency_counts = [0] * len(LATENCY_BUCKETS)
-        self.latency_sum = 0.0
-        self.latency_count = 0
-
-    def observe(self, seconds: float) -> None:
-        for index, bound in enumerate(LATENCY_BUCKETS):
-            if seconds <= bound:
-                self.latency_counts[index] += 1
-                break
-        self.latency_sum += seconds
-        self.latency_count += 1
+        #: Seconds from a message's acceptance to Redis' acknowledgement
+        #: (not a field: the fields are the counters).
+        self.latency = Latency(LATENCY_BUCKETS)
 
 
 class Broker:
@@ -904,7 +896,7 @@ class Broker:
         if self._down_logged and self.up:
             self._on_back(f"publishing again, {len(self._buffer)} buffered")
         acked = time.monotonic()
-        observe = self.stats.observe
+        observe = self.stats.latency.observe
         for item in batch:
             observe(acked - item[5])
         self.stats.published += len(batch)

@@ -25,17 +25,49 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from fastaphlict.broker import LATENCY_BUCKETS as BROKER_BUCKETS
-from fastaphlict.peers import LATENCY_BUCKETS
-
 if TYPE_CHECKING:
     from fastaphlict.broker import Broker
     from fastaphlict.hub import Hub
     from fastaphlict.peers import PeerRelay
 
-__all__ = ["CONTENT_TYPE", "MAX_INSTANCES", "HubCollector", "make_registry", "render"]
+__all__ = ["CONTENT_TYPE", "MAX_INSTANCES", "HubCollector", "Latency", "make_registry", "render"]
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class Latency:
+    """Seconds counted into fixed buckets: a histogram kept as plain numbers.
+
+    Whoever measures calls :meth:`observe` (a loop over a dozen floats); the
+    collector turns it into Prometheus' cumulative form only at scrape time.
+    """
+
+    __slots__ = ("bounds", "count", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        #: Upper bounds, ascending, the last ``inf``.
+        self.bounds = bounds
+        self.counts = [0] * len(bounds)
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, seconds: float) -> None:
+        for index, bound in enumerate(self.bounds):
+            if seconds <= bound:
+                self.counts[index] += 1
+                break
+        self.sum += seconds
+        self.count += 1
+
+    def cumulative(self) -> list[tuple[str, float]]:
+        """``(le, count)`` pairs as Prometheus wants them."""
+        total, out = 0, []
+        for bound, count in zip(self.bounds, self.counts, strict=True):
+            total += count
+            out.append(("+Inf" if bound == float("inf") else str(bound), total))
+        return out
+
+
 MAX_INSTANCES = 20
 OTHER = "_other"
 
@@ -150,7 +182,7 @@ class HubCollector(Collector):
             "fastaphlict_broker_publish_seconds",
             "Time from a message's acceptance here to Redis' acknowledgement.",
         )
-        latency.add_metric([], _buckets(BROKER_BUCKETS, stats.latency_counts), stats.latency_sum)
+        latency.add_metric([], stats.latency.cumulative(), stats.latency.sum)
         yield latency
 
     def _per_instance(self) -> Iterator[Metric]:
@@ -224,19 +256,8 @@ class HubCollector(Collector):
             dropped.add_metric(name, peer.dropped)
             queued.add_metric(name, peer.queued)
             known.add_metric(name, 1 if peer.fingerprint else 0)
-            latency.add_metric(
-                name, _buckets(LATENCY_BUCKETS, peer.latency_counts), peer.latency_sum
-            )
+            latency.add_metric(name, peer.latency.cumulative(), peer.latency.sum)
         yield from (sent, failed, dropped, queued, known, latency)
-
-
-def _buckets(bounds: tuple[float, ...], counts: list[int]) -> list[tuple[str, float]]:
-    """Per-bucket counts as Prometheus' cumulative ``(le, count)`` pairs."""
-    cumulative, out = 0, []
-    for bound, count in zip(bounds, counts, strict=True):
-        cumulative += count
-        out.append(("+Inf" if bound == float("inf") else str(bound), cumulative))
-    return out
 
 
 def _counter(name: str, documentation: str, value: float) -> CounterMetricFamily:

@@ -30,6 +30,7 @@ from urllib.parse import quote
 import aiohttp
 import yarl
 
+from fastaphlict.metrics import Latency
 from fastaphlict.protocol import dumps
 
 if TYPE_CHECKING:
@@ -73,15 +74,6 @@ def new_fingerprint() -> str:
     two processes must not plausibly collide.
     """
     return "".join(secrets.choice(FINGERPRINT_ALPHABET) for _ in range(FINGERPRINT_LENGTH))
-
-
-def _observe(peer: Peer, seconds: float) -> None:
-    for index, bound in enumerate(LATENCY_BUCKETS):
-        if seconds <= bound:
-            peer.latency_counts[index] += 1
-            break
-    peer.latency_sum += seconds
-    peer.latency_count += 1
 
 
 def _base_url(config: PeerConfig) -> str:
@@ -156,11 +148,8 @@ class Peer:
         self.failed = 0
         self.dropped = 0
         self.last_error: str | None = None
-        #: Relay round-trip seconds: counts per LATENCY_BUCKETS upper bound
-        #: (cumulative when exported), their sum, and how many were observed.
-        self.latency_counts = [0] * len(LATENCY_BUCKETS)
-        self.latency_sum = 0.0
-        self.latency_count = 0
+        #: Relay round-trip seconds.
+        self.latency = Latency(LATENCY_BUCKETS)
         self._queue: collections.deque[tuple[str, bytes]] = collections.deque()
         self._wakeup = asyncio.Event()
         self._failing = False
@@ -409,7 +398,7 @@ class PeerRelay:
         finally:
             peer._connecting = False
 
-        _observe(peer, time.monotonic() - started)
+        peer.latency.observe(time.monotonic() - started)
         if status != 200:
             self._failure(peer, f"http status {status}")
             return
