@@ -22,7 +22,7 @@ import signal
 import socket
 import subprocess
 import tempfile
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -154,20 +154,33 @@ async def broker_up(session: aiohttp.ClientSession, server: ServerProcess) -> fl
     return await metric(session, server.admin_url, "fastaphlict_broker_up")
 
 
+async def until(check: Callable[[], Awaitable[bool]], what: str, within: float = RECOVERY) -> None:
+    """:func:`support.eventually` for a check that asks a server (awaits)."""
+    deadline = asyncio.get_running_loop().time() + within
+    while not await check():
+        assert asyncio.get_running_loop().time() < deadline, f"{what}: not within {within:g} s"
+        await asyncio.sleep(0.02)
+
+
+async def until_metric(
+    session: aiohttp.ClientSession, server: ServerProcess, name: str, wanted: float
+) -> None:
+    """Until ``server``'s metric ``name`` reads ``wanted`` (its log in the failure)."""
+
+    async def check() -> bool:
+        return await metric(session, server.admin_url, name) == wanted
+
+    await until(check, f"{name} == {wanted:g} on {server.log_path.stem}\n{server.log()}")
+
+
 async def until_up(session: aiohttp.ClientSession, *servers: ServerProcess) -> None:
     for server in servers:
         await wait_healthy(server, session)
-        deadline = asyncio.get_running_loop().time() + RECOVERY
-        while await broker_up(session, server) != 1:
-            assert asyncio.get_running_loop().time() < deadline, server.log()
-            await asyncio.sleep(0.05)
+        await until_metric(session, server, "fastaphlict_broker_up", 1)
 
 
 async def until_down(session: aiohttp.ClientSession, server: ServerProcess) -> None:
-    deadline = asyncio.get_running_loop().time() + RECOVERY
-    while await broker_up(session, server) != 0:
-        assert asyncio.get_running_loop().time() < deadline, server.log()
-        await asyncio.sleep(0.05)
+    await until_metric(session, server, "fastaphlict_broker_up", 0)
 
 
 # -- delivery ---------------------------------------------------------------------
@@ -236,14 +249,13 @@ async def test_a_replay_on_another_node_returns_the_shared_window_of_its_instanc
         await publish(session, a, f"one{i}", "PHID-1", instance="one")
         await publish(session, a, f"two{i}", "PHID-1", instance="two")
     await publish(session, a, "other", "PHID-2", instance="one")
+
     # The broker may still be carrying the last posts to B: wait for them.
-    deadline = asyncio.get_running_loop().time() + TIMEOUT
-    while True:
+    async def all_there() -> bool:
         async with session.get(f"{b.admin_url}/status/?instance=one") as resp:
-            if (await resp.json())["history.size"] == 4:
-                break
-        assert asyncio.get_running_loop().time() < deadline
-        await asyncio.sleep(0.01)
+            return (await resp.json())["history.size"] == 4  # type: ignore[no-any-return]
+
+    await until(all_there, "4 messages of instance one on B", TIMEOUT)
     async with tab(b, "PHID-1", path="/~one/") as tb:
         got = await replayed(tb)
         assert got == ["one0", "one1", "one2"]
@@ -552,10 +564,7 @@ async def test_a_mesh_peer_of_one_cluster_node_reaches_every_tab_and_the_reverse
         await eventually(lambda: _listening(c_ports[0]), scaled(10), what="C listening")
         # A and B know each other (probes) before anything is posted.
         for server in (a, b):
-            deadline = asyncio.get_running_loop().time() + RECOVERY
-            while await metric(session, server.admin_url, "fastaphlict_broker_nodes") < 1:
-                assert asyncio.get_running_loop().time() < deadline
-                await asyncio.sleep(0.05)
+            await until_metric(session, server, "fastaphlict_broker_nodes", 1)
         async with tab(a, "PHID-1") as ta, tab(b, "PHID-1") as tb, tab(c, "PHID-1") as tc:
             for origin in (c, a, b, c, b, a):
                 key = f"from-{origin.log_path.stem}"
