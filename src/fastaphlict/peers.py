@@ -263,8 +263,8 @@ class PeerRelay:
 
         This runs on the publish path: it never awaits and never raises.
         """
-        if self._closing:
-            return
+        if self._closing or not self._peers:
+            return  # no mesh (a broker cluster's usual case): nothing to look at
         try:
             touched = message.get("touched")
             if not isinstance(touched, list):
