@@ -17,11 +17,14 @@ import asyncio
 import contextlib
 import json
 import os
+import re
+import shlex
 import shutil
 import signal
 import socket
 import subprocess
 import tempfile
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -30,6 +33,7 @@ import aiohttp
 import pytest
 from websockets.asyncio.client import connect
 
+from fastaphlict import broker as broker_module
 from redis_support import RedisServer, StallProxy
 from support import (
     TIMEOUT,
@@ -337,6 +341,12 @@ async def test_redis_restarted_mid_stream_loses_nothing_and_duplicates_nothing(
         log = server.log()
         assert log.count("down:") == 1, log
         assert log.count("back after") == 1, log
+        # The line accounts for every message that waited: the 3 went out then, or wait.
+        [back] = [line for line in log.splitlines() if "back after" in line]
+        published, waiting = re.search(
+            r"(\d+) waiting message\(s\) of this node published.* (\d+) still waiting", back
+        ).groups()  # type: ignore[union-attr]
+        assert int(published) + int(waiting) == 3, back
 
 
 async def test_a_node_cut_off_catches_up_on_what_others_published_meanwhile(
@@ -760,3 +770,139 @@ async def test_a_long_catch_up_over_many_instances_brings_everything_once_in_ord
             assert await keys_of(last, 1) == ["i19"]
             await assert_silent(big)
             await assert_silent(last)
+
+
+# -- what an operator sets up: the ACL -------------------------------------------------
+
+
+def readme_acl_line() -> list[str]:
+    """The README's ``ACL SETUSER`` line for the broker's user, as words."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    lines = [ln.strip() for ln in readme.splitlines() if ln.strip().startswith("ACL SETUSER ")]
+    assert len(lines) == 1, f"expected one ACL SETUSER line in the README, got {lines}"
+    return shlex.split(lines[0])
+
+
+def acl_user(words: list[str]) -> tuple[str, str]:
+    """The user name and password an ``ACL SETUSER`` line creates."""
+    [password] = [w[1:] for w in words[3:] if w.startswith(">")]
+    return words[2], password
+
+
+async def test_the_readmes_acl_line_is_all_a_cluster_needs(
+    redis_server: RedisServer, nodes: Start, session: aiohttp.ClientSession
+) -> None:
+    """The line runs verbatim, and with it alone every message crosses, both ways."""
+    words = readme_acl_line()
+    assert redis_server.command(*words) == "OK"
+    user, password = acl_user(words)
+    url = f"redis://{user}:{password}@127.0.0.1:{redis_server.port}/0"
+    a, b = nodes("a", url), nodes("b", url)
+    await until_up(session, a, b)
+    async with tab(a, "PHID-1") as ta, tab(b, "PHID-1") as tb:
+        await publish(session, a, "from-a", "PHID-1")
+        await publish(session, b, "from-b", "PHID-1")
+        assert sorted(await keys_of(ta, 2)) == ["from-a", "from-b"]
+        assert sorted(await keys_of(tb, 2)) == ["from-a", "from-b"]
+    for node in (a, b):
+        assert "may not run" not in node.log(), node.log()
+        assert (
+            await metric(session, node.admin_url, "fastaphlict_broker_publish_failures_total") == 0
+        )
+    # The history in Redis is maintained (trimmed, expiring) under this ACL too.
+    assert redis_server.command("PTTL", "fastaphlict:history:default") > 0
+
+
+async def test_a_missing_permission_is_named_in_one_line_and_granting_it_is_enough(
+    redis_server: RedisServer, nodes: Start, session: aiohttp.ClientSession
+) -> None:
+    words = [w for w in readme_acl_line() if w not in ("+xadd", "+time")]
+    assert redis_server.command(*words) == "OK"
+    user, password = acl_user(words)
+    a = nodes("a", f"redis://{user}:{password}@127.0.0.1:{redis_server.port}/0")
+    b = nodes("b", redis_server.url)  # the default user: everything allowed
+    await wait_healthy(a, session)
+    await until_up(session, b)
+    await eventually(lambda: "may not run" in a.log(), RECOVERY, what="the refusal line")
+    [line] = [ln for ln in a.log().splitlines() if "may not run" in ln]
+    assert "may not run xadd, time (" in line, line
+    assert await broker_up(session, a) == 0
+    async with tab(a, "PHID-1") as ta, tab(b, "PHID-1") as tb:
+        await publish(session, a, "waits", "PHID-1")
+        assert await keys_of(ta, 1) == ["waits"]
+        await publish(session, b, "from-b", "PHID-1")  # the subscription works meanwhile
+        assert await keys_of(ta, 1) == ["from-b"]
+        assert await keys_of(tb, 1) == ["from-b"], "a's message did not get through"
+        assert redis_server.command("ACL", "SETUSER", user, "+xadd", "+time") == "OK"
+        assert await asyncio.wait_for(keys_of(tb, 1), RECOVERY) == ["waits"]
+        await until_up(session, a)
+        await assert_silent(ta)
+    log = a.log()
+    assert log.count("may not run") == 1, log
+    assert "may publish now" in log, log
+    assert password not in log
+
+
+# -- what comes from elsewhere: skewed clocks, malformed entries ----------------------
+
+
+async def test_a_node_whose_clock_runs_ahead_cannot_keep_messages_past_the_window(
+    redis_server: RedisServer, nodes: Start, session: aiohttp.ClientSession
+) -> None:
+    """A message stamped an hour ahead (a skewed node) is capped at now, counted, logged."""
+    b = nodes("b", redis_server.url)
+    await until_up(session, b)
+    ahead = (time.time() + 3600) * 1000
+    body = b'{"key":"skewed","type":"notification","subscribers":["PHID-1"]}'
+    async with tab(b, "PHID-1") as tb:
+        # What a node an hour ahead publishes: its script call, with its clock.
+        redis_server.command(
+            "EVAL",
+            broker_module._PUBLISH_LUA,
+            3,
+            "fastaphlict:history:default",
+            "fastaphlict:instances",
+            "fastaphlict:seq:skewed-node:1",
+            "default",
+            "skewed-node",
+            1,
+            repr(ahead),
+            body,
+            4096,
+            60000,
+            "fastaphlict:0:messages",
+            "1",
+            600000,
+        )
+        assert await keys_of(tb, 1) == ["skewed"]
+    assert await metric(session, b.admin_url, "fastaphlict_timestamps_capped_total") == 1
+    assert "ahead of this clock: capped at now" in b.log()
+    async with session.get(f"{b.admin_url}/status/") as resp:
+        age = (await resp.json())["history.age"]
+    assert age < 5000, f"the history's oldest entry claims an age of {age} ms"
+
+
+async def test_a_malformed_stream_entry_is_skipped_and_the_catch_up_goes_on(
+    redis_server: RedisServer, nodes: Start, session: aiohttp.ClientSession
+) -> None:
+    """Entries no node wrote (missing fields, garbage numbers) never keep a node off Redis."""
+    a = nodes("a", redis_server.url)
+    await until_up(session, a)
+    await publish(session, a, "before", "PHID-1")
+    key = "fastaphlict:history:default"
+    redis_server.command("XADD", key, "*", "p", b'{"key":"no-origin"}')
+    redis_server.command("XADD", key, "*", "o", "x", "s", "not-a-number", "a", "1", "p", b"{}")
+    redis_server.command("ZADD", "fastaphlict:instances", time.time() * 1000, b"\xff\xfe")
+    b = nodes("b", redis_server.url)  # its first catch-up reads all of it
+    await until_up(session, b)
+    assert await metric(session, b.admin_url, "fastaphlict_broker_malformed_total") == 3
+    async with tab(b, "PHID-1") as tb:
+        assert await replayed(tb) == ["before"]
+        # A malformed message on the channel is skipped too; the next one arrives.
+        redis_server.command("PUBLISH", "fastaphlict:0:messages", b"M\nnode\nx\n1-0\n1\n7\nd")
+        await publish(session, a, "after", "PHID-1")
+        assert await keys_of(tb, 1) == ["after"]
+    assert await metric(session, b.admin_url, "fastaphlict_broker_malformed_total") == 4
+    log = b.log()
+    assert "skipped unreadable entry" in log and key in log, log
+    assert await metric(session, b.admin_url, "fastaphlict_broker_reconnects_total") == 0

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 import types
 from typing import Any
 
+import hiredis
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -24,6 +26,7 @@ from fastaphlict.broker import MEMBER_TTL, Broker, parse_stream_id
 from fastaphlict.config import parse_broker_url
 from fastaphlict.hub import Hub
 from fastaphlict.protocol import HISTORY_TTL_MS, dumps
+from fastaphlict.resp import RedisError
 from support import TIMEOUT, eventually
 
 ME = "ThisNode00000000"
@@ -314,8 +317,9 @@ async def test_an_unreadable_channel_message_is_logged_and_skipped(
     broker = make(hub)
     with caplog.at_level(logging.WARNING, "fastaphlict.broker"):
         broker._on_message(reply)
-    assert "unreadable message" in caplog.text
+    assert "skipped unreadable message on fastaphlict:3:messages" in caplog.text
     assert hub.stats.messages_in == 0 and broker.stats.received == 0
+    assert broker.stats.malformed == 1
 
 
 @pytest.mark.parametrize(
@@ -657,3 +661,34 @@ async def test_the_buffer_is_bounded_in_bytes_too(caplog: pytest.LogCaptureFixtu
     huge = dumps({"key": "huge", "pad": "x" * 5000})
     broker.relay("default", {}, huge)
     assert [item[4] for item in broker._buffer] == [huge], "one message always fits"
+
+
+def test_the_permission_check_runs_every_command_the_publish_script_runs() -> None:
+    """A command added to the script and not to the check would go unnamed in the log."""
+    used = set(re.findall(r"redis\.call\('(\w+)'", broker_module._PUBLISH_LUA))
+    checked = set(re.findall(r"try\('(\w+)'", broker_module._CHECK_LUA))
+    assert used and used == checked
+
+
+@pytest.mark.parametrize(
+    ("load", "check", "refused"),
+    [
+        (b"sha", [], None),
+        (b"sha", [[b"xadd", b"ERR The user executing the script can't run this command"]], "xadd"),
+        (b"sha", [[b"time", b"NOPERM no permissions"], [b"time", b"NOPERM x"]], "time"),
+        (b"sha", [[b"xadd", b"READONLY You can't write against a read only replica."]], None),
+        (hiredis.ReplyError("NOPERM this user has no permissions"), None, "script|load"),
+        (b"sha", hiredis.ReplyError("NOPERM no permissions to run 'evalsha'"), "evalsha"),
+        (b"sha", hiredis.ReplyError("NOSCRIPT No matching script"), None),
+    ],
+)
+def test_the_permission_check_names_only_refused_permissions(
+    load: Any, check: Any, refused: str | None
+) -> None:
+    found = broker_module._refusals(load, check)
+    assert (found.split(" (")[0] if found else None) == refused
+
+
+def test_a_script_load_refused_for_another_reason_is_an_error() -> None:
+    with pytest.raises(RedisError, match="SCRIPT LOAD refused"):
+        broker_module._refusals(hiredis.ReplyError("ERR unknown command"), None)

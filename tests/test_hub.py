@@ -349,3 +349,29 @@ def test_without_a_cluster_a_touched_stranger_is_no_loopback(clock: None) -> Non
     hub = Hub("ME")
     assert hub.publish("default", {"subscribers": [], "touched": ["MEMBER"]}) == 0
     assert hub.status("default")["history.size"] == 1
+
+
+@pytest.mark.parametrize("source", ["import", "merge", "receive"])
+def test_acceptance_times_from_the_future_are_capped_counted_and_logged(
+    clock: None, source: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A skewed node or a state file from the future cannot outlive the window."""
+    hub = Hub("ME")
+    ahead, near = NOW + 3_600_000, NOW + hub_module.FUTURE_TOLERANCE_MS / 2
+    entries = [payload(name, "PHID-A") for name in ("near", "ahead")]
+    with caplog.at_level(logging.WARNING, "fastaphlict.hub"):
+        if source == "import":
+            hub.import_state(
+                "acme", [(near, ["PHID-A"], entries[0]), (ahead, ["PHID-A"], entries[1])]
+            )
+        elif source == "merge":
+            hub.merge("acme", [(near, entries[0], True), (ahead, entries[1], True)])
+        else:
+            hub.receive("acme", entries[0], near)
+            hub.receive("acme", entries[1], ahead)
+    times = [at for at, _, _ in hub.export_state()["acme"]]
+    limit = NOW + hub_module.FUTURE_TOLERANCE_MS
+    assert times == [near, limit], "within the tolerance kept, beyond it capped, order kept"
+    assert hub.stats.times_capped == 1
+    assert "lies 3600000 ms ahead of this clock: capped at now" in caplog.text
+    assert hub.accepted_at(float("nan"), "x") == limit, "not a number counts as ahead"

@@ -53,6 +53,7 @@ import hiredis
 from fastaphlict import resp
 from fastaphlict.metrics import Latency
 from fastaphlict.protocol import HISTORY_LIMIT, HISTORY_TTL_MS
+from fastaphlict.ratelimit import Throttle
 from fastaphlict.resp import RedisError, RespConnection
 
 if TYPE_CHECKING:
@@ -151,6 +152,40 @@ return id
 #: message: some 10 MB at 100 messages/s.
 MARK_TTL_MS = 10 * 60 * 1000
 _PUBLISH_SHA = hashlib.sha1(_PUBLISH_LUA.encode()).hexdigest()
+
+# The permission check: every command the publish script runs, each in a
+# pcall on scratch keys, so a Redis user whose ACL lacks one is told by name
+# when the command connection is made, not by the first post failing. Redis
+# 7 checks the commands a script runs against the caller's ACL, and its
+# error inside a script does not say which command it was.
+# KEYS: 1 a scratch stream, 2 a scratch sorted set, 3 a scratch mark.
+# ARGV: 1 a scratch channel. Returns {command, error} pairs for each refusal.
+# The scratch keys are shared by every node and kept small and short-lived.
+_CHECK_LUA = """
+local refused = {}
+local function try(...)
+  local reply = redis.pcall(...)
+  if type(reply) == 'table' and reply.err then
+    refused[#refused + 1] = {string.lower((...)), reply.err}
+  end
+end
+try('EXISTS', KEYS[3])
+try('XADD', KEYS[1], 'MAXLEN', '~', '1', '*', 'check', '1')
+try('SET', KEYS[3], '1', 'PX', '1000')
+try('TIME')
+try('XTRIM', KEYS[1], 'MINID', '0')
+try('PEXPIRE', KEYS[1], '1000')
+try('ZADD', KEYS[2], '0', 'check')
+try('ZREMRANGEBYSCORE', KEYS[2], '-inf', '-1')
+try('PEXPIRE', KEYS[2], '1000')
+try('PUBLISH', ARGV[1], 'C')
+return refused
+"""
+_CHECK_SHA = hashlib.sha1(_CHECK_LUA.encode()).hexdigest()
+_CHECK_KEYS = (f"{PREFIX}check:stream", f"{PREFIX}check:set", f"{PREFIX}check:mark")
+#: What an error from a refused permission says (Redis 6.2 to 7.x, in a script or not).
+_PERMISSION_WORDS = ("noperm", "permission", "can't run this command", "acl ")
+
 #: Seconds between two "maintain" publishes of one instance (see the script).
 MAINTAIN_INTERVAL = 1.0
 
@@ -200,6 +235,8 @@ class BrokerStats:
     received: int = 0
     #: Publish attempts that failed (a pipeline counts once).
     publish_failures: int = 0
+    #: Stream entries and channel messages that could not be read (skipped).
+    malformed: int = 0
 
     def __post_init__(self) -> None:
         #: Seconds from a message's acceptance to Redis' acknowledgement
@@ -310,6 +347,12 @@ class Broker:
         #: only what was accepted since (older messages were never this
         #: node's to deliver; its tabs replayed what it had).
         self._started_at = _now_ms()
+        #: ``stats.published`` when the outage began: the "back" line says
+        #: how many of the messages that waited went out since.
+        self._published_at_down = 0
+        self._malformed_log = Throttle("malformed entry from Redis", logger=log)
+        #: What the Redis user may not run of what publishing needs (None: all of it).
+        self._refused: str | None = None
 
     # -- state for metrics and the hub ------------------------------------
 
@@ -321,6 +364,7 @@ class Broker:
             and not self._awaiting_probe
             and time.monotonic() - self._last_probe <= self._stall_after
             and not self._publish_stuck()
+            and self._refused is None
         )
 
     def _publish_stuck(self) -> bool:
@@ -365,7 +409,8 @@ class Broker:
         """
         horizon = _now_ms() - HISTORY_TTL_MS
         queued = expired = 0
-        for origin, seq, instance, at, payload in pending:
+        for origin, seq, instance, saved_at, payload in pending:
+            at = self._hub.accepted_at(saved_at, "the state directory's unpublished messages")
             if at < horizon:
                 expired += 1
                 continue
@@ -440,7 +485,7 @@ class Broker:
                 "its saved" if any(len(i.history) for i in self._hub.instances()) else "no",
             )
             self._down_logged = True
-            self._down_since = time.monotonic()
+            self._went_down()
 
     async def close(self, drain_timeout: float = 2.0) -> list[Pending]:
         """Publish what is buffered (for up to ``drain_timeout`` s), stop; return the rest.
@@ -499,15 +544,41 @@ class Broker:
             if conn is None or conn.is_closed:
                 conn = await self._connect("commands")
                 try:
-                    sha = await conn.execute(("SCRIPT", "LOAD", _PUBLISH_LUA), self._timeout)
+                    sha, _, check = await conn.execute_many(
+                        [
+                            ("SCRIPT", "LOAD", _PUBLISH_LUA),
+                            ("SCRIPT", "LOAD", _CHECK_LUA),
+                            ("EVALSHA", _CHECK_SHA, 3, *_CHECK_KEYS, f"{PREFIX}check"),
+                        ],
+                        self._timeout,
+                    )
                 except BaseException:
                     conn.close()
                     raise
-                if _decode(sha) != _PUBLISH_SHA:
+                refused = _refusals(sha, check)
+                if refused is None and _decode(sha) != _PUBLISH_SHA:
                     conn.close()
                     raise RedisError(f"SCRIPT LOAD answered {sha!r}, expected {_PUBLISH_SHA}")
+                # Refused or not, the connection stays: probes need only PUBLISH,
+                # and the link and the log say what is missing.
+                self._note_refused(refused)
                 self._command = conn
             return conn
+
+    def _note_refused(self, refused: str | None) -> None:
+        """Say once, in one line, what the Redis user may not run; and when it may again."""
+        if refused == self._refused:
+            return
+        if refused is not None:
+            log.error(
+                "broker %s: the Redis user may not run %s: no message can be published"
+                " until it may; grant what the README's ACL line lists",
+                self.display,
+                refused,
+            )
+        elif self._refused is not None:
+            log.info("broker %s: the Redis user may publish now", self.display)
+        self._refused = refused
 
     async def _command_reply(self, command: tuple[Any, ...]) -> Any:
         """One command on the command connection, bounded by ``timeout``."""
@@ -583,7 +654,12 @@ class Broker:
         deadline = CATCH_UP_TIMEOUTS * self._timeout
         try:
             names = await reads.execute(("ZRANGE", f"{PREFIX}instances", 0, -1), deadline)
-            instances = [_decode(raw) for raw in names]
+            instances = []
+            for raw in names:
+                try:
+                    instances.append(_decode(raw))
+                except (ValueError, AttributeError) as exc:
+                    self._malformed(f"member {raw!r:.80} of {PREFIX}instances", exc)
             new = 0
             step = self._catch_up_instances
             for first in range(0, len(instances), step):
@@ -615,23 +691,33 @@ class Broker:
         fresh: list[tuple[float, bytes, bool]] = []
         taken: list[tuple[str, int]] = []
         while True:
-            for sid_raw, flat in page:
-                fields = dict(zip(flat[::2], flat[1::2], strict=True))
-                cursor = parse_stream_id(sid_raw)
-                origin = _decode(fields[b"o"])
+            for entry in page:
+                try:
+                    sid_raw, flat = entry
+                    sid = parse_stream_id(sid_raw)
+                except (TypeError, ValueError, AttributeError) as exc:
+                    # Not an entry Redis could return; nothing to resume from.
+                    self._malformed(f"entry {entry!r:.80} of {_key(instance)}", exc)
+                    continue
+                cursor = sid
+                try:
+                    origin, seq, at, payload = _entry_fields(flat)
+                except (KeyError, TypeError, ValueError) as exc:
+                    # One bad entry (written by hand, another program) must
+                    # not stop the catch-up of every other: skipped, counted.
+                    self._malformed(f"entry {_format_id(sid)} of {_key(instance)}", exc)
+                    continue
                 own = origin in self._own
                 if own and last is not None:
                     continue  # delivered when it was posted here, and in the history
                 if not own:
                     self._members[origin] = time.monotonic()
-                    seq = int(fields[b"s"])
                     if self._seen_before(origin, seq, note=False):
                         continue
                     taken.append((origin, seq))
-                at = float(fields[b"a"])
                 if at >= horizon:
                     # Our own go into the history only: our tabs had them.
-                    fresh.append((at, fields[b"p"], not own))
+                    fresh.append((at, payload, not own))
             if len(page) < self._catch_up_page:
                 break
             page = await reads.execute(self._page_command(instance, cursor), deadline)
@@ -678,12 +764,14 @@ class Broker:
             _, origin_raw, seq_raw, sid_raw, at_raw, size_raw, rest = data.split(b"\n", 6)
             seq = int(seq_raw)
             size = int(size_raw)
+            if not 0 <= size <= len(rest):
+                raise ValueError(f"instance name of {size} bytes in {len(rest)}")
             instance = _decode(rest[:size])
             payload = rest[size:]
             sid = parse_stream_id(sid_raw)
             at = float(at_raw)
-        except ValueError:
-            log.warning("broker: unreadable message on %s: %r", self._channel, data[:120])
+        except ValueError as exc:
+            self._malformed(f"message on {self._channel} {data[:80]!r}", exc)
             return
         origin = origin_raw.decode("ascii", "replace")
         last = self._read.get(instance)
@@ -701,6 +789,12 @@ class Broker:
         self._members[origin] = time.monotonic()
         self.stats.received += 1
         self._hub.receive(instance, payload, at)
+
+    def _malformed(self, what: str, problem: BaseException) -> None:
+        """Count an entry or message that cannot be read; log it, rate-limited."""
+        self.stats.malformed += 1
+        if self._malformed_log.allow():
+            log.warning("broker: skipped unreadable %s: %s", what, _reason(problem))
 
     def _seen_before(self, origin: str, seq: int, *, note: bool = True) -> bool:
         """Whether ``origin``'s message ``seq`` reached this node already; notes it if not.
@@ -731,24 +825,37 @@ class Broker:
             self._ever_up = True
             self._synced.set()
             log.info(
-                "broker %s connected: history in sync (%d message(s) from Redis)",
+                "broker %s connected: history in sync (%d message(s) from Redis)%s",
                 self.display,
                 caught_up,
+                "" if self._refused is None else ", but publishing is refused (see above)",
             )
             self._down_logged = False
             self._down_since = None
             return
         self.stats.reconnects += 1
         if not self._publish_stuck():
-            self._on_back(
-                f"{caught_up} missed message(s) caught up, {len(self._buffer)} buffered to publish"
-            )
+            self._on_back(caught_up)
 
-    def _on_back(self, detail: str) -> None:
-        """The end of an outage: one line, with how long it lasted."""
+    def _went_down(self) -> None:
+        self._down_since = time.monotonic()
+        self._published_at_down = self.stats.published
+
+    def _on_back(self, caught_up: int | None = None) -> None:
+        """The end of an outage: one line, how long it lasted and where every message is.
+
+        What went out of this node's buffer, what came in from other nodes
+        (when the link was rebuilt), and what still waits: a "0 ... caught up"
+        alone used to read as loss when the buffered messages had gone out.
+        """
         if self._down_logged:
             down_for = time.monotonic() - (self._down_since or time.monotonic())
-            log.info("broker %s back after %.1fs: %s", self.display, down_for, detail)
+            published = self.stats.published - self._published_at_down
+            parts = [f"{published} waiting message(s) of this node published"]
+            if caught_up is not None:
+                parts.append(f"{caught_up} missed message(s) of other nodes caught up")
+            parts.append(f"{self.buffered} still waiting to publish")
+            log.info("broker %s back after %.1fs: %s", self.display, down_for, ", ".join(parts))
             self._down_logged = False
         self._down_since = None
 
@@ -762,7 +869,7 @@ class Broker:
             self._start_reason = reason
             return
         if self._down_since is None:
-            self._down_since = time.monotonic()
+            self._went_down()
         if not self._down_logged:
             self._down_logged = True
             log.warning(
@@ -893,8 +1000,9 @@ class Broker:
             return
         self._publish_failing = False
         self._publish_failing_since = None
+        self._note_refused(None)
         if self._down_logged and self.up:
-            self._on_back(f"publishing again, {len(self._buffer)} buffered")
+            self._on_back()
         acked = time.monotonic()
         observe = self.stats.latency.observe
         for item in batch:
@@ -940,7 +1048,11 @@ class Broker:
             if self._publish_stuck() and not self._down_logged:
                 self._on_down(f"publishing fails: {self._publish_error}")
             elif self._down_logged and self._ever_up and self.up:
-                self._on_back(f"{len(self._buffer)} buffered to publish")
+                self._on_back()
+            if self._refused is not None and self._command is not None:
+                # The operator may have granted it meanwhile: a new command
+                # connection runs the check again.
+                self._command.close()
             if not self._linked:
                 continue
             if now - self._last_probe > self._stall_after:
@@ -990,6 +1102,51 @@ def _probe_sent(task: asyncio.Future[Any]) -> None:
     """A probe that failed is only a debug line: the missing answer is what counts."""
     if not task.cancelled() and task.exception() is not None:
         log.debug("broker probe failed: %s", _reason(task.exception()))  # type: ignore[arg-type]
+
+
+def _refusals(load: Any, check: Any) -> str | None:
+    """What the permission check found refused, in words (None: nothing).
+
+    ``load`` is the reply to the publish script's SCRIPT LOAD, ``check`` the
+    check script's. Errors that are not about permissions (a replica's
+    READONLY, say) are the publish path's business, not the check's.
+    """
+    if isinstance(load, hiredis.ReplyError):
+        if _is_permission(str(load)):
+            return f"script|load ({load})"
+        raise RedisError(f"SCRIPT LOAD refused: {load}")
+    if isinstance(check, hiredis.ReplyError):
+        return f"evalsha ({check})" if _is_permission(str(check)) else None
+    names: list[str] = []
+    errors: list[str] = []
+    for pair in check if isinstance(check, list) else ():
+        if len(pair) != 2 or not _is_permission(_decode(pair[1])):
+            continue
+        name = _decode(pair[0])
+        if name not in names:
+            names.append(name)
+            errors.append(_decode(pair[1]))
+    if not names:
+        return None
+    return f"{', '.join(names)} ({errors[0]})"
+
+
+def _is_permission(text: str) -> bool:
+    lowered = text.lower()
+    return any(word in lowered for word in _PERMISSION_WORDS)
+
+
+def _entry_fields(flat: list[Any]) -> tuple[str, int, float, bytes]:
+    """A stream entry's origin, sequence number, acceptance time and payload.
+
+    Raises KeyError, TypeError or ValueError for an entry the publish
+    script did not write.
+    """
+    fields = dict(zip(flat[::2], flat[1::2], strict=True))
+    payload = fields[b"p"]
+    if not isinstance(payload, bytes):
+        raise TypeError("the payload is not a string")
+    return _decode(fields[b"o"]), int(fields[b"s"]), float(fields[b"a"]), payload
 
 
 def _now_ms() -> float:

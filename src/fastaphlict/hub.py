@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from fastaphlict._fanout import Channel, Outbox, Subscriber, build_frame
 from fastaphlict._history import History
 from fastaphlict.protocol import DEFAULT_INSTANCE, HISTORY_LIMIT, HISTORY_TTL_MS, dumps, loads
+from fastaphlict.ratelimit import Throttle
 
 if TYPE_CHECKING:
     from picows import WSTransport
@@ -56,6 +57,10 @@ STATUS_VERSION = 8
 #: Milliseconds a message from another node may be older than the newest in
 #: the history and still be appended (taking the newest's time).
 LATE_MS = 1000.0
+#: Milliseconds an acceptance time from elsewhere may lie ahead of this
+#: node's clock: NTP keeps nodes far closer. One further ahead would keep
+#: its message in the history (and in every replay) for as long as the skew.
+FUTURE_TOLERANCE_MS = 1000.0
 #: A protocol-level ping (opcode 9, no payload): browsers answer it themselves.
 _PING_FRAME = b"\x89\x00"
 
@@ -99,6 +104,9 @@ class Stats:
     #: Sockets closed for not reading (1013) and for not answering pings.
     slow_disconnects: int = 0
     dead_disconnects: int = 0
+    #: Acceptance times from elsewhere (another node, Redis, a state file)
+    #: that lay ahead of this clock and were capped (see Hub.accepted_at).
+    times_capped: int = 0
 
 
 @dataclass(slots=True)
@@ -146,6 +154,31 @@ class Hub:
         self._is_member: Callable[[str], bool] | None = None
         #: Late messages from the broker waiting to be put into their history in order.
         self._late: dict[str, list[tuple[float, Any, bytes]]] = {}
+        self._future_log = Throttle("acceptance time in the future", logger=log)
+
+    def accepted_at(self, at: float, source: str) -> float:
+        """``at`` (wall-clock ms, from ``source``) capped at now plus :data:`FUTURE_TOLERANCE_MS`.
+
+        Every acceptance time that was not taken on this node's clock passes
+        here: a message from another node, a history read from Redis or the
+        state directory, a saved unpublished message. A node whose clock runs
+        ahead, or a file from the future, would otherwise make its messages
+        outlive the window by the skew and be resent by every replay. The cap
+        keeps the order of times (it never moves one before another) and is
+        counted and logged, rate-limited. Not a number counts as ahead.
+        """
+        limit = now_ms() + FUTURE_TOLERANCE_MS
+        if at <= limit:
+            return at
+        self.stats.times_capped += 1
+        if self._future_log.allow():
+            log.warning(
+                "acceptance time from %s lies %.0f ms ahead of this clock: capped at now"
+                " (is that node's clock ahead?)",
+                source,
+                at - limit + FUTURE_TOLERANCE_MS,
+            )
+        return limit
 
     # -- shared -----------------------------------------------------------
 
@@ -217,7 +250,8 @@ class Hub:
         horizon = now_ms() - HISTORY_TTL_MS
         inst = self.instance(instance)
         loaded = 0
-        for at, subscribers, payload in entries:
+        for saved_at, subscribers, payload in entries:
+            at = self.accepted_at(saved_at, "the state directory")
             if at >= horizon:
                 inst.history.add(at, subscribers, build_frame(payload))
                 loaded += 1
@@ -275,6 +309,7 @@ class Hub:
         newest's time: a rebuild of the history per message would cost a
         hundred times the message.
         """
+        at = self.accepted_at(at, "another node")
         subscribers = _subscribers(payload)
         inst = self.instance(instance)
         newest = inst.history.newest()
@@ -322,10 +357,11 @@ class Hub:
         known = {_frame_payload(frame) for _, _, frame in inst.history.entries()}
         added: list[tuple[float, Any, bytes]] = []
         delivered = 0
-        for at, payload, deliver in entries:
+        for read_at, payload, deliver in entries:
             if payload in known:
                 continue
             known.add(payload)
+            at = self.accepted_at(read_at, "Redis")
             subscribers = _subscribers(payload)
             frame = build_frame(payload)
             if deliver and at >= deliver_from:
@@ -490,6 +526,10 @@ class Hub:
         return sent
 
 
+#: Messages from other nodes that are not JSON: logged, rate-limited.
+_UNREADABLE = Throttle("unreadable message from another node", logger=log)
+
+
 def _entry_time(entry: tuple[float, Any, bytes]) -> float:
     return entry[0]
 
@@ -499,7 +539,8 @@ def _subscribers(payload: bytes) -> Any:
     try:
         message = loads(payload)
     except ValueError:
-        log.warning("unreadable message from another node: %r", payload[:120])
+        if _UNREADABLE.allow():
+            log.warning("unreadable message from another node: %r", payload[:120])
         return None
     return message.get("subscribers") if isinstance(message, dict) else None
 

@@ -130,6 +130,12 @@ class HubCollector(Collector):
             "Sockets closed because they stopped answering the server's pings.",
             hub.stats.dead_disconnects,
         )
+        yield _counter(
+            "fastaphlict_timestamps_capped",
+            "Acceptance times from another node, Redis or a state file that lay ahead of"
+            " this clock and were capped at now.",
+            hub.stats.times_capped,
+        )
         if self._relay is not None:
             yield from self._peers(self._relay)
         if self._broker is not None:
@@ -177,6 +183,12 @@ class HubCollector(Collector):
             "fastaphlict_broker_received",
             "Messages other nodes published that reached this node.",
             stats.received,
+        )
+        yield _counter(
+            "fastaphlict_broker_malformed",
+            "Stream entries and channel messages from Redis that could not be read and"
+            " were skipped.",
+            stats.malformed,
         )
         latency = HistogramMetricFamily(
             "fastaphlict_broker_publish_seconds",
