@@ -435,7 +435,9 @@ class AdminProtocol(asyncio.Protocol):
             del buffer[: start + length]
             self._continued = False
             try:
-                status, answer = accept_post(self._hub, query_instance(target), body, self._remote)
+                status, answer = accept_post(
+                    self._hub, query_instance(target), body, self._remote, self._throttles
+                )
             except Exception:
                 # The boundary of one request, as aiohttp's is: log it, answer
                 # 500 and close, rather than let the loop drop the connection
