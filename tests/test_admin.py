@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from support import PHORGE_CONTENT_TYPE, TIMEOUT, running, scaled
+from support import PHORGE_CONTENT_TYPE, TIMEOUT, running, scaled, throttles_a_minute_later
 
 PHORGE_MESSAGE = {
     "key": "6963387411591127515",
@@ -542,16 +542,6 @@ async def test_a_rejected_post_names_its_sender_as_host_and_port(
 # -- refusals within a log budget -------------------------------------------
 
 
-def _a_minute_later(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Move the throttles' clock past their window (only theirs: the loop's stays)."""
-    import types
-
-    import fastaphlict.ratelimit as ratelimit
-
-    later = types.SimpleNamespace(monotonic=lambda: time.monotonic() + 61.0)
-    monkeypatch.setattr(ratelimit, "time", later)
-
-
 _BAD_HEAD = b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nx"
 
 #: How to get each kind of refusal on the admin port, and the line it logs.
@@ -593,7 +583,7 @@ async def test_admin_refusals_are_logged_within_a_budget_then_summed_up(
         lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith(line)]
         assert len(lines) == 20, lines
         assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
-        _a_minute_later(monkeypatch)
+        throttles_a_minute_later(monkeypatch)
         await _raw_exchange(srv, request)
     summary = [r.getMessage() for r in caplog.records if r.getMessage().startswith("suppressed")]
     assert summary and summary[0].startswith(f"suppressed 5 similar line(s) ({kind})"), summary
