@@ -13,6 +13,11 @@ delivering a typical message to all of its ~45 sockets. Any other request
 (status, health, chunked bodies, anything unusual) hands the connection to
 aiohttp as it is, so every edge of HTTP keeps aiohttp's handling.
 
+A body over the limit gets 413 on either path, then a lingering close: the
+rest of the body is read and dropped, within :data:`LINGER_BYTES` and
+:data:`LINGER_TIME`, so a client still sending it reads the answer. Log lines
+about refused requests stay within per-kind budgets (:func:`new_throttles`).
+
 This module only translates HTTP to hub calls; it never touches WebSockets.
 """
 
