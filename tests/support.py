@@ -30,6 +30,7 @@ import socket
 import subprocess
 import sys
 import time
+import types
 import urllib.request
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -658,6 +659,16 @@ async def eventually(
     while not predicate():
         assert loop.time() < deadline, f"{what} did not hold within {timeout:g} s"
         await asyncio.sleep(0.005)
+
+
+def throttles_a_minute_later(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Move the log throttles' clock past their window, and only theirs (not the loop's)."""
+    import fastaphlict.ratelimit as ratelimit
+
+    def later() -> float:
+        return time.monotonic() + 61.0
+
+    monkeypatch.setattr(ratelimit, "time", types.SimpleNamespace(monotonic=later))
 
 
 async def stalled_websocket(port: int, path: str = "/") -> socket.socket:

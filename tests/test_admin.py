@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
+import logging
+import socket
 import time
 
 import pytest
 
-from support import PHORGE_CONTENT_TYPE, TIMEOUT, running
+from support import PHORGE_CONTENT_TYPE, TIMEOUT, running, scaled, throttles_a_minute_later
 
 PHORGE_MESSAGE = {
     "key": "6963387411591127515",
@@ -534,3 +537,198 @@ async def test_a_rejected_post_names_its_sender_as_host_and_port(
         assert answer.startswith(b"HTTP/1.1 400 ")
     [line] = [r.getMessage() for r in caplog.records if "rejected post" in r.getMessage()]
     assert line.startswith("rejected post from 127.0.0.1:") and "(" not in line, line
+
+
+# -- refusals within a log budget -------------------------------------------
+
+
+_BAD_HEAD = b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nx"
+
+#: How to get each kind of refusal on the admin port, and the line it logs.
+_ADMIN_REFUSALS = {
+    "rejected post": (_post_bytes(b"[1]", extra=b"Connection: close\r\n"), b"400", "rejected post"),
+    "rejected post (aiohttp)": (
+        _chunked_post_bytes(b"not json", extra=b"Connection: close\r\n"),
+        b"400",
+        "rejected post",
+    ),
+    "post too large": (_post_bytes(b"{}" + b" " * 2000), b"413", "rejected post over"),
+    "post too large (aiohttp)": (
+        _chunked_post_bytes(b"{}" + b" " * 2000, extra=b"Connection: close\r\n"),
+        b"413",
+        "rejected post over",
+    ),
+    "bad request": (_BAD_HEAD, b"400", "rejected request"),
+}
+
+
+@pytest.mark.parametrize("case", list(_ADMIN_REFUSALS))
+async def test_admin_refusals_are_logged_within_a_budget_then_summed_up(
+    case: str, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client repeating a bad request gets its answer every time and 20 lines a minute.
+
+    After the minute, the next line comes with the count of those left out.
+    A malformed head is aiohttp's to answer: one short line, no traceback.
+    """
+    from fastaphlict.server import Limits
+
+    request, status, line = _ADMIN_REFUSALS[case]
+    kind = case.split(" (")[0]
+    caplog.set_level("INFO", logger="fastaphlict")
+    async with running(limits=Limits(max_body_size=1024)) as srv:
+        for _ in range(25):
+            answer = await _raw_exchange(srv, request)
+            assert answer.split(b" ", 2)[1] == status, answer[:200]
+        lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith(line)]
+        assert len(lines) == 20, lines
+        assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+        throttles_a_minute_later(monkeypatch)
+        await _raw_exchange(srv, request)
+    summary = [r.getMessage() for r in caplog.records if r.getMessage().startswith("suppressed")]
+    assert summary and summary[0].startswith(f"suppressed 5 similar line(s) ({kind})"), summary
+    assert srv.hub.stats.posts_rejected == (0 if kind == "bad request" else 26)
+
+
+# -- a 413 reaches a client still sending its body (lingering close) --------
+
+
+def _post_then_read(port: int, body: bytes, chunked: bool) -> tuple[int, bool] | str:
+    """Python's ``http.client``: the whole body goes out, then the answer is read.
+
+    Returns the status and whether the answer said ``Connection: close``, or
+    the error that took the answer's place.
+    """
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=TIMEOUT)
+    try:
+        if chunked:  # aiohttp serves chunked bodies, not the fast path
+            pieces = (body[i : i + 65536] for i in range(0, len(body), 65536))
+            conn.request("POST", "/", body=pieces, encode_chunked=True)
+        else:
+            conn.request("POST", "/", body=body, headers={"Content-Type": PHORGE_CONTENT_TYPE})
+        response = conn.getresponse()
+        response.read()
+        return response.status, response.will_close
+    except OSError as exc:
+        return type(exc).__name__
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["fast-path", "aiohttp"])
+async def test_a_client_still_sending_an_oversized_body_reads_the_413(chunked: bool) -> None:
+    """No ``Expect: 100-continue``: the 413 comes while the body is still on its way.
+
+    The rest of the body is read and dropped before the connection closes,
+    so the client's last bytes don't meet a closed socket (a reset that
+    takes the unread answer with it).
+    """
+    async with running() as srv:
+        port = srv.server.admin_ports[0]
+        body = b"x" * (3 * 1024 * 1024)
+        answers = [await asyncio.to_thread(_post_then_read, port, body, chunked) for _ in range(40)]
+        assert answers == [(413, True)] * 40
+        assert srv.hub.stats.posts_rejected == 40
+        assert (await srv.post({"subscribers": []})).status == 200
+
+
+def _send_then_read_to_the_end(port: int, request: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as sock:
+        sock.sendall(request)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+        return answer
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["fast-path", "aiohttp"])
+async def test_the_413_closes_the_connection_once_the_body_is_read(chunked: bool) -> None:
+    body = b"x" * (3 * 1024 * 1024)
+    request = _chunked_post_bytes(body) if chunked else _post_bytes(body)
+    async with running() as srv:
+        answer = await asyncio.to_thread(
+            _send_then_read_to_the_end, srv.server.admin_ports[0], request
+        )
+    head, _, text = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 413 "), answer[:300]
+    assert b"\r\nConnection: close" in head
+    assert text == b"request body too large\n"
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["fast-path", "aiohttp"])
+async def test_a_client_trickling_a_huge_body_is_cut_off_after_the_413(
+    chunked: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Lingering is bounded in time: a client can't hold the connection by trickling."""
+    from fastaphlict import admin
+    from fastaphlict.server import Limits
+
+    monkeypatch.setattr(admin, "LINGER_TIME", 0.5)
+    async with running(limits=Limits(max_body_size=1024)) as srv:
+        reader, writer = await asyncio.open_connection("127.0.0.1", srv.server.admin_ports[0])
+        if chunked:
+            writer.write(_chunked_post_bytes(b"x" * 2048)[: -len(b"0\r\n\r\n")])
+            piece = b"1\r\nx\r\n"
+        else:
+            writer.write(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % 2**40)
+            piece = b"x"
+        line = await asyncio.wait_for(reader.readline(), TIMEOUT)
+        assert line.startswith(b"HTTP/1.1 413 "), line
+        loop = asyncio.get_running_loop()
+        cut_off = loop.time() + scaled(0.5 + 1.0)
+        # The rest of the answer; the fast path half-closes once it is sent.
+        rest = asyncio.ensure_future(reader.read())
+        # Closed for good: a trickled byte meets the closed socket and is reset.
+        while not writer.transport.is_closing():
+            assert loop.time() < cut_off, "still lingering"
+            writer.write(piece)
+            await asyncio.sleep(0.02)
+        await asyncio.wait([rest], timeout=TIMEOUT)
+        assert rest.done()
+        rest.exception()  # the reset may have come before the end of the stream
+        writer.close()
+        # Meanwhile, and after, the port serves everyone else.
+        assert (await srv.post({"subscribers": []})).status == 200
+
+
+def _send_until_refused(port: int, head: bytes, piece: bytes, most: int) -> int | None:
+    """Send ``head`` then ``piece`` until ``most`` bytes; how many went out before an error."""
+    with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as sock:
+        sock.sendall(head)
+        sent = 0
+        try:
+            while sent < most:
+                sock.sendall(piece)
+                sent += len(piece)
+        except OSError:
+            return sent
+        return None
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["fast-path", "aiohttp"])
+async def test_lingering_drops_a_bounded_number_of_bytes(
+    chunked: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client that declares a huge body and sends it fast is cut off after LINGER_BYTES.
+
+    Whatever the kernel buffers on both sides (tens of MiB at most on
+    loopback) is far below what the client tries to send.
+    """
+    from fastaphlict import admin
+    from fastaphlict.server import Limits
+
+    monkeypatch.setattr(admin, "LINGER_BYTES", 1024 * 1024)
+    monkeypatch.setattr(admin, "LINGER_TIME", 600.0)  # only the byte bound may end it
+    data = b"x" * 65536
+    if chunked:
+        head = _chunked_post_bytes(b"x" * 2048)[: -len(b"0\r\n\r\n")]
+        piece = b"%x\r\n%s\r\n" % (len(data), data)
+    else:
+        head = b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % 2**40
+        piece = data
+    most = 256 * 1024 * 1024
+    async with running(limits=Limits(max_body_size=1024)) as srv:
+        port = srv.server.admin_ports[0]
+        sent = await asyncio.to_thread(_send_until_refused, port, head, piece, most)
+        assert sent is not None, f"the server read all {most} bytes"
+        assert srv.hub.stats.posts_rejected == 1

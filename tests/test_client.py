@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import re
@@ -13,7 +14,16 @@ from websockets.exceptions import ConnectionClosed
 
 import fastaphlict.hub as hub_module
 from fastaphlict.protocol import HISTORY_TTL_MS, PONG
-from support import TIMEOUT, Browser, assert_silent, running, scaled, stalled_websocket
+from support import (
+    TIMEOUT,
+    Browser,
+    assert_silent,
+    running,
+    scaled,
+    stalled_websocket,
+    throttles_a_minute_later,
+    upgrade_request,
+)
 
 
 async def raw_http(port: int, request: bytes) -> bytes:
@@ -755,4 +765,68 @@ async def test_sockets_closed_for_too_many_subscriptions_are_logged_within_a_bud
                 assert browser.ws.close_code == 1008
         assert srv.hub.stats.frames_rejected == 25, "every one counted"
     lines = [r for r in caplog.records if "subscriptions from" in r.getMessage()]
+    assert len(lines) == 20
+
+
+#: How to get each refusal of an upgrade: path, extra header, limits, status, line.
+_UPGRADE_REFUSALS = {
+    "origin": (
+        "/",
+        b"Origin: https://evil.example\r\n",
+        {"allowed_origins": ("https://phorge.example.com",)},
+        b"403",
+        "refused origin",
+    ),
+    "instance name": ("/~" + "a" * 129 + "/", b"", {}, b"400", "refused instance name"),
+    "connection cap": ("/", b"", {"max_connections": 1}, b"503", "refused connection"),
+}
+
+
+@pytest.mark.parametrize("kind", list(_UPGRADE_REFUSALS))
+async def test_refused_upgrades_are_logged_within_a_budget_then_summed_up(
+    kind: str, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A page retrying a refused socket in a loop gets its answer every time, 20 lines a minute."""
+    from fastaphlict.server import Limits
+
+    path, header, limits, status, line = _UPGRADE_REFUSALS[kind]
+    request = upgrade_request(path).replace(b"\r\n\r\n", b"\r\n" + header + b"\r\n")
+    caplog.set_level(logging.INFO, logger="fastaphlict.client")
+    async with running(limits=Limits(**limits)) as srv:
+        port = srv.server.client_ports[0]
+        async with srv.client() if kind == "connection cap" else contextlib.nullcontext():
+            for _ in range(25):
+                answer = await raw_http(port, request)
+                assert answer.split(b" ", 2)[1] == status, answer
+            lines = [r for r in caplog.records if r.getMessage().startswith(line)]
+            assert len(lines) == 20
+            throttles_a_minute_later(monkeypatch)
+            await raw_http(port, request)
+    summary = [r.getMessage() for r in caplog.records if r.getMessage().startswith("suppressed")]
+    assert summary and summary[0].startswith(f"suppressed 5 similar line(s) ({kind})"), summary
+
+
+@pytest.mark.timeout(60)
+async def test_slow_clients_are_logged_within_a_budget(caplog: pytest.LogCaptureFixture) -> None:
+    """A tab can make itself slow at will (replays it never reads): 20 lines a minute."""
+    from fastaphlict.server import Limits
+
+    caplog.set_level(logging.INFO, logger="fastaphlict.client")
+    async with running(limits=Limits(max_buffered=1)) as srv:
+        port = srv.server.client_ports[0]
+        stalled = [await stalled_websocket(port) for _ in range(25)]
+        try:
+            async with srv.client() as browser:  # subscribed after them: all are in
+                await browser.subscribe("PHID-1")
+                pad = "x" * 60_000
+                for n in range(100):
+                    await srv.post({"subscribers": ["PHID-1"], "n": n, "pad": pad})
+                    assert (await browser.recv())["n"] == n
+                    if srv.hub.stats.slow_disconnects == 25:
+                        break
+                assert srv.hub.stats.slow_disconnects == 25, "every one counted"
+        finally:
+            for sock in stalled:
+                sock.close()
+    lines = [r for r in caplog.records if r.getMessage().startswith("closing slow client")]
     assert len(lines) == 20

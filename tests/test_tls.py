@@ -8,6 +8,7 @@ client trusts only the root and needs the intermediate from the server).
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
 import ssl
 import time
@@ -175,3 +176,26 @@ def test_config_test_loads_the_tls_files(
     bad.write_text(json.dumps({"servers": servers}))
     assert cli.main([f"--config={bad}", "--test"]) == 1
     assert 'index "0", on port "22280"' in capsys.readouterr().err
+
+
+def _https_post(port: int, context: ssl.SSLContext, body: bytes) -> int | str:
+    conn = http.client.HTTPSConnection("127.0.0.1", port, timeout=TIMEOUT, context=context)
+    try:
+        conn.request("POST", "/", body=body, headers={"Content-Type": PHORGE_CONTENT_TYPE})
+        response = conn.getresponse()
+        response.read()
+        return response.status
+    except OSError as exc:
+        return type(exc).__name__
+    finally:
+        conn.close()
+
+
+async def test_an_oversized_https_post_still_sending_its_body_reads_the_413(pki: dict) -> None:  # type: ignore[type-arg]
+    """The lingering close over TLS, which can't half-close: it must not try to."""
+    async with running(tls_config(pki)) as srv:
+        port, body = srv.server.admin_ports[0], b"x" * (3 * 1024 * 1024)
+        answers = [
+            await asyncio.to_thread(_https_post, port, pki["client"], body) for _ in range(20)
+        ]
+        assert answers == [413] * 20

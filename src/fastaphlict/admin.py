@@ -13,6 +13,11 @@ delivering a typical message to all of its ~45 sockets. Any other request
 (status, health, chunked bodies, anything unusual) hands the connection to
 aiohttp as it is, so every edge of HTTP keeps aiohttp's handling.
 
+A body over the limit gets 413 on either path, then a lingering close: the
+rest of the body is read and dropped, within :data:`LINGER_BYTES` and
+:data:`LINGER_TIME`, so a client still sending it reads the answer. Log lines
+about refused requests stay within per-kind budgets (:func:`new_throttles`).
+
 This module only translates HTTP to hub calls; it never touches WebSockets.
 """
 
@@ -22,9 +27,10 @@ import asyncio
 import logging
 from collections.abc import Callable
 from ipaddress import IPv4Network, IPv6Address, IPv6Network, ip_address
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from prometheus_client import CollectorRegistry
 
 from fastaphlict import metrics
@@ -45,10 +51,14 @@ if TYPE_CHECKING:
     from fastaphlict.broker import Broker
 
 __all__ = [
+    "LINGER_BYTES",
+    "LINGER_TIME",
     "MAX_BODY_SIZE",
     "AdminProtocol",
+    "AiohttpLog",
     "accept_post",
     "make_app",
+    "new_throttles",
     "refused_loopback",
 ]
 
@@ -60,40 +70,71 @@ MAX_BODY_SIZE = 2 * 1024 * 1024
 MAX_HEAD_SIZE = 16 * 1024
 #: Idle keep-alive connections are closed after this long, as aiohttp does.
 KEEPALIVE_TIMEOUT = 75.0
+#: After a 413 the rest of the body is read and dropped, as nginx's lingering
+#: close does: closing with unread bytes makes the kernel send a reset, and a
+#: client still sending (Python's http.client, curl without 100-continue)
+#: then gets ECONNRESET instead of the answer. At most this many bytes...
+LINGER_BYTES = 16 * 1024 * 1024
+#: ...for at most this many seconds; then the connection is closed regardless,
+#: so a client declaring a huge body and trickling it holds nothing for long.
+LINGER_TIME = 5.0
 
 HUB_KEY: web.AppKey[Hub] = web.AppKey("hub", Hub)
 REGISTRY_KEY: web.AppKey[CollectorRegistry] = web.AppKey("metrics", CollectorRegistry)
+THROTTLES_KEY: web.AppKey[dict[str, Throttle]] = web.AppKey("throttles", dict)
 
 
-def accept_post(hub: Hub, instance: str, body: bytes, remote: object) -> tuple[int, bytes]:
+def new_throttles() -> dict[str, Throttle]:
+    """One log-line budget per kind of refused admin request, for one listener.
+
+    The admin port may be reachable by more than Phorge: a line per refused
+    connection or request would let a client fill the disk.
+    """
+    return {
+        kind: Throttle(kind, logger=log)
+        for kind in ("refused connection", "rejected post", "post too large", "bad request")
+    }
+
+
+def _refusal(throttles: dict[str, Throttle] | None, kind: str) -> bool:
+    """Whether to log one refusal of ``kind`` (always, without budgets)."""
+    return throttles is None or throttles[kind].allow()
+
+
+def accept_post(
+    hub: Hub,
+    instance: str,
+    body: bytes,
+    remote: object,
+    throttles: dict[str, Throttle] | None = None,
+) -> tuple[int, bytes]:
     """Decide one ``POST /``: publish a JSON object, refuse anything else.
 
     Returns the status and the response body. Shared by both HTTP paths so
     they can't disagree. ``remote`` (a peer name) is only formatted for a
-    rejection's log line, never on the accepted path.
+    rejection's log line, never on the accepted path; those lines are kept
+    within the ``rejected post`` budget of ``throttles``.
     """
     if len(instance) > hub.max_instance_length:
-        hub.stats.posts_rejected += 1
-        log.info("rejected post from %s: instance name too long", format_address(remote))
+        reason = "instance name too long"
+    else:
+        try:
+            message = loads(body)
+        except NestingTooDeep:
+            reason = f"JSON nested deeper than {MAX_DEPTH}"
+        except ValueError:
+            reason = "body is not JSON"
+        else:
+            if isinstance(message, dict):
+                hub.publish(instance or DEFAULT_INSTANCE, message)
+                return 200, hub.receipt
+            reason = "body is JSON but not an object"
+    hub.stats.posts_rejected += 1
+    if _refusal(throttles, "rejected post"):
+        log.info("rejected post from %s: %s", format_address(remote), reason)
+    if reason == "instance name too long":
         return 400, b"instance name too long\n"
-    try:
-        message = loads(body)
-    except NestingTooDeep:
-        hub.stats.posts_rejected += 1
-        log.info(
-            "rejected post from %s: JSON nested deeper than %d", format_address(remote), MAX_DEPTH
-        )
-        return 400, b"body must be a JSON object\n"
-    except ValueError:
-        hub.stats.posts_rejected += 1
-        log.info("rejected post from %s: body is not JSON", format_address(remote))
-        return 400, b"body must be a JSON object\n"
-    if not isinstance(message, dict):
-        hub.stats.posts_rejected += 1
-        log.info("rejected post from %s: body is JSON but not an object", format_address(remote))
-        return 400, b"body must be a JSON object\n"
-    hub.publish(instance or DEFAULT_INSTANCE, message)
-    return 200, hub.receipt
+    return 400, b"body must be a JSON object\n"
 
 
 def _instance(request: web.Request) -> str:
@@ -105,21 +146,54 @@ def _text(status: int, reason: str) -> web.Response:
     return web.Response(status=status, text=reason + "\n")
 
 
-async def handle_root(request: web.Request) -> web.Response:
+async def handle_root(request: web.Request) -> web.StreamResponse:
     """``POST /``: accept one message; any other method is 405."""
     if request.method != "POST":
         return _text(405, "method not allowed")
     hub = request.app[HUB_KEY]
+    throttles = request.app[THROTTLES_KEY]
     try:
         body = await request.read()
     except web.HTTPRequestEntityTooLarge:
         hub.stats.posts_rejected += 1
-        log.warning("rejected post over %d bytes from %s", MAX_BODY_SIZE, request.remote)
-        return _text(413, "request body too large")
-    status, answer = accept_post(hub, _instance(request), body, request.remote)
+        if throttles["post too large"].allow():
+            log.warning(
+                "rejected post over %d bytes from %s", request.client_max_size, request.remote
+            )
+        return await _too_large(request)
+    status, answer = accept_post(hub, _instance(request), body, request.remote, throttles)
     if status != 200:
         return web.Response(status=status, body=answer, content_type="text/plain")
     return web.Response(body=answer, content_type="application/json")
+
+
+async def _too_large(request: web.Request) -> web.StreamResponse:
+    """Answer 413 and close, after reading (and dropping) the rest of the body.
+
+    The fast path's lingering close (see :data:`LINGER_BYTES`), for the
+    requests aiohttp serves (chunked bodies, unusual heads). aiohttp would
+    linger by itself, but for its ``lingering_time`` only, however many bytes
+    arrive, and then keep the connection alive. The answer goes out first,
+    so a client that reads while it sends stops early.
+    """
+    response = _text(413, "request body too large")
+    response.force_close()
+    await response.prepare(request)
+    await response.write_eof()
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + LINGER_TIME
+    budget = LINGER_BYTES
+    content = request.content
+    try:
+        while budget > 0 and not content.is_eof():
+            chunk = await asyncio.wait_for(content.readany(), deadline - loop.time())
+            budget -= len(chunk)
+    except (asyncio.TimeoutError, ConnectionError):
+        pass
+    if not content.is_eof():
+        # Over either bound: close now, not after aiohttp's own lingering.
+        request.protocol.force_close()
+    return response
 
 
 async def handle_status(request: web.Request) -> web.Response:
@@ -145,16 +219,49 @@ def make_app(
     relay: PeerRelay | None = None,
     broker: Broker | None = None,
     max_body_size: int = MAX_BODY_SIZE,
+    throttles: dict[str, Throttle] | None = None,
 ) -> web.Application:
-    """The admin application. ``/status`` without its slash is a 404, as in Aphlict."""
+    """The admin application. ``/status`` without its slash is a 404, as in Aphlict.
+
+    ``throttles`` (:func:`new_throttles`) are the log-line budgets it shares
+    with the listener's :class:`AdminProtocol`.
+    """
     app = web.Application(client_max_size=max_body_size)
     app[HUB_KEY] = hub
+    app[THROTTLES_KEY] = new_throttles() if throttles is None else throttles
     app[REGISTRY_KEY] = metrics.make_registry(hub, relay, broker)
     app.router.add_get("/metrics", handle_metrics)
     app.router.add_route("*", "/", handle_root)
     app.router.add_get("/status/", handle_status)
     app.router.add_get("/healthz", handle_healthz)
     return app
+
+
+class AiohttpLog(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """aiohttp's server logger, with a client's malformed requests kept within a budget.
+
+    aiohttp logs every request it can't parse at ERROR with a traceback, a
+    line a client gets for each bad request it sends. Those become one short
+    info line on ``fastaphlict.admin``, within the ``bad request`` budget;
+    anything else (a handler that raised) is logged by aiohttp as before.
+    """
+
+    def __init__(self, logger: logging.Logger, throttle: Throttle) -> None:
+        super().__init__(logger, {})
+        self._throttle = throttle
+
+    def log(self, level: int, msg: object, *args: Any, **kwargs: Any) -> None:
+        exc = kwargs.get("exc_info")
+        if level >= logging.ERROR and isinstance(exc, HttpProcessingError):
+            if self._throttle.allow():
+                reason = str(exc.message).strip().splitlines()[0][:200] if exc.message else ""
+                log.info(
+                    "rejected request from %s: %s",
+                    args[0] if args else "unknown",
+                    reason.rstrip(":") or "malformed",
+                )
+            return
+        super().log(level, msg, *args, **kwargs)
 
 
 _REASONS = {
@@ -233,16 +340,16 @@ class AdminProtocol(asyncio.Protocol):
         connections: set[AdminProtocol],
         max_body_size: int = MAX_BODY_SIZE,
         allow: tuple[IPv4Network | IPv6Network, ...] = (),
-        refused: Throttle | None = None,
+        throttles: dict[str, Throttle] | None = None,
     ) -> None:
         self._hub = hub
         self._fallback = fallback
         self._connections = connections
         self._max_body = max_body_size
         self._allow = allow
-        # One budget per listener for "refused" lines: an outsider hammering
-        # the port must not fill the disk.
-        self._refused = refused
+        # One budget per listener and kind of refusal (new_throttles): an
+        # outsider hammering the port must not fill the disk.
+        self._throttles = throttles
         self._transport: asyncio.Transport | None = None
         self._buffer = bytearray()
         self._continued = False  # 100 Continue already sent for the current request
@@ -250,12 +357,14 @@ class AdminProtocol(asyncio.Protocol):
         self._loop = asyncio.get_running_loop()
         self._active_at = 0.0  # loop time of the last answered request
         self._remote: object = None
+        self._discard = 0  # body bytes still to drop after a 413 (lingering close)
+        self._linger: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]
         self._remote = transport.get_extra_info("peername")
         if self._allow and not _allowed(self._remote, self._allow):
-            if self._refused is None or self._refused.allow():
+            if _refusal(self._throttles, "refused connection"):
                 log.warning(
                     "refused admin connection from %s: not in the allow-list",
                     format_address(self._remote),
@@ -271,6 +380,8 @@ class AdminProtocol(asyncio.Protocol):
         self._connections.discard(self)
         if self._idle is not None:
             self._idle.cancel()
+        if self._linger is not None:
+            self._linger.cancel()
         self._transport = None
 
     def close(self) -> None:
@@ -292,6 +403,9 @@ class AdminProtocol(asyncio.Protocol):
             self._idle = self._loop.call_at(deadline, self._on_idle)
 
     def data_received(self, data: bytes) -> None:
+        if self._discard:
+            self._drop(len(data))
+            return
         buffer = self._buffer
         buffer += data
         while self._transport is not None and buffer:
@@ -305,17 +419,18 @@ class AdminProtocol(asyncio.Protocol):
                 self._hand_off()
                 return
             target, length, expect_continue, close = parsed
+            start = end + 4
             if length > self._max_body:
                 self._hub.stats.posts_rejected += 1
-                log.warning(
-                    "rejected post over %d bytes from %s",
-                    self._max_body,
-                    format_address(self._remote),
-                )
+                if _refusal(self._throttles, "post too large"):
+                    log.warning(
+                        "rejected post over %d bytes from %s",
+                        self._max_body,
+                        format_address(self._remote),
+                    )
                 self._transport.write(_response(413, b"request body too large\n", close=True))
-                self._transport.close()
+                self._linger_close(length - (len(buffer) - start))
                 return
-            start = end + 4
             if len(buffer) - start < length:
                 if expect_continue and not self._continued:
                     self._continued = True
@@ -325,7 +440,9 @@ class AdminProtocol(asyncio.Protocol):
             del buffer[: start + length]
             self._continued = False
             try:
-                status, answer = accept_post(self._hub, query_instance(target), body, self._remote)
+                status, answer = accept_post(
+                    self._hub, query_instance(target), body, self._remote, self._throttles
+                )
             except Exception:
                 # The boundary of one request, as aiohttp's is: log it, answer
                 # 500 and close, rather than let the loop drop the connection
@@ -339,6 +456,28 @@ class AdminProtocol(asyncio.Protocol):
                 self._transport.close()
                 return
             self._active_at = self._loop.time()
+
+    def _linger_close(self, unread: int) -> None:
+        """Close after the 413 once the body's ``unread`` bytes are dropped (or bounds pass).
+
+        The answer is already written; half-closing tells the client so. The
+        connection stays in ``_connections``, so shutdown still closes it.
+        """
+        transport = self._transport
+        assert transport is not None
+        self._buffer.clear()
+        self._discard = min(unread, LINGER_BYTES)
+        if self._discard <= 0:
+            transport.close()
+            return
+        if transport.can_write_eof():  # TLS can't half-close: the client reads by length
+            transport.write_eof()
+        self._linger = self._loop.call_later(LINGER_TIME, self.close)
+
+    def _drop(self, size: int) -> None:
+        self._discard = max(0, self._discard - size)
+        if not self._discard:
+            self.close()
 
     def _hand_off(self) -> None:
         """Give this connection, and what it sent so far, to aiohttp for good."""

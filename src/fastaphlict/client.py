@@ -75,19 +75,22 @@ def _close(transport: WSTransport, code: WSCloseCode, reason: bytes) -> None:
     asyncio.get_running_loop().call_later(_CLOSE_GRACE, transport.disconnect, False)
 
 
-def close_slow(hub: Hub, sub: Subscriber, cap: int) -> None:
+def close_slow(hub: Hub, sub: Subscriber, cap: int, throttle: Throttle | None = None) -> None:
     """Close a socket that does not read what it is sent (1013), once.
 
     The transport's own cap fires ``pause_writing`` again if the socket
     drains a little and fills up again, and a paced replay can overflow
     too: the ``slow`` mark keeps it to one close, one count, one log line.
+    A tab can get itself closed at will (replays it never reads), so the
+    line is kept within ``throttle``'s budget too.
     """
     if sub.slow:
         return
     sub.slow = True
     hub.stats.slow_disconnects += 1
     transport = sub.transport
-    log.warning("closing slow client: over %d unsent bytes: peer=%s", cap, describe(transport))
+    if throttle is None or throttle.allow():
+        log.warning("closing slow client: over %d unsent bytes: peer=%s", cap, describe(transport))
     # The close frame queues behind the backlog; the socket is dropped
     # shortly after whether or not the client ever reads it.
     _close(transport, WSCloseCode.TRY_AGAIN_LATER, b"too slow")
@@ -164,7 +167,16 @@ def new_throttles() -> dict[str, Throttle]:
     """One throttle per kind of rejected client input, for one server."""
     return {
         kind: Throttle(kind, logger=log)
-        for kind in ("ignored frame", "protocol error", "oversized", "subscriptions")
+        for kind in (
+            "ignored frame",
+            "protocol error",
+            "oversized",
+            "subscriptions",
+            "slow client",
+            "origin",
+            "instance name",
+            "connection cap",
+        )
     }
 
 
@@ -217,7 +229,12 @@ class ClientListener(WSListener):
         """
         sub = self._sub
         if sub is not None and not sub.pause():
-            close_slow(self._hub, sub, self._options.limits.max_buffered)
+            close_slow(
+                self._hub,
+                sub,
+                self._options.limits.max_buffered,
+                self._options.throttles["slow client"],
+            )
 
     def resume_writing(self) -> None:
         """The socket drained: a paced replay goes on (nothing else waits)."""
@@ -377,7 +394,10 @@ def listener_factory(hub: Hub, options: Options = Options()):
 
     limits = options.limits
     origins = frozenset(limits.allowed_origins)
-    hub.on_slow_client(lambda sub: close_slow(hub, sub, limits.max_buffered))
+    throttles = options.throttles
+    hub.on_slow_client(
+        lambda sub: close_slow(hub, sub, limits.max_buffered, throttles["slow client"])
+    )
 
     def refuse(status: int, body: bytes, **headers: str) -> WSUpgradeResponseWithListener:
         response = WSUpgradeResponse.create_error_response(status, body, headers or None)
@@ -392,15 +412,20 @@ def listener_factory(hub: Hub, options: Options = Options()):
                     WSUpgradeResponse.create_ok_response(b"ok\n"), None
                 )
             return refuse(501, NOT_WEBSOCKET_BODY)
+        # Each refusal is one line within its kind's budget: a page (or a
+        # script) retrying in a loop must not fill the disk.
         if origins and request.headers.get("Origin", "") not in origins:
-            log.info("refused origin %r", request.headers.get("Origin"))
+            if throttles["origin"].allow():
+                log.info("refused origin %r", request.headers.get("Origin"))
             return refuse(403, b"origin not allowed\n")
         instance = instance_from_path(request.path)
         if len(instance) > limits.max_instance_length:
-            log.info("refused instance name over %d characters", limits.max_instance_length)
+            if throttles["instance name"].allow():
+                log.info("refused instance name over %d characters", limits.max_instance_length)
             return refuse(400, b"instance name too long\n")
         if options.max_connections and hub.clients_active >= options.max_connections:
-            log.warning("refused connection: %d open, the limit", hub.clients_active)
+            if throttles["connection cap"].allow():
+                log.warning("refused connection: %d open, the limit", hub.clients_active)
             return refuse(503, b"server full, try again later\n", **{"Retry-After": "5"})
         return ClientListener(hub, instance, options)
 

@@ -31,7 +31,6 @@ from fastaphlict.broker import Broker
 from fastaphlict.config import BrokerConfig, Config, ConfigError, Limits, ServerConfig
 from fastaphlict.hub import Hub, format_address
 from fastaphlict.peers import PeerRelay, new_fingerprint
-from fastaphlict.ratelimit import Throttle
 from fastaphlict.tls import client_context, server_context
 
 __all__ = ["Limits", "Server", "run"]
@@ -210,23 +209,29 @@ class Server:
         )
 
     async def _start_admin(self, entry: ServerConfig) -> None:
+        throttles = admin.new_throttles()
         runner = web.AppRunner(
             admin.make_app(
                 self.hub,
                 relay=self.relay,
                 broker=self.broker,
                 max_body_size=self.limits.max_body_size,
+                throttles=throttles,
             ),
             access_log=None,
             handle_signals=False,
             shutdown_timeout=self.limits.shutdown_timeout / 2,
+            # A malformed request is a client's doing: within a budget, not a traceback.
+            logger=admin.AiohttpLog(logging.getLogger("aiohttp.server"), throttles["bad request"]),
+            # aiohttp reads and drops a body its handler left unread (a 404,
+            # a 405): no longer than the fast path lingers after a 413.
+            lingering_time=admin.LINGER_TIME,
         )
         await runner.setup()
         self._admin_runners.append(runner)
         fallback = runner.server
         assert fallback is not None
         allow = self.limits.admin_networks()
-        refusals = Throttle("refused admin connection", logger=admin.log)
         where = self._where(entry)
         server = await asyncio.get_running_loop().create_server(
             lambda: admin.AdminProtocol(
@@ -235,7 +240,7 @@ class Server:
                 self._admin_connections,
                 max_body_size=self.limits.max_body_size,
                 allow=allow,
-                refused=refusals,
+                throttles=throttles,
             ),
             ssl=server_context(entry),
             backlog=BACKLOG,
