@@ -375,6 +375,8 @@ class Broker:
         and their acceptance time; those already out of the history window
         are dropped and counted. Their origin counts as our own: the tabs
         that replayed them from the saved history must not get them again.
+        :attr:`on_restored` is called once every one is acknowledged by Redis
+        (or dropped by the buffer's bound): until then the caller keeps them.
         """
         horizon = _now_ms() - HISTORY_TTL_MS
         queued = expired = 0
