@@ -504,6 +504,8 @@ async def test_a_node_back_while_redis_is_away_delivers_what_it_missed_when_redi
         assert await keys_of(ta, 1) == ["before"]
     stop(a)
     await publish(session, b, "missed", "PHID-1")
+    # In Redis before it goes: not published late by B, which A would get live.
+    await until_metric(session, b, "fastaphlict_broker_published_total", 2)
     redis_server.stop()
     a2 = a.restart()
     try:
