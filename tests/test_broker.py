@@ -461,6 +461,79 @@ async def test_messages_waiting_for_redis_at_a_stop_go_to_the_state_dir_and_out_
     stop(a2)
 
 
+async def test_saved_messages_stay_on_disk_through_a_kill_until_redis_has_them(
+    tmp_path: Path, redis_server: RedisServer, nodes: Start, session: aiohttp.ClientSession
+) -> None:
+    """Read at start is not published: an OOM kill while Redis is away must not lose them."""
+    state = tmp_path / "state"
+    pending = state / "broker-pending.jsonl"
+    a = nodes("a", redis_server.url, f"--state-dir={state}")
+    b = nodes("b", redis_server.url)
+    await until_up(session, a, b)
+    async with tab(b, "PHID-1") as tb:
+        redis_server.stop()
+        await publish(session, a, "kept", "PHID-1")
+        stop(a)
+        a2 = a.restart()
+        try:
+            await wait_healthy(a2, session)
+            assert "1 saved message(s) to publish" in a2.log()
+            assert pending.exists(), "kept until Redis acknowledges them"
+        finally:
+            a2.proc.kill()  # an OOM kill: nothing is written at exit
+            a2.proc.wait()
+        redis_server.start()
+        a3 = a2.restart()
+        try:
+            with logs_on_failure(a3, b):
+                await until_up(session, a3, b)
+                assert await asyncio.wait_for(keys_of(tb, 1), RECOVERY) == ["kept"]
+                await assert_silent(tb)
+                await until(_gone(pending), "the saved file removed once published")
+        finally:
+            stop(a3)
+    assert not pending.exists()
+
+
+def _gone(path: Path) -> Callable[[], Awaitable[bool]]:
+    async def check() -> bool:
+        return not path.exists()
+
+    return check
+
+
+async def test_a_node_back_while_redis_is_away_delivers_what_it_missed_when_redis_returns(
+    tmp_path: Path, redis_server: RedisServer, nodes: Start, session: aiohttp.ClientSession
+) -> None:
+    """Its tabs replayed an incomplete history: the first sync gives them the rest, once."""
+    a = nodes("a", redis_server.url, f"--state-dir={tmp_path / 'state'}")
+    b = nodes("b", redis_server.url)
+    await until_up(session, a, b)
+    async with tab(a, "PHID-1") as ta:
+        await publish(session, b, "before", "PHID-1")
+        assert await keys_of(ta, 1) == ["before"]
+    stop(a)
+    await publish(session, b, "missed", "PHID-1")
+    # In Redis before it goes: not published late by B, which A would get live.
+    await until_metric(session, b, "fastaphlict_broker_published_total", 2)
+    redis_server.stop()
+    a2 = a.restart()
+    try:
+        with logs_on_failure(a2, b):
+            await wait_healthy(a2, session)
+            async with tab(a2, "PHID-1") as ta:
+                assert await replayed(ta) == ["before"], "what the saved history had"
+                redis_server.start()
+                assert await asyncio.wait_for(keys_of(ta, 1), RECOVERY) == ["missed"]
+                await until_up(session, a2, b)
+                await publish(session, b, "after", "PHID-1")
+                # Neither "missed" again nor "before" (delivered before the stop) came first.
+                assert await keys_of(ta, 1) == ["after"]
+                await assert_silent(ta)
+    finally:
+        stop(a2)
+
+
 async def test_without_a_state_dir_messages_waiting_at_a_stop_are_counted_and_logged(
     redis_server: RedisServer, nodes: Start, session: aiohttp.ClientSession
 ) -> None:

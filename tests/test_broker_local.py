@@ -262,6 +262,58 @@ async def test_a_restored_origin_counts_as_our_own(clock: None) -> None:
     assert expired.stats.received == 1, "an origin none of whose messages was restored is not ours"
 
 
+async def test_the_server_is_told_once_every_restored_message_is_acknowledged(
+    clock: None,
+) -> None:
+    """Only then may the saved file go: a crash before must find them again."""
+    broker = make(buffer_limit=3)
+    told: list[int] = []
+    broker.on_restored = lambda: told.append(broker.buffered)
+    saved = [("PreviousProcess1", n, "default", NOW - 10, body(n)) for n in range(1, 5)]
+    assert broker.restore(saved) == 4  # the bound drops the oldest: it counts as done
+    broker.relay("default", {}, body(5))
+    assert broker.buffered == 3 and not told
+
+    def acknowledge(count: int) -> None:
+        broker._in_flight = [broker._buffer.popleft() for _ in range(count)]
+        broker._published([b"1-0"] * count, None)
+
+    acknowledge(1)  # PreviousProcess1:3
+    broker._in_flight = [broker._buffer.popleft()]
+    broker._published(None, ConnectionError("lost"))  # PreviousProcess1:4 comes back
+    assert not told
+    acknowledge(1)  # PreviousProcess1:4
+    assert told == [1], "told once the last restored one is in, our own still buffered"
+    acknowledge(1)
+    assert told == [1]
+
+
+async def test_a_first_sync_delivers_from_the_time_it_is_given(clock: None) -> None:
+    """A node with a state directory delivers what its tabs missed while it was away."""
+    for deliver_from, delivered in ((None, 0), (NOW - 10_000, 1)):
+        broker = make()
+        if deliver_from is not None:
+            broker.deliver_from(deliver_from)
+        page = [
+            (
+                f"{int(NOW) - age}-0".encode(),
+                [
+                    b"o",
+                    OTHER.encode(),
+                    b"s",
+                    str(n).encode(),
+                    b"a",
+                    repr(NOW - age).encode(),
+                    b"p",
+                    body(n),
+                ],
+            )
+            for n, age in ((1, 20_000), (2, 5_000))
+        ]
+        assert await broker._catch_up_instance(None, "default", page, 1.0) == 2  # type: ignore[arg-type]
+        assert broker.stats.received == delivered
+
+
 # -- the channel: what other nodes published -----------------------------------------------
 
 

@@ -336,6 +336,14 @@ def test_test_refuses_a_pidfile_whose_directory_cannot_be_made(tmp_path: Path) -
     assert result.stderr.count("\n") == 1
 
 
+def test_test_refuses_a_pidfile_that_start_could_not_write_even_as_root() -> None:
+    # os.access says yes to root; the start's write would fail under /proc.
+    result = run_cli("--test", "--pidfile=/proc/fastaphlict-test.pid")
+    assert_clean_failure(result, "--pidfile=/proc/fastaphlict-test.pid: can not be written")
+    assert '"/proc" is not writable' in result.stderr
+    assert result.stderr.count("\n") == 1
+
+
 def test_test_creates_no_log_file_pidfile_or_directory(tmp_path: Path) -> None:
     log_path = tmp_path / "var" / "log" / "aphlict.log"
     pidfile = tmp_path / "run" / "aphlict.pid"

@@ -24,6 +24,7 @@ from fastaphlict.config import (
     PeerConfig,
     ServerConfig,
     check_files,
+    check_state_dir,
     from_environment,
     load_config,
     load_file,
@@ -648,21 +649,48 @@ def test_check_files_creates_nothing(tmp_path: Path) -> None:
     assert not new.exists()
 
 
-def test_check_files_refuses_a_pidfile_directory_this_user_cannot_create(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # Root may write anywhere, so the refusal is staged: tmp_path "belongs to
-    # someone else". The check asks os.access; it never tries to create.
-    real_access = os.access
-    monkeypatch.setattr(
-        os, "access", lambda path, mode: str(path) != str(tmp_path) and real_access(path, mode)
-    )
-    pidfile = tmp_path / "aphlict" / "pid" / "aphlict.pid"
-    config = Config(servers=(), pidfile=str(pidfile))
+@pytest.mark.parametrize(
+    "pidfile", ["/proc/fastaphlict-test.pid", "/proc/fastaphlict-test/pid/aphlict.pid"]
+)
+def test_check_files_refuses_a_pidfile_that_cannot_be_made_even_as_root(pidfile: str) -> None:
+    # os.access says yes to root under /proc; creating there fails, for root too.
+    config = Config(servers=(), pidfile=pidfile)
     with pytest.raises(ConfigError) as caught:
         check_files(config)
+    assert str(caught.value).startswith(
+        f'Configuration file has "pidfile" set to "{pidfile}", which can not be written: '
+        '"/proc" is not writable: '
+    )
+
+
+def test_check_files_refuses_a_pidfile_directory_another_user_owns(tmp_path: Path) -> None:
+    taken = tmp_path / "aphlict"  # created first by someone else, as /var/tmp/aphlict can be
+    taken.mkdir()
+    os.chown(taken, 12345, 12345)
+    pidfile = taken / "pid" / "aphlict.pid"
+    with pytest.raises(ConfigError) as caught:
+        check_files(Config(servers=(), pidfile=str(pidfile)))
     assert str(caught.value) == (
         f'Configuration file has "pidfile" set to "{pidfile}", which can not be written: '
-        f'"{tmp_path}" is not writable: Permission denied.'
+        f'"{taken}" belongs to another user (uid 12345): another user could replace it by'
+        " a symlink."
     )
-    assert not (tmp_path / "aphlict").exists()
+    assert list(taken.iterdir()) == [], "nothing made"
+
+
+@pytest.mark.parametrize("path", ["/proc/self", "/proc/fastaphlict-test/state"])
+def test_check_state_dir_refuses_what_root_cannot_write_either(path: str) -> None:
+    with pytest.raises(ConfigError, match=f'State directory "{path}" can not be written: '):
+        check_state_dir(path)
+
+
+def test_check_files_leaves_no_probe_behind(tmp_path: Path) -> None:
+    (tmp_path / "run").mkdir()
+    config = Config(
+        servers=(),
+        logs=(LogConfig(str(tmp_path / "log" / "a.log")),),
+        pidfile=str(tmp_path / "run" / "a.pid"),
+    )
+    check_files(config)
+    check_state_dir(str(tmp_path / "run"))
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == ["run"]

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import os
 import signal
 import socket
 import subprocess
@@ -20,7 +21,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from fastaphlict.config import PeerConfig
-from fastaphlict.server import PidFile, PidFileError, Server
+from fastaphlict.server import PidFile, PidFileError, Server, is_server_command
 from support import (
     TIMEOUT,
     ServerProcess,
@@ -218,3 +219,86 @@ async def test_a_summary_line_reports_what_happened_since_the_last(
 def summaries(caplog: pytest.LogCaptureFixture, fragment: str) -> list[str]:
     messages = (r.getMessage() for r in caplog.records)
     return [m for m in messages if m.startswith("last ") and fragment in m]
+
+
+# -- the pidfile's directory and the file itself -------------------------------------------
+
+
+def test_the_pidfile_is_never_written_through_a_planted_symlink(tmp_path: Path) -> None:
+    """Any local user could plant them first in /var/tmp/aphlict/pid/ (Phorge's default)."""
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    run = tmp_path / "run"
+    run.mkdir()
+    pidfile = run / "aphlict.pid"
+    # The temporary name once written with a plain open(), and the pidfile itself.
+    (run / f"aphlict.pid.{os.getpid()}.tmp").symlink_to(victim)
+    pidfile.symlink_to(victim)
+    PidFile(str(pidfile)).write()
+    assert victim.read_text() == "precious\n"
+    assert not pidfile.is_symlink() and pidfile.read_text() == f"{os.getpid()}\n"
+    assert pidfile.stat().st_mode & 0o777 == 0o644
+
+
+@pytest.mark.parametrize(
+    ("owner", "mode", "refused"),
+    [
+        (12345, 0o755, "belongs to another user (uid 12345)"),
+        (None, 0o777, "is writable by every user and not sticky"),
+        (None, 0o1777, None),
+        (None, 0o755, None),
+    ],
+)
+def test_a_pidfile_directory_another_user_could_swap_is_refused(
+    tmp_path: Path, owner: int | None, mode: int, refused: str | None
+) -> None:
+    directory = tmp_path / "aphlict"
+    directory.mkdir()
+    os.chmod(directory, mode)
+    if owner is not None:
+        os.chown(directory, owner, owner)
+    for where in (directory, directory / "pid"):  # the directory, or an ancestor of it
+        pidfile = PidFile(str(where / "aphlict.pid"))
+        if refused is None:
+            pidfile.check()
+            pidfile.write()
+            pidfile.remove()
+            continue
+        for step in (pidfile.check, pidfile.write):
+            with pytest.raises(PidFileError) as caught:
+                step()
+            assert str(caught.value) == f'refusing pidfile {pidfile.path}: "{directory}" {refused}'
+        assert not (directory / "pid").exists()
+
+
+@pytest.mark.parametrize(
+    ("argv", "server"),
+    [
+        (["node", "/srv/phorge/support/aphlict/server/aphlict_server.js", "--config=x"], True),
+        (["/usr/bin/nodejs", "aphlict_server.js"], True),
+        (["/opt/fastaphlict/venv/bin/fastaphlict", "--config=/etc/aphlict.json"], True),
+        (["/usr/bin/python3", "-m", "fastaphlict", "--test"], True),
+        (["python3.11", "/opt/fastaphlict/venv/bin/fastaphlict"], True),
+        (["tail", "-f", "/var/log/aphlict.log"], False),
+        (["less", "aphlict_server.js"], False),
+        (["node", "/srv/other/server.js", "aphlict"], False),
+        (["vim", "/etc/fastaphlict/aphlict.json"], False),
+        (["python3", "-m", "http.server", "fastaphlict"], False),
+        ([], False),
+    ],
+)
+def test_only_a_real_aphlict_or_fastaphlict_owns_a_pidfile(argv: list[str], server: bool) -> None:
+    assert is_server_command([arg.encode() for arg in argv]) is server
+
+
+def test_a_stale_pidfile_naming_a_tail_of_the_aphlict_log_is_replaced(tmp_path: Path) -> None:
+    log_file = tmp_path / "aphlict.log"
+    log_file.write_text("")
+    tail = subprocess.Popen(["tail", "-f", str(log_file)])
+    try:
+        pidfile = tmp_path / "aphlict.pid"
+        pidfile.write_text(f"{tail.pid}\n")
+        PidFile(str(pidfile)).check()  # a warning, not a refusal
+    finally:
+        tail.kill()
+        tail.wait()

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,18 +23,23 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import orjson
 import pytest
 from websockets.asyncio.client import connect
 
 from fastaphlict import state
+from fastaphlict.config import Limits, parse_broker_url
 from fastaphlict.protocol import dumps
+from fastaphlict.server import Server
 from support import (
     SRC,
     TIMEOUT,
     Browser,
     ServerProcess,
     child_env,
+    free_ports,
     launch,
+    local_config,
     post,
     scaled,
     spawned,
@@ -211,7 +218,7 @@ async def test_a_state_dir_that_breaks_before_the_stop_is_one_error_line(tmp_pat
             await wait_healthy(server, session)
             assert state_dir.is_dir()  # created at start
             await post(session, server.admin_url, {"key": 1, "subscribers": ["PHID-A"]})
-            state_dir.rmdir()
+            shutil.rmtree(state_dir)  # its lock file with it
             state_dir.write_text("")  # a file where the directory was
             started = time.monotonic()
             server.stop()
@@ -292,11 +299,13 @@ PENDING: list[state.Pending] = [
 ]
 
 
-def test_pending_messages_round_trip_in_order_and_are_read_once(tmp_path: Path) -> None:
+def test_pending_messages_round_trip_in_order_and_stay_until_removed(tmp_path: Path) -> None:
     state.write_pending(str(tmp_path), PENDING)
     assert [p.name for p in tmp_path.iterdir()] == [state.PENDING_FILE]
     assert state.read_pending(str(tmp_path)) == PENDING
-    assert not (tmp_path / state.PENDING_FILE).exists(), "read means removed: published once"
+    # Read is not published: a crash before Redis has them finds them again.
+    assert state.read_pending(str(tmp_path)) == PENDING
+    state.remove_pending(str(tmp_path))
     assert state.read_pending(str(tmp_path)) == []
 
 
@@ -371,3 +380,197 @@ def test_a_pending_file_that_is_a_directory_is_set_aside(tmp_path: Path) -> None
     (tmp_path / state.PENDING_FILE).mkdir()
     assert state.read_pending(str(tmp_path)) == []
     assert not (tmp_path / state.PENDING_FILE).exists()
+
+
+# -- one process per directory (the lock) ---------------------------------------------
+
+
+async def test_a_second_process_on_the_same_state_dir_refuses_to_start(tmp_path: Path) -> None:
+    """It would delete the first one's files, and take its pending messages' origin."""
+    state_dir = tmp_path / "state"
+    async with aiohttp.ClientSession() as session:
+        with spawned(tmp_path / "first.log", f"--state-dir={state_dir}") as first:
+            await wait_healthy(first, session)
+            await post(session, first.admin_url, {"key": "first", "subscribers": ["PHID-A"]})
+            client, admin = free_ports(2)
+            ports = {"CLIENT_PORT": str(client), "ADMIN_PORT": str(admin)}
+            for result in (
+                run_cli("--test", f"--state-dir={state_dir}", **ports),
+                run_cli(f"--state-dir={state_dir}", LISTEN_ADDR="127.0.0.1", **ports),
+            ):
+                assert result.returncode == 1, result
+                assert result.stderr == (
+                    f"fastaphlict: state directory {state_dir} is in use by another"
+                    f" fastaphlict process (pid {first.pid})\n"
+                )
+            first.stop()
+        assert "state: wrote 1 message(s)" in first.log()
+
+
+async def test_the_lock_also_holds_against_a_start_that_raced_past_the_check(
+    tmp_path: Path,
+) -> None:
+    held = state.lock(str(tmp_path))
+    try:
+        state.write_pending(str(tmp_path), PENDING)
+        server = Server(local_config(), state_dir=str(tmp_path))
+        with pytest.raises(state.DirectoryInUse, match=f"state directory {tmp_path} is in use"):
+            await asyncio.wait_for(server.start(), TIMEOUT)
+        assert state.read_pending(str(tmp_path)) == PENDING, "the holder's file untouched"
+    finally:
+        os.close(held)
+    # Released with its descriptor (or its process): no stale lock after a crash.
+    server = Server(local_config(), state_dir=str(tmp_path))
+    await asyncio.wait_for(server.start(), TIMEOUT)
+    await asyncio.wait_for(server.close(), TIMEOUT)
+
+
+# -- what the files may hold, and who may read them ----------------------------------------
+
+
+def test_state_files_are_private_and_a_new_directory_too(tmp_path: Path) -> None:
+    """They hold subscriber PHIDs: 0600 and 0700, whatever the umask."""
+    directory = tmp_path / "new" / "state"
+    old = os.umask(0o022)
+    try:
+        state.check_writable(str(directory))
+        state.write_dir(str(directory), {"default": [(time.time() * 1000, [], b"{}")]})
+        state.write_pending(str(directory), PENDING)
+        state.write_alive(str(directory), 1.0)
+        os.close(state.lock(str(directory)))
+    finally:
+        os.umask(old)
+    assert directory.stat().st_mode & 0o777 == 0o700
+    modes = {p.name: p.stat().st_mode & 0o777 for p in directory.iterdir()}
+    assert modes == {
+        state.file_name("default"): 0o600,
+        state.PENDING_FILE: 0o600,
+        state.ALIVE_FILE: 0o600,
+        state.LOCK_FILE: 0o600,
+    }
+
+
+def test_a_message_or_instance_that_cannot_be_saved_is_skipped_and_the_rest_saved(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Both can come from another node through Redis: raw bytes, a surrogate-escaped name."""
+    now = time.time() * 1000
+    histories = {
+        "good": [(now, [], b'{"key":1}'), (now, [], b'{"key":"\xff"}'), (now, [], b'{"key":2}')],
+        "bad \udc80": [(now, [], b'{"key":3}')],
+    }
+    assert state.write_dir(str(tmp_path), histories) == 2
+    assert [
+        (name, [p for _, _, p in entries]) for name, entries in state.read_dir(str(tmp_path))
+    ] == [("good", [b'{"key":1}', b'{"key":2}'])]
+    pending = [
+        ("Origin0000000001", 1, "good", now, b'{"key":"\xff"}'),
+        ("Origin0000000001", 2, "bad \udc80", now, b"{}"),
+        ("Origin0000000001", 3, "good", now, b"{}"),
+    ]
+    state.write_pending(str(tmp_path), pending)
+    assert state.read_pending(str(tmp_path)) == [pending[2]]
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 4 and all("cannot be saved, skipped" in e for e in errors), errors
+
+
+def broker_to_nowhere() -> Any:
+    return parse_broker_url(f"redis://127.0.0.1:{free_ports(1)[0]}/0")
+
+
+async def test_a_message_that_cannot_be_saved_does_not_stop_the_stop(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The broker's drain and the pending save still run, and the good histories are saved."""
+    caplog.set_level(logging.INFO, "fastaphlict")
+    server = Server(
+        local_config(),
+        state_dir=str(tmp_path),
+        broker=broker_to_nowhere(),
+        limits=Limits(broker_timeout=0.2),
+    )
+    await asyncio.wait_for(server.start(), TIMEOUT)
+    try:
+        now = time.time() * 1000
+        server.hub.merge("good", [(now, b'{"key":"\xff"}', False)])
+        server.hub.merge("bad \udc80", [(now, b'{"key":1}', False)])
+        server.hub.publish("good", {"key": "kept", "subscribers": ["PHID-A"]})
+    finally:
+        await asyncio.wait_for(server.close(), TIMEOUT)
+    [(name, entries)] = list(state.read_dir(str(tmp_path)))
+    assert name == "good" and [orjson.loads(p)["key"] for _, _, p in entries] == ["kept"]
+    [(_, _, instance, _, payload)] = state.read_pending(str(tmp_path))
+    assert instance == "good" and orjson.loads(payload)["key"] == "kept"
+    assert "state: wrote 1 message(s)" in caplog.text
+
+
+async def test_at_a_stop_unpublished_messages_are_written_before_the_histories(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """They can be recovered from nowhere else: a kill amid many histories must not lose them."""
+    order: list[str] = []
+    for name in ("write_pending", "write_dir"):
+        real = getattr(state, name)
+
+        def spy(*args: Any, _real: Any = real, _name: str = name) -> Any:
+            order.append(_name)
+            return _real(*args)
+
+        monkeypatch.setattr(state, name, spy)
+    server = Server(
+        local_config(),
+        state_dir=str(tmp_path),
+        broker=broker_to_nowhere(),
+        limits=Limits(broker_timeout=0.2),
+    )
+    await asyncio.wait_for(server.start(), TIMEOUT)
+    server.hub.publish("default", {"key": "kept", "subscribers": ["PHID-A"]})
+    await asyncio.wait_for(server.close(), TIMEOUT)
+    assert order == ["write_pending", "write_dir"]
+    assert len(state.read_pending(str(tmp_path))) == 1
+
+
+async def test_saved_messages_stay_on_disk_until_redis_has_them(tmp_path: Path) -> None:
+    """Read at start is not published: a crash or a stop before Redis is back loses nothing."""
+    recent = [(o, s, i, time.time() * 1000 - 1000, p) for o, s, i, _, p in PENDING]
+    state.write_pending(str(tmp_path), recent)
+    server = Server(
+        local_config(),
+        state_dir=str(tmp_path),
+        broker=broker_to_nowhere(),
+        limits=Limits(broker_timeout=0.2),
+    )
+    await asyncio.wait_for(server.start(), TIMEOUT)
+    try:
+        assert state.read_pending(str(tmp_path)) == recent, "still there while Redis is away"
+    finally:
+        await asyncio.wait_for(server.close(), TIMEOUT)
+    assert state.read_pending(str(tmp_path)) == recent
+
+
+async def test_saved_messages_all_past_the_window_are_removed_at_start(tmp_path: Path) -> None:
+    state.write_pending(str(tmp_path), PENDING)  # from 2023: long expired
+    server = Server(
+        local_config(),
+        state_dir=str(tmp_path),
+        broker=broker_to_nowhere(),
+        limits=Limits(broker_timeout=0.2),
+    )
+    await asyncio.wait_for(server.start(), TIMEOUT)
+    try:
+        assert not (tmp_path / state.PENDING_FILE).exists()
+    finally:
+        await asyncio.wait_for(server.close(), TIMEOUT)
+    assert not (tmp_path / state.PENDING_FILE).exists()
+
+
+def test_the_alive_time_round_trips_and_a_bad_one_is_unknown(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    assert state.read_alive(str(tmp_path)) is None
+    state.write_alive(str(tmp_path), 1_700_000_000_123.5)
+    assert state.read_alive(str(tmp_path)) == 1_700_000_000_123.5
+    for bad in (b"", b"[]", b'{"format":"other","at":1}', b'{"format":"fastaphlict-alive"}'):
+        (tmp_path / state.ALIVE_FILE).write_bytes(bad)
+        assert state.read_alive(str(tmp_path)) is None
+    assert caplog.text.count("is unusable") == 4

@@ -44,7 +44,7 @@ import contextlib
 import hashlib
 import logging
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -343,16 +343,31 @@ class Broker:
         self._attempted = asyncio.Event()
         self._start_reason = "timed out"
         self._down_logged = False
-        #: Wall-clock ms of this node's start: a first sync delivers to tabs
-        #: only what was accepted since (older messages were never this
-        #: node's to deliver; its tabs replayed what it had).
-        self._started_at = _now_ms()
+        #: Wall-clock ms from which a first sync delivers to tabs (see deliver_from).
+        self._deliver_from = _now_ms()
+        #: Restored messages not yet acknowledged by Redis (nor dropped), and
+        #: who is told when none is left (the server removes the saved file).
+        self._restored_left = 0
+        self.on_restored: Callable[[], None] | None = None
+        #: start() has returned: the listeners open, tabs can miss what comes late.
+        self._serving = False
         #: ``stats.published`` when the outage began: the "back" line says
         #: how many of the messages that waited went out since.
         self._published_at_down = 0
         self._malformed_log = Throttle("malformed entry from Redis", logger=log)
         #: What the Redis user may not run of what publishing needs (None: all of it).
         self._refused: str | None = None
+
+    def deliver_from(self, at_ms: float) -> None:
+        """Deliver to tabs, on an instance's first sync, what was accepted from ``at_ms`` on.
+
+        The default is this node's start: older messages were never its to
+        deliver, and its tabs replayed what it had. A node with a state
+        directory gives the time its previous process was last known alive:
+        what other nodes accepted after that, and is not in the saved history,
+        reached none of its tabs (the merge skips payloads the history holds).
+        """
+        self._deliver_from = at_ms
 
     # -- state for metrics and the hub ------------------------------------
 
@@ -406,6 +421,8 @@ class Broker:
         and their acceptance time; those already out of the history window
         are dropped and counted. Their origin counts as our own: the tabs
         that replayed them from the saved history must not get them again.
+        :attr:`on_restored` is called once every one is acknowledged by Redis
+        (or dropped by the buffer's bound): until then the caller keeps them.
         """
         horizon = _now_ms() - HISTORY_TTL_MS
         queued = expired = 0
@@ -415,6 +432,7 @@ class Broker:
                 expired += 1
                 continue
             self._own.add(origin)
+            self._restored_left += 1
             self._append((origin, seq, instance, at, payload, time.monotonic()))
             queued += 1
         self.stats.dropped += expired
@@ -438,8 +456,11 @@ class Broker:
         while len(buffer) > 1 and (
             len(buffer) > self._buffer_limit or self._buffer_bytes > self._buffer_bytes_limit
         ):
-            self._buffer_bytes -= len(buffer.popleft()[4])
+            item = buffer.popleft()
+            self._buffer_bytes -= len(item[4])
             self._dropped_oldest()
+            if item[0] != self.fingerprint:
+                self._restored_done(1)
 
     def _dropped_oldest(self) -> None:
         """Count one message the bound pushed out; the first of a streak is logged."""
@@ -476,6 +497,7 @@ class Broker:
                 break
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._attempted.wait(), 0.1)
+        self._serving = True
         if not self._synced.is_set():
             log.warning(
                 "broker %s unreachable at start (%s): serving this node's tabs with %s history,"
@@ -721,7 +743,14 @@ class Broker:
             if len(page) < self._catch_up_page:
                 break
             page = await reads.execute(self._page_command(instance, cursor), deadline)
-        deliver_from = self._started_at if last is None else float("-inf")
+        if last is not None:
+            deliver_from = float("-inf")  # past the position: new to every tab here
+        elif self._serving:
+            deliver_from = self._deliver_from
+        else:
+            # Warming before the listeners open: no tab to deliver to, and
+            # nothing to count as taken in (a restarted node has received nothing).
+            deliver_from = float("inf")
         new, delivered = self._hub.merge(instance, fresh, deliver_from=deliver_from)
         self.stats.received += delivered
         for origin, seq in taken:
@@ -1008,10 +1037,20 @@ class Broker:
         for item in batch:
             observe(acked - item[5])
         self.stats.published += len(batch)
+        if self._restored_left:
+            self._restored_done(sum(item[0] != self.fingerprint for item in batch))
         if self._dropping and len(self._buffer) <= self._buffer_limit // 2:
             self._dropping = False
             log.info("broker buffer below half again (%d messages)", len(self._buffer))
         self._kick()
+
+    def _restored_done(self, count: int) -> None:
+        """``count`` restored messages are in Redis (or dropped); the last one tells."""
+        if not count:
+            return
+        self._restored_left -= count
+        if self._restored_left == 0 and self.on_restored is not None:
+            self.on_restored()
 
     def _publish_failed(
         self, batch: list[tuple[str, int, str, float, bytes, float]], error: Exception

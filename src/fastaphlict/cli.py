@@ -22,7 +22,7 @@ import os
 import sys
 from collections.abc import Mapping, Sequence
 
-from fastaphlict import __version__
+from fastaphlict import __version__, state
 from fastaphlict.config import (
     BrokerConfig,
     Config,
@@ -450,6 +450,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_listen(config)
         if args.state_dir:
             check_state_dir(args.state_dir)
+            # What start would refuse: another process holding the directory.
+            state.check_unlocked(args.state_dir)
         broker = broker_config(args)
         _check_broker_ca(args.broker_ca_file)
         if reuse_port and broker is None:

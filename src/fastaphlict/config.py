@@ -1,8 +1,10 @@
 """Configuration: one frozen, typed ``Config`` built once at start-up.
 
 This module parses and validates; it does no I/O beyond reading the config
-file (and, for ``--test``, checking that the TLS files it names are readable).
-It never binds, never creates directories, never starts anything.
+file (and, for ``--test``, checking that the TLS files it names are readable
+and that a file can be made where the pidfile, the logs and the state go:
+a probe, removed at once). It never binds, never starts anything, and
+nothing it makes outlives the check.
 
 Sources, in order of precedence (resolved in :func:`load_config` only):
 
@@ -27,6 +29,8 @@ import json
 import math
 import os
 import socket
+import stat
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal, cast
@@ -51,6 +55,7 @@ __all__ = [
     "load_file",
     "parse_broker_url",
     "parse_config",
+    "unsafe_directory",
 ]
 
 DEFAULT_CLIENT_PORT = 22280
@@ -799,8 +804,10 @@ def check_files(config: Config, *, pidfile_from: str | None = None) -> None:
                 f'Failed to open log file "{log.path}" (with index "{index}"). {problem}.'
             )
     if config.pidfile:
-        problem = _uncreatable_directory(config.pidfile) or _unwritable_file(
-            config.pidfile, replaced=True
+        problem = (
+            _unsafe_pidfile_directory(config.pidfile)
+            or _uncreatable_directory(config.pidfile)
+            or _unwritable_file(config.pidfile, replaced=True)
         )
         if problem and pidfile_from:
             raise ConfigError(f"{pidfile_from}: can not be written: {problem}.")
@@ -814,15 +821,14 @@ def check_files(config: Config, *, pidfile_from: str | None = None) -> None:
 def check_state_dir(path: str) -> None:
     """For ``--test`` and start: the state directory must exist writable, or be creatable.
 
-    Nothing is created here; the server makes a missing one at start.
+    Nothing is left behind here (a probe file is made and removed at once);
+    the server makes a missing directory at start.
     """
     if os.path.exists(path):
         if not os.path.isdir(path):
             problem: str | None = "it is not a directory"
-        elif not os.access(path, os.W_OK | os.X_OK):
-            problem = "Permission denied"
         else:
-            problem = None
+            problem = _cannot_create_in(path, subdirectory=False)
     else:
         problem = _uncreatable_directory(os.path.join(path, "history"))
     if problem:
@@ -842,9 +848,59 @@ def _uncreatable_directory(path: str) -> str | None:
         directory = os.path.dirname(directory)
     if not os.path.isdir(directory):
         return f'"{directory}" is not a directory'
-    if not os.access(directory, os.W_OK | os.X_OK):
-        return f'"{directory}" is not writable: Permission denied'
+    return _cannot_create_in(directory, subdirectory=True)
+
+
+def _cannot_create_in(directory: str, *, subdirectory: bool) -> str | None:
+    """Why a file (or a directory) cannot be made in ``directory``; None if it can.
+
+    Tried for real (a directory when ``subdirectory``) and removed at once:
+    ``os.access`` says yes to root where nothing can be made (``/proc``, a
+    read-only mount).
+    """
+    try:
+        if subdirectory:
+            os.rmdir(tempfile.mkdtemp(prefix=".fastaphlict-test-", dir=directory))
+        else:
+            fd, probe = tempfile.mkstemp(prefix=".fastaphlict-test-", dir=directory)
+            os.close(fd)
+            os.unlink(probe)
+    except OSError as exc:
+        return f'"{directory}" is not writable: {exc.strerror or exc}'
     return None
+
+
+def unsafe_directory(path: str) -> str | None:
+    """Why another local user could swap a file made in directory ``path``; None if none can.
+
+    Every existing directory from ``path`` up to the root, as written and
+    as resolved, must belong to root or to this user, and one that every
+    user may write must be sticky (``/tmp``): who created ``/var/tmp/aphlict``
+    first owns it, and could point the pidfile at any file by a symlink.
+    """
+    euid = os.geteuid()
+    checked: set[str] = set()
+    for start in (os.path.abspath(path), os.path.realpath(path)):
+        current = start
+        while current not in checked:
+            checked.add(current)
+            try:
+                st = os.lstat(current)
+            except OSError:
+                st = None
+            if st is not None:
+                if st.st_uid not in (0, euid):
+                    return f'"{current}" belongs to another user (uid {st.st_uid})'
+                mode = st.st_mode
+                if stat.S_ISDIR(mode) and mode & stat.S_IWOTH and not mode & stat.S_ISVTX:
+                    return f'"{current}" is writable by every user and not sticky'
+            current = os.path.dirname(current)
+    return None
+
+
+def _unsafe_pidfile_directory(pidfile: str) -> str | None:
+    problem = unsafe_directory(os.path.dirname(os.path.abspath(pidfile)))
+    return f"{problem}: another user could replace it by a symlink" if problem else None
 
 
 def _unwritable_file(path: str, *, replaced: bool = False) -> str | None:
@@ -858,8 +914,8 @@ def _unwritable_file(path: str, *, replaced: bool = False) -> str | None:
     if os.path.exists(path) and not replaced:
         return None if os.access(path, os.W_OK) else "Permission denied"
     directory = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(directory) and not os.access(directory, os.W_OK | os.X_OK):
-        return f'"{directory}" is not writable: Permission denied'
+    if os.path.isdir(directory):
+        return _cannot_create_in(directory, subdirectory=False)
     return None
 
 

@@ -7,10 +7,10 @@ the bound ports back from :attr:`Server.client_ports` / :attr:`Server.admin_port
 
 Shutdown order matters for browsers and for Phorge: stop accepting, tell every
 WebSocket "going away" (1001) so browsers reconnect at once, let in-flight
-admin requests finish, write the histories to the state directory (if one
-is configured), then give peer queues and the broker's buffer a short
+admin requests finish, give peer queues and the broker's buffer a short
 deadline; what the broker could not publish is kept in the state directory
-for the next start, or counted as dropped.
+for the next start (first: it can be recovered from nowhere else), or
+counted as dropped; then the histories are written.
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ import contextlib
 import logging
 import os
 import signal
+import tempfile
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -28,7 +30,14 @@ from picows import ws_create_server
 
 from fastaphlict import admin, client, state, systemd
 from fastaphlict.broker import Broker
-from fastaphlict.config import BrokerConfig, Config, ConfigError, Limits, ServerConfig
+from fastaphlict.config import (
+    BrokerConfig,
+    Config,
+    ConfigError,
+    Limits,
+    ServerConfig,
+    unsafe_directory,
+)
 from fastaphlict.hub import Hub, format_address
 from fastaphlict.peers import PeerRelay, new_fingerprint
 from fastaphlict.tls import client_context, server_context
@@ -57,6 +66,11 @@ _SUMMARY_COUNTERS = (
     ("frames_rejected", "frame(s) rejected"),
     ("posts_rejected", "post(s) rejected"),
 )
+#: Seconds between two notes in the state directory that the broker is in sync.
+ALIVE_INTERVAL = 5.0
+#: Milliseconds the note is set back: a message other nodes accepted just
+#: before it may still be on its way here (the merge skips what was had).
+ALIVE_MARGIN_MS = 2000.0
 #: Initial picows read buffer per socket (picows never goes below 2 KiB).
 READ_BUFFER_SIZE = 2048
 _PICOWS_LOG = client.PicowsLog(logging.getLogger("picows.server"), {})
@@ -129,6 +143,10 @@ class Server:
         # say) must not overwrite the saved histories.
         self._save_state = self._save_pending = False
         self._pending_kept = False
+        #: The state directory's lock, held for the process's life.
+        self._lock_fd: int | None = None
+        #: When the stop began, if the broker was in sync then (for the alive note).
+        self._in_sync_at: float | None = None
 
     async def start(self) -> None:
         """Bind every listener; raise (and close what was opened) if one fails."""
@@ -143,9 +161,7 @@ class Server:
             self._load_state()
             if self.broker is not None:
                 if self.state_dir is not None:
-                    self.broker.restore(state.read_pending(self.state_dir))
-                    # Read means removed: even a failed start must write them back.
-                    self._save_pending = True
+                    self._restore_pending()
                 # Warmed from Redis (or given up on) before any tab can replay.
                 await self.broker.start()
             await self.relay.start()
@@ -169,6 +185,8 @@ class Server:
                 asyncio.ensure_future(self._housekeeping(EXPIRE_INTERVAL, expire=True))
             )
             self._periodic.append(asyncio.ensure_future(self._summaries(SUMMARY_INTERVAL)))
+            if self.broker is not None and self.state_dir is not None:
+                self._periodic.append(asyncio.ensure_future(self._note_alive(ALIVE_INTERVAL)))
             self._save_state = self._save_pending = self.state_dir is not None
         except BaseException:
             await self.close()
@@ -340,7 +358,7 @@ class Server:
             last = now
 
     def _load_state(self) -> None:
-        """Load the state directory's histories (creating it if missing)."""
+        """Lock the state directory (creating it if missing) and load its histories."""
         if self.state_dir is None:
             return
         try:
@@ -349,6 +367,11 @@ class Server:
             raise OSError(
                 f'state directory "{self.state_dir}" can not be written: {_reason(exc)}'
             ) from exc
+        # Before anything is read: a sibling's files are not ours to take.
+        self._lock_fd = state.lock(self.state_dir)
+        alive = state.read_alive(self.state_dir)
+        if alive is not None and self.broker is not None:
+            self.broker.deliver_from(alive)
         instances = entries = 0
         for name, saved in state.read_dir(self.state_dir):
             loaded = self.hub.import_state(name, saved)
@@ -361,17 +384,69 @@ class Server:
             self.state_dir,
         )
 
+    def _restore_pending(self) -> None:
+        """Queue what the previous process could not publish; its file goes once Redis has it.
+
+        Until then the file stays: a crash, an OOM kill or a stop during the
+        start wait finds them again (Redis refuses a message it already has).
+        """
+        assert self.broker is not None and self.state_dir is not None
+        pending = state.read_pending(self.state_dir)
+        self.broker.on_restored = self._pending_published
+        if not self.broker.restore(pending) and pending:
+            self._pending_published()  # all past the window: nothing left to keep
+        # From here the stop writes what is left (none: the file goes).
+        self._save_pending = True
+
+    def _pending_published(self) -> None:
+        """Every restored message is in Redis (or dropped): the saved file has done its job."""
+        if self._closing or self.state_dir is None:
+            return  # the stop writes what is left
+        try:
+            state.remove_pending(self.state_dir)
+        except OSError as exc:
+            log.error("cannot remove %s: %s", state.PENDING_FILE, _reason(exc))
+
+    async def _note_alive(self, interval: float) -> None:
+        """While the broker is in sync, note the time: what a killed process had delivered.
+
+        The next start delivers what other nodes accepted after it (see
+        :meth:`Broker.deliver_from`); a node out of sync notes nothing, so
+        what it missed counts as missed.
+        """
+        while True:
+            self._write_alive(durable=False)
+            await asyncio.sleep(interval)
+
+    def _write_alive(self, *, durable: bool, at: float | None = None) -> None:
+        """Note ``at`` (default now, if the broker is in sync) in the state directory."""
+        if self.broker is None or self.state_dir is None:
+            return
+        if at is None:
+            if not self.broker.up:
+                return
+            at = time.time() * 1000
+        try:
+            state.write_alive(self.state_dir, at - ALIVE_MARGIN_MS, durable=durable)
+        except OSError as exc:
+            log.error("cannot write state to %s: %s", self.state_dir, _reason(exc))
+
     def write_state(self) -> None:
         """Write every history to the state directory, once; a failure is one error line."""
         if not self._save_state or self.state_dir is None:
             return
         self._save_state = False
-        histories = self.hub.export_state()
         try:
+            histories = self.hub.export_state()
             written = state.write_dir(self.state_dir, histories)
         except OSError as exc:
             log.error("cannot write state to %s: %s", self.state_dir, _reason(exc))
             return
+        except Exception:  # a boundary: the stop must go on to its end
+            log.exception("cannot write state to %s", self.state_dir)
+            return
+        if self._in_sync_at is not None:
+            self._write_alive(durable=True, at=self._in_sync_at)
         log.info(
             "state: wrote %d message(s) of %d instance(s) to %s",
             written,
@@ -384,20 +459,22 @@ class Server:
         if self.broker is None or self._pending_kept:
             return
         self._pending_kept = True
-        if not pending:
-            return
         if self.state_dir is not None and self._save_pending:
             try:
+                # None left: every restored message is published, the file goes.
                 state.write_pending(self.state_dir, pending)
-            except OSError as exc:
-                log.error("cannot write state to %s: %s", self.state_dir, _reason(exc))
+            except Exception as exc:  # a boundary: the stop must go on to its end
+                log.error("cannot write state to %s: %s", self.state_dir, exc)
             else:
-                log.warning(
-                    "broker: %d unpublished message(s) kept in %s for the next start",
-                    len(pending),
-                    self.state_dir,
-                )
+                if pending:
+                    log.warning(
+                        "broker: %d unpublished message(s) kept in %s for the next start",
+                        len(pending),
+                        self.state_dir,
+                    )
                 return
+        if not pending:
+            return
         self.broker.stats.dropped += len(pending)
         log.warning(
             "broker: %d unpublished message(s) dropped at stop (no state directory to keep them);"
@@ -428,16 +505,19 @@ class Server:
             connection.close()  # fast-path requests finish synchronously: none is in flight
         for runner in self._admin_runners:
             await runner.cleanup()
-        # Every accepted post is in the history now; peers' queues are not ours to keep.
-        self.write_state()
         drain = self.limits.relay_drain_timeout
         if self.broker is not None:
+            if self.broker.up:
+                self._in_sync_at = time.time() * 1000
             _, left = await asyncio.gather(
                 self.relay.close(timeout=drain), self.broker.close(drain)
             )
+            # First: unpublished messages can be recovered from nowhere else.
             self.keep_pending(left)
         else:
             await self.relay.close(timeout=drain)
+        # Every accepted post is in the history now; peers' queues are not ours to keep.
+        self.write_state()
         # Give close frames a moment to flush, then drop what is left.
         await asyncio.sleep(0)
         for inst in self.hub.instances():
@@ -446,6 +526,9 @@ class Server:
         for server in self._client_servers:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(server.wait_closed(), 1.0)
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
         self._stopped.set()
 
     async def serve(self, *, on_reload: Callable[[], None] | None = None) -> None:
@@ -504,9 +587,9 @@ class Server:
             if closing not in done:
                 closing.cancel()
                 # A second signal or the deadline skips the waits, not the state.
-                self.write_state()
                 if self.broker is not None:
                     self.keep_pending(self.broker.abandon())
+                self.write_state()
                 log.warning("shutdown did not finish in time; exiting anyway")
             else:
                 log.info("stopped")
@@ -555,19 +638,27 @@ def _reload(on_reload: Callable[[], None]) -> None:
 
 
 class PidFile:
-    """Aphlict's pidfile, without its classic trap.
+    """Aphlict's pidfile, without its classic traps.
 
     A pidfile left behind by a crash or a reboot used to block Aphlict from
-    starting. Here a pidfile whose process is gone, or is not fastaphlict
-    (after a reboot the number may belong to anything), is replaced with a
-    warning; only a live fastaphlict refuses the start.
+    starting. Here a pidfile whose process is gone, or is not an Aphlict or
+    a fastaphlict (after a reboot the number may belong to anything), is
+    replaced with a warning; only a live server refuses the start.
+
+    Phorge's default place, ``/var/tmp/aphlict/pid/``, may have been made
+    first by any local user: a directory another user owns (or may write,
+    without the sticky bit) is refused, and the file is written through a
+    new temporary file that is never an existing one nor a symlink.
     """
 
     def __init__(self, path: str) -> None:
         self.path = path
 
     def check(self) -> None:
-        """Raise :class:`PidFileError` if a live server owns the pidfile."""
+        """Raise :class:`PidFileError` if a live server owns the pidfile, or it is unsafe."""
+        problem = unsafe_directory(os.path.dirname(os.path.abspath(self.path)))
+        if problem:
+            raise PidFileError(f"refusing pidfile {self.path}: {problem}")
         try:
             with open(self.path) as f:
                 text = f.read().strip()
@@ -576,28 +667,39 @@ class PidFile:
         except OSError as exc:
             raise PidFileError(f"cannot read pidfile {self.path}: {exc.strerror}") from exc
         pid = int(text) if text.isdigit() else 0
-        if pid and pid != os.getpid() and _is_fastaphlict(pid):
+        if pid and pid != os.getpid() and _is_server(pid):
             raise PidFileError(
                 f"pidfile {self.path} names process {pid}, which is still running: "
                 "is another fastaphlict using this config? Stop it first, or give each"
                 " process its own --pidfile."
             )
         log.warning(
-            "replacing stale pidfile %s (process %s is gone or is not fastaphlict)",
+            "replacing stale pidfile %s (process %s is gone or is not aphlict nor fastaphlict)",
             self.path,
             text or "?",
         )
 
     def write(self) -> None:
-        """Write our pid atomically (creating the directory)."""
-        directory = os.path.dirname(self.path) or "."
-        tmp = f"{self.path}.{os.getpid()}.tmp"
+        """Write our pid atomically (creating the directory), never through a symlink."""
+        directory = os.path.dirname(os.path.abspath(self.path))
+        problem = unsafe_directory(directory)
+        if problem:
+            raise PidFileError(f"refusing pidfile {self.path}: {problem}")
         try:
             os.makedirs(directory, exist_ok=True)
-            with open(tmp, "w") as f:
-                f.write(f"{os.getpid()}\n")
-            os.replace(tmp, self.path)
+            fd, tmp = tempfile.mkstemp(  # O_CREAT | O_EXCL | O_NOFOLLOW, a random name
+                prefix=f".{os.path.basename(self.path)}.", suffix=".tmp", dir=directory
+            )
         except OSError as exc:
+            raise PidFileError(f"cannot write pidfile {self.path}: {_reason(exc)}") from exc
+        try:
+            with open(fd, "w") as f:
+                os.fchmod(fd, 0o644)  # readable by the tools that read it, as Aphlict's
+                f.write(f"{os.getpid()}\n")
+            os.replace(tmp, self.path)  # replaces a symlink there, never its target
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
             raise PidFileError(f"cannot write pidfile {self.path}: {_reason(exc)}") from exc
 
     def remove(self) -> None:
@@ -612,10 +714,11 @@ class PidFile:
 
 
 class PidFileError(OSError):
-    """A live fastaphlict owns the pidfile."""
+    """The pidfile cannot be used: a live server owns it, or it cannot be written safely."""
 
 
-def _is_fastaphlict(pid: int) -> bool:
+def _is_server(pid: int) -> bool:
+    """Whether ``pid`` is alive and an Aphlict or a fastaphlict (see :func:`is_server_command`)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -627,7 +730,30 @@ def _is_fastaphlict(pid: int) -> bool:
             cmdline = f.read()
     except OSError:
         return True  # alive and unreadable: assume the worst, refuse
-    return b"fastaphlict" in cmdline or b"aphlict" in cmdline
+    return is_server_command(cmdline.rstrip(b"\0").split(b"\0"))
+
+
+def is_server_command(argv: list[bytes]) -> bool:
+    """Whether a command line is Aphlict (node running ``aphlict_server.js``) or fastaphlict.
+
+    Not any command that merely mentions aphlict (``tail -f aphlict.log``):
+    the program, or the script or module an interpreter runs, must be one.
+    """
+    if not argv:
+        return False
+    program = os.path.basename(argv[0])
+    if program.startswith(b"fastaphlict"):
+        return True
+    if program in (b"node", b"nodejs"):
+        return any(os.path.basename(arg) == b"aphlict_server.js" for arg in argv[1:])
+    if program.startswith(b"python"):
+        for index, arg in enumerate(argv[1:], 1):
+            if arg == b"-m":
+                following = argv[index + 1 : index + 2]
+                return following == [b"fastaphlict"]
+            if not arg.startswith(b"-"):
+                return os.path.basename(arg).startswith(b"fastaphlict")
+    return False
 
 
 def raise_open_file_limit() -> None:

@@ -19,13 +19,30 @@ file or the new one, never half of one.
 A file that cannot be read as this format (garbage, truncated, empty, another
 version, a directory in its place) is renamed aside with a ``.bad-<time>``
 suffix, kept for inspection, and logged in one line; the other files still
-load and the server always starts. This module owns the files only: it never
-touches the hub's instances itself.
+load and the server always starts. An entry that cannot be written (a
+payload that is not UTF-8, an instance name with a lone surrogate, both
+possible from another node through Redis) is skipped and logged; the rest
+is saved. This module owns the files only: it never touches the hub's
+instances itself.
+
+The files hold subscriber PHIDs: each is created ``0600`` and a directory
+this module creates is ``0700`` (an existing one keeps its mode, the
+operator's choice: its files are ``0600`` whatever it is). One process at a
+time: :func:`lock` holds ``lock`` in the directory for the process's life,
+since a second process would delete the first one's files and, restoring
+its pending messages, take its origin for its own.
+
+``alive.json`` holds when the process was last known alive (written every
+few seconds and at the stop): a broker node that starts while Redis is
+unreachable delivers, on its first sync, what other nodes accepted after
+that time (see :meth:`fastaphlict.broker.Broker.deliver_from`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import hashlib
 import logging
 import os
@@ -36,16 +53,24 @@ from typing import Any
 import orjson
 
 __all__ = [
+    "ALIVE_FILE",
     "FORMAT",
+    "LOCK_FILE",
     "PENDING_FILE",
     "PENDING_FORMAT",
     "VERSION",
+    "DirectoryInUse",
     "Pending",
     "StateError",
+    "check_unlocked",
     "check_writable",
     "file_name",
+    "lock",
+    "read_alive",
     "read_dir",
     "read_pending",
+    "remove_pending",
+    "write_alive",
     "write_dir",
     "write_pending",
 ]
@@ -72,8 +97,27 @@ PENDING_FORMAT = "fastaphlict-broker-pending"
 Pending = tuple[str, int, str, float, bytes]
 
 
+#: Held locked (flock) by the process that uses the directory.
+LOCK_FILE = "lock"
+#: When the process was last known alive (wall-clock ms).
+ALIVE_FILE = "alive.json"
+ALIVE_FORMAT = "fastaphlict-alive"
+#: Files are created ``0600`` (subscriber PHIDs), a new directory ``0700``.
+FILE_MODE = 0o600
+DIRECTORY_MODE = 0o700
+
+
 class StateError(ValueError):
     """A state file that is not a complete history in this format."""
+
+
+class DirectoryInUse(OSError):
+    """Another process holds the state directory's lock."""
+
+    def __init__(self, directory: str, pid: str) -> None:
+        super().__init__(
+            f"state directory {directory} is in use by another fastaphlict process (pid {pid})"
+        )
 
 
 def file_name(instance: str) -> str:
@@ -83,19 +127,87 @@ def file_name(instance: str) -> str:
 
 
 def check_writable(directory: str) -> None:
-    """Create ``directory`` if missing; raise OSError if files cannot be made in it."""
-    os.makedirs(directory, exist_ok=True)
-    if not os.access(directory, os.W_OK | os.X_OK):
-        raise PermissionError(f'state directory "{directory}" is not writable')
+    """Create ``directory`` (``0700``) if missing; raise OSError if files cannot be made in it.
+
+    A file is made and removed: ``os.access`` says yes to root even where
+    nothing can be created (a read-only mount).
+    """
+    os.makedirs(directory, mode=DIRECTORY_MODE, exist_ok=True)
+    fd, probe = _create_temporary(os.path.join(directory, ".probe"))
+    os.close(fd)
+    os.unlink(probe)
+
+
+def lock(directory: str) -> int:
+    """Lock ``directory`` for this process; return the descriptor to keep open.
+
+    Raises :class:`DirectoryInUse` when another process holds it. The lock
+    goes with the process (or the descriptor's close), so a crash never
+    leaves a stale one.
+    """
+    path = os.path.join(directory, LOCK_FILE)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, FILE_MODE)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 32).decode("ascii", "replace").strip() or "?"
+        os.close(fd)
+        raise DirectoryInUse(directory, holder) from None
+    except BaseException:
+        os.close(fd)
+        raise
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def check_unlocked(directory: str) -> None:
+    """Raise :class:`DirectoryInUse` if a process holds ``directory``; creates nothing."""
+    try:
+        fd = os.open(os.path.join(directory, LOCK_FILE), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return  # never locked: whoever holds a lock made the file
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 32).decode("ascii", "replace").strip() or "?"
+        raise DirectoryInUse(directory, holder) from None
+    finally:
+        os.close(fd)
 
 
 def encode(instance: str, entries: Iterable[Entry]) -> bytes:
-    """One instance's history in the file format (see the module docstring)."""
-    lines = [orjson.dumps({"format": FORMAT, "version": VERSION, "instance": instance})]
+    """One instance's history in the file format (see the module docstring).
+
+    Entries that cannot be written are left out and logged; an instance
+    name that cannot be raises ``ValueError``.
+    """
+    lines = [_dumps({"format": FORMAT, "version": VERSION, "instance": instance})]
+    bad = 0
+    problem: Exception | None = None
     for at, _, payload in entries:
-        lines.append(orjson.dumps([at, payload.decode("utf-8")]))
+        try:
+            lines.append(_dumps([at, payload.decode("utf-8")]))
+        except ValueError as exc:
+            bad += 1
+            problem = exc
+    if bad:
+        log.error(
+            "state: %d message(s) of instance %r cannot be saved, skipped: %s",
+            bad,
+            instance,
+            problem,
+        )
     lines.append(orjson.dumps({"entries": len(lines) - 1}))
     return b"\n".join(lines) + b"\n"
+
+
+def _dumps(value: Any) -> bytes:
+    """orjson's dumps, raising ``ValueError`` for what JSON cannot hold (a lone surrogate)."""
+    try:
+        return orjson.dumps(value)
+    except orjson.JSONEncodeError as exc:  # a TypeError: not what callers expect of data
+        raise ValueError(str(exc)) from exc
 
 
 def decode(data: bytes) -> tuple[str, list[Entry]]:
@@ -171,18 +283,24 @@ def write_dir(directory: str, histories: dict[str, list[Entry]]) -> int:
     """Replace the directory's histories with ``histories``; return the entries written.
 
     Files of instances not in ``histories`` are removed: their history was
-    empty at the stop. Raises OSError; the caller logs it.
+    empty at the stop. An instance or message that cannot be written is
+    skipped and logged. Raises OSError; the caller logs it.
     """
-    os.makedirs(directory, exist_ok=True)
+    os.makedirs(directory, mode=DIRECTORY_MODE, exist_ok=True)
     keep: set[str] = set()
     written = 0
     for instance, entries in histories.items():
         if not entries:
             continue
+        try:
+            data = encode(instance, entries)
+        except ValueError as exc:
+            log.error("state: instance %r cannot be saved, skipped: %s", instance, exc)
+            continue
         name = file_name(instance)
         keep.add(name)
-        _write_atomically(os.path.join(directory, name), encode(instance, entries))
-        written += len(entries)
+        _write_atomically(os.path.join(directory, name), data)
+        written += data.count(b"\n") - 2
     for path in _state_files(directory):
         if os.path.basename(path) not in keep and not os.path.isdir(path):
             os.unlink(path)
@@ -203,19 +321,74 @@ def write_pending(directory: str, pending: list[Pending]) -> None:
         return
     lines = [orjson.dumps({"format": PENDING_FORMAT, "version": VERSION})]
     for origin, seq, instance, at, payload in pending:
-        lines.append(orjson.dumps([origin, seq, instance, at, payload.decode("utf-8")]))
-    lines.append(orjson.dumps({"entries": len(pending)}))
+        try:
+            lines.append(_dumps([origin, seq, instance, at, payload.decode("utf-8")]))
+        except ValueError as exc:
+            log.error(
+                "state: unpublished message %s:%d of instance %r cannot be saved, skipped: %s",
+                origin,
+                seq,
+                instance,
+                exc,
+            )
+    lines.append(orjson.dumps({"entries": len(lines) - 1}))
     _write_atomically(path, b"\n".join(lines) + b"\n")
 
 
-def _write_atomically(path: str, data: bytes) -> None:
-    """``data`` at ``path`` whole or not at all: a temporary file, fsynced, renamed over."""
-    tmp = f"{path}.{os.getpid()}.tmp"
+def remove_pending(directory: str) -> None:
+    """Remove the pending file: every message in it is published."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(os.path.join(directory, PENDING_FILE))
+
+
+def write_alive(directory: str, at_ms: float, *, durable: bool = True) -> None:
+    """Note that the process was alive at ``at_ms`` (wall clock)."""
+    data = orjson.dumps({"format": ALIVE_FORMAT, "version": VERSION, "at": at_ms}) + b"\n"
+    _write_atomically(os.path.join(directory, ALIVE_FILE), data, durable=durable)
+
+
+def read_alive(directory: str) -> float | None:
+    """When the previous process was last known alive; None if not known (logged if unreadable)."""
+    path = os.path.join(directory, ALIVE_FILE)
     try:
-        with open(tmp, "wb") as f:
+        with open(path, "rb") as f:
+            record = orjson.loads(f.read())
+    except FileNotFoundError:
+        return None
+    except (OSError, orjson.JSONDecodeError) as exc:
+        log.warning("state file %s is unusable (%s): ignored", path, exc)
+        return None
+    if not isinstance(record, dict) or record.get("format") != ALIVE_FORMAT:
+        at = None
+    else:
+        at = record.get("at")
+    if not isinstance(at, (int, float)):
+        log.warning("state file %s is unusable (not a %s record): ignored", path, ALIVE_FORMAT)
+        return None
+    return float(at)
+
+
+def _create_temporary(prefix: str) -> tuple[int, str]:
+    """A new ``0600`` file next to ``prefix``: never an existing file, never through a symlink."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    for _ in range(100):
+        path = f"{prefix}.{os.urandom(6).hex()}.tmp"
+        try:
+            return os.open(path, flags, FILE_MODE), path
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, "no free temporary name", prefix)
+
+
+def _write_atomically(path: str, data: bytes, *, durable: bool = True) -> None:
+    """``data`` at ``path`` whole or not at all: a temporary file, fsynced, renamed over."""
+    fd, tmp = _create_temporary(path)
+    try:
+        with open(fd, "wb") as f:
             f.write(data)
             f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError:
         with contextlib.suppress(OSError):
@@ -224,10 +397,13 @@ def _write_atomically(path: str, data: bytes) -> None:
 
 
 def read_pending(directory: str) -> list[Pending]:
-    """The unpublished messages a previous stop left, and the file is removed.
+    """The unpublished messages a previous stop left; the file stays until they are published.
 
-    A damaged file is set aside like a bad history (one log line) and
-    nothing is returned: a partial list could publish some messages twice.
+    The caller removes it (:func:`remove_pending`) once Redis has them all:
+    a crash or a stop before that finds them again at the next start (a
+    repeat is refused by Redis). A damaged file is set aside like a bad
+    history (one log line) and nothing is returned: a partial list could
+    publish some messages twice.
     """
     path = os.path.join(directory, PENDING_FILE)
     try:
@@ -243,7 +419,6 @@ def read_pending(directory: str) -> list[Pending]:
     except StateError as exc:
         _set_aside(path, exc)
         return []
-    os.unlink(path)
     return pending
 
 
