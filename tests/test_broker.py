@@ -534,6 +534,30 @@ async def test_a_node_back_while_redis_is_away_delivers_what_it_missed_when_redi
         stop(a2)
 
 
+async def test_a_node_back_while_redis_is_up_warms_what_it_missed_before_it_serves(
+    tmp_path: Path, redis_server: RedisServer, nodes: Start, session: aiohttp.ClientSession
+) -> None:
+    """Warmed before its listeners open: in the history for replays, not counted as taken in."""
+    a = nodes("a", redis_server.url, f"--state-dir={tmp_path / 'state'}")
+    b = nodes("b", redis_server.url)
+    await until_up(session, a, b)
+    stop(a)
+    for i in range(3):
+        await publish(session, b, f"k{i}", "PHID-1")
+    await until_metric(session, b, "fastaphlict_broker_published_total", 3)
+    a2 = a.restart()
+    try:
+        await until_up(session, a2)
+        async with tab(a2, "PHID-1") as ta:
+            assert await replayed(ta) == ["k0", "k1", "k2"]
+            await assert_silent(ta)
+        status = json.loads(await (await session.get(f"{a2.admin_url}/status/")).read())
+        assert status["messages.in"] == 0, "a warmed history is not traffic this node took in"
+        assert await metric(session, a2.admin_url, "fastaphlict_broker_received_total") == 0
+    finally:
+        stop(a2)
+
+
 async def test_without_a_state_dir_messages_waiting_at_a_stop_are_counted_and_logged(
     redis_server: RedisServer, nodes: Start, session: aiohttp.ClientSession
 ) -> None:
