@@ -3,11 +3,14 @@
 # - chromium at /usr/bin/chromium, which tests/test_browser.py drives through
 #   Playwright for Python (Playwright's own browser download is never used);
 # - redis-server at /usr/bin/redis-server, which the Redis tests start as
-#   their own throwaway servers on free ports (tests/redis_support.py).
+#   their own throwaway servers on free ports (tests/redis_support.py);
+# - curl, nginx and logrotate, which tests/test_docs.py runs as the README
+#   tells an operator to: its curl lines, its nginx block (nginx -t, then a
+#   real nginx in front of a real server) and its logrotate entry.
 # Each is checked on its own and only what is missing is installed, with one
-# `apt-get update` before; with both there, nothing runs. This script starts
-# no service: the tests start the redis-server they use, and apt, where no
-# init system runs, starts none either.
+# `apt-get update` before; with all there, nothing runs. This script starts
+# no service: the tests start the redis-server and nginx they use, and apt,
+# where no init system runs, starts none either.
 # Without root or sudo it says what to install by hand and exits 0: the tests
 # that need a missing program are then skipped, unless CI is set (then they fail).
 # INSTALL_DEPS_ROOT, if set, is prefixed to the checked paths
@@ -15,12 +18,12 @@
 set -eu
 root=${INSTALL_DEPS_ROOT:-}
 missing=""
-if [ ! -x "$root/usr/bin/chromium" ]; then
-    missing="$missing chromium"
-fi
-if [ ! -x "$root/usr/bin/redis-server" ]; then
-    missing="$missing redis-server"
-fi
+for wanted in chromium:/usr/bin/chromium redis-server:/usr/bin/redis-server \
+    curl:/usr/bin/curl nginx:/usr/sbin/nginx logrotate:/usr/sbin/logrotate; do
+    if [ ! -x "$root${wanted#*:}" ]; then
+        missing="$missing ${wanted%%:*}"
+    fi
+done
 if [ -z "$missing" ]; then
     exit 0
 fi

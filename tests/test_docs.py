@@ -5,6 +5,10 @@
   documented command and the tested one are the same text. The clone's
   ``.venv/bin/`` is read as the bin directory of the interpreter running the
   tests (the same directory when the tests run as the README says).
+- A block preceded by ``<!-- docs-test: LABEL -->`` is run by the test that
+  asks for that label with :func:`labelled` (the two-node cluster, the nginx
+  block, the logrotate entry: ``tests/test_docs_*.py``); no label may be left
+  unasked for.
 - Every other ``sh`` block is at least checked for programs called bare
   (``python``, ``pip``, ``fastaphlict``...) that a fresh clone does not put on
   ``PATH``.
@@ -39,6 +43,7 @@ DOCS = (REPO / "README.md", *sorted((REPO / "docs").glob("*.md")))
 DASHBOARD = REPO / "contrib" / "grafana-dashboard.json"
 
 MARKER = "<!-- docs-test -->"
+LABEL = re.compile(r"<!-- docs-test: ([\w -]+) -->")
 VENV_BIN = ".venv/bin/"
 
 #: Programs a fresh clone only has inside ``.venv/bin/``.
@@ -57,6 +62,8 @@ class Block:
     language: str
     marked: bool
     commands: tuple[str, ...]
+    label: str | None = None  # of a <!-- docs-test: LABEL --> line before it
+    text: str = ""  # the body, each line stripped of its indentation
 
     def where(self) -> str:
         return f"{self.path.relative_to(REPO)}:{self.line}"
@@ -82,7 +89,16 @@ def fenced_blocks(path: Path) -> Iterator[Block]:
             body.append(lines[index].strip())
             index += 1
         index += 1
-        yield Block(path, start + 1, language, previous == MARKER, tuple(_commands(body)))
+        label = LABEL.fullmatch(previous)
+        yield Block(
+            path,
+            start + 1,
+            language,
+            previous == MARKER,
+            tuple(_commands(body)),
+            label.group(1) if label else None,
+            "".join(line + "\n" for line in body),
+        )
 
 
 def _commands(body: list[str]) -> Iterator[str]:
@@ -110,6 +126,25 @@ def shell_blocks() -> list[Block]:
     return [b for path in DOCS for b in fenced_blocks(path) if b.language in ("sh", "bash")]
 
 
+def all_blocks() -> list[Block]:
+    return [block for path in DOCS for block in fenced_blocks(path)]
+
+
+def labelled(label: str) -> Block:
+    """The one block marked ``<!-- docs-test: LABEL -->``, for the test that runs it."""
+    found = [block for block in all_blocks() if block.label == label]
+    assert len(found) == 1, f"{len(found)} blocks labelled {label!r}, expected one"
+    return found[0]
+
+
+def runnable(command: str) -> str:
+    """A documented command with the clone's ``.venv/bin/`` read as this interpreter's."""
+    bin_dir = Path(sys.executable).parent
+    for program in re.findall(r"\.venv/bin/([\w.-]+)", command):
+        assert (bin_dir / program).exists(), f"{program} is not in {bin_dir}"
+    return command.replace(VENV_BIN, f"{bin_dir}/")
+
+
 def marked_commands() -> list[tuple[str, str]]:
     return [(b.where(), command) for b in shell_blocks() if b.marked for command in b.commands]
 
@@ -122,12 +157,8 @@ def test_docs_mark_some_commands_to_run() -> None:
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize(("where", "command"), marked_commands())
 def test_documented_command_runs(where: str, command: str) -> None:
-    bin_dir = Path(sys.executable).parent
-    runnable = command.replace(VENV_BIN, f"{bin_dir}/")
-    for program in re.findall(r"\.venv/bin/([\w.-]+)", command):
-        assert (bin_dir / program).exists(), f"{where}: {program} is not in {bin_dir}"
     done = subprocess.run(
-        ["sh", "-c", runnable],
+        ["sh", "-c", runnable(command)],
         cwd=REPO,
         env=child_env(),
         stdin=subprocess.DEVNULL,
