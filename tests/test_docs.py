@@ -375,3 +375,128 @@ def test_the_units_pass_systemd_analyze_verify(tmp_path: Path) -> None:
         if "fastaphlict" in line or str(tmp_path) in line
     ]
     assert done.returncode == 0 and not ours, "\n".join(ours) or done.stderr
+
+
+# -- JSON the docs tell an operator to use ------------------------------------------
+
+#: The keys Phorge reads from a ``notification.servers`` entry, with their types
+#: (``PhabricatorNotificationServersConfigType``: any other key is refused).
+PHORGE_KEYS = {"type": str, "host": str, "port": int, "protocol": str}
+PHORGE_OPTIONAL = {"path": str, "disabled": bool}
+
+
+def phorge_refuses(servers: object) -> list[str]:
+    """What Phorge's check of ``notification.servers`` says against ``servers``, if anything.
+
+    Its rules, in its order: a list of dictionaries, each with exactly the
+    keys it reads and their types, type ``admin`` or ``client``, protocol
+    ``http`` or ``https``, no ``path`` on an admin entry, no host and port
+    twice, and at least one enabled entry of each type.
+    """
+    if not isinstance(servers, list) or not all(isinstance(s, dict) for s in servers):
+        return ["not a list of dictionaries"]
+    errors, seen = [], set()
+    for index, spec in enumerate(servers):
+        allowed = {**PHORGE_KEYS, **PHORGE_OPTIONAL}
+        for key in sorted(spec.keys() - allowed.keys()):
+            errors.append(f"{index}: unknown key {key!r}")
+        for key, kind in allowed.items():
+            value = spec.get(key)
+            if key in PHORGE_KEYS and key not in spec:
+                errors.append(f"{index}: {key} missing")
+            elif key in spec and (
+                not isinstance(value, kind) or isinstance(value, bool) != (kind is bool)
+            ):
+                errors.append(f"{index}: {key} is not {kind.__name__}")
+        if spec.get("type") not in ("admin", "client"):
+            errors.append(f"{index}: type {spec.get('type')!r}")
+        if spec.get("protocol") not in ("http", "https"):
+            errors.append(f"{index}: protocol {spec.get('protocol')!r}")
+        if spec.get("type") == "admin" and spec.get("path"):
+            errors.append(f"{index}: an admin entry with a path")
+        where = (spec.get("host"), spec.get("port"))
+        if where in seen:
+            errors.append(f"{index}: {where} twice")
+        seen.add(where)
+    for kind in ("admin", "client"):
+        if servers and not any(s.get("type") == kind and not s.get("disabled") for s in servers):
+            errors.append(f"no enabled {kind} entry")
+    return errors
+
+
+@pytest.mark.parametrize(
+    "servers",
+    [
+        [{"type": "client", "host": "a", "port": 1, "protocol": "https", "ssl": True}],
+        [{"type": "client", "host": "a", "port": "1", "protocol": "https"}],
+        [{"type": "client", "host": "a", "port": 1, "protocol": "wss"}],
+        [{"type": "admin", "host": "a", "port": 1, "protocol": "http", "path": "/ws/"}],
+        [{"type": "client", "host": "a", "port": 1, "protocol": "http"}],
+        [
+            {"type": "client", "host": "a", "port": 1, "protocol": "http"},
+            {"type": "admin", "host": "a", "port": 1, "protocol": "http"},
+        ],
+        [
+            {"type": "client", "host": "a", "port": 1, "protocol": "http"},
+            {"type": "admin", "host": "a", "port": 2, "protocol": "http", "disabled": True},
+        ],
+        [
+            {"type": "client", "host": "a", "port": 1, "protocol": "http", "disabled": 0},
+            {"type": "admin", "host": "a", "port": 2, "protocol": "http"},
+        ],
+    ],
+)
+def test_the_phorge_check_refuses_what_phorge_refuses(servers: list[dict[str, object]]) -> None:
+    assert phorge_refuses(servers)
+
+
+def json_blocks() -> list[tuple[Block, object]]:
+    return [(b, json.loads(b.text)) for b in all_blocks() if b.language == "json"]
+
+
+def test_every_notification_servers_block_passes_phorges_check() -> None:
+    """Each list the docs give for ``notification.servers`` is one Phorge accepts."""
+    lists = [(block, value) for block, value in json_blocks() if isinstance(value, list)]
+    assert len(lists) >= 4, "the single server, behind nginx, the cluster, migrating"
+    for block, servers in lists:
+        assert not phorge_refuses(servers), (block.where(), phorge_refuses(servers))
+    cluster = [s for b, s in lists if sum(e["type"] == "admin" for e in s) > 1]  # type: ignore[index,union-attr]
+    assert cluster, "the cluster's list names one admin entry per node"
+
+
+def aphlict_configs() -> list[tuple[str, object]]:
+    """Every Aphlict config the docs and ``contrib/`` show, by where it is."""
+    found = [(b.where(), v) for b, v in json_blocks() if isinstance(v, dict)]
+    example = CONTRIB / "aphlict.example.json"
+    found.append((str(example.relative_to(REPO)), json.loads(example.read_text())))
+    return found
+
+
+def test_every_json_block_is_a_server_list_or_a_config() -> None:
+    """A JSON block of another kind would have no test: give it one here."""
+    for block, value in json_blocks():
+        assert isinstance(value, (list, dict)), block.where()
+
+
+@pytest.mark.parametrize(("where", "config"), aphlict_configs())
+def test_a_documented_config_passes_the_config_test(
+    where: str, config: dict[str, object], tmp_path: Path
+) -> None:
+    """``fastaphlict --test`` on the file as shown, its absolute paths moved under a scratch root.
+
+    Only the paths move (``--test`` checks that logs and pidfile can be
+    created there, which outside a scratch root needs root); every key and
+    value else is the documented one.
+    """
+    text = json.dumps(config)
+    text = re.sub(r'"/((?:var|run|etc)/[^"]*)"', lambda m: json.dumps(f"{tmp_path}/{m[1]}"), text)
+    path = tmp_path / "aphlict.json"
+    path.write_text(text)
+    done = subprocess.run(
+        [runnable(".venv/bin/fastaphlict"), "--test", f"--config={path}"],
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=scaled(60),
+    )
+    assert (done.returncode, done.stdout) == (0, "Configuration test OK.\n"), (where, done.stderr)

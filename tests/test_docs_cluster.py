@@ -154,18 +154,27 @@ async def test_the_readme_two_node_cluster_runs_as_written() -> None:
             assert (message["key"], message["subscribers"]) == ("1", [PHID])
             assert len(message["touched"]) == 1, "posted once, to node 1"
 
-        done = sh(status)
-        counted = json.loads(done.stdout)
-        assert (counted["messages.in"], counted["history.size"]) == (1, 1), counted
+            done = sh(status)
+            counted = json.loads(done.stdout)
+            assert (counted["messages.in"], counted["history.size"]) == (1, 1), counted
+
+            # "Never post one message to several nodes": each post is a new message.
+            again = sh(post.replace(":22281/", ":22283/"))
+            assert again.returncode == 0, again
+            copy = await tab.recv()
+            assert copy["key"] == "1" and copy["touched"] != message["touched"]
 
         async with connect(NODE2_CLIENT) as ws:
             late = Browser(ws)
             await late.subscribe(PHID)
             await late.send("replay", {"age": 60000})
-            assert (await late.recv())["key"] == "1"
+            assert [(await late.recv())["touched"] for _ in range(2)] == [
+                message["touched"],
+                copy["touched"],
+            ]
 
         done = sh(stop.commands[0])
         assert done.returncode == 0, done
         assert not wait_gone(started, scaled(15)), f"still running after the stop:\n{logs()}"
         assert not pids(), "every process removes its pidfile as it exits"
-        assert "state: wrote 1 message(s)" in (DEMO / "node2.log").read_text()
+        assert "state: wrote 2 message(s)" in (DEMO / "node2.log").read_text()
