@@ -9,8 +9,9 @@
 #   real nginx in front of a real server) and its logrotate entry.
 # Each is checked on its own and only what is missing is installed, with one
 # `apt-get update` before; with all there, nothing runs. This script starts
-# no service: the tests start the redis-server and nginx they use, and apt,
-# where no init system runs, starts none either.
+# no service itself: the tests start the redis-server and nginx they use;
+# apt starts the packages' own services only where an init system runs
+# (systemd), and the tests do not use those.
 # Without root or sudo it says what to install by hand and exits 0: the tests
 # that need a missing program are then skipped, unless CI is set (then they fail).
 # INSTALL_DEPS_ROOT, if set, is prefixed to the checked paths

@@ -16,6 +16,9 @@
 - The systemd units pass ``systemd-analyze verify``, and their ``ExecStart=``
   passes ``--test``: a renamed flag or a misspelt key fails here, not at a
   customer's ``systemctl start``.
+- Every JSON block is a ``notification.servers`` list that passes Phorge's
+  own checks of that setting, or an Aphlict config that passes ``--test``.
+- Every other block is run somewhere, or :data:`NOT_RUN` says why not.
 """
 
 from __future__ import annotations
@@ -500,3 +503,66 @@ def test_a_documented_config_passes_the_config_test(
         timeout=scaled(60),
     )
     assert (done.returncode, done.stdout) == (0, "Configuration test OK.\n"), (where, done.stderr)
+
+
+# -- every block is run, or says why not -------------------------------------------
+
+#: Each ``<!-- docs-test: LABEL -->`` label, by its first word, and the test file running it.
+LABELLED_BY = {
+    "two-node": "tests/test_docs_cluster.py",
+    "nginx": "tests/test_docs_nginx.py",
+    "logrotate": "tests/test_docs_logrotate.py",
+    "migrate": "tests/test_docs_servers.py",
+    "broker": "tests/test_docs_servers.py",
+}
+
+#: Blocks no test here runs, by a piece of their text, and why. A new block
+#: is either run (marked, labelled, or JSON) or added here with its reason.
+NOT_RUN = {
+    # README
+    ".venv/bin/pip install . && .venv/bin/fastaphlict": "installs into the clone's own .venv"
+    " and serves in the foreground; CI's install phase runs the same install, and the"
+    " marked --test line checks the defaults it serves",
+    "sh tests/install-deps.sh && python3 -m venv .venv": ".ci/run runs it verbatim"
+    " (test_readme_keeps_the_ci_test_command)",
+    "pytest benchmarks/test_broker.py --benchmark-only": "a benchmark of minutes;"
+    " CI's benchmarks phase runs every scenario quick",
+    "docker build -t fastaphlict .": "needs a Docker daemon and the python base image"
+    " from Docker Hub, neither reachable where the tests run",
+    "ACL SETUSER fastaphlict": "tests/test_broker.py runs it against a real Redis",
+    # docs/benchmarks.md: full runs take minutes; CI runs each scenario quick
+    "pytest benchmarks/ --benchmark-only            # full run": "a full benchmark run",
+    "PYTHONPATH=src .venv/bin/python -m pytest benchmarks/": "a full benchmark run",
+    "--scenario targeted --sockets 10000": "needs a server running on the default ports",
+    'git -C "$PHORGE" archive': "needs a Phorge checkout and Node",
+    "--scenario storm --history 1000 --server-pid PID": "placeholders for a running server",
+    "--scenario broker --sockets 8000 --messages 4000 --windows 10 --json": "a benchmark"
+    " of minutes",
+    "--broker-remote-every 1000": "a benchmark of minutes",
+    "pytest benchmarks/test_broker.py -k warm": "a benchmark of minutes",
+    "pytest benchmarks/test_restart.py --benchmark-only": "a benchmark of minutes",
+    # docs/development.md
+    "pip install -e '.[test]' Cython setuptools wheel": "reinstalls the clone's own .venv",
+    ".venv/bin/python -m pytest -q\n": "the suite itself, which CI runs",
+    "FASTAPHLICT_NODE_APHLICT=/path/to/phorge": "needs Phorge's Node Aphlict",
+}
+
+#: Fenced blocks without a language that hold output, not something to run.
+OUTPUT = ("docs/benchmarks.md",)
+
+
+def test_every_block_is_run_or_says_why_not() -> None:
+    unrun = []
+    for block in all_blocks():
+        if block.marked or block.language == "json":
+            continue
+        if block.label:
+            test_file = LABELLED_BY.get(block.label.split()[0])
+            assert test_file, f"{block.where()}: no test for label {block.label!r}"
+            assert "labelled(" in (REPO / test_file).read_text(encoding="utf-8")
+            continue
+        if not block.language and str(block.path.relative_to(REPO)) in OUTPUT:
+            continue
+        if not any(piece in block.text for piece in NOT_RUN):
+            unrun.append(f"{block.where()}: {block.text.splitlines()[0]}")
+    assert not unrun, "run these in a test, or say in NOT_RUN why not:\n" + "\n".join(unrun)
