@@ -17,6 +17,7 @@ with one node stopped a new tab still connects, to the other.
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import signal
 import socket
@@ -76,8 +77,8 @@ def nginx_conf(root: Path, pki: trustme.CA, listen: int, upstream: str, extra: s
     cert = pki.issue_cert("phorge.example.com", "127.0.0.1")
     cert.private_key_pem.write_to_path(str(root / "key.pem"))
     cert.cert_chain_pems[0].write_to_path(str(root / "fullchain.pem"))
-    for extra in cert.cert_chain_pems[1:]:
-        extra.write_to_path(str(root / "fullchain.pem"), append=True)
+    for intermediate in cert.cert_chain_pems[1:]:
+        intermediate.write_to_path(str(root / "fullchain.pem"), append=True)
     block = replace_once(
         block, "/etc/ssl/private/phorge.example.com.fullchain.pem", str(root / "fullchain.pem")
     )
@@ -120,6 +121,7 @@ def nginx(conf: Path, port: int) -> Iterator[None]:
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        start_new_session=True,  # its workers too, should it need killing
     )
     try:
         deadline = time.monotonic() + scaled(15)
@@ -135,7 +137,7 @@ def nginx(conf: Path, port: int) -> Iterator[None]:
         try:
             proc.wait(scaled(10))
         except subprocess.TimeoutExpired:
-            proc.kill()
+            os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(scaled(5))
 
 
