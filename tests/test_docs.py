@@ -467,6 +467,11 @@ def test_every_notification_servers_block_passes_phorges_check() -> None:
     assert cluster, "the cluster's list names one admin entry per node"
 
 
+def paths_under(config: str, root: Path) -> str:
+    """A JSON config's absolute paths (``/var/...``, ``/run/...``, ``/etc/...``) moved under ``root``."""
+    return re.sub(r'"/((?:var|run|etc)/[^"]*)"', lambda m: json.dumps(f"{root}/{m[1]}"), config)
+
+
 def aphlict_configs() -> list[tuple[str, object]]:
     """Every Aphlict config the docs and ``contrib/`` show, by where it is."""
     found = [(b.where(), v) for b, v in json_blocks() if isinstance(v, dict)]
@@ -491,10 +496,8 @@ def test_a_documented_config_passes_the_config_test(
     created there, which outside a scratch root needs root); every key and
     value else is the documented one.
     """
-    text = json.dumps(config)
-    text = re.sub(r'"/((?:var|run|etc)/[^"]*)"', lambda m: json.dumps(f"{tmp_path}/{m[1]}"), text)
     path = tmp_path / "aphlict.json"
-    path.write_text(text)
+    path.write_text(paths_under(json.dumps(config), tmp_path))
     done = subprocess.run(
         [runnable(".venv/bin/fastaphlict"), "--test", f"--config={path}"],
         env=child_env(),

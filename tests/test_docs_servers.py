@@ -30,7 +30,7 @@ import pytest
 
 from redis_support import RedisServer
 from support import SHUTDOWN, STARTUP, child_env, eventually, free_ports, scaled
-from test_docs import CONTRIB, INSTALLED, REPO, all_blocks, labelled, runnable
+from test_docs import CONTRIB, INSTALLED, REPO, all_blocks, labelled, paths_under, runnable
 
 #: The keys of Aphlict's ``/status/``, which Phorge's Notification Servers page reads.
 STATUS_KEYS = {
@@ -53,8 +53,7 @@ def installed(command: str) -> str:
 
 def moved(config: dict[str, object], root: Path) -> str:
     """``config`` as JSON, its absolute paths under ``root`` and its client on loopback."""
-    text = json.dumps(config).replace('"0.0.0.0"', '"127.0.0.1"')
-    return re.sub(r'"/((?:var|run|etc)/[^"]*)"', lambda m: json.dumps(f"{root}/{m[1]}"), text)
+    return paths_under(json.dumps(config).replace('"0.0.0.0"', '"127.0.0.1"'), root)
 
 
 def readme_config() -> dict[str, object]:
