@@ -468,7 +468,7 @@ def test_every_notification_servers_block_passes_phorges_check() -> None:
 
 
 def paths_under(config: str, root: Path) -> str:
-    """A JSON config's absolute paths (``/var/...``, ``/run/...``, ``/etc/...``) moved under ``root``."""
+    """A JSON config's absolute paths under /var, /run and /etc moved under ``root``."""
     return re.sub(r'"/((?:var|run|etc)/[^"]*)"', lambda m: json.dumps(f"{root}/{m[1]}"), config)
 
 
