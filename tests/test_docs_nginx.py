@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import signal
 import socket
@@ -32,6 +33,7 @@ import pytest
 import trustme
 from websockets.asyncio.client import connect
 
+from fastaphlict.config import Limits
 from redis_support import RedisServer
 from support import (
     TIMEOUT,
@@ -111,6 +113,15 @@ def test_nginx_accepts_the_readme_block(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stderr
     assert "test is successful" in done.stderr
+
+
+def test_the_readme_proxy_timeouts_leave_dead_sockets_to_the_server() -> None:
+    """ "Keep both nginx timeouts well above twice --ping-interval": the block does."""
+    block = labelled("nginx").text
+    for directive in ("proxy_read_timeout", "proxy_send_timeout"):
+        found = re.search(rf"^{directive} (\d+)s;$", block, re.M)
+        assert found, f"the nginx block sets {directive} in seconds"
+        assert int(found[1]) >= 4 * Limits().ping_interval, directive
 
 
 @contextlib.contextmanager
