@@ -3,15 +3,15 @@
 # - chromium at /usr/bin/chromium, which tests/test_browser.py drives through
 #   Playwright for Python (Playwright's own browser download is never used);
 # - redis-server at /usr/bin/redis-server, which the Redis tests start as
-#   their own throwaway servers on free ports (tests/redis_support.py);
-# - curl, nginx and logrotate, which tests/test_docs.py runs as the README
-#   tells an operator to: its curl lines, its nginx block (nginx -t, then a
-#   real nginx in front of a real server) and its logrotate entry.
+#   their own throwaway servers on free ports (tests/redis_support.py).
 # Each is checked on its own and only what is missing is installed, with one
-# `apt-get update` before; with all there, nothing runs. This script starts
-# no service itself: the tests start the redis-server and nginx they use;
-# apt starts the packages' own services only where an init system runs
-# (systemd), and the tests do not use those.
+# `apt-get update` before; with all there, nothing runs. And for the docs'
+# tests (tests/test_docs*.py), which run what the docs tell an operator to:
+# curl at /usr/bin/curl, nginx at /usr/sbin/nginx (nginx -t, then a real
+# nginx in front of real servers) and logrotate at /usr/sbin/logrotate.
+# This script starts no service itself: the tests start the redis-server and
+# nginx they use; apt starts the packages' own services only where an init
+# system runs (systemd), and the tests do not use those.
 # Without root or sudo it says what to install by hand and exits 0: the tests
 # that need a missing program are then skipped, unless CI is set (then they fail).
 # INSTALL_DEPS_ROOT, if set, is prefixed to the checked paths

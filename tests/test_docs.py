@@ -532,7 +532,6 @@ NOT_RUN = {
     " CI's benchmarks phase runs every scenario quick",
     "docker build -t fastaphlict .": "needs a Docker daemon and the python base image"
     " from Docker Hub, neither reachable where the tests run",
-    "ACL SETUSER fastaphlict": "tests/test_broker.py runs it against a real Redis",
     # docs/benchmarks.md: full runs take minutes; CI runs each scenario quick
     "pytest benchmarks/ --benchmark-only            # full run": "a full benchmark run",
     "PYTHONPATH=src .venv/bin/python -m pytest benchmarks/": "a full benchmark run",
@@ -550,6 +549,13 @@ NOT_RUN = {
     "FASTAPHLICT_NODE_APHLICT=/path/to/phorge": "needs Phorge's Node Aphlict",
 }
 
+#: Blocks that a test finds by their text rather than a label, and that test.
+RUN_BY = {
+    "ACL SETUSER fastaphlict": "tests/test_broker.py",
+    "sentinel monitor mymaster": "tests/test_sentinel.py",
+    "FASTAPHLICT_BROKER='redis+sentinel://": "tests/test_sentinel.py",
+}
+
 #: Fenced blocks without a language that hold output, not something to run.
 OUTPUT = ("docs/benchmarks.md",)
 
@@ -565,6 +571,10 @@ def test_every_block_is_run_or_says_why_not() -> None:
             assert "labelled(" in (REPO / test_file).read_text(encoding="utf-8")
             continue
         if not block.language and str(block.path.relative_to(REPO)) in OUTPUT:
+            continue
+        runner = next((test for piece, test in RUN_BY.items() if piece in block.text), None)
+        if runner:
+            assert (REPO / runner).exists(), f"{block.where()}: {runner} should run it"
             continue
         if not any(piece in block.text for piece in NOT_RUN):
             unrun.append(f"{block.where()}: {block.text.splitlines()[0]}")
