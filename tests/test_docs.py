@@ -39,7 +39,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from fastaphlict.config import PeerConfig
-from support import TIMEOUT, child_env, local_config, running, scaled
+from support import TIMEOUT, child_env, local_config, require, running, scaled
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = (REPO / "README.md", *sorted((REPO / "docs").glob("*.md")))
@@ -146,6 +146,15 @@ def runnable(command: str) -> str:
     for program in re.findall(r"\.venv/bin/([\w.-]+)", command):
         assert (bin_dir / program).exists(), f"{program} is not in {bin_dir}"
     return command.replace(VENV_BIN, f"{bin_dir}/")
+
+
+def require_curl() -> None:
+    """Skip a test that runs the docs' ``curl`` lines without curl (fail it under ``CI``)."""
+    require(
+        shutil.which("curl") is not None,
+        "curl is not installed (Debian: apt-get install curl, or sh tests/install-deps.sh)",
+        "the docs' curl lines",
+    )
 
 
 def marked_commands() -> list[tuple[str, str]]:

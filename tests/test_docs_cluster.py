@@ -28,8 +28,8 @@ import pytest
 from websockets.asyncio.client import connect
 
 from redis_support import require_redis
-from support import TIMEOUT, Browser, child_env, eventually, require, scaled
-from test_docs import REPO, labelled, runnable
+from support import TIMEOUT, Browser, child_env, eventually, scaled
+from test_docs import REPO, labelled, require_curl, runnable
 
 #: Where the example keeps everything; the test owns it while it runs.
 DEMO = Path("/tmp/fastaphlict-demo")
@@ -105,7 +105,7 @@ def demo_cleaned_up(stop: str) -> Iterator[set[int]]:
 @pytest.mark.timeout(120)
 async def test_the_readme_two_node_cluster_runs_as_written() -> None:
     require_redis()
-    require(shutil.which("curl") is not None, "curl is not installed", "the README's curl lines")
+    require_curl()
     start, check, stop = (labelled(f"two-node {step}") for step in ("start", "check", "stop"))
     assert str(DEMO) in start.text and len(stop.commands) == 1
     healthz, broker_up, post, status = check.commands

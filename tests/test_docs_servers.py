@@ -30,7 +30,16 @@ import pytest
 
 from redis_support import RedisServer
 from support import SHUTDOWN, STARTUP, child_env, eventually, free_ports, scaled
-from test_docs import CONTRIB, INSTALLED, REPO, all_blocks, labelled, paths_under, runnable
+from test_docs import (
+    CONTRIB,
+    INSTALLED,
+    REPO,
+    all_blocks,
+    labelled,
+    paths_under,
+    require_curl,
+    runnable,
+)
 
 #: The keys of Aphlict's ``/status/``, which Phorge's Notification Servers page reads.
 STATUS_KEYS = {
@@ -120,6 +129,7 @@ async def stopped_by_sigterm(pidfile: Path, log: Path) -> None:
 
 @pytest.mark.timeout(90)
 async def test_the_migration_steps_run_as_written(tmp_path: Path) -> None:
+    require_curl()
     check, start, status = (labelled(f"migrate {step}") for step in ("check", "start", "status"))
     config_path = tmp_path / "aphlict.custom.json"
     config_path.write_text(moved(readme_config(), tmp_path))
