@@ -5,9 +5,13 @@
 # - redis-server at /usr/bin/redis-server, which the Redis tests start as
 #   their own throwaway servers on free ports (tests/redis_support.py).
 # Each is checked on its own and only what is missing is installed, with one
-# `apt-get update` before; with both there, nothing runs. This script starts
-# no service: the tests start the redis-server they use, and apt, where no
-# init system runs, starts none either.
+# `apt-get update` before; with all there, nothing runs. And for the docs'
+# tests (tests/test_docs*.py), which run what the docs tell an operator to:
+# curl at /usr/bin/curl, nginx at /usr/sbin/nginx (nginx -t, then a real
+# nginx in front of real servers) and logrotate at /usr/sbin/logrotate.
+# This script starts no service itself: the tests start the redis-server and
+# nginx they use; apt starts the packages' own services only where an init
+# system runs (systemd), and the tests do not use those.
 # Without root or sudo it says what to install by hand and exits 0: the tests
 # that need a missing program are then skipped, unless CI is set (then they fail).
 # INSTALL_DEPS_ROOT, if set, is prefixed to the checked paths
@@ -15,12 +19,12 @@
 set -eu
 root=${INSTALL_DEPS_ROOT:-}
 missing=""
-if [ ! -x "$root/usr/bin/chromium" ]; then
-    missing="$missing chromium"
-fi
-if [ ! -x "$root/usr/bin/redis-server" ]; then
-    missing="$missing redis-server"
-fi
+for wanted in chromium:/usr/bin/chromium redis-server:/usr/bin/redis-server \
+    curl:/usr/bin/curl nginx:/usr/sbin/nginx logrotate:/usr/sbin/logrotate; do
+    if [ ! -x "$root${wanted#*:}" ]; then
+        missing="$missing ${wanted%%:*}"
+    fi
+done
 if [ -z "$missing" ]; then
     exit 0
 fi

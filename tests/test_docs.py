@@ -5,6 +5,10 @@
   documented command and the tested one are the same text. The clone's
   ``.venv/bin/`` is read as the bin directory of the interpreter running the
   tests (the same directory when the tests run as the README says).
+- A block preceded by ``<!-- docs-test: LABEL -->`` is run by the test that
+  asks for that label with :func:`labelled` (the two-node cluster, the nginx
+  block, the logrotate entry: ``tests/test_docs_*.py``); no label may be left
+  unasked for.
 - Every other ``sh`` block is at least checked for programs called bare
   (``python``, ``pip``, ``fastaphlict``...) that a fresh clone does not put on
   ``PATH``.
@@ -12,6 +16,9 @@
 - The systemd units pass ``systemd-analyze verify``, and their ``ExecStart=``
   passes ``--test``: a renamed flag or a misspelt key fails here, not at a
   customer's ``systemctl start``.
+- Every JSON block is a ``notification.servers`` list that passes Phorge's
+  own checks of that setting, or an Aphlict config that passes ``--test``.
+- Every other block is run somewhere, or :data:`NOT_RUN` says why not.
 """
 
 from __future__ import annotations
@@ -32,13 +39,14 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from fastaphlict.config import PeerConfig
-from support import TIMEOUT, child_env, local_config, running, scaled
+from support import TIMEOUT, child_env, local_config, require, running, scaled
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = (REPO / "README.md", *sorted((REPO / "docs").glob("*.md")))
 DASHBOARD = REPO / "contrib" / "grafana-dashboard.json"
 
 MARKER = "<!-- docs-test -->"
+LABEL = re.compile(r"<!-- docs-test: ([\w -]+) -->")
 VENV_BIN = ".venv/bin/"
 
 #: Programs a fresh clone only has inside ``.venv/bin/``.
@@ -57,6 +65,8 @@ class Block:
     language: str
     marked: bool
     commands: tuple[str, ...]
+    label: str | None = None  # of a <!-- docs-test: LABEL --> line before it
+    text: str = ""  # the body, each line stripped of its indentation
 
     def where(self) -> str:
         return f"{self.path.relative_to(REPO)}:{self.line}"
@@ -82,7 +92,16 @@ def fenced_blocks(path: Path) -> Iterator[Block]:
             body.append(lines[index].strip())
             index += 1
         index += 1
-        yield Block(path, start + 1, language, previous == MARKER, tuple(_commands(body)))
+        label = LABEL.fullmatch(previous)
+        yield Block(
+            path,
+            start + 1,
+            language,
+            previous == MARKER,
+            tuple(_commands(body)),
+            label.group(1) if label else None,
+            "".join(line + "\n" for line in body),
+        )
 
 
 def _commands(body: list[str]) -> Iterator[str]:
@@ -110,6 +129,34 @@ def shell_blocks() -> list[Block]:
     return [b for path in DOCS for b in fenced_blocks(path) if b.language in ("sh", "bash")]
 
 
+def all_blocks() -> list[Block]:
+    return [block for path in DOCS for block in fenced_blocks(path)]
+
+
+def labelled(label: str) -> Block:
+    """The one block marked ``<!-- docs-test: LABEL -->``, for the test that runs it."""
+    found = [block for block in all_blocks() if block.label == label]
+    assert len(found) == 1, f"{len(found)} blocks labelled {label!r}, expected one"
+    return found[0]
+
+
+def runnable(command: str) -> str:
+    """A documented command with the clone's ``.venv/bin/`` read as this interpreter's."""
+    bin_dir = Path(sys.executable).parent
+    for program in re.findall(r"\.venv/bin/([\w.-]+)", command):
+        assert (bin_dir / program).exists(), f"{program} is not in {bin_dir}"
+    return command.replace(VENV_BIN, f"{bin_dir}/")
+
+
+def require_curl() -> None:
+    """Skip a test that runs the docs' ``curl`` lines without curl (fail it under ``CI``)."""
+    require(
+        shutil.which("curl") is not None,
+        "curl is not installed (Debian: apt-get install curl, or sh tests/install-deps.sh)",
+        "the docs' curl lines",
+    )
+
+
 def marked_commands() -> list[tuple[str, str]]:
     return [(b.where(), command) for b in shell_blocks() if b.marked for command in b.commands]
 
@@ -122,12 +169,8 @@ def test_docs_mark_some_commands_to_run() -> None:
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize(("where", "command"), marked_commands())
 def test_documented_command_runs(where: str, command: str) -> None:
-    bin_dir = Path(sys.executable).parent
-    runnable = command.replace(VENV_BIN, f"{bin_dir}/")
-    for program in re.findall(r"\.venv/bin/([\w.-]+)", command):
-        assert (bin_dir / program).exists(), f"{where}: {program} is not in {bin_dir}"
     done = subprocess.run(
-        ["sh", "-c", runnable],
+        ["sh", "-c", runnable(command)],
         cwd=REPO,
         env=child_env(),
         stdin=subprocess.DEVNULL,
@@ -344,3 +387,204 @@ def test_the_units_pass_systemd_analyze_verify(tmp_path: Path) -> None:
         if "fastaphlict" in line or str(tmp_path) in line
     ]
     assert done.returncode == 0 and not ours, "\n".join(ours) or done.stderr
+
+
+# -- JSON the docs tell an operator to use ------------------------------------------
+
+#: The keys Phorge reads from a ``notification.servers`` entry, with their types
+#: (``PhabricatorNotificationServersConfigType``: any other key is refused).
+PHORGE_KEYS = {"type": str, "host": str, "port": int, "protocol": str}
+PHORGE_OPTIONAL = {"path": str, "disabled": bool}
+
+
+def phorge_refuses(servers: object) -> list[str]:
+    """What Phorge's check of ``notification.servers`` says against ``servers``, if anything.
+
+    Its rules, in its order: a list of dictionaries, each with exactly the
+    keys it reads and their types, type ``admin`` or ``client``, protocol
+    ``http`` or ``https``, no ``path`` on an admin entry, no host and port
+    twice, and at least one enabled entry of each type.
+    """
+    if not isinstance(servers, list) or not all(isinstance(s, dict) for s in servers):
+        return ["not a list of dictionaries"]
+    errors, seen = [], set()
+    for index, spec in enumerate(servers):
+        allowed = {**PHORGE_KEYS, **PHORGE_OPTIONAL}
+        for key in sorted(spec.keys() - allowed.keys()):
+            errors.append(f"{index}: unknown key {key!r}")
+        for key, kind in allowed.items():
+            value = spec.get(key)
+            if key in PHORGE_KEYS and key not in spec:
+                errors.append(f"{index}: {key} missing")
+            elif key in spec and (
+                not isinstance(value, kind) or isinstance(value, bool) != (kind is bool)
+            ):
+                errors.append(f"{index}: {key} is not {kind.__name__}")
+        if spec.get("type") not in ("admin", "client"):
+            errors.append(f"{index}: type {spec.get('type')!r}")
+        if spec.get("protocol") not in ("http", "https"):
+            errors.append(f"{index}: protocol {spec.get('protocol')!r}")
+        if spec.get("type") == "admin" and spec.get("path"):
+            errors.append(f"{index}: an admin entry with a path")
+        where = (spec.get("host"), spec.get("port"))
+        if where in seen:
+            errors.append(f"{index}: {where} twice")
+        seen.add(where)
+    for kind in ("admin", "client"):
+        if servers and not any(s.get("type") == kind and not s.get("disabled") for s in servers):
+            errors.append(f"no enabled {kind} entry")
+    return errors
+
+
+@pytest.mark.parametrize(
+    "servers",
+    [
+        [{"type": "client", "host": "a", "port": 1, "protocol": "https", "ssl": True}],
+        [{"type": "client", "host": "a", "port": "1", "protocol": "https"}],
+        [{"type": "client", "host": "a", "port": 1, "protocol": "wss"}],
+        [{"type": "admin", "host": "a", "port": 1, "protocol": "http", "path": "/ws/"}],
+        [{"type": "client", "host": "a", "port": 1, "protocol": "http"}],
+        [
+            {"type": "client", "host": "a", "port": 1, "protocol": "http"},
+            {"type": "admin", "host": "a", "port": 1, "protocol": "http"},
+        ],
+        [
+            {"type": "client", "host": "a", "port": 1, "protocol": "http"},
+            {"type": "admin", "host": "a", "port": 2, "protocol": "http", "disabled": True},
+        ],
+        [
+            {"type": "client", "host": "a", "port": 1, "protocol": "http", "disabled": 0},
+            {"type": "admin", "host": "a", "port": 2, "protocol": "http"},
+        ],
+    ],
+)
+def test_the_phorge_check_refuses_what_phorge_refuses(servers: list[dict[str, object]]) -> None:
+    assert phorge_refuses(servers)
+
+
+def json_blocks() -> list[tuple[Block, object]]:
+    return [(b, json.loads(b.text)) for b in all_blocks() if b.language == "json"]
+
+
+def test_every_notification_servers_block_passes_phorges_check() -> None:
+    """Each list the docs give for ``notification.servers`` is one Phorge accepts."""
+    lists = [(block, value) for block, value in json_blocks() if isinstance(value, list)]
+    assert len(lists) >= 4, "the single server, behind nginx, the cluster, migrating"
+    for block, servers in lists:
+        assert not phorge_refuses(servers), (block.where(), phorge_refuses(servers))
+    cluster = [s for b, s in lists if sum(e["type"] == "admin" for e in s) > 1]  # type: ignore[index,union-attr]
+    assert cluster, "the cluster's list names one admin entry per node"
+
+
+def paths_under(config: str, root: Path) -> str:
+    """A JSON config's absolute paths under /var, /run and /etc moved under ``root``."""
+    return re.sub(r'"/((?:var|run|etc)/[^"]*)"', lambda m: json.dumps(f"{root}/{m[1]}"), config)
+
+
+def aphlict_configs() -> list[tuple[str, object]]:
+    """Every Aphlict config the docs and ``contrib/`` show, by where it is."""
+    found = [(b.where(), v) for b, v in json_blocks() if isinstance(v, dict)]
+    example = CONTRIB / "aphlict.example.json"
+    found.append((str(example.relative_to(REPO)), json.loads(example.read_text())))
+    return found
+
+
+def test_every_json_block_is_a_server_list_or_a_config() -> None:
+    """A JSON block of another kind would have no test: give it one here."""
+    for block, value in json_blocks():
+        assert isinstance(value, (list, dict)), block.where()
+
+
+@pytest.mark.parametrize(("where", "config"), aphlict_configs())
+def test_a_documented_config_passes_the_config_test(
+    where: str, config: dict[str, object], tmp_path: Path
+) -> None:
+    """``fastaphlict --test`` on the file as shown, its absolute paths moved under a scratch root.
+
+    Only the paths move (``--test`` checks that logs and pidfile can be
+    created there, which outside a scratch root needs root); every key and
+    value else is the documented one.
+    """
+    path = tmp_path / "aphlict.json"
+    path.write_text(paths_under(json.dumps(config), tmp_path))
+    done = subprocess.run(
+        [runnable(".venv/bin/fastaphlict"), "--test", f"--config={path}"],
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=scaled(60),
+    )
+    assert (done.returncode, done.stdout) == (0, "Configuration test OK.\n"), (where, done.stderr)
+
+
+# -- every block is run, or says why not -------------------------------------------
+
+#: Each ``<!-- docs-test: LABEL -->`` label, by its first word, and the test file running it.
+LABELLED_BY = {
+    "two-node": "tests/test_docs_cluster.py",
+    "nginx": "tests/test_docs_nginx.py",
+    "logrotate": "tests/test_docs_logrotate.py",
+    "migrate": "tests/test_docs_servers.py",
+    "broker": "tests/test_docs_servers.py",
+}
+
+#: Blocks no test here runs, by a piece of their text, and why. A new block
+#: is either run (marked, labelled, or JSON) or added here with its reason.
+NOT_RUN = {
+    # README
+    ".venv/bin/pip install . && .venv/bin/fastaphlict": "installs into the clone's own .venv"
+    " and serves in the foreground; CI's install phase runs the same install, and the"
+    " marked --test line checks the defaults it serves",
+    "sh tests/install-deps.sh && python3 -m venv .venv": ".ci/run runs it verbatim"
+    " (test_readme_keeps_the_ci_test_command)",
+    "pytest benchmarks/test_broker.py --benchmark-only": "a benchmark of minutes;"
+    " CI's benchmarks phase runs every scenario quick",
+    "docker build -t fastaphlict .": "needs a Docker daemon and the python base image"
+    " from Docker Hub, neither reachable where the tests run",
+    # docs/benchmarks.md: full runs take minutes; CI runs each scenario quick
+    "pytest benchmarks/ --benchmark-only            # full run": "a full benchmark run",
+    "PYTHONPATH=src .venv/bin/python -m pytest benchmarks/": "a full benchmark run",
+    "--scenario targeted --sockets 10000": "needs a server running on the default ports",
+    'git -C "$PHORGE" archive': "needs a Phorge checkout and Node",
+    "--scenario storm --history 1000 --server-pid PID": "placeholders for a running server",
+    "--scenario broker --sockets 8000 --messages 4000 --windows 10 --json": "a benchmark"
+    " of minutes",
+    "--broker-remote-every 1000": "a benchmark of minutes",
+    "pytest benchmarks/test_broker.py -k warm": "a benchmark of minutes",
+    "pytest benchmarks/test_restart.py --benchmark-only": "a benchmark of minutes",
+    # docs/development.md
+    "pip install -e '.[test]' Cython setuptools wheel": "reinstalls the clone's own .venv",
+    ".venv/bin/python -m pytest -q\n": "the suite itself, which CI runs",
+    "FASTAPHLICT_NODE_APHLICT=/path/to/phorge": "needs Phorge's Node Aphlict",
+}
+
+#: Blocks that a test finds by their text rather than a label, and that test.
+RUN_BY = {
+    "ACL SETUSER fastaphlict": "tests/test_broker.py",
+    "sentinel monitor mymaster": "tests/test_sentinel.py",
+    "FASTAPHLICT_BROKER='redis+sentinel://": "tests/test_sentinel.py",
+}
+
+#: Fenced blocks without a language that hold output, not something to run.
+OUTPUT = ("docs/benchmarks.md",)
+
+
+def test_every_block_is_run_or_says_why_not() -> None:
+    unrun = []
+    for block in all_blocks():
+        if block.marked or block.language == "json":
+            continue
+        if block.label:
+            test_file = LABELLED_BY.get(block.label.split()[0])
+            assert test_file, f"{block.where()}: no test for label {block.label!r}"
+            assert "labelled(" in (REPO / test_file).read_text(encoding="utf-8")
+            continue
+        if not block.language and str(block.path.relative_to(REPO)) in OUTPUT:
+            continue
+        runner = next((test for piece, test in RUN_BY.items() if piece in block.text), None)
+        if runner:
+            assert (REPO / runner).exists(), f"{block.where()}: {runner} should run it"
+            continue
+        if not any(piece in block.text for piece in NOT_RUN):
+            unrun.append(f"{block.where()}: {block.text.splitlines()[0]}")
+    assert not unrun, "run these in a test, or say in NOT_RUN why not:\n" + "\n".join(unrun)

@@ -2,8 +2,8 @@
 
 It runs here with stand-ins for ``id``, ``sudo`` and ``apt-get`` first on a
 ``PATH`` of their own, which record how they were called, and with
-``INSTALL_DEPS_ROOT`` pointing at a scratch tree where ``usr/bin/chromium``
-and ``usr/bin/redis-server`` exist or not.
+``INSTALL_DEPS_ROOT`` pointing at a scratch tree where each program of
+:data:`PROGRAMS` exists or not.
 """
 
 from __future__ import annotations
@@ -18,6 +18,16 @@ from support import scaled
 
 SCRIPT = Path(__file__).resolve().with_name("install-deps.sh")
 
+#: Each Debian package the script installs, and where it puts the program checked for.
+PROGRAMS = {
+    "chromium": "usr/bin/chromium",
+    "redis-server": "usr/bin/redis-server",
+    "curl": "usr/bin/curl",
+    "nginx": "usr/sbin/nginx",
+    "logrotate": "usr/sbin/logrotate",
+}
+ALL = " ".join(PROGRAMS)
+
 #: Each stand-in logs ``name args... DEBIAN_FRONTEND=...`` to $CALLS.
 STUB = '#!/bin/sh\necho "{name} $* DEBIAN_FRONTEND=${{DEBIAN_FRONTEND:-}}" >> "$CALLS"\n'
 
@@ -26,10 +36,10 @@ def run(
     tmp_path: Path, *, present: tuple[str, ...], uid: int, sudo: bool, apt_fails: bool = False
 ) -> tuple[subprocess.CompletedProcess[str], list[str]]:
     root, bin_dir, calls = tmp_path / "root", tmp_path / "bin", tmp_path / "calls"
-    (root / "usr" / "bin").mkdir(parents=True)
     bin_dir.mkdir()
     for program in present:
-        path = root / "usr" / "bin" / program
+        path = root / PROGRAMS[program]
+        path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("#!/bin/sh\n")
         path.chmod(0o755)
     stubs = {
@@ -56,18 +66,22 @@ UPDATE = "apt-get update -qq DEBIAN_FRONTEND="
 INSTALL = "apt-get install -y -qq {} DEBIAN_FRONTEND=noninteractive"
 
 
+def others(*absent: str) -> tuple[str, ...]:
+    return tuple(p for p in PROGRAMS if p not in absent)
+
+
 @pytest.mark.parametrize("uid", [0, 1000])
-def test_nothing_runs_when_both_are_installed(tmp_path: Path, uid: int) -> None:
-    done, calls = run(tmp_path, present=("chromium", "redis-server"), uid=uid, sudo=True)
+def test_nothing_runs_when_all_are_installed(tmp_path: Path, uid: int) -> None:
+    done, calls = run(tmp_path, present=tuple(PROGRAMS), uid=uid, sudo=True)
     assert (done.returncode, calls, done.stderr) == (0, [], "")
 
 
 @pytest.mark.parametrize(
     ("present", "packages"),
     [
-        (("chromium",), "redis-server"),
-        (("redis-server",), "chromium"),
-        ((), "chromium redis-server"),
+        *[(others(program), program) for program in PROGRAMS],
+        (others("chromium", "nginx"), "chromium nginx"),
+        ((), ALL),
     ],
 )
 def test_as_root_it_installs_only_what_is_missing(
@@ -85,21 +99,20 @@ def test_through_sudo_non_interactively(tmp_path: Path) -> None:
         "sudo apt-get update -qq DEBIAN_FRONTEND=",
         UPDATE,
         # DEBIAN_FRONTEND goes through sudo's env_reset inside the command.
-        "sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium redis-server"
-        " DEBIAN_FRONTEND=",
-        INSTALL.format("chromium redis-server"),
+        f"sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq {ALL} DEBIAN_FRONTEND=",
+        INSTALL.format(ALL),
     ]
 
 
 def test_without_root_or_sudo_it_says_what_to_install_and_succeeds(tmp_path: Path) -> None:
-    done, calls = run(tmp_path, present=("chromium",), uid=1000, sudo=False)
+    done, calls = run(tmp_path, present=others("redis-server"), uid=1000, sudo=False)
     assert (done.returncode, calls) == (0, [])
-    assert "apt-get install redis-server" in done.stderr
+    assert "apt-get install redis-server)" in done.stderr
     assert "chromium" not in done.stderr.replace("install-deps:", "")
     assert "skipped" in done.stderr and "CI" in done.stderr
 
 
 def test_a_failed_install_fails_the_script(tmp_path: Path) -> None:
-    done, calls = run(tmp_path, present=("chromium",), uid=0, sudo=False, apt_fails=True)
+    done, calls = run(tmp_path, present=others("nginx"), uid=0, sudo=False, apt_fails=True)
     assert done.returncode != 0
     assert calls == [UPDATE]
