@@ -1,0 +1,323 @@
+"""Redis Sentinel, end to end: a primary, a replica, three sentinels, real nodes.
+
+Every process is real: ``redis-server`` as primary and replica, three
+``redis-server --sentinel`` (quorum 2, the primary counted down after one
+silent second), and fastaphlict nodes given ``redis+sentinel://`` in
+``FASTAPHLICT_BROKER``.
+
+The failover test makes the loss Redis' asynchronous replication allows
+happen every time, not by luck: the replica replicates through a
+:class:`StallProxy`, which stops forwarding for half a second before the
+primary is killed with SIGKILL, so the messages the primary acknowledged in
+that half second never reach the replica that the sentinels then promote.
+The nodes must publish them again, and nobody may get one twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from websockets.asyncio.client import connect
+
+from redis_support import (
+    RedisServer,
+    SentinelServer,
+    StallProxy,
+    require_redis,
+    sentinel_url,
+    wait_replicating,
+    wait_sentinels_ready,
+)
+from support import (
+    TIMEOUT,
+    Browser,
+    ServerProcess,
+    assert_silent,
+    launch,
+    metric,
+    post,
+    scaled,
+    stop,
+    wait_healthy,
+)
+
+pytestmark = pytest.mark.timeout(60)
+
+#: Fast failure detection for tests: probes every 0.2 s, 0.5 s per Redis call.
+FAST = ("--broker-probe-interval=0.2", "--broker-timeout=0.5")
+#: A primary silent this long is down (the sentinels' ``down-after-milliseconds``).
+DOWN_AFTER_MS = int(scaled(1.0) * 1000)
+#: Sentinel's ``failover-timeout``: long, because it also delays Sentinel's
+#: "fix" of a replica that replicates through an address it does not know
+#: (the stalling proxy here); a failover itself takes a few seconds.
+FAILOVER_TIMEOUT_MS = int(scaled(30.0) * 1000)
+#: Posts a second, to alternating nodes, as the issue's test asks.
+RATE = 20
+#: How long the replication link stalls before the primary is killed.
+STALL = 0.5
+#: From the kill until both nodes publish on the new primary.
+FAILOVER_WITHIN = scaled(25.0)
+
+PHID = "PHID-USER-1"
+
+
+class Group:
+    """A primary, a replica (through ``link``) and three sentinels; stopped on exit."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.tmp_path = tmp_path
+        self.primary = RedisServer(tmp_path / "primary")
+        self.replica: RedisServer | None = None
+        self.sentinels: list[SentinelServer] = []
+
+    def all(self) -> list[RedisServer]:
+        return [self.primary, *([self.replica] if self.replica else []), *self.sentinels]
+
+    def stop(self) -> None:
+        for server in self.all():
+            server.stop()
+
+
+@contextlib.contextmanager
+def stopping(group: Group) -> Iterator[Group]:
+    try:
+        yield group
+    finally:
+        group.stop()
+
+
+async def start_group(group: Group, replicate_from: int | None = None, **sentinel: Any) -> None:
+    """Start the primary, the replica (from ``replicate_from``, default the primary) and
+    three sentinels, and wait until a failover could happen."""
+    if not group.primary.running:
+        group.primary.start()
+    port = replicate_from or group.primary.port
+    group.replica = RedisServer(
+        group.tmp_path / "replica", args=["--replicaof", "127.0.0.1", str(port)]
+    ).start()
+    # In threads: a proxy in between needs this loop to keep running.
+    await asyncio.to_thread(wait_replicating, group.replica)
+    for n in range(3):
+        group.sentinels.append(
+            SentinelServer(
+                group.tmp_path / f"sentinel{n}",
+                group.primary.port,
+                down_after_ms=DOWN_AFTER_MS,
+                failover_timeout_ms=FAILOVER_TIMEOUT_MS,
+                **sentinel,
+            ).start()
+        )
+    await asyncio.to_thread(wait_sentinels_ready, group.sentinels)
+
+
+@pytest.fixture
+def nodes(tmp_path: Path) -> Iterator[Any]:
+    started: list[ServerProcess] = []
+
+    def start(name: str, env: dict[str, str]) -> ServerProcess:
+        server = launch(tmp_path / f"{name}.log", *FAST, env=env)
+        started.append(server)
+        return server
+
+    yield start
+    stop(*started)
+
+
+@contextlib.asynccontextmanager
+async def tab(server: ServerProcess, *phids: str) -> AsyncIterator[Browser]:
+    async with connect(f"{server.client_url}/", open_timeout=TIMEOUT) as ws:
+        browser = Browser(ws)
+        await browser.subscribe(*phids)
+        yield browser
+
+
+async def metrics_text(session: aiohttp.ClientSession, server: ServerProcess) -> str:
+    async with session.get(f"{server.admin_url}/metrics") as resp:
+        return await resp.text()
+
+
+async def until(check: Any, what: str, within: float) -> None:
+    deadline = asyncio.get_running_loop().time() + within
+    while not await check():
+        assert asyncio.get_running_loop().time() < deadline, f"{what}: not within {within:g} s"
+        await asyncio.sleep(0.05)
+
+
+async def on_primary(session: aiohttp.ClientSession, where: str, *servers: ServerProcess) -> bool:
+    """Whether every server's ``/metrics`` names ``where`` as the primary in use."""
+    line = f'fastaphlict_broker_primary{{address="{where}"}} 1.0'
+    for server in servers:
+        if line not in (await metrics_text(session, server)).splitlines():
+            return False
+    return True
+
+
+async def up(session: aiohttp.ClientSession, *servers: ServerProcess) -> bool:
+    for server in servers:
+        if await metric(session, server.admin_url, "fastaphlict_broker_up") != 1:
+            return False
+    return True
+
+
+async def collect(browser: Browser, ends: set[str]) -> list[str]:
+    """The keys ``browser`` gets until it has every key of ``ends``."""
+    keys: list[str] = []
+    waiting = set(ends)
+    while waiting:
+        frame = await asyncio.wait_for(browser.ws.recv(), FAILOVER_WITHIN + TIMEOUT)
+        message = json.loads(frame)
+        assert message.get("type") == "notification", message
+        keys.append(message["key"])
+        waiting.discard(message["key"])
+    return keys
+
+
+def check_each_once_in_order(keys: list[str], posted: dict[str, list[str]], where: str) -> None:
+    """Every posted key once, and each origin's keys in the order that origin accepted them."""
+    repeated = sorted({k for k in keys if keys.count(k) > 1})
+    assert not repeated, f"{where}: delivered more than once: {repeated}"
+    expected = {k for origin in posted.values() for k in origin}
+    missing, unexpected = sorted(expected - set(keys)), sorted(set(keys) - expected)
+    assert not missing and not unexpected, f"{where}: missing {missing}, unexpected {unexpected}"
+    for origin, sent in posted.items():
+        assert [k for k in keys if k in set(sent)] == sent, f"{where}: {origin}'s out of order"
+
+
+def logs(*servers: ServerProcess | RedisServer) -> str:
+    return "\n".join(f"--- {s.log_path}:\n{s.log()[-4000:]}" for s in servers)
+
+
+async def test_a_primary_killed_mid_stream_loses_nothing_and_repeats_nothing(
+    tmp_path: Path, nodes: Any
+) -> None:
+    """The issue's test: 20 posts/s to alternating nodes, SIGKILL of the primary mid-stream.
+
+    The replication link stalls before the kill, so the primary dies holding
+    acknowledged messages the replica never got. Each tab on each node gets
+    every message once, in order per origin; a node started after the
+    failover replays every one of them from the new primary's history.
+    """
+    require_redis()
+    group = Group(tmp_path)
+    with stopping(group):
+        group.primary.start()
+        async with StallProxy("127.0.0.1", group.primary.port) as link:
+            await start_group(group, replicate_from=link.port)
+            assert group.replica is not None
+            old, new = f"127.0.0.1:{group.primary.port}", f"127.0.0.1:{group.replica.port}"
+            env = {"FASTAPHLICT_BROKER": sentinel_url(group.sentinels)}
+            a, b = nodes("a", env), nodes("b", env)
+            async with aiohttp.ClientSession() as session:
+                try:
+                    await wait_healthy(a, session)
+                    await wait_healthy(b, session)
+                    await until(lambda: up(session, a, b), "both nodes up", scaled(15.0))
+                    await failover_mid_stream(session, group, link, a, b, nodes, env, old, new)
+                except (AssertionError, TimeoutError, asyncio.TimeoutError) as exc:
+                    raise AssertionError(f"{exc}\n{logs(a, b, *group.sentinels)}") from exc
+
+
+async def failover_mid_stream(
+    session: aiohttp.ClientSession,
+    group: Group,
+    link: StallProxy,
+    a: ServerProcess,
+    b: ServerProcess,
+    nodes: Any,
+    env: dict[str, str],
+    old: str,
+    new: str,
+) -> None:
+    posted: dict[str, list[str]] = {"a": [], "b": []}
+    ends = {"end-a", "end-b"}
+    async with tab(a, PHID) as ta, tab(b, PHID) as tb:
+        readers = [asyncio.create_task(collect(t, ends)) for t in (ta, tb)]
+        try:
+            got = await post_through_a_failover(session, group, link, a, b, posted, readers, new)
+        finally:
+            for reader in readers:
+                reader.cancel()
+        for browser in (ta, tb):
+            await assert_silent(browser)
+    for name, keys in zip("ab", got, strict=True):
+        check_each_once_in_order(keys, posted, f"the tab on {name}")
+    # What the old primary alone had was published again, and only it is
+    # in the new primary's history once more: a node started now replays
+    # the whole stream, each message once.
+    c = nodes("c", env)
+    await wait_healthy(c, session)
+    await until(lambda: up(session, c), "node c up", scaled(15.0))
+    async with tab(c, PHID) as tc:
+        await tc.send("replay", {"age": 60000})
+        await tc.send("ping", None)
+        replayed = []
+        while (frame := await tc.recv_raw()) != '{"type":"pong"}':
+            replayed.append(json.loads(frame)["key"])
+    check_each_once_in_order(replayed, posted, "the replay on a node started after the failover")
+    for server in (a, b):
+        text = await metrics_text(session, server)
+        assert "fastaphlict_broker_primary_changes_total 1.0" in text.splitlines()
+        assert await metric(session, server.admin_url, "fastaphlict_broker_republished_total") > 0
+        assert f"broker primary is now {new} (was {old})" in server.log()
+
+
+async def post_through_a_failover(
+    session: aiohttp.ClientSession,
+    group: Group,
+    link: StallProxy,
+    a: ServerProcess,
+    b: ServerProcess,
+    posted: dict[str, list[str]],
+    readers: list[asyncio.Task[list[str]]],
+    new: str,
+) -> list[list[str]]:
+    """Post at RATE to alternating nodes; stall the replication, kill the primary, go on."""
+    counter = itertools.count()
+
+    async def post_one() -> None:
+        n = next(counter)
+        origin, server = ("a", a) if n % 2 == 0 else ("b", b)
+        key = f"{origin}{n}"
+        resp = await post(
+            session,
+            server.admin_url,
+            {"key": key, "type": "notification", "subscribers": [PHID]},
+        )
+        assert resp.status == 200, key
+        posted[origin].append(key)
+
+    async def post_for(seconds: float) -> None:
+        for _ in range(round(seconds * RATE)):
+            await post_one()
+            await asyncio.sleep(1 / RATE)
+
+    await post_for(1.0)
+    link.stall()  # the replica gets nothing more: the primary alone acknowledges
+    await post_for(STALL)
+    group.primary.kill()
+    link.cut()  # what the proxy held dies with the primary
+    # Posts go on through the failover, until both nodes publish to the new primary.
+    deadline = asyncio.get_running_loop().time() + FAILOVER_WITHIN
+    while True:
+        await post_for(0.5)
+        if await on_primary(session, new, a, b) and await up(session, a, b):
+            break
+        assert asyncio.get_running_loop().time() < deadline, "no failover in time"
+    await post_for(1.0)
+    for origin, server in (("a", a), ("b", b)):
+        resp = await post(
+            session,
+            server.admin_url,
+            {"key": f"end-{origin}", "type": "notification", "subscribers": [PHID]},
+        )
+        assert resp.status == 200
+        posted[origin].append(f"end-{origin}")
+    return list(await asyncio.gather(*readers))
