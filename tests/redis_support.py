@@ -486,6 +486,8 @@ class SentinelServer(RedisServer):
     agree the primary is down; ``down_after_ms`` is how long it must be
     silent. ``password`` is the sentinel's own (``requirepass``);
     ``auth_pass`` is the data password it uses on the primary and replicas.
+    ``conf`` replaces the ``sentinel ...`` lines built from those (a config
+    as the README shows it); ``password`` must then repeat its ``requirepass``.
     """
 
     def __init__(
@@ -499,8 +501,12 @@ class SentinelServer(RedisServer):
         failover_timeout_ms: int = 3000,
         password: str | None = None,
         auth_pass: str | None = None,
+        conf: Sequence[str] | None = None,
     ) -> None:
         super().__init__(directory, password=password)
+        #: Sentinel config lines used instead of the ones built from the
+        #: arguments (the port, the directory and the log file are added).
+        self.conf = None if conf is None else tuple(conf)
         self.primary_port = primary_port
         self.service = service
         self.quorum = quorum
@@ -519,18 +525,27 @@ class SentinelServer(RedisServer):
                 "protected-mode no",
                 f"dir {self.directory}",
                 f"logfile {self.log_path}",
-                f"sentinel monitor {self.service} 127.0.0.1 {self.primary_port} {self.quorum}",
-                f"sentinel down-after-milliseconds {self.service} {self.down_after_ms}",
-                f"sentinel failover-timeout {self.service} {self.failover_timeout_ms}",
-                f"sentinel parallel-syncs {self.service} 1",
             ]
-            if self.password is not None:
-                lines.append(f"requirepass {self.password}")
-            if self.auth_pass is not None:
-                lines.append(f"sentinel auth-pass {self.service} {self.auth_pass}")
+            if self.conf is not None:
+                lines += self.conf
+            else:
+                lines += self._monitor_lines()
             self.conf_path.write_text("\n".join(lines) + "\n")
             self._conf_port = self.port
         return [self.executable, str(self.conf_path), "--sentinel"]
+
+    def _monitor_lines(self) -> list[str]:
+        lines = [
+            f"sentinel monitor {self.service} 127.0.0.1 {self.primary_port} {self.quorum}",
+            f"sentinel down-after-milliseconds {self.service} {self.down_after_ms}",
+            f"sentinel failover-timeout {self.service} {self.failover_timeout_ms}",
+            f"sentinel parallel-syncs {self.service} 1",
+        ]
+        if self.password is not None:
+            lines.append(f"requirepass {self.password}")
+        if self.auth_pass is not None:
+            lines.append(f"sentinel auth-pass {self.service} {self.auth_pass}")
+        return lines
 
     def primary(self) -> tuple[str, int]:
         """Where this sentinel says the primary is."""

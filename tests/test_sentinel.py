@@ -19,7 +19,11 @@ import asyncio
 import contextlib
 import itertools
 import json
-from collections.abc import AsyncIterator, Iterator
+import re
+import shlex
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +32,7 @@ import pytest
 from websockets.asyncio.client import connect
 
 from redis_support import (
+    SERVICE,
     RedisServer,
     SentinelServer,
     StallProxy,
@@ -41,6 +46,7 @@ from support import (
     Browser,
     ServerProcess,
     assert_silent,
+    child_env,
     launch,
     metric,
     post,
@@ -70,11 +76,16 @@ PHID = "PHID-USER-1"
 
 
 class Group:
-    """A primary, a replica (through ``link``) and three sentinels; stopped on exit."""
+    """A primary, a replica and three sentinels; stopped on exit.
 
-    def __init__(self, tmp_path: Path) -> None:
+    ``password`` is the data password (``requirepass`` and ``masterauth``).
+    """
+
+    def __init__(self, tmp_path: Path, password: str | None = None) -> None:
         self.tmp_path = tmp_path
-        self.primary = RedisServer(tmp_path / "primary")
+        self.password = password
+        auth = [] if password is None else ["--masterauth", password]
+        self.primary = RedisServer(tmp_path / "primary", password=password, args=auth)
         self.replica: RedisServer | None = None
         self.sentinels: list[SentinelServer] = []
 
@@ -94,14 +105,23 @@ def stopping(group: Group) -> Iterator[Group]:
         group.stop()
 
 
-async def start_group(group: Group, replicate_from: int | None = None, **sentinel: Any) -> None:
+async def start_group(
+    group: Group,
+    replicate_from: int | None = None,
+    conf: Callable[[int], list[str]] | None = None,
+    sentinel_password: str | None = None,
+) -> None:
     """Start the primary, the replica (from ``replicate_from``, default the primary) and
-    three sentinels, and wait until a failover could happen."""
+    three sentinels (``conf(primary_port)`` their config lines, if given), and wait
+    until a failover could happen."""
     if not group.primary.running:
         group.primary.start()
     port = replicate_from or group.primary.port
+    auth = [] if group.password is None else ["--masterauth", group.password]
     group.replica = RedisServer(
-        group.tmp_path / "replica", args=["--replicaof", "127.0.0.1", str(port)]
+        group.tmp_path / "replica",
+        password=group.password,
+        args=["--replicaof", "127.0.0.1", str(port), *auth],
     ).start()
     # In threads: a proxy in between needs this loop to keep running.
     await asyncio.to_thread(wait_replicating, group.replica)
@@ -112,7 +132,8 @@ async def start_group(group: Group, replicate_from: int | None = None, **sentine
                 group.primary.port,
                 down_after_ms=DOWN_AFTER_MS,
                 failover_timeout_ms=FAILOVER_TIMEOUT_MS,
-                **sentinel,
+                password=sentinel_password,
+                conf=None if conf is None else conf(group.primary.port),
             ).start()
         )
     await asyncio.to_thread(wait_sentinels_ready, group.sentinels)
@@ -321,3 +342,125 @@ async def post_through_a_failover(
         assert resp.status == 200
         posted[origin].append(f"end-{origin}")
     return list(await asyncio.gather(*readers))
+
+
+# -- the README's example ------------------------------------------------------------
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def readme_block(name: str) -> list[str]:
+    """The lines of the README's fenced block marked ``<!-- sentinel-example: name -->``."""
+    lines = README.read_text(encoding="utf-8").splitlines()
+    start = lines.index(f"<!-- sentinel-example: {name} -->") + 1
+    assert lines[start].startswith("```"), f"no block after the {name} marker"
+    end = lines.index("```", start + 1)
+    return lines[start + 1 : end]
+
+
+def readme_node_env(sentinels: list[SentinelServer]) -> tuple[dict[str, str], list[str]]:
+    """The README's node command: its variables (sentinels moved here) and its words."""
+    command = " ".join(line.rstrip("\\").strip() for line in readme_block("node"))
+    words = shlex.split(command)
+    env = {}
+    while "=" in words[0] and not words[0].startswith("/"):
+        name, _, value = words.pop(0).partition("=")
+        env[name] = value
+    addresses = iter(f"127.0.0.1:{s.port}" for s in sentinels)
+    env["FASTAPHLICT_BROKER"] = re.sub(
+        r"10\.0\.0\.\d+:26379", lambda _: next(addresses), env["FASTAPHLICT_BROKER"]
+    )
+    return env, words
+
+
+def readme_sentinel_conf(primary_port: int) -> list[str]:
+    """The README's sentinel config, for a primary on ``127.0.0.1:primary_port``."""
+    conf = readme_block("sentinel.conf")
+    assert conf[0] == "port 26379"  # each test sentinel gets a free port instead
+    return [line.replace("10.0.0.11 6379", f"127.0.0.1 {primary_port}") for line in conf[1:]]
+
+
+def conf_value(key: str) -> str:
+    """The last word of the README sentinel config's line starting with ``key``."""
+    [line] = [line for line in readme_block("sentinel.conf") if line.startswith(key + " ")]
+    return line.split()[-1]
+
+
+async def test_the_readme_sentinel_example_runs_and_follows_a_failover(
+    tmp_path: Path, nodes: Any
+) -> None:
+    """The README's sentinel config and node command, run as written (addresses aside).
+
+    Two nodes deliver to each other's tabs; a manual failover (``SENTINEL
+    FAILOVER``: the old primary stays up, as a demoted one would) moves both
+    to the new primary; a node without the sentinels' password is refused,
+    and no log holds either password.
+    """
+    require_redis()
+    data_password = conf_value("sentinel auth-pass")
+    sentinel_password = conf_value("requirepass")
+    group = Group(tmp_path, password=data_password)
+    with stopping(group):
+        await start_group(group, conf=readme_sentinel_conf, sentinel_password=sentinel_password)
+        assert group.replica is not None
+        env, words = readme_node_env(group.sentinels)
+        assert words[0].endswith("/fastaphlict") and words[1].startswith("--config=")
+        assert env["FASTAPHLICT_BROKER_SENTINEL_PASSWORD"] == sentinel_password
+        checked = subprocess.run(
+            [sys.executable, "-m", "fastaphlict", "--test"],
+            env={**child_env(), **env},
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT,
+        )
+        assert checked.returncode == 0 and checked.stdout == "Configuration test OK.\n", checked
+        # The README's command, with the test's own ports instead of its config file.
+        a, b = nodes("a", env), nodes("b", env)
+        async with aiohttp.ClientSession() as session:
+            try:
+                await wait_healthy(a, session)
+                await wait_healthy(b, session)
+                await until(lambda: up(session, a, b), "both nodes up", scaled(15.0))
+                assert await on_primary(session, f"127.0.0.1:{group.primary.port}", a, b)
+                async with tab(a, PHID) as ta, tab(b, PHID) as tb:
+                    await deliver_both_ways(session, a, b, ta, tb, "before")
+                    group.sentinels[0].command("SENTINEL", "FAILOVER", SERVICE)
+                    new = f"127.0.0.1:{group.replica.port}"
+                    await until(
+                        lambda: on_primary(session, new, a, b),
+                        "both on the new primary",
+                        scaled(20.0),
+                    )
+                    await until(lambda: up(session, a, b), "both nodes up", scaled(15.0))
+                    await deliver_both_ways(session, a, b, ta, tb, "after")
+                without = {k: v for k, v in env.items() if "SENTINEL" not in k}
+                d = nodes("d", without)
+                await wait_healthy(d, session)
+                assert await metric(session, d.admin_url, "fastaphlict_broker_up") == 0
+            except (AssertionError, TimeoutError, asyncio.TimeoutError) as exc:
+                raise AssertionError(f"{exc}\n{logs(a, b, *group.sentinels)}") from exc
+        assert "unreachable at start" in d.log() and "NOAUTH" in d.log(), d.log()
+        for server in (a, b, d):
+            assert data_password not in server.log() and sentinel_password not in server.log()
+
+
+async def deliver_both_ways(
+    session: aiohttp.ClientSession,
+    a: ServerProcess,
+    b: ServerProcess,
+    ta: Browser,
+    tb: Browser,
+    tag: str,
+) -> None:
+    """A post to each node reaches both tabs, once each (then nothing else is pending)."""
+    for origin, server in (("a", a), ("b", b)):
+        resp = await post(
+            session,
+            server.admin_url,
+            {"key": f"{tag}-{origin}", "type": "notification", "subscribers": [PHID]},
+        )
+        assert resp.status == 200
+    for browser in (ta, tb):
+        keys = sorted([(await browser.recv())["key"] for _ in range(2)])
+        assert keys == [f"{tag}-a", f"{tag}-b"]
+        await assert_silent(browser)

@@ -316,7 +316,7 @@ class Broker:
         self._down_since: float | None = None
         self._ever_up = False
         self._dropping = False
-        #: Why the prober closed the subscription (a stall), for the log line.
+        #: Why the subscription was closed on purpose (a stall, a new primary), for the log line.
         self._stall: Exception | None = None
         #: The last publish attempt failed (Redis unreachable, or timing out).
         self._publish_failing = False
@@ -580,9 +580,15 @@ class Broker:
         log.warning("broker primary is now %s (was %s)", where, was)
         # The connections still on the old primary follow (a new connection
         # is not yet either of these).
-        for conn in (self._command, self._subscription):
-            if conn is not None:
-                conn.close()
+        self._leave_primary(f"the primary moved to {where}")
+
+    def _leave_primary(self, why: str) -> None:
+        """Close the command connection and the subscription: they reconnect to the primary."""
+        if self._subscription is not None:
+            self._stall = RedisError(why)  # the reason the subscriber logs
+            self._subscription.close()
+        if self._command is not None:
+            self._command.close()
 
     def _on_switch(self, host: str, port: int) -> None:
         """A sentinel announced a failover: move now, not at the next failure."""
@@ -590,9 +596,7 @@ class Broker:
         if where == self.primary:
             return
         log.info("broker: the sentinels announce %s as the new primary", where)
-        for conn in (self._command, self._subscription):
-            if conn is not None:
-                conn.close()
+        self._leave_primary(f"the sentinels announced {where} as the new primary")
         self._switched.set()
         self._stop_backoff.set()
         self._wakeup.set()
