@@ -143,8 +143,8 @@ async def start_group(
 def nodes(tmp_path: Path) -> Iterator[Any]:
     started: list[ServerProcess] = []
 
-    def start(name: str, env: dict[str, str]) -> ServerProcess:
-        server = launch(tmp_path / f"{name}.log", *FAST, env=env)
+    def start(name: str, env: dict[str, str], *args: str) -> ServerProcess:
+        server = launch(tmp_path / f"{name}.log", *FAST, *args, env=env)
         started.append(server)
         return server
 
@@ -464,3 +464,76 @@ async def deliver_both_ways(
         keys = sorted([(await browser.recv())["key"] for _ in range(2)])
         assert keys == [f"{tag}-a", f"{tag}-b"]
         await assert_silent(browser)
+
+
+# -- sentinels down, and a sentinel that names a replica ---------------------------
+
+
+async def until_logged(server: ServerProcess, text: str, within: float = scaled(15.0)) -> None:
+    async def check() -> bool:
+        return text in server.log()
+
+    await until(check, f"{text!r} in {server.log_path.name}\n{server.log()}", within)
+
+
+async def test_another_sentinel_answers_and_none_answering_means_down_until_one_is_back(
+    tmp_path: Path, nodes: Any
+) -> None:
+    """The first sentinel of the URL is down: the next answers. All down: the broker is
+    down (posts buffered) when its connection goes, and back when one sentinel is."""
+    require_redis()
+    group = Group(tmp_path)
+    with stopping(group):
+        await start_group(group)
+        group.sentinels[0].stop()
+        env = {"FASTAPHLICT_BROKER": sentinel_url(group.sentinels)}
+        # At debug level, each failed attempt is logged with its reason.
+        a, b = nodes("a", env, "--log-level=debug"), nodes("b", env)
+        async with aiohttp.ClientSession() as session:
+            try:
+                await wait_healthy(a, session)
+                await wait_healthy(b, session)
+                await until(lambda: up(session, a, b), "both nodes up", scaled(15.0))
+                async with tab(a, PHID) as ta, tab(b, PHID) as tb:
+                    await deliver_both_ways(session, a, b, ta, tb, "one-down")
+                    for sentinel in group.sentinels[1:]:
+                        sentinel.stop()
+                    # The primary restarts (same port, same data): the nodes must ask again.
+                    group.primary.stop()
+                    group.primary.start()
+                    # The primary is back, but only the sentinels may say so.
+                    await until_logged(a, "still down: RedisError: no sentinel answered")
+                    assert await metric(session, a.admin_url, "fastaphlict_broker_up") == 0
+                    resp = await post(
+                        session,
+                        a.admin_url,
+                        {"key": "while-down", "type": "notification", "subscribers": [PHID]},
+                    )
+                    assert resp.status == 200
+                    assert (await ta.recv())["key"] == "while-down", "its own tab at once"
+                    group.sentinels[2].start()
+                    await until(lambda: up(session, a, b), "both nodes back", scaled(20.0))
+                    assert (await tb.recv())["key"] == "while-down", "the other node's, once back"
+                    await deliver_both_ways(session, a, b, ta, tb, "back")
+            except (AssertionError, TimeoutError, asyncio.TimeoutError) as exc:
+                raise AssertionError(f"{exc}\n{logs(a, b)}") from exc
+
+
+async def test_a_sentinel_that_names_a_replica_is_not_believed(tmp_path: Path, nodes: Any) -> None:
+    """``ROLE`` is checked: a sentinel's stale answer (here: one watching a replica) is
+    refused with its reason, and the node stays down rather than publish to a replica."""
+    require_redis()
+    primary = RedisServer(tmp_path / "primary")
+    with primary:
+        with RedisServer(
+            tmp_path / "replica", args=["--replicaof", "127.0.0.1", str(primary.port)]
+        ) as replica:
+            await asyncio.to_thread(wait_replicating, replica)
+            with SentinelServer(tmp_path / "sentinel", replica.port, quorum=1) as sentinel:
+                a = nodes("a", {"FASTAPHLICT_BROKER": sentinel_url([sentinel])})
+                async with aiohttp.ClientSession() as session:
+                    await wait_healthy(a, session)
+                    await until_logged(
+                        a, f"127.0.0.1:{replica.port}, named by the sentinels, is a slave"
+                    )
+                    assert await metric(session, a.admin_url, "fastaphlict_broker_up") == 0
