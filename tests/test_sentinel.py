@@ -31,6 +31,8 @@ import aiohttp
 import pytest
 from websockets.asyncio.client import connect
 
+from fastaphlict.config import parse_broker_url
+from fastaphlict.sentinel import Sentinels
 from redis_support import (
     SERVICE,
     RedisServer,
@@ -344,6 +346,22 @@ async def post_through_a_failover(
     return list(await asyncio.gather(*readers))
 
 
+def test_only_a_switch_of_our_service_moves_the_broker() -> None:
+    """``+switch-master`` names the service: another one's failover is none of ours."""
+    config = parse_broker_url("redis+sentinel://s1,s2/mymaster/0")
+    switches: list[tuple[str, int]] = []
+    sentinels = Sentinels(config, timeout=1.0, on_switch=lambda h, p: switches.append((h, p)))
+    for data in (
+        b"other 10.0.0.1 6379 10.0.0.2 6379",
+        b"mymaster 10.0.0.1 6379 10.0.0.2",
+        b"mymaster 10.0.0.1 6379 10.0.0.2 port",
+        b"mymaster 10.0.0.1 6379 10.0.0.2 6380",
+    ):
+        sentinels._on_push([b"message", b"+switch-master", data])
+    sentinels._on_push([b"subscribe", b"+switch-master", 1])
+    assert switches == [("10.0.0.2", 6380)]
+
+
 # -- the README's example ------------------------------------------------------------
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -432,6 +450,10 @@ async def test_the_readme_sentinel_example_runs_and_follows_a_failover(
                         scaled(20.0),
                     )
                     await until(lambda: up(session, a, b), "both nodes up", scaled(15.0))
+                    # The old primary is still up and still a primary (Sentinel demotes
+                    # it seconds later): the nodes moved on the sentinels' word.
+                    for server in (a, b):
+                        assert f"the sentinels announce {new} as the new primary" in server.log()
                     await deliver_both_ways(session, a, b, ta, tb, "after")
                 without = {k: v for k, v in env.items() if "SENTINEL" not in k}
                 d = nodes("d", without)
