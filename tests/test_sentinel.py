@@ -49,6 +49,7 @@ from support import (
     ServerProcess,
     assert_silent,
     child_env,
+    free_ports,
     launch,
     metric,
     post,
@@ -559,3 +560,52 @@ async def test_a_sentinel_that_names_a_replica_is_not_believed(tmp_path: Path, n
                         a, f"127.0.0.1:{replica.port}, named by the sentinels, is a slave"
                     )
                     assert await metric(session, a.admin_url, "fastaphlict_broker_up") == 0
+
+
+async def test_rediss_sentinel_speaks_tls_to_the_sentinels_and_the_primary(
+    tmp_path: Path, nodes: Any
+) -> None:
+    """``rediss+sentinel://``: the sentinel and the primary both only over verified TLS
+    (each also has a plain port, for the test's own checks only)."""
+    require_redis()
+    trustme = pytest.importorskip("trustme")
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    files = {name: tmp_path / f"{name}.pem" for name in ("key", "cert", "ca")}
+    cert.private_key_pem.write_to_path(files["key"])
+    cert.cert_chain_pems[0].write_to_path(files["cert"])
+    ca.cert_pem.write_to_path(files["ca"])
+    tls = [
+        f"tls-cert-file {files['cert']}",
+        f"tls-key-file {files['key']}",
+        f"tls-ca-cert-file {files['ca']}",
+        "tls-auth-clients no",
+    ]
+    primary_tls, sentinel_tls = free_ports(2)
+    args = [word for line in tls for word in ("--" + line.split()[0], line.split()[1])]
+    with RedisServer(tmp_path / "primary", args=["--tls-port", str(primary_tls), *args]):
+        conf = [
+            f"tls-port {sentinel_tls}",
+            "tls-replication yes",  # the sentinel speaks TLS to the primary too
+            *tls,
+            f"sentinel monitor {SERVICE} 127.0.0.1 {primary_tls} 1",
+        ]
+        with SentinelServer(tmp_path / "sentinel", primary_tls, conf=conf):
+            url = f"rediss+sentinel://127.0.0.1:{sentinel_tls}/{SERVICE}/0"
+            env = {"FASTAPHLICT_BROKER": url, "FASTAPHLICT_BROKER_CA_FILE": str(files["ca"])}
+            a, b = nodes("a", env), nodes("b", env)
+            async with aiohttp.ClientSession() as session:
+                try:
+                    await wait_healthy(a, session)
+                    await wait_healthy(b, session)
+                    await until(lambda: up(session, a, b), "both nodes up", scaled(15.0))
+                    assert await on_primary(session, f"127.0.0.1:{primary_tls}", a, b)
+                    async with tab(a, PHID) as ta, tab(b, PHID) as tb:
+                        await deliver_both_ways(session, a, b, ta, tb, "tls")
+                    # The system's CAs don't know this one: the sentinel is not believed.
+                    stranger = nodes("stranger", {"FASTAPHLICT_BROKER": url})
+                    await wait_healthy(stranger, session)
+                    assert await metric(session, stranger.admin_url, "fastaphlict_broker_up") == 0
+                    assert "certificate verify failed" in stranger.log()
+                except (AssertionError, TimeoutError, asyncio.TimeoutError) as exc:
+                    raise AssertionError(f"{exc}\n{logs(a, b)}") from exc
