@@ -409,7 +409,8 @@ def _redacted_url(url: str) -> str:
 
 
 def parse_broker_url(url: str) -> BrokerConfig:
-    """Parse ``redis://[user:password@]host:port/db``, ``rediss://...`` or ``unix:///path``.
+    """Parse ``redis://[user:password@]host:port/db``, ``rediss://...``, ``unix:///path``,
+    or ``redis+sentinel://...``/``rediss+sentinel://...`` (see :func:`_parse_sentinel_url`).
 
     Raises ConfigError whose message never holds the password, however
     malformed the URL (it names the URL with its credentials cut out).
