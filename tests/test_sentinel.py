@@ -21,6 +21,7 @@ import itertools
 import json
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -609,3 +610,52 @@ async def test_rediss_sentinel_speaks_tls_to_the_sentinels_and_the_primary(
                     assert "certificate verify failed" in stranger.log()
                 except (AssertionError, TimeoutError, asyncio.TimeoutError) as exc:
                     raise AssertionError(f"{exc}\n{logs(a, b)}") from exc
+
+
+# -- the same rule without Sentinel ------------------------------------------------------
+
+
+async def test_behind_a_fixed_address_a_redis_that_lost_the_last_writes_gets_them_again(
+    tmp_path: Path, nodes: Any
+) -> None:
+    """A failover behind a virtual IP looks like this to a node: the same address, another
+    server (``run_id``), missing what the old one acknowledged last. Here that is a Redis
+    restarted without its data. The nodes publish their kept messages again: the history
+    is whole for a node started afterwards, and no tab gets a message twice."""
+    require_redis()
+    redis = RedisServer(tmp_path / "redis")
+    with redis:
+        env = {"FASTAPHLICT_BROKER": redis.url}
+        a, b = nodes("a", env), nodes("b", env)
+        async with aiohttp.ClientSession() as session:
+            try:
+                await wait_healthy(a, session)
+                await wait_healthy(b, session)
+                await until(lambda: up(session, a, b), "both nodes up", scaled(15.0))
+                async with tab(a, PHID) as ta, tab(b, PHID) as tb:
+                    await deliver_both_ways(session, a, b, ta, tb, "before")
+                    redis.kill()
+                    shutil.rmtree(redis.directory / "appendonlydir")
+                    redis.start()
+                    await until_logged(a, "publishing again the 1 message(s)")
+                    await until_logged(b, "publishing again the 1 message(s)")
+                    await until(lambda: up(session, a, b), "both nodes back", scaled(15.0))
+                    # Published again, after what each tab already had: "after-*" must
+                    # be the next frames, the repeats dropped.
+                    await deliver_both_ways(session, a, b, ta, tb, "after")
+                c = nodes("c", env)
+                await wait_healthy(c, session)
+                await until(lambda: up(session, c), "node c up", scaled(15.0))
+                async with tab(c, PHID) as tc:
+                    await tc.send("replay", {"age": 60000})
+                    await tc.send("ping", None)
+                    replayed = []
+                    while (frame := await tc.recv_raw()) != '{"type":"pong"}':
+                        replayed.append(json.loads(frame)["key"])
+                check_each_once_in_order(
+                    replayed,
+                    {"a": ["before-a", "after-a"], "b": ["before-b", "after-b"]},
+                    "the replay on a node started afterwards",
+                )
+            except (AssertionError, TimeoutError, asyncio.TimeoutError) as exc:
+                raise AssertionError(f"{exc}\n{logs(a, b)}") from exc

@@ -628,8 +628,13 @@ class Broker:
 
     def _republish_on(self, run_id: str | None) -> None:
         """Publishing goes to server ``run_id`` now: another one gets the kept messages again."""
+        if run_id == self._kept_on:
+            return
+        # Another server has not seen this node's "maintain" (the instance
+        # set): the first publish of each instance there does it again.
+        self._maintained.clear()
         kept = self._kept
-        if kept and run_id != self._kept_on:
+        if kept:
             self.stats.republished += len(kept)
             log.info(
                 "broker: publishing again the %d message(s) the previous Redis server"
