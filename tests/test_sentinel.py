@@ -263,17 +263,24 @@ async def failover_mid_stream(
 ) -> None:
     posted: dict[str, list[str]] = {"a": [], "b": []}
     ends = {"end-a", "end-b"}
-    async with tab(a, PHID) as ta, tab(b, PHID) as tb:
-        readers = [asyncio.create_task(collect(t, ends)) for t in (ta, tb)]
+    # Two tabs on each node: one subscribed to the PHID alone, one among others.
+    async with (
+        tab(a, PHID) as ta1,
+        tab(a, "PHID-OTHER", PHID) as ta2,
+        tab(b, PHID) as tb1,
+        tab(b, PHID, "PHID-OTHER") as tb2,
+    ):
+        tabs = {"a1": ta1, "a2": ta2, "b1": tb1, "b2": tb2}
+        readers = [asyncio.create_task(collect(t, ends)) for t in tabs.values()]
         try:
             got = await post_through_a_failover(session, group, link, a, b, posted, readers, new)
         finally:
             for reader in readers:
                 reader.cancel()
-        for browser in (ta, tb):
+        for browser in tabs.values():
             await assert_silent(browser)
-    for name, keys in zip("ab", got, strict=True):
-        check_each_once_in_order(keys, posted, f"the tab on {name}")
+    for name, keys in zip(tabs, got, strict=True):
+        check_each_once_in_order(keys, posted, f"tab {name}")
     # What the old primary alone had was published again, and only it is
     # in the new primary's history once more: a node started now replays
     # the whole stream, each message once.
