@@ -3,7 +3,10 @@
 # - chromium at /usr/bin/chromium, which tests/test_browser.py drives through
 #   Playwright for Python (Playwright's own browser download is never used);
 # - redis-server at /usr/bin/redis-server, which the Redis tests start as
-#   their own throwaway servers on free ports (tests/redis_support.py).
+#   their own throwaway servers on free ports (tests/redis_support.py): as
+#   primaries, replicas, and Sentinels too (`redis-server CONF --sentinel`,
+#   the same binary that Debian's redis-sentinel package only links to, so
+#   tests/test_sentinel.py needs no other package).
 # Each is checked on its own and only what is missing is installed, with one
 # `apt-get update` before; with all there, nothing runs. And for the docs'
 # tests (tests/test_docs*.py), which run what the docs tell an operator to:

@@ -15,6 +15,10 @@ directory, so tests share nothing and may run in any order.
 - :class:`StallProxy` sits between a client and a server in the test's event
   loop and can stop delivering without closing anything, as a connection does
   after a failover or a network partition, or cut every connection at once.
+- :class:`SentinelServer` is one Redis Sentinel (``redis-server --sentinel``,
+  the same Debian binary) watching a primary; :func:`wait_replicating` and
+  :func:`wait_sentinels_ready` bring a primary, a replica and its sentinels
+  to the state a failover needs, and :func:`sentinel_url` names them for a node.
 
 Every time bound goes through :func:`support.scaled`, as in ``support.py``.
 """
@@ -465,6 +469,139 @@ class RedisServer:
     def __repr__(self) -> str:
         state = "running" if self.running else "stopped"
         return f"<RedisServer {self.directory} port={self._port} {state}>"
+
+
+# -- Redis Sentinel ---------------------------------------------------------------
+
+#: The service name the sentinels of a test monitor.
+SERVICE = "mymaster"
+
+
+class SentinelServer(RedisServer):
+    """One Redis Sentinel on a free ``127.0.0.1`` port, monitoring ``127.0.0.1:primary_port``.
+
+    ``redis-server CONF --sentinel`` (Debian's ``redis-sentinel`` is the same
+    binary): Sentinel needs a config file it can rewrite, written at the
+    first start (a restart keeps what it learnt). ``quorum`` sentinels must
+    agree the primary is down; ``down_after_ms`` is how long it must be
+    silent. ``password`` is the sentinel's own (``requirepass``);
+    ``auth_pass`` is the data password it uses on the primary and replicas.
+    ``conf`` replaces the ``sentinel ...`` lines built from those (a config
+    as the README shows it); ``password`` must then repeat its ``requirepass``.
+    """
+
+    def __init__(
+        self,
+        directory: Path,
+        primary_port: int,
+        *,
+        service: str = SERVICE,
+        quorum: int = 2,
+        down_after_ms: int = 1000,
+        failover_timeout_ms: int = 3000,
+        password: str | None = None,
+        auth_pass: str | None = None,
+        conf: Sequence[str] | None = None,
+    ) -> None:
+        super().__init__(directory, password=password)
+        #: Sentinel config lines used instead of the ones built from the
+        #: arguments (the port, the directory and the log file are added).
+        self.conf = None if conf is None else tuple(conf)
+        self.primary_port = primary_port
+        self.service = service
+        self.quorum = quorum
+        self.down_after_ms = down_after_ms
+        self.failover_timeout_ms = failover_timeout_ms
+        self.auth_pass = auth_pass
+        self.conf_path = self.directory / "sentinel.conf"
+        self._conf_port: int | None = None
+
+    def command_line(self) -> list[str]:
+        if self._conf_port != self.port:
+            lines = [
+                f"port {self.port}",
+                "bind 127.0.0.1",
+                "daemonize no",
+                "protected-mode no",
+                f"dir {self.directory}",
+                f"logfile {self.log_path}",
+            ]
+            if self.conf is not None:
+                lines += self.conf
+            else:
+                lines += self._monitor_lines()
+            self.conf_path.write_text("\n".join(lines) + "\n")
+            self._conf_port = self.port
+        return [self.executable, str(self.conf_path), "--sentinel"]
+
+    def _monitor_lines(self) -> list[str]:
+        lines = [
+            f"sentinel monitor {self.service} 127.0.0.1 {self.primary_port} {self.quorum}",
+            f"sentinel down-after-milliseconds {self.service} {self.down_after_ms}",
+            f"sentinel failover-timeout {self.service} {self.failover_timeout_ms}",
+            f"sentinel parallel-syncs {self.service} 1",
+        ]
+        if self.password is not None:
+            lines.append(f"requirepass {self.password}")
+        if self.auth_pass is not None:
+            lines.append(f"sentinel auth-pass {self.service} {self.auth_pass}")
+        return lines
+
+    def primary(self) -> tuple[str, int]:
+        """Where this sentinel says the primary is."""
+        host, port = self.command("SENTINEL", "get-master-addr-by-name", self.service)
+        return host.decode(), int(port)
+
+    def known(self) -> tuple[int, int]:
+        """How many replicas and other sentinels this sentinel knows of."""
+        replicas = self.command("SENTINEL", "replicas", self.service)
+        sentinels = self.command("SENTINEL", "sentinels", self.service)
+        return len(replicas), len(sentinels)
+
+
+def wait_replicating(replica: RedisServer, within: float = REDIS_STARTUP) -> None:
+    """Until ``replica``'s link to its primary is up and the first sync is done."""
+    deadline = time.monotonic() + within
+    while True:
+        info = replica.command("INFO", "replication").decode()
+        if "master_link_status:up" in info and "master_sync_in_progress:0" in info:
+            return
+        assert time.monotonic() < deadline, f"replica not in sync within {within:g} s:\n{info}"
+        time.sleep(0.02)
+
+
+def wait_sentinels_ready(
+    sentinels: Sequence[SentinelServer], replicas: int = 1, within: float = scaled(20.0)
+) -> None:
+    """Until every sentinel knows the ``replicas`` and all the other sentinels.
+
+    Sentinels find each other through hello messages on the primary (every
+    2 s): before that, a failover cannot gather its quorum.
+    """
+    deadline = time.monotonic() + within
+    wanted = (replicas, len(sentinels) - 1)
+    while True:
+        seen = [s.known() for s in sentinels]
+        if all(known == wanted for known in seen):
+            return
+        assert time.monotonic() < deadline, (
+            f"sentinels not ready within {within:g} s: (replicas, sentinels) {seen},"
+            f" wanted {wanted}"
+        )
+        time.sleep(0.05)
+
+
+def sentinel_url(
+    sentinels: Sequence[SentinelServer],
+    *,
+    db: int = 0,
+    password: str | None = None,
+    scheme: str = "redis+sentinel",
+) -> str:
+    """``redis+sentinel://[:password@]127.0.0.1:p1,127.0.0.1:p2,.../SERVICE/db``."""
+    auth = "" if password is None else f":{quote(password, safe='')}@"
+    hosts = ",".join(f"127.0.0.1:{s.port}" for s in sentinels)
+    return f"{scheme}://{auth}{hosts}/{sentinels[0].service}/{db}"
 
 
 # -- a proxy that can stop delivering without closing -----------------------------

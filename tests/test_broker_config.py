@@ -14,7 +14,7 @@ import pytest
 from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
-from fastaphlict.config import BrokerConfig, ConfigError, parse_broker_url
+from fastaphlict.config import BrokerConfig, ConfigError, _parse_sentinel_url, parse_broker_url
 
 # -- what it accepts -------------------------------------------------------------
 
@@ -55,6 +55,30 @@ from fastaphlict.config import BrokerConfig, ConfigError, parse_broker_url
             BrokerConfig("redis", host="h", username="u", password="p@ss:wd"),
         ),
         ("  redis://h/1 ", BrokerConfig("redis", host="h", db=1)),
+        (
+            "redis+sentinel://s1:26380,S2,[::1]:5000/mymaster/3",
+            BrokerConfig(
+                "redis+sentinel",
+                db=3,
+                sentinels=(("s1", 26380), ("s2", 26379), ("::1", 5000)),
+                service="mymaster",
+            ),
+        ),
+        (
+            "rediss+sentinel://fastaphlict:s%2F3cret@s1/my%2Dmaster?db=2",
+            BrokerConfig(
+                "rediss+sentinel",
+                db=2,
+                username="fastaphlict",
+                password="s/3cret",
+                sentinels=(("s1", 26379),),
+                service="my-master",
+            ),
+        ),
+        (
+            "REDIS+SENTINEL://:pw@s1:1/m/",
+            BrokerConfig("redis+sentinel", password="pw", sentinels=(("s1", 1),), service="m"),
+        ),
     ],
 )
 def test_broker_urls_parse_to_exact_settings(url: str, expected: BrokerConfig) -> None:
@@ -90,10 +114,33 @@ def test_plus_in_a_password_stays_a_plus() -> None:
         ("rediss://[::1]:7000/1", "rediss://[::1]:7000/1"),
         ("unix:///run/r.sock", "unix:///run/r.sock?db=0"),
         ("unix://:pw@/run/r.sock?db=4", "unix://:***@/run/r.sock?db=4"),
+        ("redis+sentinel://u:pw@a,b:1/m/2", "redis+sentinel://u:***@a:26379,b:1/m/2"),
+        ("rediss+sentinel://[::1]:7/m", "rediss+sentinel://[::1]:7/m/0"),
     ],
 )
 def test_display_shows_where_with_the_password_as_stars(url: str, display: str) -> None:
     assert parse_broker_url(url).display == display
+
+
+def test_a_sentinel_broker_connects_to_the_primary_with_the_data_password_only() -> None:
+    parsed = BrokerConfig(
+        "rediss+sentinel",
+        db=4,
+        username="u",
+        password="data-pw",
+        sentinels=(("s1", 26379),),
+        service="m",
+        sentinel_password="sentinel-pw",
+    )
+    assert parsed.sentinel and parsed.tls
+    assert parsed.primary_at("10.0.0.9", 6390) == BrokerConfig(
+        "rediss", "10.0.0.9", 6390, db=4, username="u", password="data-pw"
+    )
+    assert parsed.sentinel_at("s1", 26379) == BrokerConfig(
+        "rediss", "s1", 26379, password="sentinel-pw"
+    )
+    assert "sentinel-pw" not in repr(parsed) and "sentinel-pw" not in parsed.display
+    assert "data-pw" not in repr(parsed) and "data-pw" not in parsed.display
 
 
 def test_repr_leaves_the_password_out() -> None:
@@ -115,7 +162,22 @@ def test_an_empty_password_shows_no_stars() -> None:
     ("url", "reason"),
     [
         ("http://h:6379/0", "expected redis://host:port/db"),
-        ("redis+sentinel://h/0", "expected redis://host:port/db"),
+        ("redis+cluster://h/0", "expected redis://host:port/db"),
+        ("redis+sentinel://h:26379", "no service"),
+        ("redis+sentinel://h:26379/", "no service"),
+        ("redis+sentinel://h/0", "the first path segment is the service name"),
+        ("redis+sentinel://h/m/0/1", "expected /service or /service/db"),
+        ("redis+sentinel://h/m/x", "the database must be a whole number"),
+        ("redis+sentinel://h/m/1?db=2", "the database is given twice"),
+        ("redis+sentinel://h/m?timeout=1", "unknown parameter(s): timeout"),
+        ("redis+sentinel://h/m%20x", "the service name holds a space"),
+        ("redis+sentinel://h:0/m", "a sentinel's port is not a number in 1..65535"),
+        ("redis+sentinel://h:70000/m", "a sentinel's port is not a number in 1..65535"),
+        ("redis+sentinel://h:x/m", "a sentinel's port is not a number in 1..65535"),
+        ("redis+sentinel://h1,,h2/m", "a sentinel without a host"),
+        ("redis+sentinel://u:p@/m", "a sentinel without a host"),
+        ("redis+sentinel://[::1/m", "lacks its closing ']'"),
+        ("redis+sentinel://[::1]x/m", "a sentinel's port is not a number"),
         ("localhost:6379", "expected redis://host:port/db"),
         ("", "expected redis://host:port/db"),
         ("redis://", "no host"),
@@ -194,14 +256,22 @@ passwords = st.text(
 users = st.sampled_from(["", "u", "fastaphlict", "us@er"])
 #: Every word the parser's messages and repr are made of: a password that is
 #: one of them ("Conf", "database") shows without being leaked.
-VOCABULARY = inspect.getsource(parse_broker_url) + inspect.getsource(BrokerConfig)
-hosts = st.sampled_from(["h", "cache.example", "10.0.0.5", "[::1]", "[2001:db8::7]", ""])
-tails = st.sampled_from(["", "/", "/0", "/15", "?db=3", "/x", ":6390/1", ":99999/0", "/0?x=1"])
+VOCABULARY = (
+    inspect.getsource(parse_broker_url)
+    + inspect.getsource(_parse_sentinel_url)
+    + inspect.getsource(BrokerConfig)
+)
+hosts = st.sampled_from(
+    ["h", "cache.example", "10.0.0.5", "[::1]", "[2001:db8::7]", "", "a:1,b", "a,[::1]:2"]
+)
+tails = st.sampled_from(
+    ["", "/", "/0", "/15", "?db=3", "/x", ":6390/1", ":99999/0", "/0?x=1", "/m/1", "/m"]
+)
 
 
 @settings(max_examples=500, deadline=None)
 @given(
-    scheme=st.sampled_from(["redis", "rediss", "unix", "http"]),
+    scheme=st.sampled_from(["redis", "rediss", "unix", "http", "redis+sentinel"]),
     user=users,
     password=passwords,
     host=hosts,
@@ -233,12 +303,25 @@ def test_no_display_repr_or_error_ever_holds_the_password(
     assert secret not in shown
 
 
-@settings(max_examples=300, deadline=None)
-@given(st.text(max_size=60))
-def test_parse_broker_url_raises_nothing_but_config_error(url: str) -> None:
+def parses_or_refuses(url: str) -> None:
+    """``url`` parses to sane settings, or is refused with a ConfigError and nothing else."""
     try:
         parsed = parse_broker_url(url)
     except ConfigError:
         return
-    assert parsed.scheme in ("redis", "rediss", "unix")
+    assert parsed.scheme in ("redis", "rediss", "unix", "redis+sentinel", "rediss+sentinel")
     assert parsed.db >= 0 and 1 <= parsed.port <= 65535
+    assert parsed.sentinel == bool(parsed.sentinels and parsed.service)
+    assert all(host and 1 <= port <= 65535 for host, port in parsed.sentinels)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=60))
+def test_parse_broker_url_raises_nothing_but_config_error(url: str) -> None:
+    parses_or_refuses(url)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=60))
+def test_a_sentinel_url_of_any_text_raises_nothing_but_config_error(tail: str) -> None:
+    parses_or_refuses(f"redis+sentinel://{tail}")

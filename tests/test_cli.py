@@ -453,7 +453,12 @@ def test_bad_log_level_variable_is_named(
 
 @pytest.fixture
 def no_broker_variables(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("FASTAPHLICT_BROKER", "FASTAPHLICT_BROKER_CA_FILE", "FASTAPHLICT_REUSE_PORT"):
+    for name in (
+        "FASTAPHLICT_BROKER",
+        "FASTAPHLICT_BROKER_CA_FILE",
+        "FASTAPHLICT_BROKER_SENTINEL_PASSWORD",
+        "FASTAPHLICT_REUSE_PORT",
+    ):
         monkeypatch.delenv(name, raising=False)
 
 
@@ -583,6 +588,64 @@ def test_a_good_broker_ca_file_passes_and_reaches_the_server(
     assert cli.main([*args, f"--broker-ca-file={path}"]) == 0
     assert OPTIONS[-1]["broker_ca_file"] == str(path)
     assert OPTIONS[-1]["broker"].scheme == "rediss"
+
+
+def test_a_sentinel_broker_and_its_password_from_the_flag_or_the_variable(
+    fake_server: list[tuple[Config, bool]],
+    good_config: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    no_broker_variables: None,
+) -> None:
+    url = "redis+sentinel://u:data-pw@s1:26380,s2/mymaster/2"
+    monkeypatch.setenv("FASTAPHLICT_BROKER", url)
+    assert cli.main(["--test", f"--config={good_config}"]) == 0
+    assert capsys.readouterr().out == "Configuration test OK.\n"
+    assert cli.main([f"--config={good_config}"]) == 0
+    broker = OPTIONS[-1]["broker"]
+    assert (broker.sentinels, broker.service, broker.db) == (
+        (("s1", 26380), ("s2", 26379)),
+        "mymaster",
+        2,
+    )
+    assert (broker.password, broker.sentinel_password) == ("data-pw", None)
+    monkeypatch.setenv("FASTAPHLICT_BROKER_SENTINEL_PASSWORD", "env-pw")
+    assert cli.main([f"--config={good_config}"]) == 0
+    assert OPTIONS[-1]["broker"].sentinel_password == "env-pw"
+    assert OPTIONS[-1]["broker"].password == "data-pw", "kept apart from the data password"
+    assert cli.main([f"--config={good_config}", "--broker-sentinel-password=flag-pw"]) == 0
+    assert OPTIONS[-1]["broker"].sentinel_password == "flag-pw", "the flag wins"
+    assert "pw" not in repr(OPTIONS[-1]["broker"]).replace("password=", "")
+
+
+def test_a_malformed_sentinel_url_fails_the_config_test_without_its_password(
+    good_config: str, capsys: pytest.CaptureFixture[str], no_broker_variables: None
+) -> None:
+    url = "--broker=redis+sentinel://u:hunter22@s1:26379,s2:x/mymaster/0"
+    assert cli.main(["--test", f"--config={good_config}", url]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("fastaphlict: --broker: broker URL redis+sentinel://***@s1:26379,s2:x/")
+    assert "a sentinel's port is not a number" in err and "hunter22" not in err
+
+
+def test_a_sentinel_password_without_a_sentinel_broker_is_refused(
+    good_config: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    no_broker_variables: None,
+) -> None:
+    args = ["--test", f"--config={good_config}", "--broker=redis://u:data-pw@h/0"]
+    assert cli.main([*args, "--broker-sentinel-password=hunter22"]) == 1
+    err = capsys.readouterr().err
+    assert err == (
+        "fastaphlict: --broker-sentinel-password applies to a redis+sentinel:// broker,"
+        " not redis://u:***@h:6379/0\n"
+    )
+    monkeypatch.setenv("FASTAPHLICT_BROKER_SENTINEL_PASSWORD", "hunter22")
+    assert cli.main(args) == 1
+    err = capsys.readouterr().err
+    assert "FASTAPHLICT_BROKER_SENTINEL_PASSWORD (environment) applies to" in err
+    assert "hunter22" not in err
 
 
 @pytest.mark.parametrize("reuse", [["--reuse-port"], ["--reuse-port=1"]])

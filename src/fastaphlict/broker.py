@@ -32,6 +32,22 @@ is torn down and rebuilt, catch-up included. The probes double as the
 cluster's membership list, which the hub's loopback rule and the mesh relay
 use in mixed clusters.
 
+Through Sentinel (``redis+sentinel://``) every connection asks the
+sentinels where the primary is (:mod:`fastaphlict.sentinel`) and checks
+``ROLE`` on it; a lost connection, a ``READONLY`` reply and a sentinel's
+``+switch-master`` all lead to asking again, and a new primary moves every
+connection over (:meth:`Broker._note_primary`).
+
+Redis replicates asynchronously: a message the old primary acknowledged may
+never reach the new one, and seeing it come back on the old primary's
+channel proves nothing about the replica. So every acknowledged message is
+kept (for the history window, within the buffer's bounds) with the
+``run_id`` of the server that took it; when the command connection lands on
+another server, the kept messages go back in front of the buffer and are
+published again. The mark refuses those the new server has (it replicates
+with the entry: one script), and the receivers drop a repeated (origin,
+sequence), so a failover loses nothing and repeats nothing.
+
 The password stays in the connection settings: logs, errors and metrics
 name the broker by :attr:`BrokerConfig.display`.
 """
@@ -51,10 +67,12 @@ from typing import TYPE_CHECKING, Any
 import hiredis
 
 from fastaphlict import resp
+from fastaphlict.config import address
 from fastaphlict.metrics import Latency
 from fastaphlict.protocol import HISTORY_LIMIT, HISTORY_TTL_MS
 from fastaphlict.ratelimit import Throttle
 from fastaphlict.resp import RedisError, RespConnection
+from fastaphlict.sentinel import Sentinels
 
 if TYPE_CHECKING:
     from fastaphlict.config import BrokerConfig
@@ -237,6 +255,10 @@ class BrokerStats:
     publish_failures: int = 0
     #: Stream entries and channel messages that could not be read (skipped).
     malformed: int = 0
+    #: Times the primary moved to another address (through Sentinel).
+    primary_changes: int = 0
+    #: Acknowledged messages published again on another Redis server.
+    republished: int = 0
 
     def __post_init__(self) -> None:
         #: Seconds from a message's acceptance to Redis' acknowledgement
@@ -290,6 +312,15 @@ class Broker:
         )
         #: The batch being published: out of the buffer, not yet acknowledged.
         self._in_flight: list[tuple[str, int, str, float, bytes, float]] = []
+        self._in_flight_bytes = 0
+        #: Messages Redis acknowledged lately (the history window, within the
+        #: buffer's bounds), in order, and the run_id of the server that did:
+        #: published again on another server (see the module docstring).
+        self._kept: collections.deque[tuple[str, int, str, float, bytes, float]] = (
+            collections.deque()
+        )
+        self._kept_bytes = 0
+        self._kept_on: str | None = None
         self._in_flight_timer: asyncio.TimerHandle | None = None
         self._seq = 0
         self._wakeup = asyncio.Event()
@@ -322,7 +353,7 @@ class Broker:
         self._down_since: float | None = None
         self._ever_up = False
         self._dropping = False
-        #: Why the prober closed the subscription (a stall), for the log line.
+        #: Why the subscription was closed on purpose (a stall, a new primary), for the log line.
         self._stall: Exception | None = None
         #: The last publish attempt failed (Redis unreachable, or timing out).
         self._publish_failing = False
@@ -336,6 +367,20 @@ class Broker:
         self._caught_up = 0
         #: Redis' run_id when last linked: another one means another server.
         self._run_id: str | None = None
+        #: Through Sentinel: who to ask for the primary; its address in use.
+        self._sentinels: Sentinels | None = None
+        if config.sentinel:
+            self._sentinels = Sentinels(
+                config,
+                timeout=timeout,
+                on_switch=self._on_switch,
+                ca_file=ca_file,
+                name=f"fastaphlict-{self.fingerprint}-sentinel",
+            )
+        #: The primary's ``host:port`` (or socket path) last connected to.
+        self.primary: str | None = None
+        #: Set when a sentinel announces a new primary: cuts the subscriber's backoff.
+        self._switched = asyncio.Event()
         #: What a catch-up asks for at a time (halved after a read timed out).
         self._catch_up_page = CATCH_UP_PAGE
         self._catch_up_instances = CATCH_UP_INSTANCES
@@ -488,6 +533,10 @@ class Broker:
             asyncio.create_task(self._publisher(), name="fastaphlict-broker-publisher"),
             asyncio.create_task(self._prober(), name="fastaphlict-broker-probe"),
         ]
+        if self._sentinels is not None:
+            self._tasks.append(
+                asyncio.create_task(self._sentinels.watch(), name="fastaphlict-broker-sentinels")
+            )
         # A first catch-up that is reading (a big shared history) is waited
         # for, up to a minute: the listeners must not accept before it.
         started = time.monotonic()
@@ -552,12 +601,72 @@ class Broker:
         return left
 
     async def _connect(self, role: str) -> RespConnection:
-        return await resp.connect(
-            self.config,
+        """A connection to the primary: the configured one, or the one the sentinels name."""
+        config = self.config
+        if self._sentinels is not None:
+            host, port = await self._sentinels.primary()
+            config = config.primary_at(host, port)
+            where = address(host, port)
+        else:
+            where = config.path or address(config.host, config.port)
+        conn = await resp.connect(
+            config,
             timeout=self._timeout,
             ca_file=self._ca_file,
             name=f"fastaphlict-{self.fingerprint}-{role}",
         )
+        if self._sentinels is not None:
+            try:
+                # A sentinel's answer lags a failover by seconds: it may name
+                # a dead primary (the connect fails) or a demoted one.
+                role_reply = await conn.execute(("ROLE",), self._timeout)
+                if not (isinstance(role_reply, list) and role_reply[:1] == [b"master"]):
+                    kind = role_reply[0].decode() if isinstance(role_reply, list) else "?"
+                    raise RedisError(f"{where}, named by the sentinels, is a {kind}, not a primary")
+            except BaseException:
+                conn.close()
+                raise
+        self._note_primary(where)
+        return conn
+
+    def _note_primary(self, where: str) -> None:
+        """A connection reached the primary at ``where``: a new one moves every connection."""
+        was = self.primary
+        if where == was:
+            return
+        self.primary = where
+        if was is None:
+            if self._sentinels is not None:
+                log.info(
+                    "broker primary is %s (service %s, named by the sentinels)",
+                    where,
+                    self.config.service,
+                )
+            return
+        self.stats.primary_changes += 1
+        log.warning("broker primary is now %s (was %s)", where, was)
+        # The connections still on the old primary follow (a new connection
+        # is not yet either of these).
+        self._leave_primary(f"the primary moved to {where}")
+
+    def _leave_primary(self, why: str) -> None:
+        """Close the command connection and the subscription: they reconnect to the primary."""
+        if self._subscription is not None:
+            self._stall = RedisError(why)  # the reason the subscriber logs
+            self._subscription.close()
+        if self._command is not None:
+            self._command.close()
+
+    def _on_switch(self, host: str, port: int) -> None:
+        """A sentinel announced a failover: move now, not at the next failure."""
+        where = address(host, port)
+        if where == self.primary:
+            return
+        log.info("broker: the sentinels announce %s as the new primary", where)
+        self._leave_primary(f"the sentinels announced {where} as the new primary")
+        self._switched.set()
+        self._stop_backoff.set()
+        self._wakeup.set()
 
     async def _commands(self) -> RespConnection:
         """The command connection, (re)made on demand with the publish script loaded."""
@@ -566,26 +675,56 @@ class Broker:
             if conn is None or conn.is_closed:
                 conn = await self._connect("commands")
                 try:
-                    sha, _, check = await conn.execute_many(
+                    sha, _, check, info = await conn.execute_many(
                         [
                             ("SCRIPT", "LOAD", _PUBLISH_LUA),
                             ("SCRIPT", "LOAD", _CHECK_LUA),
                             ("EVALSHA", _CHECK_SHA, 3, *_CHECK_KEYS, f"{PREFIX}check"),
+                            ("INFO", "server"),
                         ],
                         self._timeout,
                     )
+                    refused = _refusals(sha, check)
+                    if refused is None and _decode(sha) != _PUBLISH_SHA:
+                        raise RedisError(f"SCRIPT LOAD answered {sha!r}, expected {_PUBLISH_SHA}")
+                    if isinstance(info, hiredis.ReplyError):
+                        raise RedisError(f"INFO refused: {info}")
+                    run_id = _run_id(info)
                 except BaseException:
                     conn.close()
                     raise
-                refused = _refusals(sha, check)
-                if refused is None and _decode(sha) != _PUBLISH_SHA:
-                    conn.close()
-                    raise RedisError(f"SCRIPT LOAD answered {sha!r}, expected {_PUBLISH_SHA}")
                 # Refused or not, the connection stays: probes need only PUBLISH,
                 # and the link and the log say what is missing.
                 self._note_refused(refused)
+                # No await from here until the connection is in use: what the
+                # previous server may have lost goes first.
+                self._republish_on(run_id)
                 self._command = conn
             return conn
+
+    def _republish_on(self, run_id: str | None) -> None:
+        """Publishing goes to server ``run_id`` now: another one gets the kept messages again."""
+        if run_id == self._kept_on:
+            return
+        # Another server has not seen this node's "maintain" (the instance
+        # set): the first publish of each instance there does it again.
+        self._maintained.clear()
+        kept = self._kept
+        if kept:
+            self.stats.republished += len(kept)
+            log.info(
+                "broker: publishing again the %d message(s) the previous Redis server"
+                " acknowledged in the last minute (it may have failed over before its"
+                " replica had them; Redis refuses those it has)",
+                len(kept),
+            )
+            self._buffer.extendleft(reversed(kept))
+            self._buffer_bytes += self._kept_bytes
+            kept.clear()
+            self._kept_bytes = 0
+            self._bound()
+            self._wakeup.set()
+        self._kept_on = run_id
 
     def _note_refused(self, refused: str | None) -> None:
         """Say once, in one line, what the Redis user may not run; and when it may again."""
@@ -657,7 +796,9 @@ class Broker:
                     conn.close()
             if self._closing:
                 return
-            await asyncio.sleep(delay)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._switched.wait(), delay)
+            self._switched.clear()
             delay = min(delay * 2, BACKOFF_CAP)
 
     async def _catch_up(self, reads: RespConnection) -> int:
@@ -933,6 +1074,8 @@ class Broker:
             elif not self._closing:
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self._stop_backoff.wait(), delay)
+                if not self._closing:
+                    self._stop_backoff.clear()  # set by a failover's announcement
                 delay = min(delay * 2, BACKOFF_CAP)
             if self._closing and self._publish_failing:
                 if self._tried_at_close:
@@ -963,7 +1106,9 @@ class Broker:
         buffer = self._buffer
         batch = [buffer.popleft() for _ in range(min(PUBLISH_BATCH, len(buffer)))]
         self._in_flight = batch
-        self._buffer_bytes -= sum(len(item[4]) for item in batch)
+        size = sum(len(item[4]) for item in batch)
+        self._in_flight_bytes = size
+        self._buffer_bytes -= size
         try:
             conn.send_batch(self._commands_for(batch), self._published)
         except Exception as exc:  # a closed transport raises RuntimeError in uvloop
@@ -1039,6 +1184,7 @@ class Broker:
         self.stats.published += len(batch)
         if self._restored_left:
             self._restored_done(sum(item[0] != self.fingerprint for item in batch))
+        self._keep(batch)
         if self._dropping and len(self._buffer) <= self._buffer_limit // 2:
             self._dropping = False
             log.info("broker buffer below half again (%d messages)", len(self._buffer))
@@ -1051,6 +1197,19 @@ class Broker:
         self._restored_left -= count
         if self._restored_left == 0 and self.on_restored is not None:
             self.on_restored()
+
+    def _keep(self, batch: list[tuple[str, int, str, float, bytes, float]]) -> None:
+        """Keep an acknowledged batch until it leaves the history window (or the bounds)."""
+        kept = self._kept
+        kept.extend(batch)
+        self._kept_bytes += self._in_flight_bytes
+        horizon = _now_ms() - HISTORY_TTL_MS
+        while kept and (
+            kept[0][3] < horizon
+            or len(kept) > self._buffer_limit
+            or self._kept_bytes > self._buffer_bytes_limit
+        ):
+            self._kept_bytes -= len(kept.popleft()[4])
 
     def _publish_failed(
         self, batch: list[tuple[str, int, str, float, bytes, float]], error: Exception
@@ -1122,11 +1281,7 @@ class Broker:
         this node has read, and it would skip them. Payloads already held
         are recognised by the merge instead.
         """
-        info = await reads.execute(("INFO", "server"), self._timeout)
-        run_id = None
-        for line in _decode(info).splitlines():
-            if line.startswith("run_id:"):
-                run_id = line[7:].strip()
+        run_id = _run_id(await reads.execute(("INFO", "server"), self._timeout))
         if run_id and self._run_id and run_id != self._run_id and self._read:
             log.info(
                 "broker %s is another Redis process than before (restarted or failed over):"
@@ -1186,6 +1341,14 @@ def _entry_fields(flat: list[Any]) -> tuple[str, int, float, bytes]:
     if not isinstance(payload, bytes):
         raise TypeError("the payload is not a string")
     return _decode(fields[b"o"]), int(fields[b"s"]), float(fields[b"a"]), payload
+
+
+def _run_id(info: bytes) -> str | None:
+    """The ``run_id`` of an ``INFO server`` reply: another one is another server process."""
+    for line in _decode(info).splitlines():
+        if line.startswith("run_id:"):
+            return line[7:].strip()
+    return None
 
 
 def _now_ms() -> float:

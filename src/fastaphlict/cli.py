@@ -174,8 +174,18 @@ def _build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="URL",
         help="Redis broker shared by every node of a cluster: redis://[user:password@]host:port/db,"
-        " rediss://... (TLS, verified) or unix:///path (default: none; env FASTAPHLICT_BROKER,"
+        " rediss://... (TLS, verified), unix:///path, or through Sentinel"
+        " redis+sentinel://[user:password@]host:port[,host:port...]/service[/db]"
+        " (rediss+sentinel:// with TLS) (default: none; env FASTAPHLICT_BROKER,"
         " which keeps a password off the command line)",
+    )
+    limits.add_argument(
+        "--broker-sentinel-password",
+        default=None,
+        metavar="PASSWORD",
+        help="the sentinels' own password, for a redis+sentinel:// broker whose sentinels"
+        " require one (default: none; env FASTAPHLICT_BROKER_SENTINEL_PASSWORD, which keeps"
+        " it off the command line)",
     )
     limits.add_argument(
         "--broker-ca-file",
@@ -391,6 +401,9 @@ def broker_config(
 ) -> BrokerConfig | None:
     """``--broker`` or ``FASTAPHLICT_BROKER`` parsed; None when neither is set.
 
+    The sentinels' password (``--broker-sentinel-password`` or its variable)
+    joins a ``redis+sentinel://`` broker and is refused for any other.
+
     Errors name where the URL came from and never repeat its password.
     """
     if args.broker is not None:
@@ -405,8 +418,19 @@ def broker_config(
         config = parse_broker_url(raw)
     except ConfigError as exc:
         raise ConfigError(f"{where}: {exc}") from None
-    if args.broker_ca_file and config.scheme != "rediss":
+    if args.broker_ca_file and not config.tls:
         raise ConfigError(f"--broker-ca-file applies to a rediss:// broker, not {config.display}")
+    if args.broker_sentinel_password is not None:
+        secret, where = args.broker_sentinel_password, "--broker-sentinel-password"
+    else:
+        secret = environ.get("FASTAPHLICT_BROKER_SENTINEL_PASSWORD", "")
+        where = "FASTAPHLICT_BROKER_SENTINEL_PASSWORD (environment)"
+    if secret:
+        if not config.sentinel:
+            raise ConfigError(
+                f"{where} applies to a redis+sentinel:// broker, not {config.display}"
+            )
+        config = dataclasses.replace(config, sentinel_password=secret)
     return config
 
 

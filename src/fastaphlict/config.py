@@ -31,7 +31,7 @@ import os
 import socket
 import stat
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal, cast
 
@@ -329,21 +329,41 @@ def limits_table() -> str:
     return "\n".join(rows)
 
 
+#: The port a Sentinel listens on when the URL names none.
+SENTINEL_PORT = 26379
+
+
 @dataclass(frozen=True)
 class BrokerConfig:
     """Where the Redis broker is: ``--broker=URL`` parsed.
 
     The password is kept out of ``repr`` and out of :attr:`display`, which is
-    what every log line, error and metric uses.
+    what every log line, error and metric uses. Through Sentinel
+    (``redis+sentinel://``), ``host`` and ``port`` are unset: ``sentinels``
+    are asked where the primary of ``service`` is, and ``username`` and
+    ``password`` are the primary's; the sentinels' own password, if any, is
+    ``sentinel_password`` (given apart, never in the URL).
     """
 
-    scheme: Literal["redis", "rediss", "unix"]
+    scheme: Literal["redis", "rediss", "unix", "redis+sentinel", "rediss+sentinel"]
     host: str = ""
     port: int = 6379
     path: str = ""
     db: int = 0
     username: str | None = None
     password: str | None = field(default=None, repr=False)
+    sentinels: tuple[tuple[str, int], ...] = ()
+    service: str = ""
+    sentinel_password: str | None = field(default=None, repr=False)
+
+    @property
+    def sentinel(self) -> bool:
+        """Whether the primary is found through Sentinel."""
+        return self.scheme.endswith("+sentinel")
+
+    @property
+    def tls(self) -> bool:
+        return self.scheme.startswith("rediss")
 
     @property
     def display(self) -> str:
@@ -354,8 +374,32 @@ class BrokerConfig:
             credentials = f"{self.username or ''}{secret}@"
         if self.scheme == "unix":
             return f"unix://{credentials}{self.path}?db={self.db}"
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{self.scheme}://{credentials}{host}:{self.port}/{self.db}"
+        if self.sentinel:
+            hosts = ",".join(address(host, port) for host, port in self.sentinels)
+            return f"{self.scheme}://{credentials}{hosts}/{self.service}/{self.db}"
+        return f"{self.scheme}://{credentials}{address(self.host, self.port)}/{self.db}"
+
+    def primary_at(self, host: str, port: int) -> BrokerConfig:
+        """The settings of a connection to the primary a sentinel named."""
+        return BrokerConfig(
+            "rediss" if self.tls else "redis",
+            host=host,
+            port=port,
+            db=self.db,
+            username=self.username,
+            password=self.password,
+        )
+
+    def sentinel_at(self, host: str, port: int) -> BrokerConfig:
+        """The settings of a connection to one sentinel: its own password, no database."""
+        return BrokerConfig(
+            "rediss" if self.tls else "redis", host=host, port=port, password=self.sentinel_password
+        )
+
+
+def address(host: str, port: int) -> str:
+    """``host:port``, an IPv6 host in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _redacted_url(url: str) -> str:
@@ -370,7 +414,8 @@ def _redacted_url(url: str) -> str:
 
 
 def parse_broker_url(url: str) -> BrokerConfig:
-    """Parse ``redis://[user:password@]host:port/db``, ``rediss://...`` or ``unix:///path``.
+    """Parse ``redis://[user:password@]host:port/db``, ``rediss://...``, ``unix:///path``,
+    or ``redis+sentinel://...``/``rediss+sentinel://...`` (see :func:`_parse_sentinel_url`).
 
     Raises ConfigError whose message never holds the password, however
     malformed the URL (it names the URL with its credentials cut out).
@@ -393,6 +438,8 @@ def parse_broker_url(url: str) -> BrokerConfig:
             "percent-encode the user name and password ('/' as %2F, '?' as %3F, '#' as %23,"
             " '@' as %40); in a unix:// socket path, write '@' as %40"
         )
+    if url.strip().partition("://")[0].lower() in ("redis+sentinel", "rediss+sentinel"):
+        return _parse_sentinel_url(url.strip(), fail)
     try:
         parts = urlsplit(url.strip())
         port = parts.port
@@ -400,7 +447,10 @@ def parse_broker_url(url: str) -> BrokerConfig:
         raise fail("the port is not a number in 1..65535") from None
     scheme = parts.scheme.lower()
     if scheme not in ("redis", "rediss", "unix"):
-        raise fail("expected redis://host:port/db, rediss://host:port/db or unix:///path")
+        raise fail(
+            "expected redis://host:port/db, rediss://host:port/db, unix:///path"
+            " or redis+sentinel://host:port,.../service/db"
+        )
     username = unquote(parts.username) if parts.username else None
     password = unquote(parts.password) if parts.password is not None else None
     query = parse_qs(parts.query, keep_blank_values=True)
@@ -433,6 +483,79 @@ def parse_broker_url(url: str) -> BrokerConfig:
         db=int(db_text or 0),
         username=username,
         password=password,
+    )
+
+
+def _parse_sentinel_url(url: str, fail: Callable[[str], ConfigError]) -> BrokerConfig:
+    """``redis+sentinel://[user:password@]host[:port][,host[:port]...]/service[/db]``.
+
+    The host list is split here (``urlsplit`` reads one host); the rest
+    follows :func:`parse_broker_url`'s rules. The credentials are the
+    primary's: the sentinels' password is given apart.
+    """
+    from urllib.parse import parse_qs, unquote, urlsplit
+
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        raise fail("an IPv6 sentinel address lacks its closing ']'") from None
+    userinfo, at, hostlist = parts.netloc.rpartition("@")
+    username = password = None
+    if at:
+        user, colon, secret = userinfo.partition(":")
+        username = unquote(user) or None
+        password = unquote(secret) if colon else None
+    sentinels = []
+    for entry in hostlist.split(","):
+        entry = entry.strip()
+        if entry.startswith("["):
+            host, bracket, rest = entry[1:].partition("]")
+            if not bracket:
+                raise fail("an IPv6 sentinel address lacks its closing ']'")
+        else:
+            host, colon, port_text = entry.partition(":")
+            rest = f":{port_text}" if colon else ""
+        if not host:
+            raise fail("a sentinel without a host (write host:port,host:port)")
+        port = SENTINEL_PORT
+        if rest:
+            digits = rest[1:]
+            if not (rest.startswith(":") and digits.isascii() and digits.isdigit()):
+                raise fail("a sentinel's port is not a number in 1..65535")
+            port = int(digits)
+            if not 1 <= port <= 65535:
+                raise fail("a sentinel's port is not a number in 1..65535")
+        sentinels.append((host.lower(), port))
+    query = parse_qs(parts.query, keep_blank_values=True)
+    db_text = query.pop("db", [""])[-1]
+    if query:
+        raise fail(f"unknown parameter(s): {', '.join(sorted(query))} (only db is read)")
+    segments = (
+        [unquote(s) for s in parts.path.strip("/").split("/")] if parts.path.strip("/") else []
+    )
+    if not segments or not segments[0].strip():
+        raise fail("no service: write the name Sentinel monitors, as in .../mymaster/0")
+    if len(segments) > 2:
+        raise fail("expected /service or /service/db after the sentinels")
+    service = segments[0]
+    if any(c.isspace() for c in service):
+        raise fail("the service name holds a space")
+    if service.isdigit():
+        raise fail("the first path segment is the service name, not a database: /mymaster/0")
+    if len(segments) == 2:
+        if db_text:
+            raise fail("the database is given twice (path and ?db=)")
+        db_text = segments[1]
+    if db_text and not (db_text.isascii() and db_text.isdigit()):
+        raise fail("the database must be a whole number, as in /mymaster/0")
+    scheme = parts.scheme.lower()
+    return BrokerConfig(
+        scheme=cast('Literal["redis+sentinel", "rediss+sentinel"]', scheme),
+        db=int(db_text or 0),
+        username=username,
+        password=password,
+        sentinels=tuple(sentinels),
+        service=service,
     )
 
 

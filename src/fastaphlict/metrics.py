@@ -190,6 +190,25 @@ class HubCollector(Collector):
             " were skipped.",
             stats.malformed,
         )
+        yield _counter(
+            "fastaphlict_broker_primary_changes",
+            "Times the Redis primary moved to another address (a failover, through Sentinel).",
+            stats.primary_changes,
+        )
+        yield _counter(
+            "fastaphlict_broker_republished",
+            "Acknowledged messages published again on another Redis server after a failover"
+            " or restart (Redis refuses those it has).",
+            stats.republished,
+        )
+        if broker.primary is not None:
+            primary = GaugeMetricFamily(
+                "fastaphlict_broker_primary",
+                "1, labelled with the address of the Redis primary in use.",
+                labels=["address"],
+            )
+            primary.add_metric([broker.primary], 1)
+            yield primary
         latency = HistogramMetricFamily(
             "fastaphlict_broker_publish_seconds",
             "Time from a message's acceptance here to Redis' acknowledgement.",
