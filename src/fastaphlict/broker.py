@@ -398,7 +398,7 @@ class Broker:
         self._serving = False
         #: ``stats.published`` when the outage began: the "back" line says
         #: how many of the messages that waited went out since.
-        self._published_at_down = 0
+        self._published_at_down = self._republished_at_down = 0
         self._malformed_log = Throttle("malformed entry from Redis", logger=log)
         #: What the Redis user may not run of what publishing needs (None: all of it).
         self._refused: str | None = None
@@ -1010,6 +1010,7 @@ class Broker:
     def _went_down(self) -> None:
         self._down_since = time.monotonic()
         self._published_at_down = self.stats.published
+        self._republished_at_down = self.stats.republished
 
     def _on_back(self, caught_up: int | None = None) -> None:
         """The end of an outage: one line, how long it lasted and where every message is.
@@ -1021,7 +1022,11 @@ class Broker:
         if self._down_logged:
             down_for = time.monotonic() - (self._down_since or time.monotonic())
             published = self.stats.published - self._published_at_down
-            parts = [f"{published} waiting message(s) of this node published"]
+            again = self.stats.republished - self._republished_at_down
+            parts = [
+                f"{published} message(s) of this node published"
+                + (f" ({again} of them again, on another Redis server)" if again else "")
+            ]
             if caught_up is not None:
                 parts.append(f"{caught_up} missed message(s) of other nodes caught up")
             parts.append(f"{self.buffered} still waiting to publish")
