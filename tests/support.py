@@ -29,6 +29,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import types
 import urllib.request
@@ -179,6 +180,31 @@ def child_env() -> dict[str, str]:
     if any((SRC / "fastaphlict").glob("_fanout*.so")):
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(SRC), env.get("PYTHONPATH")) if p)
     return env
+
+
+@contextlib.contextmanager
+def exclusive(name: str, within: float | None = None) -> Iterator[None]:
+    """Run the block alone among every test run on this machine (a file lock).
+
+    For the few tests that run a documented example verbatim, with its fixed
+    ports (22280 and up) and its fixed directory: two checkouts' suites at
+    once must take turns, not take each other's ports or remove each other's
+    files.
+    """
+    path = Path(tempfile.gettempdir()) / f"fastaphlict-tests-{name}.lock"
+    deadline = time.monotonic() + (scaled(120) if within is None else within)
+    with open(path, "a") as held:
+        while True:
+            try:
+                fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                assert time.monotonic() < deadline, f"{path} still held by another run"
+                time.sleep(0.1)
+        try:
+            yield
+        finally:
+            fcntl.flock(held, fcntl.LOCK_UN)
 
 
 def free_ports(count: int) -> list[int]:

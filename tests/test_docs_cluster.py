@@ -28,7 +28,7 @@ import pytest
 from websockets.asyncio.client import connect
 
 from redis_support import require_redis
-from support import TIMEOUT, Browser, child_env, eventually, scaled
+from support import TIMEOUT, Browser, child_env, eventually, exclusive, scaled
 from test_docs import REPO, labelled, require_curl, runnable
 
 #: Where the example keeps everything; the test owns it while it runs.
@@ -83,6 +83,12 @@ def demo_cleaned_up(stop: str) -> Iterator[set[int]]:
 
     Yields the set the test adds the start script's process group id to.
     """
+    with exclusive("default-ports"), _cleaned_up(stop) as groups:
+        yield groups
+
+
+@contextlib.contextmanager
+def _cleaned_up(stop: str) -> Iterator[set[int]]:
     if left := {pid for pid in pids().values() if alive(pid)}:
         pytest.fail(f"{DEMO} belongs to processes still running: {sorted(left)}")
     shutil.rmtree(DEMO, ignore_errors=True)

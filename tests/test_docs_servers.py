@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 
 from redis_support import RedisServer
-from support import SHUTDOWN, STARTUP, child_env, eventually, free_ports, scaled
+from support import SHUTDOWN, STARTUP, child_env, eventually, exclusive, free_ports, scaled
 from test_docs import (
     CONTRIB,
     INSTALLED,
@@ -148,7 +148,7 @@ async def test_the_migration_steps_run_as_written(tmp_path: Path) -> None:
     admin = re.search(r"http://127\.0\.0\.1:(\d+)/", curl)
     assert admin and int(admin[1]) in {s["port"] for s in readme_config()["servers"]}  # type: ignore[attr-defined,index]
     log = tmp_path / "server.log"
-    with foreground(ours(command), log):
+    with exclusive("default-ports"), foreground(ours(command), log):
         await eventually(lambda: sh(curl).stdout.startswith("{"), STARTUP, "step 5's status")
         answer = json.loads(sh(curl).stdout)
         assert answer.keys() == STATUS_KEYS and answer["version"] == 8, answer

@@ -574,3 +574,13 @@ def test_the_alive_time_round_trips_and_a_bad_one_is_unknown(
         (tmp_path / state.ALIVE_FILE).write_bytes(bad)
         assert state.read_alive(str(tmp_path)) is None
     assert caplog.text.count("is unusable") == 4
+
+
+def test_the_lock_holder_removes_what_a_crash_left_mid_write(tmp_path: Path) -> None:
+    """A kill -9 between creating a temporary file and renaming it leaves it behind."""
+    left = [f"{state.PENDING_FILE}.0123456789ab.tmp", f"{state.file_name('x')}.4242.tmp"]
+    kept = [state.PENDING_FILE, "notes.tmp", "history-x.jsonl.tmp.bak"]
+    for name in (*left, *kept):
+        (tmp_path / name).write_bytes(b"x")
+    os.close(state.lock(str(tmp_path)))
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*kept, state.LOCK_FILE])

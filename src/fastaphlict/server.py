@@ -371,7 +371,8 @@ class Server:
         self._lock_fd = state.lock(self.state_dir)
         alive = state.read_alive(self.state_dir)
         if alive is not None and self.broker is not None:
-            self.broker.deliver_from(alive)
+            # A clock that ran ahead then must not hide what came since.
+            self.broker.deliver_from(min(alive, time.time() * 1000))
         instances = entries = 0
         for name, saved in state.read_dir(self.state_dir):
             loaded = self.hub.import_state(name, saved)
@@ -747,11 +748,15 @@ def is_server_command(argv: list[bytes]) -> bool:
     if program in (b"node", b"nodejs"):
         return any(os.path.basename(arg) == b"aphlict_server.js" for arg in argv[1:])
     if program.startswith(b"python"):
-        for index, arg in enumerate(argv[1:], 1):
-            if arg == b"-m":
-                following = argv[index + 1 : index + 2]
-                return following == [b"fastaphlict"]
-            if not arg.startswith(b"-"):
+        words = iter(argv[1:])
+        for arg in words:
+            if arg in (b"-X", b"-W"):
+                next(words, None)  # the option's argument (-X dev, -W ignore)
+            elif arg == b"-m":
+                return next(words, None) == b"fastaphlict"
+            elif arg == b"-c":
+                return False
+            elif not arg.startswith(b"-"):
                 return os.path.basename(arg).startswith(b"fastaphlict")
     return False
 

@@ -46,6 +46,7 @@ import fcntl
 import hashlib
 import logging
 import os
+import re
 import time
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -158,7 +159,24 @@ def lock(directory: str) -> int:
         raise
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    _remove_leftovers(directory)
     return fd
+
+
+#: A temporary file of :func:`_create_temporary` (or of versions before it).
+_LEFTOVER = re.compile(r"\.(?:[0-9a-f]{12}|[0-9]+)\.tmp\Z")
+
+
+def _remove_leftovers(directory: str) -> None:
+    """Remove the temporary files a crash left mid-write; only the lock holder may.
+
+    Nothing else writes here while the lock is held, so each is a leftover.
+    """
+    for name in os.listdir(directory):
+        if _LEFTOVER.search(name):
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(directory, name))
+                log.info("state: removed %s, left by a write a crash interrupted", name)
 
 
 def check_unlocked(directory: str) -> None:
