@@ -36,12 +36,14 @@ import socket
 import subprocess
 import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from support import TIMEOUT, free_ports, require, scaled
+import aiohttp
+
+from support import TIMEOUT, ServerProcess, free_ports, metric, require, scaled, wait_healthy
 
 #: The ``redis-server`` the tests run, or None where it is not installed.
 REDIS_SERVER = shutil.which("redis-server")
@@ -781,3 +783,42 @@ def _reset(writer: asyncio.StreamWriter) -> None:
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
     writer.transport.abort()
+
+
+# -- waiting for a broker node -------------------------------------------------------
+
+#: How long a node may take to notice Redis is back and catch up (backoff caps at 2 s).
+RECOVERY = scaled(15.0)
+
+
+async def broker_up(session: aiohttp.ClientSession, server: ServerProcess) -> float:
+    return await metric(session, server.admin_url, "fastaphlict_broker_up")
+
+
+async def until(check: Callable[[], Awaitable[bool]], what: str, within: float = RECOVERY) -> None:
+    """:func:`support.eventually` for a check that asks a server (awaits)."""
+    deadline = asyncio.get_running_loop().time() + within
+    while not await check():
+        assert asyncio.get_running_loop().time() < deadline, f"{what}: not within {within:g} s"
+        await asyncio.sleep(0.02)
+
+
+async def until_metric(
+    session: aiohttp.ClientSession, server: ServerProcess, name: str, wanted: float
+) -> None:
+    """Until ``server``'s metric ``name`` reads ``wanted`` (its log in the failure)."""
+
+    async def check() -> bool:
+        return await metric(session, server.admin_url, name) == wanted
+
+    await until(check, f"{name} == {wanted:g} on {server.log_path.stem}\n{server.log()}")
+
+
+async def until_up(session: aiohttp.ClientSession, *servers: ServerProcess) -> None:
+    for server in servers:
+        await wait_healthy(server, session)
+        await until_metric(session, server, "fastaphlict_broker_up", 1)
+
+
+async def until_down(session: aiohttp.ClientSession, server: ServerProcess) -> None:
+    await until_metric(session, server, "fastaphlict_broker_up", 0)

@@ -34,7 +34,16 @@ import pytest
 from websockets.asyncio.client import connect
 
 from fastaphlict import broker as broker_module
-from redis_support import RedisServer, StallProxy
+from redis_support import (
+    RECOVERY,
+    RedisServer,
+    StallProxy,
+    broker_up,
+    until,
+    until_down,
+    until_metric,
+    until_up,
+)
 from support import (
     TIMEOUT,
     Browser,
@@ -56,8 +65,6 @@ pytestmark = pytest.mark.timeout(90)
 
 #: Fast failure detection for tests: probes every 0.2 s, 0.5 s per Redis call.
 FAST = ("--broker-probe-interval=0.2", "--broker-timeout=0.5")
-#: How long a node may take to notice Redis is back and catch up (backoff caps at 2 s).
-RECOVERY = scaled(15.0)
 
 
 Start = Callable[..., ServerProcess]
@@ -152,39 +159,6 @@ def logs_on_failure(*servers: ServerProcess) -> Iterator[None]:
     except (AssertionError, TimeoutError, asyncio.TimeoutError) as exc:
         logs = "\n".join(f"--- {s.log_path.name}:\n{s.log()[-3000:]}" for s in servers)
         raise AssertionError(f"{type(exc).__name__}: {exc}\n{logs}") from exc
-
-
-async def broker_up(session: aiohttp.ClientSession, server: ServerProcess) -> float:
-    return await metric(session, server.admin_url, "fastaphlict_broker_up")
-
-
-async def until(check: Callable[[], Awaitable[bool]], what: str, within: float = RECOVERY) -> None:
-    """:func:`support.eventually` for a check that asks a server (awaits)."""
-    deadline = asyncio.get_running_loop().time() + within
-    while not await check():
-        assert asyncio.get_running_loop().time() < deadline, f"{what}: not within {within:g} s"
-        await asyncio.sleep(0.02)
-
-
-async def until_metric(
-    session: aiohttp.ClientSession, server: ServerProcess, name: str, wanted: float
-) -> None:
-    """Until ``server``'s metric ``name`` reads ``wanted`` (its log in the failure)."""
-
-    async def check() -> bool:
-        return await metric(session, server.admin_url, name) == wanted
-
-    await until(check, f"{name} == {wanted:g} on {server.log_path.stem}\n{server.log()}")
-
-
-async def until_up(session: aiohttp.ClientSession, *servers: ServerProcess) -> None:
-    for server in servers:
-        await wait_healthy(server, session)
-        await until_metric(session, server, "fastaphlict_broker_up", 1)
-
-
-async def until_down(session: aiohttp.ClientSession, server: ServerProcess) -> None:
-    await until_metric(session, server, "fastaphlict_broker_up", 0)
 
 
 # -- delivery ---------------------------------------------------------------------

@@ -31,130 +31,28 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from docs_support import (
+    CONTRIB,
+    DASHBOARD,
+    DOCS,
+    INSTALLED,
+    REPO,
+    TARGET_LABELS,
+    UNITS,
+    VENV_PROGRAMS,
+    Block,
+    all_blocks,
+    paths_under,
+    runnable,
+    shell_blocks,
+)
 from fastaphlict.config import PeerConfig
 from support import TIMEOUT, child_env, local_config, require, running, scaled
-
-REPO = Path(__file__).resolve().parents[1]
-DOCS = (REPO / "README.md", *sorted((REPO / "docs").glob("*.md")))
-DASHBOARD = REPO / "contrib" / "grafana-dashboard.json"
-
-MARKER = "<!-- docs-test -->"
-LABEL = re.compile(r"<!-- docs-test: ([\w -]+) -->")
-VENV_BIN = ".venv/bin/"
-
-#: Programs a fresh clone only has inside ``.venv/bin/``.
-VENV_PROGRAMS = frozenset(
-    {"python", "pip", "pytest", "ruff", "fastaphlict", "fastaphlict-bench", "cibuildwheel"}
-)
-
-#: Labels Prometheus adds to every scraped series, not the server's own.
-TARGET_LABELS = frozenset({"instance", "job"})
-
-
-@dataclass(frozen=True)
-class Block:
-    path: Path
-    line: int  # of the opening fence, 1-based
-    language: str
-    marked: bool
-    commands: tuple[str, ...]
-    label: str | None = None  # of a <!-- docs-test: LABEL --> line before it
-    text: str = ""  # the body, each line stripped of its indentation
-
-    def where(self) -> str:
-        return f"{self.path.relative_to(REPO)}:{self.line}"
-
-
-def fenced_blocks(path: Path) -> Iterator[Block]:
-    """Every fenced code block of a markdown file, continuation lines joined."""
-    lines = path.read_text(encoding="utf-8").splitlines()
-    index = 0
-    while index < len(lines):
-        stripped = lines[index].strip()
-        if not stripped.startswith("```"):
-            index += 1
-            continue
-        start, fence = index, stripped[: len(stripped) - len(stripped.lstrip("`"))]
-        language = stripped[len(fence) :].strip()
-        previous = next(
-            (lines[i].strip() for i in range(start - 1, -1, -1) if lines[i].strip()), ""
-        )
-        body = []
-        index += 1
-        while index < len(lines) and lines[index].strip() != fence:
-            body.append(lines[index].strip())
-            index += 1
-        index += 1
-        label = LABEL.fullmatch(previous)
-        yield Block(
-            path,
-            start + 1,
-            language,
-            previous == MARKER,
-            tuple(_commands(body)),
-            label.group(1) if label else None,
-            "".join(line + "\n" for line in body),
-        )
-
-
-def _commands(body: list[str]) -> Iterator[str]:
-    """Shell lines with ``\\`` continuations joined; here-document bodies skipped."""
-    pending = ""
-    heredoc_end = None
-    for line in body:
-        if heredoc_end is not None:
-            if line == heredoc_end:
-                heredoc_end = None
-            continue
-        if line.endswith("\\"):
-            pending += line[:-1] + " "
-            continue
-        command, pending = pending + line, ""
-        if not command or command.startswith("#"):
-            continue
-        heredoc = re.search(r"<<-?\s*'?\"?(\w+)", command)
-        if heredoc:
-            heredoc_end = heredoc.group(1)
-        yield command
-
-
-def shell_blocks() -> list[Block]:
-    return [b for path in DOCS for b in fenced_blocks(path) if b.language in ("sh", "bash")]
-
-
-def all_blocks() -> list[Block]:
-    return [block for path in DOCS for block in fenced_blocks(path)]
-
-
-def labelled(label: str) -> Block:
-    """The one block marked ``<!-- docs-test: LABEL -->``, for the test that runs it."""
-    found = [block for block in all_blocks() if block.label == label]
-    assert len(found) == 1, f"{len(found)} blocks labelled {label!r}, expected one"
-    return found[0]
-
-
-def runnable(command: str) -> str:
-    """A documented command with the clone's ``.venv/bin/`` read as this interpreter's."""
-    bin_dir = Path(sys.executable).parent
-    for program in re.findall(r"\.venv/bin/([\w.-]+)", command):
-        assert (bin_dir / program).exists(), f"{program} is not in {bin_dir}"
-    return command.replace(VENV_BIN, f"{bin_dir}/")
-
-
-def require_curl() -> None:
-    """Skip a test that runs the docs' ``curl`` lines without curl (fail it under ``CI``)."""
-    require(
-        shutil.which("curl") is not None,
-        "curl is not installed (Debian: apt-get install curl, or sh tests/install-deps.sh)",
-        "the docs' curl lines",
-    )
 
 
 def marked_commands() -> list[tuple[str, str]]:
@@ -301,11 +199,6 @@ def test_the_readme_limits_table_is_the_declared_one() -> None:
 
 # -- the systemd units -----------------------------------------------------------
 
-CONTRIB = REPO / "contrib"
-UNITS = ("fastaphlict.service", "fastaphlict.socket", "fastaphlict@.service")
-#: The install path the units name, read as the bin directory running the tests.
-INSTALLED = "/opt/fastaphlict/venv/bin/"
-
 
 def exec_start(unit: str, instance: str = "1") -> list[str]:
     """A unit's ``ExecStart=`` as words, continuation lines joined, ``%i`` expanded."""
@@ -365,9 +258,13 @@ def test_the_template_unit_gives_each_process_its_own_pidfile_and_state() -> Non
     assert not any("redis://" in arg for arg in one)
 
 
-@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="needs systemd-analyze")
 def test_the_units_pass_systemd_analyze_verify(tmp_path: Path) -> None:
     """systemd parses every line: an unknown key or a bad value is only a warning at load."""
+    require(
+        shutil.which("systemd-analyze") is not None,
+        "systemd-analyze is not installed (Debian: apt-get install systemd)",
+        "the units' systemd-analyze verify",
+    )
     bin_dir = f"{Path(sys.executable).parent}/"
     for unit in UNITS:
         text = (CONTRIB / unit).read_text(encoding="utf-8")
@@ -474,11 +371,6 @@ def test_every_notification_servers_block_passes_phorges_check() -> None:
         assert not phorge_refuses(servers), (block.where(), phorge_refuses(servers))
     cluster = [s for b, s in lists if sum(e["type"] == "admin" for e in s) > 1]  # type: ignore[index,union-attr]
     assert cluster, "the cluster's list names one admin entry per node"
-
-
-def paths_under(config: str, root: Path) -> str:
-    """A JSON config's absolute paths under /var, /run and /etc moved under ``root``."""
-    return re.sub(r'"/((?:var|run|etc)/[^"]*)"', lambda m: json.dumps(f"{root}/{m[1]}"), config)
 
 
 def aphlict_configs() -> list[tuple[str, object]]:

@@ -27,9 +27,9 @@ from pathlib import Path
 import pytest
 from websockets.asyncio.client import connect
 
+from docs_support import REPO, labelled, require_curl, runnable
 from redis_support import require_redis
 from support import TIMEOUT, Browser, child_env, eventually, exclusive, scaled
-from test_docs import REPO, labelled, require_curl, runnable
 
 #: Where the example keeps everything; the test owns it while it runs.
 DEMO = Path("/tmp/fastaphlict-demo")

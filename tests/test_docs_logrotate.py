@@ -22,8 +22,8 @@ from pathlib import Path
 
 import pytest
 
+from docs_support import labelled
 from support import require, scaled, spawned
-from test_docs import labelled
 
 #: Debian's logrotate is in /usr/sbin, which a user's PATH may lack.
 LOGROTATE = shutil.which("logrotate", path="/usr/sbin:/usr/bin:/sbin:/bin")

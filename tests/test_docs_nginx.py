@@ -33,8 +33,9 @@ import pytest
 import trustme
 from websockets.asyncio.client import connect
 
+from docs_support import labelled
 from fastaphlict.config import Limits
-from redis_support import RedisServer
+from redis_support import RedisServer, until_up
 from support import (
     TIMEOUT,
     Browser,
@@ -47,8 +48,6 @@ from support import (
     scaled,
     stop,
 )
-from test_broker import until_up
-from test_docs import labelled
 
 #: Debian's nginx is in /usr/sbin, which a user's PATH may lack.
 NGINX = shutil.which("nginx", path="/usr/sbin:/usr/bin:/sbin:/bin")

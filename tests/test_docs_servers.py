@@ -28,9 +28,7 @@ from pathlib import Path
 
 import pytest
 
-from redis_support import RedisServer
-from support import SHUTDOWN, STARTUP, child_env, eventually, exclusive, free_ports, scaled
-from test_docs import (
+from docs_support import (
     CONTRIB,
     INSTALLED,
     REPO,
@@ -40,6 +38,8 @@ from test_docs import (
     require_curl,
     runnable,
 )
+from redis_support import RedisServer
+from support import SHUTDOWN, STARTUP, child_env, eventually, exclusive, free_ports, scaled
 
 #: The keys of Aphlict's ``/status/``, which Phorge's Notification Servers page reads.
 STATUS_KEYS = {

@@ -41,6 +41,7 @@ from redis_support import (
     StallProxy,
     require_redis,
     sentinel_url,
+    until,
     wait_replicating,
     wait_sentinels_ready,
 )
@@ -167,13 +168,6 @@ async def tab(server: ServerProcess, *phids: str) -> AsyncIterator[Browser]:
 async def metrics_text(session: aiohttp.ClientSession, server: ServerProcess) -> str:
     async with session.get(f"{server.admin_url}/metrics") as resp:
         return await resp.text()
-
-
-async def until(check: Any, what: str, within: float) -> None:
-    deadline = asyncio.get_running_loop().time() + within
-    while not await check():
-        assert asyncio.get_running_loop().time() < deadline, f"{what}: not within {within:g} s"
-        await asyncio.sleep(0.05)
 
 
 async def on_primary(session: aiohttp.ClientSession, where: str, *servers: ServerProcess) -> bool:

@@ -195,3 +195,20 @@ def test_require_fails_under_ci(monkeypatch: pytest.MonkeyPatch, ci: str) -> Non
     require(True, "present", "the test")
     with pytest.raises(pytest.fail.Exception, match="CI is set, so the Redis tests must run"):
         require(False, "redis-server is missing", "the Redis tests")
+
+
+def test_no_test_module_imports_another() -> None:
+    """What tests share lives in the support modules; a test module is never imported."""
+    import ast
+    from pathlib import Path
+
+    offenders = []
+    for path in sorted(Path(__file__).parent.glob("test_*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            offenders += [f"{path.name}: {n}" for n in names if n.split(".")[0].startswith("test_")]
+    assert not offenders, offenders
