@@ -119,9 +119,11 @@ def accept_post(
     message is well formed but more than this server takes (RFC 9110
     §15.5.14), where a 400 would send whoever reads the log looking for a
     malformed body. Phorge treats both alike: any non-2xx status fails the
-    post, which it then tries on its next admin server (if any) and drops.
-    A peer's relay is a post too, so it gets the same check. Unlike a body
-    over its size, this body was read whole: the connection stays open.
+    post, which it then tries on its next admin server, if any, and drops
+    without a word (old Phabricator phlog()s it). This log line is the one
+    trace, hence a warning, as for a body over its size; unlike that one,
+    this body was read whole, so the connection stays open. A peer's relay
+    is a post too: it gets the same check.
     """
     status, level = 400, logging.INFO
     if len(instance) > hub.max_instance_length:
@@ -141,7 +143,6 @@ def accept_post(
                 if not isinstance(subscribers, list) or len(subscribers) <= hub.max_subscribers:
                     hub.publish(instance or DEFAULT_INSTANCE, message)
                     return 200, hub.receipt
-                # Over a limit an operator may have to raise: as loud as a body over its size.
                 status, level = 413, logging.WARNING
                 reason = (
                     f"{len(subscribers)} subscribers, over the limit of {hub.max_subscribers}"
