@@ -11,7 +11,15 @@ import time
 
 import pytest
 
-from support import PHORGE_CONTENT_TYPE, TIMEOUT, running, scaled, throttles_a_minute_later
+from support import (
+    PHORGE_CONTENT_TYPE,
+    TIMEOUT,
+    eventually,
+    local_config,
+    running,
+    scaled,
+    throttles_a_minute_later,
+)
 
 PHORGE_MESSAGE = {
     "key": "6963387411591127515",
@@ -468,6 +476,105 @@ async def test_max_depth_body_is_accepted_and_delivered_intact(chunked: bool) ->
         assert got.encode() == body[:-1] + b',"touched":["%s"]}' % srv.hub.fingerprint.encode()
 
 
+def _subscribers_body(count: int, n: object, first: str = "PHID-1") -> bytes:
+    """A message naming ``count`` subscribers, ``first`` among them."""
+    phids = [first, *(f"PHID-USER-{i:020d}" for i in range(count - 1))]
+    return json.dumps({"subscribers": phids, "n": n}, separators=(",", ":")).encode()
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["fast-path", "aiohttp"])
+async def test_a_post_over_max_subscribers_is_413_and_one_at_it_is_delivered(
+    chunked: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Past ``--max-subscribers`` a post is refused whole: not stored, delivered or relayed.
+
+    The body was read, so the connection stays open for the post after it,
+    which holds exactly the limit and is delivered. One warning names the sender.
+    """
+    from fastaphlict.server import Limits
+
+    relayed: list[bytes] = []
+
+    class Recorder:
+        def relay(self, instance: str, message: dict, body: bytes) -> None:
+            relayed.append(body)
+
+    caplog.set_level("INFO", logger="fastaphlict")
+    async with running(limits=Limits(max_subscribers=5)) as srv, srv.client() as browser:
+        srv.hub.add_relay(Recorder())
+        await browser.subscribe("PHID-1")
+        over, at = _subscribers_body(6, "over"), _subscribers_body(5, "at")
+        first = _chunked_post_bytes(over) if chunked else _post_bytes(over)
+        data = await _raw_exchange(srv, first + _post_bytes(at, extra=b"Connection: close\r\n"))
+        assert data.startswith(b"HTTP/1.1 413 "), data[:200]
+        refusal = data[: data.index(b"HTTP/1.1 200 ")]
+        assert b"too many subscribers" in refusal and b"close" not in refusal.lower()
+        assert data.count(b"HTTP/1.1 200 OK") == 1, data[:600]
+        assert (await browser.recv())["n"] == "at", "the refused post reached nobody"
+        status = await srv.status()
+        assert status["messages.in"] == 1 and status["history.size"] == 1
+        assert srv.hub.stats.posts_rejected == 1
+        assert len(relayed) == 1 and b'"at"' in relayed[0]
+    [line] = [r for r in caplog.records if r.getMessage().startswith("rejected post")]
+    assert line.levelno == logging.WARNING
+    assert line.getMessage().startswith("rejected post from 127.0.0.1:")
+    assert line.getMessage().endswith(": 6 subscribers, over the limit of 5 (--max-subscribers)")
+
+
+async def test_a_peers_relay_over_max_subscribers_is_refused_like_a_post() -> None:
+    """A cluster peer's relay is a post: a node with a lower limit refuses it (413).
+
+    The relaying node delivered it and counts one failed relay; the marker
+    relayed after it reaches the refusing node's tab first, so it never will.
+    """
+    from fastaphlict.config import Limits, PeerConfig
+
+    async with running(limits=Limits(max_subscribers=2)) as strict:
+        peer = PeerConfig("127.0.0.1", strict.server.admin_ports[0], "http")
+        async with (
+            running(local_config(peers=(peer,))) as lenient,
+            lenient.client() as near,
+            strict.client() as far,
+        ):
+            await near.subscribe("PHID-1")
+            await far.subscribe("PHID-1")
+            assert (await lenient.post(None, raw=_subscribers_body(3, "big"))).status == 200
+            assert (await lenient.post(None, raw=_subscribers_body(2, "marker"))).status == 200
+            assert [(await near.recv())["n"] for _ in range(2)] == ["big", "marker"]
+            assert (await far.recv())["n"] == "marker", "the big one was refused"
+            assert strict.hub.stats.posts_rejected == 1
+            [relay] = lenient.server.relay.peers
+            # The marker's answer may still be on its way back to the relay.
+            await eventually(lambda: relay.sent == 1, what="the marker's relay counted")
+            assert (relay.failed, relay.last_error) == (1, "http status 413")
+
+
+@pytest.mark.parametrize(
+    "subscribers",
+    ["x" * 100, {str(i): "PHID-1" for i in range(100)}, None],
+    ids=["string", "object", "null"],
+)
+async def test_only_a_subscribers_list_counts_against_the_limit(subscribers: object) -> None:
+    """A string or an object reaches nobody (spec §3): it is no list of 100 subscribers."""
+    from fastaphlict.server import Limits
+
+    async with running(limits=Limits(max_subscribers=5)) as srv:
+        resp = await srv.post({"subscribers": subscribers})
+        assert resp.status == 200
+        assert srv.hub.stats.posts_rejected == 0
+
+
+async def test_the_default_max_subscribers_takes_16384_and_refuses_one_more() -> None:
+    from fastaphlict.config import Limits
+
+    assert Limits().max_subscribers == 16384
+    async with running() as srv, srv.client() as browser:
+        await browser.subscribe("PHID-1")
+        assert (await srv.post(None, raw=_subscribers_body(16385, "over"))).status == 413
+        assert (await srv.post(None, raw=_subscribers_body(16384, "at"))).status == 200
+        assert (await browser.recv())["n"] == "at"
+
+
 @pytest.mark.parametrize(
     ("listen", "allow", "refused"),
     [
@@ -559,6 +666,16 @@ _ADMIN_REFUSALS = {
         "rejected post over",
     ),
     "bad request": (_BAD_HEAD, b"400", "rejected request"),
+    "rejected post (too many subscribers)": (
+        _post_bytes(_subscribers_body(3, 1), extra=b"Connection: close\r\n"),
+        b"413",
+        "rejected post from",
+    ),
+    "rejected post (too many subscribers, aiohttp)": (
+        _chunked_post_bytes(_subscribers_body(3, 1), extra=b"Connection: close\r\n"),
+        b"413",
+        "rejected post from",
+    ),
 }
 
 
@@ -576,7 +693,7 @@ async def test_admin_refusals_are_logged_within_a_budget_then_summed_up(
     request, status, line = _ADMIN_REFUSALS[case]
     kind = case.split(" (")[0]
     caplog.set_level("INFO", logger="fastaphlict")
-    async with running(limits=Limits(max_body_size=1024)) as srv:
+    async with running(limits=Limits(max_body_size=1024, max_subscribers=2)) as srv:
         for _ in range(25):
             answer = await _raw_exchange(srv, request)
             assert answer.split(b" ", 2)[1] == status, answer[:200]

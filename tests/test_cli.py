@@ -293,6 +293,18 @@ def test_shutdown_timeout_flag_and_environment(
     assert OPTIONS[-1]["limits"].shutdown_timeout == 1.0, "the flag wins over the variable"
 
 
+def test_max_subscribers_flag_and_environment(
+    fake_server: list[tuple[Config, bool]], good_config: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert cli.main([f"--config={good_config}"]) == 0
+    assert OPTIONS[-1]["limits"].max_subscribers == 16384
+    monkeypatch.setenv("FASTAPHLICT_MAX_SUBSCRIBERS", "5000")
+    assert cli.main([f"--config={good_config}"]) == 0
+    assert OPTIONS[-1]["limits"].max_subscribers == 5000
+    assert cli.main([f"--config={good_config}", "--max-subscribers=70000"]) == 0
+    assert OPTIONS[-1]["limits"].max_subscribers == 70000, "the flag wins over the variable"
+
+
 def test_every_limit_has_a_flag(
     fake_server: list[tuple[Config, bool]], good_config: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -379,6 +391,7 @@ def test_test_names_the_server_entry_whose_listen_does_not_resolve(tmp_path: Pat
         "--max-instance-length=0",
         "--max-buffered=0",
         "--max-body-size=0",
+        "--max-subscribers=0",
     ],
 )
 def test_test_refuses_a_limit_that_makes_no_sense(

@@ -614,6 +614,7 @@ def test_parse_config_raises_nothing_but_config_error(data: object) -> None:
         ("max_connections", -1),
         ("max_buffered", 0),
         ("max_body_size", 0),
+        ("max_subscribers", 0),
         ("ping_interval", -1.0),
         ("ping_interval", float("inf")),
         ("relay_timeout", 0.0),

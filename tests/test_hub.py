@@ -233,6 +233,20 @@ def test_receive_of_an_unreadable_payload_stores_it_for_nobody(
     assert "unreadable message from another node" in caplog.text
 
 
+def test_a_message_from_the_broker_is_not_checked_against_max_subscribers(
+    clock: None, tabs: Any
+) -> None:
+    """The node that took the post checked it; every node must hold the same history."""
+    hub = Hub("ME", max_subscribers=2)
+    tab = tabs(hub, "acme", "PHID-A")
+    live, read = payload(1, "PHID-A", "PHID-B", "PHID-C"), payload(2, "PHID-A", "PHID-B", "PHID-C")
+    assert hub.receive("acme", live, NOW - 10) == 1
+    assert hub.merge("acme", [(NOW - 5, read, True)]) == (1, 1)
+    hub.outbox.flush()
+    assert tab.read() == build_frame(live) + build_frame(read)
+    assert hub.status("acme")["history.size"] == 2
+
+
 def test_merge_skips_what_the_history_already_holds(clock: None, tabs: Any) -> None:
     hub = Hub("ME")
     known = payload("known", "PHID-A")

@@ -114,7 +114,18 @@ def accept_post(
     they can't disagree. ``remote`` (a peer name) is only formatted for a
     rejection's log line, never on the accepted path; those lines are kept
     within the ``rejected post`` budget of ``throttles``.
+
+    A ``subscribers`` list longer than ``hub.max_subscribers`` gets 413: the
+    message is well formed but more than this server takes (RFC 9110
+    §15.5.14), where a 400 would send whoever reads the log looking for a
+    malformed body. Phorge treats both alike: any non-2xx status fails the
+    post, which it then tries on its next admin server, if any, and drops
+    without a word (old Phabricator phlog()s it). This log line is the one
+    trace, hence a warning, as for a body over its size; unlike that one,
+    this body was read whole, so the connection stays open. A peer's relay
+    is a post too: it gets the same check.
     """
+    status, level = 400, logging.INFO
     if len(instance) > hub.max_instance_length:
         reason = "instance name too long"
     else:
@@ -125,13 +136,23 @@ def accept_post(
         except ValueError:
             reason = "body is not JSON"
         else:
-            if isinstance(message, dict):
-                hub.publish(instance or DEFAULT_INSTANCE, message)
-                return 200, hub.receipt
-            reason = "body is JSON but not an object"
+            if not isinstance(message, dict):
+                reason = "body is JSON but not an object"
+            else:
+                subscribers = message.get("subscribers")
+                if not isinstance(subscribers, list) or len(subscribers) <= hub.max_subscribers:
+                    hub.publish(instance or DEFAULT_INSTANCE, message)
+                    return 200, hub.receipt
+                status, level = 413, logging.WARNING
+                reason = (
+                    f"{len(subscribers)} subscribers, over the limit of {hub.max_subscribers}"
+                    " (--max-subscribers)"
+                )
     hub.stats.posts_rejected += 1
     if _refusal(throttles, "rejected post"):
-        log.info("rejected post from %s: %s", format_address(remote), reason)
+        log.log(level, "rejected post from %s: %s", format_address(remote), reason)
+    if status == 413:
+        return 413, b"too many subscribers\n"
     if reason == "instance name too long":
         return 400, b"instance name too long\n"
     return 400, b"body must be a JSON object\n"

@@ -219,6 +219,19 @@ class Limits:
         shown="2 MiB",
         past="413",
     )
+    # Phorge's feed names the users a story notifies: the object's subscribers,
+    # projects expanded to their members. Hundreds at most as a rule, a few
+    # thousand for a task a big project follows. 16384 is four times that,
+    # and the most one post can then cost is a few ms of loop and ~3 MiB of
+    # history; 2 MiB of short PHIDs (260k) held the loop 55-100 ms and +36 MiB.
+    max_subscribers: int = _limit(
+        16384,
+        "entries in one admin post's subscribers list; more gets 413",
+        minimum=1,
+        why="0 refuses every post that names a subscriber",
+        shown="16384 per message",
+        past="413 (admin post, a peer's relay included)",
+    )
     handshake_timeout: float = _limit(
         5.0,
         "seconds a connection has to finish its WebSocket handshake",

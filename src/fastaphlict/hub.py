@@ -136,6 +136,7 @@ class Hub:
         max_phid_length: int = 512,
         max_instance_length: int = 128,
         max_buffered: int = 1024 * 1024,
+        max_subscribers: int = 16384,
     ) -> None:
         self.fingerprint = fingerprint
         self.started = time.monotonic()
@@ -143,6 +144,8 @@ class Hub:
         self.clients_active = 0  # every instance's open sockets, for the connection cap
         self._channel_limits = (max_subscriptions, max_phid_length)
         self.max_instance_length = max_instance_length
+        #: Checked where a post enters (``admin.accept_post``), not in :meth:`receive`.
+        self.max_subscribers = max_subscribers
         self._relays: list[Relay] = []
         self._instances: dict[str, Instance] = {}
         # One outbox for every instance: a socket's frames of one loop
@@ -308,6 +311,11 @@ class Hub:
         accepting posts at the same moment, clocks a little apart) takes the
         newest's time: a rebuild of the history per message would cost a
         hundred times the message.
+
+        The limits on posts (``max_subscribers``) are not checked again: the
+        node that took the post checked them, and a node dropping what the
+        others deliver would give tabs and replays a different history on
+        each node. Nodes of one cluster are meant to share their limits.
         """
         at = self.accepted_at(at, "another node")
         subscribers = _subscribers(payload)

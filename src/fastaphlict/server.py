@@ -107,6 +107,7 @@ class Server:
             max_phid_length=self.limits.max_phid_length,
             max_instance_length=self.limits.max_instance_length,
             max_buffered=self.limits.max_buffered,
+            max_subscribers=self.limits.max_subscribers,
         )
         self.relay = PeerRelay(
             config.cluster,
