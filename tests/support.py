@@ -463,6 +463,18 @@ class Browser:
         return json.loads(frame)
 
 
+async def replayed(browser: Browser, age: int = 60000) -> list[str]:
+    """Ask for a replay; the keys of what came back before the pong."""
+    await browser.send("replay", {"age": age})
+    await browser.send("ping", None)
+    keys = []
+    while True:
+        frame = await browser.recv_raw()
+        if frame == '{"type":"pong"}':
+            return keys
+        keys.append(json.loads(frame)["key"])
+
+
 async def assert_silent(browser: Browser) -> None:
     """Prove nothing is pending for ``browser``: a ping's pong must be the next frame."""
     await browser.send("ping", None)

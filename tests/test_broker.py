@@ -35,6 +35,7 @@ from websockets.asyncio.client import connect
 
 from fastaphlict import broker as broker_module
 from redis_support import (
+    FAST,
     RECOVERY,
     RedisServer,
     StallProxy,
@@ -55,6 +56,7 @@ from support import (
     launch,
     metric,
     post,
+    replayed,
     scaled,
     stop,
     upgrade_request,
@@ -62,9 +64,6 @@ from support import (
 )
 
 pytestmark = pytest.mark.timeout(90)
-
-#: Fast failure detection for tests: probes every 0.2 s, 0.5 s per Redis call.
-FAST = ("--broker-probe-interval=0.2", "--broker-timeout=0.5")
 
 
 Start = Callable[..., ServerProcess]
@@ -137,18 +136,6 @@ async def keys_of(browser: Browser, count: int) -> list[str]:
         assert message.get("type") == "notification", message
         keys.append(message["key"])
     return keys
-
-
-async def replayed(browser: Browser, age: int = 60000) -> list[str]:
-    """Ask for a replay; the keys of what came back before the pong."""
-    await browser.send("replay", {"age": age})
-    await browser.send("ping", None)
-    keys = []
-    while True:
-        frame = await browser.recv_raw()
-        if frame == '{"type":"pong"}':
-            return keys
-        keys.append(json.loads(frame)["key"])
 
 
 @contextlib.contextmanager

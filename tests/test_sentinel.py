@@ -35,6 +35,7 @@ from websockets.asyncio.client import connect
 from fastaphlict.config import parse_broker_url
 from fastaphlict.sentinel import Sentinels
 from redis_support import (
+    FAST,
     SERVICE,
     RedisServer,
     SentinelServer,
@@ -55,6 +56,7 @@ from support import (
     launch,
     metric,
     post,
+    replayed,
     scaled,
     stop,
     wait_healthy,
@@ -62,8 +64,6 @@ from support import (
 
 pytestmark = pytest.mark.timeout(60)
 
-#: Fast failure detection for tests: probes every 0.2 s, 0.5 s per Redis call.
-FAST = ("--broker-probe-interval=0.2", "--broker-timeout=0.5")
 #: A primary silent this long is down (the sentinels' ``down-after-milliseconds``).
 DOWN_AFTER_MS = int(scaled(1.0) * 1000)
 #: Sentinel's ``failover-timeout``: long, because it also delays Sentinel's
@@ -282,12 +282,8 @@ async def failover_mid_stream(
     await wait_healthy(c, session)
     await until(lambda: up(session, c), "node c up", scaled(15.0))
     async with tab(c, PHID) as tc:
-        await tc.send("replay", {"age": 60000})
-        await tc.send("ping", None)
-        replayed = []
-        while (frame := await tc.recv_raw()) != '{"type":"pong"}':
-            replayed.append(json.loads(frame)["key"])
-    check_each_once_in_order(replayed, posted, "the replay on a node started after the failover")
+        keys = await replayed(tc)
+    check_each_once_in_order(keys, posted, "the replay on a node started after the failover")
     for server in (a, b):
         text = await metrics_text(session, server)
         assert "fastaphlict_broker_primary_changes_total 1.0" in text.splitlines()
@@ -648,13 +644,9 @@ async def test_behind_a_fixed_address_a_redis_that_lost_the_last_writes_gets_the
                 await wait_healthy(c, session)
                 await until(lambda: up(session, c), "node c up", scaled(15.0))
                 async with tab(c, PHID) as tc:
-                    await tc.send("replay", {"age": 60000})
-                    await tc.send("ping", None)
-                    replayed = []
-                    while (frame := await tc.recv_raw()) != '{"type":"pong"}':
-                        replayed.append(json.loads(frame)["key"])
+                    keys = await replayed(tc)
                 check_each_once_in_order(
-                    replayed,
+                    keys,
                     {"a": ["before-a", "after-a"], "b": ["before-b", "after-b"]},
                     "the replay on a node started afterwards",
                 )
