@@ -2,7 +2,7 @@
 
 Each test starts its own Redis (``redis_server``, append-only so it can be
 stopped and started again with its data) and its own nodes, each given the
-broker through ``FASTAPHLICT_BROKER`` as the README recommends. Probes run
+broker through ``FASTAPHLICT_BROKER`` as docs/clusters.md recommends. Probes run
 every 0.2 s and every Redis call has 0.5 s, so a stalled or lost broker is
 found within about a second.
 
@@ -837,10 +837,11 @@ async def test_a_long_catch_up_over_many_instances_brings_everything_once_in_ord
 
 
 def readme_acl_line() -> list[str]:
-    """The README's ``ACL SETUSER`` line for the broker's user, as words."""
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
-    lines = [ln.strip() for ln in readme.splitlines() if ln.strip().startswith("ACL SETUSER ")]
-    assert len(lines) == 1, f"expected one ACL SETUSER line in the README, got {lines}"
+    """The ``ACL SETUSER`` line for the broker's user in docs/clusters.md, as words."""
+    doc = Path(__file__).resolve().parents[1] / "docs" / "clusters.md"
+    lines = [ln.strip() for ln in doc.read_text(encoding="utf-8").splitlines()]
+    lines = [ln for ln in lines if ln.startswith("ACL SETUSER ")]
+    assert len(lines) == 1, f"expected one ACL SETUSER line in docs/clusters.md, got {lines}"
     return shlex.split(lines[0])
 
 

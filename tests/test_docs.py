@@ -36,6 +36,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+import settings_table
 from docs_support import (
     CONTRIB,
     DASHBOARD,
@@ -47,10 +48,12 @@ from docs_support import (
     VENV_PROGRAMS,
     Block,
     all_blocks,
+    labelled,
     paths_under,
     runnable,
     shell_blocks,
 )
+from fastaphlict import cli
 from fastaphlict.config import PeerConfig
 from support import TIMEOUT, child_env, local_config, require, running, scaled
 
@@ -97,16 +100,72 @@ def test_fresh_clone_has_no_bare_venv_programs() -> None:
     )
 
 
+def anchors(path: Path) -> set[str]:
+    """The ``#fragment`` of each heading of a markdown file, as GitHub makes them."""
+    found = set()
+    for line in path.read_text(encoding="utf-8").splitlines():
+        heading = re.match(r"#+ (.*)", line)
+        if heading:
+            found.add(re.sub(r"[^\w\- ]", "", heading[1].lower()).replace(" ", "-"))
+    return found
+
+
 def test_relative_links_resolve() -> None:
+    """Every relative link names a file, and its ``#fragment`` a heading of that file."""
     broken = []
     for path in DOCS:
         text = path.read_text(encoding="utf-8")
         for target in re.findall(r"\]\(([^)\s]+)\)", text):
-            if re.match(r"[a-z]+:", target) or target.startswith("#"):
+            if re.match(r"[a-z]+:", target):
                 continue
-            if not (path.parent / target.split("#")[0]).exists():
+            file, _, fragment = target.partition("#")
+            linked = path.parent / file if file else path
+            if not linked.exists():
                 broken.append(f"{path.relative_to(REPO)}: {target}")
+            elif fragment and linked.suffix == ".md" and fragment not in anchors(linked):
+                broken.append(f"{path.relative_to(REPO)}: {target} (no such heading)")
     assert not broken, broken
+
+
+#: The README's quick-start install: CI's install phase without the test extras.
+QUICK_INSTALL = "python3 -m venv .venv && .venv/bin/pip install .\n"
+
+
+def ci_install() -> str:
+    ci = (REPO / ".ci" / "run").read_text(encoding="utf-8")
+    install = re.search(r'^install="(.*)"$', ci, re.M)
+    assert install
+    return install.group(1)
+
+
+def test_the_quick_start_installs_as_ci_does() -> None:
+    """CI's install phase runs the quick start's install, with the tests' extras added."""
+    [block] = [b for b in shell_blocks() if b.text == QUICK_INSTALL]
+    assert block.path.name == "README.md"
+    (command,) = block.commands
+    assert command.endswith(" .")
+    assert f"sh tests/install-deps.sh && {command[:-1]}'.[test]'" == ci_install()
+
+
+def test_the_prerequisites_are_debian_packages() -> None:
+    """``apt-get`` finds the README's prerequisites (simulated: ``-s`` installs nothing)."""
+    (command,) = labelled("prerequisites").commands
+    assert command.startswith("apt-get install ")
+    require(shutil.which("apt-get") is not None, "apt-get is missing (not Debian)", command)
+    if not any(Path("/var/lib/apt/lists").glob("*Packages*")):
+        pytest.skip("apt has no package lists (apt-get update first)")
+    packages = command.split()[2:]
+    done = subprocess.run(
+        ["apt-get", "install", "-s", *packages],
+        capture_output=True,
+        text=True,
+        timeout=scaled(60),
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    for package in packages:
+        assert re.search(
+            rf"^(Inst {re.escape(package)} |{re.escape(package)} is already)", done.stdout, re.M
+        ), package
 
 
 def test_readme_keeps_the_ci_test_command() -> None:
@@ -189,12 +248,60 @@ async def test_dashboard_queries_only_series_that_metrics_exports() -> None:
     assert not unlabelled, unlabelled
 
 
-def test_the_readme_limits_table_is_the_declared_one() -> None:
-    """Limits are declared once (config.Limits); the README shows what is declared."""
-    from fastaphlict.config import limits_table
+def test_the_settings_table_is_the_declared_one() -> None:
+    """Flags and limits are declared once (parser, ``Limits``); docs/settings.md shows them."""
+    text = settings_table.SETTINGS.read_text(encoding="utf-8")
+    assert settings_table.current(text) == settings_table.table(), (
+        "regenerate with: .venv/bin/python tests/settings_table.py"
+    )
 
-    readme = (REPO / "README.md").read_text()
-    assert limits_table() in readme, "regenerate with fastaphlict.config.limits_table()"
+
+def test_the_settings_table_has_every_flag_once() -> None:
+    """A row per flag of ``--help``, and the only flag table of the docs."""
+    flags = [a.option_strings[-1] for a in cli._build_parser()._actions]
+    shown = [re.match(r"`(--[\w-]+)", row[0])[1] for row in settings_table.rows()]  # type: ignore[index]
+    assert shown == flags
+    tables = [
+        f"{path.relative_to(REPO)}:{number}"
+        for path in DOCS
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+        if re.match(r"\|\s*(flag|limit)\s*\|", line)
+    ]
+    assert len(tables) == 1 and tables[0].startswith("docs/settings.md:"), tables
+
+
+def test_every_variable_of_the_settings_table_is_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each ``FASTAPHLICT_*`` variable the table names changes what ``--test`` accepts.
+
+    A value that cannot work, set through the variable alone, fails the
+    check: so the server reads that variable (a misnamed one would pass).
+    """
+    any_value_works = {"FASTAPHLICT_ALLOWED_ORIGINS"}  # any text is an origin
+    bad = {
+        "FASTAPHLICT_LOG_LEVEL": "loud",
+        "FASTAPHLICT_PIDFILE": "/proc/fastaphlict.pid",
+        "FASTAPHLICT_REUSE_PORT": "maybe",
+        "FASTAPHLICT_PEER_CA_FILE": "/nonexistent/ca.pem",
+        "FASTAPHLICT_BROKER": "nosuch://host",
+        "FASTAPHLICT_BROKER_SENTINEL_PASSWORD": "s3cret",  # with a broker not through Sentinel
+        "FASTAPHLICT_BROKER_CA_FILE": "/nonexistent/ca.pem",
+        "FASTAPHLICT_STATE_DIR": "/proc/fastaphlict",
+        "FASTAPHLICT_ADMIN_ALLOW": "not-a-network",
+    }
+    #: What must be set first for the variable's bad value to be refused.
+    context = {"FASTAPHLICT_BROKER_SENTINEL_PASSWORD": {"FASTAPHLICT_BROKER": "redis://127.0.0.1"}}
+    variables = [row[1].strip("`") for row in settings_table.rows() if row[1]]
+    checked = [v for v in variables if v.startswith("FASTAPHLICT_") and v not in any_value_works]
+    assert len(checked) > 20
+    for name in checked:
+        for other in variables:
+            monkeypatch.delenv(other, raising=False)
+        value = bad.get(name, "-1")  # every limit refuses a negative number
+        for other, works in context.get(name, {}).items():
+            monkeypatch.setenv(other, works)
+        assert cli.main(["--test"]) == 0, f"--test fails before {name} is set"
+        monkeypatch.setenv(name, value)
+        assert cli.main(["--test"]) == 1, f"{name}={value} is not read"
 
 
 # -- the systemd units -----------------------------------------------------------
@@ -218,10 +325,8 @@ def test_a_units_command_line_passes_the_config_test(
 ) -> None:
     """Every flag of the unit's ``ExecStart=`` is one the server takes, with paths it accepts.
 
-    The broker comes from the unit's EnvironmentFile, as the README says it should.
+    The broker comes from the unit's EnvironmentFile, as the docs say it should.
     """
-    from fastaphlict import cli
-
     monkeypatch.setenv("FASTAPHLICT_BROKER", "redis://:password@redis.example:6379/0")
 
     config = tmp_path / "aphlict.json"
@@ -413,6 +518,8 @@ def test_a_documented_config_passes_the_config_test(
 
 #: Each ``<!-- docs-test: LABEL -->`` label, by its first word, and the test file running it.
 LABELLED_BY = {
+    "prerequisites": "tests/test_docs.py",
+    "quickstart": "tests/test_docs_servers.py",
     "two-node": "tests/test_docs_cluster.py",
     "nginx": "tests/test_docs_nginx.py",
     "logrotate": "tests/test_docs_logrotate.py",
@@ -424,13 +531,8 @@ LABELLED_BY = {
 #: is either run (marked, labelled, or JSON) or added here with its reason.
 NOT_RUN = {
     # README
-    ".venv/bin/pip install . && .venv/bin/fastaphlict": "installs into the clone's own .venv"
-    " and serves in the foreground; CI's install phase runs the same install, and the"
-    " marked --test line checks the defaults it serves",
     "sh tests/install-deps.sh && python3 -m venv .venv": ".ci/run runs it verbatim"
     " (test_readme_keeps_the_ci_test_command)",
-    "pytest benchmarks/test_broker.py --benchmark-only": "a benchmark of minutes;"
-    " CI's benchmarks phase runs every scenario quick",
     "docker build -t fastaphlict .": "needs a Docker daemon and the python base image"
     " from Docker Hub, neither reachable where the tests run",
     # docs/benchmarks.md: full runs take minutes; CI runs each scenario quick
@@ -452,6 +554,8 @@ NOT_RUN = {
 
 #: Blocks that a test finds by their text rather than a label, and that test.
 RUN_BY = {
+    # The quick start's install is CI's (test_the_quick_start_installs_as_ci_does).
+    QUICK_INSTALL: ".ci/run",
     "ACL SETUSER fastaphlict": "tests/test_broker.py",
     "sentinel monitor mymaster": "tests/test_sentinel.py",
     "FASTAPHLICT_BROKER='redis+sentinel://": "tests/test_sentinel.py",

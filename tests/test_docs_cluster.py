@@ -1,4 +1,4 @@
-"""The README's two-node cluster, run as written: a Redis on a unix socket, two nodes, one post.
+"""The two-node cluster of docs/clusters.md, as written: Redis on a unix socket, two nodes, a post.
 
 The start, check and stop blocks (``<!-- docs-test: two-node ... -->``) run
 verbatim from the clone's root, the start block as one shell script (its

@@ -1,4 +1,4 @@
-"""The README's logrotate entry, run by a real logrotate against a real server's log.
+"""The logrotate entry of docs/operations.md, run by a real logrotate against a real server's log.
 
 The entry (``<!-- docs-test: logrotate -->``) is used as written with its
 paths moved under a scratch directory and its ``su`` naming the user running
@@ -56,7 +56,7 @@ def test_the_readme_logrotate_entry_rotates_a_live_servers_log(tmp_path: Path) -
         LOGROTATE is not None,
         "logrotate is not installed (Debian: apt-get install logrotate,"
         " or sh tests/install-deps.sh)",
-        "the README's logrotate entry",
+        "the logrotate entry of docs/operations.md",
     )
     logs, run = tmp_path / "log", tmp_path / "run"
     logs.mkdir(mode=0o755)

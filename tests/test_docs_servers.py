@@ -1,10 +1,12 @@
-"""The README's commands that start one server, run as written: migrating, and a broker node.
+"""The README's commands that start one server, run as written: quick start, migrating, broker.
 
-*Migrating from Aphlict*: step 1 checks the README's own example config,
-step 4 starts a server on it, step 5's ``curl`` reads Aphlict's ``/status/``
-keys, and the rollback's SIGTERM leaves no pidfile behind. *Clusters*: the
-``FASTAPHLICT_BROKER=... fastaphlict --config=...`` line starts a node that
-reaches a real Redis as the user and password of its URL.
+*Quick start*: ``.venv/bin/fastaphlict`` serves on the embedded defaults and
+Ctrl-C stops it. *Migrating from Aphlict*: step 1 checks the example config
+of ``docs/settings.md``, step 4 starts a server on it, step 5's ``curl``
+reads Aphlict's ``/status/`` keys, and the rollback's SIGTERM leaves no
+pidfile behind. *A cluster in short*: the ``FASTAPHLICT_BROKER=...
+fastaphlict --config=...`` line starts a node that reaches a real Redis as
+the user and password of its URL.
 
 What moves, and only that: the install path ``/opt/fastaphlict/venv/bin/``
 (read as this interpreter's bin directory), the placeholder config paths
@@ -66,11 +68,11 @@ def moved(config: dict[str, object], root: Path) -> str:
 
 
 def readme_config() -> dict[str, object]:
-    """The example config of the README's *Configuration* section."""
+    """The example config of ``docs/settings.md``, which the migration steps point at."""
     (config,) = [
         json.loads(b.text)
         for b in all_blocks()
-        if b.path.name == "README.md" and b.language == "json" and '"servers"' in b.text
+        if b.path.name == "settings.md" and b.language == "json" and '"servers"' in b.text
     ]
     return config
 
@@ -125,6 +127,34 @@ async def stopped_by_sigterm(pidfile: Path, log: Path) -> None:
     await eventually(lambda: not Path(f"/proc/{pid}").exists(), SHUTDOWN, "the server's exit")
     assert not pidfile.exists(), log.read_text()
     assert "stopped" in log.read_text()
+
+
+@pytest.mark.timeout(90)
+async def test_the_quick_start_serves_on_the_defaults_until_ctrl_c(tmp_path: Path) -> None:
+    """``.venv/bin/fastaphlict`` alone: client on 22280, admin on 22281; SIGINT stops it."""
+    (command,) = labelled("quickstart start").commands
+    log = tmp_path / "server.log"
+    with exclusive("default-ports"), log.open("ab") as out:
+        proc = subprocess.Popen(
+            ["sh", "-c", runnable(command)],
+            cwd=REPO,
+            env=child_env(),
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            admin, client = "http://127.0.0.1:22281", "http://127.0.0.1:22280"
+            await eventually(lambda: http_get(f"{admin}/healthz")[0] == 200, STARTUP, "/healthz")
+            assert http_get(f"{client}/") == (501, "HTTP/501 Use Websockets\n")
+            os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C sends
+            await eventually(lambda: "stopped" in log.read_text(), SHUTDOWN, "the stop")
+            await eventually(lambda: http_get(f"{admin}/healthz")[0] == 0, SHUTDOWN, "ports")
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(scaled(5))
 
 
 @pytest.mark.timeout(90)

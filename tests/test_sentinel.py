@@ -361,14 +361,14 @@ def test_only_a_switch_of_our_service_moves_the_broker() -> None:
     assert switches == [("10.0.0.2", 6380)]
 
 
-# -- the README's example ------------------------------------------------------------
+# -- the example of docs/clusters.md ----------------------------------------------------
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+CLUSTERS = Path(__file__).resolve().parents[1] / "docs" / "clusters.md"
 
 
 def readme_block(name: str) -> list[str]:
-    """The lines of the README's fenced block marked ``<!-- sentinel-example: name -->``."""
-    lines = README.read_text(encoding="utf-8").splitlines()
+    """The lines of docs/clusters.md's fenced block marked ``<!-- sentinel-example: name -->``."""
+    lines = CLUSTERS.read_text(encoding="utf-8").splitlines()
     start = lines.index(f"<!-- sentinel-example: {name} -->") + 1
     assert lines[start].startswith("```"), f"no block after the {name} marker"
     end = lines.index("```", start + 1)
@@ -376,7 +376,7 @@ def readme_block(name: str) -> list[str]:
 
 
 def readme_node_env(sentinels: list[SentinelServer]) -> tuple[dict[str, str], list[str]]:
-    """The README's node command: its variables (sentinels moved here) and its words."""
+    """The node command of docs/clusters.md: its variables (sentinels moved here) and its words."""
     command = " ".join(line.rstrip("\\").strip() for line in readme_block("node"))
     words = shlex.split(command)
     env = {}
@@ -391,14 +391,14 @@ def readme_node_env(sentinels: list[SentinelServer]) -> tuple[dict[str, str], li
 
 
 def readme_sentinel_conf(primary_port: int) -> list[str]:
-    """The README's sentinel config, for a primary on ``127.0.0.1:primary_port``."""
+    """The sentinel config of docs/clusters.md, for a primary on ``127.0.0.1:primary_port``."""
     conf = readme_block("sentinel.conf")
     assert conf[0] == "port 26379"  # each test sentinel gets a free port instead
     return [line.replace("10.0.0.11 6379", f"127.0.0.1 {primary_port}") for line in conf[1:]]
 
 
 def conf_value(key: str) -> str:
-    """The last word of the README sentinel config's line starting with ``key``."""
+    """The last word of the sentinel config's line (docs/clusters.md) starting with ``key``."""
     [line] = [line for line in readme_block("sentinel.conf") if line.startswith(key + " ")]
     return line.split()[-1]
 
@@ -406,7 +406,7 @@ def conf_value(key: str) -> str:
 async def test_the_readme_sentinel_example_runs_and_follows_a_failover(
     tmp_path: Path, nodes: Any
 ) -> None:
-    """The README's sentinel config and node command, run as written (addresses aside).
+    """The sentinel config and node command of docs/clusters.md, run as written (addresses aside).
 
     Two nodes deliver to each other's tabs; a manual failover (``SENTINEL
     FAILOVER``: the old primary stays up, as a demoted one would) moves both
@@ -431,7 +431,7 @@ async def test_the_readme_sentinel_example_runs_and_follows_a_failover(
             timeout=TIMEOUT,
         )
         assert checked.returncode == 0 and checked.stdout == "Configuration test OK.\n", checked
-        # The README's command, with the test's own ports instead of its config file.
+        # The documented command, with the test's own ports instead of its config file.
         a, b = nodes("a", env), nodes("b", env)
         async with aiohttp.ClientSession() as session:
             try:

@@ -50,7 +50,6 @@ __all__ = [
     "check_listen",
     "check_state_dir",
     "from_environment",
-    "limits_table",
     "load_config",
     "load_file",
     "parse_broker_url",
@@ -140,11 +139,11 @@ def _limit(
     past: str = "",
 ) -> Any:
     """One limit, declared once: its default, and what ``--help``, the checks and
-    the README's limits table say of it.
+    the flag table of ``docs/settings.md`` say of it.
 
     ``minimum`` and ``why`` are the smallest workable value and what a smaller
     one would do; ``shown`` and ``past`` (the default as an operator reads it,
-    and what happens past the limit) put it in the README table.
+    and what happens past the limit) put it in that table.
     """
     return field(
         default=default,
@@ -159,7 +158,8 @@ class Limits:
     Every limit has a default safe for a public client port; each one that
     refuses something says so with a close code or an HTTP status. Each is
     declared once, here: the CLI builds its flags, variables and ``--help``
-    from these fields, and a test checks the README's table against them.
+    from these fields, and ``tests/settings_table.py`` the table of
+    ``docs/settings.md``, which a test checks against them.
     """
 
     max_frame_size: int = _limit(
@@ -330,16 +330,6 @@ class Limits:
             except ValueError as exc:
                 raise LimitError("admin_allow", net, f"{net!r} is not a network ({exc})") from exc
         return tuple(networks)
-
-
-def limits_table() -> str:
-    """The README's limits table, generated from the declarations above."""
-    rows = ["| limit | default | past it |", "|---|---|---|"]
-    for spec in fields(Limits):
-        if spec.metadata["past"]:
-            flag = "--" + spec.name.replace("_", "-")
-            rows.append(f"| `{flag}` | {spec.metadata['shown']} | {spec.metadata['past']} |")
-    return "\n".join(rows)
 
 
 #: The port a Sentinel listens on when the URL names none.
