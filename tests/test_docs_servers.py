@@ -131,8 +131,12 @@ async def stopped_by_sigterm(pidfile: Path, log: Path) -> None:
 
 @pytest.mark.timeout(90)
 async def test_the_quick_start_serves_on_the_defaults_until_ctrl_c(tmp_path: Path) -> None:
-    """``.venv/bin/fastaphlict`` alone: client on 22280, admin on 22281; SIGINT stops it."""
-    (command,) = labelled("quickstart start").commands
+    """The second line, ``.venv/bin/fastaphlict`` alone: client on 22280, admin on 22281.
+
+    SIGINT stops it. The first line, the install, is CI's own install
+    (``test_docs.test_the_quick_start_installs_as_ci_does``).
+    """
+    _, command = labelled("quickstart start").commands
     log = tmp_path / "server.log"
     with exclusive("default-ports"), log.open("ab") as out:
         proc = subprocess.Popen(
