@@ -202,7 +202,7 @@ cdef class Subscriber:
         if self._pending is not None:
             frame = _join(self._pending, frame)
             self._pending = None
-        if self._replay is not None:
+        if self._replay is not None and self._paced():
             if not self._defer(frame):
                 return False
             if not self._paused:
@@ -275,6 +275,18 @@ cdef class Subscriber:
             # the replay and can't be answered: don't take it for a dead one.
             self.heard = True
             self._drain()
+
+    cdef int _paced(self) except -1:
+        # Whether a frame for this socket must go through the replay's backlog
+        # (called only while a replay is on). Once everything is written, the
+        # replay's tail lasts until the transport is found down to its
+        # low-water mark: from then on frames are written straight away.
+        if self._paused or self._later is not None or self._replay_pos < len(self._replay):
+            return 1
+        if _buffered(self.transport) <= self.channel.outbox.max_buffered // 4:
+            self._end_replay()
+            return 0
+        return 1
 
     cdef int _defer(self, bytes data) except -1:
         # A frame that must wait behind a paced replay; 0 if the tab is (now)
@@ -491,7 +503,7 @@ cdef class Outbox:
                 if pending is None:  # send() already wrote it
                     continue
                 sub._pending = None
-                if sub._replay is not None:
+                if sub._replay is not None and sub._paced():
                     # Behind the paced replay, in order, as the shared frames
                     # themselves: a tab that waits holds references, not copies.
                     if type(pending) is list:
