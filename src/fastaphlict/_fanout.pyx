@@ -255,7 +255,7 @@ cdef class Subscriber:
         return n
 
     def pause(self):
-        """The transport's buffer is full. True if a replay now waits for it to drain.
+        """The transport's buffer is full. True if a replay (or its tail) now waits for it to drain.
 
         False means no replay is in progress: the socket is not reading what
         live fan-out sends it, and the caller closes it as too slow.
