@@ -362,9 +362,9 @@ async def test_a_tab_reading_at_link_pace_gets_replay_and_live_frames_whole(
     200 messages of 60 KB (12 MB) replay at 10 MB/s while live ones come at
     3 MB/s: several MiB queue behind the replay. The tab drains all along,
     so it is not slow, and it gets every frame in order, then its pong. The
-    sweep runs every 0.5 s meanwhile: a tab that drains is never stalled.
+    sweep runs every second meanwhile: a tab that drains is never stalled.
     """
-    server = launch(tmp_path / "server.log", "--ping-interval=0.5")
+    server = launch(tmp_path / "server.log", "--ping-interval=1")
     try:
         await asyncio.to_thread(server.wait_ready)
         async with aiohttp.ClientSession() as session:
