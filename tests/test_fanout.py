@@ -526,6 +526,19 @@ def test_a_tab_that_does_not_keep_up_behind_a_replay_is_closed(loop, drains: boo
     tab.close()
 
 
+def test_a_tab_draining_a_replay_is_alive_though_its_ping_waits_behind_it(loop) -> None:
+    # The sweep's ping queues behind the replay, so its answer can't come
+    # before the replay is read: the drains are what prove the peer alive.
+    channel = Channel(Outbox(max_buffered=2000))
+    tab = FlowConn(loop, channel, high=2000)
+    tab.sub.replay(_frames(b"h", 10 * 64, 1000))
+    for _ in range(5):
+        assert channel.sweep(build_frame(b"ping")) == 0
+        tab.step()
+    assert tab.sub.attached and tab.sub.replaying
+    tab.close()
+
+
 def test_flush_puts_back_the_sockets_an_exception_did_not_reach(loop) -> None:
     # An overflow handler that raises (any bug would do): the sockets after
     # the failing one keep their frames queued, and later publishes reach them.
