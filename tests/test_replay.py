@@ -3,7 +3,8 @@
 The selection is checked against a plain-Python model of Aphlict's rule. The
 delivery is checked end to end: a replay far bigger than the slow-client cap
 reaches a tab that reads it, whole and in order, with live messages and the
-``pong`` behind it; a tab that stops reading is closed with 1013.
+``pong`` behind it, and to a tab reading at a link's pace while live
+messages pile up behind the replay; a tab that stops reading is closed with 1013.
 """
 
 from __future__ import annotations
