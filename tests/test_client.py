@@ -8,6 +8,7 @@ import json
 import logging
 import re
 import time
+from collections.abc import Callable
 
 import pytest
 from websockets.exceptions import ConnectionClosed
@@ -512,19 +513,20 @@ async def test_handshake_timeout_drops_silent_connections() -> None:
 # -- frames the protocol forbids, and JSON nested too deep -------------------
 
 
-def _client_frame(opcode: int, payload: bytes, *, fin: bool = True) -> bytes:
-    """One masked client frame (RFC 6455 §5.2), whatever it means."""
+def _client_frame(opcode: int, payload: bytes, *, fin: bool = True, rsv: int = 0) -> bytes:
+    """One masked client frame (RFC 6455 §5.2), whatever it means; ``rsv``: bits 0x70."""
     import os
     import struct
 
     key = os.urandom(4)
     n = len(payload)
+    first = (0x80 if fin else 0) | rsv | opcode
     if n < 126:
-        head = bytes([(0x80 if fin else 0) | opcode, 0x80 | n])
+        head = bytes([first, 0x80 | n])
     elif n < 1 << 16:
-        head = struct.pack("!BBH", (0x80 if fin else 0) | opcode, 0x80 | 126, n)
+        head = struct.pack("!BBH", first, 0x80 | 126, n)
     else:
-        head = struct.pack("!BBQ", (0x80 if fin else 0) | opcode, 0x80 | 127, n)
+        head = struct.pack("!BBQ", first, 0x80 | 127, n)
     return head + key + bytes(b ^ key[i % 4] for i, b in enumerate(payload))
 
 
@@ -586,6 +588,55 @@ async def test_fragmentation_errors_close_with_1002(
         assert srv.hub.stats.frames_rejected == 1
         lines = [r for r in caplog.records if "protocol error" in r.getMessage()]
         assert len(lines) == 1, [r.getMessage() for r in lines]
+
+
+#: Frames whose last one carries the given RSV bits, by what that frame is.
+_RESERVED: dict[str, Callable[[int], list[bytes]]] = {
+    "text": lambda rsv: [_client_frame(0x1, PING_COMMAND, rsv=rsv)],
+    "binary": lambda rsv: [_client_frame(0x2, PING_COMMAND, rsv=rsv)],
+    "continuation": lambda rsv: [
+        _client_frame(0x1, b'{"command":', fin=False),
+        _client_frame(0x0, b'"ping","data":null}', rsv=rsv),
+    ],
+    "ping": lambda rsv: [_client_frame(0x9, b"hi", rsv=rsv)],
+    "pong": lambda rsv: [_client_frame(0xA, b"hi", rsv=rsv)],
+    "close": lambda rsv: [_client_frame(0x8, b"\x03\xe8", rsv=rsv)],
+}
+
+
+@pytest.mark.parametrize("rsv", [0x40, 0x20, 0x10, 0x70], ids=["rsv1", "rsv2", "rsv3", "all"])
+@pytest.mark.parametrize("kind", sorted(_RESERVED))
+async def test_reserved_bits_without_an_extension_close_with_1002(kind: str, rsv: int) -> None:
+    """RFC 6455 §5.2: no extension is negotiated, so any set RSV bit fails the connection.
+
+    The bad frame is a ping command (or a ping, or a close): nothing of it
+    runs, no pong comes back, not even for the well-formed ping command that
+    follows, and a close is not echoed but answered with 1002.
+    """
+    frames = _RESERVED[kind](rsv)
+    async with running() as srv:
+        reader, writer = await _raw_socket(srv.server.client_ports[0])
+        try:
+            writer.write(b"".join(frames) + _client_frame(0x1, PING_COMMAND))
+            got = await _server_frames(reader)
+        finally:
+            writer.close()
+        assert got == [(0x8, b"\x03\xea" + b"protocol error")], "no pong, just the 1002 close"
+        assert srv.hub.stats.frames_rejected == 1
+
+
+async def test_pings_are_answered_with_their_payload_by_the_listener() -> None:
+    # Auto-pong is off (it would answer before the reserved bits are checked).
+    async with running() as srv:
+        reader, writer = await _raw_socket(srv.server.client_ports[0])
+        try:
+            writer.write(_client_frame(0x9, b"") + _client_frame(0x9, b"x" * 125))
+            first = await asyncio.wait_for(reader.readexactly(2), TIMEOUT)
+            second = await asyncio.wait_for(reader.readexactly(2 + 125), TIMEOUT)
+        finally:
+            writer.close()
+        assert first == b"\x8a\x00"
+        assert second == b"\x8a\x7d" + b"x" * 125
 
 
 async def test_fragments_around_control_frames_are_still_one_message() -> None:

@@ -9,20 +9,26 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import functools
+import logging
+import socket
 import struct
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
+from picows import WSTransport
 
 import fastaphlict._fanout as fanout
 import fastaphlict._history as history_module
-from fastaphlict._fanout import Channel, build_frame
-from support import Conn
+from fastaphlict._fanout import Channel, Outbox, Subscriber, build_frame
+from support import Conn, PairTransport
 
 
 @pytest.mark.parametrize("module", [fanout, history_module], ids=lambda m: m.__name__)
@@ -372,3 +378,248 @@ def test_another_picows_is_a_clear_import_error() -> None:
     message = str(info.value)
     assert "2.3.1" in message and "9.9.9" in message
     assert "reinstall fastaphlict" in message
+
+
+# -- paced replays over a transport with flow control -----------------------
+
+
+class FlowTransport(PairTransport):
+    """An event-loop transport in miniature: it holds writes until :meth:`drain`.
+
+    Past ``high`` bytes held it calls the subscriber's ``pause()``, and its
+    ``resume()`` once drained to a quarter of that, as asyncio's transports
+    call ``pause_writing``/``resume_writing`` (the client listener forwards
+    them). A ``pause()`` answered False is what the client closes as slow.
+    """
+
+    def __init__(self, sock: socket.socket, high: int) -> None:
+        super().__init__(sock)
+        self.held = bytearray()
+        self.high = high
+        self.paused = False
+        self.refused = 0  # pause() calls answered "not paced": a slow socket
+        self.sub: Subscriber | None = None
+
+    def get_write_buffer_size(self) -> int:
+        # Never 0, so picows hands every write to write() rather than send().
+        return len(self.held) + 1
+
+    def write(self, data: bytes) -> None:
+        self.held += data
+        if not self.paused and len(self.held) > self.high:
+            self.paused = True
+            assert self.sub is not None
+            if not self.sub.pause():
+                self.refused += 1
+
+    def drain(self, count: int | None = None) -> None:
+        count = len(self.held) if count is None else count
+        self.sock.sendall(self.held[:count])
+        del self.held[:count]
+        if self.paused and len(self.held) <= self.high // 4:
+            self.paused = False
+            assert self.sub is not None
+            self.sub.resume()
+
+
+class FlowConn(Conn):
+    """A fake connection whose transport has flow control (see FlowTransport)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, channel: Channel, high: int) -> None:
+        self.ours, self.theirs = socket.socketpair()
+        self.theirs.setblocking(False)
+        self.flow = FlowTransport(self.ours, high)
+        self.transport = WSTransport(False, self.flow, logging.getLogger("t"), loop)
+        self.sub = self.flow.sub = channel.attach(self.transport)
+        channel.subscribe(self.sub, ["P"])
+
+    def step(self) -> bytes:
+        """The client reads what the transport holds now (which may resume a replay)."""
+        out = bytearray()
+        count = len(self.flow.held)
+        while count:
+            piece = min(count, 1 << 15)
+            count -= piece
+            self.flow.drain(piece)
+            out += self.read()
+        return bytes(out)
+
+    def pump(self) -> bytes:
+        """The client reads until the transport holds nothing."""
+        out = bytearray()
+        while self.flow.held:
+            out += self.step()
+        return bytes(out)
+
+
+def _frames(tag: bytes, count: int, size: int) -> list[bytes]:
+    return [build_frame(b"%s%05d" % (tag, n) + b"." * (size - 6)) for n in range(count)]
+
+
+def test_a_pause_right_after_a_replay_paces_instead_of_closing(loop) -> None:
+    # The replay is written (no pause), but the transport still holds nearly
+    # the cap of it: the next live frame pushes it over. That is the replay's
+    # tail, not a slow tab; once drained to the low-water mark it is over.
+    overflowed: list[Subscriber] = []
+    channel = Channel(Outbox(max_buffered=4000))
+    channel.outbox.on_overflow = overflowed.append
+    conn = FlowConn(loop, channel, high=4000)
+    history = _frames(b"h", 3, 1000)
+    assert conn.sub.replay(history) == 3
+    assert not conn.flow.paused and not conn.sub.replaying, "written, nothing left to write"
+    live = _frames(b"l", 3, 1000)
+    for frame in live:
+        channel.publish(["P"], frame)
+        channel.outbox.flush()
+    assert conn.flow.paused and conn.flow.refused == 0, "the pause paces: not slow"
+    assert conn.sub.send(build_frame(b"pong"))
+    assert conn.pump() == b"".join([*history, *live, build_frame(b"pong")])
+    assert not overflowed
+    # Drained: the socket is back to the live rule, where a pause is slowness.
+    channel.publish(["P"], build_frame(b"x" * 5000))
+    channel.outbox.flush()
+    assert conn.flow.refused == 1
+    conn.close()
+
+
+def test_live_frames_behind_a_replay_are_judged_by_progress_not_size(loop) -> None:
+    # A replay of 40 writes' worth; 1000 bytes of live frames arrive per
+    # write the tab drains: 15 times the 2000-byte cap pile up behind it.
+    overflowed: list[Subscriber] = []
+    channel = Channel(Outbox(max_buffered=2000))
+    channel.outbox.on_overflow = overflowed.append
+    reader = FlowConn(loop, channel, high=2000)
+    history = _frames(b"h", 40 * 64, 1000)  # the replay joins 64 KiB per write
+    reader.sub.replay(history)
+    received = bytearray()
+    live: list[bytes] = []
+    for frame in _frames(b"l", 30, 1000):
+        live.append(frame)
+        channel.publish(["P"], frame)
+        channel.outbox.flush()
+        received += reader.step()  # one drain: the next replay write goes out
+    assert reader.sub.replaying, "the live frames waited behind the replay"
+    received += reader.pump()
+    assert not overflowed
+    assert bytes(received) == b"".join([*history, *live]), "all of it, in order"
+    reader.close()
+
+
+@pytest.mark.parametrize("drains", [False, True], ids=["stopped", "drains-too-slowly"])
+def test_a_tab_that_does_not_keep_up_behind_a_replay_is_closed(loop, drains: bool) -> None:
+    # Stopped: the first cap's worth of live frames without a drain. Draining,
+    # but slower than live frames come: at the hard cap, 16 caps' worth.
+    overflowed: list[Subscriber] = []
+    channel = Channel(Outbox(max_buffered=2000))
+    channel.outbox.on_overflow = overflowed.append
+    tab = FlowConn(loop, channel, high=2000)
+    tab.sub.replay(_frames(b"h", 100 * 64, 1000))
+    queued = 0
+    while not overflowed and queued < 40_000:
+        channel.publish(["P"], build_frame(b"." * 1000))
+        channel.outbox.flush()
+        queued += 1004
+        if drains and queued % 2008 == 1004:
+            tab.step()  # one drain per 2008 bytes: more than the rule asks
+    assert overflowed == [tab.sub]
+    assert queued > (32_000 if drains else 2000) and queued <= (34_000 if drains else 3012)
+    tab.close()
+
+
+def test_a_tab_draining_a_replay_is_alive_though_its_ping_waits_behind_it(loop) -> None:
+    # The sweep's ping queues behind the replay, so its answer can't come
+    # before the replay is read: the drains are what prove the peer alive.
+    channel = Channel(Outbox(max_buffered=2000))
+    tab = FlowConn(loop, channel, high=2000)
+    tab.sub.replay(_frames(b"h", 10 * 64, 1000))
+    for _ in range(5):
+        assert channel.sweep(build_frame(b"ping")) == 0
+        tab.step()
+    assert tab.sub.attached and tab.sub.replaying
+    tab.close()
+
+
+def test_flush_puts_back_the_sockets_an_exception_did_not_reach(loop) -> None:
+    # An overflow handler that raises (any bug would do): the sockets after
+    # the failing one keep their frames queued, and later publishes reach them.
+    channel = Channel(Outbox(max_buffered=10))
+
+    def broken(sub: Subscriber) -> None:
+        raise RuntimeError("handler bug")
+
+    channel.outbox.on_overflow = broken
+    paced = FlowConn(loop, channel, high=10)
+    channel.unsubscribe(paced.sub, ["P"])
+    channel.subscribe(paced.sub, ["Q"])  # matched first: its socket is flushed first
+    assert paced.sub.replay([build_frame(b"x" * 100)]) == 1 and paced.flow.paused
+    others = [Conn(loop) for _ in range(2)]
+    for conn in others:
+        channel.subscribe(channel.attach(conn.transport), ["P"])
+    frame = build_frame(b'{"n":1,"pad":"over the 10-byte cap"}')
+    assert channel.publish(["Q", "P"], frame) == 3
+    with pytest.raises(RuntimeError, match="handler bug"):
+        channel.outbox.flush()
+    assert channel.outbox.pending == 2, "the two sockets not reached are queued again"
+    channel.outbox.flush()
+    assert [c.read() for c in others] == [frame, frame]
+    again = build_frame(b'{"n":2}')
+    assert channel.publish(["P"], again) == 2
+    channel.outbox.flush()
+    assert [c.read() for c in others] == [again, again], "not stranded"
+    for conn in [paced, *others]:
+        conn.close()
+
+
+# -- the index under allocation failures -------------------------------------
+
+
+def _index_is_consistent(channel: Channel, subs: list[Subscriber], phids: list[str]) -> None:
+    for phid in phids:
+        listeners = {sub for sub in subs if sub.attached and phid in sub.phids}
+        assert set(channel.match([phid])) == listeners, phid
+    assert channel.phid_count == len({p for sub in subs if sub.attached for p in sub.phids})
+
+
+def test_index_errors_propagate_and_leave_it_consistent(loop) -> None:
+    """Every allocation in subscribe, unsubscribe and detach fails in turn (CPython's
+    own fault injection): each call either completes or raises MemoryError, nothing
+    is printed as unraisable and swallowed, and the index always agrees with the
+    sockets' own PHID lists."""
+    testcapi: Any = pytest.importorskip("_testcapi")
+    unraisable: list[Any] = []
+    hook, sys.unraisablehook = sys.unraisablehook, unraisable.append
+    phids = [f"PHID-{i}" for i in range(20)]  # past the short-list size: sets too
+    try:
+        conns = [Conn(loop) for _ in range(2)]
+        steps: list[tuple[str, int, list[str]]] = [
+            ("subscribe", 0, phids[:10]),
+            ("subscribe", 1, phids[5:]),
+            ("subscribe", 0, phids[10:]),
+            ("unsubscribe", 1, phids[::2]),
+            ("detach", 0, []),
+            ("detach", 1, []),
+        ]
+        failures = 0
+        for start in range(60):
+            channel = Channel()
+            subs = [channel.attach(c.transport) for c in conns]
+            for action, which, arg in steps:
+                call = functools.partial(getattr(channel, action), subs[which])
+                args = () if action == "detach" else (arg,)
+                testcapi.set_nomemory(start, start + 1)
+                try:
+                    call(*args)
+                except MemoryError:
+                    failures += 1
+                finally:
+                    testcapi.remove_mem_hooks()
+                _index_is_consistent(channel, subs, phids)
+                call(*args)  # memory is back: the same call now completes
+                _index_is_consistent(channel, subs, phids)
+            assert channel.size == 0 and channel.phid_count == 0
+        for conn in conns:
+            conn.close()
+    finally:
+        sys.unraisablehook = hook
+    assert not unraisable, [u.exc_value for u in unraisable]
+    assert failures, "some allocation failed inside the calls"

@@ -639,10 +639,13 @@ def violation_acts(max_frame: int) -> st.SearchStrategy[Act]:
                 True,
             )
         ),
-        # Tolerated by the server (allowed, not required): RSV bits.
+        # RFC 6455 §5.2: RSV bits without a negotiated extension fail the connection.
         st.integers(1, 7).map(
             lambda rsv: Act(
-                f"rsv bits {rsv}", (frame(OP_TEXT, UNSUBSCRIBE, rsv=rsv),), frozenset({1002})
+                f"rsv bits {rsv}",
+                (frame(OP_TEXT, UNSUBSCRIBE, rsv=rsv),),
+                frozenset({1002}),
+                must_close=True,
             )
         ),
         # RFC 6455 §5.4, as ws does: nothing to continue, or a new message

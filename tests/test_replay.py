@@ -3,31 +3,41 @@
 The selection is checked against a plain-Python model of Aphlict's rule. The
 delivery is checked end to end: a replay far bigger than the slow-client cap
 reaches a tab that reads it, whole and in order, with live messages and the
-``pong`` behind it; a tab that stops reading is closed with 1013.
+``pong`` behind it, and to a tab reading at a link's pace while live
+messages pile up behind the replay; a tab that stops reading is closed with 1013.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from websockets.asyncio.client import connect
+from websockets.client import ClientProtocol
 from websockets.exceptions import ConnectionClosed
+from websockets.frames import Frame, Opcode
+from websockets.http11 import Response
+from websockets.uri import parse_uri
 
 from fastaphlict import client as client_module
 from fastaphlict._fanout import Subscriber
 from fastaphlict._history import History
 from fastaphlict.hub import HISTORY_LIMIT, HISTORY_TTL_MS
 from fastaphlict.server import Limits
-from support import TIMEOUT, Browser, eventually, running, scaled
+from support import TIMEOUT, Browser, eventually, launch, post, running, scaled, stop
 
 # -- selection, without sockets ----------------------------------------------------
 
@@ -245,3 +255,151 @@ async def test_replays_asked_again_and_again_without_reading_close_the_tab() -> 
             await eventually(lambda: srv.hub.stats.slow_disconnects == 1, what="closed as slow")
             assert await _wait_closed(browser.ws) == 1013
         assert srv.hub.stats.slow_disconnects == 1
+
+
+# -- a tab behind a link ------------------------------------------------------------
+
+
+class _LinkTab:
+    """A tab behind a link: a small receive window, read at a fixed rate.
+
+    The socket is raw and its reads are paced, so the server sees exactly a
+    reader that drains ``rate`` bytes a second through ``window`` (the kernel
+    doubles SO_RCVBUF); websockets' sans-I/O client does the parsing.
+    """
+
+    def __init__(self, url: str, rate: float, window: int = 64 * 1024) -> None:
+        self.protocol = ClientProtocol(parse_uri(url), max_size=None)
+        self.rate = rate
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, window)
+        self.sock.setblocking(False)
+        self.events: collections.deque[Any] = collections.deque()
+        self.read = 0
+        self.started = 0.0
+
+    async def open(self, port: int) -> None:
+        await asyncio.get_running_loop().sock_connect(self.sock, ("127.0.0.1", port))
+        self.protocol.send_request(self.protocol.connect())
+        await self._send()
+        response = await self.next_event()
+        assert isinstance(response, Response) and response.status_code == 101
+
+    async def command(self, command: str, data: Any = None) -> None:
+        self.protocol.send_text(json.dumps({"command": command, "data": data}).encode())
+        await self._send()
+
+    async def text(self) -> str:
+        """The next text frame; fails on a close frame, with its code."""
+        while True:
+            event = await self.next_event()
+            assert isinstance(event, Frame)
+            if event.opcode is Opcode.CLOSE:
+                pytest.fail(f"closed by the server: {self.protocol.close_rcvd}")
+            if event.opcode is Opcode.TEXT:
+                return event.data.decode()
+
+    async def next_event(self) -> Any:
+        loop = asyncio.get_running_loop()
+        while not self.events:
+            if self.started:
+                ahead = self.read / self.rate - (loop.time() - self.started)
+                if ahead > 0:
+                    await asyncio.sleep(ahead)
+            else:
+                self.started = loop.time()
+            data = await asyncio.wait_for(loop.sock_recv(self.sock, 16384), TIMEOUT)
+            if data:
+                self.protocol.receive_data(data)
+            else:
+                self.protocol.receive_eof()
+            self.read += len(data)
+            self.events.extend(self.protocol.events_received())
+            await self._send()  # pongs and close replies, as a browser sends them
+            if not data and not self.events:
+                pytest.fail("the server closed the connection")
+        return self.events.popleft()
+
+    async def _send(self) -> None:
+        for data in self.protocol.data_to_send():
+            if data:
+                await asyncio.get_running_loop().sock_sendall(self.sock, data)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+LINK_RATE = 10_000_000  # bytes/s: an 80 Mbit/s link
+LINK_FRAME = 60_000  # bytes per message, replayed and live
+LINK_HISTORY = 200
+LINK_LIVE = 75  # at 50/s, 3 MB/s: for 1.5 s, while the replay takes about 1.2 s
+
+
+def _sized(kind: str, n: int) -> dict[str, Any]:
+    message = {"key": f"{kind}-{n}", "type": "notification", "subscribers": ["PHID-A"]}
+    message |= {"kind": kind, "n": n, "pad": ""}
+    message["pad"] = "p" * (LINK_FRAME - len(json.dumps(message)))
+    return message
+
+
+@contextlib.contextmanager
+def _cpu_burner(on: bool) -> Any:
+    """A process that spins beside the server (or nothing)."""
+    burner = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if on else None
+    try:
+        yield
+    finally:
+        if burner is not None:
+            burner.kill()
+            burner.wait()
+
+
+@pytest.mark.parametrize("burner", [False, True], ids=["quiet", "cpu-burner"])
+async def test_a_tab_reading_at_link_pace_gets_replay_and_live_frames_whole(
+    tmp_path: Path, burner: bool
+) -> None:
+    """Issue 16 item 6: live frames pile up behind a long replay however fast a tab reads.
+
+    200 messages of 60 KB (12 MB) replay at 10 MB/s while live ones come at
+    3 MB/s: several MiB queue behind the replay. The tab drains all along,
+    so it is not slow, and it gets every frame in order, then its pong. The
+    sweep runs every second meanwhile: a tab that drains is never stalled.
+    """
+    server = launch(tmp_path / "server.log", "--ping-interval=1")
+    try:
+        await asyncio.to_thread(server.wait_ready)
+        async with aiohttp.ClientSession() as session:
+            for n in range(LINK_HISTORY):
+                assert (await post(session, server.admin_url, _sized("replay", n))).status == 200
+            tab = _LinkTab(server.client_url, LINK_RATE)
+            try:
+                with _cpu_burner(burner):
+                    await tab.open(server.client_port)
+                    await tab.command("subscribe", ["PHID-A"])
+                    await tab.command("replay", None)
+                    received = [await tab.text()]
+
+                    async def live() -> None:
+                        # Posted once the replay has chosen its frames: each message once.
+                        start = time.monotonic()
+                        for n in range(LINK_LIVE):
+                            await asyncio.sleep(max(0.0, start + n / 50 - time.monotonic()))
+                            response = await post(session, server.admin_url, _sized("live", n))
+                            assert response.status == 200
+
+                    posting = asyncio.create_task(live())
+                    try:
+                        while len(received) < LINK_HISTORY + LINK_LIVE:
+                            received.append(await tab.text())
+                    finally:
+                        await posting
+                    await tab.command("ping")
+                    assert await tab.text() == '{"type":"pong"}'
+            finally:
+                tab.close()
+        order = [(m["kind"], m["n"]) for m in map(json.loads, received)]
+        expected = [("replay", n) for n in range(LINK_HISTORY)]
+        assert order == expected + [("live", n) for n in range(LINK_LIVE)]
+    finally:
+        stop(server)
+    assert "slow" not in server.log()

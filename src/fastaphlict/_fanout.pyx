@@ -19,10 +19,12 @@ raises into the publisher.
   the socket's transport accepts them and keeps the rest (references to the
   history's frames, no copies) until the socket drains. Live frames, pongs and
   pings that arrive meanwhile queue behind the replay, so a tab sees its
-  frames in order. Only those later frames count against the slow-client cap:
-  a tab that reads gets a replay of any size whole; one that stops reading is
-  closed once what it leaves unread passes the cap, or after a sweep round
-  without progress.
+  frames in order. Slowness there is judged by progress, not by the size of
+  that queue (the replay itself holds it back): a tab that keeps draining its
+  socket gets a replay of any size whole with every live frame behind it; one
+  that stops reading is closed once live frames pass the slow-client cap
+  without a drain, or after a sweep round without progress. A hard cap of
+  ``LATER_LIMIT`` times the slow-client cap bounds what any tab can hold.
 
 .. DANGER::
    A frame is shared by every target of a publish and by the history. It is an
@@ -113,6 +115,10 @@ cdef enum:
     SMALL = 16
     # A paced replay joins frames into writes of about this many bytes.
     REPLAY_CHUNK = 65536
+    # Live frames behind a paced replay may reach this many slow-client caps
+    # (max_buffered) while the tab keeps draining, and no more. They are
+    # references to frames every target and the history share.
+    LATER_LIMIT = 16
 
 
 @cython.final
@@ -140,11 +146,19 @@ cdef class Subscriber:
     cdef bint _awaiting
     # The backlog of a paced replay: history frames not yet written (a list
     # and a read position), then the frames that arrived behind them, with
-    # their size. None/0 when no replay is in progress.
+    # their size. None/0 when no replay is in progress. Once the backlog is
+    # written the replay stays on (an empty list) until the transport is down
+    # to its low-water mark: see _drain.
     cdef list _replay
     cdef Py_ssize_t _replay_pos
     cdef list _later
     cdef Py_ssize_t _later_bytes
+    # Progress behind a replay: the transport's drains (resume_writing) during
+    # it, the count _defer last saw, and the size of _later at which it looks
+    # again. See _defer.
+    cdef Py_ssize_t _drains
+    cdef Py_ssize_t _drains_seen
+    cdef Py_ssize_t _later_check
     cdef bint _paused     # the transport asked us to stop writing
     cdef bint _stalled    # paused through a whole sweep round
     #: Set once the socket was closed as too slow, so it is closed and counted once.
@@ -174,7 +188,9 @@ cdef class Subscriber:
     @property
     def replaying(self):
         """Whether a paced replay still has frames to write."""
-        return self._replay is not None
+        return self._replay is not None and (
+            self._replay_pos < len(self._replay) or self._later is not None
+        )
 
     cpdef bint send(self, bytes frame):
         """Write a prebuilt frame to this socket now; False if the socket is closing.
@@ -186,8 +202,12 @@ cdef class Subscriber:
         if self._pending is not None:
             frame = _join(self._pending, frame)
             self._pending = None
-        if self._replay is not None:
-            return self._defer(frame)
+        if self._replay is not None and self._paced():
+            if not self._defer(frame):
+                return False
+            if not self._paused:
+                self._drain()  # the replay's tail: nothing waits ahead of it
+            return True
         if _write(self.transport, frame):
             self.channel.outbox.bytes_sent += PyBytes_GET_SIZE(frame)
             return True
@@ -235,7 +255,7 @@ cdef class Subscriber:
         return n
 
     def pause(self):
-        """The transport's buffer is full. True if a replay now waits for it to drain.
+        """The transport's buffer is full. True if a replay (or its tail) now waits for it to drain.
 
         False means no replay is in progress: the socket is not reading what
         live fan-out sends it, and the caller closes it as too slow.
@@ -250,22 +270,55 @@ cdef class Subscriber:
         self._paused = False
         self._stalled = False
         if self._replay is not None:
+            self._drains += 1
+            # A tab that drains is alive, though the sweep's ping waits behind
+            # the replay and can't be answered: don't take it for a dead one.
+            self.heard = True
             self._drain()
 
-    cdef bint _defer(self, bytes data) except -1:
-        # A frame that must wait behind a paced replay. Past the cap the tab
-        # is not keeping up with live traffic: closed as too slow.
+    cdef int _paced(self) except -1:
+        # Whether a frame for this socket must go through the replay's backlog
+        # (called only while a replay is on). Once everything is written, the
+        # replay's tail lasts until the transport is found down to its
+        # low-water mark: from then on frames are written straight away.
+        if self._paused or self._later is not None or self._replay_pos < len(self._replay):
+            return 1
+        if _buffered(self.transport) <= self.channel.outbox.max_buffered // 4:
+            self._end_replay()
+            return 0
+        return 1
+
+    cdef int _defer(self, bytes data) except -1:
+        # A frame that must wait behind a paced replay; 0 if the tab is (now)
+        # closed as too slow. Live traffic piles up here for as long as the
+        # replay takes, however fast the tab reads, so the size alone says
+        # nothing: past each further max_buffered bytes the tab must have
+        # drained its socket at least once since the last look (a tab that
+        # reads drains every few hundred KiB). The hard cap bounds what a
+        # tab that drains, but slower than live traffic comes, can hold.
+        if self.slow:
+            return 0  # closing: nothing more is written to it
+        cdef Outbox outbox = self.channel.outbox
         if self._later is None:
             self._later = [data]
+            self._later_bytes = 0
+            self._drains_seen = self._drains
+            self._later_check = outbox.max_buffered
         else:
             self._later.append(data)
         self._later_bytes += PyBytes_GET_SIZE(data)
-        if self._later_bytes > self.channel.outbox.max_buffered:
-            self.channel.outbox._overflow(self)
-            return False
-        return True
+        if self._later_bytes > self._later_check:
+            if (
+                self._drains == self._drains_seen
+                or self._later_bytes > LATER_LIMIT * outbox.max_buffered
+            ):
+                outbox._overflow(self)
+                return 0
+            self._drains_seen = self._drains
+            self._later_check = self._later_bytes + outbox.max_buffered
+        return 1
 
-    cdef void _drain(self) except *:
+    cdef int _drain(self) except -1:
         # Write chunks of the backlog until the transport pushes back (its
         # pause_writing runs inside our write and calls pause()) or it is empty.
         cdef list frames
@@ -275,18 +328,28 @@ cdef class Subscriber:
         while not self._paused:
             frames = self._replay
             if frames is None:
-                return
+                return 0
             pos = self._replay_pos
             if pos >= len(frames):
-                if self._later is None:
+                if self._later is not None:
+                    # Replayed frames are out: what queued behind them comes next.
+                    self._replay = self._later
+                    self._replay_pos = 0
+                    self._later = None
+                    self._later_bytes = 0
+                    continue
+                # All written, but the transport may still hold up to the cap
+                # of it: a live frame written straight after could pass the cap
+                # and read as a slow tab. Stay paced (frames keep going through
+                # _defer and _drain, so a pause only paces) until the transport
+                # is down to its low-water mark, a quarter of the cap (asyncio's
+                # and uvloop's default), where it would have resumed us.
+                if _buffered(self.transport) <= outbox.max_buffered // 4:
                     self._end_replay()
-                    return
-                # Replayed frames are out: what queued behind them comes next.
-                self._replay = self._later
-                self._replay_pos = 0
-                self._later = None
-                self._later_bytes = 0
-                continue
+                elif pos:
+                    self._replay = []  # let go of the written frames
+                    self._replay_pos = 0
+                return 0
             end = pos
             size = 0
             while end < len(frames) and size < REPLAY_CHUNK:
@@ -296,36 +359,43 @@ cdef class Subscriber:
             self._replay_pos = end
             if not _write(self.transport, data):
                 self._end_replay()
-                return
+                return 0
             outbox.bytes_sent += size
+        return 0
 
-    cdef inline void _end_replay(self):
+    cdef inline void _end_replay(self) noexcept:
         self._replay = None
         self._replay_pos = 0
         self._later = None
         self._later_bytes = 0
+        self._drains = 0
         self._paused = False
         self._stalled = False
 
-    cdef inline bint _add(self, str phid):
+    # The index's helpers return -1 with an exception set (MemoryError is all
+    # they can meet) so it reaches the caller instead of being printed and
+    # swallowed; each changes state only after its last step that can fail.
+
+    cdef inline int _add(self, str phid) except -1:
         if phid in self._phids:
-            return False
+            return 0
         if type(self._phids) is list:
-            (<list>self._phids).append(phid)
-            if len(<list>self._phids) > SMALL:
-                self._phids = set(self._phids)
+            if len(<list>self._phids) >= SMALL:
+                self._phids = set(self._phids) | {phid}
+            else:
+                (<list>self._phids).append(phid)
         else:
             (<set>self._phids).add(phid)
-        return True
+        return 1
 
-    cdef inline bint _remove(self, str phid):
+    cdef inline int _remove(self, str phid) except -1:
         if phid not in self._phids:
-            return False
+            return 0
         if type(self._phids) is list:
             (<list>self._phids).remove(phid)
         else:
             (<set>self._phids).discard(phid)
-        return True
+        return 1
 
 
 cdef bytes _join(object pending, bytes last):
@@ -411,23 +481,50 @@ cdef class Outbox:
             sub.transport.disconnect(False)
 
     def flush(self):
-        """Write every pending frame: one write per socket. Never raises."""
+        """Write every pending frame: one write per socket.
+
+        Writes never raise; should anything else (an overflow handler, a
+        failed allocation), the sockets not reached yet go back to the front
+        of the queue with a flush scheduled before the exception propagates:
+        none is left holding frames that no flush would ever write (a socket
+        with pending frames is not queued again by later publishes).
+        """
         cdef list dirty = self._dirty
+        cdef Py_ssize_t i = 0
+        cdef Py_ssize_t n = len(dirty)
         cdef Subscriber sub
         self._dirty = []
         self._scheduled = False
-        for sub in dirty:
-            pending = sub._pending
-            if pending is None:  # send() already wrote it
-                continue
-            sub._pending = None
-            data = _join(pending, None) if type(pending) is list else <bytes>pending
-            if sub._replay is not None:
-                sub._defer(data)  # behind the paced replay, in order
-            elif _write(sub.transport, data):
-                self.bytes_sent += PyBytes_GET_SIZE(data)
-            elif sub.attached:
-                sub.channel._drop(sub)
+        try:
+            while i < n:
+                sub = <Subscriber>dirty[i]
+                i += 1
+                pending = sub._pending
+                if pending is None:  # send() already wrote it
+                    continue
+                sub._pending = None
+                if sub._replay is not None and sub._paced():
+                    # Behind the paced replay, in order, as the shared frames
+                    # themselves: a tab that waits holds references, not copies.
+                    if type(pending) is list:
+                        for frame in <list>pending:
+                            if not sub._defer(<bytes>frame):
+                                break
+                    else:
+                        sub._defer(<bytes>pending)
+                    if sub._replay is not None and not sub._paused:
+                        sub._drain()  # the replay's tail: nothing waits ahead
+                    continue
+                data = _join(pending, None) if type(pending) is list else <bytes>pending
+                if _write(sub.transport, data):
+                    self.bytes_sent += PyBytes_GET_SIZE(data)
+                elif sub.attached:
+                    sub.channel._drop(sub)
+        finally:
+            if i < n:
+                self._dirty = dirty[i:] + self._dirty
+                if not self._scheduled:
+                    self._schedule()
 
 
 cdef void _trim(WSTransport t):
@@ -438,6 +535,11 @@ cdef void _trim(WSTransport t):
     t.request = None
     t.response = None
     t._write_buffer = MemoryBuffer(32)
+
+
+cdef inline Py_ssize_t _buffered(WSTransport t) except -1:
+    # What the event loop's transport holds unsent (not the kernel's buffer).
+    return t.underlying_transport.get_write_buffer_size()
 
 
 cdef inline bint _usable(WSTransport t):
@@ -518,28 +620,44 @@ cdef class Channel:
             return
         self._drop(sub)
 
-    cdef void _drop(self, Subscriber sub):
-        for phid in sub._phids:
-            self._unindex(phid, sub)
-        sub._phids = []
-        sub._end_replay()  # let go of the frames a paced replay still held
+    cdef int _drop(self, Subscriber sub) except -1:
+        # Nothing here allocates before the socket is out of the index and
+        # detached (lists and sets are walked in place, entries only removed),
+        # so a failure can't leave a detached socket in the index.
+        phids = sub._phids
+        if type(phids) is list:
+            for phid in <list>phids:
+                self._unindex(<str>phid, sub)
+        else:
+            for phid in <set>phids:
+                self._unindex(<str>phid, sub)
         sub.attached = False
         self._members.discard(sub)
+        sub._end_replay()  # let go of the frames a paced replay still held
+        sub._phids = []
+        return 0
 
-    cdef inline void _index(self, str phid, Subscriber sub):
+    cdef inline int _index(self, str phid, Subscriber sub) except -1:
         members = self._by_phid.get(phid)
         if members is None:
             self._by_phid[phid] = sub
-            self._strings[phid] = phid
+            try:
+                self._strings[phid] = phid
+            except BaseException:
+                del self._by_phid[phid]
+                raise
         elif type(members) is Subscriber:
             self._by_phid[phid] = {members, sub}
         else:
             (<set>members).add(sub)
+        return 0
 
-    cdef inline void _unindex(self, str phid, Subscriber sub):
+    cdef inline int _unindex(self, str phid, Subscriber sub) except -1:
+        # Allocates nothing (a set is walked in place): it can't fail halfway.
+        cdef Subscriber other
         members = self._by_phid.get(phid)
         if members is None:
-            return
+            return 0
         if members is sub:
             del self._by_phid[phid]
             del self._strings[phid]
@@ -547,7 +665,9 @@ cdef class Channel:
             (<set>members).discard(sub)
             if len(<set>members) == 1:
                 # Back to the one-listener form: a set costs ~200 bytes.
-                self._by_phid[phid] = next(iter(<set>members))
+                for other in <set>members:
+                    self._by_phid[phid] = other
+        return 0
 
     def subscribe(self, Subscriber sub not None, phids):
         """Add each ``str`` in ``phids`` to the socket's subscriptions; skip the rest.
@@ -571,7 +691,11 @@ cdef class Channel:
                 return False
             phid = self._strings.get(phid, phid)
             if sub._add(phid):
-                self._index(phid, sub)
+                try:
+                    self._index(phid, sub)
+                except BaseException:
+                    sub._remove(phid)  # the socket lists only what the index has
+                    raise
         return True
 
     def unsubscribe(self, Subscriber sub not None, phids):

@@ -277,6 +277,12 @@ class ClientListener(WSListener):
         sub = self._sub
         if sub is not None:
             sub.heard = True  # any frame, pongs included, proves the peer alive
+        if frame.rsv1 or frame.rsv2 or frame.rsv3:
+            # RFC 6455 §5.2: no extension was negotiated, so a set reserved
+            # bit means the peer speaks something else; picows does not check.
+            self._fragments = None
+            self._protocol_error(transport, "reserved bits set")
+            return
         msg_type = frame.msg_type
         if msg_type is WSMsgType.CLOSE:
             # Complete the closing handshake, echoing the code like ws does,
@@ -289,6 +295,11 @@ class ClientListener(WSListener):
         if transport.is_close_frame_sent:
             # Closing (a refused frame, a limit, shutdown): what follows is not
             # ours to judge; after a parser error it may not even be frames.
+            return
+        if msg_type is WSMsgType.PING:
+            # Answered here, not by picows' auto-pong, which replies before
+            # this handler sees the frame and so before its reserved bits.
+            transport.send_pong(frame.get_payload_as_bytes())
             return
         if msg_type is WSMsgType.TEXT or msg_type is WSMsgType.BINARY:
             if self._fragments is not None:
@@ -320,10 +331,10 @@ class ClientListener(WSListener):
             if frame.fin:
                 self._fragments = None
                 self._handle(transport, bytes(buf))
-        # PING is answered by picows itself; unsolicited PONGs need nothing.
+        # Unsolicited PONGs need nothing.
 
     def _protocol_error(self, transport: WSTransport, reason: str) -> None:
-        """Close with 1002 for a fragmentation error; count and log it once."""
+        """Close with 1002 for a frame RFC 6455 forbids; count and log it once."""
         if transport.is_close_frame_sent:
             return  # already closing: what follows the close is not ours to judge
         self._hub.stats.frames_rejected += 1

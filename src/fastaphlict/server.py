@@ -204,7 +204,8 @@ class Server:
             websocket_handshake_timeout=self.limits.handshake_timeout,
             # Oversized frames are closed with 1009 by picows itself.
             max_frame_size=self.limits.max_frame_size,
-            enable_auto_pong=True,
+            # The listener answers pings itself, once it has checked the frame.
+            enable_auto_pong=False,
             # An adapter, not a Logger: picows builds a child Logger for every
             # connection when given a Logger, a cost paid by every idle tab.
             logger_name=_PICOWS_LOG,
