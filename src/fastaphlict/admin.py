@@ -40,6 +40,7 @@ from fastaphlict.protocol import (
     DEFAULT_INSTANCE,
     MAX_DEPTH,
     NestingTooDeep,
+    could_be_plain_head,
     dumps,
     loads,
     parse_post_head,
@@ -359,6 +360,7 @@ class AdminProtocol(asyncio.Protocol):
         self._remote: object = None
         self._discard = 0  # body bytes still to drop after a 413 (lingering close)
         self._linger: asyncio.TimerHandle | None = None
+        self._paused = False  # the client isn't reading: neither is this side
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]
@@ -389,6 +391,16 @@ class AdminProtocol(asyncio.Protocol):
         if self._transport is not None:
             self._transport.close()
 
+    def _give_up(self) -> None:
+        """Close; abort instead if answers wait unread, which would hold the close open."""
+        transport = self._transport
+        if transport is None:
+            return
+        if transport.get_write_buffer_size():
+            transport.abort()
+        else:
+            transport.close()
+
     def _arm_idle(self) -> None:
         # One timer per connection, re-armed lazily when it fires: requests
         # only stamp _active_at, so a busy connection costs no timer churn.
@@ -398,20 +410,46 @@ class AdminProtocol(asyncio.Protocol):
     def _on_idle(self) -> None:
         deadline = self._active_at + KEEPALIVE_TIMEOUT
         if self._loop.time() >= deadline:
-            self.close()
+            self._give_up()
         else:
             self._idle = self._loop.call_at(deadline, self._on_idle)
+
+    def pause_writing(self) -> None:
+        # The client isn't reading its answers: stop reading its requests, as
+        # aiohttp does, so a pipeliner that never reads can't grow the write
+        # buffer (and the server) without bound. The kernel's buffers then
+        # push back on its sends.
+        self._paused = True
+        if self._transport is not None:
+            self._transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self._paused = False
+        if self._transport is None or self._transport.is_closing():
+            return
+        self._active_at = self._loop.time()  # the client read its answers
+        self._transport.resume_reading()
+        self._serve()  # requests read before the pause
 
     def data_received(self, data: bytes) -> None:
         if self._discard:
             self._drop(len(data))
             return
+        self._buffer += data
+        self._serve()
+
+    def _serve(self) -> None:
+        """Answer the complete requests in the buffer, in order, while the client reads."""
         buffer = self._buffer
-        buffer += data
-        while self._transport is not None and buffer:
+        while buffer and not self._paused:
+            transport = self._transport
+            # A failed write (a reset) leaves the transport closing until
+            # connection_lost runs: nothing more is answered or handed off.
+            if transport is None or transport.is_closing():
+                return
             end = buffer.find(b"\r\n\r\n", 0, MAX_HEAD_SIZE)
             if end < 0:
-                if len(buffer) >= MAX_HEAD_SIZE:
+                if len(buffer) >= MAX_HEAD_SIZE or not could_be_plain_head(buffer):
                     self._hand_off()
                 return
             parsed = parse_post_head(bytes(buffer[:end]))
@@ -428,13 +466,13 @@ class AdminProtocol(asyncio.Protocol):
                         self._max_body,
                         format_address(self._remote),
                     )
-                self._transport.write(_response(413, b"request body too large\n", close=True))
+                transport.write(_response(413, b"request body too large\n", close=True))
                 self._linger_close(length - (len(buffer) - start))
                 return
             if len(buffer) - start < length:
                 if expect_continue and not self._continued:
                     self._continued = True
-                    self._transport.write(_CONTINUE)
+                    transport.write(_CONTINUE)
                 return
             body = bytes(buffer[start : start + length])
             del buffer[: start + length]
@@ -448,14 +486,17 @@ class AdminProtocol(asyncio.Protocol):
                 # 500 and close, rather than let the loop drop the connection
                 # with no answer at all.
                 log.exception("post from %s failed", format_address(self._remote))
-                self._transport.write(_response(500, b"internal error\n", close=True))
-                self._transport.close()
+                transport.write(_response(500, b"internal error\n", close=True))
+                transport.close()
                 return
-            self._transport.write(_response(status, answer, close=close))
+            transport.write(_response(status, answer, close=close))
             if close:
-                self._transport.close()
+                transport.close()
                 return
-            self._active_at = self._loop.time()
+            if not transport.get_write_buffer_size():
+                # Activity is what the client takes: answers piling up in the
+                # buffer don't keep a connection that never reads alive.
+                self._active_at = self._loop.time()
 
     def _linger_close(self, unread: int) -> None:
         """Close after the 413 once the body's ``unread`` bytes are dropped (or bounds pass).
@@ -472,7 +513,7 @@ class AdminProtocol(asyncio.Protocol):
             return
         if transport.can_write_eof():  # TLS can't half-close: the client reads by length
             transport.write_eof()
-        self._linger = self._loop.call_later(LINGER_TIME, self.close)
+        self._linger = self._loop.call_later(LINGER_TIME, self._give_up)
 
     def _drop(self, size: int) -> None:
         self._discard = max(0, self._discard - size)
@@ -482,7 +523,7 @@ class AdminProtocol(asyncio.Protocol):
     def _hand_off(self) -> None:
         """Give this connection, and what it sent so far, to aiohttp for good."""
         transport = self._transport
-        if transport is None:
+        if transport is None or transport.is_closing():
             return
         self._connections.discard(self)
         if self._idle is not None:
