@@ -732,3 +732,88 @@ async def test_lingering_drops_a_bounded_number_of_bytes(
         sent = await asyncio.to_thread(_send_until_refused, port, head, piece, most)
         assert sent is not None, f"the server read all {most} bytes"
         assert srv.hub.stats.posts_rejected == 1
+
+
+# -- strict heads, resets during the hand-off, HTTP/1.0 (issue 16) ----------
+
+
+#: Heads the old fast path answered 200 (and delivered) that HTTP refuses.
+_SMUGGLING_HEADS = [
+    b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length : 2\r\n\r\n{}",
+    b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length\x0b: 2\r\n\r\n{}",
+    b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n : 5\r\n\r\n{}",
+    b"POST / HTTP/1.1\r\nHost: x\r\nX: a\x00b\r\nContent-Length: 2\r\n\r\n{}",
+    b"POST / HTTP/1.1\r\nHost: x\r\n\x01: x\r\nContent-Length: 2\r\n\r\n{}",
+    b"POST / HTTP/1.1\r\nHost: x\r\n: x\r\nContent-Length: 2\r\n\r\n{}",
+    b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding\x00: chunked\r\nContent-Length: 2\r\n\r\n{}",
+]
+
+
+@pytest.mark.parametrize("request_bytes", _SMUGGLING_HEADS)
+async def test_a_head_http_refuses_is_400_and_delivers_nothing(request_bytes: bytes) -> None:
+    """aiohttp answers what the fast path does not fully understand (RFC 9112 §5)."""
+    async with running() as srv:
+        answer = await _raw_exchange(srv, request_bytes)
+        assert answer.split(b" ", 2)[1] == b"400", answer[:200]
+        assert srv.hub.stats.posts_rejected == 0 and (await srv.status())["messages.in"] == 0
+
+
+async def test_a_head_ending_in_bare_lfs_is_answered_without_waiting() -> None:
+    """aiohttp refuses it at once; the fast path must not sit waiting for CRLF CRLF."""
+    async with running() as srv:
+        answer = await _raw_exchange(srv, b"POST / HTTP/1.1\nHost: x\nContent-Length: 2\n\n{}")
+        assert answer.split(b" ", 2)[1] == b"400", answer[:200]
+
+
+async def test_http10_expect_100_continue_gets_no_interim_answer() -> None:
+    """RFC 9110 §10.1.1: an HTTP/1.0 client gets no 100; its body is read as it comes."""
+    async with running() as srv:
+        body = b'{"k":1}'
+        head = (
+            b"POST / HTTP/1.0\r\nHost: x\r\nExpect: 100-continue\r\n"
+            b"Content-Length: %d\r\n\r\n" % len(body)
+        )
+        answer = await _raw_exchange(srv, [head, body])
+        assert answer.startswith(b"HTTP/1.1 200 ") and b" 100 " not in answer, answer
+
+
+async def test_a_connection_value_containing_close_keeps_the_connection() -> None:
+    """``Connection: xclose`` is not ``close``: the second post is answered on the same socket."""
+    async with running() as srv:
+        first = _post_bytes(b'{"n":1}', extra=b"Connection: xclose\r\n")
+        second = _post_bytes(b'{"n":2}', extra=b"Connection: close\r\n")
+        answer = await _raw_exchange(srv, first + second)
+        assert answer.count(b"HTTP/1.1 200 ") == 2, answer
+
+
+async def test_a_reset_during_the_hand_off_logs_no_traceback(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """``[POST /][GET /status/]`` in one write, then a reset: 300 times, no traceback.
+
+    The answer to the post fails on the reset; the transport is closing from
+    then on, and handing it to aiohttp made aiohttp's task fail an assertion
+    ("Task exception was never retrieved") once connection_lost came.
+    """
+    import gc
+    import struct
+
+    caplog.set_level("INFO")
+    loop = asyncio.get_running_loop()
+    request = _post_bytes(b"{}") + b"GET /status/ HTTP/1.1\r\nHost: x\r\n\r\n"
+    linger = struct.pack("ii", 1, 0)
+    async with running() as srv:
+        port = srv.server.admin_ports[0]
+        for _ in range(300):
+            with socket.socket() as sock:
+                sock.setblocking(False)
+                await loop.sock_connect(sock, ("127.0.0.1", port))
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
+                await loop.sock_sendall(sock, request)
+        # The server still serves, and has seen every reset by now.
+        await srv.status()
+        for _ in range(3):
+            gc.collect()  # aiohttp's failed task is logged when collected
+            await asyncio.sleep(0.01)
+    problems = [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+    assert not problems, caplog.text[:3000]
