@@ -3,15 +3,25 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http.client
 import json
 import logging
 import socket
 import time
+from pathlib import Path
 
 import pytest
 
-from support import PHORGE_CONTENT_TYPE, TIMEOUT, running, scaled, throttles_a_minute_later
+from support import (
+    PHORGE_CONTENT_TYPE,
+    TIMEOUT,
+    eventually,
+    running,
+    scaled,
+    spawned,
+    throttles_a_minute_later,
+)
 
 PHORGE_MESSAGE = {
     "key": "6963387411591127515",
@@ -817,3 +827,87 @@ async def test_a_reset_during_the_hand_off_logs_no_traceback(
             await asyncio.sleep(0.01)
     problems = [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
     assert not problems, caplog.text[:3000]
+
+
+# -- a client that pipelines and never reads (write back-pressure) ----------
+
+
+_PIPELINED = _post_bytes(b"{}") * 1000
+
+
+def _rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+def _stuffed(port: int, most: int) -> tuple[socket.socket, int]:
+    """Pipeline ``POST /`` without reading until the sends stall (or ``most`` bytes went)."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    sock.connect(("127.0.0.1", port))
+    sock.settimeout(scaled(2.0))
+    sent = 0
+    try:
+        while sent < most:
+            sock.sendall(_PIPELINED)
+            sent += len(_PIPELINED)
+    except TimeoutError:
+        pass
+    return sock, sent
+
+
+def test_a_pipeliner_that_never_reads_stalls_instead_of_growing_the_server(
+    tmp_path: Path,
+) -> None:
+    """The server stops reading while its answers wait, as aiohttp does (issue 16).
+
+    Without that, 30 MiB of small posts sent by a client that never reads
+    grew the server by 50 MiB of buffered answers (90 MiB: +165 MiB). With
+    it, the client's sends stall once the kernel's buffers are full.
+    """
+    most = 30 * 2**20
+    with spawned(tmp_path / "server.log") as server:
+        server.wait_ready()
+        before = _rss_mib(server.pid)
+        sock, sent = _stuffed(server.admin_port, most)
+        with sock:
+            grown = _rss_mib(server.pid) - before
+            assert sent < most, f"the server read all {sent} bytes, and grew by {grown:.1f} MiB"
+            assert grown < 16, f"{grown:.1f} MiB more after {sent} bytes"
+
+
+async def test_a_pipeliner_that_never_reads_is_closed_after_the_idle_timeout(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Activity is what the client reads: answers piling up unread don't keep it open.
+
+    Answers wait in the write buffer, so closing would wait for good: the
+    connection is aborted instead.
+    """
+    import select
+
+    from fastaphlict import admin
+
+    monkeypatch.setattr(admin, "KEEPALIVE_TIMEOUT", scaled(1.0))
+    loop = asyncio.get_running_loop()
+    async with running() as srv:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        sock.setblocking(False)
+        with sock:
+            await loop.sock_connect(sock, ("127.0.0.1", srv.server.admin_ports[0]))
+            poller = select.poll()
+            poller.register(sock, select.POLLERR | select.POLLHUP | select.POLLRDHUP)
+            sent = 0
+            with contextlib.suppress(TimeoutError, ConnectionError):
+                while sent < 30 * 2**20:
+                    await asyncio.wait_for(loop.sock_sendall(sock, _PIPELINED), scaled(0.5))
+                    sent += len(_PIPELINED)
+            assert sent < 30 * 2**20, "the server never stopped reading"
+            await eventually(lambda: bool(poller.poll(0)), what="the server closing the connection")
+            assert srv.hub.stats.posts_rejected == 0
