@@ -569,6 +569,16 @@ _ADMIN_REFUSALS = {
         "rejected post over",
     ),
     "bad request": (_BAD_HEAD, b"400", "rejected request"),
+    "bad request (head the fast path left to aiohttp)": (
+        b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length : 2\r\n\r\n{}",
+        b"400",
+        "rejected request",
+    ),
+    "bad request (body aiohttp can't decode)": (
+        b"POST / HTTP/1.1\r\nHost: x\r\nContent-Encoding: gzip\r\nContent-Length: 4\r\n\r\nabcd",
+        b"400",
+        "rejected request",
+    ),
 }
 
 
@@ -911,3 +921,19 @@ async def test_a_pipeliner_that_never_reads_is_closed_after_the_idle_timeout(
             assert sent < 30 * 2**20, "the server never stopped reading"
             await eventually(lambda: bool(poller.poll(0)), what="the server closing the connection")
             assert srv.hub.stats.posts_rejected == 0
+
+
+async def test_a_client_leaving_mid_body_logs_no_error(caplog: pytest.LogCaptureFixture) -> None:
+    """aiohttp logs a traceback for each request whose body ends early; here it is a debug line."""
+    caplog.set_level("DEBUG", logger="fastaphlict")
+    head = b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nab"
+    async with running() as srv:
+        for _ in range(30):
+            reader, writer = await asyncio.open_connection("127.0.0.1", srv.server.admin_ports[0])
+            writer.write(head)
+            writer.write_eof()
+            assert await asyncio.wait_for(reader.read(), TIMEOUT) == b""
+            writer.close()
+        await srv.status()
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info], caplog.text
+    assert len([r for r in caplog.records if "ended early" in r.getMessage()]) == 30

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import Callable
 from ipaddress import IPv4Network, IPv6Address, IPv6Network, ip_address
 from typing import TYPE_CHECKING, Any
@@ -162,6 +163,12 @@ async def handle_root(request: web.Request) -> web.StreamResponse:
                 "rejected post over %d bytes from %s", request.client_max_size, request.remote
             )
         return await _too_large(request)
+    except web.RequestPayloadError as exc:
+        # A body aiohttp could not read (a bad chunk, a bad Content-Encoding):
+        # the client's doing, answered 400 rather than aiohttp's 500.
+        if throttles["bad request"].allow():
+            log.info("rejected request from %s: %s", request.remote, _reason(exc))
+        return await _refused_body(request)
     status, answer = accept_post(hub, _instance(request), body, request.remote, throttles)
     if status != 200:
         return web.Response(status=status, body=answer, content_type="text/plain")
@@ -194,6 +201,16 @@ async def _too_large(request: web.Request) -> web.StreamResponse:
     if not content.is_eof():
         # Over either bound: close now, not after aiohttp's own lingering.
         request.protocol.force_close()
+    return response
+
+
+async def _refused_body(request: web.Request) -> web.StreamResponse:
+    """Answer 400 and close: the rest of a body that failed can't be read, nor lingered on."""
+    response = _text(400, "bad request body")
+    response.force_close()
+    await response.prepare(request)
+    await response.write_eof()
+    request.protocol.force_close()
     return response
 
 
@@ -238,13 +255,27 @@ def make_app(
     return app
 
 
+def _reason(exc: BaseException) -> str:
+    """The first line of why aiohttp refused a request, without its ``400, message:``."""
+    text = str(exc.message) if isinstance(exc, HttpProcessingError) else str(exc)
+    lines = [line.strip() for line in text.splitlines()]
+    lines = [line for line in lines if line and not _STATUS_PREFIX.fullmatch(line)]
+    return lines[0][:200].rstrip(":") if lines else "malformed"
+
+
+_STATUS_PREFIX = re.compile(r"\d{3}, message:")
+
+
 class AiohttpLog(logging.LoggerAdapter):  # type: ignore[type-arg]
     """aiohttp's server logger, with a client's malformed requests kept within a budget.
 
-    aiohttp logs every request it can't parse at ERROR with a traceback, a
-    line a client gets for each bad request it sends. Those become one short
-    info line on ``fastaphlict.admin``, within the ``bad request`` budget;
-    anything else (a handler that raised) is logged by aiohttp as before.
+    aiohttp logs at ERROR, with a traceback, every request it can't parse, a
+    body it can't read (a bad chunk or ``Content-Encoding``, seen both by the
+    handler and by aiohttp's lingering read after it) and a client that left
+    mid-body: lines a client gets for each bad request it sends. The first
+    two become one short info line on ``fastaphlict.admin``, within the
+    ``bad request`` budget; a client gone is a debug line. Anything else (a
+    handler that raised) is logged by aiohttp as before.
     """
 
     def __init__(self, logger: logging.Logger, throttle: Throttle) -> None:
@@ -253,16 +284,18 @@ class AiohttpLog(logging.LoggerAdapter):  # type: ignore[type-arg]
 
     def log(self, level: int, msg: object, *args: Any, **kwargs: Any) -> None:
         exc = kwargs.get("exc_info")
-        if level >= logging.ERROR and isinstance(exc, HttpProcessingError):
-            if self._throttle.allow():
-                reason = str(exc.message).strip().splitlines()[0][:200] if exc.message else ""
-                log.info(
-                    "rejected request from %s: %s",
-                    args[0] if args else "unknown",
-                    reason.rstrip(":") or "malformed",
-                )
+        if level >= logging.ERROR and isinstance(exc, _CLIENT_FAULTS):
+            remote = args[0] if args else "unknown"
+            if isinstance(exc, ConnectionError):
+                log.debug("request from %s ended early: %s", remote, exc)
+            elif self._throttle.allow():
+                log.info("rejected request from %s: %s", remote, _reason(exc))
             return
         super().log(level, msg, *args, **kwargs)
+
+
+#: What a client causes: a head or body aiohttp refuses, or leaving mid-request.
+_CLIENT_FAULTS = (HttpProcessingError, web.RequestPayloadError, ConnectionError)
 
 
 _REASONS = {
