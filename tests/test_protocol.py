@@ -178,31 +178,46 @@ PHORGE_HEAD = (
     ("head", "parsed"),
     [
         (PHORGE_HEAD, (b"/?instance=acme", 42, False, False)),
-        (b"POST / HTTP/1.1\r\nContent-Length: 0", (b"/", 0, False, False)),
+        (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 0", (b"/", 0, False, False)),
         (b"POST / HTTP/1.0\r\nContent-Length: 2", (b"/", 2, False, True)),
         (
             b"POST / HTTP/1.0\r\nContent-Length: 2\r\nConnection: keep-alive",
             (b"/", 2, False, False),
         ),
-        (b"POST / HTTP/1.1\r\nContent-Length: 2\r\nConnection: close", (b"/", 2, False, True)),
-        (b"POST / HTTP/1.1\r\ncontent-length:  7 \r\nExpect: 100-continue", (b"/", 7, True, False)),
         (
-            b"POST / HTTP/1.1\r\nCONTENT-LENGTH:\t7\t\r\nEXPECT: 100-Continue",
+            b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nConnection: close",
+            (b"/", 2, False, True),
+        ),
+        (
+            b"POST / HTTP/1.1\r\nHost: x\r\ncontent-length:  7 \r\nExpect: 100-continue",
             (b"/", 7, True, False),
         ),
         (
-            b"POST /?a=%C3%A9&b=1:2@x/?y HTTP/1.1\r\nContent-Length: 1",
+            b"POST / HTTP/1.1\r\nHost: x\r\nCONTENT-LENGTH:\t7\t\r\nEXPECT: 100-Continue",
+            (b"/", 7, True, False),
+        ),
+        (
+            b"POST /?a=%C3%A9&b=1:2@x/?y HTTP/1.1\r\nHost: x\r\nContent-Length: 1",
             (b"/?a=%C3%A9&b=1:2@x/?y", 1, False, False),
         ),
-        (b"POST / HTTP/1.1\r\nContent-Length: 007", (b"/", 7, False, False)),
+        (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 007", (b"/", 7, False, False)),
         (
-            b"POST / HTTP/1.1\r\nContent-Length: 2\r\nX-Empty:\r\nX-Tab: a\tb",
+            b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nX-Empty:\r\nX-Tab: a\tb",
             (b"/", 2, False, False),
         ),
         # Connection is a token list: a value that merely contains "close" is not close.
-        (b"POST / HTTP/1.1\r\nContent-Length: 2\r\nConnection: xclose", (b"/", 2, False, False)),
-        (b"POST / HTTP/1.1\r\nContent-Length: 2\r\nConnection: close-ish", (b"/", 2, False, False)),
-        (b"POST / HTTP/1.1\r\nContent-Length: 2\r\nConnection: foo, Close", (b"/", 2, False, True)),
+        (
+            b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nConnection: xclose",
+            (b"/", 2, False, False),
+        ),
+        (
+            b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nConnection: close-ish",
+            (b"/", 2, False, False),
+        ),
+        (
+            b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nConnection: foo, Close",
+            (b"/", 2, False, True),
+        ),
         (
             b"POST / HTTP/1.0\r\nContent-Length: 2\r\nConnection: keep-alives",
             (b"/", 2, False, True),
@@ -218,76 +233,87 @@ PHORGE_HEAD = (
         # HTTP/1.0 knows no 100-continue: the expectation is ignored (RFC 9110 §10.1.1).
         (b"POST / HTTP/1.0\r\nContent-Length: 2\r\nExpect: 100-continue", (b"/", 2, False, True)),
         (b"POST / HTTP/1.0\r\nContent-Length: 2\r\nExpect: other", (b"/", 2, False, True)),
+        (b"POST / HTTP/1.0\r\nHost: x\r\nContent-Length: 2", (b"/", 2, False, True)),
         # Anything else is aiohttp's to answer:
-        (b"GET / HTTP/1.1\r\nContent-Length: 2", None),
-        (b"post / HTTP/1.1\r\nContent-Length: 2", None),
-        (b"POST /status/ HTTP/1.1\r\nContent-Length: 2", None),
-        (b"POST /x?instance=a HTTP/1.1\r\nContent-Length: 2", None),
-        (b"POST http://x/ HTTP/1.1\r\nContent-Length: 2", None),
-        (b"POST /#f HTTP/1.1\r\nContent-Length: 2", None),
+        # no Host in HTTP/1.1, or two (RFC 9112 §3.2),
+        (b"POST / HTTP/1.1\r\nContent-Length: 2", None),
+        (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nhost: y", None),
+        (b"POST / HTTP/1.0\r\nHost: x\r\nContent-Length: 2\r\nHost: x", None),
+        (b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 2", None),
+        (b"post / HTTP/1.1\r\nHost: x\r\nContent-Length: 2", None),
+        (b"POST /status/ HTTP/1.1\r\nHost: x\r\nContent-Length: 2", None),
+        (b"POST /x?instance=a HTTP/1.1\r\nHost: x\r\nContent-Length: 2", None),
+        (b"POST http://x/ HTTP/1.1\r\nHost: x\r\nContent-Length: 2", None),
+        (b"POST /#f HTTP/1.1\r\nHost: x\r\nContent-Length: 2", None),
         (b"POST / HTTP/2\r\nContent-Length: 2", None),
         (b"POST / HTTP/1.2\r\nContent-Length: 2", None),
         (b"POST / http/1.1\r\nContent-Length: 2", None),
-        (b"POST  / HTTP/1.1\r\nContent-Length: 2", None),
+        (b"POST  / HTTP/1.1\r\nHost: x\r\nContent-Length: 2", None),
         (b"POST / HTTP/1.1 \r\nContent-Length: 2", None),
-        (b"POST\t/ HTTP/1.1\r\nContent-Length: 2", None),
+        (b"POST\t/ HTTP/1.1\r\nHost: x\r\nContent-Length: 2", None),
         (b"POST / HTTP/1.1", None),
-        (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked", None),
-        (b"POST / HTTP/1.1\r\nContent-Length: 2\r\nTransfer-Encoding: chunked", None),
-        (b"POST / HTTP/1.1\r\nTransfer-Encoding: identity\r\nContent-Length: 2", None),
-        (b"POST / HTTP/1.1\r\nContent-Length: 2\r\nContent-Encoding: gzip", None),
-        (b"POST / HTTP/1.1\r\nContent-Length: 2\r\nUpgrade: h2c", None),
-        (b"POST / HTTP/1.1\r\nContent-Length: 2\r\nConnection: Upgrade", None),
-        (b"POST / HTTP/1.1\r\nContent-Length: 2\r\nContent-Length: 2", None),
-        (b"POST / HTTP/1.1\r\nContent-Length: 2, 2", None),
-        (b"POST / HTTP/1.1\r\nContent-Length: -2", None),
-        (b"POST / HTTP/1.1\r\nContent-Length: +2", None),
-        (b"POST / HTTP/1.1\r\nContent-Length: 0x2", None),
-        (b"POST / HTTP/1.1\r\nContent-Length: 1 2", None),
-        (b"POST / HTTP/1.1\r\nContent-Length:", None),
-        (b"POST / HTTP/1.1\r\nContent-Length: 1234567890123456", None),
-        (b"POST / HTTP/1.1\r\nContent-Length: \xd9\xa2", None),
-        (b"POST / HTTP/1.1\r\nContent-Length: 2\r\nExpect: something", None),
-        (b"POST / HTTP/1.1\r\nContent-Length: 2\r\nno colon", None),
+        (b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked", None),
+        (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nTransfer-Encoding: chunked", None),
+        (b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: identity\r\nContent-Length: 2", None),
+        (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nContent-Encoding: gzip", None),
+        (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nUpgrade: h2c", None),
+        (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nConnection: Upgrade", None),
+        (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nContent-Length: 2", None),
+        (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2, 2", None),
+        (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: -2", None),
+        (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: +2", None),
+        (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 0x2", None),
+        (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1 2", None),
+        (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length:", None),
+        (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1234567890123456", None),
+        (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: \xd9\xa2", None),
+        (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nExpect: something", None),
+        (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nno colon", None),
         # The shapes that got 200 from the old fast path and 400 from aiohttp (issue 16):
         # an obs-folded Content-Length, and obs-fold anywhere,
-        (b"POST / HTTP/1.1\r\nContent-Length:\r\n 2", None),
-        (b"POST / HTTP/1.1\r\nContent-Length: 2\r\n : 5", None),
-        (b"POST / HTTP/1.1\r\nContent-Length: 2\r\n\tX: y", None),
-        (b"POST / HTTP/1.1\r\nX: a\r\n\tb\r\nContent-Length: 2", None),
+        (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length:\r\n 2", None),
+        (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n : 5", None),
+        (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\tX: y", None),
+        (b"POST / HTTP/1.1\r\nHost: x\r\nX: a\r\n\tb\r\nContent-Length: 2", None),
         # whitespace (or a vertical tab) before the colon,
-        (b"POST / HTTP/1.1\r\nContent-Length : 2", None),
-        (b"POST / HTTP/1.1\r\nContent-Length\t: 2", None),
-        (b"POST / HTTP/1.1\r\nContent-Length\x0b: 2", None),
-        (b"POST / HTTP/1.1\r\n Content-Length: 2", None),
+        (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length : 2", None),
+        (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length\t: 2", None),
+        (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length\x0b: 2", None),
+        (b"POST / HTTP/1.1\r\nHost: x\r\n Content-Length: 2", None),
         # a bare LF or bare CR hiding a Transfer-Encoding line,
-        (b"POST / HTTP/1.1\r\nContent-Length: 2\nTransfer-Encoding: chunked", None),
-        (b"POST / HTTP/1.1\r\nContent-Length: 2\rTransfer-Encoding: chunked", None),
-        (b"POST / HTTP/1.1\r\nX: a\nTransfer-Encoding: chunked\r\nContent-Length: 2", None),
+        (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\nTransfer-Encoding: chunked", None),
+        (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\rTransfer-Encoding: chunked", None),
+        (
+            b"POST / HTTP/1.1\r\nHost: x\r\nX: a\nTransfer-Encoding: chunked\r\nContent-Length: 2",
+            None,
+        ),
         (b"POST / HTTP/1.1\nContent-Length: 2", None),
         # a NUL, another control or a byte past ASCII in a value,
-        (b"POST / HTTP/1.1\r\nContent-Length: 2\r\nX: a\x00b", None),
-        (b"POST / HTTP/1.1\r\nContent-Length: 2\x00", None),
-        (b"POST / HTTP/1.1\r\nContent-Length: 2\r\nX: a\x7fb", None),
-        (b"POST / HTTP/1.1\r\nContent-Length: 2\r\nX: a\x1bb", None),
-        (b"POST / HTTP/1.1\r\nContent-Length: 2\r\nX: caf\xc3\xa9", None),
+        (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nX: a\x00b", None),
+        (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\x00", None),
+        (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nX: a\x7fb", None),
+        (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nX: a\x1bb", None),
+        (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nX: caf\xc3\xa9", None),
         # a control character or nothing as a field name,
-        (b"POST / HTTP/1.1\r\nContent-Length: 2\r\n\x01: x", None),
-        (b"POST / HTTP/1.1\r\nContent-Length: 2\r\n: x", None),
-        (b"POST / HTTP/1.1\r\nContent-Length: 2\r\nX\x00Y: x", None),
-        (b"POST / HTTP/1.1\r\nContent-Length: 2\r\nX(Y: x", None),
+        (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\x01: x", None),
+        (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n: x", None),
+        (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nX\x00Y: x", None),
+        (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nX(Y: x", None),
         # and a NUL after a name.
-        (b"POST / HTTP/1.1\r\nContent-Length: 2\r\nTransfer-Encoding\x00: chunked", None),
+        (
+            b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nTransfer-Encoding\x00: chunked",
+            None,
+        ),
         # A target outside RFC 3986 (a space, a quote, a bad escape, a control):
-        (b"POST /?a b HTTP/1.1\r\nContent-Length: 2", None),
-        (b'POST /?a"b HTTP/1.1\r\nContent-Length: 2', None),
-        (b"POST /?a=%zz HTTP/1.1\r\nContent-Length: 2", None),
-        (b"POST /?a=%C HTTP/1.1\r\nContent-Length: 2", None),
-        (b"POST /?a\x7f HTTP/1.1\r\nContent-Length: 2", None),
-        (b"POST /?\xc3\xa9 HTTP/1.1\r\nContent-Length: 2", None),
+        (b"POST /?a b HTTP/1.1\r\nHost: x\r\nContent-Length: 2", None),
+        (b'POST /?a"b HTTP/1.1\r\nHost: x\r\nContent-Length: 2', None),
+        (b"POST /?a=%zz HTTP/1.1\r\nHost: x\r\nContent-Length: 2", None),
+        (b"POST /?a=%C HTTP/1.1\r\nHost: x\r\nContent-Length: 2", None),
+        (b"POST /?a\x7f HTTP/1.1\r\nHost: x\r\nContent-Length: 2", None),
+        (b"POST /?\xc3\xa9 HTTP/1.1\r\nHost: x\r\nContent-Length: 2", None),
         # Near aiohttp's limits (a line of 8190 bytes, 128 fields):
-        (b"POST / HTTP/1.1\r\nContent-Length: 2\r\nX: " + b"a" * 8200, None),
-        (b"POST / HTTP/1.1\r\nContent-Length: 2" + b"\r\nX: a" * 101, None),
+        (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nX: " + b"a" * 8200, None),
+        (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2" + b"\r\nX: a" * 101, None),
     ],
 )
 def test_parse_post_head(head: bytes, parsed: tuple[bytes, int, bool, bool] | None) -> None:
@@ -316,7 +342,7 @@ def test_a_head_that_cannot_become_plain_is_known_before_it_ends(start: bytes) -
 # Generated heads: the plain ones are read as written; one flaw anywhere refuses them.
 
 _TCHARS = "!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
-_FRAMING = {"content-length", "transfer-encoding", "content-encoding", "connection", "upgrade"}
+_READ = {"content-length", "transfer-encoding", "content-encoding", "connection", "upgrade", "host"}
 _OWS = st.text(" \t", max_size=2)
 
 
@@ -331,7 +357,7 @@ def plain_heads(draw: st.DrawFn) -> tuple[bytes, tuple[bytes, int, bool, bool]]:
         (
             draw(
                 st.text(_TCHARS, min_size=1, max_size=12).filter(
-                    lambda n: n.lower() not in _FRAMING | {"expect"}
+                    lambda n: n.lower() not in _READ | {"expect"}
                 )
             ),
             draw(st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=20)),
@@ -341,6 +367,7 @@ def plain_heads(draw: st.DrawFn) -> tuple[bytes, tuple[bytes, int, bool, bool]]:
     fields.append(
         (draw(st.sampled_from(["Content-Length", "content-length", "CONTENT-length"])), str(length))
     )
+    fields.append((draw(st.sampled_from(["Host", "host"])), draw(st.sampled_from(["x", "h:1"]))))
     tokens = draw(
         st.lists(st.sampled_from(["close", "Close", "keep-alive", "Keep-Alive", "xclose", "te"]))
     )
@@ -400,6 +427,7 @@ def test_a_generated_head_with_one_flaw_is_refused(
                     b"Content-Encoding: gzip",
                     b"Upgrade: websocket",
                     b"Connection: upgrade",
+                    b"Host: y",
                 ]
             )
         )

@@ -288,10 +288,10 @@ _PLAIN_HEAD = re.compile(
     rb"POST (/(?:\?" + _QUERY + rb")?) HTTP/1\.([01])"
     rb"(?:\r\n" + _TOKEN + rb":[\t\x20-\x7e]*)*"
 )
-#: The fields that change how the head or body is read. Matched on a head that
+#: The fields the fast path reads or refuses. Matched on a head that
 #: :data:`_PLAIN_HEAD` passed, so every match is a whole field line.
-_FRAMING_FIELDS = re.compile(
-    rb"\r\n(content-length|transfer-encoding|content-encoding|connection|upgrade|expect):"
+_READ_FIELDS = re.compile(
+    rb"\r\n(content-length|transfer-encoding|content-encoding|connection|upgrade|expect|host):"
     rb"[ \t]*([^\r]*)",
     re.IGNORECASE,
 )
@@ -331,7 +331,8 @@ def parse_post_head(head: bytes) -> tuple[bytes, int, bool, bool] | None:
     this function fully understands passes, so the fast path never reads a
     head differently from aiohttp (or a proxy in front), which is how request
     smuggling starts: RFC 9112 syntax only (see :data:`_PLAIN_HEAD`), exactly
-    one ``Content-Length`` of digits, and no ``Transfer-Encoding``,
+    one ``Content-Length`` of digits, one ``Host`` (none is fine in
+    HTTP/1.0: RFC 9112 §3.2), and no ``Transfer-Encoding``,
     ``Content-Encoding`` (aiohttp would decompress the body) or ``Upgrade``.
 
     ``Connection`` is a token list: ``close`` closes, ``keep-alive`` keeps an
@@ -348,7 +349,8 @@ def parse_post_head(head: bytes) -> tuple[bytes, int, bool, bool] | None:
     length = -1
     expect_continue = False
     connection: set[bytes] = set()
-    for name, value in _FRAMING_FIELDS.findall(head):
+    hosts = 0
+    for name, value in _READ_FIELDS.findall(head):
         name = name.lower()
         value = value.rstrip(b" \t")
         if name == b"content-length":
@@ -363,9 +365,11 @@ def parse_post_head(head: bytes) -> tuple[bytes, int, bool, bool] | None:
             if value.lower() != b"100-continue":
                 return None
             expect_continue = True
+        elif name == b"host":
+            hosts += 1
         else:  # transfer-encoding, content-encoding, upgrade
             return None
-    if length < 0 or b"upgrade" in connection:
+    if length < 0 or hosts > 1 or (http11 and not hosts) or b"upgrade" in connection:
         return None
     close = b"close" in connection or not (http11 or b"keep-alive" in connection)
     return target, length, expect_continue, close
