@@ -234,11 +234,26 @@ PHORGE_HEAD = (
         (b"POST / HTTP/1.0\r\nContent-Length: 2\r\nExpect: 100-continue", (b"/", 2, False, True)),
         (b"POST / HTTP/1.0\r\nContent-Length: 2\r\nExpect: other", (b"/", 2, False, True)),
         (b"POST / HTTP/1.0\r\nHost: x\r\nContent-Length: 2", (b"/", 2, False, True)),
+        (
+            b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nContent-Type: a\r\nUser-Agent: b",
+            (b"/", 2, False, False),
+        ),
         # Anything else is aiohttp's to answer:
         # no Host in HTTP/1.1, or two (RFC 9112 §3.2),
         (b"POST / HTTP/1.1\r\nContent-Length: 2", None),
         (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nhost: y", None),
         (b"POST / HTTP/1.0\r\nHost: x\r\nContent-Length: 2\r\nHost: x", None),
+        # a singleton field twice (aiohttp refuses them), or one with no business here,
+        (
+            b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nContent-Type: a\r\ncontent-type: a",
+            None,
+        ),
+        (
+            b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nUser-Agent: a\r\nUser-Agent: b",
+            None,
+        ),
+        (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nETag: x", None),
+        (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nSec-WebSocket-Key1: x", None),
         (b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 2", None),
         (b"post / HTTP/1.1\r\nHost: x\r\nContent-Length: 2", None),
         (b"POST /status/ HTTP/1.1\r\nHost: x\r\nContent-Length: 2", None),

@@ -275,6 +275,10 @@ def query_instance(target: bytes) -> str:
     return ""
 
 
+#: aiohttp refuses a line over 8190 bytes and a head of more than 128 fields;
+#: the fast path leaves anything near those limits to it.
+MAX_PLAIN_HEAD = 8190
+MAX_PLAIN_FIELDS = 100
 #: What the fast path serves: ``POST /`` (with a query or not), HTTP/1.0 or 1.1,
 #: and field lines as RFC 9112 §5 writes them: a token, a colon right after it,
 #: a value of visible ASCII, spaces and tabs. That excludes whitespace before
@@ -284,21 +288,28 @@ def query_instance(target: bytes) -> str:
 _TOKEN = rb"[-!#$%&'*+.^_`|~0-9A-Za-z]+"
 _QUERY_CHARS = rb"[-A-Za-z0-9._~!$&'()*+,;=:@/?]*"
 _QUERY = _QUERY_CHARS + rb"(?:%[0-9A-Fa-f]{2}" + _QUERY_CHARS + rb")*"
+_FIELD_LINE = rb"\r\n" + _TOKEN + rb":[\t\x20-\x7e]*"
 _PLAIN_HEAD = re.compile(
-    rb"POST (/(?:\?" + _QUERY + rb")?) HTTP/1\.([01])"
-    rb"(?:\r\n" + _TOKEN + rb":[\t\x20-\x7e]*)*"
+    rb"POST (/(?:\?"
+    + _QUERY
+    + rb")?) HTTP/1\.([01])"
+    + rb"(?:"
+    + _FIELD_LINE
+    + rb"){0,"
+    + str(MAX_PLAIN_FIELDS).encode()
+    + rb"}"
 )
-#: The fields the fast path reads or refuses. Matched on a head that
+#: The fields the fast path reads or leaves to aiohttp. Matched on a head that
 #: :data:`_PLAIN_HEAD` passed, so every match is a whole field line.
 _READ_FIELDS = re.compile(
-    rb"\r\n(content-length|transfer-encoding|content-encoding|connection|upgrade|expect|host):"
+    rb"\r\n(content-(?:length|encoding|type|location|range)|transfer-encoding|connection"
+    rb"|upgrade|expect|host|user-agent|etag|max-forwards|server|sec-websocket-key1):"
     rb"[ \t]*([^\r]*)",
     re.IGNORECASE,
 )
-#: aiohttp refuses a line over 8190 bytes and a head of more than 128 fields;
-#: the fast path leaves anything near those limits to it.
-MAX_PLAIN_HEAD = 8190
-MAX_PLAIN_FIELDS = 100
+#: Fields a request may hold once (RFC 9110 singletons aiohttp checks) that
+#: Phorge and curl send; the other singletons have no business here.
+_ONCE = frozenset({b"host", b"content-type", b"user-agent"})
 #: Digits of a Content-Length the fast path reads (a petabyte): a longer one,
 #: which aiohttp may call an overflow, is aiohttp's to answer.
 _LENGTH_DIGITS = 15
@@ -332,16 +343,16 @@ def parse_post_head(head: bytes) -> tuple[bytes, int, bool, bool] | None:
     head differently from aiohttp (or a proxy in front), which is how request
     smuggling starts: RFC 9112 syntax only (see :data:`_PLAIN_HEAD`), exactly
     one ``Content-Length`` of digits, one ``Host`` (none is fine in
-    HTTP/1.0: RFC 9112 §3.2), and no ``Transfer-Encoding``,
-    ``Content-Encoding`` (aiohttp would decompress the body) or ``Upgrade``.
+    HTTP/1.0: RFC 9112 §3.2), at most one ``Content-Type`` and
+    ``User-Agent``, and no ``Transfer-Encoding``, ``Content-Encoding``
+    (aiohttp would decompress the body), ``Upgrade`` or other singleton
+    field that aiohttp refuses twice.
 
     ``Connection`` is a token list: ``close`` closes, ``keep-alive`` keeps an
     HTTP/1.0 connection open. ``Expect: 100-continue`` counts in HTTP/1.1
     only (RFC 9110 §10.1.1); another expectation is aiohttp's (417).
     """
-    if len(head) > MAX_PLAIN_HEAD or head.count(b"\r\n") > MAX_PLAIN_FIELDS:
-        return None
-    plain = _PLAIN_HEAD.fullmatch(head)
+    plain = _PLAIN_HEAD.fullmatch(head) if len(head) <= MAX_PLAIN_HEAD else None
     if plain is None:
         return None
     target, minor = plain.groups()
@@ -349,27 +360,29 @@ def parse_post_head(head: bytes) -> tuple[bytes, int, bool, bool] | None:
     length = -1
     expect_continue = False
     connection: set[bytes] = set()
-    hosts = 0
+    seen: set[bytes] = set()
     for name, value in _READ_FIELDS.findall(head):
         name = name.lower()
-        value = value.rstrip(b" \t")
         if name == b"content-length":
+            value = value.rstrip(b" \t")
             if length >= 0 or not value.isdigit() or len(value) > _LENGTH_DIGITS:
                 return None
             length = int(value)
+        elif name in _ONCE:
+            if name in seen:
+                return None
+            seen.add(name)
         elif name == b"connection":
             connection.update(token.strip(b" \t") for token in value.lower().split(b","))
         elif name == b"expect":
             if not http11:
                 continue
-            if value.lower() != b"100-continue":
+            if value.rstrip(b" \t").lower() != b"100-continue":
                 return None
             expect_continue = True
-        elif name == b"host":
-            hosts += 1
-        else:  # transfer-encoding, content-encoding, upgrade
+        else:  # transfer-encoding, content-encoding, upgrade, other singletons
             return None
-    if length < 0 or hosts > 1 or (http11 and not hosts) or b"upgrade" in connection:
+    if length < 0 or (http11 and b"host" not in seen) or b"upgrade" in connection:
         return None
     close = b"close" in connection or not (http11 or b"keep-alive" in connection)
     return target, length, expect_continue, close
