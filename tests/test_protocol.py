@@ -245,7 +245,8 @@ PHORGE_HEAD = (
         (b"POST / HTTP/1.0\r\nHost: x\r\nContent-Length: 2\r\nHost: x", None),
         # a singleton field twice (aiohttp refuses them), or one with no business here,
         (
-            b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nContent-Type: a\r\ncontent-type: a",
+            b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nContent-Type: a\r\n"
+            b"content-type: b",
             None,
         ),
         (
