@@ -11,7 +11,10 @@ An aiohttp application serves every route. In front of it,
 this path (request, stream and response objects, routing, a task), more than
 delivering a typical message to all of its ~45 sockets. Any other request
 (status, health, chunked bodies, anything unusual) hands the connection to
-aiohttp as it is, so every edge of HTTP keeps aiohttp's handling.
+aiohttp as it is, so every edge of HTTP keeps aiohttp's handling. The fast
+path takes only heads it fully understands, by RFC 9112's strict rules
+(:func:`~fastaphlict.protocol.parse_post_head`): where it and aiohttp, or a
+proxy in front, could read a head differently, requests can be smuggled.
 
 A body over the limit gets 413 on either path, then a lingering close: the
 rest of the body is read and dropped, within :data:`LINGER_BYTES` and
@@ -361,10 +364,12 @@ class AdminProtocol(asyncio.Protocol):
 
     The fast path reads requests that are exactly what Phorge sends: a
     request line ``POST /`` or ``POST /?query``, a ``Content-Length``, no
-    ``Transfer-Encoding``. It keeps connections alive, answers curl's
-    ``Expect: 100-continue`` and serves pipelined requests in order. The
-    first request it does not take hands the connection, with the bytes
-    already read, to an aiohttp handler for good.
+    ``Transfer-Encoding``, in strict RFC 9112 syntax. It keeps connections
+    alive, answers curl's ``Expect: 100-continue`` and serves pipelined
+    requests in order, reading no more while the client leaves its answers
+    unread (write back-pressure, as aiohttp). The first request it does not
+    take hands the connection, with the bytes already read, to an aiohttp
+    handler for good.
     """
 
     def __init__(
