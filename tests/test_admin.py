@@ -937,3 +937,53 @@ async def test_a_client_leaving_mid_body_logs_no_error(caplog: pytest.LogCapture
         await srv.status()
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info], caplog.text
     assert len([r for r in caplog.records if "ended early" in r.getMessage()]) == 30
+
+
+class _Backlogged:
+    """A transport whose client takes nothing: every answer stays in its buffer."""
+
+    def __init__(self) -> None:
+        self.buffered = 0
+        self.closed = self.aborted = False
+
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        return ("127.0.0.1", 5555) if name == "peername" else default
+
+    def write(self, data: bytes) -> None:
+        self.buffered += len(data)
+
+    def get_write_buffer_size(self) -> int:
+        return self.buffered
+
+    def is_closing(self) -> bool:
+        return self.closed or self.aborted
+
+    def close(self) -> None:
+        self.closed = True
+
+    def abort(self) -> None:
+        self.aborted = True
+
+
+async def test_answers_left_unread_are_no_activity(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A client posting now and then but taking no answer is aborted after the idle timeout.
+
+    Under the write buffer's high-water mark nothing pauses it: only counting
+    activity by what the client takes ends it. A close would wait for the
+    unread answers for good, so it is an abort.
+    """
+    from fastaphlict import admin
+    from fastaphlict.hub import Hub
+
+    monkeypatch.setattr(admin, "KEEPALIVE_TIMEOUT", scaled(0.5))
+    loop = asyncio.get_running_loop()
+    wire = _Backlogged()
+    conn = admin.AdminProtocol(Hub("FPFPFPFPFPFPFPFP"), lambda: None, set())  # type: ignore[arg-type, return-value]
+    conn.connection_made(wire)  # type: ignore[arg-type]
+    deadline = loop.time() + TIMEOUT
+    while not wire.aborted:
+        assert loop.time() < deadline, "posts whose answers nobody reads kept it alive"
+        conn.data_received(_post_bytes(b"{}"))
+        await asyncio.sleep(0.05)
+    assert not wire.closed and wire.buffered > 0
+    conn.connection_lost(None)
