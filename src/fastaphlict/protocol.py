@@ -288,17 +288,8 @@ MAX_PLAIN_FIELDS = 100
 _TOKEN = rb"[-!#$%&'*+.^_`|~0-9A-Za-z]+"
 _QUERY_CHARS = rb"[-A-Za-z0-9._~!$&'()*+,;=:@/?]*"
 _QUERY = _QUERY_CHARS + rb"(?:%[0-9A-Fa-f]{2}" + _QUERY_CHARS + rb")*"
-_FIELD_LINE = rb"\r\n" + _TOKEN + rb":[\t\x20-\x7e]*"
-_PLAIN_HEAD = re.compile(
-    rb"POST (/(?:\?"
-    + _QUERY
-    + rb")?) HTTP/1\.([01])"
-    + rb"(?:"
-    + _FIELD_LINE
-    + rb"){0,"
-    + str(MAX_PLAIN_FIELDS).encode()
-    + rb"}"
-)
+_FIELD_LINES = b"(?:%b){0,%d}" % (rb"\r\n" + _TOKEN + rb":[\t\x20-\x7e]*", MAX_PLAIN_FIELDS)
+_PLAIN_HEAD = re.compile(rb"POST (/(?:\?" + _QUERY + rb")?) HTTP/1\.([01])" + _FIELD_LINES)
 #: The fields the fast path reads or leaves to aiohttp. Matched on a head that
 #: :data:`_PLAIN_HEAD` passed, so every match is a whole field line.
 _READ_FIELDS = re.compile(
