@@ -425,7 +425,7 @@ def check_agreement(data: bytes, split: int, loop: asyncio.AbstractEventLoop) ->
 @settings(
     max_examples=600,
     deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+    suppress_health_check=[HealthCheck.too_slow],
 )
 @given(
     head=st.one_of(plain_heads(), smuggling_heads(), random_heads()),
