@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http.client
 import json
 import logging
 import socket
 import time
+from pathlib import Path
 
 import pytest
 
@@ -18,6 +20,7 @@ from support import (
     local_config,
     running,
     scaled,
+    spawned,
     throttles_a_minute_later,
 )
 
@@ -676,6 +679,16 @@ _ADMIN_REFUSALS = {
         b"413",
         "rejected post from",
     ),
+    "bad request (head the fast path left to aiohttp)": (
+        b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length : 2\r\n\r\n{}",
+        b"400",
+        "rejected request",
+    ),
+    "bad request (body aiohttp can't decode)": (
+        b"POST / HTTP/1.1\r\nHost: x\r\nContent-Encoding: gzip\r\nContent-Length: 4\r\n\r\nabcd",
+        b"400",
+        "rejected request",
+    ),
 }
 
 
@@ -849,3 +862,238 @@ async def test_lingering_drops_a_bounded_number_of_bytes(
         sent = await asyncio.to_thread(_send_until_refused, port, head, piece, most)
         assert sent is not None, f"the server read all {most} bytes"
         assert srv.hub.stats.posts_rejected == 1
+
+
+# -- strict heads, resets during the hand-off, HTTP/1.0 (issue 16) ----------
+
+
+#: Heads the old fast path answered 200 (and delivered) that HTTP refuses.
+_SMUGGLING_HEADS = [
+    b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length : 2\r\n\r\n{}",
+    b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length\x0b: 2\r\n\r\n{}",
+    b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n : 5\r\n\r\n{}",
+    b"POST / HTTP/1.1\r\nHost: x\r\nX: a\x00b\r\nContent-Length: 2\r\n\r\n{}",
+    b"POST / HTTP/1.1\r\nHost: x\r\n\x01: x\r\nContent-Length: 2\r\n\r\n{}",
+    b"POST / HTTP/1.1\r\nHost: x\r\n: x\r\nContent-Length: 2\r\n\r\n{}",
+    b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding\x00: chunked\r\nContent-Length: 2\r\n\r\n{}",
+]
+
+
+@pytest.mark.parametrize("request_bytes", _SMUGGLING_HEADS)
+async def test_a_head_http_refuses_is_400_and_delivers_nothing(request_bytes: bytes) -> None:
+    """aiohttp answers what the fast path does not fully understand (RFC 9112 §5)."""
+    async with running() as srv:
+        answer = await _raw_exchange(srv, request_bytes)
+        assert answer.split(b" ", 2)[1] == b"400", answer[:200]
+        assert srv.hub.stats.posts_rejected == 0 and (await srv.status())["messages.in"] == 0
+
+
+async def test_a_head_ending_in_bare_lfs_is_answered_without_waiting() -> None:
+    """aiohttp refuses it at once; the fast path must not sit waiting for CRLF CRLF."""
+    async with running() as srv:
+        answer = await _raw_exchange(srv, b"POST / HTTP/1.1\nHost: x\nContent-Length: 2\n\n{}")
+        assert answer.split(b" ", 2)[1] == b"400", answer[:200]
+
+
+async def test_http10_expect_100_continue_gets_no_interim_answer() -> None:
+    """RFC 9110 §10.1.1: an HTTP/1.0 client gets no 100; its body is read as it comes."""
+    async with running() as srv:
+        body = b'{"k":1}'
+        head = (
+            b"POST / HTTP/1.0\r\nHost: x\r\nExpect: 100-continue\r\n"
+            b"Content-Length: %d\r\n\r\n" % len(body)
+        )
+        answer = await _raw_exchange(srv, [head, body])
+        assert answer.startswith(b"HTTP/1.1 200 ") and b" 100 " not in answer, answer
+
+
+async def test_a_connection_value_containing_close_keeps_the_connection() -> None:
+    """``Connection: xclose`` is not ``close``: the second post is answered on the same socket."""
+    async with running() as srv:
+        first = _post_bytes(b'{"n":1}', extra=b"Connection: xclose\r\n")
+        second = _post_bytes(b'{"n":2}', extra=b"Connection: close\r\n")
+        answer = await _raw_exchange(srv, first + second)
+        assert answer.count(b"HTTP/1.1 200 ") == 2, answer
+
+
+async def test_a_reset_during_the_hand_off_logs_no_traceback(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """``[POST /][GET /status/]`` in one write, then a reset: 300 times, no traceback.
+
+    The answer to the post fails on the reset; the transport is closing from
+    then on, and handing it to aiohttp made aiohttp's task fail an assertion
+    ("Task exception was never retrieved") once connection_lost came.
+    """
+    import gc
+    import struct
+
+    caplog.set_level("INFO")
+    loop = asyncio.get_running_loop()
+    request = _post_bytes(b"{}") + b"GET /status/ HTTP/1.1\r\nHost: x\r\n\r\n"
+    linger = struct.pack("ii", 1, 0)
+    async with running() as srv:
+        port = srv.server.admin_ports[0]
+        for _ in range(300):
+            with socket.socket() as sock:
+                sock.setblocking(False)
+                await loop.sock_connect(sock, ("127.0.0.1", port))
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
+                await loop.sock_sendall(sock, request)
+        # The server still serves, and has seen every reset by now.
+        await srv.status()
+        for _ in range(3):
+            gc.collect()  # aiohttp's failed task is logged when collected
+            await asyncio.sleep(0.01)
+    problems = [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+    assert not problems, caplog.text[:3000]
+
+
+# -- a client that pipelines and never reads (write back-pressure) ----------
+
+
+_PIPELINED = _post_bytes(b"{}") * 1000
+
+
+def _rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+def _stuffed(port: int, most: int) -> tuple[socket.socket, int]:
+    """Pipeline ``POST /`` without reading until the sends stall (or ``most`` bytes went)."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    sock.connect(("127.0.0.1", port))
+    sock.settimeout(scaled(2.0))
+    sent = 0
+    try:
+        while sent < most:
+            sock.sendall(_PIPELINED)
+            sent += len(_PIPELINED)
+    except TimeoutError:
+        pass
+    return sock, sent
+
+
+def test_a_pipeliner_that_never_reads_stalls_instead_of_growing_the_server(
+    tmp_path: Path,
+) -> None:
+    """The server stops reading while its answers wait, as aiohttp does (issue 16).
+
+    Without that, 30 MiB of small posts sent by a client that never reads
+    grew the server by 50 MiB of buffered answers (90 MiB: +165 MiB). With
+    it, the client's sends stall once the kernel's buffers are full.
+    """
+    most = 30 * 2**20
+    with spawned(tmp_path / "server.log") as server:
+        server.wait_ready()
+        before = _rss_mib(server.pid)
+        sock, sent = _stuffed(server.admin_port, most)
+        with sock:
+            grown = _rss_mib(server.pid) - before
+            assert sent < most, f"the server read all {sent} bytes, and grew by {grown:.1f} MiB"
+            assert grown < 16, f"{grown:.1f} MiB more after {sent} bytes"
+
+
+async def test_a_pipeliner_that_never_reads_is_closed_after_the_idle_timeout(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Activity is what the client reads: answers piling up unread don't keep it open.
+
+    Answers wait in the write buffer, so closing would wait for good: the
+    connection is aborted instead.
+    """
+    import select
+
+    from fastaphlict import admin
+
+    monkeypatch.setattr(admin, "KEEPALIVE_TIMEOUT", scaled(1.0))
+    loop = asyncio.get_running_loop()
+    async with running() as srv:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        sock.setblocking(False)
+        with sock:
+            await loop.sock_connect(sock, ("127.0.0.1", srv.server.admin_ports[0]))
+            poller = select.poll()
+            poller.register(sock, select.POLLERR | select.POLLHUP | select.POLLRDHUP)
+            sent = 0
+            with contextlib.suppress(TimeoutError, ConnectionError):
+                while sent < 30 * 2**20:
+                    await asyncio.wait_for(loop.sock_sendall(sock, _PIPELINED), scaled(0.5))
+                    sent += len(_PIPELINED)
+            assert sent < 30 * 2**20, "the server never stopped reading"
+            await eventually(lambda: bool(poller.poll(0)), what="the server closing the connection")
+            assert srv.hub.stats.posts_rejected == 0
+
+
+async def test_a_client_leaving_mid_body_logs_no_error(caplog: pytest.LogCaptureFixture) -> None:
+    """aiohttp logs a traceback for each request whose body ends early; here it is a debug line."""
+    caplog.set_level("DEBUG", logger="fastaphlict")
+    head = b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nab"
+    async with running() as srv:
+        for _ in range(30):
+            reader, writer = await asyncio.open_connection("127.0.0.1", srv.server.admin_ports[0])
+            writer.write(head)
+            writer.write_eof()
+            assert await asyncio.wait_for(reader.read(), TIMEOUT) == b""
+            writer.close()
+        await srv.status()
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info], caplog.text
+    assert len([r for r in caplog.records if "ended early" in r.getMessage()]) == 30
+
+
+class _Backlogged:
+    """A transport whose client takes nothing: every answer stays in its buffer."""
+
+    def __init__(self) -> None:
+        self.buffered = 0
+        self.closed = self.aborted = False
+
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        return ("127.0.0.1", 5555) if name == "peername" else default
+
+    def write(self, data: bytes) -> None:
+        self.buffered += len(data)
+
+    def get_write_buffer_size(self) -> int:
+        return self.buffered
+
+    def is_closing(self) -> bool:
+        return self.closed or self.aborted
+
+    def close(self) -> None:
+        self.closed = True
+
+    def abort(self) -> None:
+        self.aborted = True
+
+
+async def test_answers_left_unread_are_no_activity(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A client posting now and then but taking no answer is aborted after the idle timeout.
+
+    Under the write buffer's high-water mark nothing pauses it: only counting
+    activity by what the client takes ends it. A close would wait for the
+    unread answers for good, so it is an abort.
+    """
+    from fastaphlict import admin
+    from fastaphlict.hub import Hub
+
+    monkeypatch.setattr(admin, "KEEPALIVE_TIMEOUT", scaled(0.5))
+    loop = asyncio.get_running_loop()
+    wire = _Backlogged()
+    conn = admin.AdminProtocol(Hub("FPFPFPFPFPFPFPFP"), lambda: None, set())  # type: ignore[arg-type, return-value]
+    conn.connection_made(wire)  # type: ignore[arg-type]
+    deadline = loop.time() + TIMEOUT
+    while not wire.aborted:
+        assert loop.time() < deadline, "posts whose answers nobody reads kept it alive"
+        conn.data_received(_post_bytes(b"{}"))
+        await asyncio.sleep(0.05)
+    assert not wire.closed and wire.buffered > 0
+    conn.connection_lost(None)

@@ -10,6 +10,8 @@ import asyncio
 
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fastaphlict.admin import AdminProtocol
 from fastaphlict.hub import Hub
@@ -17,6 +19,7 @@ from fastaphlict.protocol import (
     HISTORY_TTL_MS,
     MAX_DEPTH,
     NestingTooDeep,
+    could_be_plain_head,
     dumps,
     instance_from_path,
     loads,
@@ -175,31 +178,278 @@ PHORGE_HEAD = (
     ("head", "parsed"),
     [
         (PHORGE_HEAD, (b"/?instance=acme", 42, False, False)),
-        (b"POST / HTTP/1.1\r\nContent-Length: 0", (b"/", 0, False, False)),
+        (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 0", (b"/", 0, False, False)),
         (b"POST / HTTP/1.0\r\nContent-Length: 2", (b"/", 2, False, True)),
         (
             b"POST / HTTP/1.0\r\nContent-Length: 2\r\nConnection: keep-alive",
             (b"/", 2, False, False),
         ),
-        (b"POST / HTTP/1.1\r\nContent-Length: 2\r\nConnection: close", (b"/", 2, False, True)),
-        (b"POST / HTTP/1.1\r\ncontent-length:  7 \r\nExpect: 100-continue", (b"/", 7, True, False)),
+        (
+            b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nConnection: close",
+            (b"/", 2, False, True),
+        ),
+        (
+            b"POST / HTTP/1.1\r\nHost: x\r\ncontent-length:  7 \r\nExpect: 100-continue",
+            (b"/", 7, True, False),
+        ),
+        (
+            b"POST / HTTP/1.1\r\nHost: x\r\nCONTENT-LENGTH:\t7\t\r\nEXPECT: 100-Continue",
+            (b"/", 7, True, False),
+        ),
+        (
+            b"POST /?a=%C3%A9&b=1:2@x/?y HTTP/1.1\r\nHost: x\r\nContent-Length: 1",
+            (b"/?a=%C3%A9&b=1:2@x/?y", 1, False, False),
+        ),
+        (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 007", (b"/", 7, False, False)),
+        (
+            b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nX-Empty:\r\nX-Tab: a\tb",
+            (b"/", 2, False, False),
+        ),
+        # Connection is a token list: a value that merely contains "close" is not close.
+        (
+            b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nConnection: xclose",
+            (b"/", 2, False, False),
+        ),
+        (
+            b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nConnection: close-ish",
+            (b"/", 2, False, False),
+        ),
+        (
+            b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nConnection: foo, Close",
+            (b"/", 2, False, True),
+        ),
+        (
+            b"POST / HTTP/1.0\r\nContent-Length: 2\r\nConnection: keep-alives",
+            (b"/", 2, False, True),
+        ),
+        (
+            b"POST / HTTP/1.0\r\nContent-Length: 2\r\nConnection: Keep-Alive ,x",
+            (b"/", 2, False, False),
+        ),
+        (
+            b"POST / HTTP/1.0\r\nContent-Length: 2\r\nConnection: close\r\nConnection: keep-alive",
+            (b"/", 2, False, True),
+        ),
+        # HTTP/1.0 knows no 100-continue: the expectation is ignored (RFC 9110 §10.1.1).
+        (b"POST / HTTP/1.0\r\nContent-Length: 2\r\nExpect: 100-continue", (b"/", 2, False, True)),
+        (b"POST / HTTP/1.0\r\nContent-Length: 2\r\nExpect: other", (b"/", 2, False, True)),
+        (b"POST / HTTP/1.0\r\nHost: x\r\nContent-Length: 2", (b"/", 2, False, True)),
+        (
+            b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nContent-Type: a\r\nUser-Agent: b",
+            (b"/", 2, False, False),
+        ),
         # Anything else is aiohttp's to answer:
-        (b"GET / HTTP/1.1\r\nContent-Length: 2", None),
-        (b"POST /status/ HTTP/1.1\r\nContent-Length: 2", None),
-        (b"POST /x?instance=a HTTP/1.1\r\nContent-Length: 2", None),
+        # no Host in HTTP/1.1, or two (RFC 9112 §3.2),
+        (b"POST / HTTP/1.1\r\nContent-Length: 2", None),
+        (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nhost: y", None),
+        (b"POST / HTTP/1.0\r\nHost: x\r\nContent-Length: 2\r\nHost: x", None),
+        # a singleton field twice (aiohttp refuses them), or one with no business here,
+        (
+            b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nContent-Type: a\r\n"
+            b"content-type: b",
+            None,
+        ),
+        (
+            b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nUser-Agent: a\r\nUser-Agent: b",
+            None,
+        ),
+        (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nETag: x", None),
+        (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nSec-WebSocket-Key1: x", None),
+        (b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 2", None),
+        (b"post / HTTP/1.1\r\nHost: x\r\nContent-Length: 2", None),
+        (b"POST /status/ HTTP/1.1\r\nHost: x\r\nContent-Length: 2", None),
+        (b"POST /x?instance=a HTTP/1.1\r\nHost: x\r\nContent-Length: 2", None),
+        (b"POST http://x/ HTTP/1.1\r\nHost: x\r\nContent-Length: 2", None),
+        (b"POST /#f HTTP/1.1\r\nHost: x\r\nContent-Length: 2", None),
         (b"POST / HTTP/2\r\nContent-Length: 2", None),
-        (b"POST  / HTTP/1.1\r\nContent-Length: 2", None),
+        (b"POST / HTTP/1.2\r\nContent-Length: 2", None),
+        (b"POST / http/1.1\r\nContent-Length: 2", None),
+        (b"POST  / HTTP/1.1\r\nHost: x\r\nContent-Length: 2", None),
+        (b"POST / HTTP/1.1 \r\nContent-Length: 2", None),
+        (b"POST\t/ HTTP/1.1\r\nHost: x\r\nContent-Length: 2", None),
         (b"POST / HTTP/1.1", None),
-        (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked", None),
-        (b"POST / HTTP/1.1\r\nContent-Length: 2\r\nContent-Length: 2", None),
-        (b"POST / HTTP/1.1\r\nContent-Length: -2", None),
-        (b"POST / HTTP/1.1\r\nContent-Length: 0x2", None),
-        (b"POST / HTTP/1.1\r\nContent-Length: 2\r\nExpect: something", None),
-        (b"POST / HTTP/1.1\r\nContent-Length: 2\r\nno colon", None),
+        (b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked", None),
+        (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nTransfer-Encoding: chunked", None),
+        (b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: identity\r\nContent-Length: 2", None),
+        (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nContent-Encoding: gzip", None),
+        (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nUpgrade: h2c", None),
+        (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nConnection: Upgrade", None),
+        (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nContent-Length: 2", None),
+        (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2, 2", None),
+        (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: -2", None),
+        (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: +2", None),
+        (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 0x2", None),
+        (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1 2", None),
+        (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length:", None),
+        (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1234567890123456", None),
+        (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: \xd9\xa2", None),
+        (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nExpect: something", None),
+        (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nno colon", None),
+        # The shapes that got 200 from the old fast path and 400 from aiohttp (issue 16):
+        # an obs-folded Content-Length, and obs-fold anywhere,
+        (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length:\r\n 2", None),
+        (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n : 5", None),
+        (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\tX: y", None),
+        (b"POST / HTTP/1.1\r\nHost: x\r\nX: a\r\n\tb\r\nContent-Length: 2", None),
+        # whitespace (or a vertical tab) before the colon,
+        (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length : 2", None),
+        (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length\t: 2", None),
+        (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length\x0b: 2", None),
+        (b"POST / HTTP/1.1\r\nHost: x\r\n Content-Length: 2", None),
+        # a bare LF or bare CR hiding a Transfer-Encoding line,
+        (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\nTransfer-Encoding: chunked", None),
+        (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\rTransfer-Encoding: chunked", None),
+        (
+            b"POST / HTTP/1.1\r\nHost: x\r\nX: a\nTransfer-Encoding: chunked\r\nContent-Length: 2",
+            None,
+        ),
+        (b"POST / HTTP/1.1\nContent-Length: 2", None),
+        # a NUL, another control or a byte past ASCII in a value,
+        (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nX: a\x00b", None),
+        (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\x00", None),
+        (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nX: a\x7fb", None),
+        (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nX: a\x1bb", None),
+        (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nX: caf\xc3\xa9", None),
+        # a control character or nothing as a field name,
+        (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\x01: x", None),
+        (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n: x", None),
+        (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nX\x00Y: x", None),
+        (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nX(Y: x", None),
+        # and a NUL after a name.
+        (
+            b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nTransfer-Encoding\x00: chunked",
+            None,
+        ),
+        # A target outside RFC 3986 (a space, a quote, a bad escape, a control):
+        (b"POST /?a b HTTP/1.1\r\nHost: x\r\nContent-Length: 2", None),
+        (b'POST /?a"b HTTP/1.1\r\nHost: x\r\nContent-Length: 2', None),
+        (b"POST /?a=%zz HTTP/1.1\r\nHost: x\r\nContent-Length: 2", None),
+        (b"POST /?a=%C HTTP/1.1\r\nHost: x\r\nContent-Length: 2", None),
+        (b"POST /?a\x7f HTTP/1.1\r\nHost: x\r\nContent-Length: 2", None),
+        (b"POST /?\xc3\xa9 HTTP/1.1\r\nHost: x\r\nContent-Length: 2", None),
+        # Near aiohttp's limits (a line of 8190 bytes, 128 fields):
+        (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nX: " + b"a" * 8200, None),
+        (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2" + b"\r\nX: a" * 101, None),
     ],
 )
 def test_parse_post_head(head: bytes, parsed: tuple[bytes, int, bool, bool] | None) -> None:
     assert parse_post_head(head) == parsed
+    if parsed is not None:
+        assert could_be_plain_head(head) and could_be_plain_head(head[: len(head) // 2])
+
+
+@pytest.mark.parametrize(
+    "start",
+    [
+        b"G",
+        b"GET / HTTP/1.1\r\n",
+        b"POST / HTTP/1.1\nContent-Length: 2\n\n{}",
+        b"POST / HTTP/1.1\r\nContent-Length: 2\rX",
+        b"POST / HTTP/1.1\r\nX: \x00",
+        b"POST / HTTP/1.1\r\nX: " + b"a" * 8200,
+    ],
+)
+def test_a_head_that_cannot_become_plain_is_known_before_it_ends(start: bytes) -> None:
+    """aiohttp answers these at once: the fast path must not wait for a CRLF CRLF."""
+    assert not could_be_plain_head(start)
+    assert could_be_plain_head(b"POST / HTTP/1.1\r\nContent-Length: 2\r")
+
+
+# Generated heads: the plain ones are read as written; one flaw anywhere refuses them.
+
+_TCHARS = "!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+_READ = {"content-length", "transfer-encoding", "content-encoding", "connection", "upgrade", "host"}
+_OWS = st.text(" \t", max_size=2)
+
+
+@st.composite
+def plain_heads(draw: st.DrawFn) -> tuple[bytes, tuple[bytes, int, bool, bool]]:
+    """A head RFC 9112 allows and the fast path serves, and how it must be read."""
+    query = draw(st.lists(st.sampled_from(["a", "Z", "9", "=", "&", "%C3%A9", "%2f", "~", ":"])))
+    target = "/" + ("?" + "".join(query) if draw(st.booleans()) else "")
+    http11 = draw(st.booleans())
+    length = draw(st.integers(0, 10**9))
+    fields = [
+        (
+            draw(
+                st.text(_TCHARS, min_size=1, max_size=12).filter(
+                    lambda n: n.lower() not in _READ | {"expect"}
+                )
+            ),
+            draw(st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=20)),
+        )
+        for _ in range(draw(st.integers(0, 6)))
+    ]
+    fields.append(
+        (draw(st.sampled_from(["Content-Length", "content-length", "CONTENT-length"])), str(length))
+    )
+    fields.append((draw(st.sampled_from(["Host", "host"])), draw(st.sampled_from(["x", "h:1"]))))
+    tokens = draw(
+        st.lists(st.sampled_from(["close", "Close", "keep-alive", "Keep-Alive", "xclose", "te"]))
+    )
+    if tokens:
+        fields.append(("Connection", ", ".join(tokens)))
+    expect = draw(st.booleans())
+    if expect:
+        fields.append(("Expect", "100-continue"))
+    fields = draw(st.permutations(fields))
+    lines = [f"POST {target} HTTP/1.{int(http11)}"]
+    lines += [f"{name}:{draw(_OWS)}{value.strip(' ')}{draw(_OWS)}" for name, value in fields]
+    lowered = {token.lower() for token in tokens}
+    close = "close" in lowered or not (http11 or "keep-alive" in lowered)
+    head = "\r\n".join(lines).encode()
+    return head, (target.encode(), length, expect and http11, close)
+
+
+@given(plain_heads())
+@settings(max_examples=300)
+def test_generated_plain_heads_are_read_as_written(
+    case: tuple[bytes, tuple[bytes, int, bool, bool]],
+) -> None:
+    head, parsed = case
+    assert parse_post_head(head) == parsed
+    assert all(could_be_plain_head(head[:end]) for end in range(0, len(head), 7))
+
+
+#: One flaw each: what RFC 9112 forbids or the fast path leaves to aiohttp.
+_FLAWS = [b"\r", b"\n", b"\x00", b"\x0b", b"\x7f", b"\x80", b"\xff", b"\x1b"]
+
+
+@given(plain_heads(), st.data())
+@settings(max_examples=300)
+def test_a_generated_head_with_one_flaw_is_refused(
+    case: tuple[bytes, tuple[bytes, int, bool, bool]], data: st.DataObject
+) -> None:
+    head = case[0]
+    lines = head.split(b"\r\n")
+    kind = data.draw(st.sampled_from(["byte", "space before colon", "obs-fold", "framing"]))
+    if kind == "byte":
+        at = data.draw(st.integers(0, len(head)))
+        flawed = head[:at] + data.draw(st.sampled_from(_FLAWS)) + head[at:]
+    elif kind == "space before colon":
+        line = data.draw(st.integers(1, len(lines) - 1))
+        lines[line] = lines[line].replace(b":", data.draw(st.sampled_from([b" :", b"\t:"])), 1)
+        flawed = b"\r\n".join(lines)
+    elif kind == "obs-fold":
+        line = data.draw(st.integers(1, len(lines) - 1))
+        lines.insert(line + 1, data.draw(st.sampled_from([b" ", b"\t"])) + b"x")
+        flawed = b"\r\n".join(lines)
+    else:
+        extra = data.draw(
+            st.sampled_from(
+                [
+                    b"Transfer-Encoding: chunked",
+                    b"Content-Length: 5",
+                    b"Content-Encoding: gzip",
+                    b"Upgrade: websocket",
+                    b"Connection: upgrade",
+                    b"Host: y",
+                ]
+            )
+        )
+        lines.insert(data.draw(st.integers(1, len(lines))), extra)
+        flawed = b"\r\n".join(lines)
+    assert parse_post_head(flawed) is None, flawed
 
 
 @pytest.mark.parametrize(
@@ -235,6 +485,12 @@ class _Wire:
 
     def close(self) -> None:
         self.closed = True
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def get_write_buffer_size(self) -> int:
+        return 0
 
 
 def _serve(chunks: list[bytes]) -> tuple[bytes, list[bytes]]:
@@ -306,4 +562,4 @@ def test_the_rules_module_does_no_io() -> None:
         for node in ast.walk(tree)
         if isinstance(node, ast.ImportFrom) and node.module
     }
-    assert imported <= {"__future__", "json", "math", "typing", "urllib", "orjson"}, imported
+    assert imported <= {"__future__", "json", "math", "re", "typing", "urllib", "orjson"}, imported

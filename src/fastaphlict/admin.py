@@ -11,7 +11,10 @@ An aiohttp application serves every route. In front of it,
 this path (request, stream and response objects, routing, a task), more than
 delivering a typical message to all of its ~45 sockets. Any other request
 (status, health, chunked bodies, anything unusual) hands the connection to
-aiohttp as it is, so every edge of HTTP keeps aiohttp's handling.
+aiohttp as it is, so every edge of HTTP keeps aiohttp's handling. The fast
+path takes only heads it fully understands, by RFC 9112's strict rules
+(:func:`~fastaphlict.protocol.parse_post_head`): where it and aiohttp, or a
+proxy in front, could read a head differently, requests can be smuggled.
 
 A body over the limit gets 413 on either path, then a lingering close: the
 rest of the body is read and dropped, within :data:`LINGER_BYTES` and
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import Callable
 from ipaddress import IPv4Network, IPv6Address, IPv6Network, ip_address
 from typing import TYPE_CHECKING, Any
@@ -40,6 +44,7 @@ from fastaphlict.protocol import (
     DEFAULT_INSTANCE,
     MAX_DEPTH,
     NestingTooDeep,
+    could_be_plain_head,
     dumps,
     loads,
     parse_post_head,
@@ -182,6 +187,12 @@ async def handle_root(request: web.Request) -> web.StreamResponse:
                 "rejected post over %d bytes from %s", request.client_max_size, request.remote
             )
         return await _too_large(request)
+    except web.RequestPayloadError as exc:
+        # A body aiohttp could not read (a bad chunk, a bad Content-Encoding):
+        # the client's doing, answered 400 rather than aiohttp's 500.
+        if throttles["bad request"].allow():
+            log.info("rejected request from %s: %s", request.remote, _reason(exc))
+        return await _refused_body(request)
     status, answer = accept_post(hub, _instance(request), body, request.remote, throttles)
     if status != 200:
         return web.Response(status=status, body=answer, content_type="text/plain")
@@ -214,6 +225,16 @@ async def _too_large(request: web.Request) -> web.StreamResponse:
     if not content.is_eof():
         # Over either bound: close now, not after aiohttp's own lingering.
         request.protocol.force_close()
+    return response
+
+
+async def _refused_body(request: web.Request) -> web.StreamResponse:
+    """Answer 400 and close: the rest of a body that failed can't be read, nor lingered on."""
+    response = _text(400, "bad request body")
+    response.force_close()
+    await response.prepare(request)
+    await response.write_eof()
+    request.protocol.force_close()
     return response
 
 
@@ -258,13 +279,27 @@ def make_app(
     return app
 
 
+def _reason(exc: BaseException) -> str:
+    """The first line of why aiohttp refused a request, without its ``400, message:``."""
+    text = str(exc.message) if isinstance(exc, HttpProcessingError) else str(exc)
+    lines = [line.strip() for line in text.splitlines()]
+    lines = [line for line in lines if line and not _STATUS_PREFIX.fullmatch(line)]
+    return lines[0][:200].rstrip(":") if lines else "malformed"
+
+
+_STATUS_PREFIX = re.compile(r"\d{3}, message:")
+
+
 class AiohttpLog(logging.LoggerAdapter):  # type: ignore[type-arg]
     """aiohttp's server logger, with a client's malformed requests kept within a budget.
 
-    aiohttp logs every request it can't parse at ERROR with a traceback, a
-    line a client gets for each bad request it sends. Those become one short
-    info line on ``fastaphlict.admin``, within the ``bad request`` budget;
-    anything else (a handler that raised) is logged by aiohttp as before.
+    aiohttp logs at ERROR, with a traceback, every request it can't parse, a
+    body it can't read (a bad chunk or ``Content-Encoding``, seen both by the
+    handler and by aiohttp's lingering read after it) and a client that left
+    mid-body: lines a client gets for each bad request it sends. The first
+    two become one short info line on ``fastaphlict.admin``, within the
+    ``bad request`` budget; a client gone is a debug line. Anything else (a
+    handler that raised) is logged by aiohttp as before.
     """
 
     def __init__(self, logger: logging.Logger, throttle: Throttle) -> None:
@@ -273,16 +308,18 @@ class AiohttpLog(logging.LoggerAdapter):  # type: ignore[type-arg]
 
     def log(self, level: int, msg: object, *args: Any, **kwargs: Any) -> None:
         exc = kwargs.get("exc_info")
-        if level >= logging.ERROR and isinstance(exc, HttpProcessingError):
-            if self._throttle.allow():
-                reason = str(exc.message).strip().splitlines()[0][:200] if exc.message else ""
-                log.info(
-                    "rejected request from %s: %s",
-                    args[0] if args else "unknown",
-                    reason.rstrip(":") or "malformed",
-                )
+        if level >= logging.ERROR and isinstance(exc, _CLIENT_FAULTS):
+            remote = args[0] if args else "unknown"
+            if isinstance(exc, ConnectionError):
+                log.debug("request from %s ended early: %s", remote, exc)
+            elif self._throttle.allow():
+                log.info("rejected request from %s: %s", remote, _reason(exc))
             return
         super().log(level, msg, *args, **kwargs)
+
+
+#: What a client causes: a head or body aiohttp refuses, or leaving mid-request.
+_CLIENT_FAULTS = (HttpProcessingError, web.RequestPayloadError, ConnectionError)
 
 
 _REASONS = {
@@ -348,10 +385,12 @@ class AdminProtocol(asyncio.Protocol):
 
     The fast path reads requests that are exactly what Phorge sends: a
     request line ``POST /`` or ``POST /?query``, a ``Content-Length``, no
-    ``Transfer-Encoding``. It keeps connections alive, answers curl's
-    ``Expect: 100-continue`` and serves pipelined requests in order. The
-    first request it does not take hands the connection, with the bytes
-    already read, to an aiohttp handler for good.
+    ``Transfer-Encoding``, in strict RFC 9112 syntax. It keeps connections
+    alive, answers curl's ``Expect: 100-continue`` and serves pipelined
+    requests in order, reading no more while the client leaves its answers
+    unread (write back-pressure, as aiohttp). The first request it does not
+    take hands the connection, with the bytes already read, to an aiohttp
+    handler for good.
     """
 
     def __init__(
@@ -380,6 +419,7 @@ class AdminProtocol(asyncio.Protocol):
         self._remote: object = None
         self._discard = 0  # body bytes still to drop after a 413 (lingering close)
         self._linger: asyncio.TimerHandle | None = None
+        self._paused = False  # the client isn't reading: neither is this side
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]
@@ -410,6 +450,16 @@ class AdminProtocol(asyncio.Protocol):
         if self._transport is not None:
             self._transport.close()
 
+    def _give_up(self) -> None:
+        """Close; abort instead if answers wait unread, which would hold the close open."""
+        transport = self._transport
+        if transport is None:
+            return
+        if transport.get_write_buffer_size():
+            transport.abort()
+        else:
+            transport.close()
+
     def _arm_idle(self) -> None:
         # One timer per connection, re-armed lazily when it fires: requests
         # only stamp _active_at, so a busy connection costs no timer churn.
@@ -419,20 +469,46 @@ class AdminProtocol(asyncio.Protocol):
     def _on_idle(self) -> None:
         deadline = self._active_at + KEEPALIVE_TIMEOUT
         if self._loop.time() >= deadline:
-            self.close()
+            self._give_up()
         else:
             self._idle = self._loop.call_at(deadline, self._on_idle)
+
+    def pause_writing(self) -> None:
+        # The client isn't reading its answers: stop reading its requests, as
+        # aiohttp does, so a pipeliner that never reads can't grow the write
+        # buffer (and the server) without bound. The kernel's buffers then
+        # push back on its sends.
+        self._paused = True
+        if self._transport is not None:
+            self._transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self._paused = False
+        if self._transport is None or self._transport.is_closing():
+            return
+        self._active_at = self._loop.time()  # the client read its answers
+        self._transport.resume_reading()
+        self._serve()  # requests read before the pause
 
     def data_received(self, data: bytes) -> None:
         if self._discard:
             self._drop(len(data))
             return
+        self._buffer += data
+        self._serve()
+
+    def _serve(self) -> None:
+        """Answer the complete requests in the buffer, in order, while the client reads."""
         buffer = self._buffer
-        buffer += data
-        while self._transport is not None and buffer:
+        while buffer and not self._paused:
+            transport = self._transport
+            # A failed write (a reset) leaves the transport closing until
+            # connection_lost runs: nothing more is answered or handed off.
+            if transport is None or transport.is_closing():
+                return
             end = buffer.find(b"\r\n\r\n", 0, MAX_HEAD_SIZE)
             if end < 0:
-                if len(buffer) >= MAX_HEAD_SIZE:
+                if len(buffer) >= MAX_HEAD_SIZE or not could_be_plain_head(buffer):
                     self._hand_off()
                 return
             parsed = parse_post_head(bytes(buffer[:end]))
@@ -449,13 +525,13 @@ class AdminProtocol(asyncio.Protocol):
                         self._max_body,
                         format_address(self._remote),
                     )
-                self._transport.write(_response(413, b"request body too large\n", close=True))
+                transport.write(_response(413, b"request body too large\n", close=True))
                 self._linger_close(length - (len(buffer) - start))
                 return
             if len(buffer) - start < length:
                 if expect_continue and not self._continued:
                     self._continued = True
-                    self._transport.write(_CONTINUE)
+                    transport.write(_CONTINUE)
                 return
             body = bytes(buffer[start : start + length])
             del buffer[: start + length]
@@ -469,14 +545,17 @@ class AdminProtocol(asyncio.Protocol):
                 # 500 and close, rather than let the loop drop the connection
                 # with no answer at all.
                 log.exception("post from %s failed", format_address(self._remote))
-                self._transport.write(_response(500, b"internal error\n", close=True))
-                self._transport.close()
+                transport.write(_response(500, b"internal error\n", close=True))
+                transport.close()
                 return
-            self._transport.write(_response(status, answer, close=close))
+            transport.write(_response(status, answer, close=close))
             if close:
-                self._transport.close()
+                transport.close()
                 return
-            self._active_at = self._loop.time()
+            if not transport.get_write_buffer_size():
+                # Activity is what the client takes: answers piling up in the
+                # buffer don't keep a connection that never reads alive.
+                self._active_at = self._loop.time()
 
     def _linger_close(self, unread: int) -> None:
         """Close after the 413 once the body's ``unread`` bytes are dropped (or bounds pass).
@@ -493,7 +572,7 @@ class AdminProtocol(asyncio.Protocol):
             return
         if transport.can_write_eof():  # TLS can't half-close: the client reads by length
             transport.write_eof()
-        self._linger = self._loop.call_later(LINGER_TIME, self.close)
+        self._linger = self._loop.call_later(LINGER_TIME, self._give_up)
 
     def _drop(self, size: int) -> None:
         self._discard = max(0, self._discard - size)
@@ -503,7 +582,7 @@ class AdminProtocol(asyncio.Protocol):
     def _hand_off(self) -> None:
         """Give this connection, and what it sent so far, to aiohttp for good."""
         transport = self._transport
-        if transport is None:
+        if transport is None or transport.is_closing():
             return
         self._connections.discard(self)
         if self._idle is not None:

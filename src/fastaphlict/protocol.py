@@ -9,7 +9,8 @@ Everything here is a function of its arguments, tested from tables of bytes
   instance named by a WebSocket path (:func:`instance_from_path`);
 * the replay window of a ``replay`` command (:func:`replay_age`);
 * the head of the one admin request the fast path serves, Phorge's plain
-  ``POST /`` (:func:`parse_post_head`, :func:`query_instance`).
+  ``POST /``, by RFC 9112's strict rules (:func:`parse_post_head`,
+  :func:`could_be_plain_head`, :func:`query_instance`).
 
 Spec: ``aphlict-protocol.md`` §1 (admin), §2 (client), §4 (history).
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -30,9 +32,12 @@ __all__ = [
     "HISTORY_LIMIT",
     "HISTORY_TTL_MS",
     "MAX_DEPTH",
+    "MAX_PLAIN_FIELDS",
+    "MAX_PLAIN_HEAD",
     "PING_COMMAND",
     "PONG",
     "NestingTooDeep",
+    "could_be_plain_head",
     "dumps",
     "instance_from_path",
     "loads",
@@ -270,48 +275,105 @@ def query_instance(target: bytes) -> str:
     return ""
 
 
+#: aiohttp refuses a line over 8190 bytes and a head of more than 128 fields;
+#: the fast path leaves anything near those limits to it.
+MAX_PLAIN_HEAD = 8190
+MAX_PLAIN_FIELDS = 100
+#: What the fast path serves: ``POST /`` (with a query or not), HTTP/1.0 or 1.1,
+#: and field lines as RFC 9112 §5 writes them: a token, a colon right after it,
+#: a value of visible ASCII, spaces and tabs. That excludes whitespace before
+#: the colon, obs-fold, bare CR or LF, NUL and other controls anywhere, and
+#: bytes past ASCII. The query is RFC 3986's: unreserved, sub-delims, ``:@/?``
+#: and well-formed %-escapes.
+_TOKEN = rb"[-!#$%&'*+.^_`|~0-9A-Za-z]+"
+_QUERY_CHARS = rb"[-A-Za-z0-9._~!$&'()*+,;=:@/?]*"
+_QUERY = _QUERY_CHARS + rb"(?:%[0-9A-Fa-f]{2}" + _QUERY_CHARS + rb")*"
+_FIELD_LINES = b"(?:%b){0,%d}" % (rb"\r\n" + _TOKEN + rb":[\t\x20-\x7e]*", MAX_PLAIN_FIELDS)
+_PLAIN_HEAD = re.compile(rb"POST (/(?:\?" + _QUERY + rb")?) HTTP/1\.([01])" + _FIELD_LINES)
+#: The fields the fast path reads or leaves to aiohttp. Matched on a head that
+#: :data:`_PLAIN_HEAD` passed, so every match is a whole field line.
+_READ_FIELDS = re.compile(
+    rb"\r\n(content-(?:length|encoding|type|location|range)|transfer-encoding|connection"
+    rb"|upgrade|expect|host|user-agent|etag|max-forwards|server|sec-websocket-key1):"
+    rb"[ \t]*([^\r]*)",
+    re.IGNORECASE,
+)
+#: Fields a request may hold once (RFC 9110 singletons aiohttp checks) that
+#: Phorge and curl send; the other singletons have no business here.
+_ONCE = frozenset({b"host", b"content-type", b"user-agent"})
+#: Digits of a Content-Length the fast path reads (a petabyte): a longer one,
+#: which aiohttp may call an overflow, is aiohttp's to answer.
+_LENGTH_DIGITS = 15
+
+
+#: A byte no plain head holds, a CR without its LF, or an LF without its CR.
+_NOT_PLAIN = re.compile(rb"[^\t\r\n\x20-\x7e]|\r[^\n]|(?<!\r)\n")
+
+
+def could_be_plain_head(start: bytes | bytearray) -> bool:
+    """Whether ``start``, a head still incomplete, may yet be one :func:`parse_post_head` takes.
+
+    The fast path hands anything else to aiohttp at once, so a head that
+    ends in bare LFs, say, is answered now, as aiohttp answers it, rather
+    than waiting for a CRLF CRLF that never comes.
+    """
+    return (
+        len(start) <= MAX_PLAIN_HEAD + 4
+        and b"POST /".startswith(start[:6])
+        and _NOT_PLAIN.search(start) is None
+    )
+
+
 def parse_post_head(head: bytes) -> tuple[bytes, int, bool, bool] | None:
     """``(target, content length, expects 100-continue, close after)``, or None.
 
-    None means "not the plain post this path serves": aiohttp takes over.
+    ``head`` runs from the request line to the last field line, without the
+    blank line. None means "not the plain post this path serves": aiohttp
+    takes over, and answers as it would without the fast path. Only what
+    this function fully understands passes, so the fast path never reads a
+    head differently from aiohttp (or a proxy in front), which is how request
+    smuggling starts: RFC 9112 syntax only (see :data:`_PLAIN_HEAD`), exactly
+    one ``Content-Length`` of digits, one ``Host`` (none is fine in
+    HTTP/1.0: RFC 9112 §3.2), at most one ``Content-Type`` and
+    ``User-Agent``, and no ``Transfer-Encoding``, ``Content-Encoding``
+    (aiohttp would decompress the body), ``Upgrade`` or other singleton
+    field that aiohttp refuses twice.
+
+    ``Connection`` is a token list: ``close`` closes, ``keep-alive`` keeps an
+    HTTP/1.0 connection open. ``Expect: 100-continue`` counts in HTTP/1.1
+    only (RFC 9110 §10.1.1); another expectation is aiohttp's (417).
     """
-    lines = head.split(b"\r\n")
-    parts = lines[0].split(b" ")
-    if len(parts) != 3 or parts[0] != b"POST":
+    plain = _PLAIN_HEAD.fullmatch(head) if len(head) <= MAX_PLAIN_HEAD else None
+    if plain is None:
         return None
-    target, version = parts[1], parts[2]
-    if not (target == b"/" or target.startswith(b"/?")):
-        return None
-    if version == b"HTTP/1.1":
-        close = False
-    elif version == b"HTTP/1.0":
-        close = True
-    else:
-        return None
+    target, minor = plain.groups()
+    http11 = minor == b"1"
     length = -1
     expect_continue = False
-    for line in lines[1:]:
-        name, colon, value = line.partition(b":")
-        if not colon:
-            return None
-        name = name.strip().lower()
-        value = value.strip()
+    connection: set[bytes] = set()
+    seen: set[bytes] = set()
+    for name, value in _READ_FIELDS.findall(head):
+        name = name.lower()
         if name == b"content-length":
-            if length >= 0 or not value.isdigit():
+            value = value.rstrip(b" \t")
+            if length >= 0 or not value.isdigit() or len(value) > _LENGTH_DIGITS:
                 return None
             length = int(value)
-        elif name == b"transfer-encoding":
-            return None
+        elif name in _ONCE:
+            if name in seen:
+                return None
+            seen.add(name)
         elif name == b"connection":
-            tokens = value.lower()
-            if b"close" in tokens:
-                close = True
-            elif b"keep-alive" in tokens:
-                close = False
+            connection.update(token.strip(b" \t") for token in value.lower().split(b","))
         elif name == b"expect":
-            if value.lower() != b"100-continue":
+            if not http11:
+                continue
+            if value.rstrip(b" \t").lower() != b"100-continue":
                 return None
             expect_continue = True
-    if length < 0:
+        else:  # transfer-encoding, content-encoding, upgrade, other singletons
+            return None
+    if length < 0 or (http11 and b"host" not in seen) or b"upgrade" in connection:
         return None
+    close = b"close" in connection or not (http11 or b"keep-alive" in connection)
     return target, length, expect_continue, close
