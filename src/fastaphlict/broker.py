@@ -61,18 +61,17 @@ import hashlib
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import hiredis
 
 from fastaphlict import resp
 from fastaphlict.config import address
-from fastaphlict.metrics import Latency
 from fastaphlict.protocol import HISTORY_LIMIT, HISTORY_TTL_MS
 from fastaphlict.ratelimit import Throttle
 from fastaphlict.resp import RedisError, RespConnection
 from fastaphlict.sentinel import Sentinels
+from fastaphlict.stats import BROKER_LATENCY_BUCKETS, BrokerStats
 
 if TYPE_CHECKING:
     from fastaphlict.config import BrokerConfig
@@ -116,22 +115,8 @@ CATCH_UP_TIMEOUTS = 4
 #: instead (a catch-up that long is better begun again than buffered).
 HELD_LIMIT = 100_000
 
-#: Upper bounds (seconds) of the publish latency histogram; the last is +Inf.
-LATENCY_BUCKETS = (
-    0.0005,
-    0.001,
-    0.0025,
-    0.005,
-    0.01,
-    0.025,
-    0.05,
-    0.1,
-    0.25,
-    0.5,
-    1.0,
-    2.5,
-    float("inf"),
-)
+#: Upper bounds (seconds) of the publish latency histogram (kept under this name).
+LATENCY_BUCKETS = BROKER_LATENCY_BUCKETS
 
 # KEYS: 1 the instance's stream, 2 the instance set, 3 this message's mark
 #       (fastaphlict:seq:<origin>:<sequence>).
@@ -241,34 +226,6 @@ def _decode(raw: bytes) -> str:
 
 class _Stalled(Exception):
     """The subscription is connected but our own probes stopped coming back."""
-
-
-@dataclass
-class BrokerStats:
-    """Counters ``/metrics`` reads; only the broker writes them, on the loop."""
-
-    #: Messages this node published to Redis (acknowledged).
-    published: int = 0
-    #: Messages dropped: the buffer was full, or a stop found them unpublished
-    #: with no state directory to keep them.
-    dropped: int = 0
-    #: Times the link to Redis was rebuilt after it had been up.
-    reconnects: int = 0
-    #: Messages other nodes published that reached this node.
-    received: int = 0
-    #: Publish attempts that failed (a pipeline counts once).
-    publish_failures: int = 0
-    #: Stream entries and channel messages that could not be read (skipped).
-    malformed: int = 0
-    #: Times the primary moved to another address (through Sentinel).
-    primary_changes: int = 0
-    #: Acknowledged messages published again on another Redis server.
-    republished: int = 0
-
-    def __post_init__(self) -> None:
-        #: Seconds from a message's acceptance to Redis' acknowledgement
-        #: (not a field: the fields are the counters).
-        self.latency = Latency(LATENCY_BUCKETS)
 
 
 class Broker:
