@@ -19,39 +19,14 @@ __all__ = [
     "Stats",
 ]
 
+#: Latency bucket bounds (seconds) both histograms share: a millisecond to 2.5 s.
+_SHARED_BOUNDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 #: Upper bounds (seconds) of the broker's publish latency histogram; the last is +Inf.
-BROKER_LATENCY_BUCKETS = (
-    0.0005,
-    0.001,
-    0.0025,
-    0.005,
-    0.01,
-    0.025,
-    0.05,
-    0.1,
-    0.25,
-    0.5,
-    1.0,
-    2.5,
-    float("inf"),
-)
-
+#: A Redis on the same host answers within half a millisecond.
+BROKER_LATENCY_BUCKETS = (0.0005, *_SHARED_BOUNDS, float("inf"))
 #: Upper bounds (seconds) of the peers' relay latency histogram; the last is +Inf.
-RELAY_LATENCY_BUCKETS = (
-    0.001,
-    0.0025,
-    0.005,
-    0.01,
-    0.025,
-    0.05,
-    0.1,
-    0.25,
-    0.5,
-    1.0,
-    2.5,
-    5.0,
-    float("inf"),
-)
+#: An HTTP round trip to another node may take seconds before it fails.
+RELAY_LATENCY_BUCKETS = (*_SHARED_BOUNDS, 5.0, float("inf"))
 
 
 class Latency:

@@ -112,29 +112,25 @@ class Broker:
         #: Origins whose messages this node delivered when they were posted:
         #: itself, and the previous process whose unpublished messages it took over.
         self._own = {self.fingerprint}
+        node = wire.Node(self.fingerprint, self.display, self._channel, timeout)
         self._primary = Primary(
             config,
             self.stats,
-            fingerprint=self.fingerprint,
-            timeout=timeout,
+            node,
             ca_file=ca_file,
             on_moved=self._leave_primary,
             on_switch=self._on_switch,
         )
         self._commands = Commands(
-            display=self.display,
-            channel=self._channel,
+            node,
             connect=self._primary.connect,
-            timeout=timeout,
             on_server=lambda run_id: self._publisher.republish_on(run_id),
             on_granted=lambda: self._publisher.wake(),
         )
         self._publisher = Publisher(
             self.stats,
-            fingerprint=self.fingerprint,
-            channel=self._channel,
-            commands=self._commands,
-            timeout=timeout,
+            node,
+            self._commands,
             buffer_limit=buffer_limit,
             buffer_bytes=buffer_bytes,
             on_ok=self._publishing_works,
@@ -143,15 +139,13 @@ class Broker:
         self._link = Link(
             hub,
             self.stats,
-            channel=self._channel,
-            timeout=timeout,
+            node,
             probe_interval=probe_interval,
             own=self._own,
             connect=self._primary.connect,
             command=self._commands.reply,
             on_up=self._on_up,
             on_down=self._on_down,
-            display=self.display,
         )
         self._tasks: list[asyncio.Task[None]] = []
         self._closing = False

@@ -52,18 +52,14 @@ class Commands:
 
     def __init__(
         self,
+        node: wire.Node,
         *,
-        display: str,
-        channel: str,
         connect: Callable[[str], Awaitable[RespConnection]],
-        timeout: float,
         on_server: Callable[[str | None], None],
         on_granted: Callable[[], None],
     ) -> None:
-        self._display = display
-        self._channel = channel
+        self._node = node
         self._connect = connect
-        self._timeout = timeout
         #: A new connection reached the server with this ``run_id`` (None: unknown).
         self._on_server = on_server
         #: What was refused is allowed now: what waits can go.
@@ -85,10 +81,10 @@ class Commands:
                         [
                             ("SCRIPT", "LOAD", PUBLISH_LUA),
                             ("SCRIPT", "LOAD", CHECK_LUA),
-                            ("EVALSHA", CHECK_SHA, 3, *CHECK_KEYS, self._channel),
+                            ("EVALSHA", CHECK_SHA, 3, *CHECK_KEYS, self._node.channel),
                             ("INFO", "server"),
                         ],
-                        self._timeout,
+                        self._node.timeout,
                     )
                     refused = wire.refusals(sha, check)
                     if refused is None and wire.decode_name(sha) != PUBLISH_SHA:
@@ -110,7 +106,7 @@ class Commands:
 
     async def reply(self, command: tuple[Any, ...]) -> Any:
         """One command on the command connection, bounded by ``timeout``."""
-        return await (await self.get()).execute(command, self._timeout)
+        return await (await self.get()).execute(command, self._node.timeout)
 
     def drop(self) -> None:
         """Close the connection; the next use makes a new one."""
@@ -130,10 +126,10 @@ class Commands:
             log.error(
                 "broker %s: the Redis user may not run %s: no message can be published"
                 " until it may; grant what the README's ACL line lists",
-                self._display,
+                self._node.display,
                 refused,
             )
         elif self.refused is not None:
-            log.info("broker %s: the Redis user may publish now", self._display)
+            log.info("broker %s: the Redis user may publish now", self._node.display)
             self._on_granted()  # what was held goes now
         self.refused = refused

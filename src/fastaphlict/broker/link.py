@@ -91,17 +91,15 @@ class Primary:
         self,
         config: BrokerConfig,
         stats: BrokerStats,
+        node: wire.Node,
         *,
-        fingerprint: str,
-        timeout: float,
         ca_file: str | None,
         on_moved: Callable[[str], None],
         on_switch: Callable[[str], None],
     ) -> None:
         self._config = config
         self._stats = stats
-        self._fingerprint = fingerprint
-        self._timeout = timeout
+        self._node = node
         self._ca_file = ca_file
         #: A connection found the primary somewhere else: every other one follows.
         self._on_moved = on_moved
@@ -114,10 +112,10 @@ class Primary:
         if config.sentinel:
             self.sentinels = Sentinels(
                 config,
-                timeout=timeout,
+                timeout=node.timeout,
                 on_switch=self._switched,
                 ca_file=ca_file,
-                name=f"fastaphlict-{fingerprint}-sentinel",
+                name=f"fastaphlict-{node.fingerprint}-sentinel",
             )
 
     async def connect(self, role: str) -> RespConnection:
@@ -131,15 +129,15 @@ class Primary:
             where = config.path or address(config.host, config.port)
         conn = await resp.connect(
             config,
-            timeout=self._timeout,
+            timeout=self._node.timeout,
             ca_file=self._ca_file,
-            name=f"fastaphlict-{self._fingerprint}-{role}",
+            name=f"fastaphlict-{self._node.fingerprint}-{role}",
         )
         if self.sentinels is not None:
             try:
                 # A sentinel's answer lags a failover by seconds: it may name
                 # a dead primary (the connect fails) or a demoted one.
-                role_reply = await conn.execute(("ROLE",), self._timeout)
+                role_reply = await conn.execute(("ROLE",), self._node.timeout)
                 if not (isinstance(role_reply, list) and role_reply[:1] == [b"master"]):
                     kind = role_reply[0].decode() if isinstance(role_reply, list) else "?"
                     raise RedisError(f"{where}, named by the sentinels, is a {kind}, not a primary")
@@ -185,23 +183,19 @@ class Link:
         self,
         hub: Hub,
         stats: BrokerStats,
+        node: wire.Node,
         *,
-        channel: str,
-        timeout: float,
         probe_interval: float,
         own: set[str],
         connect: Callable[[str], Awaitable[RespConnection]],
         command: Callable[[tuple[Any, ...]], Awaitable[Any]],
         on_up: Callable[[int], None],
         on_down: Callable[[str], None],
-        display: str,
     ) -> None:
         self._hub = hub
         self._stats = stats
-        self._fingerprint = hub.fingerprint
-        self._channel = channel
-        self._probe = wire.encode_probe(self._fingerprint)
-        self._timeout = timeout
+        self._node = node
+        self._probe = wire.encode_probe(node.fingerprint)
         self.stall_after = PROBES_MISSED * probe_interval
         #: Origins whose messages this node delivered when they were posted:
         #: itself, and the previous process whose unpublished messages it took over.
@@ -210,7 +204,6 @@ class Link:
         self._command = command
         self._on_up = on_up
         self._on_down = on_down
-        self._display = display
         self.closing = False
         #: Per instance, the last stream id this node has taken in.
         self.read: dict[str, StreamId] = {}
@@ -299,7 +292,7 @@ class Link:
 
     def _send_probe(self) -> None:
         """Publish a probe to ourselves now; the subscriber watches for it."""
-        task = asyncio.ensure_future(self._command(("PUBLISH", self._channel, self._probe)))
+        task = asyncio.ensure_future(self._command(("PUBLISH", self._node.channel, self._probe)))
         task.add_done_callback(_probe_sent)
 
     # -- subscribe, catch up ----------------------------------------------------
@@ -316,7 +309,7 @@ class Link:
                 self._held = []
                 self._subscription = conn
                 conn.on_push = self._on_push
-                reply = await conn.execute(("SUBSCRIBE", self._channel), self._timeout)
+                reply = await conn.execute(("SUBSCRIBE", self._node.channel), self._node.timeout)
                 if not (isinstance(reply, list) and reply and reply[0] == b"subscribe"):
                     raise RedisError(f"unexpected reply to SUBSCRIBE: {reply!r}")
                 # The catch-up reads on a connection of their own: a slow read
@@ -366,12 +359,12 @@ class Link:
         this node has read, and it would skip them. Payloads already held
         are recognised by the merge instead.
         """
-        run_id = wire.run_id(await reads.execute(("INFO", "server"), self._timeout))
+        run_id = wire.run_id(await reads.execute(("INFO", "server"), self._node.timeout))
         if run_id and self._run_id and run_id != self._run_id and self.read:
             log.info(
                 "broker %s is another Redis process than before (restarted or failed over):"
                 " reading every instance's window again",
-                self._display,
+                self._node.display,
             )
             self.read.clear()
         self._run_id = run_id
@@ -389,7 +382,7 @@ class Link:
         after a read that timed out (big messages, a slow link) the next
         catch-up asks for half as much at a time.
         """
-        deadline = CATCH_UP_TIMEOUTS * self._timeout
+        deadline = CATCH_UP_TIMEOUTS * self._node.timeout
         try:
             names = await reads.execute(("ZRANGE", f"{PREFIX}instances", 0, -1), deadline)
             instances = []
@@ -497,7 +490,7 @@ class Link:
         try:
             message = wire.decode(data)
         except ValueError as exc:
-            self._malformed(f"message on {self._channel} {data[:80]!r}", exc)
+            self._malformed(f"message on {self._node.channel} {data[:80]!r}", exc)
             return
         if type(message) is ChannelMessage:
             self._take_in(message)
@@ -505,7 +498,7 @@ class Link:
             self._probed(message.origin)
 
     def _probed(self, origin: str) -> None:
-        if origin == self._fingerprint:
+        if origin == self._node.fingerprint:
             self.last_probe = time.monotonic()
             if self.awaiting_probe and self.linked:
                 self.awaiting_probe = False

@@ -59,26 +59,23 @@ class Publisher:
     def __init__(
         self,
         stats: BrokerStats,
-        *,
-        fingerprint: str,
-        channel: str,
+        node: wire.Node,
         commands: Commands,
-        timeout: float,
+        *,
         buffer_limit: int,
         buffer_bytes: int,
         on_ok: Callable[[], None],
         known_instances: Callable[[], int],
     ) -> None:
         self._stats = stats
-        self._fingerprint = fingerprint
+        self._node = node
         self._commands = commands
-        self._timeout = timeout
         self.buffer_limit = buffer_limit
         self.buffer_bytes_limit = buffer_bytes
         #: Called when a batch went through (an outage may be over).
         self._on_ok = on_ok
         self._known_instances = known_instances
-        self._script_tail = (HISTORY_LIMIT, int(HISTORY_TTL_MS), channel)
+        self._script_tail = (HISTORY_LIMIT, int(HISTORY_TTL_MS), node.channel)
         self._buffer: collections.deque[Item] = collections.deque()
         #: Payload bytes in the buffer (a batch out is counted again if it comes back).
         self._buffer_bytes = 0
@@ -122,7 +119,7 @@ class Publisher:
     def stuck(self) -> bool:
         """Publishing has failed for longer than one ``timeout`` (OOM, READONLY, an ACL...)."""
         since = self._failing_since
-        return since is not None and time.monotonic() - since > self._timeout
+        return since is not None and time.monotonic() - since > self._node.timeout
 
     def relay(self, instance: str, body: bytes) -> None:
         """Queue a message this node accepted. Never blocks, never raises."""
@@ -131,7 +128,7 @@ class Publisher:
             return
         self._seq += 1
         self._append(
-            (self._fingerprint, self._seq, instance, wire.now_ms(), body, time.monotonic())
+            (self._node.fingerprint, self._seq, instance, wire.now_ms(), body, time.monotonic())
         )
 
     def restore(self, item: Item) -> None:
@@ -183,7 +180,7 @@ class Publisher:
             item = buffer.popleft()
             self._buffer_bytes -= len(item[4])
             self._dropped_oldest()
-            if item[0] != self._fingerprint:
+            if item[0] != self._node.fingerprint:
                 self._restored_done(1)
 
     def _dropped_oldest(self) -> None:
@@ -298,7 +295,7 @@ class Publisher:
             self._publish_failed(batch, exc)
             return
         self._in_flight_timer = asyncio.get_running_loop().call_later(
-            self._timeout, self._publish_timed_out, conn
+            self._node.timeout, self._publish_timed_out, conn
         )
 
     def _commands_for(self, batch: list[Item]) -> list[tuple[Any, ...]]:
@@ -344,7 +341,7 @@ class Publisher:
                     break
         if error is not None:
             if self._timed_out:
-                error = TimeoutError(f"no reply from Redis within {self._timeout:g}s")
+                error = TimeoutError(f"no reply from Redis within {self._node.timeout:g}s")
             self._timed_out = False
             for instance in {item[2] for item in batch}:
                 self._maintained.pop(instance, None)
@@ -359,7 +356,7 @@ class Publisher:
             observe(acked - item[5])
         self._stats.published += len(batch)
         if self._restored_left:
-            self._restored_done(sum(item[0] != self._fingerprint for item in batch))
+            self._restored_done(sum(item[0] != self._node.fingerprint for item in batch))
         self._keep(batch)
         if self._dropping and len(self._buffer) <= self.buffer_limit // 2:
             self._dropping = False

@@ -23,6 +23,7 @@ import asyncio
 import collections
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import hiredis
@@ -33,6 +34,7 @@ from fastaphlict.resp import RedisError
 __all__ = [
     "PREFIX",
     "ChannelMessage",
+    "Node",
     "Probe",
     "SeenWindow",
     "StreamId",
@@ -57,6 +59,20 @@ PERMISSION_WORDS = ("noperm", "permission", "can't run this command", "acl ")
 
 #: A stream entry id as (milliseconds, sequence): ordered like Redis orders them.
 StreamId = tuple[int, int]
+
+
+@dataclass(frozen=True, slots=True)
+class Node:
+    """What every part of the broker is told about this node and its Redis."""
+
+    #: This process's fingerprint: the origin of what it publishes.
+    fingerprint: str
+    #: The broker's URL without its password, for logs.
+    display: str
+    #: The cluster's channel (``fastaphlict:<db>:messages``).
+    channel: str
+    #: Seconds a command's reply may take.
+    timeout: float
 
 
 class ChannelMessage(NamedTuple):
