@@ -30,7 +30,10 @@ The parts, in the manner of the ``websockets`` library:
   find a stalled subscription and list the cluster's members;
 - this module: :class:`Broker`, which composes them, says once when the
   broker goes down and comes back, and is what the server, the hub and
-  ``/metrics`` see.
+  ``/metrics`` see. The parts share one :class:`.wire.Node` (what they are
+  told) and reach each other only through the broker, by the narrow
+  :class:`.wire.Events` it implements: no part imports another's class
+  but the publisher its command connection.
 
 The password stays in the connection settings: logs, errors and metrics
 name the broker by :attr:`BrokerConfig.display`.
@@ -51,7 +54,7 @@ from fastaphlict.broker.link import MEMBER_TTL, Link, Primary
 from fastaphlict.broker.publisher import Publisher
 from fastaphlict.broker.wire import PREFIX, StreamId, parse_stream_id
 from fastaphlict.protocol import HISTORY_TTL_MS
-from fastaphlict.resp import RedisError
+from fastaphlict.resp import RedisError, RespConnection
 from fastaphlict.stats import BROKER_LATENCY_BUCKETS, BrokerStats
 
 if TYPE_CHECKING:
@@ -106,47 +109,22 @@ class Broker:
         self.display = config.display
         self.fingerprint = hub.fingerprint
         self.stats = BrokerStats()
-        self._timeout = timeout
-        self._probe_interval = probe_interval
         self._channel = f"{PREFIX}{config.db}:messages"
-        #: Origins whose messages this node delivered when they were posted:
-        #: itself, and the previous process whose unpublished messages it took over.
-        self._own = {self.fingerprint}
-        node = wire.Node(self.fingerprint, self.display, self._channel, timeout)
-        self._primary = Primary(
-            config,
-            self.stats,
-            node,
-            ca_file=ca_file,
-            on_moved=self._leave_primary,
-            on_switch=self._on_switch,
-        )
-        self._commands = Commands(
-            node,
-            connect=self._primary.connect,
-            on_server=lambda run_id: self._publisher.republish_on(run_id),
-            on_granted=lambda: self._publisher.wake(),
-        )
-        self._publisher = Publisher(
-            self.stats,
-            node,
-            self._commands,
+        node = wire.Node(
+            self.fingerprint,
+            self.display,
+            self._channel,
+            timeout,
+            probe_interval=probe_interval,
             buffer_limit=buffer_limit,
             buffer_bytes=buffer_bytes,
-            on_ok=self._publishing_works,
-            known_instances=lambda: len(self._link.read),
+            ca_file=ca_file,
         )
-        self._link = Link(
-            hub,
-            self.stats,
-            node,
-            probe_interval=probe_interval,
-            own=self._own,
-            connect=self._primary.connect,
-            command=self._commands.reply,
-            on_up=self._on_up,
-            on_down=self._on_down,
-        )
+        self._node = node
+        self._primary = Primary(config, node, self)
+        self._commands = Commands(node, self)
+        self._publisher = Publisher(self.stats, node, self._commands, self)
+        self._link = Link(hub, self.stats, node, self)
         self._tasks: list[asyncio.Task[None]] = []
         self._closing = False
         self._down_since: float | None = None
@@ -227,7 +205,7 @@ class Broker:
             if at < horizon:
                 expired += 1
                 continue
-            self._own.add(origin)
+            self._link.adopt(origin)
             self._publisher.restore((origin, seq, instance, at, payload, time.monotonic()))
             queued += 1
         self.stats.dropped += expired
@@ -263,7 +241,7 @@ class Broker:
         started = time.monotonic()
         while not self._attempted.is_set():
             waited = time.monotonic() - started
-            if waited > self._timeout * 4 and (not self._link.catching_up or waited > 60.0):
+            if waited > self._node.timeout * 4 and (not self._link.catching_up or waited > 60.0):
                 break
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._attempted.wait(), 0.1)
@@ -316,18 +294,38 @@ class Broker:
         self._link.stop()
         return left
 
-    # -- following the primary ---------------------------------------------
+    # -- what the parts ask of and tell the broker (wire.Events) --------------
+
+    async def connect_primary(self, role: str) -> RespConnection:
+        return await self._primary.connect(role)
+
+    async def command_reply(self, command: tuple[Any, ...]) -> Any:
+        return await self._commands.reply(command)
+
+    def server_changed(self, run_id: str | None) -> None:
+        self._publisher.republish_on(run_id)
+
+    def publishing_allowed(self) -> None:
+        self._publisher.wake()
+
+    def instances_read(self) -> int:
+        return len(self._link.read)
+
+    def primary_moved(self, why: str) -> None:
+        """A connection found a new primary: count it, and the others follow."""
+        self.stats.primary_changes += 1
+        self._leave_primary(why)
+
+    def primary_announced(self, where: str) -> None:
+        """A sentinel announced a failover: move now, not at the next failure."""
+        self._leave_primary(f"the sentinels announced {where} as the new primary")
+        self._link.switched.set()
+        self._publisher.hurry()
 
     def _leave_primary(self, why: str) -> None:
         """Close the command connection and the subscription: they reconnect to the primary."""
         self._link.drop(RedisError(why))  # the reason the subscriber logs
         self._commands.drop()
-
-    def _on_switch(self, where: str) -> None:
-        """A sentinel announced a failover: move now, not at the next failure."""
-        self._leave_primary(f"the sentinels announced {where} as the new primary")
-        self._link.switched.set()
-        self._publisher.hurry()
 
     # -- watching: the probe interval, down and back -------------------------
 
@@ -335,24 +333,24 @@ class Broker:
         """Every interval: probe the link, give up one whose probes stopped, watch publishing."""
         pruned = time.monotonic()
         while True:
-            await asyncio.sleep(self._probe_interval)
+            await asyncio.sleep(self._node.probe_interval)
             now = time.monotonic()
             if now - pruned > PRUNE_INTERVAL:
                 pruned = now
                 self._publisher.forget(self._link.prune())
             if self._publisher.stuck() and not self._down_logged:
-                self._on_down(f"publishing fails: {self._publisher.error}")
+                self.link_down(f"publishing fails: {self._publisher.error}")
             elif self._down_logged and self._ever_up and self.up:
                 self._on_back()
             self._commands.recheck()
             self._link.watch(now)
 
-    def _publishing_works(self) -> None:
+    def batch_published(self) -> None:
         """A batch went through: an outage that publishing alone held may be over."""
         if self._down_logged and self.up:
             self._on_back()
 
-    def _on_up(self, caught_up: int) -> None:
+    def link_up(self, caught_up: int) -> None:
         """The link is up (subscribed, caught up, probe answered): say so once."""
         self._attempted.set()
         if not self._ever_up:
@@ -398,7 +396,7 @@ class Broker:
             self._down_logged = False
         self._down_since = None
 
-    def _on_down(self, reason: str) -> None:
+    def link_down(self, reason: str) -> None:
         if self._closing:
             return
         if not self._attempted.is_set():
@@ -416,7 +414,7 @@ class Broker:
                 " in a buffer of up to %d messages",
                 self.display,
                 reason,
-                self._publisher.buffer_limit,
+                self._node.buffer_limit,
             )
         else:
             log.debug("broker %s still down: %s", self.display, reason)

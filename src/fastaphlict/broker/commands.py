@@ -18,7 +18,6 @@ import asyncio
 import hashlib
 import importlib.resources
 import logging
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import hiredis
@@ -50,20 +49,9 @@ CHECK_KEYS = tuple(f"{PREFIX}seq:check:{name}" for name in ("stream", "set", "ma
 class Commands:
     """The command connection, and what the Redis user may not run of what publishing needs."""
 
-    def __init__(
-        self,
-        node: wire.Node,
-        *,
-        connect: Callable[[str], Awaitable[RespConnection]],
-        on_server: Callable[[str | None], None],
-        on_granted: Callable[[], None],
-    ) -> None:
+    def __init__(self, node: wire.Node, events: wire.Events) -> None:
         self._node = node
-        self._connect = connect
-        #: A new connection reached the server with this ``run_id`` (None: unknown).
-        self._on_server = on_server
-        #: What was refused is allowed now: what waits can go.
-        self._on_granted = on_granted
+        self._events = events
         self._lock = asyncio.Lock()
         #: The connection, while it lasts (None: not made yet).
         self.conn: RespConnection | None = None
@@ -75,7 +63,7 @@ class Commands:
         async with self._lock:
             conn = self.conn
             if conn is None or conn.is_closed:
-                conn = await self._connect("commands")
+                conn = await self._events.connect_primary("commands")
                 try:
                     sha, _, check, info = await conn.execute_many(
                         [
@@ -100,7 +88,7 @@ class Commands:
                 self._note_refused(refused)
                 # No await from here until the connection is in use: what the
                 # previous server may have lost goes first.
-                self._on_server(run_id)
+                self._events.server_changed(run_id)
                 self.conn = conn
             return conn
 
@@ -131,5 +119,5 @@ class Commands:
             )
         elif self.refused is not None:
             log.info("broker %s: the Redis user may publish now", self._node.display)
-            self._on_granted()  # what was held goes now
+            self._events.publishing_allowed()  # what was held goes now
         self.refused = refused

@@ -26,7 +26,6 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import hiredis
@@ -87,24 +86,10 @@ class Stalled(Exception):
 class Primary:
     """Connections to the primary: the configured one, or the one the sentinels name."""
 
-    def __init__(
-        self,
-        config: BrokerConfig,
-        stats: BrokerStats,
-        node: wire.Node,
-        *,
-        ca_file: str | None,
-        on_moved: Callable[[str], None],
-        on_switch: Callable[[str], None],
-    ) -> None:
+    def __init__(self, config: BrokerConfig, node: wire.Node, events: wire.Events) -> None:
         self._config = config
-        self._stats = stats
         self._node = node
-        self._ca_file = ca_file
-        #: A connection found the primary somewhere else: every other one follows.
-        self._on_moved = on_moved
-        #: A sentinel announced a new primary (its address).
-        self._on_switch = on_switch
+        self._events = events
         #: The primary's ``host:port`` (or socket path) last connected to.
         self.where: str | None = None
         #: Through Sentinel: who to ask for the primary.
@@ -114,7 +99,7 @@ class Primary:
                 config,
                 timeout=node.timeout,
                 on_switch=self._switched,
-                ca_file=ca_file,
+                ca_file=node.ca_file,
                 name=f"fastaphlict-{node.fingerprint}-sentinel",
             )
 
@@ -130,7 +115,7 @@ class Primary:
         conn = await resp.connect(
             config,
             timeout=self._node.timeout,
-            ca_file=self._ca_file,
+            ca_file=self._node.ca_file,
             name=f"fastaphlict-{self._node.fingerprint}-{role}",
         )
         if self.sentinels is not None:
@@ -161,11 +146,10 @@ class Primary:
                     self._config.service,
                 )
             return
-        self._stats.primary_changes += 1
         log.warning("broker primary is now %s (was %s)", where, was)
         # The connections still on the old primary follow (a new connection
         # is not yet either of these).
-        self._on_moved(f"the primary moved to {where}")
+        self._events.primary_moved(f"the primary moved to {where}")
 
     def _switched(self, host: str, port: int) -> None:
         """A sentinel announced a failover: move now, not at the next failure."""
@@ -173,37 +157,22 @@ class Primary:
         if where == self.where:
             return
         log.info("broker: the sentinels announce %s as the new primary", where)
-        self._on_switch(where)
+        self._events.primary_announced(where)
 
 
 class Link:
     """The subscription and what it brings: other nodes' messages, probes, members."""
 
-    def __init__(
-        self,
-        hub: Hub,
-        stats: BrokerStats,
-        node: wire.Node,
-        *,
-        probe_interval: float,
-        own: set[str],
-        connect: Callable[[str], Awaitable[RespConnection]],
-        command: Callable[[tuple[Any, ...]], Awaitable[Any]],
-        on_up: Callable[[int], None],
-        on_down: Callable[[str], None],
-    ) -> None:
+    def __init__(self, hub: Hub, stats: BrokerStats, node: wire.Node, events: wire.Events) -> None:
         self._hub = hub
         self._stats = stats
         self._node = node
-        self._probe = wire.encode_probe(node.fingerprint)
-        self.stall_after = PROBES_MISSED * probe_interval
+        self._events = events
         #: Origins whose messages this node delivered when they were posted:
         #: itself, and the previous process whose unpublished messages it took over.
-        self._own = own
-        self._connect = connect
-        self._command = command
-        self._on_up = on_up
-        self._on_down = on_down
+        self._own = {node.fingerprint}
+        self._probe = wire.encode_probe(node.fingerprint)
+        self.stall_after = PROBES_MISSED * node.probe_interval
         self.closing = False
         #: Per instance, the last stream id this node has taken in.
         self.read: dict[str, StreamId] = {}
@@ -249,6 +218,10 @@ class Link:
     def catching_up(self) -> bool:
         return self._held is not None
 
+    def adopt(self, origin: str) -> None:
+        """``origin``'s messages count as this node's own (a previous process's, restored)."""
+        self._own.add(origin)
+
     def is_member(self, fingerprint: str) -> bool:
         seen = self._members.get(fingerprint)
         return seen is not None and time.monotonic() - seen <= MEMBER_TTL
@@ -292,7 +265,8 @@ class Link:
 
     def _send_probe(self) -> None:
         """Publish a probe to ourselves now; the subscriber watches for it."""
-        task = asyncio.ensure_future(self._command(("PUBLISH", self._node.channel, self._probe)))
+        probe = ("PUBLISH", self._node.channel, self._probe)
+        task = asyncio.ensure_future(self._events.command_reply(probe))
         task.add_done_callback(_probe_sent)
 
     # -- subscribe, catch up ----------------------------------------------------
@@ -303,7 +277,7 @@ class Link:
         while not self.closing:
             conn: RespConnection | None = None
             try:
-                conn = await self._connect("subscription")
+                conn = await self._events.connect_primary("subscription")
                 # From the SUBSCRIBE on, channel messages are held until the
                 # streams have been read (see the module docstring).
                 self._held = []
@@ -314,7 +288,7 @@ class Link:
                     raise RedisError(f"unexpected reply to SUBSCRIBE: {reply!r}")
                 # The catch-up reads on a connection of their own: a slow read
                 # times out there without closing the one publishes use.
-                reads = await self._connect("catch-up")
+                reads = await self._events.connect_primary("catch-up")
                 try:
                     await self._check_identity(reads)
                     caught_up = await self.catch_up(reads)
@@ -335,7 +309,7 @@ class Link:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                self._on_down(wire.reason(exc))
+                self._events.link_down(wire.reason(exc))
             finally:
                 self.linked = False
                 self.awaiting_probe = False
@@ -502,7 +476,7 @@ class Link:
             self.last_probe = time.monotonic()
             if self.awaiting_probe and self.linked:
                 self.awaiting_probe = False
-                self._on_up(self._caught_up)
+                self._events.link_up(self._caught_up)
         else:
             self._members[origin] = time.monotonic()
 

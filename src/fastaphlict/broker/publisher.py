@@ -57,24 +57,12 @@ class Publisher:
     """The buffer of messages for Redis, and the batches out on the command connection."""
 
     def __init__(
-        self,
-        stats: BrokerStats,
-        node: wire.Node,
-        commands: Commands,
-        *,
-        buffer_limit: int,
-        buffer_bytes: int,
-        on_ok: Callable[[], None],
-        known_instances: Callable[[], int],
+        self, stats: BrokerStats, node: wire.Node, commands: Commands, events: wire.Events
     ) -> None:
         self._stats = stats
         self._node = node
         self._commands = commands
-        self.buffer_limit = buffer_limit
-        self.buffer_bytes_limit = buffer_bytes
-        #: Called when a batch went through (an outage may be over).
-        self._on_ok = on_ok
-        self._known_instances = known_instances
+        self._events = events
         self._script_tail = (HISTORY_LIMIT, int(HISTORY_TTL_MS), node.channel)
         self._buffer: collections.deque[Item] = collections.deque()
         #: Payload bytes in the buffer (a batch out is counted again if it comes back).
@@ -175,7 +163,7 @@ class Publisher:
         """Drop the oldest past ``buffer_limit`` messages or ``buffer_bytes`` (never the newest)."""
         buffer = self._buffer
         while len(buffer) > 1 and (
-            len(buffer) > self.buffer_limit or self._buffer_bytes > self.buffer_bytes_limit
+            len(buffer) > self._node.buffer_limit or self._buffer_bytes > self._node.buffer_bytes
         ):
             item = buffer.popleft()
             self._buffer_bytes -= len(item[4])
@@ -191,8 +179,8 @@ class Publisher:
             log.warning(
                 "broker buffer full (%d messages or %d MiB): dropping the oldest; other"
                 " nodes' tabs will miss them",
-                self.buffer_limit,
-                self.buffer_bytes_limit >> 20,
+                self._node.buffer_limit,
+                self._node.buffer_bytes >> 20,
             )
 
     def _restored_done(self, count: int) -> None:
@@ -312,7 +300,7 @@ class Publisher:
             commands.append(
                 ("EVALSHA", PUBLISH_SHA, 3, *keys, *args, "1" if maintain else "0", MARK_TTL_MS)
             )
-        if len(maintained) > 4 * self._known_instances() + 1024:
+        if len(maintained) > 4 * self._events.instances_read() + 1024:
             horizon = now - 2 * MAINTAIN_INTERVAL
             for instance in [i for i, at in maintained.items() if at < horizon]:
                 del maintained[instance]
@@ -349,7 +337,7 @@ class Publisher:
             return
         self._failing = False
         self._failing_since = None
-        self._on_ok()
+        self._events.batch_published()
         acked = time.monotonic()
         observe = self._stats.latency.observe
         for item in batch:
@@ -358,7 +346,7 @@ class Publisher:
         if self._restored_left:
             self._restored_done(sum(item[0] != self._node.fingerprint for item in batch))
         self._keep(batch)
-        if self._dropping and len(self._buffer) <= self.buffer_limit // 2:
+        if self._dropping and len(self._buffer) <= self._node.buffer_limit // 2:
             self._dropping = False
             log.info("broker buffer below half again (%d messages)", len(self._buffer))
         self._kick()
@@ -371,8 +359,8 @@ class Publisher:
         horizon = wire.now_ms() - HISTORY_TTL_MS
         while kept and (
             kept[0][3] < horizon
-            or len(kept) > self.buffer_limit
-            or self._kept_bytes > self.buffer_bytes_limit
+            or len(kept) > self._node.buffer_limit
+            or self._kept_bytes > self._node.buffer_bytes
         ):
             self._kept_bytes -= len(kept.popleft()[4])
 

@@ -24,16 +24,17 @@ import collections
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import hiredis
 
 from fastaphlict.protocol import HISTORY_LIMIT
-from fastaphlict.resp import RedisError
+from fastaphlict.resp import RedisError, RespConnection
 
 __all__ = [
     "PREFIX",
     "ChannelMessage",
+    "Events",
     "Node",
     "Probe",
     "SeenWindow",
@@ -73,6 +74,47 @@ class Node:
     channel: str
     #: Seconds a command's reply may take.
     timeout: float
+    #: Seconds between two probes of the link.
+    probe_interval: float = 1.0
+    #: The publisher's buffer bounds: messages, and payload bytes.
+    buffer_limit: int = 16384
+    buffer_bytes: int = 64 * 1024 * 1024
+    #: The CA file that verifies a ``rediss://`` server (None: the system's).
+    ca_file: str | None = None
+
+
+class Events(Protocol):
+    """What the parts ask of, and tell, the broker that composes them (:class:`Broker`)."""
+
+    async def connect_primary(self, role: str) -> RespConnection:
+        """A new connection to the primary, named after its ``role``."""
+
+    async def command_reply(self, command: tuple[Any, ...]) -> Any:
+        """One command on the command connection."""
+
+    def link_up(self, caught_up: int) -> None:
+        """Subscribed, caught up (``caught_up`` messages new to this node), probe answered."""
+
+    def link_down(self, reason: str) -> None:
+        """The subscription failed or could not be made."""
+
+    def batch_published(self) -> None:
+        """Redis acknowledged a batch: publishing works."""
+
+    def primary_moved(self, why: str) -> None:
+        """A connection found the primary elsewhere: the others must follow."""
+
+    def primary_announced(self, where: str) -> None:
+        """A sentinel announced a new primary at ``where``."""
+
+    def server_changed(self, run_id: str | None) -> None:
+        """The command connection reached the Redis process ``run_id`` (maybe another one)."""
+
+    def publishing_allowed(self) -> None:
+        """What the Redis user was refused is granted now."""
+
+    def instances_read(self) -> int:
+        """How many instances' streams this node follows."""
 
 
 class ChannelMessage(NamedTuple):
