@@ -933,7 +933,7 @@ async def test_a_node_whose_clock_runs_ahead_cannot_keep_messages_past_the_windo
         # What a node an hour ahead publishes: its script call, with its clock.
         redis_server.command(
             "EVAL",
-            broker_module._PUBLISH_LUA,
+            broker_module.commands.PUBLISH_LUA,
             3,
             "fastaphlict:history:default",
             "fastaphlict:instances",

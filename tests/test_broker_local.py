@@ -22,7 +22,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from fastaphlict import broker as broker_module
-from fastaphlict.broker import MEMBER_TTL, Broker, parse_stream_id
+from fastaphlict.broker import MEMBER_TTL, Broker, parse_stream_id, wire
+from fastaphlict.broker import commands as commands_module
+from fastaphlict.broker import link as link_module
+from fastaphlict.broker import publisher as publisher_module
 from fastaphlict.config import parse_broker_url
 from fastaphlict.hub import Hub
 from fastaphlict.protocol import HISTORY_TTL_MS, dumps
@@ -68,7 +71,7 @@ def probe(origin: str) -> list[bytes]:
 
 @pytest.fixture
 def clock(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(broker_module, "_now_ms", lambda: NOW)
+    monkeypatch.setattr(wire, "now_ms", lambda: NOW)
 
 
 # -- stream ids ---------------------------------------------------------------------
@@ -247,10 +250,10 @@ async def test_a_restored_origin_counts_as_our_own(clock: None) -> None:
     hub = Hub(ME)
     broker = make(hub)
     broker.restore([("PreviousProcess1", 9, "default", NOW - 1000, body(9))])
-    broker._on_message(
+    broker._link.on_message(
         channel_message("PreviousProcess1", 9, "5-0", NOW - 1000, "default", body(9))
     )
-    broker._on_message(
+    broker._link.on_message(
         channel_message("ExpiredProcess01", 1, "6-0", NOW - 1000, "default", body(1))
     )
     assert hub.stats.messages_in == 1, "only the message of the origin not restored"
@@ -258,7 +261,7 @@ async def test_a_restored_origin_counts_as_our_own(clock: None) -> None:
 
     expired = make(Hub(ME))
     expired.restore([("ExpiredProcess01", 1, "default", NOW - HISTORY_TTL_MS - 1, body(1))])
-    expired._on_message(channel_message("ExpiredProcess01", 1, "6-0", NOW, "default", body(1)))
+    expired._link.on_message(channel_message("ExpiredProcess01", 1, "6-0", NOW, "default", body(1)))
     assert expired.stats.received == 1, "an origin none of whose messages was restored is not ours"
 
 
@@ -275,12 +278,12 @@ async def test_the_server_is_told_once_every_restored_message_is_acknowledged(
     assert broker.buffered == 3 and not told
 
     def acknowledge(count: int) -> None:
-        broker._in_flight = [broker._buffer.popleft() for _ in range(count)]
-        broker._published([b"1-0"] * count, None)
+        broker._publisher._in_flight = [broker._publisher._buffer.popleft() for _ in range(count)]
+        broker._publisher._published([b"1-0"] * count, None)
 
     acknowledge(1)  # PreviousProcess1:3
-    broker._in_flight = [broker._buffer.popleft()]
-    broker._published(None, ConnectionError("lost"))  # PreviousProcess1:4 comes back
+    broker._publisher._in_flight = [broker._publisher._buffer.popleft()]
+    broker._publisher._published(None, ConnectionError("lost"))  # PreviousProcess1:4 comes back
     assert not told
     acknowledge(1)  # PreviousProcess1:4
     assert told == [1], "told once the last restored one is in, our own still buffered"
@@ -299,7 +302,7 @@ async def test_a_first_sync_delivers_from_the_time_it_is_given(clock: None) -> N
         (False, NOW - 10_000, 0),
     ):
         broker = make()
-        broker._serving = serving
+        broker._link.serving = serving
         if deliver_from is not None:
             broker.deliver_from(deliver_from)
         page = [
@@ -318,7 +321,7 @@ async def test_a_first_sync_delivers_from_the_time_it_is_given(clock: None) -> N
             )
             for n, age in ((1, 20_000), (2, 5_000))
         ]
-        assert await broker._catch_up_instance(None, "default", page, 1.0) == 2  # type: ignore[arg-type]
+        assert await broker._link.catch_up_instance(None, "default", page, 1.0) == 2  # type: ignore[arg-type]
         assert broker.stats.received == delivered
 
 
@@ -329,7 +332,7 @@ async def test_another_nodes_message_is_delivered_with_its_acceptance_time() -> 
     hub = Hub(ME)
     broker = make(hub)
     at = time.time() * 1000 - 4000
-    broker._on_message(channel_message(OTHER, 1, "10-0", at, "acme \u2713", body(1)))
+    broker._link.on_message(channel_message(OTHER, 1, "10-0", at, "acme \u2713", body(1)))
     assert broker.stats.received == 1
     status = hub.status("acme \u2713")
     assert status["history.size"] == 1
@@ -341,7 +344,7 @@ async def test_our_own_messages_on_the_channel_are_skipped() -> None:
     """They reached this node's tabs when they were posted."""
     hub = Hub(ME)
     broker = make(hub)
-    broker._on_message(channel_message(ME, 1, "10-0", NOW, "default", body(1)))
+    broker._link.on_message(channel_message(ME, 1, "10-0", NOW, "default", body(1)))
     assert hub.stats.messages_in == 0 and broker.stats.received == 0
     assert not broker.is_member(ME)
 
@@ -350,14 +353,14 @@ async def test_a_message_the_catch_up_already_gave_is_skipped_by_stream_position
     hub = Hub(ME)
     broker = make(hub)
     for seq, sid in ((1, "9-5"), (2, "10-0"), (2, "10-0"), (1, "9-5"), (3, "10-1")):
-        broker._on_message(channel_message(OTHER, seq, sid, NOW, "default", body(seq)))
+        broker._link.on_message(channel_message(OTHER, seq, sid, NOW, "default", body(seq)))
     assert broker.stats.received == 3, "9-5, 10-0 and 10-1 once each"
-    assert broker._read["default"] == (10, 1), "numbers, not text, order them"
+    assert broker._link.read["default"] == (10, 1), "numbers, not text, order them"
     # Below the position but not a repeat: a new primary whose clock is behind.
-    broker._on_message(channel_message(OTHER, 4, "9-0", NOW, "default", body(4)))
+    broker._link.on_message(channel_message(OTHER, 4, "9-0", NOW, "default", body(4)))
     assert broker.stats.received == 4
-    assert broker._read["default"] == (9, 0), "the position follows the new server"
-    broker._on_message(channel_message(OTHER, 5, "1-0", NOW, "other", body(5)))
+    assert broker._link.read["default"] == (9, 0), "the position follows the new server"
+    broker._link.on_message(channel_message(OTHER, 5, "1-0", NOW, "other", body(5)))
     assert broker.stats.received == 5, "positions are per instance"
 
 
@@ -376,7 +379,7 @@ async def test_an_unreadable_channel_message_is_logged_and_skipped(
     hub = Hub(ME)
     broker = make(hub)
     with caplog.at_level(logging.WARNING, "fastaphlict.broker"):
-        broker._on_message(reply)
+        broker._link.on_message(reply)
     assert "skipped unreadable message on fastaphlict:3:messages" in caplog.text
     assert hub.stats.messages_in == 0 and broker.stats.received == 0
     assert broker.stats.malformed == 1
@@ -394,29 +397,29 @@ async def test_an_unreadable_channel_message_is_logged_and_skipped(
 async def test_other_replies_are_ignored(reply: Any, caplog: pytest.LogCaptureFixture) -> None:
     hub = Hub(ME)
     broker = make(hub)
-    broker._on_message(reply)
+    broker._link.on_message(reply)
     assert hub.stats.messages_in == 0 and broker.stats.received == 0
     assert caplog.records == []
 
 
 async def test_probes_make_members_and_our_own_probe_is_not_one() -> None:
     broker = make()
-    before = broker._last_probe
-    broker._on_message(probe(OTHER))
-    broker._on_message(probe(ME))
+    before = broker._link.last_probe
+    broker._link.on_message(probe(OTHER))
+    broker._link.on_message(probe(ME))
     assert broker.members() == [OTHER]
     assert broker.is_member(OTHER) and not broker.is_member(ME)
     assert not broker.is_member("NeverSeen0000000")
-    assert broker._last_probe > before, "our own probe came back"
+    assert broker._link.last_probe > before, "our own probe came back"
 
 
 async def test_members_are_forgotten_after_their_ttl(monkeypatch: pytest.MonkeyPatch) -> None:
     now = [1000.0]
     monkeypatch.setattr(
-        broker_module, "time", types.SimpleNamespace(monotonic=lambda: now[0], time=time.time)
+        link_module, "time", types.SimpleNamespace(monotonic=lambda: now[0], time=time.time)
     )
     broker = make()
-    broker._on_message(probe(OTHER))
+    broker._link.on_message(probe(OTHER))
     now[0] += MEMBER_TTL
     assert broker.is_member(OTHER) and broker.members() == [OTHER]
     now[0] += 1
@@ -463,12 +466,12 @@ def fake_commands(broker: Broker, monkeypatch: pytest.MonkeyPatch) -> list[FakeC
     made: list[FakeCommands] = []
 
     async def connect() -> FakeCommands:
-        if broker._command is None or broker._command.is_closed:
+        if broker._commands.conn is None or broker._commands.conn.is_closed:
             made.append(FakeCommands())
-            broker._command = made[-1]  # type: ignore[assignment]
-        return broker._command  # type: ignore[return-value]
+            broker._commands.conn = made[-1]  # type: ignore[assignment]
+        return broker._commands.conn  # type: ignore[return-value]
 
-    monkeypatch.setattr(broker, "_commands", connect)
+    monkeypatch.setattr(broker._commands, "get", connect)
     return made
 
 
@@ -481,7 +484,7 @@ async def test_a_failed_publish_is_retried_in_order(monkeypatch: pytest.MonkeyPa
     made = fake_commands(broker, monkeypatch)
     for n in range(5):
         broker.relay("default", {}, body(n))
-    task = asyncio.create_task(broker._publisher())
+    task = asyncio.create_task(broker._publisher.run())
     try:
         for attempt in range(2):
             await eventually(lambda a=attempt: len(made) == a + 1 and made[-1].batches)
@@ -506,7 +509,7 @@ async def test_messages_accepted_while_a_batch_is_out_leave_together_after_it(
 ) -> None:
     broker = make()
     made = fake_commands(broker, monkeypatch)
-    task = asyncio.create_task(broker._publisher())
+    task = asyncio.create_task(broker._publisher.run())
     try:
         broker.relay("default", {}, body(1))
         await eventually(lambda: bool(made) and bool(made[-1].batches))
@@ -530,9 +533,9 @@ async def test_a_batch_that_fails_while_the_buffer_filled_keeps_the_bound(
     made = fake_commands(broker, monkeypatch)
     broker.relay("default", {}, body(1))
     broker.relay("default", {}, body(2))
-    task = asyncio.create_task(broker._publisher())
+    task = asyncio.create_task(broker._publisher.run())
     try:
-        await eventually(lambda: broker._in_flight != [])
+        await eventually(lambda: broker._publisher._in_flight != [])
         assert broker.buffered == 2, "in flight is not acknowledged yet: still counted"
         for n in range(3, 7):
             broker.relay("default", {}, body(n))
@@ -558,9 +561,9 @@ async def test_a_batch_in_flight_counts_as_buffered_and_is_handed_back_by_abando
     broker = make()
     made = fake_commands(broker, monkeypatch)
     broker.relay("default", {}, body(1))
-    task = asyncio.create_task(broker._publisher())
+    task = asyncio.create_task(broker._publisher.run())
     broker._tasks = [task]
-    await eventually(lambda: broker._in_flight != [])
+    await eventually(lambda: broker._publisher._in_flight != [])
     broker.relay("default", {}, body(2))
     assert broker.buffered == 2
     left = broker.abandon()
@@ -576,8 +579,8 @@ async def test_close_waits_for_the_batch_in_flight_while_publishing_works(
     broker = make()
     made = fake_commands(broker, monkeypatch)
     broker.relay("default", {}, body(1))
-    broker._tasks = [asyncio.create_task(broker._publisher())]
-    await eventually(lambda: broker._in_flight != [])
+    broker._tasks = [asyncio.create_task(broker._publisher.run())]
+    await eventually(lambda: broker._publisher._in_flight != [])
     closing = asyncio.create_task(broker.close(drain_timeout=TIMEOUT))
     await asyncio.sleep(0.05)
     assert not closing.done(), "still draining"
@@ -592,7 +595,7 @@ async def test_a_write_that_raises_puts_the_batch_back_for_the_publisher(
     """uvloop raises RuntimeError writing to a transport that closed this very iteration."""
     broker = make()
     made = fake_commands(broker, monkeypatch)
-    task = asyncio.create_task(broker._publisher())
+    task = asyncio.create_task(broker._publisher.run())
     try:
         broker.relay("default", {}, body(1))
         await eventually(lambda: bool(made) and bool(made[-1].batches))
@@ -651,14 +654,14 @@ async def test_a_catch_up_that_fails_midway_reads_the_instance_again(
         async def execute_many(self, commands: list[Any], timeout: float) -> list[Any]:
             return [await reply(command) for command in commands]
 
-    monkeypatch.setattr(broker, "_catch_up_page", 2)
+    monkeypatch.setattr(broker._link, "_catch_up_page", 2)
     reads: Any = Reads()
     with pytest.raises(broker_module.RedisError):
-        await broker._catch_up(reads)
-    assert "acme" not in broker._read, "nothing of a failed read counts as read"
-    assert await broker._catch_up(reads) == 5
+        await broker._link.catch_up(reads)
+    assert "acme" not in broker._link.read, "nothing of a failed read counts as read"
+    assert await broker._link.catch_up(reads) == 5
     assert hub.status("acme")["history.size"] == 5
-    assert broker._read["acme"] == parse_stream_id(entries[-1][0])
+    assert broker._link.read["acme"] == parse_stream_id(entries[-1][0])
 
 
 async def test_a_message_redis_took_twice_is_delivered_once() -> None:
@@ -666,9 +669,9 @@ async def test_a_message_redis_took_twice_is_delivered_once() -> None:
     hub = Hub(ME)
     broker = make(hub)
     now = time.time() * 1000
-    broker._on_message(channel_message(OTHER, 7, "10-0", now - 100, "acme", body(7)))
-    broker._on_message(channel_message(OTHER, 7, "11-0", now - 100, "acme", body(7)))
-    broker._on_message(channel_message(OTHER, 8, "12-0", now - 50, "acme", body(8)))
+    broker._link.on_message(channel_message(OTHER, 7, "10-0", now - 100, "acme", body(7)))
+    broker._link.on_message(channel_message(OTHER, 7, "11-0", now - 100, "acme", body(7)))
+    broker._link.on_message(channel_message(OTHER, 8, "12-0", now - 50, "acme", body(8)))
     assert broker.stats.received == 2
     assert hub.status("acme")["history.size"] == 2
 
@@ -677,11 +680,11 @@ async def test_close_tries_once_more_at_once_when_the_publisher_is_backing_off(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """After a blip Redis is back, but the publisher waits out its backoff: the stop doesn't."""
-    monkeypatch.setattr(broker_module, "BACKOFF_FIRST", 60.0)
+    monkeypatch.setattr(publisher_module, "BACKOFF_FIRST", 60.0)
     broker = make()
     made = fake_commands(broker, monkeypatch)
     broker.relay("default", {}, body(1))
-    broker._tasks = [asyncio.create_task(broker._publisher())]
+    broker._tasks = [asyncio.create_task(broker._publisher.run())]
     await eventually(lambda: bool(made) and bool(made[-1].batches))
     made[-1].answer(ok=False)  # the publisher now backs off for a minute
     closing = asyncio.create_task(broker.close(drain_timeout=TIMEOUT))
@@ -697,7 +700,7 @@ async def test_close_during_an_outage_hands_back_what_one_more_attempt_could_not
     broker = make()
     made = fake_commands(broker, monkeypatch)
     broker.relay("default", {}, body(1))
-    broker._tasks = [asyncio.create_task(broker._publisher())]
+    broker._tasks = [asyncio.create_task(broker._publisher.run())]
     await eventually(lambda: bool(made) and bool(made[-1].batches))
     made[-1].answer(ok=False)
     closing = asyncio.create_task(broker.close(drain_timeout=TIMEOUT))
@@ -716,17 +719,17 @@ async def test_the_buffer_is_bounded_in_bytes_too(caplog: pytest.LogCaptureFixtu
         for payload in big:
             broker.relay("default", {}, payload)
     assert broker.buffered == 3 and broker.stats.dropped == 2
-    assert [item[1] for item in broker._buffer] == [3, 4, 5], "the newest stay"
+    assert [item[1] for item in broker._publisher._buffer] == [3, 4, 5], "the newest stay"
     assert "dropping the oldest" in caplog.text
     huge = dumps({"key": "huge", "pad": "x" * 5000})
     broker.relay("default", {}, huge)
-    assert [item[4] for item in broker._buffer] == [huge], "one message always fits"
+    assert [item[4] for item in broker._publisher._buffer] == [huge], "one message always fits"
 
 
 def test_the_permission_check_runs_every_command_the_publish_script_runs() -> None:
     """A command added to the script and not to the check would go unnamed in the log."""
-    used = set(re.findall(r"redis\.call\('(\w+)'", broker_module._PUBLISH_LUA))
-    checked = set(re.findall(r"try\('(\w+)'", broker_module._CHECK_LUA))
+    used = set(re.findall(r"redis\.call\('(\w+)'", commands_module.PUBLISH_LUA))
+    checked = set(re.findall(r"try\('(\w+)'", commands_module.CHECK_LUA))
     assert used and used == checked
 
 
@@ -745,10 +748,10 @@ def test_the_permission_check_runs_every_command_the_publish_script_runs() -> No
 def test_the_permission_check_names_only_refused_permissions(
     load: Any, check: Any, refused: str | None
 ) -> None:
-    found = broker_module._refusals(load, check)
+    found = wire.refusals(load, check)
     assert (found.split(" (")[0] if found else None) == refused
 
 
 def test_a_script_load_refused_for_another_reason_is_an_error() -> None:
     with pytest.raises(RedisError, match="SCRIPT LOAD refused"):
-        broker_module._refusals(hiredis.ReplyError("ERR unknown command"), None)
+        wire.refusals(hiredis.ReplyError("ERR unknown command"), None)

@@ -32,8 +32,8 @@ import aiohttp
 import pytest
 from websockets.asyncio.client import connect
 
+from fastaphlict.broker.sentinel import Sentinels
 from fastaphlict.config import parse_broker_url
-from fastaphlict.sentinel import Sentinels
 from redis_support import (
     FAST,
     SERVICE,

@@ -35,6 +35,7 @@ from fastaphlict._fanout import Channel, Outbox, Subscriber, build_frame
 from fastaphlict._history import History
 from fastaphlict.protocol import DEFAULT_INSTANCE, HISTORY_LIMIT, HISTORY_TTL_MS, dumps, loads
 from fastaphlict.ratelimit import Throttle
+from fastaphlict.stats import Stats
 
 if TYPE_CHECKING:
     from picows import WSTransport
@@ -80,33 +81,6 @@ class Relay(Protocol):
     """
 
     def relay(self, instance: str, message: dict[str, Any], body: bytes) -> None: ...
-
-
-@dataclass(slots=True)
-class Stats:
-    """The process-wide counters: ``/status/`` and ``/metrics`` read this one object.
-
-    Each is incremented where the event happens (the hub, the client and
-    admin listeners); nothing else writes them, and reading them costs the
-    delivery path nothing.
-    """
-
-    #: Messages accepted on the admin port (``messages.in``).
-    messages_in: int = 0
-    #: Frames queued to sockets by live fan-out (``messages.out``).
-    messages_out: int = 0
-    #: Replay commands served, and the messages they resent.
-    replays: int = 0
-    replayed: int = 0
-    #: Client frames ignored or refused, and admin posts refused.
-    frames_rejected: int = 0
-    posts_rejected: int = 0
-    #: Sockets closed for not reading (1013) and for not answering pings.
-    slow_disconnects: int = 0
-    dead_disconnects: int = 0
-    #: Acceptance times from elsewhere (another node, Redis, a state file)
-    #: that lay ahead of this clock and were capped (see Hub.accepted_at).
-    times_capped: int = 0
 
 
 @dataclass(slots=True)

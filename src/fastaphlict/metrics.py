@@ -25,6 +25,8 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from fastaphlict.stats import Latency
+
 if TYPE_CHECKING:
     from fastaphlict.broker import Broker
     from fastaphlict.hub import Hub
@@ -33,40 +35,6 @@ if TYPE_CHECKING:
 __all__ = ["CONTENT_TYPE", "MAX_INSTANCES", "HubCollector", "Latency", "make_registry", "render"]
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-
-
-class Latency:
-    """Seconds counted into fixed buckets: a histogram kept as plain numbers.
-
-    Whoever measures calls :meth:`observe` (a loop over a dozen floats); the
-    collector turns it into Prometheus' cumulative form only at scrape time.
-    """
-
-    __slots__ = ("bounds", "count", "counts", "sum")
-
-    def __init__(self, bounds: tuple[float, ...]) -> None:
-        #: Upper bounds, ascending, the last ``inf``.
-        self.bounds = bounds
-        self.counts = [0] * len(bounds)
-        self.sum = 0.0
-        self.count = 0
-
-    def observe(self, seconds: float) -> None:
-        for index, bound in enumerate(self.bounds):
-            if seconds <= bound:
-                self.counts[index] += 1
-                break
-        self.sum += seconds
-        self.count += 1
-
-    def cumulative(self) -> list[tuple[str, float]]:
-        """``(le, count)`` pairs as Prometheus wants them."""
-        total, out = 0, []
-        for bound, count in zip(self.bounds, self.counts, strict=True):
-            total += count
-            out.append(("+Inf" if bound == float("inf") else str(bound), total))
-        return out
-
 
 MAX_INSTANCES = 20
 OTHER = "_other"

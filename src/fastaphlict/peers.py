@@ -30,8 +30,8 @@ from urllib.parse import quote
 import aiohttp
 import yarl
 
-from fastaphlict.metrics import Latency
 from fastaphlict.protocol import dumps
+from fastaphlict.stats import RELAY_LATENCY_BUCKETS, Latency
 
 if TYPE_CHECKING:
     from fastaphlict.config import PeerConfig
@@ -49,22 +49,8 @@ CONNECT_GRACE = 0.1
 
 _HEADERS = {"Content-Type": "application/json"}
 
-#: Upper bounds (seconds) of the relay latency histogram; the last is +Inf.
-LATENCY_BUCKETS = (
-    0.001,
-    0.0025,
-    0.005,
-    0.01,
-    0.025,
-    0.05,
-    0.1,
-    0.25,
-    0.5,
-    1.0,
-    2.5,
-    5.0,
-    float("inf"),
-)
+#: Upper bounds (seconds) of the relay latency histogram (kept under this name).
+LATENCY_BUCKETS = RELAY_LATENCY_BUCKETS
 
 
 def new_fingerprint() -> str:

@@ -6,7 +6,7 @@ answered last first, so one that is down costs a failed connect and nothing
 more), and a subscription to ``+switch-master`` on one sentinel at a time,
 which tells the broker at once that a failover has ended. What it never
 does: connect to the primary or decide what a new one means. The broker
-does that (:mod:`fastaphlict.broker`): it checks ``ROLE`` on what it was
+does that (:mod:`fastaphlict.broker.link`): it checks ``ROLE`` on what it was
 told, reconnects everything to the new primary, catches up, and publishes
 again what the old one may have lost.
 
