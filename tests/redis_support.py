@@ -489,7 +489,7 @@ class SentinelServer(RedisServer):
     silent. ``password`` is the sentinel's own (``requirepass``);
     ``auth_pass`` is the data password it uses on the primary and replicas.
     ``conf`` replaces the ``sentinel ...`` lines built from those (a config
-    as the README shows it); ``password`` must then repeat its ``requirepass``.
+    as docs/clusters.md shows it); ``password`` must then repeat its ``requirepass``.
     """
 
     def __init__(

@@ -39,7 +39,7 @@ def _script(name: str) -> tuple[str, str]:
 
 PUBLISH_LUA, PUBLISH_SHA = _script("publish.lua")
 CHECK_LUA, CHECK_SHA = _script("check.lua")
-#: Under the marks' prefix, so an ACL narrower than the README's (one pattern
+#: Under the marks' prefix, so an ACL narrower than the documented one (one pattern
 #: per kind of key) allows them as it allows the marks; never a real mark
 #: (fingerprints are hex). The check publishes on the cluster's own channel,
 #: where receivers ignore what is neither a message nor a probe.
@@ -113,7 +113,7 @@ class Commands:
         if refused is not None:
             log.error(
                 "broker %s: the Redis user may not run %s: no message can be published"
-                " until it may; grant what the README's ACL line lists",
+                " until it may; grant what the ACL line of docs/clusters.md lists",
                 self._node.display,
                 refused,
             )
