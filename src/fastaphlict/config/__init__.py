@@ -1,0 +1,67 @@
+"""Configuration, the face: every name other modules import from ``fastaphlict.config``.
+
+The parts, each one role:
+
+- :mod:`~fastaphlict.config.aphlict`: Aphlict's JSON file and ``CLIENT_PORT``/
+  ``ADMIN_PORT``/``LISTEN_ADDR``, validated as Phorge's launcher does;
+- :mod:`~fastaphlict.config.limits`: :class:`Limits` and their metadata;
+- :mod:`~fastaphlict.config.broker_url`: broker URLs, with redaction;
+- :mod:`~fastaphlict.config.preflight`: the only I/O (TLS files, paths,
+  listen addresses), shared by ``--test`` and start;
+- :mod:`~fastaphlict.config.errors`: :class:`ConfigError` and :class:`LimitError`.
+"""
+
+from __future__ import annotations
+
+from fastaphlict.config.aphlict import (
+    DEFAULT_ADMIN_PORT,
+    DEFAULT_CLIENT_PORT,
+    Config,
+    LogConfig,
+    PeerConfig,
+    ServerConfig,
+    from_environment,
+    load_config,
+    load_file,
+    parse_config,
+)
+from fastaphlict.config.broker_url import (
+    SENTINEL_PORT,
+    BrokerConfig,
+    _parse_sentinel_url,
+    address,
+    parse_broker_url,
+)
+from fastaphlict.config.errors import ConfigError, LimitError
+from fastaphlict.config.limits import Limits
+from fastaphlict.config.preflight import (
+    check_files,
+    check_listen,
+    check_state_dir,
+    unsafe_directory,
+)
+
+__all__ = [
+    "DEFAULT_ADMIN_PORT",
+    "DEFAULT_CLIENT_PORT",
+    "SENTINEL_PORT",
+    "BrokerConfig",
+    "Config",
+    "ConfigError",
+    "LimitError",
+    "Limits",
+    "LogConfig",
+    "PeerConfig",
+    "ServerConfig",
+    "_parse_sentinel_url",
+    "address",
+    "check_files",
+    "check_listen",
+    "check_state_dir",
+    "from_environment",
+    "load_config",
+    "load_file",
+    "parse_broker_url",
+    "parse_config",
+    "unsafe_directory",
+]
