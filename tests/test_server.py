@@ -21,7 +21,8 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from fastaphlict.config import PeerConfig
-from fastaphlict.server import PidFile, PidFileError, Server, is_server_command
+from fastaphlict.process import PidFile, PidFileError, is_server_command
+from fastaphlict.server import Server
 from support import (
     TIMEOUT,
     ServerProcess,
