@@ -43,7 +43,7 @@ import pytest
 from picows import WSTransport
 from websockets.asyncio.client import ClientConnection, connect
 
-from fastaphlict.config import Config, PeerConfig, ServerConfig
+from fastaphlict.config import Config, PeerConfig, ServerConfig, Settings, resolve
 from fastaphlict.server import Limits, Server
 from fastaphlict.systemd import LISTEN_FDS_START
 
@@ -365,6 +365,20 @@ def local_config(*, peers: tuple[PeerConfig, ...] = (), clients: int = 1) -> Con
     return Config(servers=(*servers, ServerConfig("admin", 0, "127.0.0.1")), cluster=peers)
 
 
+def settings(config: Config | None = None, **overrides: Any) -> Settings:
+    """What the command line resolves with no flags and no environment, on ``config``.
+
+    ``config`` defaults to :func:`local_config`; ``overrides`` are fields of
+    :class:`Settings` (``limits=``, ``broker=``, ``state_dir=``...).
+    """
+    return dataclasses.replace(resolve([], {}), config=config or local_config(), **overrides)
+
+
+def as_options(settings: Settings) -> dict[str, Any]:
+    """``settings``' fields by name: what a stand-in for the server's run() records."""
+    return {field.name: getattr(settings, field.name) for field in dataclasses.fields(settings)}
+
+
 class Running:
     """A started in-process server and the URLs to reach it."""
 
@@ -423,7 +437,7 @@ async def running(
     config: Config | None = None, *, limits: Limits | None = None, debug: bool = False
 ) -> AsyncIterator[Running]:
     """Start a real server on free loopback ports; close it afterwards."""
-    server = Server(config or local_config(), limits=limits, debug=debug)
+    server = Server(settings(config, limits=limits or Limits(), debug=debug))
     await server.start()
     try:
         async with aiohttp.ClientSession() as session:

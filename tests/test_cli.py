@@ -17,8 +17,8 @@ import pytest
 
 import fastaphlict
 from fastaphlict import cli
-from fastaphlict.config import Config, LogConfig
-from support import scaled
+from fastaphlict.config import Config, LogConfig, Settings
+from support import as_options, scaled
 
 SRC = Path(__file__).resolve().parent.parent / "src"
 ENV_VARS = ("APHLICT_CONFIG", "CLIENT_PORT", "ADMIN_PORT", "LISTEN_ADDR")
@@ -93,10 +93,11 @@ def fake_server(monkeypatch: pytest.MonkeyPatch) -> list[tuple[Config, bool]]:
     """Stand in for fastaphlict.server: record each run() and log one line."""
     calls: list[tuple[Config, bool]] = []
 
-    def run(config: Config, debug: bool = False, **options: object) -> int:
-        calls.append((config, debug))
-        OPTIONS.append(options)
-        logging.getLogger("fastaphlict.server").info("serving %d servers", len(config.servers))
+    def run(settings: Settings, **options: object) -> int:
+        calls.append((settings.config, settings.debug))
+        OPTIONS.append({**as_options(settings), **options})
+        servers = len(settings.config.servers)
+        logging.getLogger("fastaphlict.server").info("serving %d servers", servers)
         return 0
 
     module = types.ModuleType("fastaphlict.server")
@@ -264,7 +265,7 @@ def test_missing_server_module_fails_cleanly(
 def test_os_error_from_the_server_exits_one(
     monkeypatch: pytest.MonkeyPatch, good_config: str
 ) -> None:
-    def run(config: Config, debug: bool = False, **options: object) -> int:
+    def run(settings: Settings, **options: object) -> int:
         raise OSError(98, "Address already in use")
 
     module = types.ModuleType("fastaphlict.server")
@@ -275,7 +276,7 @@ def test_os_error_from_the_server_exits_one(
 
 def test_server_exit_status_is_returned(monkeypatch: pytest.MonkeyPatch, good_config: str) -> None:
     module = types.ModuleType("fastaphlict.server")
-    module.run = lambda config, debug=False, **options: 3  # type: ignore[attr-defined]
+    module.run = lambda settings, **options: 3  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "fastaphlict.server", module)
     assert cli.main([f"--config={good_config}"]) == 3
 

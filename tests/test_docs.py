@@ -55,6 +55,7 @@ from docs_support import (
 )
 from fastaphlict import cli
 from fastaphlict.config import PeerConfig
+from fastaphlict.config.options import build_parser
 from support import TIMEOUT, child_env, local_config, require, running, scaled
 
 
@@ -259,7 +260,7 @@ def test_the_settings_table_is_the_declared_one() -> None:
 
 def test_the_settings_table_has_every_flag_once() -> None:
     """A row per flag of ``--help``, and the only flag table of the docs."""
-    flags = [a.option_strings[-1] for a in cli._build_parser()._actions]
+    flags = [a.option_strings[-1] for a in build_parser()._actions]
     shown = [re.match(r"`(--[\w-]+)", row[0])[1] for row in settings_table.rows()]  # type: ignore[index]
     assert shown == flags
     tables = [

@@ -19,7 +19,7 @@ from fastaphlict.hub import Hub
 from fastaphlict.metrics import MAX_INSTANCES
 from fastaphlict.server import Limits, Server
 from redis_support import RedisServer
-from support import TIMEOUT, Running, eventually, local_config, running, stalled_websocket
+from support import TIMEOUT, Running, eventually, local_config, running, settings, stalled_websocket
 
 
 def _rss() -> int:
@@ -250,7 +250,7 @@ async def test_a_node_whose_redis_is_down_shows_it_and_keeps_posts(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     broker = parse_broker_url(f"redis://:{PASSWORD}@127.0.0.1:{closed_port()}/0")
-    server = Server(local_config(), limits=Limits(broker_timeout=0.5), broker=broker)
+    server = Server(settings(local_config(), limits=Limits(broker_timeout=0.5), broker=broker))
     await asyncio.wait_for(server.start(), TIMEOUT)
     try:
         async with aiohttp.ClientSession() as session:
@@ -276,7 +276,7 @@ async def test_a_node_whose_redis_is_down_shows_it_and_keeps_posts(
 async def test_a_connected_node_shows_up_and_its_publishes(tmp_path: Path) -> None:
     with RedisServer(tmp_path / "redis", password=PASSWORD) as redis:
         limits = Limits(broker_probe_interval=0.05)
-        server = Server(local_config(), limits=limits, broker=parse_broker_url(redis.url))
+        server = Server(settings(local_config(), limits=limits, broker=parse_broker_url(redis.url)))
         await asyncio.wait_for(server.start(), TIMEOUT)
         try:
             async with aiohttp.ClientSession() as session:

@@ -22,13 +22,14 @@ import aiohttp
 import pytest
 
 from fastaphlict import cli
-from fastaphlict.config import Config, ServerConfig
+from fastaphlict.config import Config, ServerConfig, Settings
 from fastaphlict.server import Server
 from redis_support import RedisServer
 from support import (
     TIMEOUT,
     ServerProcess,
     activated,
+    as_options,
     bare_session,
     eventually,
     free_ports,
@@ -38,6 +39,7 @@ from support import (
     metric,
     post,
     scaled,
+    settings,
     stop,
     wait_healthy,
 )
@@ -84,8 +86,8 @@ def runs(monkeypatch: pytest.MonkeyPatch) -> list[tuple[Config, dict[str, object
     """Stand in for fastaphlict.server: record the config and options of each run()."""
     calls: list[tuple[Config, dict[str, object]]] = []
 
-    def run(config: Config, **options: object) -> int:
-        calls.append((config, options))
+    def run(settings: Settings, **options: object) -> int:
+        calls.append((settings.config, {**as_options(settings), **options}))
         return 0
 
     module = types.ModuleType("fastaphlict.server")
@@ -270,7 +272,7 @@ def test_a_bad_reuse_port_variable_is_named(
 
 
 async def test_two_servers_share_a_port_only_with_reuse_port() -> None:
-    first = Server(local_config(), reuse_port=True)
+    first = Server(settings(local_config(), reuse_port=True))
     await first.start()
     try:
         shared = Config(
@@ -279,14 +281,14 @@ async def test_two_servers_share_a_port_only_with_reuse_port() -> None:
                 ServerConfig("admin", first.admin_ports[0], "127.0.0.1"),
             )
         )
-        second = Server(shared, reuse_port=True)
+        second = Server(settings(shared, reuse_port=True))
         await second.start()
         try:
             assert second.client_ports == first.client_ports
             assert second.admin_ports == first.admin_ports
         finally:
             await asyncio.wait_for(second.close(), TIMEOUT)
-        alone = Server(shared)
+        alone = Server(settings(shared))
         with pytest.raises(OSError, match=f"127.0.0.1:{first.client_ports[0]}: Address already in"):
             await alone.start()
     finally:

@@ -31,6 +31,7 @@ from support import (
     free_ports,
     local_config,
     scaled,
+    settings,
     spawned,
 )
 
@@ -153,7 +154,7 @@ async def test_a_failed_start_closes_listeners_and_the_peer_session(
     monkeypatch.setattr(PidFile, "write", full_disk)
     peer = PeerConfig("127.0.0.1", free_ports(1)[0], "http")
     config = dataclasses.replace(local_config(peers=(peer,)), pidfile=str(tmp_path / "a.pid"))
-    server = Server(config)
+    server = Server(settings(config))
     with pytest.raises(PidFileError, match="No space left"):
         await asyncio.wait_for(server.serve(), TIMEOUT)
     session = server.relay._session

@@ -42,6 +42,7 @@ from support import (
     local_config,
     post,
     scaled,
+    settings,
     spawned,
     wait_healthy,
 )
@@ -413,14 +414,14 @@ async def test_the_lock_also_holds_against_a_start_that_raced_past_the_check(
     held = state.lock(str(tmp_path))
     try:
         state.write_pending(str(tmp_path), PENDING)
-        server = Server(local_config(), state_dir=str(tmp_path))
+        server = Server(settings(local_config(), state_dir=str(tmp_path)))
         with pytest.raises(state.DirectoryInUse, match=f"state directory {tmp_path} is in use"):
             await asyncio.wait_for(server.start(), TIMEOUT)
         assert state.read_pending(str(tmp_path)) == PENDING, "the holder's file untouched"
     finally:
         os.close(held)
     # Released with its descriptor (or its process): no stale lock after a crash.
-    server = Server(local_config(), state_dir=str(tmp_path))
+    server = Server(settings(local_config(), state_dir=str(tmp_path)))
     await asyncio.wait_for(server.start(), TIMEOUT)
     await asyncio.wait_for(server.close(), TIMEOUT)
 
@@ -484,10 +485,12 @@ async def test_a_message_that_cannot_be_saved_does_not_stop_the_stop(
     """The broker's drain and the pending save still run, and the good histories are saved."""
     caplog.set_level(logging.INFO, "fastaphlict")
     server = Server(
-        local_config(),
-        state_dir=str(tmp_path),
-        broker=broker_to_nowhere(),
-        limits=Limits(broker_timeout=0.2),
+        settings(
+            local_config(),
+            state_dir=str(tmp_path),
+            broker=broker_to_nowhere(),
+            limits=Limits(broker_timeout=0.2),
+        )
     )
     await asyncio.wait_for(server.start(), TIMEOUT)
     try:
@@ -518,10 +521,12 @@ async def test_at_a_stop_unpublished_messages_are_written_before_the_histories(
 
         monkeypatch.setattr(state, name, spy)
     server = Server(
-        local_config(),
-        state_dir=str(tmp_path),
-        broker=broker_to_nowhere(),
-        limits=Limits(broker_timeout=0.2),
+        settings(
+            local_config(),
+            state_dir=str(tmp_path),
+            broker=broker_to_nowhere(),
+            limits=Limits(broker_timeout=0.2),
+        )
     )
     await asyncio.wait_for(server.start(), TIMEOUT)
     server.hub.publish("default", {"key": "kept", "subscribers": ["PHID-A"]})
@@ -535,10 +540,12 @@ async def test_saved_messages_stay_on_disk_until_redis_has_them(tmp_path: Path) 
     recent = [(o, s, i, time.time() * 1000 - 1000, p) for o, s, i, _, p in PENDING]
     state.write_pending(str(tmp_path), recent)
     server = Server(
-        local_config(),
-        state_dir=str(tmp_path),
-        broker=broker_to_nowhere(),
-        limits=Limits(broker_timeout=0.2),
+        settings(
+            local_config(),
+            state_dir=str(tmp_path),
+            broker=broker_to_nowhere(),
+            limits=Limits(broker_timeout=0.2),
+        )
     )
     await asyncio.wait_for(server.start(), TIMEOUT)
     try:
@@ -551,10 +558,12 @@ async def test_saved_messages_stay_on_disk_until_redis_has_them(tmp_path: Path) 
 async def test_saved_messages_all_past_the_window_are_removed_at_start(tmp_path: Path) -> None:
     state.write_pending(str(tmp_path), PENDING)  # from 2023: long expired
     server = Server(
-        local_config(),
-        state_dir=str(tmp_path),
-        broker=broker_to_nowhere(),
-        limits=Limits(broker_timeout=0.2),
+        settings(
+            local_config(),
+            state_dir=str(tmp_path),
+            broker=broker_to_nowhere(),
+            limits=Limits(broker_timeout=0.2),
+        )
     )
     await asyncio.wait_for(server.start(), TIMEOUT)
     try:

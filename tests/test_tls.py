@@ -21,7 +21,7 @@ from websockets.asyncio.client import connect
 
 from fastaphlict.config import Config, ConfigError, PeerConfig, ServerConfig
 from fastaphlict.tls import server_context
-from support import PHORGE_CONTENT_TYPE, TIMEOUT, Browser, running
+from support import PHORGE_CONTENT_TYPE, TIMEOUT, Browser, running, settings
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +96,7 @@ async def test_relay_to_an_https_peer_verifies_with_the_given_ca(pki: dict) -> N
         )
         from fastaphlict.server import Server
 
-        a = Server(config, peer_ca_file=pki["paths"]["ca"])
+        a = Server(settings(config, peer_ca_file=pki["paths"]["ca"]))
         await a.start()
         try:
             async with connect(

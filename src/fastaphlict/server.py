@@ -29,13 +29,7 @@ from picows import ws_create_server
 
 from fastaphlict import admin, client, state, systemd
 from fastaphlict.broker import Broker
-from fastaphlict.config import (
-    BrokerConfig,
-    Config,
-    ConfigError,
-    Limits,
-    ServerConfig,
-)
+from fastaphlict.config import ConfigError, Limits, ServerConfig, Settings
 from fastaphlict.hub import Hub, format_address
 from fastaphlict.peers import PeerRelay, new_fingerprint
 from fastaphlict.process import (
@@ -85,25 +79,16 @@ class Server:
     """Everything one fastaphlict process serves, started and stopped as a unit."""
 
     def __init__(
-        self,
-        config: Config,
-        *,
-        debug: bool = False,
-        reuse_port: bool = False,
-        limits: Limits | None = None,
-        peer_ca_file: str | None = None,
-        state_dir: str | None = None,
-        inherited: dict[int, systemd.Inherited] | None = None,
-        broker: BrokerConfig | None = None,
-        broker_ca_file: str | None = None,
+        self, settings: Settings, *, inherited: dict[int, systemd.Inherited] | None = None
     ):
-        self.config = config
+        self.settings = settings
+        self.config = config = settings.config
         #: Sockets systemd passed in, by index in ``config.servers``; served instead of binding.
         self.inherited = inherited or {}
-        self.debug = debug
+        self.debug = debug = settings.debug
         #: Bind with SO_REUSEPORT: other processes of this user may serve the same ports.
-        self.reuse_port = reuse_port
-        self.limits = limits or Limits()
+        self.reuse_port = settings.reuse_port
+        self.limits = settings.limits
         self.fingerprint = new_fingerprint()
         self.hub = Hub(
             self.fingerprint,
@@ -118,19 +103,19 @@ class Server:
             config.cluster,
             timeout=self.limits.relay_timeout,
             queue_limit=self.limits.relay_queue,
-            ssl_context=client_context(peer_ca_file) if peer_ca_file else None,
+            ssl_context=client_context(settings.peer_ca_file) if settings.peer_ca_file else None,
         )
         self.hub.add_relay(self.relay)
         self.broker: Broker | None = None
-        if broker is not None:
+        if settings.broker is not None:
             self.broker = Broker(
                 self.hub,
-                broker,
+                settings.broker,
                 timeout=self.limits.broker_timeout,
                 buffer_limit=self.limits.broker_buffer,
                 buffer_bytes=self.limits.broker_buffer_bytes,
                 probe_interval=self.limits.broker_probe_interval,
-                ca_file=broker_ca_file,
+                ca_file=settings.broker_ca_file,
             )
             self.hub.add_relay(self.broker)
             self.hub.join_cluster(self.broker.is_member)
@@ -144,7 +129,7 @@ class Server:
         self._stopped = asyncio.Event()
         self._closing = False
         self._periodic: list[asyncio.Future[None]] = []
-        self.state_dir = state_dir
+        self.state_dir = settings.state_dir
         # Set once start() has finished: a start that failed (a port in use,
         # say) must not overwrite the saved histories.
         self._save_state = self._save_pending = False
@@ -616,34 +601,13 @@ def _reload(on_reload: Callable[[], None]) -> None:
         log.exception("SIGHUP: reopening log files failed")
 
 
-def run(
-    config: Config,
-    *,
-    debug: bool = False,
-    reuse_port: bool = False,
-    limits: Limits | None = None,
-    on_reload: Callable[[], None] | None = None,
-    peer_ca_file: str | None = None,
-    state_dir: str | None = None,
-    broker: BrokerConfig | None = None,
-    broker_ca_file: str | None = None,
-) -> int:
+def run(settings: Settings, *, on_reload: Callable[[], None] | None = None) -> int:
     """Run the server on uvloop until SIGTERM/SIGINT; return the exit code."""
     import uvloop
 
     raise_open_file_limit()
     try:
-        server = Server(
-            config,
-            debug=debug,
-            reuse_port=reuse_port,
-            limits=limits,
-            peer_ca_file=peer_ca_file,
-            state_dir=state_dir,
-            inherited=systemd.adopt(config.servers),
-            broker=broker,
-            broker_ca_file=broker_ca_file,
-        )
+        server = Server(settings, inherited=systemd.adopt(settings.config.servers))
         uvloop.run(server.serve(on_reload=on_reload))
     except (OSError, ConfigError, ValueError) as exc:
         log.error("cannot start: %s", exc)

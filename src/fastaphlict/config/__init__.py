@@ -8,6 +8,9 @@ The parts, each one role:
 - :mod:`~fastaphlict.config.broker_url`: broker URLs, with redaction;
 - :mod:`~fastaphlict.config.preflight`: the only I/O (TLS files, paths,
   listen addresses), shared by ``--test`` and start;
+- :mod:`~fastaphlict.config.options`: every flag and its variable, once;
+- :mod:`~fastaphlict.config.settings`: :class:`Settings` and :func:`resolve`,
+  where flag > environment > file > default is applied;
 - :mod:`~fastaphlict.config.errors`: :class:`ConfigError` and :class:`LimitError`.
 """
 
@@ -35,11 +38,14 @@ from fastaphlict.config.broker_url import (
 from fastaphlict.config.errors import ConfigError, LimitError
 from fastaphlict.config.limits import Limits
 from fastaphlict.config.preflight import (
+    check_broker_ca,
     check_files,
     check_listen,
     check_state_dir,
+    preflight,
     unsafe_directory,
 )
+from fastaphlict.config.settings import Settings, resolve
 
 __all__ = [
     "DEFAULT_ADMIN_PORT",
@@ -53,8 +59,10 @@ __all__ = [
     "LogConfig",
     "PeerConfig",
     "ServerConfig",
+    "Settings",
     "_parse_sentinel_url",
     "address",
+    "check_broker_ca",
     "check_files",
     "check_listen",
     "check_state_dir",
@@ -63,5 +71,7 @@ __all__ = [
     "load_file",
     "parse_broker_url",
     "parse_config",
+    "preflight",
+    "resolve",
     "unsafe_directory",
 ]

@@ -15,8 +15,16 @@ import tempfile
 
 from fastaphlict.config.aphlict import _SSL_KEYS, Config
 from fastaphlict.config.errors import ConfigError
+from fastaphlict.config.settings import Settings
 
-__all__ = ["check_files", "check_listen", "check_state_dir", "unsafe_directory"]
+__all__ = [
+    "check_broker_ca",
+    "check_files",
+    "check_listen",
+    "check_state_dir",
+    "preflight",
+    "unsafe_directory",
+]
 
 
 def check_files(config: Config, *, pidfile_from: str | None = None) -> None:
@@ -191,3 +199,27 @@ def check_listen(config: Config) -> None:
                     f'set to "{server.listen}", which'
                 )
             raise ConfigError(f"{where} does not resolve to an address: {reason}.") from exc
+
+
+def check_broker_ca(path: str | None) -> None:
+    """The broker's CA file must load."""
+    if not path:
+        return
+    import ssl
+
+    try:
+        ssl.create_default_context(cafile=path)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f'Broker CA file "{path}" can not be loaded: {exc}.') from exc
+
+
+def preflight(settings: Settings) -> None:
+    """For ``--test`` and start alike: fail now, on the console, not later at bind time.
+
+    What ``--test`` passes, starts: the same checks run before serving.
+    """
+    check_files(settings.config, pidfile_from=settings.pidfile_from)
+    check_listen(settings.config)
+    if settings.state_dir:
+        check_state_dir(settings.state_dir)
+    check_broker_ca(settings.broker_ca_file)

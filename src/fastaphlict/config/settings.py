@@ -1,0 +1,207 @@
+"""Settings: every option of one server, resolved once from argv and the environment.
+
+:func:`resolve` is the one place precedence is applied, for every option:
+the flag, then its ``FASTAPHLICT_`` variable (read from the ``environ`` it is
+given, never from ``os.environ`` behind the caller's back), then Aphlict's
+file (or ``CLIENT_PORT``/``ADMIN_PORT``/``LISTEN_ADDR``), then the default.
+An error names the flag, or the variable when the value came from the
+environment, since that is where the operator has to fix it. Nothing here
+touches the file system beyond reading the config file: that is
+:mod:`~fastaphlict.config.preflight`'s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from fastaphlict.config.aphlict import Config, load_config
+from fastaphlict.config.broker_url import BrokerConfig, parse_broker_url
+from fastaphlict.config.errors import ConfigError, LimitError
+from fastaphlict.config.limits import Limits
+from fastaphlict.config.options import (
+    LIMIT_TYPES,
+    LOG_LEVELS,
+    PATH_VARIABLES,
+    build_parser,
+    parse_bool,
+    show,
+)
+
+__all__ = ["Settings", "resolve"]
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything one server process is told, validated; frozen so nothing drifts.
+
+    ``pidfile_from`` names the flag or variable that replaced the file's
+    ``pidfile`` (None: the file's own), for the errors about it.
+    """
+
+    config: Config
+    limits: Limits = field(default_factory=Limits)
+    debug: bool = False
+    log_level: int = logging.INFO
+    reuse_port: bool = False
+    pidfile_from: str | None = None
+    peer_ca_file: str | None = None
+    state_dir: str | None = None
+    broker: BrokerConfig | None = None
+    broker_ca_file: str | None = None
+    #: ``--test``: check everything, start nothing.
+    test: bool = False
+
+
+def resolve(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Settings:
+    """Parse ``argv`` and apply flag > environment > file > default to every option.
+
+    Raises ConfigError naming the source at fault; argparse's own usage
+    errors and ``--help`` raise SystemExit, as argparse does.
+    """
+    args = build_parser().parse_args(argv)
+    limits = _limits(args, environ)
+    level = _log_level(args, environ)
+    reuse_port = _reuse_port(args, environ)
+    pidfile, pidfile_from = _pidfile(args, environ)
+    config = load_config(args.config, environ)
+    if pidfile:
+        config = dataclasses.replace(config, pidfile=pidfile)
+    paths = {
+        name: getattr(args, name) or environ.get(variable, "").strip() or None
+        for name, variable in PATH_VARIABLES.items()
+    }
+    broker = _broker(args, paths["broker_ca_file"], environ)
+    if reuse_port and broker is None:
+        raise ConfigError(
+            "--reuse-port needs a broker (--broker or FASTAPHLICT_BROKER): Phorge posts"
+            " to whichever process the kernel picks, and without a broker the other"
+            " processes' tabs would miss the message"
+        )
+    return Settings(
+        config=config,
+        limits=limits,
+        debug=args.debug,
+        log_level=level,
+        reuse_port=reuse_port,
+        pidfile_from=pidfile_from,
+        peer_ca_file=paths["peer_ca_file"],
+        state_dir=paths["state_dir"],
+        broker=broker,
+        broker_ca_file=paths["broker_ca_file"],
+        test=args.test,
+    )
+
+
+def _limits(args: argparse.Namespace, environ: Mapping[str, str]) -> Limits:
+    """Limits from the flags, then the variables; defaults for the rest.
+
+    Raises ConfigError naming the flag, or the variable when the value came
+    from the environment, since that is where the operator has to fix it.
+    """
+    overrides: dict[str, object] = {}
+    sources: dict[str, str] = {}
+    defaults = Limits()
+    for spec in dataclasses.fields(Limits):
+        flag = f"--{spec.name.replace('_', '-')}"
+        value = getattr(args, f"limit_{spec.name}")
+        if value is not None:
+            overrides[spec.name] = value
+            sources[spec.name] = f"{flag}={show(value)}"
+            continue
+        variable = f"FASTAPHLICT_{spec.name.upper()}"
+        raw = environ.get(variable, "").strip()
+        if not raw:
+            continue
+        sources[spec.name] = f"{variable}={raw} (environment, for {flag})"
+        try:
+            overrides[spec.name] = LIMIT_TYPES[type(getattr(defaults, spec.name))](raw)
+        except argparse.ArgumentTypeError as exc:
+            raise ConfigError(f"{sources[spec.name]}: {exc}") from exc
+    try:
+        return Limits(**overrides)  # type: ignore[arg-type]
+    except LimitError as exc:
+        raise ConfigError(f"{sources.get(exc.name, exc.name)}: {exc.reason}") from exc
+
+
+def _pidfile(args: argparse.Namespace, environ: Mapping[str, str]) -> tuple[str | None, str | None]:
+    """``--pidfile``, then ``FASTAPHLICT_PIDFILE``: the path, and how to name it in errors.
+
+    (None, None) leaves the config file's ``pidfile`` in force.
+    """
+    if args.pidfile:
+        return args.pidfile, f"--pidfile={args.pidfile}"
+    raw = environ.get("FASTAPHLICT_PIDFILE", "").strip()
+    if raw:
+        return raw, f"FASTAPHLICT_PIDFILE={raw} (environment, for --pidfile)"
+    return None, None
+
+
+def _reuse_port(args: argparse.Namespace, environ: Mapping[str, str]) -> bool:
+    """``--reuse-port``, then ``FASTAPHLICT_REUSE_PORT``; off by default."""
+    if args.reuse_port is not None:
+        return bool(args.reuse_port)
+    raw = environ.get("FASTAPHLICT_REUSE_PORT", "").strip()
+    try:
+        return parse_bool(raw)
+    except argparse.ArgumentTypeError as exc:
+        raise ConfigError(
+            f"FASTAPHLICT_REUSE_PORT={raw} (environment, for --reuse-port): {exc}"
+        ) from exc
+
+
+def _log_level(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
+    """The level of the ``fastaphlict`` loggers: ``--debug``, ``--log-level``, then the variable."""
+    if args.debug:
+        return logging.DEBUG
+    name = args.log_level
+    if name is None:
+        raw = environ.get("FASTAPHLICT_LOG_LEVEL", "").strip()
+        name = raw.lower() or "info"
+        if name not in LOG_LEVELS:
+            raise ConfigError(
+                f"FASTAPHLICT_LOG_LEVEL={raw} (environment, for --log-level): "
+                f"expected one of {', '.join(LOG_LEVELS)}"
+            )
+    return logging.getLevelName(name.upper())  # type: ignore[no-any-return]
+
+
+def _broker(
+    args: argparse.Namespace, ca_file: str | None, environ: Mapping[str, str]
+) -> BrokerConfig | None:
+    """``--broker`` or ``FASTAPHLICT_BROKER`` parsed; None when neither is set.
+
+    The sentinels' password (``--broker-sentinel-password`` or its variable)
+    joins a ``redis+sentinel://`` broker and is refused for any other.
+
+    Errors name where the URL came from and never repeat its password.
+    """
+    if args.broker is not None:
+        raw, where = args.broker, "--broker"
+    else:
+        raw, where = environ.get("FASTAPHLICT_BROKER", ""), "FASTAPHLICT_BROKER (environment)"
+    if not raw.strip():
+        if args.broker is not None:
+            raise ConfigError("--broker: empty URL")
+        return None
+    try:
+        config = parse_broker_url(raw)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    if ca_file and not config.tls:
+        raise ConfigError(f"--broker-ca-file applies to a rediss:// broker, not {config.display}")
+    if args.broker_sentinel_password is not None:
+        secret, where = args.broker_sentinel_password, "--broker-sentinel-password"
+    else:
+        secret = environ.get("FASTAPHLICT_BROKER_SENTINEL_PASSWORD", "")
+        where = "FASTAPHLICT_BROKER_SENTINEL_PASSWORD (environment)"
+    if secret:
+        if not config.sentinel:
+            raise ConfigError(
+                f"{where} applies to a redis+sentinel:// broker, not {config.display}"
+            )
+        config = dataclasses.replace(config, sentinel_password=secret)
+    return config
