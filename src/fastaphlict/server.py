@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import signal
 import time
 from collections.abc import Callable
@@ -130,12 +129,11 @@ class Server:
         self._closing = False
         self._periodic: list[asyncio.Future[None]] = []
         self.state_dir = settings.state_dir
+        self.state = state.StateDir(self.state_dir) if self.state_dir is not None else None
         # Set once start() has finished: a start that failed (a port in use,
         # say) must not overwrite the saved histories.
         self._save_state = self._save_pending = False
         self._pending_kept = False
-        #: The state directory's lock, held for the process's life.
-        self._lock_fd: int | None = None
         #: When the stop began, if the broker was in sync then (for the alive note).
         self._in_sync_at: float | None = None
 
@@ -351,31 +349,13 @@ class Server:
 
     def _load_state(self) -> None:
         """Lock the state directory (creating it if missing) and load its histories."""
-        if self.state_dir is None:
+        if self.state is None:
             return
-        try:
-            state.check_writable(self.state_dir)
-        except OSError as exc:
-            raise OSError(
-                f'state directory "{self.state_dir}" can not be written: {os_reason(exc)}'
-            ) from exc
-        # Before anything is read: a sibling's files are not ours to take.
-        self._lock_fd = state.lock(self.state_dir)
-        alive = state.read_alive(self.state_dir)
+        alive = self.state.open()
         if alive is not None and self.broker is not None:
             # A clock that ran ahead then must not hide what came since.
             self.broker.deliver_from(min(alive, time.time() * 1000))
-        instances = entries = 0
-        for name, saved in state.read_dir(self.state_dir):
-            loaded = self.hub.import_state(name, saved)
-            instances += loaded > 0
-            entries += loaded
-        log.info(
-            "state: loaded %d message(s) of %d instance(s) from %s",
-            entries,
-            instances,
-            self.state_dir,
-        )
+        self.state.load_into(self.hub)
 
     def _restore_pending(self) -> None:
         """Queue what the previous process could not publish; its file goes once Redis has it.
@@ -383,8 +363,8 @@ class Server:
         Until then the file stays: a crash, an OOM kill or a stop during the
         start wait finds them again (Redis refuses a message it already has).
         """
-        assert self.broker is not None and self.state_dir is not None
-        pending = state.read_pending(self.state_dir)
+        assert self.broker is not None and self.state is not None
+        pending = self.state.read_pending()
         self.broker.on_restored = self._pending_published
         if not self.broker.restore(pending) and pending:
             self._pending_published()  # all past the window: nothing left to keep
@@ -393,12 +373,9 @@ class Server:
 
     def _pending_published(self) -> None:
         """Every restored message is in Redis (or dropped): the saved file has done its job."""
-        if self._closing or self.state_dir is None:
+        if self._closing or self.state is None:
             return  # the stop writes what is left
-        try:
-            state.remove_pending(self.state_dir)
-        except OSError as exc:
-            log.error("cannot remove %s: %s", state.PENDING_FILE, os_reason(exc))
+        self.state.remove_pending()
 
     async def _note_alive(self, interval: float) -> None:
         """While the broker is in sync, note the time: what a killed process had delivered.
@@ -413,59 +390,29 @@ class Server:
 
     def _write_alive(self, *, durable: bool, at: float | None = None) -> None:
         """Note ``at`` (default now, if the broker is in sync) in the state directory."""
-        if self.broker is None or self.state_dir is None:
+        if self.broker is None or self.state is None:
             return
         if at is None:
             if not self.broker.up:
                 return
             at = time.time() * 1000
-        try:
-            state.write_alive(self.state_dir, at - ALIVE_MARGIN_MS, durable=durable)
-        except OSError as exc:
-            log.error("cannot write state to %s: %s", self.state_dir, os_reason(exc))
+        self.state.note_alive(at - ALIVE_MARGIN_MS, durable=durable)
 
     def write_state(self) -> None:
         """Write every history to the state directory, once; a failure is one error line."""
-        if not self._save_state or self.state_dir is None:
+        if not self._save_state or self.state is None:
             return
         self._save_state = False
-        try:
-            histories = self.hub.export_state()
-            written = state.write_dir(self.state_dir, histories)
-        except OSError as exc:
-            log.error("cannot write state to %s: %s", self.state_dir, os_reason(exc))
-            return
-        except Exception:  # a boundary: the stop must go on to its end
-            log.exception("cannot write state to %s", self.state_dir)
-            return
-        if self._in_sync_at is not None:
+        if self.state.save(self.hub) and self._in_sync_at is not None:
             self._write_alive(durable=True, at=self._in_sync_at)
-        log.info(
-            "state: wrote %d message(s) of %d instance(s) to %s",
-            written,
-            len(histories),
-            self.state_dir,
-        )
 
     def keep_pending(self, pending: list[state.Pending]) -> None:
         """What the broker could not publish: to the state directory, or counted dropped."""
         if self.broker is None or self._pending_kept:
             return
         self._pending_kept = True
-        if self.state_dir is not None and self._save_pending:
-            try:
-                # None left: every restored message is published, the file goes.
-                state.write_pending(self.state_dir, pending)
-            except Exception as exc:  # a boundary: the stop must go on to its end
-                log.error("cannot write state to %s: %s", self.state_dir, exc)
-            else:
-                if pending:
-                    log.warning(
-                        "broker: %d unpublished message(s) kept in %s for the next start",
-                        len(pending),
-                        self.state_dir,
-                    )
-                return
+        if self.state is not None and self._save_pending and self.state.keep_pending(pending):
+            return
         if not pending:
             return
         self.broker.stats.dropped += len(pending)
@@ -519,9 +466,8 @@ class Server:
         for server in self._client_servers:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(server.wait_closed(), 1.0)
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
-            self._lock_fd = None
+        if self.state is not None:
+            self.state.close()
         self._stopped.set()
 
     async def serve(self, *, on_reload: Callable[[], None] | None = None) -> None:

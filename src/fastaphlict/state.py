@@ -49,9 +49,11 @@ import os
 import re
 import time
 from collections.abc import Iterable, Iterator
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
+
+from fastaphlict.process import os_reason
 
 __all__ = [
     "ALIVE_FILE",
@@ -62,6 +64,7 @@ __all__ = [
     "VERSION",
     "DirectoryInUse",
     "Pending",
+    "StateDir",
     "StateError",
     "check_unlocked",
     "check_writable",
@@ -470,3 +473,112 @@ def _decode_pending(data: bytes) -> list[Pending]:
             raise
         raise StateError(f"malformed entry: {exc}") from exc
     return pending
+
+
+# -- the directory of one running server ------------------------------------------
+
+# These lines have always come from the server's logger; operators grep for them.
+_server_log = logging.getLogger("fastaphlict.server")
+
+
+class Histories(Protocol):
+    """What :class:`StateDir` needs of the hub: its histories, out and in."""
+
+    def import_state(self, instance: str, entries: list[Entry]) -> int: ...
+
+    def export_state(self) -> dict[str, list[Entry]]: ...
+
+
+class StateDir:
+    """The state directory of one server, locked from :meth:`open` to :meth:`close`.
+
+    Every failure to write is one error line, never an exception: the stop
+    must go on to its end. Only opening (the directory cannot be written, or
+    another process holds it) refuses the start.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        #: The lock, held for the process's life.
+        self._lock_fd: int | None = None
+
+    def open(self) -> float | None:
+        """Create and lock the directory; return the last alive mark (ms), if any."""
+        try:
+            check_writable(self.path)
+        except OSError as exc:
+            raise OSError(
+                f'state directory "{self.path}" can not be written: {os_reason(exc)}'
+            ) from exc
+        # Before anything is read: a sibling's files are not ours to take.
+        self._lock_fd = lock(self.path)
+        return read_alive(self.path)
+
+    def load_into(self, hub: Histories) -> None:
+        """Load every saved history into ``hub``."""
+        instances = entries = 0
+        for name, saved in read_dir(self.path):
+            loaded = hub.import_state(name, saved)
+            instances += loaded > 0
+            entries += loaded
+        _server_log.info(
+            "state: loaded %d message(s) of %d instance(s) from %s", entries, instances, self.path
+        )
+
+    def save(self, hub: Histories) -> bool:
+        """Write every history of ``hub``; False (and one error line) if that failed."""
+        try:
+            histories = hub.export_state()
+            written = write_dir(self.path, histories)
+        except OSError as exc:
+            _server_log.error("cannot write state to %s: %s", self.path, os_reason(exc))
+            return False
+        except Exception:  # a boundary: the stop must go on to its end
+            _server_log.exception("cannot write state to %s", self.path)
+            return False
+        _server_log.info(
+            "state: wrote %d message(s) of %d instance(s) to %s",
+            written,
+            len(histories),
+            self.path,
+        )
+        return True
+
+    def note_alive(self, at_ms: float, *, durable: bool) -> None:
+        """Note that messages up to ``at_ms`` were delivered (see :func:`write_alive`)."""
+        try:
+            write_alive(self.path, at_ms, durable=durable)
+        except OSError as exc:
+            _server_log.error("cannot write state to %s: %s", self.path, os_reason(exc))
+
+    def read_pending(self) -> list[Pending]:
+        """What the previous process could not publish."""
+        return read_pending(self.path)
+
+    def keep_pending(self, pending: list[Pending]) -> bool:
+        """Write what the broker could not publish (none: the file goes); False if that failed."""
+        try:
+            write_pending(self.path, pending)
+        except Exception as exc:  # a boundary: the stop must go on to its end
+            _server_log.error("cannot write state to %s: %s", self.path, exc)
+            return False
+        if pending:
+            _server_log.warning(
+                "broker: %d unpublished message(s) kept in %s for the next start",
+                len(pending),
+                self.path,
+            )
+        return True
+
+    def remove_pending(self) -> None:
+        """Every restored message is in Redis (or dropped): the saved file has done its job."""
+        try:
+            remove_pending(self.path)
+        except OSError as exc:
+            _server_log.error("cannot remove %s: %s", PENDING_FILE, os_reason(exc))
+
+    def close(self) -> None:
+        """Release the lock."""
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
