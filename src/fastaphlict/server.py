@@ -16,37 +16,29 @@ counted as dropped; then the histories are written.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import signal
 import time
 from collections.abc import Callable
-from typing import Any
 
-from aiohttp import web
-from picows import ws_create_server
-
-from fastaphlict import admin, client, state, systemd
+from fastaphlict import client, state, systemd
 from fastaphlict.broker import Broker
-from fastaphlict.config import ConfigError, Limits, ServerConfig, Settings
-from fastaphlict.hub import Hub, format_address
+from fastaphlict.config import ConfigError, Limits, Settings
+from fastaphlict.hub import Hub
+from fastaphlict.listeners import Listeners
 from fastaphlict.peers import PeerRelay, new_fingerprint
 from fastaphlict.process import (
     PidFile,
-    connection_cap,
-    os_reason,
     raise_open_file_limit,
     tune_gc,
 )
-from fastaphlict.tls import client_context, server_context
+from fastaphlict.tls import client_context
 
 __all__ = ["Limits", "Server", "run"]
 
 log = logging.getLogger("fastaphlict.server")
 
 
-#: Listen backlog: a restart makes every open tab reconnect at once.
-BACKLOG = 4096
 #: Seconds between rounds that expire idle histories and drop empty instances.
 EXPIRE_INTERVAL = 5.0
 #: Items (sockets, instances) handled per slice of periodic work before the
@@ -69,9 +61,6 @@ ALIVE_INTERVAL = 5.0
 #: Milliseconds the note is set back: a message other nodes accepted just
 #: before it may still be on its way here (the merge skips what was had).
 ALIVE_MARGIN_MS = 2000.0
-#: Initial picows read buffer per socket (picows never goes below 2 KiB).
-READ_BUFFER_SIZE = 2048
-_PICOWS_LOG = client.PicowsLog(logging.getLogger("picows.server"), {})
 
 
 class Server:
@@ -119,12 +108,11 @@ class Server:
             self.hub.add_relay(self.broker)
             self.hub.join_cluster(self.broker.is_member)
             self.relay.join_cluster(self.broker.members)
-        self.client_ports: list[int] = []
-        self.admin_ports: list[int] = []
-        self._client_servers: list[asyncio.AbstractServer] = []
-        self._admin_runners: list[web.AppRunner] = []
-        self._admin_servers: list[asyncio.AbstractServer] = []
-        self._admin_connections: set[admin.AdminProtocol] = set()
+        self.listeners = Listeners(settings, self.hub, self.relay, self.broker, self.inherited)
+        #: The bound ports, in config order (port 0 in the config: the kernel's choice).
+        self.client_ports = self.listeners.client_ports
+        self.admin_ports = self.listeners.admin_ports
+        self._client_servers = self.listeners.client_servers
         self._stopped = asyncio.Event()
         self._closing = False
         self._periodic: list[asyncio.Future[None]] = []
@@ -154,18 +142,7 @@ class Server:
                 # Warmed from Redis (or given up on) before any tab can replay.
                 await self.broker.start()
             await self.relay.start()
-            for index, entry in enumerate(self.config.servers):
-                try:
-                    if entry.type == "client":
-                        await self._start_client(entry)
-                    else:
-                        await self._start_admin(entry)
-                except OSError as exc:
-                    # Name the entry: "address in use" alone doesn't say which port.
-                    raise OSError(
-                        f'{entry.type} server (at index "{index}") cannot listen on '
-                        f"{format_address(entry.listen, entry.port)}: {os_reason(exc)}"
-                    ) from exc
+            await self.listeners.open()
             if self.limits.ping_interval > 0:
                 self._periodic.append(
                     asyncio.ensure_future(self._housekeeping(self.limits.ping_interval, sweep=True))
@@ -180,132 +157,6 @@ class Server:
         except BaseException:
             await self.close()
             raise
-
-    async def _start_client(self, entry: ServerConfig) -> None:
-        where = self._where(entry)
-        server = await ws_create_server(
-            client.listener_factory(
-                self.hub,
-                client.Options(self.debug, self.limits, connection_cap(self.limits)),
-            ),
-            ssl=server_context(entry),
-            websocket_handshake_timeout=self.limits.handshake_timeout,
-            # Oversized frames are closed with 1009 by picows itself.
-            max_frame_size=self.limits.max_frame_size,
-            # The listener answers pings itself, once it has checked the frame.
-            enable_auto_pong=False,
-            # An adapter, not a Logger: picows builds a child Logger for every
-            # connection when given a Logger, a cost paid by every idle tab.
-            logger_name=_PICOWS_LOG,
-            # picows' default 16 KiB read buffer per socket dominates an idle
-            # tab's memory; commands are tiny, and the buffer grows on demand.
-            read_buffer_init_size=READ_BUFFER_SIZE,
-            # uvloop's own transports: lighter per idle socket than aiofastnet.
-            use_aiofastnet=False,
-            # After a restart every open tab reconnects at once.
-            backlog=BACKLOG,
-            **where,
-        )
-        self._client_servers.append(server)
-        port = server.sockets[0].getsockname()[1]
-        self.client_ports.append(port)
-        log.info(
-            "client server listening on %s%s%s",
-            format_address(entry.listen, port),
-            " (tls)" if entry.tls else "",
-            self._shared(entry),
-        )
-
-    async def _start_admin(self, entry: ServerConfig) -> None:
-        throttles = admin.new_throttles()
-        runner = web.AppRunner(
-            admin.make_app(
-                self.hub,
-                relay=self.relay,
-                broker=self.broker,
-                max_body_size=self.limits.max_body_size,
-                throttles=throttles,
-            ),
-            access_log=None,
-            handle_signals=False,
-            shutdown_timeout=self.limits.shutdown_timeout / 2,
-            # A malformed request is a client's doing: within a budget, not a traceback.
-            logger=admin.AiohttpLog(logging.getLogger("aiohttp.server"), throttles["bad request"]),
-            # aiohttp reads and drops a body its handler left unread (a 404,
-            # a 405): no longer than the fast path lingers after a 413.
-            lingering_time=admin.LINGER_TIME,
-        )
-        await runner.setup()
-        self._admin_runners.append(runner)
-        fallback = runner.server
-        assert fallback is not None
-        allow = self.limits.admin_networks()
-        where = self._where(entry)
-        server = await asyncio.get_running_loop().create_server(
-            lambda: admin.AdminProtocol(
-                self.hub,
-                fallback,
-                self._admin_connections,
-                max_body_size=self.limits.max_body_size,
-                allow=allow,
-                throttles=throttles,
-            ),
-            ssl=server_context(entry),
-            backlog=BACKLOG,
-            **where,
-        )
-        self._admin_servers.append(server)
-        port = server.sockets[0].getsockname()[1]
-        self.admin_ports.append(port)
-        refused = admin.refused_loopback(entry.listen, allow)
-        if refused:
-            log.warning(
-                "--admin-allow=%s refuses %s: health checks and a Phorge on this host"
-                " get 403 from the admin server on %s",
-                ",".join(self.limits.admin_allow),
-                " and ".join(refused),
-                format_address(entry.listen, port),
-            )
-        log.info(
-            "admin server listening on %s%s%s",
-            format_address(entry.listen, port),
-            " (tls)" if entry.tls else "",
-            self._shared(entry),
-        )
-
-    def _where(self, entry: ServerConfig) -> dict[str, Any]:
-        """Where a listener accepts: systemd's inherited socket for it, or a bind.
-
-        An inherited socket is served as it is: its address was systemd's
-        choice, so the config's ``listen`` is only compared, for the log.
-        Closing our listener later closes only this process's copy; systemd's
-        stays open, and with it the backlog the next process will serve.
-        """
-        inherited = self.inherited.get(self.config.servers.index(entry))
-        if inherited is None:
-            return {
-                "host": entry.listen,
-                "port": entry.port,
-                "reuse_address": True,
-                "reuse_port": self.reuse_port,
-            }
-        log.info("%s server uses inherited socket %s", entry.type, inherited.describe())
-        if self.reuse_port:
-            # systemd made the socket; its options are the socket unit's (ReusePort=).
-            log.info("--reuse-port does not apply to inherited socket %s", inherited.describe())
-        if entry.listen != inherited.host:
-            log.info(
-                "the config's listen address %s does not apply to inherited socket %s",
-                entry.listen,
-                inherited.describe(),
-            )
-        return {"sock": inherited.sock}
-
-    def _shared(self, entry: ServerConfig) -> str:
-        """The listening line's note that other processes may accept on this port too."""
-        if self.reuse_port and self.config.servers.index(entry) not in self.inherited:
-            return " (shared port, SO_REUSEPORT)"
-        return ""
 
     async def _housekeeping(
         self, interval: float, *, sweep: bool = False, expire: bool = False
@@ -436,15 +287,11 @@ class Server:
         self._closing = True
         for task in self._periodic:
             task.cancel()
-        for server in (*self._client_servers, *self._admin_servers):
-            server.close()
+        self.listeners.stop_accepting()
         closed = client.close_all(self.hub)
         if closed:
             log.info("sent going-away to %d socket(s)", closed)
-        for connection in list(self._admin_connections):
-            connection.close()  # fast-path requests finish synchronously: none is in flight
-        for runner in self._admin_runners:
-            await runner.cleanup()
+        await self.listeners.close_admin()
         drain = self.limits.relay_drain_timeout
         if self.broker is not None:
             if self.broker.up:
@@ -463,9 +310,7 @@ class Server:
         for inst in self.hub.instances():
             for sub in inst.channel.subscribers():
                 sub.transport.disconnect()
-        for server in self._client_servers:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(server.wait_closed(), 1.0)
+        await self.listeners.wait_closed()
         if self.state is not None:
             self.state.close()
         self._stopped.set()

@@ -1,0 +1,220 @@
+"""Listeners: the client and admin servers of one process, opened and closed in order.
+
+Each entry of the config is one listener on the shared hub: a picows
+WebSocket server for a client entry, the admin fast path (with aiohttp behind
+it) for an admin one; a socket systemd passed in is served instead of a bind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+from aiohttp import web
+from picows import ws_create_server
+
+from fastaphlict import admin, client, systemd
+from fastaphlict.broker import Broker
+from fastaphlict.config import ServerConfig, Settings
+from fastaphlict.hub import Hub, format_address
+from fastaphlict.peers import PeerRelay
+from fastaphlict.process import connection_cap, os_reason
+from fastaphlict.tls import server_context
+
+__all__ = ["BACKLOG", "Listeners"]
+
+# The listening lines have always come from the server's logger.
+log = logging.getLogger("fastaphlict.server")
+
+#: Listen backlog: a restart makes every open tab reconnect at once.
+BACKLOG = 4096
+#: Initial picows read buffer per socket (picows never goes below 2 KiB).
+READ_BUFFER_SIZE = 2048
+_PICOWS_LOG = client.PicowsLog(logging.getLogger("picows.server"), {})
+
+
+class Listeners:
+    """Every listener of one server, and the ports they are bound to (in config order)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        hub: Hub,
+        relay: PeerRelay,
+        broker: Broker | None,
+        inherited: dict[int, systemd.Inherited],
+    ) -> None:
+        self.config = settings.config
+        self.limits = settings.limits
+        self.debug = settings.debug
+        self.reuse_port = settings.reuse_port
+        self.hub = hub
+        self.relay = relay
+        self.broker = broker
+        #: Sockets systemd passed in, by index in ``config.servers``; served instead of binding.
+        self.inherited = inherited
+        self.client_ports: list[int] = []
+        self.admin_ports: list[int] = []
+        self.client_servers: list[asyncio.AbstractServer] = []
+        self.admin_runners: list[web.AppRunner] = []
+        self.admin_servers: list[asyncio.AbstractServer] = []
+        self.admin_connections: set[admin.AdminProtocol] = set()
+
+    async def open(self) -> None:
+        """Open every listener of the config; raise naming the entry that failed."""
+        for index, entry in enumerate(self.config.servers):
+            try:
+                if entry.type == "client":
+                    await self._open_client(entry)
+                else:
+                    await self._open_admin(entry)
+            except OSError as exc:
+                # Name the entry: "address in use" alone doesn't say which port.
+                raise OSError(
+                    f'{entry.type} server (at index "{index}") cannot listen on '
+                    f"{format_address(entry.listen, entry.port)}: {os_reason(exc)}"
+                ) from exc
+
+    def stop_accepting(self) -> None:
+        for server in (*self.client_servers, *self.admin_servers):
+            server.close()
+
+    async def close_admin(self) -> None:
+        """End the admin connections; in-flight aiohttp requests get their shutdown timeout."""
+        for connection in list(self.admin_connections):
+            connection.close()  # fast-path requests finish synchronously: none is in flight
+        for runner in self.admin_runners:
+            await runner.cleanup()
+
+    async def wait_closed(self) -> None:
+        for server in self.client_servers:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(server.wait_closed(), 1.0)
+
+    async def _open_client(self, entry: ServerConfig) -> None:
+        where = self._where(entry)
+        server = await ws_create_server(
+            client.listener_factory(
+                self.hub,
+                client.Options(self.debug, self.limits, connection_cap(self.limits)),
+            ),
+            ssl=server_context(entry),
+            websocket_handshake_timeout=self.limits.handshake_timeout,
+            # Oversized frames are closed with 1009 by picows itself.
+            max_frame_size=self.limits.max_frame_size,
+            # The listener answers pings itself, once it has checked the frame.
+            enable_auto_pong=False,
+            # An adapter, not a Logger: picows builds a child Logger for every
+            # connection when given a Logger, a cost paid by every idle tab.
+            logger_name=_PICOWS_LOG,
+            # picows' default 16 KiB read buffer per socket dominates an idle
+            # tab's memory; commands are tiny, and the buffer grows on demand.
+            read_buffer_init_size=READ_BUFFER_SIZE,
+            # uvloop's own transports: lighter per idle socket than aiofastnet.
+            use_aiofastnet=False,
+            # After a restart every open tab reconnects at once.
+            backlog=BACKLOG,
+            **where,
+        )
+        self.client_servers.append(server)
+        port = server.sockets[0].getsockname()[1]
+        self.client_ports.append(port)
+        log.info(
+            "client server listening on %s%s%s",
+            format_address(entry.listen, port),
+            " (tls)" if entry.tls else "",
+            self._shared(entry),
+        )
+
+    async def _open_admin(self, entry: ServerConfig) -> None:
+        throttles = admin.new_throttles()
+        runner = web.AppRunner(
+            admin.make_app(
+                self.hub,
+                relay=self.relay,
+                broker=self.broker,
+                max_body_size=self.limits.max_body_size,
+                throttles=throttles,
+            ),
+            access_log=None,
+            handle_signals=False,
+            shutdown_timeout=self.limits.shutdown_timeout / 2,
+            # A malformed request is a client's doing: within a budget, not a traceback.
+            logger=admin.AiohttpLog(logging.getLogger("aiohttp.server"), throttles["bad request"]),
+            # aiohttp reads and drops a body its handler left unread (a 404,
+            # a 405): no longer than the fast path lingers after a 413.
+            lingering_time=admin.LINGER_TIME,
+        )
+        await runner.setup()
+        self.admin_runners.append(runner)
+        fallback = runner.server
+        assert fallback is not None
+        allow = self.limits.admin_networks()
+        where = self._where(entry)
+        server = await asyncio.get_running_loop().create_server(
+            lambda: admin.AdminProtocol(
+                self.hub,
+                fallback,
+                self.admin_connections,
+                max_body_size=self.limits.max_body_size,
+                allow=allow,
+                throttles=throttles,
+            ),
+            ssl=server_context(entry),
+            backlog=BACKLOG,
+            **where,
+        )
+        self.admin_servers.append(server)
+        port = server.sockets[0].getsockname()[1]
+        self.admin_ports.append(port)
+        refused = admin.refused_loopback(entry.listen, allow)
+        if refused:
+            log.warning(
+                "--admin-allow=%s refuses %s: health checks and a Phorge on this host"
+                " get 403 from the admin server on %s",
+                ",".join(self.limits.admin_allow),
+                " and ".join(refused),
+                format_address(entry.listen, port),
+            )
+        log.info(
+            "admin server listening on %s%s%s",
+            format_address(entry.listen, port),
+            " (tls)" if entry.tls else "",
+            self._shared(entry),
+        )
+
+    def _where(self, entry: ServerConfig) -> dict[str, Any]:
+        """Where a listener accepts: systemd's inherited socket for it, or a bind.
+
+        An inherited socket is served as it is: its address was systemd's
+        choice, so the config's ``listen`` is only compared, for the log.
+        Closing our listener later closes only this process's copy; systemd's
+        stays open, and with it the backlog the next process will serve.
+        """
+        inherited = self.inherited.get(self.config.servers.index(entry))
+        if inherited is None:
+            return {
+                "host": entry.listen,
+                "port": entry.port,
+                "reuse_address": True,
+                "reuse_port": self.reuse_port,
+            }
+        log.info("%s server uses inherited socket %s", entry.type, inherited.describe())
+        if self.reuse_port:
+            # systemd made the socket; its options are the socket unit's (ReusePort=).
+            log.info("--reuse-port does not apply to inherited socket %s", inherited.describe())
+        if entry.listen != inherited.host:
+            log.info(
+                "the config's listen address %s does not apply to inherited socket %s",
+                entry.listen,
+                inherited.describe(),
+            )
+        return {"sock": inherited.sock}
+
+    def _shared(self, entry: ServerConfig) -> str:
+        """The listening line's note that other processes may accept on this port too."""
+        if self.reuse_port and self.config.servers.index(entry) not in self.inherited:
+            return " (shared port, SO_REUSEPORT)"
+        return ""
