@@ -10,7 +10,7 @@ import pytest
 
 from fastaphlict import cli
 from fastaphlict.config import ConfigError, Limits, Settings, resolve
-from fastaphlict.config.options import PATH_VARIABLES, build_parser
+from fastaphlict.config.options import OPTIONS, PATH_VARIABLES, build_parser, limit_flag
 
 #: A value for every variable resolve() reads, each one that would change the result.
 EVERY_VARIABLE = {
@@ -103,3 +103,11 @@ def test_main_reads_the_environment_it_is_given(
     assert capsys.readouterr().out == "Configuration test OK.\n"
     assert cli.main(["--test"], environ={"CLIENT_PORT": "http"}) == 1
     assert "CLIENT_PORT" in capsys.readouterr().err
+
+
+def test_every_flag_of_the_parser_is_declared_once() -> None:
+    """OPTIONS and the limits between them name each flag of --help, and nothing else."""
+    parsed = [action.option_strings[-1] for action in build_parser()._actions]
+    declared = [option.flag for option in OPTIONS]
+    declared += [limit_flag(spec.name) for spec in dataclasses.fields(Limits)]
+    assert sorted(parsed) == sorted(declared)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from dataclasses import dataclass
 
 from fastaphlict import __version__
 from fastaphlict.config.limits import Limits
@@ -19,8 +20,13 @@ from fastaphlict.config.limits import Limits
 __all__ = [
     "LIMIT_TYPES",
     "LOG_LEVELS",
+    "OPTIONS",
     "PATH_VARIABLES",
+    "VARIABLES",
+    "Option",
     "build_parser",
+    "limit_flag",
+    "limit_variable",
     "parse_bool",
     "show",
 ]
@@ -216,9 +222,62 @@ def _parse_seconds(value: str) -> float:
 LIMIT_TYPES = {float: _parse_seconds, int: _parse_count, tuple: _parse_list}
 
 
+@dataclass(frozen=True)
+class Option:
+    """One option that is not a limit: its flag, the variable it also reads, its docs default.
+
+    The limits declare the same in :class:`~fastaphlict.config.limits.Limits`
+    (their variable is :func:`limit_variable`'s); the parser's help says the rest.
+    """
+
+    flag: str
+    #: The variable read when the flag is absent ("" for none).
+    variable: str = ""
+    #: The default as the flag table of ``docs/settings.md`` says it.
+    default: str = ""
+
+    @property
+    def dest(self) -> str:
+        return self.flag[2:].replace("-", "_")
+
+
+#: Every option but the limits, in ``--help``'s order.
+OPTIONS = (
+    Option("--help"),
+    Option("--version"),
+    Option(
+        "--config",
+        "APHLICT_CONFIG",
+        "none: the variables `CLIENT_PORT`, `ADMIN_PORT`, `LISTEN_ADDR`",
+    ),
+    Option("--test", default="off"),
+    Option("--debug", default="off"),
+    Option("--log-level", "FASTAPHLICT_LOG_LEVEL", "info"),
+    Option("--pidfile", "FASTAPHLICT_PIDFILE", "the config file's `pidfile`"),
+    Option("--reuse-port", "FASTAPHLICT_REUSE_PORT", "off"),
+    Option("--peer-ca-file", "FASTAPHLICT_PEER_CA_FILE", "the system's CAs"),
+    Option("--broker", "FASTAPHLICT_BROKER", "none: one node alone"),
+    Option("--broker-sentinel-password", "FASTAPHLICT_BROKER_SENTINEL_PASSWORD", "none"),
+    Option("--broker-ca-file", "FASTAPHLICT_BROKER_CA_FILE", "the system's CAs"),
+    Option("--state-dir", "FASTAPHLICT_STATE_DIR", "none: a restart forgets the history"),
+)
+
+#: Each option's variable, by flag.
+VARIABLES = {option.flag: option.variable for option in OPTIONS if option.variable}
+
 #: Path options whose variable applies when the flag is absent (an empty one is unset).
 PATH_VARIABLES = {
-    "peer_ca_file": "FASTAPHLICT_PEER_CA_FILE",
-    "broker_ca_file": "FASTAPHLICT_BROKER_CA_FILE",
-    "state_dir": "FASTAPHLICT_STATE_DIR",
+    option.dest: option.variable
+    for option in OPTIONS
+    if option.flag in ("--peer-ca-file", "--broker-ca-file", "--state-dir")
 }
+
+
+def limit_flag(name: str) -> str:
+    """The flag of the limit ``name`` (a field of Limits)."""
+    return f"--{name.replace('_', '-')}"
+
+
+def limit_variable(name: str) -> str:
+    """The variable of the limit ``name``: ``FASTAPHLICT_`` and the field's name."""
+    return f"FASTAPHLICT_{name.upper()}"

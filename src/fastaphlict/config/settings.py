@@ -26,7 +26,10 @@ from fastaphlict.config.options import (
     LIMIT_TYPES,
     LOG_LEVELS,
     PATH_VARIABLES,
+    VARIABLES,
     build_parser,
+    limit_flag,
+    limit_variable,
     parse_bool,
     show,
 )
@@ -106,13 +109,13 @@ def _limits(args: argparse.Namespace, environ: Mapping[str, str]) -> Limits:
     sources: dict[str, str] = {}
     defaults = Limits()
     for spec in dataclasses.fields(Limits):
-        flag = f"--{spec.name.replace('_', '-')}"
+        flag = limit_flag(spec.name)
         value = getattr(args, f"limit_{spec.name}")
         if value is not None:
             overrides[spec.name] = value
             sources[spec.name] = f"{flag}={show(value)}"
             continue
-        variable = f"FASTAPHLICT_{spec.name.upper()}"
+        variable = limit_variable(spec.name)
         raw = environ.get(variable, "").strip()
         if not raw:
             continue
@@ -134,9 +137,10 @@ def _pidfile(args: argparse.Namespace, environ: Mapping[str, str]) -> tuple[str 
     """
     if args.pidfile:
         return args.pidfile, f"--pidfile={args.pidfile}"
-    raw = environ.get("FASTAPHLICT_PIDFILE", "").strip()
+    variable = VARIABLES["--pidfile"]
+    raw = environ.get(variable, "").strip()
     if raw:
-        return raw, f"FASTAPHLICT_PIDFILE={raw} (environment, for --pidfile)"
+        return raw, f"{variable}={raw} (environment, for --pidfile)"
     return None, None
 
 
@@ -144,13 +148,12 @@ def _reuse_port(args: argparse.Namespace, environ: Mapping[str, str]) -> bool:
     """``--reuse-port``, then ``FASTAPHLICT_REUSE_PORT``; off by default."""
     if args.reuse_port is not None:
         return bool(args.reuse_port)
-    raw = environ.get("FASTAPHLICT_REUSE_PORT", "").strip()
+    variable = VARIABLES["--reuse-port"]
+    raw = environ.get(variable, "").strip()
     try:
         return parse_bool(raw)
     except argparse.ArgumentTypeError as exc:
-        raise ConfigError(
-            f"FASTAPHLICT_REUSE_PORT={raw} (environment, for --reuse-port): {exc}"
-        ) from exc
+        raise ConfigError(f"{variable}={raw} (environment, for --reuse-port): {exc}") from exc
 
 
 def _log_level(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
@@ -159,11 +162,12 @@ def _log_level(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
         return logging.DEBUG
     name = args.log_level
     if name is None:
-        raw = environ.get("FASTAPHLICT_LOG_LEVEL", "").strip()
+        variable = VARIABLES["--log-level"]
+        raw = environ.get(variable, "").strip()
         name = raw.lower() or "info"
         if name not in LOG_LEVELS:
             raise ConfigError(
-                f"FASTAPHLICT_LOG_LEVEL={raw} (environment, for --log-level): "
+                f"{variable}={raw} (environment, for --log-level): "
                 f"expected one of {', '.join(LOG_LEVELS)}"
             )
     return logging.getLevelName(name.upper())  # type: ignore[no-any-return]
@@ -182,7 +186,8 @@ def _broker(
     if args.broker is not None:
         raw, where = args.broker, "--broker"
     else:
-        raw, where = environ.get("FASTAPHLICT_BROKER", ""), "FASTAPHLICT_BROKER (environment)"
+        variable = VARIABLES["--broker"]
+        raw, where = environ.get(variable, ""), f"{variable} (environment)"
     if not raw.strip():
         if args.broker is not None:
             raise ConfigError("--broker: empty URL")
@@ -196,8 +201,9 @@ def _broker(
     if args.broker_sentinel_password is not None:
         secret, where = args.broker_sentinel_password, "--broker-sentinel-password"
     else:
-        secret = environ.get("FASTAPHLICT_BROKER_SENTINEL_PASSWORD", "")
-        where = "FASTAPHLICT_BROKER_SENTINEL_PASSWORD (environment)"
+        variable = VARIABLES["--broker-sentinel-password"]
+        secret = environ.get(variable, "")
+        where = f"{variable} (environment)"
     if secret:
         if not config.sentinel:
             raise ConfigError(
