@@ -53,8 +53,6 @@ from typing import Any, Protocol
 
 import orjson
 
-from fastaphlict.process import os_reason
-
 __all__ = [
     "ALIVE_FILE",
     "FORMAT",
@@ -508,7 +506,7 @@ class StateDir:
             check_writable(self.path)
         except OSError as exc:
             raise OSError(
-                f'state directory "{self.path}" can not be written: {os_reason(exc)}'
+                f'state directory "{self.path}" can not be written: {_reason(exc)}'
             ) from exc
         # Before anything is read: a sibling's files are not ours to take.
         self._lock_fd = lock(self.path)
@@ -531,7 +529,7 @@ class StateDir:
             histories = hub.export_state()
             written = write_dir(self.path, histories)
         except OSError as exc:
-            _server_log.error("cannot write state to %s: %s", self.path, os_reason(exc))
+            _server_log.error("cannot write state to %s: %s", self.path, _reason(exc))
             return False
         except Exception:  # a boundary: the stop must go on to its end
             _server_log.exception("cannot write state to %s", self.path)
@@ -549,7 +547,7 @@ class StateDir:
         try:
             write_alive(self.path, at_ms, durable=durable)
         except OSError as exc:
-            _server_log.error("cannot write state to %s: %s", self.path, os_reason(exc))
+            _server_log.error("cannot write state to %s: %s", self.path, _reason(exc))
 
     def read_pending(self) -> list[Pending]:
         """What the previous process could not publish."""
@@ -575,10 +573,15 @@ class StateDir:
         try:
             remove_pending(self.path)
         except OSError as exc:
-            _server_log.error("cannot remove %s: %s", PENDING_FILE, os_reason(exc))
+            _server_log.error("cannot remove %s: %s", PENDING_FILE, _reason(exc))
 
     def close(self) -> None:
         """Release the lock."""
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
+
+
+def _reason(exc: OSError) -> str:
+    """The system's words for a file's OSError."""
+    return exc.strerror or str(exc)
