@@ -22,7 +22,7 @@ import aiohttp
 import pytest
 
 from fastaphlict import cli
-from fastaphlict.config import Config, ServerConfig, Settings
+from fastaphlict.config import Config, ServerConfig, Settings, load_config
 from fastaphlict.server import Server
 from redis_support import RedisServer
 from support import (
@@ -223,7 +223,7 @@ def test_the_pidfile_override_reaches_the_server(
     assert cli.main([f"--config={good_config}", f"--pidfile={tmp_path / 'a.pid'}"]) == 0
     [(config, _)] = runs
     assert config.pidfile == str(tmp_path / "a.pid")
-    assert config.servers == cli.load_config(good_config).servers, "the rest is the file's"
+    assert config.servers == load_config(good_config).servers, "the rest is the file's"
 
 
 # -- --reuse-port: the flag --------------------------------------------------------

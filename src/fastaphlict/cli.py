@@ -21,9 +21,9 @@ import sys
 from collections.abc import Mapping, Sequence
 
 from fastaphlict import __version__, state
-from fastaphlict.config import Config, ConfigError, Settings, load_config, preflight, resolve
+from fastaphlict.config import Config, ConfigError, Settings, preflight, resolve
 
-__all__ = ["load_config", "main", "reopen_log_files", "setup_logging"]
+__all__ = ["main", "reopen_log_files", "setup_logging"]
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
