@@ -20,9 +20,9 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from fastaphlict.config import PeerConfig
+from fastaphlict.config import Limits, PeerConfig
 from fastaphlict.process import PidFile, PidFileError, is_server_command
-from fastaphlict.server import Server
+from fastaphlict.server import Server, as_settings
 from support import (
     TIMEOUT,
     ServerProcess,
@@ -307,3 +307,28 @@ def test_a_stale_pidfile_naming_a_tail_of_the_aphlict_log_is_replaced(tmp_path: 
     finally:
         tail.kill()
         tail.wait()
+
+
+async def test_a_server_built_the_old_way_from_a_config_and_keywords_still_serves(
+    tmp_path: Path,
+) -> None:
+    """Code that embeds the server as before Settings: ``Server(config, limits=..., ...)``."""
+    config = local_config()
+    limits = Limits(max_subscriptions=7)
+    built = as_settings(config, limits=limits, debug=True, state_dir=str(tmp_path))
+    assert (built.config, built.limits, built.debug, built.state_dir) == (
+        config,
+        limits,
+        True,
+        str(tmp_path),
+    )
+    assert as_settings(config, limits=None).limits == Limits()
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        as_settings(built, debug=True)
+    server = Server(config, limits=limits)
+    await server.start()
+    try:
+        assert server.settings.limits.max_subscriptions == 7
+        assert server.client_ports and server.admin_ports
+    finally:
+        await server.close()

@@ -20,21 +20,23 @@ import logging
 import signal
 import time
 from collections.abc import Callable
+from typing import Any
 
 from fastaphlict import client, state, systemd
 from fastaphlict.broker import Broker
-from fastaphlict.config import ConfigError, Limits, Settings
+from fastaphlict.config import Config, ConfigError, Limits, Settings
 from fastaphlict.hub import Hub
 from fastaphlict.listeners import Listeners
 from fastaphlict.peers import PeerRelay, new_fingerprint
 from fastaphlict.process import (
     PidFile,
+    PidFileError,
     raise_open_file_limit,
     tune_gc,
 )
 from fastaphlict.tls import client_context
 
-__all__ = ["Limits", "Server", "run"]
+__all__ = ["Limits", "PidFile", "PidFileError", "Server", "as_settings", "run"]
 
 log = logging.getLogger("fastaphlict.server")
 
@@ -67,8 +69,13 @@ class Server:
     """Everything one fastaphlict process serves, started and stopped as a unit."""
 
     def __init__(
-        self, settings: Settings, *, inherited: dict[int, systemd.Inherited] | None = None
+        self,
+        settings: Settings | Config,
+        *,
+        inherited: dict[int, systemd.Inherited] | None = None,
+        **legacy: Any,
     ):
+        settings = as_settings(settings, **legacy)
         self.settings = settings
         self.config = config = settings.config
         #: Sockets systemd passed in, by index in ``config.servers``; served instead of binding.
@@ -392,10 +399,33 @@ def _reload(on_reload: Callable[[], None]) -> None:
         log.exception("SIGHUP: reopening log files failed")
 
 
-def run(settings: Settings, *, on_reload: Callable[[], None] | None = None) -> int:
+def as_settings(settings: Settings | Config, **legacy: Any) -> Settings:
+    """``settings``, or Settings built from a Config and the keyword arguments of old.
+
+    Before :class:`Settings`, ``Server`` and :func:`run` took the config
+    file and the options one by one (``debug``, ``reuse_port``, ``limits``,
+    ``peer_ca_file``, ``state_dir``, ``broker``, ``broker_ca_file``); code
+    embedding the server that way keeps working.
+    """
+    if isinstance(settings, Settings):
+        if legacy:
+            raise TypeError(f"unexpected keyword arguments with Settings: {sorted(legacy)}")
+        return settings
+    if legacy.get("limits") is None:
+        legacy.pop("limits", None)
+    return Settings(config=settings, **legacy)
+
+
+def run(
+    settings: Settings | Config,
+    *,
+    on_reload: Callable[[], None] | None = None,
+    **legacy: Any,
+) -> int:
     """Run the server on uvloop until SIGTERM/SIGINT; return the exit code."""
     import uvloop
 
+    settings = as_settings(settings, **legacy)
     raise_open_file_limit()
     try:
         server = Server(settings, inherited=systemd.adopt(settings.config.servers))
