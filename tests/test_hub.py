@@ -97,6 +97,25 @@ def test_status_of_unknown_instance_does_not_create_it() -> None:
     assert hub.instances() == []
 
 
+def test_status_reads_the_history_as_purged_without_purging(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Spec §4 purges the history when /status/ reads it: the figures are as if purged, and
+    nothing is (expiry is the periodic work's, and a read never writes)."""
+    hub = Hub("ME")
+    monkeypatch.setattr(hub_module, "now_ms", lambda: 1_000_000.0 - HISTORY_TTL_MS - 1)
+    hub.publish("gone", {"subscribers": ["PHID-A"]})
+    hub.publish("mixed", {"subscribers": ["PHID-A"]})
+    monkeypatch.setattr(hub_module, "now_ms", lambda: 1_000_000.0 - 2_000)
+    hub.publish("mixed", {"subscribers": ["PHID-A"]})
+    monkeypatch.setattr(hub_module, "now_ms", lambda: 1_000_000.0)
+    gone, mixed = hub.status("gone"), hub.status("mixed")
+    assert (gone["history.size"], gone["history.age"]) == (0, None)
+    assert (mixed["history.size"], mixed["history.age"]) == (1, 2_000)
+    assert {inst.name: len(inst.history) for inst in hub.instances()} == {"gone": 1, "mixed": 2}
+    assert [(inst.name, size) for inst, size in hub.held()] == [("mixed", 1)]
+
+
 def test_admin_and_client_never_import_each_other() -> None:
     """The hub is the only thing the two sides share."""
     root = Path(fastaphlict.__file__).parent

@@ -19,7 +19,9 @@ sockets or live history and is dropped with the last of them, and histories
 expire by time even when nothing is posted (:meth:`Hub.housekeeping`, which
 the server runs in slices so no callback holds the loop for long). Replays
 use the history's PHID index (:mod:`fastaphlict._history`) and the socket's
-paced send, so a replay costs what it sends and arrives whole.
+paced send, so a replay costs what it sends and arrives whole. A read
+(``/status/``, a scrape) changes nothing: it reports the hub as expiry would
+leave it.
 """
 
 from __future__ import annotations
@@ -407,8 +409,9 @@ class Hub:
 
         With ``sweep``, pings quiet sockets and drops dead ones (see
         ``Channel.sweep``); with ``expire``, purges every history by time and drops instances
-        left with nothing, so an idle instance's stale history never shows in
-        ``/status/`` or ``/metrics``. Yields after each slice, the sockets found
+        left with nothing, so an idle instance's stale history is freed (the
+        reads, ``/status/`` and ``/metrics``, never expire: they count only
+        live entries, see :meth:`held`). Yields after each slice, the sockets found
         dead in it: the server awaits between slices, so with 15000 sockets
         or 20000 instances no single callback holds the loop for long.
         """
@@ -431,18 +434,33 @@ class Hub:
                     self._release(inst)
             yield 0
 
+    def held(self) -> list[tuple[Instance, int]]:
+        """Every instance expiry would keep, with its live history size; changes nothing.
+
+        What a scrape reports: the hub as :meth:`housekeeping` would leave it
+        (no expired entry, no instance left with nothing), read without
+        running it, so a read never writes.
+        """
+        now = now_ms()
+        out = []
+        for inst in self._instances.values():
+            size = inst.history.live(now)[0]
+            if size or inst.channel.size or inst.name == DEFAULT_INSTANCE:
+                out.append((inst, size))
+        return out
+
     def status(self, instance: str) -> dict[str, Any]:
         """The ``/status/`` object for one instance, keys in Aphlict's order.
 
-        An instance never seen answers with zeros; it is not created.
+        The history counts as purged (Aphlict purges it when read) but is
+        not: only live entries count, and nothing is dropped or created (an
+        instance never seen answers with zeros).
         """
         inst = self._instances.get(instance)
         now = now_ms()
         if inst is not None:
-            inst.history.purge(now)
-            oldest = inst.history.oldest()
-            self._release(inst)
-            active, total, size = inst.channel.size, inst.clients_total, len(inst.history)
+            size, oldest = inst.history.live(now)
+            active, total = inst.channel.size, inst.clients_total
         else:
             oldest, active, total, size = None, 0, 0, 0
         return {
