@@ -131,6 +131,39 @@ def test_admin_and_client_never_import_each_other() -> None:
         assert f"fastaphlict.{forbidden}" not in imported, module
 
 
+def test_counters_are_written_by_their_owners_only() -> None:
+    """Rooms report what they refuse through the owner's API (``hub.reject_post()``,
+    ``broker.drop_unsaved()``), never by writing another room's counters: only the hub
+    writes ``Stats`` and only the broker's parts write ``BrokerStats``, each through ``self``."""
+    root = Path(fastaphlict.__file__).parent
+    outside = []
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root)
+        if rel.parts[0] == "bench":  # the load generator's own tallies
+            continue
+        owner = rel.parts[0] == "broker" or rel.name == "hub.py"
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Assign):
+                targets = node.targets
+            elif isinstance(node, (ast.AugAssign, ast.AnnAssign)):
+                targets = [node.target]
+            else:
+                continue
+            for target in targets:
+                if not (
+                    isinstance(target, ast.Attribute)
+                    and isinstance(target.value, ast.Attribute)
+                    and target.value.attr in ("stats", "_stats")
+                ):
+                    continue
+                by_self = (
+                    isinstance(target.value.value, ast.Name) and target.value.value.id == "self"
+                )
+                if not (owner and by_self):
+                    outside.append(f"{rel}:{node.lineno}: {ast.unparse(target)}")
+    assert outside == []
+
+
 def test_history_age_is_never_negative_when_the_clock_steps_back(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -153,7 +153,7 @@ def accept_post(
                     f"{len(subscribers)} subscribers, over the limit of {hub.max_subscribers}"
                     " (--max-subscribers)"
                 )
-    hub.stats.posts_rejected += 1
+    hub.reject_post()
     if _refusal(throttles, "rejected post"):
         log.log(level, "rejected post from %s: %s", format_address(remote), reason)
     if status == 413:
@@ -181,7 +181,7 @@ async def handle_root(request: web.Request) -> web.StreamResponse:
     try:
         body = await request.read()
     except web.HTTPRequestEntityTooLarge:
-        hub.stats.posts_rejected += 1
+        hub.reject_post()
         if throttles["post too large"].allow():
             log.warning(
                 "rejected post over %d bytes from %s", request.client_max_size, request.remote
@@ -518,7 +518,7 @@ class AdminProtocol(asyncio.Protocol):
             target, length, expect_continue, close = parsed
             start = end + 4
             if length > self._max_body:
-                self._hub.stats.posts_rejected += 1
+                self._hub.reject_post()
                 if _refusal(self._throttles, "post too large"):
                     log.warning(
                         "rejected post over %d bytes from %s",

@@ -241,6 +241,20 @@ class Hub:
         """Who closes a socket that falls behind a paced replay (the client side)."""
         self.outbox.on_overflow = handler
 
+    # -- what the listeners report (the counters are the hub's to write) ---
+
+    def reject_post(self) -> None:
+        """An admin post was refused (not a JSON object, too large, over a limit)."""
+        self.stats.posts_rejected += 1
+
+    def reject_frame(self) -> None:
+        """A client frame was refused (malformed, a protocol error, too large)."""
+        self.stats.frames_rejected += 1
+
+    def slow_client_closed(self) -> None:
+        """A socket was closed for not reading what it was sent."""
+        self.stats.slow_disconnects += 1
+
     # -- admin side -------------------------------------------------------
 
     def publish(self, instance: str, message: dict[str, Any]) -> int | None:
