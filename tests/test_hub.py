@@ -5,6 +5,8 @@ from __future__ import annotations
 import ast
 import asyncio
 import logging
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -162,6 +164,35 @@ def test_counters_are_written_by_their_owners_only() -> None:
                 if not (owner and by_self):
                     outside.append(f"{rel}:{node.lineno}: {ast.unparse(target)}")
     assert outside == []
+
+
+def test_messages_are_counted_in_one_place() -> None:
+    """``messages.in`` and ``messages.out`` are written by the one delivery step alone."""
+    tree = ast.parse(Path(hub_module.__file__).read_text())
+    writers = set()
+    for cls in (node for node in tree.body if isinstance(node, ast.ClassDef)):
+        for fn in (node for node in cls.body if isinstance(node, ast.FunctionDef)):
+            for node in ast.walk(fn):
+                targets = node.targets if isinstance(node, ast.Assign) else []
+                if isinstance(node, ast.AugAssign):
+                    targets = [node.target]
+                if any(
+                    isinstance(t, ast.Attribute) and t.attr in ("messages_in", "messages_out")
+                    for t in targets
+                ):
+                    writers.add(f"{cls.name}.{fn.name}")
+    assert writers == {"Hub._deliver"}
+
+
+def test_address_helpers_do_not_pull_the_hub_in() -> None:
+    """The rooms that format addresses (socket activation here) import them without the hub."""
+    code = (
+        "import sys, fastaphlict.address, fastaphlict.systemd;"
+        " print(sorted(m for m in sys.modules if m.startswith('fastaphlict.')))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    loaded = ast.literal_eval(done.stdout.strip())
+    assert "fastaphlict.address" in loaded and "fastaphlict.hub" not in loaded
 
 
 def test_history_age_is_never_negative_when_the_clock_steps_back(
@@ -370,6 +401,30 @@ async def test_a_late_message_is_delivered_at_once_and_kept_with_its_age(
     assert [loads(p)["key"] for _, _, p in saved] == ["late", "recent"]
     assert hub.status("acme")["history.age"] == 50_000, "its age counts from its acceptance"
     assert hub.replay("acme", tab.sub, 10_000) == 1, "a short replay window leaves it out"
+
+
+async def test_every_way_in_reaches_the_sockets_through_one_delivery_step(
+    clock: None, tabs: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Posted, received, received late or merged from Redis: each is delivered, counted and
+    traced at debug by the same step."""
+    hub = Hub("ME", debug=True)
+    tab = tabs(hub, "acme", "PHID-A")
+    with caplog.at_level(logging.DEBUG, logger="fastaphlict.hub"):
+        hub.publish("acme", {"key": "posted", "subscribers": ["PHID-A"]})
+        hub.receive("acme", payload("received", "PHID-A"), NOW)
+        hub.receive("acme", payload("late", "PHID-A"), NOW - 50_000)
+        assert hub.merge("acme", [(NOW, payload("merged", "PHID-A"), True)]) == (1, 1)
+    await asyncio.sleep(0)
+    traced = [
+        loads(record.getMessage().split(": ", 1)[1])["key"]
+        for record in caplog.records
+        if record.getMessage().startswith("publish instance=acme to 1 socket(s): ")
+    ]
+    assert traced == ["posted", "received", "late", "merged"]
+    assert (hub.stats.messages_in, hub.stats.messages_out) == (4, 4)
+    hub.outbox.flush()
+    assert tab.read().count(b'"PHID-A"') == 4
 
 
 def test_a_message_a_little_late_is_appended_without_a_rebuild(clock: None) -> None:

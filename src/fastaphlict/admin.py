@@ -38,7 +38,8 @@ from aiohttp.http_exceptions import HttpProcessingError
 from prometheus_client import CollectorRegistry
 
 from fastaphlict import metrics
-from fastaphlict.hub import Hub, format_address
+from fastaphlict.address import format_address
+from fastaphlict.hub import Hub
 from fastaphlict.peers import PeerRelay
 from fastaphlict.protocol import (
     DEFAULT_INSTANCE,

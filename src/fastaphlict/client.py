@@ -31,8 +31,9 @@ from picows import (
 )
 
 from fastaphlict._fanout import Subscriber, build_frame
+from fastaphlict.address import describe, format_address
 from fastaphlict.config import Limits
-from fastaphlict.hub import Hub, describe, format_address
+from fastaphlict.hub import Hub
 from fastaphlict.protocol import (
     BENIGN,
     PING_COMMAND,

@@ -29,6 +29,7 @@ from aiohttp import web
 from picows import ws_create_server
 
 from fastaphlict import admin, client, state, systemd
+from fastaphlict.address import format_address
 from fastaphlict.broker import Broker
 from fastaphlict.config import (
     BrokerConfig,
@@ -38,7 +39,7 @@ from fastaphlict.config import (
     ServerConfig,
     unsafe_directory,
 )
-from fastaphlict.hub import Hub, format_address
+from fastaphlict.hub import Hub
 from fastaphlict.peers import PeerRelay, new_fingerprint
 from fastaphlict.tls import client_context, server_context
 
