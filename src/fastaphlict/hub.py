@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from fastaphlict._fanout import Channel, Outbox, Subscriber, build_frame
 from fastaphlict._history import History
 from fastaphlict.address import describe
+from fastaphlict.address import format_address as format_address  # importable here as before
 from fastaphlict.protocol import DEFAULT_INSTANCE, HISTORY_LIMIT, HISTORY_TTL_MS, dumps, loads
 from fastaphlict.ratelimit import Throttle
 from fastaphlict.stats import Stats
