@@ -5,6 +5,8 @@ from __future__ import annotations
 import ast
 import asyncio
 import logging
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -97,6 +99,25 @@ def test_status_of_unknown_instance_does_not_create_it() -> None:
     assert hub.instances() == []
 
 
+def test_status_reads_the_history_as_purged_without_purging(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Spec §4 purges the history when /status/ reads it: the figures are as if purged, and
+    nothing is (expiry is the periodic work's, and a read never writes)."""
+    hub = Hub("ME")
+    monkeypatch.setattr(hub_module, "now_ms", lambda: 1_000_000.0 - HISTORY_TTL_MS - 1)
+    hub.publish("gone", {"subscribers": ["PHID-A"]})
+    hub.publish("mixed", {"subscribers": ["PHID-A"]})
+    monkeypatch.setattr(hub_module, "now_ms", lambda: 1_000_000.0 - 2_000)
+    hub.publish("mixed", {"subscribers": ["PHID-A"]})
+    monkeypatch.setattr(hub_module, "now_ms", lambda: 1_000_000.0)
+    gone, mixed = hub.status("gone"), hub.status("mixed")
+    assert (gone["history.size"], gone["history.age"]) == (0, None)
+    assert (mixed["history.size"], mixed["history.age"]) == (1, 2_000)
+    assert {inst.name: len(inst.history) for inst in hub.instances()} == {"gone": 1, "mixed": 2}
+    assert [(inst.name, size) for inst, size in hub.held()] == [("mixed", 1)]
+
+
 def test_admin_and_client_never_import_each_other() -> None:
     """The hub is the only thing the two sides share."""
     root = Path(fastaphlict.__file__).parent
@@ -110,6 +131,68 @@ def test_admin_and_client_never_import_each_other() -> None:
             elif isinstance(node, ast.Import):
                 imported.update(a.name for a in node.names)
         assert f"fastaphlict.{forbidden}" not in imported, module
+
+
+def test_counters_are_written_by_their_owners_only() -> None:
+    """Rooms report what they refuse through the owner's API (``hub.reject_post()``,
+    ``broker.drop_unsaved()``), never by writing another room's counters: only the hub
+    writes ``Stats`` and only the broker's parts write ``BrokerStats``, each through ``self``."""
+    root = Path(fastaphlict.__file__).parent
+    outside = []
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root)
+        if rel.parts[0] == "bench":  # the load generator's own tallies
+            continue
+        owner = rel.parts[0] == "broker" or rel.name == "hub.py"
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Assign):
+                targets = node.targets
+            elif isinstance(node, (ast.AugAssign, ast.AnnAssign)):
+                targets = [node.target]
+            else:
+                continue
+            for target in targets:
+                if not (
+                    isinstance(target, ast.Attribute)
+                    and isinstance(target.value, ast.Attribute)
+                    and target.value.attr in ("stats", "_stats")
+                ):
+                    continue
+                by_self = (
+                    isinstance(target.value.value, ast.Name) and target.value.value.id == "self"
+                )
+                if not (owner and by_self):
+                    outside.append(f"{rel}:{node.lineno}: {ast.unparse(target)}")
+    assert outside == []
+
+
+def test_messages_are_counted_in_one_place() -> None:
+    """``messages.in`` and ``messages.out`` are written by the one delivery step alone."""
+    tree = ast.parse(Path(hub_module.__file__).read_text())
+    writers = set()
+    for cls in (node for node in tree.body if isinstance(node, ast.ClassDef)):
+        for fn in (node for node in cls.body if isinstance(node, ast.FunctionDef)):
+            for node in ast.walk(fn):
+                targets = node.targets if isinstance(node, ast.Assign) else []
+                if isinstance(node, ast.AugAssign):
+                    targets = [node.target]
+                if any(
+                    isinstance(t, ast.Attribute) and t.attr in ("messages_in", "messages_out")
+                    for t in targets
+                ):
+                    writers.add(f"{cls.name}.{fn.name}")
+    assert writers == {"Hub._deliver"}
+
+
+def test_address_helpers_do_not_pull_the_hub_in() -> None:
+    """The rooms that format addresses (socket activation here) import them without the hub."""
+    code = (
+        "import sys, fastaphlict.address, fastaphlict.systemd;"
+        " print(sorted(m for m in sys.modules if m.startswith('fastaphlict.')))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    loaded = ast.literal_eval(done.stdout.strip())
+    assert "fastaphlict.address" in loaded and "fastaphlict.hub" not in loaded
 
 
 def test_history_age_is_never_negative_when_the_clock_steps_back(
@@ -318,6 +401,30 @@ async def test_a_late_message_is_delivered_at_once_and_kept_with_its_age(
     assert [loads(p)["key"] for _, _, p in saved] == ["late", "recent"]
     assert hub.status("acme")["history.age"] == 50_000, "its age counts from its acceptance"
     assert hub.replay("acme", tab.sub, 10_000) == 1, "a short replay window leaves it out"
+
+
+async def test_every_way_in_reaches_the_sockets_through_one_delivery_step(
+    clock: None, tabs: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Posted, received, received late or merged from Redis: each is delivered, counted and
+    traced at debug by the same step."""
+    hub = Hub("ME", debug=True)
+    tab = tabs(hub, "acme", "PHID-A")
+    with caplog.at_level(logging.DEBUG, logger="fastaphlict.hub"):
+        hub.publish("acme", {"key": "posted", "subscribers": ["PHID-A"]})
+        hub.receive("acme", payload("received", "PHID-A"), NOW)
+        hub.receive("acme", payload("late", "PHID-A"), NOW - 50_000)
+        assert hub.merge("acme", [(NOW, payload("merged", "PHID-A"), True)]) == (1, 1)
+    await asyncio.sleep(0)
+    traced = [
+        loads(record.getMessage().split(": ", 1)[1])["key"]
+        for record in caplog.records
+        if record.getMessage().startswith("publish instance=acme to 1 socket(s): ")
+    ]
+    assert traced == ["posted", "received", "late", "merged"]
+    assert (hub.stats.messages_in, hub.stats.messages_out) == (4, 4)
+    hub.outbox.flush()
+    assert tab.read().count(b'"PHID-A"') == 4
 
 
 def test_a_message_a_little_late_is_appended_without_a_rebuild(clock: None) -> None:

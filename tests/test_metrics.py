@@ -165,6 +165,63 @@ async def test_a_scrape_never_shows_expired_history(monkeypatch) -> None:
         assert "fastaphlict_instances 0.0" in text
 
 
+def _hub_state(hub: Hub) -> tuple[dict, dict]:
+    """Everything a read could change: each instance's sockets, totals and entries; the counters."""
+    held = {
+        inst.name: (inst.channel.size, inst.clients_total, inst.history.entries())
+        for inst in hub.instances()
+    }
+    return held, dataclasses.asdict(hub.stats)
+
+
+async def test_a_read_never_writes(monkeypatch) -> None:
+    """/metrics and /status/ report what expiry would leave, and leave the hub as it was.
+
+    Expiry is the server's periodic work (held off here): a read counts only
+    live entries and omits instances left with nothing, but drops neither.
+    """
+    import fastaphlict.hub as hub_module
+    import fastaphlict.server as server_module
+    from fastaphlict.hub import HISTORY_TTL_MS
+
+    monkeypatch.setattr(server_module, "EXPIRE_INTERVAL", 3600.0)
+    async with running() as srv:
+        now = hub_module.now_ms()
+        monkeypatch.setattr(hub_module, "now_ms", lambda: now - HISTORY_TTL_MS - 1)
+        for name in ("gone", "default", "mixed"):
+            assert (await srv.post({"subscribers": ["PHID-A"]}, instance=name)).status == 200
+        monkeypatch.setattr(hub_module, "now_ms", lambda: now - 2000)
+        assert (await srv.post({"subscribers": ["PHID-B"]}, instance="mixed")).status == 200
+        monkeypatch.setattr(hub_module, "now_ms", lambda: now)
+        before = _hub_state(srv.hub)
+        assert {name: len(held[2]) for name, held in before[0].items()} == {
+            "gone": 1,
+            "default": 1,
+            "mixed": 2,
+        }
+
+        m = await scrape(srv)
+        gone, default, mixed = [await srv.status(name) for name in ("gone", "default", "mixed")]
+        m_again = await scrape(srv)
+
+        assert _hub_state(srv.hub) == before, "a read changed the hub"
+        assert m_again == m
+        assert ("fastaphlict_history_size", (("instance", "gone"),)) not in m
+        assert m[("fastaphlict_history_size", (("instance", "default"),))] == 0
+        assert m[("fastaphlict_history_size", (("instance", "mixed"),))] == 1
+        assert m[("fastaphlict_instances", ())] == 2  # default stays, as expiry keeps it
+        for status in (gone, default):
+            assert status["history.size"] == 0 and status["history.age"] is None
+        assert mixed["history.size"] == 1 and mixed["history.age"] == 2000
+
+        # The periodic work is what drops them.
+        for _ in srv.hub.housekeeping():
+            pass
+        after = {name: len(held[2]) for name, held in _hub_state(srv.hub)[0].items()}
+        assert after == {"default": 0, "mixed": 1}
+        assert await scrape(srv) == m
+
+
 # -- the broker -----------------------------------------------------------------------
 
 PASSWORD = "hunter22-Secret"

@@ -24,6 +24,8 @@ class History:
         """Store a message; entries past the window or the limit leave first."""
     def purge(self, now: float) -> int:
         """Drop entries older than the retention window; return how many left."""
+    def live(self, now: float) -> tuple[int, float | None]:
+        """``(size, oldest)`` of the entries inside the window at ``now``, dropping none."""
     def entries(self) -> list[tuple[float, Any, bytes]]:
         """Every entry as ``(at, subscribers, frame)``, oldest first: what a restart keeps."""
     def clear(self) -> None: ...

@@ -166,6 +166,22 @@ cdef class History:
             dropped += 1
         return dropped
 
+    def live(self, double now):
+        """``(size, oldest)`` of the entries inside the window at ``now``, dropping none.
+
+        What a read (``/status/``, a scrape) reports: the history as a purge
+        would leave it, without purging. ``oldest`` is None when none is live.
+        Costs one step per expired entry (entries are in time order).
+        """
+        cdef double horizon = now - self.ttl_ms
+        cdef Py_ssize_t expired = 0
+        cdef _Entry e
+        for e in self._entries:
+            if e.at >= horizon:
+                return len(self._entries) - expired, e.at
+            expired += 1
+        return 0, None
+
     def entries(self):
         """Every entry as ``(at, subscribers, frame)``, oldest first: what a restart keeps.
 

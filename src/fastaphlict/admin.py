@@ -38,7 +38,8 @@ from aiohttp.http_exceptions import HttpProcessingError
 from prometheus_client import CollectorRegistry
 
 from fastaphlict import metrics
-from fastaphlict.hub import Hub, format_address
+from fastaphlict.address import format_address
+from fastaphlict.hub import Hub
 from fastaphlict.peers import PeerRelay
 from fastaphlict.protocol import (
     DEFAULT_INSTANCE,
@@ -153,7 +154,7 @@ def accept_post(
                     f"{len(subscribers)} subscribers, over the limit of {hub.max_subscribers}"
                     " (--max-subscribers)"
                 )
-    hub.stats.posts_rejected += 1
+    hub.reject_post()
     if _refusal(throttles, "rejected post"):
         log.log(level, "rejected post from %s: %s", format_address(remote), reason)
     if status == 413:
@@ -181,7 +182,7 @@ async def handle_root(request: web.Request) -> web.StreamResponse:
     try:
         body = await request.read()
     except web.HTTPRequestEntityTooLarge:
-        hub.stats.posts_rejected += 1
+        hub.reject_post()
         if throttles["post too large"].allow():
             log.warning(
                 "rejected post over %d bytes from %s", request.client_max_size, request.remote
@@ -518,7 +519,7 @@ class AdminProtocol(asyncio.Protocol):
             target, length, expect_continue, close = parsed
             start = end + 4
             if length > self._max_body:
-                self._hub.stats.posts_rejected += 1
+                self._hub.reject_post()
                 if _refusal(self._throttles, "post too large"):
                     log.warning(
                         "rejected post over %d bytes from %s",

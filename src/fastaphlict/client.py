@@ -31,8 +31,9 @@ from picows import (
 )
 
 from fastaphlict._fanout import Subscriber, build_frame
+from fastaphlict.address import describe, format_address
 from fastaphlict.config import Limits
-from fastaphlict.hub import Hub, describe, format_address
+from fastaphlict.hub import Hub
 from fastaphlict.protocol import (
     BENIGN,
     PING_COMMAND,
@@ -87,7 +88,7 @@ def close_slow(hub: Hub, sub: Subscriber, cap: int, throttle: Throttle | None = 
     if sub.slow:
         return
     sub.slow = True
-    hub.stats.slow_disconnects += 1
+    hub.slow_client_closed()
     transport = sub.transport
     if throttle is None or throttle.allow():
         log.warning("closing slow client: over %d unsent bytes: peer=%s", cap, describe(transport))
@@ -256,7 +257,7 @@ class ClientListener(WSListener):
             and int(sent.code) in _PARSER_CLOSE_CODES
         ):
             # picows' parser refused the client's bytes (its own line is at debug).
-            self._hub.stats.frames_rejected += 1
+            self._hub.reject_frame()
             if self._options.throttles["protocol error"].allow():
                 log.info(
                     "closed %s: protocol error: %s (close %d)",
@@ -321,7 +322,7 @@ class ClientListener(WSListener):
             limit = self._options.limits.max_frame_size
             if len(buf) + frame.payload_size > limit:
                 self._fragments = None
-                self._hub.stats.frames_rejected += 1
+                self._hub.reject_frame()
                 self._closed_here = True
                 if self._options.throttles["oversized"].allow():
                     log.info("closing: message over %d bytes from %s", limit, describe(transport))
@@ -337,7 +338,7 @@ class ClientListener(WSListener):
         """Close with 1002 for a frame RFC 6455 forbids; count and log it once."""
         if transport.is_close_frame_sent:
             return  # already closing: what follows the close is not ours to judge
-        self._hub.stats.frames_rejected += 1
+        self._hub.reject_frame()
         self._closed_here = True
         if self._options.throttles["protocol error"].allow():
             log.info("closing: protocol error (%s) from %s", reason, describe(transport))
@@ -364,7 +365,7 @@ class ClientListener(WSListener):
         elif command == "subscribe":
             if not self._hub.subscribe(sub, data):
                 limit = self._options.limits.max_subscriptions
-                self._hub.stats.frames_rejected += 1
+                self._hub.reject_frame()
                 if self._options.throttles["subscriptions"].allow():
                     log.info("closing: over %d subscriptions from %s", limit, describe(transport))
                 _close(transport, WSCloseCode.POLICY_VIOLATION, b"too many subscriptions")
@@ -380,7 +381,7 @@ class ClientListener(WSListener):
             if self._options.debug:
                 log.debug("ignored frame from %s: %s", describe(transport), reason)
             return
-        self._hub.stats.frames_rejected += 1
+        self._hub.reject_frame()
         # One line per connection, not per frame: a hostile client can't flood the log.
         if not self._logged_rejection:
             self._logged_rejection = True

@@ -11,15 +11,19 @@ frame in the history, hands it to the Cython fan-out, and passes the same
 payload bytes to every relay. Relays (cluster peers, the Redis broker) sit
 behind the small :class:`Relay` protocol and must never block. A message
 another node already published (from the broker) enters through
-:meth:`Hub.receive`: the same local step (history, fan-out, counters), and
-no relay at all, so it is never sent back where it came from.
+:meth:`Hub.receive` or :meth:`Hub.merge` and no relay at all, so it is never
+sent back where it came from. Whichever way a message comes, it reaches the
+sockets through one delivery step (fan-out and counters, in one place);
+only where it goes in the history differs.
 
 Everything a browser chooses is bounded here: an instance exists while it has
 sockets or live history and is dropped with the last of them, and histories
 expire by time even when nothing is posted (:meth:`Hub.housekeeping`, which
 the server runs in slices so no callback holds the loop for long). Replays
 use the history's PHID index (:mod:`fastaphlict._history`) and the socket's
-paced send, so a replay costs what it sends and arrives whole.
+paced send, so a replay costs what it sends and arrives whole. A read
+(``/status/``, a scrape) changes nothing: it reports the hub as expiry would
+leave it.
 """
 
 from __future__ import annotations
@@ -33,6 +37,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from fastaphlict._fanout import Channel, Outbox, Subscriber, build_frame
 from fastaphlict._history import History
+from fastaphlict.address import describe
+from fastaphlict.address import format_address as format_address  # importable here as before
 from fastaphlict.protocol import DEFAULT_INSTANCE, HISTORY_LIMIT, HISTORY_TTL_MS, dumps, loads
 from fastaphlict.ratelimit import Throttle
 from fastaphlict.stats import Stats
@@ -48,8 +54,7 @@ __all__ = [
     "Hub",
     "Relay",
     "Stats",
-    "describe",
-    "format_address",
+    "TimeCap",
 ]
 
 log = logging.getLogger("fastaphlict.hub")
@@ -97,6 +102,66 @@ class Instance:
         """No socket and no history: nothing left worth keeping."""
         return self.channel.size == 0 and len(self.history) == 0
 
+    def saved(self, now: float) -> list[tuple[float, Any, bytes]]:
+        """The live entries as ``(at, subscribers, payload)``, oldest first; drops none."""
+        horizon = now - self.history.ttl_ms
+        return [
+            (at, subscribers, _frame_payload(frame))
+            for at, subscribers, frame in self.history.entries()
+            if at >= horizon
+        ]
+
+    def insert(self, added: list[tuple[float, Any, bytes]]) -> None:
+        """Add entries to the history in time order: appended when none is older, else rebuilt."""
+        if not added:
+            return
+        added.sort(key=_entry_time)
+        history = self.history
+        newest = history.newest()
+        if newest is None or added[0][0] >= newest:
+            for at, subscribers, frame in added:
+                history.add(at, subscribers, frame)
+        else:
+            merged = sorted([*history.entries(), *added], key=_entry_time)
+            history.clear()
+            for at, subscribers, frame in merged:
+                history.add(at, subscribers, frame)
+        history.purge(now_ms())
+
+
+class TimeCap:
+    """Acceptance times from elsewhere, capped at now plus :data:`FUTURE_TOLERANCE_MS`.
+
+    Every acceptance time that was not taken on this node's clock passes
+    here: a message from another node, a history read from Redis or the
+    state directory, a saved unpublished message. A node whose clock runs
+    ahead, or a file from the future, would otherwise make its messages
+    outlive the window by the skew and be resent by every replay. The cap
+    keeps the order of times (it never moves one before another) and is
+    counted (in the hub's ``times_capped``) and logged, rate-limited.
+    """
+
+    __slots__ = ("_log", "_stats")
+
+    def __init__(self, stats: Stats) -> None:
+        self._stats = stats
+        self._log = Throttle("acceptance time in the future", logger=log)
+
+    def __call__(self, at: float, source: str) -> float:
+        """``at`` (wall-clock ms, from ``source``), or the cap; not a number counts as ahead."""
+        limit = now_ms() + FUTURE_TOLERANCE_MS
+        if at <= limit:
+            return at
+        self._stats.times_capped += 1
+        if self._log.allow():
+            log.warning(
+                "acceptance time from %s lies %.0f ms ahead of this clock: capped at now"
+                " (is that node's clock ahead?)",
+                source,
+                at - limit + FUTURE_TOLERANCE_MS,
+            )
+        return limit
+
 
 class Hub:
     """Instances, counters, fingerprint and relays: the only shared state."""
@@ -131,31 +196,8 @@ class Hub:
         self._is_member: Callable[[str], bool] | None = None
         #: Late messages from the broker waiting to be put into their history in order.
         self._late: dict[str, list[tuple[float, Any, bytes]]] = {}
-        self._future_log = Throttle("acceptance time in the future", logger=log)
-
-    def accepted_at(self, at: float, source: str) -> float:
-        """``at`` (wall-clock ms, from ``source``) capped at now plus :data:`FUTURE_TOLERANCE_MS`.
-
-        Every acceptance time that was not taken on this node's clock passes
-        here: a message from another node, a history read from Redis or the
-        state directory, a saved unpublished message. A node whose clock runs
-        ahead, or a file from the future, would otherwise make its messages
-        outlive the window by the skew and be resent by every replay. The cap
-        keeps the order of times (it never moves one before another) and is
-        counted and logged, rate-limited. Not a number counts as ahead.
-        """
-        limit = now_ms() + FUTURE_TOLERANCE_MS
-        if at <= limit:
-            return at
-        self.stats.times_capped += 1
-        if self._future_log.allow():
-            log.warning(
-                "acceptance time from %s lies %.0f ms ahead of this clock: capped at now"
-                " (is that node's clock ahead?)",
-                source,
-                at - limit + FUTURE_TOLERANCE_MS,
-            )
-        return limit
+        #: ``accepted_at(at, source)``: every time taken on another clock passes here.
+        self.accepted_at = TimeCap(self.stats)
 
     # -- shared -----------------------------------------------------------
 
@@ -207,15 +249,8 @@ class Hub:
         the file holds the messages' JSON as it was sent.
         """
         now = now_ms()
-        out: dict[str, list[tuple[float, Any, bytes]]] = {}
-        for name, inst in self._instances.items():
-            inst.history.purge(now)
-            if len(inst.history):
-                out[name] = [
-                    (at, subscribers, _frame_payload(frame))
-                    for at, subscribers, frame in inst.history.entries()
-                ]
-        return out
+        saved = ((name, inst.saved(now)) for name, inst in self._instances.items())
+        return {name: entries for name, entries in saved if entries}
 
     def import_state(self, instance: str, entries: Iterable[tuple[float, Any, bytes]]) -> int:
         """Restore saved entries of ``instance`` with their original times; return how many.
@@ -238,6 +273,20 @@ class Hub:
     def on_slow_client(self, handler: Callable[[Subscriber], None]) -> None:
         """Who closes a socket that falls behind a paced replay (the client side)."""
         self.outbox.on_overflow = handler
+
+    # -- what the listeners report (the counters are the hub's to write) ---
+
+    def reject_post(self) -> None:
+        """An admin post was refused (not a JSON object, too large, over a limit)."""
+        self.stats.posts_rejected += 1
+
+    def reject_frame(self) -> None:
+        """A client frame was refused (malformed, a protocol error, too large)."""
+        self.stats.frames_rejected += 1
+
+    def slow_client_closed(self) -> None:
+        """A socket was closed for not reading what it was sent."""
+        self.stats.slow_disconnects += 1
 
     # -- admin side -------------------------------------------------------
 
@@ -262,7 +311,10 @@ class Hub:
         message["touched"] = touched
 
         payload = dumps(message)
-        sent = self._deliver(instance, message.get("subscribers"), payload, now_ms())
+        subscribers, frame = message.get("subscribers"), build_frame(payload)
+        inst = self.instance(instance)
+        inst.history.add(now_ms(), subscribers, frame)
+        sent = self._deliver(inst, subscribers, frame)
         for relay in self._relays:
             try:
                 relay.relay(instance, message, payload)
@@ -292,27 +344,24 @@ class Hub:
         each node. Nodes of one cluster are meant to share their limits.
         """
         at = self.accepted_at(at, "another node")
-        subscribers = _subscribers(payload)
+        subscribers, frame = _subscribers(payload), build_frame(payload)
         inst = self.instance(instance)
         newest = inst.history.newest()
         if newest is None or at >= newest - LATE_MS:
-            return self._deliver(instance, subscribers, payload, at)
-        frame = build_frame(payload)
-        self.stats.messages_in += 1
-        sent = inst.channel.publish(subscribers, frame)
-        self.stats.messages_out += sent
-        late = self._late.setdefault(instance, [])
-        if not late:
-            asyncio.get_running_loop().call_soon(self._settle, instance)
-        late.append((at, subscribers, frame))
-        return sent
+            inst.history.add(at, subscribers, frame)
+        else:
+            late = self._late.setdefault(instance, [])
+            if not late:
+                asyncio.get_running_loop().call_soon(self._settle, instance)
+            late.append((at, subscribers, frame))
+        return self._deliver(inst, subscribers, frame)
 
     def _settle(self, instance: str) -> None:
         """Put the late messages of ``instance`` into its history, in time order."""
         late = self._late.pop(instance, [])
         if late:
             inst = self.instance(instance)
-            self._insert(inst, late)
+            inst.insert(late)
             self._release(inst)
 
     def merge(
@@ -348,53 +397,26 @@ class Hub:
             frame = build_frame(payload)
             if deliver and at >= deliver_from:
                 delivered += 1
-                self.stats.messages_in += 1
-                self.stats.messages_out += inst.channel.publish(subscribers, frame)
+                self._deliver(inst, subscribers, frame)
             added.append((at, subscribers, frame))
-        self._insert(inst, added)
+        inst.insert(added)
         self._release(inst)
         return len(added), delivered
 
-    @staticmethod
-    def _insert(inst: Instance, added: list[tuple[float, Any, bytes]]) -> None:
-        """Add entries to a history in time order: appended when none is older, else rebuilt."""
-        if not added:
-            return
-        added.sort(key=_entry_time)
-        history = inst.history
-        newest = history.newest()
-        if newest is None or added[0][0] >= newest:
-            for at, subscribers, frame in added:
-                history.add(at, subscribers, frame)
-        else:
-            merged = sorted([*history.entries(), *added], key=_entry_time)
-            history.clear()
-            for at, subscribers, frame in merged:
-                history.add(at, subscribers, frame)
-        history.purge(now_ms())
+    def _deliver(self, inst: Instance, subscribers: Any, frame: bytes) -> int:
+        """The one delivery step of every message, posted or from another node.
 
-    def _deliver(self, instance: str, subscribers: Any, payload: bytes, at: float) -> int:
-        """The local step every message takes: history, fan-out, counters."""
-        frame = build_frame(payload)
-        inst = self.instance(instance)
-        inst.history.add(at, subscribers, frame)
+        Fan-out to the sockets and the counters ``/status/`` reports, in one
+        place. Where the message goes in the history is the caller's: at the
+        end (:meth:`publish`), or in time order (:meth:`merge`, a late one in
+        :meth:`receive`).
+        """
         self.stats.messages_in += 1
         if self._debug:
-            self._trace_delivery(inst, subscribers, payload)
+            _trace(inst, subscribers, frame)
         sent = inst.channel.publish(subscribers, frame)
         self.stats.messages_out += sent
         return sent
-
-    def _trace_delivery(self, inst: Instance, subscribers: Any, payload: bytes) -> None:
-        targets = inst.channel.match(subscribers)
-        log.debug(
-            "publish instance=%s to %d socket(s): %s",
-            inst.name,
-            len(targets),
-            payload[:200].decode("utf-8", "replace"),
-        )
-        for sub in targets:
-            log.debug("deliver to %s", describe(sub.transport))
 
     def sweep(self) -> int:
         """One whole round of server pings at once; returns how many were dead."""
@@ -407,8 +429,9 @@ class Hub:
 
         With ``sweep``, pings quiet sockets and drops dead ones (see
         ``Channel.sweep``); with ``expire``, purges every history by time and drops instances
-        left with nothing, so an idle instance's stale history never shows in
-        ``/status/`` or ``/metrics``. Yields after each slice, the sockets found
+        left with nothing, so an idle instance's stale history is freed (the
+        reads, ``/status/`` and ``/metrics``, never expire: they count only
+        live entries, see :meth:`held`). Yields after each slice, the sockets found
         dead in it: the server awaits between slices, so with 15000 sockets
         or 20000 instances no single callback holds the loop for long.
         """
@@ -431,18 +454,33 @@ class Hub:
                     self._release(inst)
             yield 0
 
+    def held(self) -> list[tuple[Instance, int]]:
+        """Every instance expiry would keep, with its live history size; changes nothing.
+
+        What a scrape reports: the hub as :meth:`housekeeping` would leave it
+        (no expired entry, no instance left with nothing), read without
+        running it, so a read never writes.
+        """
+        now = now_ms()
+        out = []
+        for inst in self._instances.values():
+            size = inst.history.live(now)[0]
+            if size or inst.channel.size or inst.name == DEFAULT_INSTANCE:
+                out.append((inst, size))
+        return out
+
     def status(self, instance: str) -> dict[str, Any]:
         """The ``/status/`` object for one instance, keys in Aphlict's order.
 
-        An instance never seen answers with zeros; it is not created.
+        The history counts as purged (Aphlict purges it when read) but is
+        not: only live entries count, and nothing is dropped or created (an
+        instance never seen answers with zeros).
         """
         inst = self._instances.get(instance)
         now = now_ms()
         if inst is not None:
-            inst.history.purge(now)
-            oldest = inst.history.oldest()
-            self._release(inst)
-            active, total, size = inst.channel.size, inst.clients_total, len(inst.history)
+            size, oldest = inst.history.live(now)
+            active, total = inst.channel.size, inst.clients_total
         else:
             oldest, active, total, size = None, 0, 0, 0
         return {
@@ -533,23 +571,14 @@ def _frame_payload(frame: bytes) -> bytes:
     return frame[2 if size < 126 else 4 if size == 126 else 10 :]
 
 
-def format_address(host: object, port: object = None) -> str:
-    """The one address format of log lines: ``127.0.0.1:44846``, ``[::1]:44846``.
-
-    Also takes a socket name tuple as ``host`` (IPv6 ones have four fields).
-    """
-    if isinstance(host, (tuple, list)) and host:
-        host, port = host[0], host[1] if len(host) > 1 else None
-    text = str(host)
-    if ":" in text and not text.startswith("["):
-        text = f"[{text}]"
-    return text if port is None else f"{text}:{port}"
-
-
-def describe(transport: WSTransport) -> str:
-    """The remote address of a socket, for log lines."""
-    try:
-        peername = transport.underlying_transport.get_extra_info("peername")
-    except Exception:
-        return "?"
-    return format_address(peername) if peername else "?"
+def _trace(inst: Instance, subscribers: Any, frame: bytes) -> None:
+    """Debug lines of one delivery: the message, then each socket it reaches."""
+    targets = inst.channel.match(subscribers)
+    log.debug(
+        "publish instance=%s to %d socket(s): %s",
+        inst.name,
+        len(targets),
+        _frame_payload(frame)[:200].decode("utf-8", "replace"),
+    )
+    for sub in targets:
+        log.debug("deliver to %s", describe(sub.transport))

@@ -16,9 +16,10 @@ from aiohttp import web
 from picows import ws_create_server
 
 from fastaphlict import admin, client, systemd
+from fastaphlict.address import format_address
 from fastaphlict.broker import Broker
 from fastaphlict.config import ServerConfig, Settings
-from fastaphlict.hub import Hub, format_address
+from fastaphlict.hub import Hub
 from fastaphlict.peers import PeerRelay
 from fastaphlict.process import connection_cap, os_reason
 from fastaphlict.tls import server_context

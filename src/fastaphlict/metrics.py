@@ -185,12 +185,9 @@ class HubCollector(Collector):
         yield latency
 
     def _per_instance(self) -> Iterator[Metric]:
-        hub = self._hub
-        # Expire first, as /status/ does: a scrape never shows stale history
-        # or an instance that has nothing left.
-        for _ in hub.housekeeping(sweep=False):
-            pass
-        instances = sorted(hub.instances(), key=lambda i: i.channel.size, reverse=True)
+        # What expiry would leave, read without expiring (a read never
+        # writes): no stale history, no instance that has nothing left.
+        held = sorted(self._hub.held(), key=lambda item: item[0].channel.size, reverse=True)
         open_ = GaugeMetricFamily(
             "fastaphlict_connections_open", "Open client sockets.", labels=["instance"]
         )
@@ -201,15 +198,15 @@ class HubCollector(Collector):
             "fastaphlict_history_size", "Messages held for replay.", labels=["instance"]
         )
         rest = [0, 0, 0]
-        for index, inst in enumerate(instances):
-            values = (inst.channel.size, inst.clients_total, len(inst.history))
+        for index, (inst, size) in enumerate(held):
+            values = (inst.channel.size, inst.clients_total, size)
             if index < MAX_INSTANCES:
                 open_.add_metric([inst.name], values[0])
                 total.add_metric([inst.name], values[1])
                 history.add_metric([inst.name], values[2])
             else:
                 rest = [a + b for a, b in zip(rest, values, strict=True)]
-        if len(instances) > MAX_INSTANCES:
+        if len(held) > MAX_INSTANCES:
             open_.add_metric([OTHER], rest[0])
             total.add_metric([OTHER], rest[1])
             history.add_metric([OTHER], rest[2])
@@ -217,12 +214,12 @@ class HubCollector(Collector):
         yield GaugeMetricFamily(
             "fastaphlict_instances",
             "Instances held (with sockets or history); idle ones are dropped.",
-            value=len(instances),
+            value=len(held),
         )
         yield GaugeMetricFamily(
             "fastaphlict_subscribed_phids",
             "Distinct PHIDs some socket listens to, over all instances.",
-            value=sum(inst.channel.phid_count for inst in instances),
+            value=sum(inst.channel.phid_count for inst, _ in held),
         )
 
     @staticmethod

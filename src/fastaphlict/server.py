@@ -273,7 +273,7 @@ class Server:
             return
         if not pending:
             return
-        self.broker.stats.dropped += len(pending)
+        self.broker.drop_unsaved(len(pending))
         log.warning(
             "broker: %d unpublished message(s) dropped at stop (no state directory to keep them);"
             " other nodes' tabs miss them",

@@ -85,7 +85,7 @@ class Stats:
     slow_disconnects: int = 0
     dead_disconnects: int = 0
     #: Acceptance times from elsewhere (another node, Redis, a state file)
-    #: that lay ahead of this clock and were capped (see Hub.accepted_at).
+    #: that lay ahead of this clock and were capped (see hub.TimeCap).
     times_capped: int = 0
 
 

@@ -22,8 +22,8 @@ import socket
 from collections.abc import Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
 
+from fastaphlict.address import format_address
 from fastaphlict.config import ServerConfig
-from fastaphlict.hub import format_address
 
 __all__ = [
     "LISTEN_FDS_START",

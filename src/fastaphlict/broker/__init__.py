@@ -284,6 +284,10 @@ class Broker:
             await asyncio.sleep(0.01)
         return self.abandon()
 
+    def drop_unsaved(self, count: int) -> None:
+        """Count messages a stop left unpublished with nowhere to keep them (dropped)."""
+        self.stats.dropped += count
+
     def abandon(self) -> list[Pending]:
         """Stop at once (also a forced shutdown); return what is still buffered."""
         self._closing = True
