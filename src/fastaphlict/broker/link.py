@@ -483,7 +483,14 @@ class Link:
     def _take_in(self, message: ChannelMessage) -> None:
         origin, seq, sid, at, instance, payload = message
         own = origin in self._own
-        if wire.taken_in(self.read.get(instance), sid, own or (origin, seq) in self._seen):
+        last = self.read.get(instance)
+        # Only a message at or below the position can have been taken in:
+        # the rule and its dedup lookup are paid on that rare path alone.
+        if (
+            last is not None
+            and sid <= last
+            and wire.taken_in(last, sid, own or (origin, seq) in self._seen)
+        ):
             return
         # Not taken in: the position follows it, even below (a new primary
         # whose clock is behind).

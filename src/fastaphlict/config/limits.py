@@ -91,7 +91,8 @@ class Limits:
     )
     max_buffered: int = _limit(
         1024 * 1024,
-        "unsent bytes a socket may hold before it is closed with 1013",
+        "unsent live bytes a socket may hold before it is closed with 1013 (behind a"
+        " replay: judged by its progress, at most 16 times this)",
         minimum=1,
         why="0 closes every socket that is sent anything",
         shown="1 MiB unsent per socket",
