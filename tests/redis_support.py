@@ -43,7 +43,16 @@ from urllib.parse import quote
 
 import aiohttp
 
-from support import TIMEOUT, ServerProcess, free_ports, metric, require, scaled, wait_healthy
+from support import (
+    TIMEOUT,
+    ServerProcess,
+    eventually,
+    free_ports,
+    metric,
+    require,
+    scaled,
+    wait_healthy,
+)
 
 #: The ``redis-server`` the tests run, or None where it is not installed.
 REDIS_SERVER = shutil.which("redis-server")
@@ -798,11 +807,8 @@ async def broker_up(session: aiohttp.ClientSession, server: ServerProcess) -> fl
 
 
 async def until(check: Callable[[], Awaitable[bool]], what: str, within: float = RECOVERY) -> None:
-    """:func:`support.eventually` for a check that asks a server (awaits)."""
-    deadline = asyncio.get_running_loop().time() + within
-    while not await check():
-        assert asyncio.get_running_loop().time() < deadline, f"{what}: not within {within:g} s"
-        await asyncio.sleep(0.02)
+    """Thin alias of :func:`support.eventually` (the one wait) with the recovery bound."""
+    await eventually(check, within, what, every=0.02)
 
 
 async def until_metric(

@@ -33,7 +33,7 @@ import tempfile
 import time
 import types
 import urllib.request
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -700,17 +700,26 @@ class Conn:
 
 
 async def eventually(
-    predicate: Callable[[], bool], timeout: float = TIMEOUT, what: str = "the condition"
+    predicate: Callable[[], bool | Awaitable[bool]],
+    timeout: float = TIMEOUT,
+    what: str = "the condition",
+    every: float = 0.005,
 ) -> None:
     """Wait until ``predicate()`` holds; fail the test if it doesn't within ``timeout``.
 
-    ``timeout`` is a bound already scaled (``TIMEOUT`` or ``scaled(...)``).
+    The one wait of the tests: ``predicate`` may be sync or async (a check that
+    asks a server is awaited). ``timeout`` is a bound already scaled.
     """
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
-    while not predicate():
+    while True:
+        held = predicate()
+        if inspect.isawaitable(held):
+            held = await held
+        if held:
+            return
         assert loop.time() < deadline, f"{what} did not hold within {timeout:g} s"
-        await asyncio.sleep(0.005)
+        await asyncio.sleep(every)
 
 
 def throttles_a_minute_later(monkeypatch: pytest.MonkeyPatch) -> None:
