@@ -6,6 +6,7 @@ The parts, each one role:
   ``ADMIN_PORT``/``LISTEN_ADDR``, validated as Phorge's launcher does;
 - :mod:`~fastaphlict.config.limits`: :class:`Limits` and their metadata;
 - :mod:`~fastaphlict.config.broker_url`: broker URLs, with redaction;
+- :mod:`~fastaphlict.config.tls`: the TLS files loaded into contexts;
 - :mod:`~fastaphlict.config.preflight`: the only I/O (TLS files, paths,
   listen addresses), shared by ``--test`` and start;
 - :mod:`~fastaphlict.config.options`: every flag and its variable, once;
@@ -42,6 +43,7 @@ from fastaphlict.config.preflight import (
     check_files,
     check_listen,
     check_state_dir,
+    check_tls,
     preflight,
     unsafe_directory,
 )
@@ -66,6 +68,7 @@ __all__ = [
     "check_files",
     "check_listen",
     "check_state_dir",
+    "check_tls",
     "from_environment",
     "load_config",
     "load_file",
