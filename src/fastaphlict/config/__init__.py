@@ -9,7 +9,8 @@ The parts, each one role:
 - :mod:`~fastaphlict.config.tls`: the TLS files loaded into contexts;
 - :mod:`~fastaphlict.config.preflight`: the only I/O (TLS files, paths,
   listen addresses), shared by ``--test`` and start;
-- :mod:`~fastaphlict.config.options`: every flag and its variable, once;
+- :mod:`~fastaphlict.config.options`: every option once (flag, variable, type,
+  default, help, docs row), and the parser made from it;
 - :mod:`~fastaphlict.config.settings`: :class:`Settings` and :func:`resolve`,
   where flag > environment > file > default is applied;
 - :mod:`~fastaphlict.config.errors`: :class:`ConfigError` and :class:`LimitError`.
