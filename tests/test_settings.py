@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 from pathlib import Path
 
 import pytest
@@ -106,8 +107,49 @@ def test_main_reads_the_environment_it_is_given(
 
 
 def test_every_flag_of_the_parser_is_declared_once() -> None:
-    """OPTIONS and the limits between them name each flag of --help, and nothing else."""
-    parsed = [action.option_strings[-1] for action in build_parser()._actions]
-    declared = [option.flag for option in OPTIONS]
-    declared += [limit_flag(spec.name) for spec in dataclasses.fields(Limits)]
-    assert sorted(parsed) == sorted(declared)
+    """OPTIONS names each flag of --help, in its order, and nothing else: the limits among them."""
+    parser = build_parser()
+    parsed = [action.option_strings[-1] for action in parser._actions]
+    assert parsed == [option.flag for option in OPTIONS]
+    assert len(set(parsed)) == len(parsed)
+    names = {name for option in OPTIONS for name in (option.short, option.flag) if name}
+    assert set(parser._option_string_actions) == names, "an option declared outside OPTIONS"
+    limits = [option.flag for option in OPTIONS if option.limit]
+    assert limits == [limit_flag(spec.name) for spec in dataclasses.fields(Limits)]
+
+
+def test_help_says_every_option_and_its_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each option's entry in --help has its help and, if it has one, its variable."""
+    monkeypatch.setenv("COLUMNS", "1000")  # no help wrapped inside a word
+    text = build_parser().format_help()
+    entries: dict[str, str] = {}
+    flag = ""
+    for line in text.splitlines():
+        if line.startswith("  -"):
+            flag = next(word for word in line.split() if word.startswith("--")).rstrip(",")
+            entries[flag] = line
+        elif flag and line.startswith("    "):
+            entries[flag] += line
+        else:
+            flag = ""
+    for option in OPTIONS:
+        assert option.help, f"{option.flag} has no help"
+        entry = " ".join(entries[option.flag].split())
+        assert option.meaning in entry, entry
+        if option.variable:
+            assert f"env {option.variable})" in entry, entry
+    named = set(re.findall(r"FASTAPHLICT_[A-Z_]+", text)) - {"FASTAPHLICT_"}
+    assert named <= {option.variable for option in OPTIONS}, "a variable of no option"
+
+
+def test_a_limit_option_is_its_field_of_limits() -> None:
+    """Nothing of a limit is repeated: its option comes from the field's metadata."""
+    defaults = Limits()
+    for option in OPTIONS:
+        if not option.limit:
+            continue
+        spec = next(f for f in dataclasses.fields(Limits) if f.name == option.limit)
+        assert option.default == getattr(defaults, option.limit)
+        assert option.help == spec.metadata["help"] and option.past == spec.metadata["past"]
+        assert option.minimum == spec.metadata["minimum"] and option.why == spec.metadata["why"]
+        assert option.variable == f"FASTAPHLICT_{option.limit.upper()}"

@@ -20,7 +20,7 @@ import trustme
 from websockets.asyncio.client import connect
 
 from fastaphlict.config import Config, ConfigError, PeerConfig, ServerConfig
-from fastaphlict.tls import server_context
+from fastaphlict.config.tls import server_context
 from support import PHORGE_CONTENT_TYPE, TIMEOUT, Browser, running, settings
 
 
@@ -176,6 +176,44 @@ def test_config_test_loads_the_tls_files(
     bad.write_text(json.dumps({"servers": servers}))
     assert cli.main([f"--config={bad}", "--test"]) == 1
     assert 'index "0", on port "22280"' in capsys.readouterr().err
+
+
+def test_a_bad_tls_key_fails_the_start_as_it_fails_the_test(
+    pki: dict,  # type: ignore[type-arg]
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """One preflight: start refuses a key --test refuses, in the same line, before serving."""
+    from fastaphlict import cli
+
+    p = pki["paths"]
+    servers = [
+        {"type": "client", "port": 22280, "ssl.key": p["ca"], "ssl.cert": p["cert"]},
+        {"type": "admin", "port": 22281, "listen": "127.0.0.1"},
+    ]
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"servers": servers}))
+    assert cli.main([f"--config={bad}", "--test"]) == 1
+    tested = capsys.readouterr().err
+    assert cli.main([f"--config={bad}"]) == 1
+    started = capsys.readouterr().err
+    assert started == tested
+    assert started.startswith('fastaphlict: Server (at index "0", on port "22280") has a TLS key')
+    assert started.count("\n") == 1
+
+
+def test_a_bad_peer_ca_file_fails_the_start_as_it_fails_the_test(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from fastaphlict import cli
+
+    ca = tmp_path / "ca.pem"
+    ca.write_text("not a certificate\n")
+    assert cli.main(["--test", f"--peer-ca-file={ca}"], environ={}) == 1
+    tested = capsys.readouterr().err
+    assert cli.main([f"--peer-ca-file={ca}"], environ={}) == 1
+    assert capsys.readouterr().err == tested
+    assert tested.startswith(f'fastaphlict: Peer CA file "{ca}" can not be loaded')
 
 
 def _https_post(port: int, context: ssl.SSLContext, body: bytes) -> int | str:

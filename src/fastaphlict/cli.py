@@ -21,7 +21,7 @@ import sys
 from collections.abc import Mapping, Sequence
 
 from fastaphlict import __version__, state
-from fastaphlict.config import Config, ConfigError, Settings, preflight, resolve
+from fastaphlict.config import Config, ConfigError, preflight, resolve
 
 __all__ = ["main", "reopen_log_files", "setup_logging"]
 
@@ -111,16 +111,6 @@ def setup_logging(config: Config, debug: bool, level: int | None = None) -> None
     logging.getLogger("picows").setLevel(logging.DEBUG if debug else max(level, logging.WARNING))
 
 
-def _check_tls(settings: Settings) -> None:
-    """For ``--test``: load every TLS key and certificate as the server will."""
-    from fastaphlict import tls
-
-    for index, entry in enumerate(settings.config.servers):
-        tls.server_context(entry, index)
-    if settings.peer_ca_file:
-        tls.client_context(settings.peer_ca_file)
-
-
 def _fail(message: object) -> int:
     print(f"fastaphlict: {message}", file=sys.stderr)
     return 1
@@ -145,9 +135,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         if settings.state_dir:
             # What start would refuse: another process holding the directory.
             state.check_unlocked(settings.state_dir)
-        if settings.test:
-            _check_tls(settings)
-        else:
+        if not settings.test:
             setup_logging(settings.config, debug=settings.debug, level=settings.log_level)
     except (ConfigError, OSError, ValueError) as exc:
         return _fail(exc)

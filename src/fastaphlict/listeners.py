@@ -19,10 +19,10 @@ from fastaphlict import admin, client, systemd
 from fastaphlict.address import format_address
 from fastaphlict.broker import Broker
 from fastaphlict.config import ServerConfig, Settings
+from fastaphlict.config.tls import server_context
 from fastaphlict.hub import Hub
 from fastaphlict.peers import PeerRelay
 from fastaphlict.process import connection_cap, os_reason
-from fastaphlict.tls import server_context
 
 __all__ = ["BACKLOG", "Listeners"]
 

@@ -25,6 +25,7 @@ from typing import Any
 from fastaphlict import client, state, systemd
 from fastaphlict.broker import Broker
 from fastaphlict.config import Config, ConfigError, Limits, Settings
+from fastaphlict.config.tls import client_context
 from fastaphlict.hub import Hub
 from fastaphlict.listeners import Listeners
 from fastaphlict.peers import PeerRelay, new_fingerprint
@@ -34,7 +35,6 @@ from fastaphlict.process import (
     raise_open_file_limit,
     tune_gc,
 )
-from fastaphlict.tls import client_context
 
 __all__ = ["Limits", "PidFile", "PidFileError", "Server", "as_settings", "run"]
 

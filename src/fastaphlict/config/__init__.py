@@ -6,9 +6,11 @@ The parts, each one role:
   ``ADMIN_PORT``/``LISTEN_ADDR``, validated as Phorge's launcher does;
 - :mod:`~fastaphlict.config.limits`: :class:`Limits` and their metadata;
 - :mod:`~fastaphlict.config.broker_url`: broker URLs, with redaction;
+- :mod:`~fastaphlict.config.tls`: the TLS files loaded into contexts;
 - :mod:`~fastaphlict.config.preflight`: the only I/O (TLS files, paths,
   listen addresses), shared by ``--test`` and start;
-- :mod:`~fastaphlict.config.options`: every flag and its variable, once;
+- :mod:`~fastaphlict.config.options`: every option once (flag, variable, type,
+  default, help, docs row), and the parser made from it;
 - :mod:`~fastaphlict.config.settings`: :class:`Settings` and :func:`resolve`,
   where flag > environment > file > default is applied;
 - :mod:`~fastaphlict.config.errors`: :class:`ConfigError` and :class:`LimitError`.
@@ -42,6 +44,7 @@ from fastaphlict.config.preflight import (
     check_files,
     check_listen,
     check_state_dir,
+    check_tls,
     preflight,
     unsafe_directory,
 )
@@ -66,6 +69,7 @@ __all__ = [
     "check_files",
     "check_listen",
     "check_state_dir",
+    "check_tls",
     "from_environment",
     "load_config",
     "load_file",

@@ -43,9 +43,9 @@ class Limits:
 
     Every limit has a default safe for a public client port; each one that
     refuses something says so with a close code or an HTTP status. Each is
-    declared once, here: the CLI builds its flags, variables and ``--help``
-    from these fields, and ``tests/settings_table.py`` the table of
-    ``docs/settings.md``, which a test checks against them.
+    declared once, here: :data:`~fastaphlict.config.options.OPTIONS` makes
+    one option of each field (its flag, variable, ``--help`` and row of the
+    table of ``docs/settings.md``).
     """
 
     max_frame_size: int = _limit(

@@ -1,24 +1,30 @@
-"""Every option once: its flag, its ``FASTAPHLICT_`` variable, its type, default and help.
+"""Every option once: its flag, its variable, its type, default, minimum, help and docs row.
 
-:func:`build_parser` is the one parser of the command line; its defaults are
-all None (or False for Aphlict's own booleans) so that
-:func:`~fastaphlict.config.settings.resolve` can tell "not given" from a value,
-and read the variable from the environment it is handed, never ``os.environ``.
-The flag table of ``docs/settings.md`` is generated from this parser and the
-metadata of :class:`~fastaphlict.config.limits.Limits`.
+:data:`OPTIONS` is the one declaration; the limits among them are made from
+the fields of :class:`~fastaphlict.config.limits.Limits`, which declare their
+own metadata once. From it come :func:`build_parser` (whose help names each
+option's default and variable the same way), the flag table of
+``docs/settings.md`` (``tests/settings_table.py``) and the variables
+:func:`~fastaphlict.config.settings.resolve` reads.
+
+The parser's defaults are all None (or False for an option no variable sets)
+so that ``resolve`` can tell "not given" from a value, and read the variable
+from the environment it is handed, never ``os.environ``.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from fastaphlict import __version__
 from fastaphlict.config.limits import Limits
 
 __all__ = [
-    "LIMIT_TYPES",
+    "LIMITS",
     "LOG_LEVELS",
     "OPTIONS",
     "PATH_VARIABLES",
@@ -36,6 +42,14 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off", ""})
+
+_DESCRIPTION = (
+    "A drop-in, fast replacement for Phorge's Aphlict notification server. "
+    "Reads the same JSON config file and speaks the same protocol."
+)
+
+#: The title of fastaphlict's own options in ``--help``.
+_OWN = "limits and operations (fastaphlict's own; Aphlict's file has no keys for them)"
 
 _EPILOG = """\
 environment (used only when neither --config nor APHLICT_CONFIG names a file):
@@ -64,132 +78,6 @@ def parse_bool(value: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false or 1/0, got {value!r}")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="fastaphlict",
-        description=(
-            "A drop-in, fast replacement for Phorge's Aphlict notification server. "
-            "Reads the same JSON config file and speaks the same protocol."
-        ),
-        epilog=_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        allow_abbrev=False,
-    )
-    parser.add_argument("--version", action="version", version=f"fastaphlict {__version__}")
-    parser.add_argument(
-        "--config",
-        metavar="PATH",
-        help="Aphlict JSON config file (aphlict.custom.json); overrides APHLICT_CONFIG",
-    )
-    parser.add_argument(
-        "--test",
-        nargs="?",
-        const=True,
-        default=False,
-        type=parse_bool,
-        metavar="BOOL",
-        help="check the config, limits, TLS files, listen addresses, log and pidfile"
-        " paths and the state directory (creating nothing), print 'Configuration test OK.'"
-        " and exit",
-    )
-    parser.add_argument(
-        "--debug",
-        nargs="?",
-        const=True,
-        default=False,
-        type=parse_bool,
-        metavar="BOOL",
-        help="log at debug level, including per-connection traces",
-    )
-    parser.add_argument(
-        "--log-level",
-        # None, not the variable: main() reads it, to name it in errors.
-        default=None,
-        type=str.lower,
-        choices=LOG_LEVELS,
-        help="least severe level logged (default: info; --debug means debug;"
-        " env FASTAPHLICT_LOG_LEVEL)",
-    )
-    limits = parser.add_argument_group(
-        "limits and operations (fastaphlict's own; Aphlict's file has no keys for them)"
-    )
-    defaults = Limits()
-    for field in dataclasses.fields(Limits):
-        name = field.name.replace("_", "-")
-        default = getattr(defaults, field.name)
-        kind = LIMIT_TYPES[type(default)]
-        limits.add_argument(
-            f"--{name}",
-            dest=f"limit_{field.name}",
-            type=kind,
-            # None, not the variable: _limits() reads it, to name it in errors.
-            default=None,
-            metavar=_METAVARS[type(default)],
-            help=f"{field.metadata['help']} (default: {show(default)})",
-        )
-    limits.add_argument(
-        "--pidfile",
-        # None, not the variable: _pidfile() reads it, to name it in errors.
-        default=None,
-        metavar="PATH",
-        help="write the pid here, not at the config file's pidfile, so processes"
-        " sharing one config each have their own (env FASTAPHLICT_PIDFILE)",
-    )
-    limits.add_argument(
-        "--reuse-port",
-        nargs="?",
-        const=True,
-        # None, not the variable: _reuse_port() reads it, to name it in errors.
-        default=None,
-        type=parse_bool,
-        metavar="BOOL",
-        help="bind every client and admin port with SO_REUSEPORT, so several processes"
-        " share them and the kernel spreads connections over them (not for sockets"
-        " inherited from systemd; env FASTAPHLICT_REUSE_PORT)",
-    )
-    limits.add_argument(
-        "--peer-ca-file",
-        # None, not the variable: resolve() reads it from the environment it is given.
-        default=None,
-        metavar="PATH",
-        help="PEM file of CAs trusted for https cluster peers (default: the system's)",
-    )
-    limits.add_argument(
-        "--broker",
-        default=None,
-        metavar="URL",
-        help="Redis broker shared by every node of a cluster: redis://[user:password@]host:port/db,"
-        " rediss://... (TLS, verified), unix:///path, or through Sentinel"
-        " redis+sentinel://[user:password@]host:port[,host:port...]/service[/db]"
-        " (rediss+sentinel:// with TLS) (default: none; env FASTAPHLICT_BROKER,"
-        " which keeps a password off the command line)",
-    )
-    limits.add_argument(
-        "--broker-sentinel-password",
-        default=None,
-        metavar="PASSWORD",
-        help="the sentinels' own password, for a redis+sentinel:// broker whose sentinels"
-        " require one (default: none; env FASTAPHLICT_BROKER_SENTINEL_PASSWORD, which keeps"
-        " it off the command line)",
-    )
-    limits.add_argument(
-        "--broker-ca-file",
-        # None, not the variable: resolve() reads it from the environment it is given.
-        default=None,
-        metavar="PATH",
-        help="PEM file of CAs trusted for a rediss:// broker (default: the system's)",
-    )
-    limits.add_argument(
-        "--state-dir",
-        # None, not the variable: resolve() reads it from the environment it is given.
-        default=None,
-        metavar="PATH",
-        help="keep every instance's history here across a graceful restart"
-        " (created if missing; default: none, a restart forgets the history)",
-    )
-    return parser
-
-
 def _parse_count(value: str) -> int:
     if not value.strip().isdigit():
         raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {value!r}")
@@ -198,15 +86,6 @@ def _parse_count(value: str) -> int:
 
 def _parse_list(value: str) -> tuple[str, ...]:
     return tuple(item.strip() for item in value.split(",") if item.strip())
-
-
-_METAVARS = {float: "SECONDS", int: "N", tuple: "A,B,..."}
-
-
-def show(value: object) -> str:
-    if isinstance(value, tuple):
-        return ",".join(value) or "none"
-    return str(value)
 
 
 def _parse_seconds(value: str) -> float:
@@ -219,47 +98,255 @@ def _parse_seconds(value: str) -> float:
     return seconds
 
 
-LIMIT_TYPES = {float: _parse_seconds, int: _parse_count, tuple: _parse_list}
+def show(value: object) -> str:
+    """A value as an error message repeats it (``--admin-allow=none``)."""
+    if isinstance(value, tuple):
+        return ",".join(value) or "none"
+    return str(value)
+
+
+def _shown(value: object) -> str:
+    """A limit's default as ``--help`` and the docs say it, when its field says nothing."""
+    if isinstance(value, tuple):
+        return ",".join(value) or "empty"
+    if isinstance(value, float):
+        return f"{value:g} s"
+    return str(value)
 
 
 @dataclass(frozen=True)
 class Option:
-    """One option that is not a limit: its flag, the variable it also reads, its docs default.
-
-    The limits declare the same in :class:`~fastaphlict.config.limits.Limits`
-    (their variable is :func:`limit_variable`'s); the parser's help says the rest.
-    """
+    """One option: everything the parser, :func:`resolve` and the docs know of it."""
 
     flag: str
+    #: What it does, as ``--help`` and the docs say it (without default or variable).
+    help: str
     #: The variable read when the flag is absent ("" for none).
     variable: str = ""
-    #: The default as the flag table of ``docs/settings.md`` says it.
-    default: str = ""
+    #: The converter of a value given (flag or variable); None keeps the text.
+    type: Callable[[str], Any] | None = None
+    #: The option's value when nothing sets it.
+    default: Any = None
+    #: The default as ``--help`` and the docs say it ("" for none to say).
+    shown: str = ""
+    #: The smallest workable value, and what a smaller one would do (limits).
+    minimum: float | None = None
+    why: str = ""
+    #: What happens past the limit (the docs' "past it").
+    past: str = ""
+    choices: tuple[str, ...] = ()
+    #: The value's name in ``--help`` ("" for a flag that takes none).
+    metavar: str = ""
+    #: Aphlict's spelling of a boolean: the flag alone, or ``=true``/``=1``/``=false``.
+    boolean: bool = False
+    #: The field of :class:`Limits` it sets ("" for none).
+    limit: str = ""
+    #: Listed under fastaphlict's own options rather than Aphlict's.
+    own: bool = True
+    #: ``-h`` for ``--help``.
+    short: str = ""
 
     @property
     def dest(self) -> str:
+        if self.limit:
+            return f"limit_{self.limit}"
         return self.flag[2:].replace("-", "_")
 
+    @property
+    def meaning(self) -> str:
+        """What it does, with its choices: the docs' "meaning"."""
+        if self.choices:
+            return f"{self.help}: {', '.join(self.choices)}"
+        return self.help
 
-#: Every option but the limits, in ``--help``'s order.
-OPTIONS = (
-    Option("--help"),
-    Option("--version"),
+    @property
+    def help_text(self) -> str:
+        """``--help``'s line: the meaning, then the default and the variable, always so."""
+        asides = [f"default: {self.shown.replace('`', '')}"] if self.shown else []
+        if self.variable:
+            asides.append(f"env {self.variable}")
+        return f"{self.meaning} ({'; '.join(asides)})" if asides else self.meaning
+
+    @property
+    def usage(self) -> str:
+        """How the docs spell it: ``--flag=METAVAR``, ``--flag[=BOOL]`` or ``--flag``."""
+        if not self.metavar:
+            return self.flag
+        return f"{self.flag}[={self.metavar}]" if self.boolean else f"{self.flag}={self.metavar}"
+
+    def add_to(self, parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+        names = [self.short, self.flag] if self.short else [self.flag]
+        if self.flag in _PRINT_AND_EXIT:
+            parser.add_argument(*names, help=self.help_text, **_PRINT_AND_EXIT[self.flag])
+            return
+        extra: dict[str, Any] = {"nargs": "?", "const": True} if self.boolean else {}
+        if self.choices:
+            extra["choices"] = self.choices
+        parser.add_argument(
+            *names,
+            dest=self.dest,
+            type=self.type,
+            # None when a variable may set it: resolve() reads that, to name it in errors.
+            default=None if self.variable else self.default,
+            metavar=self.metavar,
+            help=self.help_text,
+            **extra,
+        )
+
+
+#: The two options that print and exit, with their argparse action.
+_PRINT_AND_EXIT: dict[str, dict[str, Any]] = {
+    "--help": {"action": "help"},
+    "--version": {"action": "version", "version": f"fastaphlict {__version__}"},
+}
+
+_LIMIT_TYPES: dict[type, tuple[Callable[[str], Any], str]] = {
+    float: (_parse_seconds, "SECONDS"),
+    int: (_parse_count, "N"),
+    tuple: (_parse_list, "A,B,..."),
+}
+
+
+def limit_flag(name: str) -> str:
+    """The flag of the limit ``name`` (a field of Limits)."""
+    return f"--{name.replace('_', '-')}"
+
+
+def limit_variable(name: str) -> str:
+    """The variable of the limit ``name``: ``FASTAPHLICT_`` and the field's name."""
+    return f"FASTAPHLICT_{name.upper()}"
+
+
+def _limit_option(spec: dataclasses.Field[Any]) -> Option:
+    """The option of one field of :class:`Limits`, from what the field declares."""
+    meta = spec.metadata
+    parse, metavar = _LIMIT_TYPES[type(spec.default)]
+    return Option(
+        limit_flag(spec.name),
+        meta["help"],
+        limit_variable(spec.name),
+        type=parse,
+        default=spec.default,
+        shown=meta["shown"] or _shown(spec.default),
+        minimum=meta["minimum"],
+        why=meta["why"],
+        past=meta["past"],
+        metavar=metavar,
+        limit=spec.name,
+    )
+
+
+def _aphlict_bool(flag: str, help: str) -> Option:
+    """One of Aphlict's own booleans: off unless given, ``--flag``, ``=true`` or ``=1``."""
+    return Option(
+        flag,
+        help,
+        type=parse_bool,
+        default=False,
+        shown="off",
+        metavar="BOOL",
+        boolean=True,
+        own=False,
+    )
+
+
+#: The limits, one option per field of :class:`Limits`.
+LIMITS = tuple(_limit_option(spec) for spec in dataclasses.fields(Limits))
+
+#: Every option, in ``--help``'s order.
+OPTIONS: tuple[Option, ...] = (
+    Option("--help", "show this help message and exit", short="-h", own=False),
+    Option("--version", "show program's version number and exit", own=False),
     Option(
         "--config",
+        "Aphlict JSON config file (aphlict.custom.json)",
         "APHLICT_CONFIG",
-        "none: the variables `CLIENT_PORT`, `ADMIN_PORT`, `LISTEN_ADDR`",
+        shown="none: the variables `CLIENT_PORT`, `ADMIN_PORT`, `LISTEN_ADDR`",
+        metavar="PATH",
+        own=False,
     ),
-    Option("--test", default="off"),
-    Option("--debug", default="off"),
-    Option("--log-level", "FASTAPHLICT_LOG_LEVEL", "info"),
-    Option("--pidfile", "FASTAPHLICT_PIDFILE", "the config file's `pidfile`"),
-    Option("--reuse-port", "FASTAPHLICT_REUSE_PORT", "off"),
-    Option("--peer-ca-file", "FASTAPHLICT_PEER_CA_FILE", "the system's CAs"),
-    Option("--broker", "FASTAPHLICT_BROKER", "none: one node alone"),
-    Option("--broker-sentinel-password", "FASTAPHLICT_BROKER_SENTINEL_PASSWORD", "none"),
-    Option("--broker-ca-file", "FASTAPHLICT_BROKER_CA_FILE", "the system's CAs"),
-    Option("--state-dir", "FASTAPHLICT_STATE_DIR", "none: a restart forgets the history"),
+    _aphlict_bool(
+        "--test",
+        "check the config, limits, TLS files, listen addresses, log and pidfile paths and"
+        " the state directory (creating nothing), print 'Configuration test OK.' and exit",
+    ),
+    _aphlict_bool(
+        "--debug",
+        "log at debug level, including per-connection traces, whatever --log-level says",
+    ),
+    Option(
+        "--log-level",
+        "least severe level logged",
+        "FASTAPHLICT_LOG_LEVEL",
+        type=str.lower,
+        default="info",
+        shown="info",
+        choices=LOG_LEVELS,
+        metavar="LEVEL",
+        own=False,
+    ),
+    *LIMITS,
+    Option(
+        "--pidfile",
+        "write the pid here, not at the config file's pidfile, so processes sharing one"
+        " config each have their own",
+        "FASTAPHLICT_PIDFILE",
+        shown="the config file's `pidfile`",
+        metavar="PATH",
+    ),
+    Option(
+        "--reuse-port",
+        "bind every client and admin port with SO_REUSEPORT, so several processes share"
+        " them and the kernel spreads connections over them (not for sockets inherited"
+        " from systemd)",
+        "FASTAPHLICT_REUSE_PORT",
+        type=parse_bool,
+        default=False,
+        shown="off",
+        metavar="BOOL",
+        boolean=True,
+    ),
+    Option(
+        "--peer-ca-file",
+        "PEM file of CAs trusted for https cluster peers",
+        "FASTAPHLICT_PEER_CA_FILE",
+        shown="the system's CAs",
+        metavar="PATH",
+    ),
+    Option(
+        "--broker",
+        "Redis broker shared by every node of a cluster: redis://[user:password@]host:port/db,"
+        " rediss://... (TLS, verified), unix:///path, or through Sentinel"
+        " redis+sentinel://[user:password@]host:port[,host:port...]/service[/db]"
+        " (rediss+sentinel:// with TLS); a password belongs in the variable, off the"
+        " command line",
+        "FASTAPHLICT_BROKER",
+        shown="none: one node alone",
+        metavar="URL",
+    ),
+    Option(
+        "--broker-sentinel-password",
+        "the sentinels' own password, for a redis+sentinel:// broker whose sentinels"
+        " require one; it belongs in the variable, off the command line",
+        "FASTAPHLICT_BROKER_SENTINEL_PASSWORD",
+        shown="none",
+        metavar="PASSWORD",
+    ),
+    Option(
+        "--broker-ca-file",
+        "PEM file of CAs trusted for a rediss:// broker",
+        "FASTAPHLICT_BROKER_CA_FILE",
+        shown="the system's CAs",
+        metavar="PATH",
+    ),
+    Option(
+        "--state-dir",
+        "keep every instance's history here across a graceful restart, in a directory"
+        " created if missing",
+        "FASTAPHLICT_STATE_DIR",
+        shown="none: a restart forgets the history",
+        metavar="PATH",
+    ),
 )
 
 #: Each option's variable, by flag.
@@ -273,11 +360,17 @@ PATH_VARIABLES = {
 }
 
 
-def limit_flag(name: str) -> str:
-    """The flag of the limit ``name`` (a field of Limits)."""
-    return f"--{name.replace('_', '-')}"
-
-
-def limit_variable(name: str) -> str:
-    """The variable of the limit ``name``: ``FASTAPHLICT_`` and the field's name."""
-    return f"FASTAPHLICT_{name.upper()}"
+def build_parser() -> argparse.ArgumentParser:
+    """The one parser of the command line: every option of :data:`OPTIONS`, nothing else."""
+    parser = argparse.ArgumentParser(
+        prog="fastaphlict",
+        description=_DESCRIPTION,
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
+        add_help=False,
+    )
+    own = parser.add_argument_group(_OWN)
+    for option in OPTIONS:
+        option.add_to(own if option.own else parser)
+    return parser

@@ -1,9 +1,10 @@
 """Preflight: the only I/O of configuration, shared by ``--test`` and start.
 
-It checks that the TLS files are readable, that a file can be made where the
-pidfile, the logs and the state go (a probe, removed at once) and that every
-``listen`` resolves. It never binds, never starts anything, and nothing it
-makes outlives the check.
+It checks that the TLS files are readable and load (keys, certificates,
+chains and CA files, through :mod:`~fastaphlict.config.tls`, as the server
+will load them), that a file can be made where the pidfile, the logs and the
+state go (a probe, removed at once) and that every ``listen`` resolves. It
+never binds, never starts anything, and nothing it makes outlives the check.
 """
 
 from __future__ import annotations
@@ -16,12 +17,14 @@ import tempfile
 from fastaphlict.config.aphlict import _SSL_KEYS, Config
 from fastaphlict.config.errors import ConfigError
 from fastaphlict.config.settings import Settings
+from fastaphlict.config.tls import client_context, server_context
 
 __all__ = [
     "check_broker_ca",
     "check_files",
     "check_listen",
     "check_state_dir",
+    "check_tls",
     "preflight",
     "unsafe_directory",
 ]
@@ -213,6 +216,17 @@ def check_broker_ca(path: str | None) -> None:
         raise ConfigError(f'Broker CA file "{path}" can not be loaded: {exc}.') from exc
 
 
+def check_tls(config: Config, peer_ca_file: str | None = None) -> None:
+    """Every listener's key, certificate and chain, and the peers' CA file, must load.
+
+    Loaded as the server loads them, then dropped: the errors name the entry.
+    """
+    for index, entry in enumerate(config.servers):
+        server_context(entry, index)
+    if peer_ca_file:
+        client_context(peer_ca_file)
+
+
 def preflight(settings: Settings) -> None:
     """For ``--test`` and start alike: fail now, on the console, not later at bind time.
 
@@ -223,3 +237,4 @@ def preflight(settings: Settings) -> None:
     if settings.state_dir:
         check_state_dir(settings.state_dir)
     check_broker_ca(settings.broker_ca_file)
+    check_tls(settings.config, settings.peer_ca_file)

@@ -23,13 +23,11 @@ from fastaphlict.config.broker_url import BrokerConfig, parse_broker_url
 from fastaphlict.config.errors import ConfigError, LimitError
 from fastaphlict.config.limits import Limits
 from fastaphlict.config.options import (
-    LIMIT_TYPES,
+    LIMITS,
     LOG_LEVELS,
     PATH_VARIABLES,
     VARIABLES,
     build_parser,
-    limit_flag,
-    limit_variable,
     parse_bool,
     show,
 )
@@ -107,23 +105,22 @@ def _limits(args: argparse.Namespace, environ: Mapping[str, str]) -> Limits:
     """
     overrides: dict[str, object] = {}
     sources: dict[str, str] = {}
-    defaults = Limits()
-    for spec in dataclasses.fields(Limits):
-        flag = limit_flag(spec.name)
-        value = getattr(args, f"limit_{spec.name}")
+    for option in LIMITS:
+        name = option.limit
+        value = getattr(args, option.dest)
         if value is not None:
-            overrides[spec.name] = value
-            sources[spec.name] = f"{flag}={show(value)}"
+            overrides[name] = value
+            sources[name] = f"{option.flag}={show(value)}"
             continue
-        variable = limit_variable(spec.name)
-        raw = environ.get(variable, "").strip()
+        raw = environ.get(option.variable, "").strip()
         if not raw:
             continue
-        sources[spec.name] = f"{variable}={raw} (environment, for {flag})"
+        sources[name] = f"{option.variable}={raw} (environment, for {option.flag})"
+        assert option.type is not None
         try:
-            overrides[spec.name] = LIMIT_TYPES[type(getattr(defaults, spec.name))](raw)
+            overrides[name] = option.type(raw)
         except argparse.ArgumentTypeError as exc:
-            raise ConfigError(f"{sources[spec.name]}: {exc}") from exc
+            raise ConfigError(f"{sources[name]}: {exc}") from exc
     try:
         return Limits(**overrides)  # type: ignore[arg-type]
     except LimitError as exc:

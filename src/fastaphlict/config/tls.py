@@ -1,12 +1,14 @@
-"""TLS contexts: for client and admin listeners, and for relays to https peers.
+"""TLS contexts: the TLS files the config names, loaded for listeners and https peers.
 
 Aphlict turns TLS on for a server entry that sets ``ssl.key`` and
 ``ssl.cert``, appending ``ssl.chain`` to the certificate, so ``wss://`` works
 without a proxy in front. Relays to ``"protocol": "https"`` peers verify the
 peer's certificate, against the system's CAs or a CA file the operator names.
 
-Loading happens once, at start-up (and in ``--test``), so a bad key or a
-certificate that does not match it fails early with the entry named.
+:func:`~fastaphlict.config.preflight.preflight` loads every one of them
+before anything starts (``--test`` and start alike), so a bad key or a
+certificate that does not match it fails early with the entry named; the
+server then loads its own from the same files.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ import os
 import ssl
 import tempfile
 
-from fastaphlict.config import ConfigError, ServerConfig
+from fastaphlict.config.aphlict import ServerConfig
+from fastaphlict.config.errors import ConfigError
 
 __all__ = ["client_context", "server_context"]
 
