@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from fastaphlict.bench import Options, Result, run
+from support import log_problems
 
 if TYPE_CHECKING:  # conftest is pytest's to import; importing it here would load it twice
     from conftest import ServerProcess
@@ -66,7 +67,7 @@ def _scenario(
     results: list[Result] = []
     benchmark.pedantic(lambda: results.append(run(opts)), rounds=1, iterations=1)
     (result,) = results
-    row = {"name": name, **result.as_dict(), "server_log_problems": server.log_problems()[:5]}
+    row = {"name": name, **result.as_dict(), "server_log_problems": log_problems(server)[:5]}
     benchmark.extra_info.update(row)
     record(row)
     assert result.post_errors == 0, result.first_post_error

@@ -53,11 +53,11 @@ from support import (
     client_frame,
     eventually,
     free_ports,
-    launch,
     metric,
     post,
     replayed,
     scaled,
+    spawn,
     stop,
     upgrade_request,
     wait_healthy,
@@ -85,7 +85,7 @@ def nodes(tmp_path: Path) -> Iterator[Start]:
         extra = dict(env or {})
         if broker is not None:
             extra["FASTAPHLICT_BROKER"] = broker
-        server = launch(
+        server = spawn(
             tmp_path / f"{name}.log", *FAST, *args, config=config, env=extra, ports=ports
         )
         started.append(server)
@@ -553,7 +553,7 @@ async def test_the_password_is_in_no_log_line_status_or_metric(
         redis.stop()
         await until_down(session, good)
         stop(good, wrong)
-    malformed = launch(
+    malformed = spawn(
         tmp_path / "malformed.log",
         env={"FASTAPHLICT_BROKER": f"redis://:{secret}@127.0.0.1:notaport/0"},
     )
@@ -599,7 +599,7 @@ def aphlict_peer(tmp_path: Path, kind: str, ports: list[int], peer_admin: int) -
     """The mesh peer of the mixed cluster: fastaphlict without a broker, or Node Aphlict."""
     mesh = [{"host": "127.0.0.1", "port": peer_admin, "protocol": "http"}]
     if kind == "fastaphlict":
-        return launch(tmp_path / "c.log", config={"cluster": mesh}, ports=ports)
+        return spawn(tmp_path / "c.log", config={"cluster": mesh}, ports=ports)
     if not (NODE_APHLICT and shutil.which("node")):
         pytest.skip("FASTAPHLICT_NODE_APHLICT does not name Node Aphlict's aphlict_server.js")
     config = tmp_path / "c.json"

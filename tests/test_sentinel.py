@@ -53,11 +53,11 @@ from support import (
     assert_silent,
     child_env,
     free_ports,
-    launch,
     metric,
     post,
     replayed,
     scaled,
+    spawn,
     stop,
     wait_healthy,
 )
@@ -149,7 +149,7 @@ def nodes(tmp_path: Path) -> Iterator[Any]:
     started: list[ServerProcess] = []
 
     def start(name: str, env: dict[str, str], *args: str) -> ServerProcess:
-        server = launch(tmp_path / f"{name}.log", *FAST, *args, env=env)
+        server = spawn(tmp_path / f"{name}.log", *FAST, *args, env=env)
         started.append(server)
         return server
 
