@@ -40,7 +40,6 @@ from redis_support import (
     RedisServer,
     StallProxy,
     broker_up,
-    until,
     until_down,
     until_metric,
     until_up,
@@ -220,7 +219,7 @@ async def test_a_replay_on_another_node_returns_the_shared_window_of_its_instanc
         async with session.get(f"{b.admin_url}/status/?instance=one") as resp:
             return (await resp.json())["history.size"] == 4  # type: ignore[no-any-return]
 
-    await until(all_there, "4 messages of instance one on B", TIMEOUT)
+    await eventually(all_there, TIMEOUT, "4 messages of instance one on B", every=0.02)
     async with tab(b, "PHID-1", path="/~one/") as tb:
         got = await replayed(tb)
         assert got == ["one0", "one1", "one2"]
@@ -453,7 +452,9 @@ async def test_saved_messages_stay_on_disk_through_a_kill_until_redis_has_them(
                 await until_up(session, a3, b)
                 assert await asyncio.wait_for(keys_of(tb, 1), RECOVERY) == ["kept"]
                 await assert_silent(tb)
-                await until(_gone(pending), "the saved file removed once published")
+                await eventually(
+                    _gone(pending), RECOVERY, "the saved file removed once published", every=0.02
+                )
         finally:
             stop(a3)
     assert not pending.exists()

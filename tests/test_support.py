@@ -212,3 +212,109 @@ def test_no_test_module_imports_another() -> None:
                 names = [node.module]
             offenders += [f"{path.name}: {n}" for n in names if n.split(".")[0].startswith("test_")]
     assert not offenders, offenders
+
+
+#: The tests that build a bare ``Server`` because they are about the object itself,
+#: by (module, test): its ``serve()`` failing part way, the embedding signature of
+#: before Settings, and two servers bound to one port with SO_REUSEPORT.
+BARE_SERVER_ALLOWED = {
+    ("test_server.py", "test_a_failed_start_closes_listeners_and_the_peer_session"),
+    ("test_server.py", "test_a_server_built_the_old_way_from_a_config_and_keywords_still_serves"),
+    ("test_processes.py", "test_two_servers_share_a_port_only_with_reuse_port"),
+}
+
+
+def other_ways_to_start(name: str, source: str) -> list[str]:
+    """Where module ``name`` starts a fastaphlict server other than by support's run or spawn.
+
+    A bare ``Server(...)`` outside :data:`BARE_SERVER_ALLOWED`, a subclass of
+    ``ServerProcess``, or a ``Popen`` in a function that names ``fastaphlict``
+    as a command word (``[sys.executable, "-m", "fastaphlict", ...]``).
+    """
+    import ast
+
+    def called(node: ast.AST, what: str) -> bool:
+        if not isinstance(node, ast.Call):
+            return False
+        func = node.func
+        return (isinstance(func, ast.Name) and func.id == what) or (
+            isinstance(func, ast.Attribute) and func.attr == what
+        )
+
+    def named(node: ast.expr) -> str:
+        return node.id if isinstance(node, ast.Name) else getattr(node, "attr", "")
+
+    def commands_fastaphlict(scope: ast.AST) -> bool:
+        return any(
+            isinstance(element, ast.Constant) and element.value == "fastaphlict"
+            for node in ast.walk(scope)
+            if isinstance(node, (ast.List, ast.Tuple))
+            for element in node.elts
+        )
+
+    found = []
+    tree = ast.parse(source)
+    scopes: list[tuple[str, ast.AST]] = [("<module>", tree)]
+    scopes += [
+        (node.name, node)
+        for node in ast.walk(tree)
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+    ]
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ClassDef) and "ServerProcess" in map(named, node.bases):
+            found.append(f"{name}: class {node.name}(ServerProcess)")
+    for scope_name, scope in scopes:
+        # Only what the scope holds itself: a nested function is a scope of its own.
+        own = [scope]
+        calls = []
+        while own:
+            for child in ast.iter_child_nodes(own.pop()):
+                if not isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    own.append(child)
+                    calls.append(child)
+        for node in calls:
+            if called(node, "Server") and (name, scope_name) not in BARE_SERVER_ALLOWED:
+                found.append(f"{name}: Server(...) in {scope_name}")
+            if called(node, "Popen") and commands_fastaphlict(scope):
+                found.append(f"{name}: Popen of fastaphlict in {scope_name}")
+    return found
+
+
+def test_the_guard_finds_every_other_way_to_start_a_server() -> None:
+    source = """
+import subprocess, sys
+from fastaphlict.server import Server
+from support import ServerProcess, settings
+
+class Node(ServerProcess):
+    pass
+
+async def test_bare() -> None:
+    server = Server(settings())
+
+def test_popen(tmp_path) -> None:
+    subprocess.Popen([sys.executable, "-m", "fastaphlict", "--debug"])
+
+def test_other_popen() -> None:
+    subprocess.Popen([sys.executable, "-c", "pass"])
+
+async def test_two_servers_share_a_port_only_with_reuse_port() -> None:
+    Server(settings())
+"""
+    assert other_ways_to_start("test_x.py", source) == [
+        "test_x.py: class Node(ServerProcess)",
+        "test_x.py: Server(...) in test_bare",
+        "test_x.py: Popen of fastaphlict in test_popen",
+        "test_x.py: Server(...) in test_two_servers_share_a_port_only_with_reuse_port",
+    ]
+    # The same source as test_processes.py: its reuse-port test is allowed a bare Server.
+    assert other_ways_to_start("test_processes.py", source)[-1].endswith("in test_popen")
+
+
+def test_tests_start_servers_only_through_support() -> None:
+    """One way in-process (``support.run``), one as a process (``support.spawn``)."""
+    offenders = []
+    for path in sorted(Path(__file__).parent.glob("*.py")):
+        if path.name != "support.py":
+            offenders += other_ways_to_start(path.name, path.read_text(encoding="utf-8"))
+    assert not offenders, offenders
