@@ -210,7 +210,7 @@ async def _wait_closed(ws: Any) -> int | None:
 
 
 async def test_a_tab_that_stops_reading_a_replay_is_closed_after_a_sweep_round() -> None:
-    async with run(server_settings(limits=Limits(ping_interval=0.2))) as srv:
+    async with run(server_settings(["--ping-interval=0.2"])) as srv:
         _publish_history(srv.hub, HISTORY_LIMIT)
         async with _paced_replay(srv, ping_interval=None) as (browser, _):
             await eventually(lambda: srv.hub.stats.slow_disconnects == 1, what="closed as too slow")
@@ -248,7 +248,7 @@ async def test_a_slow_client_is_closed_and_counted_once() -> None:
 async def test_replays_asked_again_and_again_without_reading_close_the_tab() -> None:
     # Each replay queues references to up to 4096 history frames; a tab that
     # keeps asking and never reads would pile them up without bound.
-    async with run(server_settings(limits=Limits(ping_interval=0))) as srv:
+    async with run(server_settings(["--ping-interval=0"])) as srv:
         _publish_history(srv.hub, HISTORY_LIMIT)
         async with _paced_replay(srv) as (browser, _):
             for _ in range(4):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 
 import support
+from redis_support import RedisServer
 from support import assert_cancelled_promptly, cancel_and_wait, require, scaled
 
 TESTS = Path(__file__).resolve().parent
@@ -318,3 +320,35 @@ def test_tests_start_servers_only_through_support() -> None:
         if path.name != "support.py":
             offenders += other_ways_to_start(path.name, path.read_text(encoding="utf-8"))
     assert not offenders, offenders
+
+
+def test_settings_are_what_the_command_line_resolves_on_free_local_ports(tmp_path: Path) -> None:
+    built = support.settings(["--max-subscribers=8", "--debug"], {"FASTAPHLICT_PING_INTERVAL": "7"})
+    assert built.limits.max_subscribers == 8 and built.debug
+    assert built.limits.ping_interval == 7, "the environment given, read as resolve() reads it"
+    assert built.config.servers == support.local_config().servers
+    assert support.settings(["--pidfile", str(tmp_path / "p")]).config.pidfile == str(
+        tmp_path / "p"
+    )
+    # A config named by the command line or the environment is the one served.
+    assert support.settings([], {"ADMIN_PORT": "9000"}).config.admin_servers[0].port == 9000
+    path = tmp_path / "aphlict.json"
+    servers = [{"type": kind, "port": port} for kind, port in (("client", 9002), ("admin", 9001))]
+    path.write_text(json.dumps({"servers": servers}))
+    assert support.settings([f"--config={path}"]).config.admin_servers[0].port == 9001
+    # What argv cannot say is given as a field.
+    config = support.local_config(clients=2)
+    assert support.settings(config=config, reuse_port=True).config is config
+
+
+async def test_run_starts_a_node_on_a_broker_and_waits_for_it(
+    redis_server: RedisServer,
+) -> None:
+    async with support.run(support.settings([f"--broker={redis_server.url}"])) as srv:
+        await srv.broker_up()
+        async with srv.client() as browser:
+            await browser.subscribe("PHID-1")
+            assert (await srv.post({"key": "k", "subscribers": ["PHID-1"]})).status == 200
+            assert (await browser.recv())["key"] == "k", "delivered through Redis"
+        broker = srv.server.broker
+    assert broker is not None and broker.stats.published == 1
