@@ -66,11 +66,8 @@ def stale_build_note() -> str | None:
 # -- the server process -------------------------------------------------------
 
 
-ServerProcess = support.ServerProcess
-
-
 @contextlib.contextmanager
-def fastaphlict_server(log_dir: Path, attempts: int = 3) -> Iterator[ServerProcess]:
+def fastaphlict_server(log_dir: Path, attempts: int = 3) -> Iterator[support.ServerProcess]:
     """Start ``python -m fastaphlict`` on free loopback ports; stop it afterwards.
 
     A port taken between choosing and binding makes the server exit at once;
@@ -96,7 +93,7 @@ def fastaphlict_server(log_dir: Path, attempts: int = 3) -> Iterator[ServerProce
 
 
 @pytest.fixture
-def server(tmp_path: Path) -> Iterator[ServerProcess]:
+def server(tmp_path: Path) -> Iterator[support.ServerProcess]:
     """A fresh server for one scenario."""
     with fastaphlict_server(tmp_path) as running:
         yield running

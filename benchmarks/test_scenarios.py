@@ -21,15 +21,12 @@ Run: ``python -m pytest benchmarks/ --benchmark-only`` (full, a few minutes);
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pytest
 
 from fastaphlict.bench import Options, Result, run
-from support import log_problems
-
-if TYPE_CHECKING:  # conftest is pytest's to import; importing it here would load it twice
-    from conftest import ServerProcess
+from support import ServerProcess, log_problems
 
 QUICK = os.environ.get("FASTAPHLICT_BENCH_QUICK", "").lower() not in ("", "0", "false", "no")
 
