@@ -1,5 +1,13 @@
 """Test helpers: a real server on free ports, Phorge-style posts, a real WebSocket client.
 
+Tests start a server one of two ways, both from :class:`Settings` as the
+command line resolves them: :func:`run` in this process
+(``async with run(settings(["--max-subscribers=8"])) as srv``, a broker
+included) or :func:`spawn` as a ``python -m fastaphlict`` process (also a
+context manager); :func:`activated` is the systemd form of the latter. They
+wait one way, :func:`eventually`. ``test_support`` fails a test module that
+starts one otherwise.
+
 The WebSocket client is the ``websockets`` library, an implementation
 independent of the picows server under test, so a frame-level mistake on our
 side cannot be hidden by the same mistake on the client side.
