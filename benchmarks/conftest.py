@@ -35,9 +35,6 @@ QUICK = os.environ.get("FASTAPHLICT_BENCH_QUICK", "").lower() not in ("", "0", "
 REPO = Path(__file__).resolve().parents[1]
 SRC = REPO / "src"
 
-#: Server log lines worth reporting next to the figures.
-_LOG_MARKERS = (" WARNING ", " ERROR ", " CRITICAL ", "Traceback")
-
 _RESULTS = pytest.StashKey[list[dict[str, Any]]]()
 
 
@@ -69,17 +66,8 @@ def stale_build_note() -> str | None:
 # -- the server process -------------------------------------------------------
 
 
-class ServerProcess(support.ServerProcess):
-    """A benchmarked server: the tests' process handle, plus what its log complains of."""
-
-    def log_problems(self) -> list[str]:
-        """Warning, error and traceback lines of the server's log."""
-        lines = self.log().splitlines()
-        return [line for line in lines if any(marker in line for marker in _LOG_MARKERS)]
-
-
 @contextlib.contextmanager
-def fastaphlict_server(log_dir: Path, attempts: int = 3) -> Iterator[ServerProcess]:
+def fastaphlict_server(log_dir: Path, attempts: int = 3) -> Iterator[support.ServerProcess]:
     """Start ``python -m fastaphlict`` on free loopback ports; stop it afterwards.
 
     A port taken between choosing and binding makes the server exit at once;
@@ -89,7 +77,7 @@ def fastaphlict_server(log_dir: Path, attempts: int = 3) -> Iterator[ServerProce
     # it at ~1000 sockets, so raise it to the hard limit before spawning.
     raise_nofile_limit()
     for attempt in range(attempts):
-        server = support.launch(log_dir / f"server-{attempt}.log", server_class=ServerProcess)
+        server = support.spawn(log_dir / f"server-{attempt}.log")
         try:
             server.wait_ready()
             break
@@ -105,7 +93,7 @@ def fastaphlict_server(log_dir: Path, attempts: int = 3) -> Iterator[ServerProce
 
 
 @pytest.fixture
-def server(tmp_path: Path) -> Iterator[ServerProcess]:
+def server(tmp_path: Path) -> Iterator[support.ServerProcess]:
     """A fresh server for one scenario."""
     with fastaphlict_server(tmp_path) as running:
         yield running

@@ -21,14 +21,12 @@ Run: ``python -m pytest benchmarks/ --benchmark-only`` (full, a few minutes);
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pytest
 
 from fastaphlict.bench import Options, Result, run
-
-if TYPE_CHECKING:  # conftest is pytest's to import; importing it here would load it twice
-    from conftest import ServerProcess
+from support import ServerProcess, log_problems
 
 QUICK = os.environ.get("FASTAPHLICT_BENCH_QUICK", "").lower() not in ("", "0", "false", "no")
 
@@ -66,7 +64,7 @@ def _scenario(
     results: list[Result] = []
     benchmark.pedantic(lambda: results.append(run(opts)), rounds=1, iterations=1)
     (result,) = results
-    row = {"name": name, **result.as_dict(), "server_log_problems": server.log_problems()[:5]}
+    row = {"name": name, **result.as_dict(), "server_log_problems": log_problems(server)[:5]}
     benchmark.extra_info.update(row)
     record(row)
     assert result.post_errors == 0, result.first_post_error

@@ -54,7 +54,7 @@ OPTIONS = (
 
 def test_soak(benchmark: Any, record: Any, tmp_path: Path) -> None:
     """Churn for minutes: nothing lost, nothing stray, no open file or memory left behind."""
-    with engine.spawn(tmp_path / "server.log") as server:
+    with engine.soak_server(tmp_path / "server.log") as server:
         results: list[Any] = []
         benchmark.pedantic(
             lambda: results.append(uvloop.run(engine.soak(server, OPTIONS))),

@@ -36,7 +36,7 @@ import socket
 import subprocess
 import time
 import weakref
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -806,11 +806,6 @@ async def broker_up(session: aiohttp.ClientSession, server: ServerProcess) -> fl
     return await metric(session, server.admin_url, "fastaphlict_broker_up")
 
 
-async def until(check: Callable[[], Awaitable[bool]], what: str, within: float = RECOVERY) -> None:
-    """Thin alias of :func:`support.eventually` (the one wait) with the recovery bound."""
-    await eventually(check, within, what, every=0.02)
-
-
 async def until_metric(
     session: aiohttp.ClientSession, server: ServerProcess, name: str, wanted: float
 ) -> None:
@@ -819,7 +814,12 @@ async def until_metric(
     async def check() -> bool:
         return await metric(session, server.admin_url, name) == wanted
 
-    await until(check, f"{name} == {wanted:g} on {server.log_path.stem}\n{server.log()}")
+    await eventually(
+        check,
+        RECOVERY,
+        f"{name} == {wanted:g} on {server.log_path.stem}\n{server.log()}",
+        every=0.02,
+    )
 
 
 async def until_up(session: aiohttp.ClientSession, *servers: ServerProcess) -> None:

@@ -1,5 +1,13 @@
 """Test helpers: a real server on free ports, Phorge-style posts, a real WebSocket client.
 
+Tests start a server one of two ways, both from :class:`Settings` as the
+command line resolves them: :func:`run` in this process
+(``async with run(settings(["--max-subscribers=8"])) as srv``, a broker
+included) or :func:`spawn` as a ``python -m fastaphlict`` process (also a
+context manager); :func:`activated` is the systemd form of the latter. They
+wait one way, :func:`eventually`. ``test_support`` fails a test module that
+starts one otherwise.
+
 The WebSocket client is the ``websockets`` library, an implementation
 independent of the picows server under test, so a frame-level mistake on our
 side cannot be hidden by the same mistake on the client side.
@@ -33,7 +41,7 @@ import tempfile
 import time
 import types
 import urllib.request
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,7 +52,7 @@ from picows import WSTransport
 from websockets.asyncio.client import ClientConnection, connect
 
 from fastaphlict.config import Config, PeerConfig, ServerConfig, Settings, resolve
-from fastaphlict.server import Limits, Server
+from fastaphlict.server import Server
 from fastaphlict.systemd import LISTEN_FDS_START
 
 
@@ -235,8 +243,11 @@ SHUTDOWN = scaled(10.0)
 class ServerProcess:
     """A ``python -m fastaphlict`` child process: where it listens, where it logs.
 
-    Started by :func:`launch`; ``restart()`` runs the same command again on the
-    same ports.
+    Started by :func:`spawn`; ``restart()`` runs the same command again on the
+    same ports. Also a context manager: ``with spawn(...) as server:`` stops it
+    at the end of the block. What a test wants beyond this (a node's name, the
+    files it holds open) is a function over it or a class holding one, not a
+    subclass: there is one way to start a server process.
     """
 
     proc: subprocess.Popen[bytes]
@@ -263,7 +274,7 @@ class ServerProcess:
             return ""
         return self.log_path.read_text(encoding="utf-8", errors="replace")
 
-    def restart(self, log_path: Path | None = None) -> Any:
+    def restart(self, log_path: Path | None = None) -> ServerProcess:
         """The same command again, on the same ports; the old process must have exited.
 
         The log goes to ``log_path``, or is appended to the old one.
@@ -293,6 +304,22 @@ class ServerProcess:
     def stop(self, within: float = SHUTDOWN) -> None:
         stop(self, within=within)
 
+    def __enter__(self) -> ServerProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+#: Log lines worth reporting next to a benchmark's figures.
+LOG_MARKERS = (" WARNING ", " ERROR ", " CRITICAL ", "Traceback")
+
+
+def log_problems(server: ServerProcess) -> list[str]:
+    """Warning, error and traceback lines of ``server``'s log."""
+    lines = server.log().splitlines()
+    return [line for line in lines if any(marker in line for marker in LOG_MARKERS)]
+
 
 def _popen(
     command: list[str], env: dict[str, str], log_path: Path, **options: Any
@@ -309,21 +336,22 @@ def _popen(
         )
 
 
-def launch(
+def spawn(
     log_path: Path,
     *args: str,
     config: dict[str, Any] | None = None,
     ports: Sequence[int] | None = None,
     env: dict[str, str] | None = None,
-    server_class: type[ServerProcess] = ServerProcess,
-) -> Any:
+) -> ServerProcess:
     """Start ``python -m fastaphlict ARGS`` on loopback, logging to ``log_path``.
 
-    ``ports`` (client, admin) are free ones unless given. Without ``config`` the
-    server is configured by the environment, as a fresh install is; with it,
-    by a JSON file next to the log (``config`` plus the two listeners), passed
-    as ``--config=``. ``env`` adds to :func:`child_env`. Does not wait: see
-    ``wait_ready()`` and :func:`wait_healthy`.
+    The one way tests start a server as a process (:func:`run` starts one in
+    this process). ``ports`` (client, admin) are free ones unless given.
+    Without ``config`` the server is configured by the environment, as a fresh
+    install is; with it, by a JSON file next to the log (``config`` plus the
+    two listeners), passed as ``--config=``. ``env`` adds to :func:`child_env`.
+    Does not wait: see ``wait_ready()`` and :func:`wait_healthy`. Use the
+    result as a context (``with spawn(...) as server:``) to have it stopped.
     """
     client_port, admin_port = ports or free_ports(2)
     child = child_env()
@@ -342,7 +370,7 @@ def launch(
         command.insert(3, f"--config={path}")
     child.update(env or {})
     proc = _popen(command, child, log_path)
-    return server_class(proc, client_port, admin_port, log_path, command, child)
+    return ServerProcess(proc, client_port, admin_port, log_path, command, child)
 
 
 def stop(*servers: ServerProcess, within: float = SHUTDOWN) -> None:
@@ -365,13 +393,37 @@ def local_config(*, peers: tuple[PeerConfig, ...] = (), clients: int = 1) -> Con
     return Config(servers=(*servers, ServerConfig("admin", 0, "127.0.0.1")), cluster=peers)
 
 
-def settings(config: Config | None = None, **overrides: Any) -> Settings:
-    """What the command line resolves with no flags and no environment, on ``config``.
+def settings(
+    argv: Sequence[str] = (),
+    environ: Mapping[str, str] | None = None,
+    *,
+    config: Config | None = None,
+    **overrides: Any,
+) -> Settings:
+    """What the command line resolves from ``argv`` and ``environ`` (default: none).
 
-    ``config`` defaults to :func:`local_config`; ``overrides`` are fields of
-    :class:`Settings` (``limits=``, ``broker=``, ``state_dir=``...).
+    The one way a test builds :class:`Settings`: through
+    :func:`~fastaphlict.config.resolve`, as the server's own command line does,
+    so ``settings(["--max-subscribers", "8"])`` is what that flag gives an
+    operator. Unless ``argv`` or ``environ`` name Aphlict's config (a file or
+    its variables), the listeners are :func:`local_config`'s free loopback
+    ports, not Aphlict's fixed defaults. ``config`` replaces the config as a
+    whole; ``overrides`` replace fields of :class:`Settings` that argv cannot
+    express (``limits=`` a Limits, ``broker=`` a parsed BrokerConfig...).
     """
-    return dataclasses.replace(resolve([], {}), config=config or local_config(), **overrides)
+    environ = dict(environ or {})
+    resolved = resolve(list(argv), environ)
+    if config is None and not _names_config(argv, environ):
+        config = dataclasses.replace(resolved.config, servers=local_config().servers)
+    if config is not None:
+        overrides["config"] = config
+    return dataclasses.replace(resolved, **overrides)
+
+
+def _names_config(argv: Sequence[str], environ: Mapping[str, str]) -> bool:
+    """Whether ``argv`` or ``environ`` say where the server listens (Aphlict's file or env)."""
+    flagged = any(arg == "--config" or arg.startswith("--config=") for arg in argv)
+    return flagged or any(environ.get(name, "").strip() for name in ENV_VARS)
 
 
 def as_options(settings: Settings) -> dict[str, Any]:
@@ -411,6 +463,12 @@ class Running:
         async with connect(self.client_url(path, index), open_timeout=TIMEOUT) as ws:
             yield Browser(ws)
 
+    async def broker_up(self, within: float = TIMEOUT) -> None:
+        """Until this node's broker is connected and in sync (its Settings name one)."""
+        broker = self.server.broker
+        assert broker is not None, "started without a broker"
+        await eventually(lambda: broker.up, within, "the broker is up")
+
 
 async def post(
     session: aiohttp.ClientSession,
@@ -433,12 +491,17 @@ async def post(
 
 
 @contextlib.asynccontextmanager
-async def running(
-    config: Config | None = None, *, limits: Limits | None = None, debug: bool = False
-) -> AsyncIterator[Running]:
-    """Start a real server on free loopback ports; close it afterwards."""
-    server = Server(settings(config, limits=limits or Limits(), debug=debug))
-    await server.start()
+async def run(settings: Settings) -> AsyncIterator[Running]:
+    """Start ``Server(settings)`` in this process; close it afterwards (within a bound).
+
+    The one way tests start a server in-process (:func:`spawn` starts one as a
+    process). Build ``settings`` with :func:`settings`. A node on a broker
+    starts as it does in production (warmed from Redis, or given up on after
+    ``broker_timeout``); :meth:`Running.broker_up` waits until it is in sync.
+    A start that fails raises here, having closed what it had opened.
+    """
+    server = Server(settings)
+    await asyncio.wait_for(server.start(), STARTUP)
     try:
         async with aiohttp.ClientSession() as session:
             yield Running(server, session)
@@ -606,16 +669,6 @@ async def bare_session(port: int, path: str, *frames: bytes) -> bytes:
         writer.close()
         with contextlib.suppress(OSError):
             await writer.wait_closed()
-
-
-@contextlib.contextmanager
-def spawned(log_path: Path, *args: str, **options: Any) -> Any:
-    """:func:`launch` as a context: the server is stopped afterwards."""
-    server = launch(log_path, *args, **options)
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 async def wait_healthy(

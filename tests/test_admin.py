@@ -18,9 +18,10 @@ from support import (
     TIMEOUT,
     eventually,
     local_config,
-    running,
+    run,
     scaled,
-    spawned,
+    settings,
+    spawn,
     throttles_a_minute_later,
 )
 
@@ -34,7 +35,7 @@ PHORGE_MESSAGE = {
 
 
 async def test_phorge_post_reaches_subscribed_browser_field_by_field() -> None:
-    async with running() as srv, srv.client("/~default/") as browser:
+    async with run(settings()) as srv, srv.client("/~default/") as browser:
         await browser.subscribe("PHID-USER-alice")
         resp = await srv.post(PHORGE_MESSAGE)
         assert resp.status == 200
@@ -46,7 +47,7 @@ async def test_phorge_post_reaches_subscribed_browser_field_by_field() -> None:
 
 
 async def test_delivered_frame_is_compact_utf8_not_escaped() -> None:
-    async with running() as srv, srv.client() as browser:
+    async with run(settings()) as srv, srv.client() as browser:
         await browser.subscribe("PHID-USER-alice")
         await srv.post(PHORGE_MESSAGE)
         raw = await browser.recv_raw()
@@ -55,7 +56,7 @@ async def test_delivered_frame_is_compact_utf8_not_escaped() -> None:
 
 
 async def test_receipt_is_fingerprint_json() -> None:
-    async with running() as srv:
+    async with run(settings()) as srv:
         async with srv.session.post(
             f"{srv.admin_url}/", data=b'{"a":1}', headers={"Content-Type": PHORGE_CONTENT_TYPE}
         ) as resp:
@@ -70,7 +71,7 @@ async def test_receipt_is_fingerprint_json() -> None:
     "body", [b"", b"{", b"not json", b"[]", b"null", b"3", b'"text"', b"[1,2]", b"\xff\xfe"]
 )
 async def test_bad_body_is_400_and_nothing_is_stored(body: bytes) -> None:
-    async with running() as srv:
+    async with run(settings()) as srv:
         resp = await srv.post(None, raw=body)
         assert resp.status == 400
         status = await srv.status()
@@ -79,7 +80,7 @@ async def test_bad_body_is_400_and_nothing_is_stored(body: bytes) -> None:
 
 
 async def test_body_over_two_mebibytes_is_413() -> None:
-    async with running() as srv:
+    async with run(settings()) as srv:
         big = json.dumps({"pad": "x" * (2 * 1024 * 1024)}).encode()
         resp = await srv.post(None, raw=big)
         assert resp.status == 413
@@ -87,7 +88,7 @@ async def test_body_over_two_mebibytes_is_413() -> None:
 
 
 async def test_body_just_under_limit_is_accepted() -> None:
-    async with running() as srv:
+    async with run(settings()) as srv:
         body = json.dumps({"pad": "x" * (2 * 1024 * 1024 - 100)}).encode()
         assert len(body) < 2 * 1024 * 1024
         resp = await srv.post(None, raw=body)
@@ -96,29 +97,29 @@ async def test_body_just_under_limit_is_accepted() -> None:
 
 @pytest.mark.parametrize("method", ["GET", "PUT", "DELETE", "PATCH"])
 async def test_other_methods_on_root_are_405(method: str) -> None:
-    async with running() as srv, srv.session.request(method, f"{srv.admin_url}/") as resp:
+    async with run(settings()) as srv, srv.session.request(method, f"{srv.admin_url}/") as resp:
         assert resp.status == 405
 
 
 @pytest.mark.parametrize("path", ["/status", "/nope", "/status/x", "/index.php"])
 async def test_unknown_paths_are_404(path: str) -> None:
-    async with running() as srv:
+    async with run(settings()) as srv:
         async with srv.session.get(f"{srv.admin_url}{path}", allow_redirects=False) as resp:
             assert resp.status == 404
 
 
 async def test_healthz_is_200() -> None:
-    async with running() as srv, srv.session.get(f"{srv.admin_url}/healthz") as resp:
+    async with run(settings()) as srv, srv.session.get(f"{srv.admin_url}/healthz") as resp:
         assert resp.status == 200
 
 
 async def test_head_status_is_200() -> None:
-    async with running() as srv, srv.session.head(f"{srv.admin_url}/status/") as resp:
+    async with run(settings()) as srv, srv.session.head(f"{srv.admin_url}/status/") as resp:
         assert resp.status == 200
 
 
 async def test_status_keys_types_and_order() -> None:
-    async with running() as srv:
+    async with run(settings()) as srv:
         status = await srv.status()
         assert list(status) == [
             "instance",
@@ -139,7 +140,7 @@ async def test_status_keys_types_and_order() -> None:
 
 
 async def test_status_counts_deliveries_and_history() -> None:
-    async with running() as srv, srv.client() as a, srv.client() as b:
+    async with run(settings()) as srv, srv.client() as a, srv.client() as b:
         await a.subscribe("PHID-X")
         await b.subscribe("PHID-X", "PHID-Y")
         await srv.post({"subscribers": ["PHID-X", "PHID-Y"], "n": 1})
@@ -158,7 +159,7 @@ async def test_status_counts_deliveries_and_history() -> None:
 
 
 async def test_clients_active_falls_on_disconnect_total_does_not() -> None:
-    async with running() as srv:
+    async with run(settings()) as srv:
         async with srv.client() as a:
             await a.sync()
             async with srv.client() as b:
@@ -171,7 +172,7 @@ async def test_clients_active_falls_on_disconnect_total_does_not() -> None:
 
 
 async def test_instance_query_parameter_first_value_wins_and_is_decoded() -> None:
-    async with running() as srv, srv.client("/~a-b/") as browser:
+    async with run(settings()) as srv, srv.client("/~a-b/") as browser:
         await browser.subscribe("PHID-1")
         async with srv.session.post(
             f"{srv.admin_url}/?instance=a%2Db&instance=other",
@@ -185,13 +186,13 @@ async def test_instance_query_parameter_first_value_wins_and_is_decoded() -> Non
 
 
 async def test_empty_instance_parameter_means_default() -> None:
-    async with running() as srv:
+    async with run(settings()) as srv:
         await srv.post({"subscribers": []}, instance="")
         assert (await srv.status())["history.size"] == 1
 
 
 async def test_unknown_instance_status_is_zeros() -> None:
-    async with running() as srv:
+    async with run(settings()) as srv:
         await srv.post({"subscribers": []})
         status = await srv.status("never-seen")
         assert status["instance"] == "never-seen"
@@ -201,7 +202,7 @@ async def test_unknown_instance_status_is_zeros() -> None:
 
 async def test_expect_100_continue_post_like_curl() -> None:
     """curl adds ``Expect: 100-continue`` to bodies over 1 KiB; the post must still land."""
-    async with running() as srv, srv.client() as browser:
+    async with run(settings()) as srv, srv.client() as browser:
         await browser.subscribe("PHID-1")
         body = json.dumps({"subscribers": ["PHID-1"], "pad": "p" * 4000}).encode()
         reader, writer = await asyncio.open_connection("127.0.0.1", srv.server.admin_ports[0])
@@ -234,7 +235,7 @@ async def _wait_for(predicate, srv):
 
 
 async def test_relay_failure_never_fails_the_post() -> None:
-    async with running() as srv:
+    async with run(settings()) as srv:
 
         class Broken:
             def relay(self, instance: str, message: dict, body: bytes) -> None:
@@ -247,7 +248,7 @@ async def test_relay_failure_never_fails_the_post() -> None:
 
 async def test_session_reuse_many_posts() -> None:
     """Phorge may post many messages in a burst; keep-alive connections must work."""
-    async with running() as srv, srv.client() as browser:
+    async with run(settings()) as srv, srv.client() as browser:
         await browser.subscribe("PHID-1")
         results = await asyncio.gather(
             *(srv.post({"subscribers": ["PHID-1"], "n": i}) for i in range(50))
@@ -258,14 +259,14 @@ async def test_session_reuse_many_posts() -> None:
 
 
 async def test_non_object_json_in_form_encoding_is_not_parsed_as_form() -> None:
-    async with running() as srv:
+    async with run(settings()) as srv:
         resp = await srv.post(None, raw=b"subscribers=PHID-1&type=x")
         assert resp.status == 400
 
 
 async def test_lone_surrogate_is_delivered_as_an_escape_and_the_socket_survives() -> None:
     """JSON.parse accepts ``"\\ud800"``; the frame must still be valid UTF-8."""
-    async with running() as srv, srv.client() as browser:
+    async with run(settings()) as srv, srv.client() as browser:
         await browser.subscribe("PHID-1")
         resp = await srv.post(None, raw=b'{"subscribers":["PHID-1"],"t":"a\\ud800b"}')
         assert resp.status == 200
@@ -276,7 +277,7 @@ async def test_lone_surrogate_is_delivered_as_an_escape_and_the_socket_survives(
 
 @pytest.mark.parametrize("body", [b'{"a":NaN}', b'{"a":Infinity}', b'{"a":-Infinity}'])
 async def test_non_json_constants_are_400(body: bytes) -> None:
-    async with running() as srv:
+    async with run(settings()) as srv:
         assert (await srv.post(None, raw=body)).status == 400
 
 
@@ -305,7 +306,7 @@ def _post_bytes(body: bytes, *, version: bytes = b"HTTP/1.1", extra: bytes = b""
 
 
 async def test_pipelined_posts_are_answered_in_order() -> None:
-    async with running() as srv, srv.client() as browser:
+    async with run(settings()) as srv, srv.client() as browser:
         await browser.subscribe("PHID-1")
         one = _post_bytes(b'{"subscribers":["PHID-1"],"n":1}')
         two = _post_bytes(b'{"subscribers":["PHID-1"],"n":2}', extra=b"Connection: close\r\n")
@@ -316,7 +317,7 @@ async def test_pipelined_posts_are_answered_in_order() -> None:
 
 
 async def test_post_split_across_many_reads() -> None:
-    async with running() as srv, srv.client() as browser:
+    async with run(settings()) as srv, srv.client() as browser:
         await browser.subscribe("PHID-1")
         raw = _post_bytes(
             '{"subscribers":["PHID-1"],"t":"日本"}'.encode(), extra=b"Connection: close\r\n"
@@ -328,14 +329,14 @@ async def test_post_split_across_many_reads() -> None:
 
 
 async def test_http10_post_is_answered_and_closed() -> None:
-    async with running() as srv:
+    async with run(settings()) as srv:
         data = await _raw_exchange(srv, _post_bytes(b"{}", version=b"HTTP/1.0"))
         assert data.startswith(b"HTTP/1.1 200 OK") and data.endswith(b'"}')
         assert b"Connection: close" in data
 
 
 async def test_chunked_post_is_served_by_aiohttp() -> None:
-    async with running() as srv, srv.client() as browser:
+    async with run(settings()) as srv, srv.client() as browser:
         await browser.subscribe("PHID-1")
         body = b'{"subscribers":["PHID-1"],"n":"chunked"}'
         raw = (
@@ -349,7 +350,7 @@ async def test_chunked_post_is_served_by_aiohttp() -> None:
 
 
 async def test_keep_alive_post_then_status_on_one_connection() -> None:
-    async with running() as srv:
+    async with run(settings()) as srv:
         raw = _post_bytes(b'{"subscribers":[]}') + (
             b"GET /status/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
         )
@@ -360,7 +361,7 @@ async def test_keep_alive_post_then_status_on_one_connection() -> None:
 
 
 async def test_bad_json_on_fast_path_keeps_the_connection() -> None:
-    async with running() as srv:
+    async with run(settings()) as srv:
         raw = _post_bytes(b"{nope") + _post_bytes(b"{}", extra=b"Connection: close\r\n")
         data = await _raw_exchange(srv, raw)
         assert data.startswith(b"HTTP/1.1 400 ")
@@ -368,14 +369,14 @@ async def test_bad_json_on_fast_path_keeps_the_connection() -> None:
 
 
 async def test_oversized_content_length_is_413_without_reading_the_body() -> None:
-    async with running() as srv:
+    async with run(settings()) as srv:
         raw = b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % (3 * 1024 * 1024)
         data = await _raw_exchange(srv, raw)
         assert data.startswith(b"HTTP/1.1 413 ")
 
 
 async def test_overlong_instance_parameter_is_400() -> None:
-    async with running() as srv:
+    async with run(settings()) as srv:
         assert (await srv.post({"subscribers": []}, instance="a" * 129)).status == 400
         assert (await srv.post({"subscribers": []}, instance="a" * 128)).status == 200
 
@@ -383,11 +384,11 @@ async def test_overlong_instance_parameter_is_400() -> None:
 async def test_admin_allow_list_refuses_other_addresses() -> None:
     from fastaphlict.server import Limits
 
-    async with running(limits=Limits(admin_allow=("10.0.0.0/8",))) as srv:
+    async with run(settings(limits=Limits(admin_allow=("10.0.0.0/8",)))) as srv:
         data = await _raw_exchange(srv, _post_bytes(b"{}"))
         assert data.startswith(b"HTTP/1.1 403 ")
         assert srv.hub.stats.messages_in == 0
-    async with running(limits=Limits(admin_allow=("10.0.0.0/8", "127.0.0.0/8"))) as srv:
+    async with run(settings(limits=Limits(admin_allow=("10.0.0.0/8", "127.0.0.0/8")))) as srv:
         assert (await srv.post({"subscribers": []})).status == 200
         assert (await srv.status())["messages.in"] == 1
 
@@ -395,7 +396,7 @@ async def test_admin_allow_list_refuses_other_addresses() -> None:
 async def test_message_published_in_the_shutdown_iteration_is_delivered_before_1001() -> None:
     from websockets.exceptions import ConnectionClosed
 
-    async with running() as srv, srv.client() as browser:
+    async with run(settings()) as srv, srv.client() as browser:
         await browser.subscribe("PHID-1")
         srv.hub.publish("default", {"subscribers": ["PHID-1"], "n": "last"})
         assert srv.hub.outbox.pending == 1, "still waiting for the end of the iteration"
@@ -443,7 +444,7 @@ async def test_deep_body_is_400_and_the_pipelined_post_after_it_is_served(
         def relay(self, instance: str, message: dict, body: bytes) -> None:
             relayed.append(body)
 
-    async with running() as srv, srv.client() as browser:
+    async with run(settings()) as srv, srv.client() as browser:
         srv.hub.add_relay(Recorder())
         await browser.subscribe("PHID-1")
         deep = _deep_object(depth, kind)
@@ -465,7 +466,7 @@ async def test_deep_body_is_400_and_the_pipelined_post_after_it_is_served(
 async def test_max_depth_body_is_accepted_and_delivered_intact(chunked: bool) -> None:
     from fastaphlict.protocol import MAX_DEPTH
 
-    async with running() as srv, srv.client() as browser:
+    async with run(settings()) as srv, srv.client() as browser:
         await browser.subscribe("PHID-1")
         body = _deep_object(MAX_DEPTH, "list")
         first = (
@@ -494,7 +495,6 @@ async def test_a_post_over_max_subscribers_is_413_and_one_at_it_is_delivered(
     The body was read, so the connection stays open for the post after it,
     which holds exactly the limit and is delivered. One warning names the sender.
     """
-    from fastaphlict.server import Limits
 
     relayed: list[bytes] = []
 
@@ -503,7 +503,7 @@ async def test_a_post_over_max_subscribers_is_413_and_one_at_it_is_delivered(
             relayed.append(body)
 
     caplog.set_level("INFO", logger="fastaphlict")
-    async with running(limits=Limits(max_subscribers=5)) as srv, srv.client() as browser:
+    async with run(settings(["--max-subscribers=5"])) as srv, srv.client() as browser:
         srv.hub.add_relay(Recorder())
         await browser.subscribe("PHID-1")
         over, at = _subscribers_body(6, "over"), _subscribers_body(5, "at")
@@ -530,12 +530,12 @@ async def test_a_peers_relay_over_max_subscribers_is_refused_like_a_post() -> No
     The relaying node delivered it and counts one failed relay; the marker
     relayed after it reaches the refusing node's tab first, so it never will.
     """
-    from fastaphlict.config import Limits, PeerConfig
+    from fastaphlict.config import PeerConfig
 
-    async with running(limits=Limits(max_subscribers=2)) as strict:
+    async with run(settings(["--max-subscribers=2"])) as strict:
         peer = PeerConfig("127.0.0.1", strict.server.admin_ports[0], "http")
         async with (
-            running(local_config(peers=(peer,))) as lenient,
+            run(settings(config=local_config(peers=(peer,)))) as lenient,
             lenient.client() as near,
             strict.client() as far,
         ):
@@ -559,9 +559,8 @@ async def test_a_peers_relay_over_max_subscribers_is_refused_like_a_post() -> No
 )
 async def test_only_a_subscribers_list_counts_against_the_limit(subscribers: object) -> None:
     """A string or an object reaches nobody (spec §3): it is no list of 100 subscribers."""
-    from fastaphlict.server import Limits
 
-    async with running(limits=Limits(max_subscribers=5)) as srv:
+    async with run(settings(["--max-subscribers=5"])) as srv:
         resp = await srv.post({"subscribers": subscribers})
         assert resp.status == 200
         assert srv.hub.stats.posts_rejected == 0
@@ -571,7 +570,7 @@ async def test_the_default_max_subscribers_takes_16384_and_refuses_one_more() ->
     from fastaphlict.config import Limits
 
     assert Limits().max_subscribers == 16384
-    async with running() as srv, srv.client() as browser:
+    async with run(settings()) as srv, srv.client() as browser:
         await browser.subscribe("PHID-1")
         assert (await srv.post(None, raw=_subscribers_body(16385, "over"))).status == 413
         assert (await srv.post(None, raw=_subscribers_body(16384, "at"))).status == 200
@@ -608,7 +607,7 @@ async def test_an_allow_list_refusing_loopback_warns_once_at_start(
     from fastaphlict.server import Limits
 
     caplog.set_level("INFO", logger="fastaphlict")
-    async with running(limits=Limits(admin_allow=("10.0.0.0/8",))) as srv:
+    async with run(settings(limits=Limits(admin_allow=("10.0.0.0/8",)))) as srv:
         await _raw_exchange(srv, _post_bytes(b"{}"))
     warned = [r.getMessage() for r in caplog.records if "refuses 127.0.0.1" in r.getMessage()]
     assert warned == [
@@ -618,7 +617,7 @@ async def test_an_allow_list_refusing_loopback_warns_once_at_start(
     refused = [r.getMessage() for r in caplog.records if "refused admin" in r.getMessage()]
     assert len(refused) == 1 and refused[0].startswith("refused admin connection from 127.0.0.1:")
     caplog.clear()
-    async with running(limits=Limits(admin_allow=("10.0.0.0/8", "127.0.0.0/8"))):
+    async with run(settings(limits=Limits(admin_allow=("10.0.0.0/8", "127.0.0.0/8")))):
         pass
     assert not [r for r in caplog.records if "refuses" in r.getMessage()]
 
@@ -630,7 +629,7 @@ async def test_refused_admin_connections_are_logged_within_a_budget(
     from fastaphlict.server import Limits
 
     caplog.set_level("INFO", logger="fastaphlict")
-    async with running(limits=Limits(admin_allow=("10.0.0.0/8",))) as srv:
+    async with run(settings(limits=Limits(admin_allow=("10.0.0.0/8",)))) as srv:
         for _ in range(30):
             answer = await _raw_exchange(srv, _post_bytes(b"{}"))
             assert answer.startswith(b"HTTP/1.1 403 ")
@@ -642,7 +641,7 @@ async def test_a_rejected_post_names_its_sender_as_host_and_port(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level("INFO", logger="fastaphlict.admin")
-    async with running() as srv:
+    async with run(settings()) as srv:
         answer = await _raw_exchange(srv, _post_bytes(b"[1]", extra=b"Connection: close\r\n"))
         assert answer.startswith(b"HTTP/1.1 400 ")
     [line] = [r.getMessage() for r in caplog.records if "rejected post" in r.getMessage()]
@@ -701,12 +700,11 @@ async def test_admin_refusals_are_logged_within_a_budget_then_summed_up(
     After the minute, the next line comes with the count of those left out.
     A malformed head is aiohttp's to answer: one short line, no traceback.
     """
-    from fastaphlict.server import Limits
 
     request, status, line = _ADMIN_REFUSALS[case]
     kind = case.split(" (")[0]
     caplog.set_level("INFO", logger="fastaphlict")
-    async with running(limits=Limits(max_body_size=1024, max_subscribers=2)) as srv:
+    async with run(settings(["--max-body-size=1024", "--max-subscribers=2"])) as srv:
         for _ in range(25):
             answer = await _raw_exchange(srv, request)
             assert answer.split(b" ", 2)[1] == status, answer[:200]
@@ -753,7 +751,7 @@ async def test_a_client_still_sending_an_oversized_body_reads_the_413(chunked: b
     so the client's last bytes don't meet a closed socket (a reset that
     takes the unread answer with it).
     """
-    async with running() as srv:
+    async with run(settings()) as srv:
         port = srv.server.admin_ports[0]
         body = b"x" * (3 * 1024 * 1024)
         answers = [await asyncio.to_thread(_post_then_read, port, body, chunked) for _ in range(40)]
@@ -775,7 +773,7 @@ def _send_then_read_to_the_end(port: int, request: bytes) -> bytes:
 async def test_the_413_closes_the_connection_once_the_body_is_read(chunked: bool) -> None:
     body = b"x" * (3 * 1024 * 1024)
     request = _chunked_post_bytes(body) if chunked else _post_bytes(body)
-    async with running() as srv:
+    async with run(settings()) as srv:
         answer = await asyncio.to_thread(
             _send_then_read_to_the_end, srv.server.admin_ports[0], request
         )
@@ -791,10 +789,9 @@ async def test_a_client_trickling_a_huge_body_is_cut_off_after_the_413(
 ) -> None:
     """Lingering is bounded in time: a client can't hold the connection by trickling."""
     from fastaphlict import admin
-    from fastaphlict.server import Limits
 
     monkeypatch.setattr(admin, "LINGER_TIME", 0.5)
-    async with running(limits=Limits(max_body_size=1024)) as srv:
+    async with run(settings(["--max-body-size=1024"])) as srv:
         reader, writer = await asyncio.open_connection("127.0.0.1", srv.server.admin_ports[0])
         if chunked:
             writer.write(_chunked_post_bytes(b"x" * 2048)[: -len(b"0\r\n\r\n")])
@@ -845,7 +842,6 @@ async def test_lingering_drops_a_bounded_number_of_bytes(
     loopback) is far below what the client tries to send.
     """
     from fastaphlict import admin
-    from fastaphlict.server import Limits
 
     monkeypatch.setattr(admin, "LINGER_BYTES", 1024 * 1024)
     monkeypatch.setattr(admin, "LINGER_TIME", 600.0)  # only the byte bound may end it
@@ -857,7 +853,7 @@ async def test_lingering_drops_a_bounded_number_of_bytes(
         head = b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % 2**40
         piece = data
     most = 256 * 1024 * 1024
-    async with running(limits=Limits(max_body_size=1024)) as srv:
+    async with run(settings(["--max-body-size=1024"])) as srv:
         port = srv.server.admin_ports[0]
         sent = await asyncio.to_thread(_send_until_refused, port, head, piece, most)
         assert sent is not None, f"the server read all {most} bytes"
@@ -882,7 +878,7 @@ _SMUGGLING_HEADS = [
 @pytest.mark.parametrize("request_bytes", _SMUGGLING_HEADS)
 async def test_a_head_http_refuses_is_400_and_delivers_nothing(request_bytes: bytes) -> None:
     """aiohttp answers what the fast path does not fully understand (RFC 9112 §5)."""
-    async with running() as srv:
+    async with run(settings()) as srv:
         answer = await _raw_exchange(srv, request_bytes)
         assert answer.split(b" ", 2)[1] == b"400", answer[:200]
         assert srv.hub.stats.posts_rejected == 0 and (await srv.status())["messages.in"] == 0
@@ -890,14 +886,14 @@ async def test_a_head_http_refuses_is_400_and_delivers_nothing(request_bytes: by
 
 async def test_a_head_ending_in_bare_lfs_is_answered_without_waiting() -> None:
     """aiohttp refuses it at once; the fast path must not sit waiting for CRLF CRLF."""
-    async with running() as srv:
+    async with run(settings()) as srv:
         answer = await _raw_exchange(srv, b"POST / HTTP/1.1\nHost: x\nContent-Length: 2\n\n{}")
         assert answer.split(b" ", 2)[1] == b"400", answer[:200]
 
 
 async def test_http10_expect_100_continue_gets_no_interim_answer() -> None:
     """RFC 9110 §10.1.1: an HTTP/1.0 client gets no 100; its body is read as it comes."""
-    async with running() as srv:
+    async with run(settings()) as srv:
         body = b'{"k":1}'
         head = (
             b"POST / HTTP/1.0\r\nHost: x\r\nExpect: 100-continue\r\n"
@@ -909,7 +905,7 @@ async def test_http10_expect_100_continue_gets_no_interim_answer() -> None:
 
 async def test_a_connection_value_containing_close_keeps_the_connection() -> None:
     """``Connection: xclose`` is not ``close``: the second post is answered on the same socket."""
-    async with running() as srv:
+    async with run(settings()) as srv:
         first = _post_bytes(b'{"n":1}', extra=b"Connection: xclose\r\n")
         second = _post_bytes(b'{"n":2}', extra=b"Connection: close\r\n")
         answer = await _raw_exchange(srv, first + second)
@@ -932,7 +928,7 @@ async def test_a_reset_during_the_hand_off_logs_no_traceback(
     loop = asyncio.get_running_loop()
     request = _post_bytes(b"{}") + b"GET /status/ HTTP/1.1\r\nHost: x\r\n\r\n"
     linger = struct.pack("ii", 1, 0)
-    async with running() as srv:
+    async with run(settings()) as srv:
         port = srv.server.admin_ports[0]
         for _ in range(300):
             with socket.socket() as sock:
@@ -990,7 +986,7 @@ def test_a_pipeliner_that_never_reads_stalls_instead_of_growing_the_server(
     it, the client's sends stall once the kernel's buffers are full.
     """
     most = 30 * 2**20
-    with spawned(tmp_path / "server.log") as server:
+    with spawn(tmp_path / "server.log") as server:
         server.wait_ready()
         before = _rss_mib(server.pid)
         sock, sent = _stuffed(server.admin_port, most)
@@ -1014,7 +1010,7 @@ async def test_a_pipeliner_that_never_reads_is_closed_after_the_idle_timeout(
 
     monkeypatch.setattr(admin, "KEEPALIVE_TIMEOUT", scaled(1.0))
     loop = asyncio.get_running_loop()
-    async with running() as srv:
+    async with run(settings()) as srv:
         sock = socket.socket()
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
@@ -1037,7 +1033,7 @@ async def test_a_client_leaving_mid_body_logs_no_error(caplog: pytest.LogCapture
     """aiohttp logs a traceback for each request whose body ends early; here it is a debug line."""
     caplog.set_level("DEBUG", logger="fastaphlict")
     head = b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nab"
-    async with running() as srv:
+    async with run(settings()) as srv:
         for _ in range(30):
             reader, writer = await asyncio.open_connection("127.0.0.1", srv.server.admin_ports[0])
             writer.write(head)

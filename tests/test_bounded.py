@@ -24,9 +24,10 @@ from support import (
     bare_session,
     client_frame,
     metric,
-    running,
+    run,
     scaled,
-    spawned,
+    settings,
+    spawn,
     wait_healthy,
 )
 
@@ -56,7 +57,7 @@ async def _settled(session: aiohttp.ClientSession, admin_url: str, name: str) ->
 
 
 async def test_instances_named_by_browsers_are_dropped_when_they_leave(tmp_path) -> None:
-    with spawned(tmp_path / "server.log") as server:
+    with spawn(tmp_path / "server.log") as server:
         async with aiohttp.ClientSession() as session:
             await wait_healthy(server, session)
             subscribe = client_frame(b'{"command":"subscribe","data":["PHID-USER-1"]}')
@@ -94,7 +95,7 @@ async def test_instances_named_by_browsers_are_dropped_when_they_leave(tmp_path)
 
 
 async def test_unique_phids_of_tabs_that_leave_are_freed(tmp_path) -> None:
-    with spawned(tmp_path / "server.log") as server:
+    with spawn(tmp_path / "server.log") as server:
         async with aiohttp.ClientSession() as session:
             await wait_healthy(server, session)
             baseline = None
@@ -150,7 +151,7 @@ def test_housekeeping_hands_the_loop_back_between_slices() -> None:
 
 async def test_an_idle_instances_history_expires_without_traffic(monkeypatch) -> None:
     monkeypatch.setattr(server_module, "EXPIRE_INTERVAL", 0.05)
-    async with running() as srv:
+    async with run(settings()) as srv:
         stale = hub_module.now_ms() - HISTORY_TTL_MS - 1
         monkeypatch.setattr(hub_module, "now_ms", lambda: stale)
         assert (await srv.post({"subscribers": ["PHID-A"]}, instance="quiet")).status == 200

@@ -40,7 +40,6 @@ from redis_support import (
     RedisServer,
     StallProxy,
     broker_up,
-    until,
     until_down,
     until_metric,
     until_up,
@@ -53,11 +52,11 @@ from support import (
     client_frame,
     eventually,
     free_ports,
-    launch,
     metric,
     post,
     replayed,
     scaled,
+    spawn,
     stop,
     upgrade_request,
     wait_healthy,
@@ -85,7 +84,7 @@ def nodes(tmp_path: Path) -> Iterator[Start]:
         extra = dict(env or {})
         if broker is not None:
             extra["FASTAPHLICT_BROKER"] = broker
-        server = launch(
+        server = spawn(
             tmp_path / f"{name}.log", *FAST, *args, config=config, env=extra, ports=ports
         )
         started.append(server)
@@ -220,7 +219,7 @@ async def test_a_replay_on_another_node_returns_the_shared_window_of_its_instanc
         async with session.get(f"{b.admin_url}/status/?instance=one") as resp:
             return (await resp.json())["history.size"] == 4  # type: ignore[no-any-return]
 
-    await until(all_there, "4 messages of instance one on B", TIMEOUT)
+    await eventually(all_there, TIMEOUT, "4 messages of instance one on B", every=0.02)
     async with tab(b, "PHID-1", path="/~one/") as tb:
         got = await replayed(tb)
         assert got == ["one0", "one1", "one2"]
@@ -453,7 +452,9 @@ async def test_saved_messages_stay_on_disk_through_a_kill_until_redis_has_them(
                 await until_up(session, a3, b)
                 assert await asyncio.wait_for(keys_of(tb, 1), RECOVERY) == ["kept"]
                 await assert_silent(tb)
-                await until(_gone(pending), "the saved file removed once published")
+                await eventually(
+                    _gone(pending), RECOVERY, "the saved file removed once published", every=0.02
+                )
         finally:
             stop(a3)
     assert not pending.exists()
@@ -553,7 +554,7 @@ async def test_the_password_is_in_no_log_line_status_or_metric(
         redis.stop()
         await until_down(session, good)
         stop(good, wrong)
-    malformed = launch(
+    malformed = spawn(
         tmp_path / "malformed.log",
         env={"FASTAPHLICT_BROKER": f"redis://:{secret}@127.0.0.1:notaport/0"},
     )
@@ -599,7 +600,7 @@ def aphlict_peer(tmp_path: Path, kind: str, ports: list[int], peer_admin: int) -
     """The mesh peer of the mixed cluster: fastaphlict without a broker, or Node Aphlict."""
     mesh = [{"host": "127.0.0.1", "port": peer_admin, "protocol": "http"}]
     if kind == "fastaphlict":
-        return launch(tmp_path / "c.log", config={"cluster": mesh}, ports=ports)
+        return spawn(tmp_path / "c.log", config={"cluster": mesh}, ports=ports)
     if not (NODE_APHLICT and shutil.which("node")):
         pytest.skip("FASTAPHLICT_NODE_APHLICT does not name Node Aphlict's aphlict_server.js")
     config = tmp_path / "c.json"

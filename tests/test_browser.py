@@ -27,7 +27,7 @@ from urllib.parse import urlencode
 
 import pytest
 
-from support import PHORGE_CONTENT_TYPE, TIMEOUT, ServerProcess, require, scaled, spawned
+from support import PHORGE_CONTENT_TYPE, TIMEOUT, ServerProcess, require, scaled, spawn
 
 CHROMIUM = Path("/usr/bin/chromium")
 # Without the networking flags Chromium phones home at start-up (updates,
@@ -51,24 +51,22 @@ TASK = "PHID-TASK-acme1"
 TEXT = "build 100% done & a=1 — ünïcødé"
 
 
-class Server(ServerProcess):
-    """The server under test, posted to and read from as Phorge's PHP does."""
+def post(server: ServerProcess, message: dict[str, Any], instance: str = "acme") -> None:
+    """Post to ``server`` as Phorge's PHP does: raw JSON under the form content type."""
+    request = urllib.request.Request(
+        f"{server.admin_url}/?instance={instance}",
+        data=json.dumps(message, ensure_ascii=False).encode(),
+        headers={"Content-Type": PHORGE_CONTENT_TYPE},
+    )
+    with urllib.request.urlopen(request, timeout=TIMEOUT) as response:
+        assert response.status == 200
+        assert "fingerprint" in json.loads(response.read())
 
-    def post(self, message: dict[str, Any], instance: str = "acme") -> None:
-        """Post as Phorge's PHP does: raw JSON under the form content type."""
-        request = urllib.request.Request(
-            f"{self.admin_url}/?instance={instance}",
-            data=json.dumps(message, ensure_ascii=False).encode(),
-            headers={"Content-Type": PHORGE_CONTENT_TYPE},
-        )
-        with urllib.request.urlopen(request, timeout=TIMEOUT) as response:
-            assert response.status == 200
-            assert "fingerprint" in json.loads(response.read())
 
-    def status(self, instance: str = "acme") -> dict[str, Any]:
-        url = f"{self.admin_url}/status/?instance={instance}"
-        with urllib.request.urlopen(url, timeout=TIMEOUT) as response:
-            return json.loads(response.read())
+def status(server: ServerProcess, instance: str = "acme") -> dict[str, Any]:
+    url = f"{server.admin_url}/status/?instance={instance}"
+    with urllib.request.urlopen(url, timeout=TIMEOUT) as response:
+        return json.loads(response.read())
 
 
 @pytest.fixture
@@ -94,9 +92,9 @@ def browser() -> Iterator[Any]:
 
 
 @pytest.fixture
-def server(tmp_path: Path) -> Iterator[Server]:
+def server(tmp_path: Path) -> Iterator[ServerProcess]:
     """A server started from a config file."""
-    with spawned(tmp_path / "server.log", config={}, server_class=Server) as server:
+    with spawn(tmp_path / "server.log", config={}) as server:
         server.wait_ready()
         yield server
 
@@ -143,7 +141,7 @@ def notification(key: int, *subscribers: str) -> dict[str, Any]:
 
 @pytest.mark.timeout(120)
 def test_browser_receives_notifications_and_reconnects_after_restart(
-    browser: Any, server: Server, page_origin: str
+    browser: Any, server: ServerProcess, page_origin: str
 ) -> None:
     ws = f"ws://127.0.0.1:{server.client_port}/~acme/?instance=acme"
     url = f"{page_origin}/?{urlencode([('ws', ws), ('phid', USER), ('phid', TASK)])}"
@@ -164,7 +162,7 @@ def test_browser_receives_notifications_and_reconnects_after_restart(
     # Subscribed: the pong after the subscribe command came back.
     page.wait_for_function("window.aphlict.ready === 1", timeout=WAIT_MS)
 
-    server.post(notification(100, "PHID-USER-bob", TASK))
+    post(server, notification(100, "PHID-USER-bob", TASK))
     wait_for_key("100")
     [first] = received()
     assert first["type"] == "notification"
@@ -184,13 +182,13 @@ def test_browser_receives_notifications_and_reconnects_after_restart(
         server.wait_ready()
         page.wait_for_function("window.aphlict.ready >= 2", timeout=WAIT_MS)
         assert page.evaluate("window.aphlict.closeCodes[0]") == 1001
-        assert server.status()["clients.active"] == 1
+        assert status(server)["clients.active"] == 1
 
         # Not for this page: another user's PHID, and this page's PHID on another
         # instance. Posted first, so they would arrive first.
-        server.post(notification(201, "PHID-USER-stranger"))
-        server.post(notification(202, USER), instance="other")
-        server.post(notification(203, USER))
+        post(server, notification(201, "PHID-USER-stranger"))
+        post(server, notification(202, USER), instance="other")
+        post(server, notification(203, USER))
         wait_for_key("203")
         keys = [m["key"] for m in received()]
         assert keys == ["100", "203"], "only what is addressed to this page, once each"

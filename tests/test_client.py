@@ -19,8 +19,9 @@ from support import (
     TIMEOUT,
     Browser,
     assert_silent,
-    running,
+    run,
     scaled,
+    settings,
     stalled_websocket,
     throttles_a_minute_later,
     upgrade_request,
@@ -41,7 +42,7 @@ async def raw_http(port: int, request: bytes) -> bytes:
 
 @pytest.mark.parametrize("path", ["/", "/~acme/", "/index.php?x=1"])
 async def test_plain_get_gets_exact_501(path: str) -> None:
-    async with running() as srv:
+    async with run(settings()) as srv:
         response = await raw_http(
             srv.server.client_ports[0], b"GET %s HTTP/1.1\r\nHost: x\r\n\r\n" % path.encode()
         )
@@ -52,7 +53,7 @@ async def test_plain_get_gets_exact_501(path: str) -> None:
 
 
 async def test_healthz_on_client_port_is_200() -> None:
-    async with running() as srv:
+    async with run(settings()) as srv:
         response = await raw_http(
             srv.server.client_ports[0], b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
         )
@@ -62,7 +63,7 @@ async def test_healthz_on_client_port_is_200() -> None:
 async def test_any_origin_is_accepted() -> None:
     from websockets.asyncio.client import connect
 
-    async with running() as srv:
+    async with run(settings()) as srv:
         async with connect(srv.client_url("/~acme/"), origin="https://evil.example") as ws:
             browser = Browser(ws)
             await browser.sync()
@@ -72,7 +73,7 @@ async def test_any_origin_is_accepted() -> None:
 
 
 async def test_two_instances_are_isolated_for_delivery_history_replay_and_status() -> None:
-    async with running() as srv:
+    async with run(settings()) as srv:
         async with srv.client("/~acme/?instance=acme") as acme, srv.client("/~beta/") as beta:
             await acme.subscribe("PHID-1")
             await beta.subscribe("PHID-1")
@@ -96,7 +97,7 @@ async def test_two_instances_are_isolated_for_delivery_history_replay_and_status
 
 
 async def test_unsubscribed_client_gets_nothing() -> None:
-    async with running() as srv, srv.client() as alice, srv.client() as bob:
+    async with run(settings()) as srv, srv.client() as alice, srv.client() as bob:
         await alice.subscribe("PHID-USER-alice")
         await bob.subscribe("PHID-USER-bob")
         await srv.post({"subscribers": ["PHID-USER-alice"], "n": 1})
@@ -118,7 +119,7 @@ async def test_unsubscribed_client_gets_nothing() -> None:
     ],
 )
 async def test_empty_missing_or_non_list_subscribers_reach_nobody(message: dict) -> None:
-    async with running() as srv, srv.client() as browser:
+    async with run(settings()) as srv, srv.client() as browser:
         await browser.subscribe("PHID-1", "P", "H", "I", "D", "-", "1")
 
         class Recorder:
@@ -138,7 +139,7 @@ async def test_empty_missing_or_non_list_subscribers_reach_nobody(message: dict)
 
 
 async def test_each_socket_gets_a_message_once_however_many_phids_match() -> None:
-    async with running() as srv, srv.client() as browser:
+    async with run(settings()) as srv, srv.client() as browser:
         await browser.subscribe("PHID-A", "PHID-B", "PHID-C")
         await srv.post({"subscribers": ["PHID-A", "PHID-B", "PHID-C", "PHID-A"], "n": 1})
         assert (await browser.recv())["n"] == 1
@@ -147,7 +148,7 @@ async def test_each_socket_gets_a_message_once_however_many_phids_match() -> Non
 
 
 async def test_only_string_subscriber_entries_match() -> None:
-    async with running() as srv, srv.client() as browser:
+    async with run(settings()) as srv, srv.client() as browser:
         await browser.subscribe("1", "PHID-1")
         await srv.post({"subscribers": [1, {"PHID-1": 1}], "n": 1})
         await srv.post({"subscribers": [1, "PHID-1"], "n": 2})
@@ -155,7 +156,7 @@ async def test_only_string_subscriber_entries_match() -> None:
 
 
 async def test_existing_touched_is_extended_in_place() -> None:
-    async with running() as srv, srv.client() as browser:
+    async with run(settings()) as srv, srv.client() as browser:
         await browser.subscribe("PHID-1")
         await srv.post({"touched": ["otherfingerprint"], "subscribers": ["PHID-1"]})
         got = await browser.recv()
@@ -164,7 +165,7 @@ async def test_existing_touched_is_extended_in_place() -> None:
 
 
 async def test_loopback_is_answered_but_not_stored_or_delivered() -> None:
-    async with running() as srv, srv.client() as browser:
+    async with run(settings()) as srv, srv.client() as browser:
         await browser.subscribe("PHID-1")
         resp = await srv.post({"touched": [srv.hub.fingerprint], "subscribers": ["PHID-1"]})
         assert resp.status == 200
@@ -177,7 +178,7 @@ async def test_loopback_is_answered_but_not_stored_or_delivered() -> None:
 
 
 async def test_ping_answers_exactly_pong() -> None:
-    async with running() as srv, srv.client() as browser:
+    async with run(settings()) as srv, srv.client() as browser:
         for data in (None, 1, "x", {"a": 1}):
             await browser.send("ping", data)
             assert await browser.recv_raw() == '{"type":"pong"}'
@@ -186,7 +187,7 @@ async def test_ping_answers_exactly_pong() -> None:
 
 
 async def test_binary_frames_are_commands_too() -> None:
-    async with running() as srv, srv.client() as browser:
+    async with run(settings()) as srv, srv.client() as browser:
         await browser.send_raw(b'{"command":"subscribe","data":["PHID-1"]}')
         await browser.send_raw(b'{"command":"ping","data":null}')
         assert await browser.recv_raw() == '{"type":"pong"}'
@@ -195,7 +196,7 @@ async def test_binary_frames_are_commands_too() -> None:
 
 
 async def test_unsubscribe_stops_delivery() -> None:
-    async with running() as srv, srv.client() as browser:
+    async with run(settings()) as srv, srv.client() as browser:
         await browser.subscribe("PHID-1", "PHID-2")
         await browser.send("unsubscribe", ["PHID-1", "PHID-never"])
         await browser.sync()
@@ -234,7 +235,7 @@ BAD_FRAMES = [
 
 @pytest.mark.parametrize("frame", BAD_FRAMES, ids=range(len(BAD_FRAMES)))
 async def test_bad_frame_is_ignored_and_socket_keeps_working(frame: str) -> None:
-    async with running() as srv, srv.client() as browser:
+    async with run(settings()) as srv, srv.client() as browser:
         await browser.subscribe("PHID-X")
         await browser.send_raw(frame)
         await browser.sync()
@@ -246,7 +247,7 @@ async def test_bad_frame_is_ignored_and_socket_keeps_working(frame: str) -> None
 
 
 async def test_invalid_utf8_text_frame_is_ignored() -> None:
-    async with running() as srv, srv.client() as other:
+    async with run(settings()) as srv, srv.client() as other:
         await other.subscribe("PHID-1")
         async with srv.client() as browser:
             await browser.ws.send(b"\xff\xfe", text=True)
@@ -256,7 +257,7 @@ async def test_invalid_utf8_text_frame_is_ignored() -> None:
 
 
 async def test_commands_are_processed_in_order() -> None:
-    async with running() as srv, srv.client() as browser:
+    async with run(settings()) as srv, srv.client() as browser:
         for i in range(200):
             await browser.send("subscribe", [f"PHID-{i}"])
             await browser.send("unsubscribe", [f"PHID-{i - 1}"])
@@ -274,7 +275,7 @@ async def _post_numbered(srv, phids_by_n: dict[int, list[str]]) -> None:
 
 
 async def test_replay_sends_subscribed_history_oldest_first() -> None:
-    async with running() as srv:
+    async with run(settings()) as srv:
         await _post_numbered(srv, {1: ["PHID-A"], 2: ["PHID-B"], 3: ["PHID-A", "PHID-C"], 4: []})
         async with srv.client() as browser:
             await browser.subscribe("PHID-A", "PHID-C")
@@ -287,7 +288,7 @@ async def test_replay_sends_subscribed_history_oldest_first() -> None:
 
 @pytest.mark.parametrize("data", [None, {}, {"age": 0}, {"age": "x"}, {"age": None}, {"age": True}])
 async def test_replay_default_age(data: object) -> None:
-    async with running() as srv:
+    async with run(settings()) as srv:
         await _post_numbered(srv, {1: ["PHID-A"]})
         async with srv.client() as browser:
             await browser.subscribe("PHID-A")
@@ -296,7 +297,7 @@ async def test_replay_default_age(data: object) -> None:
 
 
 async def test_replay_with_data_missing() -> None:
-    async with running() as srv:
+    async with run(settings()) as srv:
         await _post_numbered(srv, {1: ["PHID-A"]})
         async with srv.client() as browser:
             await browser.subscribe("PHID-A")
@@ -305,7 +306,7 @@ async def test_replay_with_data_missing() -> None:
 
 
 async def test_replay_negative_age_sends_nothing() -> None:
-    async with running() as srv:
+    async with run(settings()) as srv:
         await _post_numbered(srv, {1: ["PHID-A"]})
         async with srv.client() as browser:
             await browser.subscribe("PHID-A")
@@ -314,7 +315,7 @@ async def test_replay_negative_age_sends_nothing() -> None:
 
 
 async def test_replay_age_window(monkeypatch: pytest.MonkeyPatch) -> None:
-    async with running() as srv:
+    async with run(settings()) as srv:
         now = hub_module.now_ms()
         monkeypatch.setattr(hub_module, "now_ms", lambda: now - 5000)
         await _post_numbered(srv, {1: ["PHID-A"]})  # posted 5 s ago
@@ -331,7 +332,7 @@ async def test_replay_age_window(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 async def test_history_is_purged_by_age_on_read(monkeypatch: pytest.MonkeyPatch) -> None:
-    async with running() as srv:
+    async with run(settings()) as srv:
         old = time.time() * 1000 - HISTORY_TTL_MS - 1
         monkeypatch.setattr(hub_module, "now_ms", lambda: old)
         await _post_numbered(srv, {1: ["PHID-A"]})
@@ -341,7 +342,7 @@ async def test_history_is_purged_by_age_on_read(monkeypatch: pytest.MonkeyPatch)
 
 
 async def test_history_is_capped_at_4096() -> None:
-    async with running() as srv:
+    async with run(settings()) as srv:
         hub = srv.hub
         for n in range(4100):
             hub.publish("default", {"subscribers": [], "n": n})
@@ -354,7 +355,7 @@ async def test_history_is_capped_at_4096() -> None:
 
 async def test_debug_traces_every_command_and_delivery(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG, logger="fastaphlict")
-    async with running(debug=True) as srv, srv.client() as browser:
+    async with run(settings(["--debug"])) as srv, srv.client() as browser:
         await browser.subscribe("PHID-1")
         await browser.send_raw("garbage")
         await srv.post({"subscribers": ["PHID-1"], "n": 1})
@@ -369,7 +370,7 @@ async def test_debug_traces_every_command_and_delivery(caplog: pytest.LogCapture
 
 async def test_without_debug_nothing_is_traced(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG, logger="fastaphlict")
-    async with running() as srv, srv.client() as browser:
+    async with run(settings()) as srv, srv.client() as browser:
         await browser.subscribe("PHID-1")
         await srv.post({"subscribers": ["PHID-1"], "n": 1})
         await browser.recv()
@@ -383,7 +384,7 @@ async def test_without_debug_nothing_is_traced(caplog: pytest.LogCaptureFixture)
 async def test_frame_over_the_limit_closes_with_1009() -> None:
     from websockets.exceptions import ConnectionClosed
 
-    async with running() as srv, srv.client() as browser:
+    async with run(settings()) as srv, srv.client() as browser:
         await browser.send_raw('{"command":"ping","pad":"' + "x" * (64 * 1024) + '"}')
         with pytest.raises(ConnectionClosed):
             await browser.recv_raw()
@@ -393,7 +394,7 @@ async def test_frame_over_the_limit_closes_with_1009() -> None:
 async def test_fragmented_message_over_the_limit_closes_with_1009() -> None:
     from websockets.exceptions import ConnectionClosed
 
-    async with running() as srv, srv.client() as browser:
+    async with run(settings()) as srv, srv.client() as browser:
         await browser.ws.send(["x" * 40000, "y" * 40000])  # two fragments, each under the limit
         with pytest.raises(ConnectionClosed):
             await browser.recv_raw()
@@ -401,7 +402,7 @@ async def test_fragmented_message_over_the_limit_closes_with_1009() -> None:
 
 
 async def test_fragmented_command_is_reassembled() -> None:
-    async with running() as srv, srv.client() as browser:
+    async with run(settings()) as srv, srv.client() as browser:
         await browser.ws.send(['{"command":"subscribe",', '"data":["PHID-1"]}'])
         await browser.sync()
         await srv.post({"subscribers": ["PHID-1"], "n": 1})
@@ -411,9 +412,7 @@ async def test_fragmented_command_is_reassembled() -> None:
 async def test_too_many_subscriptions_close_with_1008() -> None:
     from websockets.exceptions import ConnectionClosed
 
-    from fastaphlict.server import Limits
-
-    async with running(limits=Limits(max_subscriptions=10)) as srv, srv.client() as browser:
+    async with run(settings(["--max-subscriptions=10"])) as srv, srv.client() as browser:
         await browser.subscribe(*(f"PHID-{i}" for i in range(10)))
         await browser.send("subscribe", ["PHID-1", "PHID-2"])  # already held: fine
         await browser.sync()
@@ -424,7 +423,7 @@ async def test_too_many_subscriptions_close_with_1008() -> None:
 
 
 async def test_overlong_phids_are_skipped() -> None:
-    async with running() as srv, srv.client() as browser:
+    async with run(settings()) as srv, srv.client() as browser:
         await browser.subscribe("P" * 513, "PHID-1", "é" * 257)
         sub = srv.hub.instance("default").channel.subscribers()[0]
         assert sub.phids == {"PHID-1"}
@@ -433,7 +432,7 @@ async def test_overlong_phids_are_skipped() -> None:
 async def test_overlong_instance_name_is_refused() -> None:
     from websockets.exceptions import InvalidStatus
 
-    async with running() as srv:
+    async with run(settings()) as srv:
         with pytest.raises(InvalidStatus) as info:
             async with srv.client("/~" + "a" * 129 + "/"):
                 pass
@@ -445,9 +444,7 @@ async def test_overlong_instance_name_is_refused() -> None:
 async def test_connections_past_the_cap_get_503() -> None:
     from websockets.exceptions import InvalidStatus
 
-    from fastaphlict.server import Limits
-
-    async with running(limits=Limits(max_connections=2)) as srv:
+    async with run(settings(["--max-connections=2"])) as srv:
         async with srv.client() as one, srv.client() as two:
             await one.sync()
             await two.sync()
@@ -467,7 +464,7 @@ async def test_origin_allow_list() -> None:
     from fastaphlict.server import Limits
 
     limits = Limits(allowed_origins=("https://phorge.example.com",))
-    async with running(limits=limits) as srv:
+    async with run(settings(limits=limits)) as srv:
         async with connect(srv.client_url(), origin="https://phorge.example.com") as ws:
             await Browser(ws).sync()
         with pytest.raises(InvalidStatus) as info:
@@ -479,9 +476,8 @@ async def test_origin_allow_list() -> None:
 @pytest.mark.timeout(30)
 async def test_a_client_that_stops_answering_pings_is_closed() -> None:
     """Half-open TCP: the socket is closed within two ping intervals."""
-    from fastaphlict.server import Limits
 
-    async with running(limits=Limits(ping_interval=0.2)) as srv:
+    async with run(settings(["--ping-interval=0.2"])) as srv:
         stalled = await stalled_websocket(srv.server.client_ports[0])
         try:
             async with srv.client() as alive:  # answers pings (websockets does)
@@ -500,9 +496,8 @@ async def test_a_client_that_stops_answering_pings_is_closed() -> None:
 
 
 async def test_handshake_timeout_drops_silent_connections() -> None:
-    from fastaphlict.server import Limits
 
-    async with running(limits=Limits(handshake_timeout=0.3)) as srv:
+    async with run(settings(["--handshake-timeout=0.3"])) as srv:
         reader, writer = await asyncio.open_connection("127.0.0.1", srv.server.client_ports[0])
         started = time.monotonic()
         assert await asyncio.wait_for(reader.read(), TIMEOUT) == b"", "closed, nothing sent"
@@ -577,7 +572,7 @@ async def test_fragmentation_errors_close_with_1002(
 ) -> None:
     """RFC 6455 §5.4, as ws does it: fail the connection with 1002, run nothing of it."""
     caplog.set_level(logging.INFO, logger="fastaphlict.client")
-    async with running() as srv:
+    async with run(settings()) as srv:
         reader, writer = await _raw_socket(srv.server.client_ports[0])
         try:
             writer.write(b"".join(frames) + _client_frame(0x1, PING_COMMAND))
@@ -614,7 +609,7 @@ async def test_reserved_bits_without_an_extension_close_with_1002(kind: str, rsv
     follows, and a close is not echoed but answered with 1002.
     """
     frames = _RESERVED[kind](rsv)
-    async with running() as srv:
+    async with run(settings()) as srv:
         reader, writer = await _raw_socket(srv.server.client_ports[0])
         try:
             writer.write(b"".join(frames) + _client_frame(0x1, PING_COMMAND))
@@ -627,7 +622,7 @@ async def test_reserved_bits_without_an_extension_close_with_1002(kind: str, rsv
 
 async def test_pings_are_answered_with_their_payload_by_the_listener() -> None:
     # Auto-pong is off (it would answer before the reserved bits are checked).
-    async with running() as srv:
+    async with run(settings()) as srv:
         reader, writer = await _raw_socket(srv.server.client_ports[0])
         try:
             writer.write(_client_frame(0x9, b"") + _client_frame(0x9, b"x" * 125))
@@ -640,7 +635,7 @@ async def test_pings_are_answered_with_their_payload_by_the_listener() -> None:
 
 
 async def test_fragments_around_control_frames_are_still_one_message() -> None:
-    async with running() as srv:
+    async with run(settings()) as srv:
         reader, writer = await _raw_socket(srv.server.client_ports[0])
         try:
             writer.write(
@@ -672,7 +667,7 @@ async def test_frame_nested_past_max_depth_is_ignored_like_the_admin_port_refuse
     """Up to MAX_DEPTH a deep ping is a ping; past it the frame is ignored, the socket lives."""
     from fastaphlict.protocol import MAX_DEPTH
 
-    async with running() as srv, srv.client() as browser:
+    async with run(settings()) as srv, srv.client() as browser:
         await browser.send_raw(_deep_ping(depth, kind))
         if depth <= MAX_DEPTH:
             assert await browser.recv_raw() == PONG.decode()
@@ -683,7 +678,7 @@ async def test_frame_nested_past_max_depth_is_ignored_like_the_admin_port_refuse
 async def test_frame_100000_deep_is_over_the_size_limit_and_closes_with_1009() -> None:
     from websockets.exceptions import ConnectionClosed
 
-    async with running() as srv, srv.client() as browser:
+    async with run(settings()) as srv, srv.client() as browser:
         await browser.send_raw(_deep_ping(100_000, "list"))
         with pytest.raises(ConnectionClosed):
             await browser.recv_raw()
@@ -701,10 +696,9 @@ async def test_frame_100000_deep_is_over_the_size_limit_and_closes_with_1009() -
 async def test_a_protocol_error_is_one_info_line_with_address_and_reason(
     frame: bytes, code: int, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from fastaphlict.config import Limits
 
     caplog.set_level(logging.INFO, logger="fastaphlict")
-    async with running(limits=Limits(max_frame_size=1024)) as srv:
+    async with run(settings(["--max-frame-size=1024"])) as srv:
         reader, writer = await _raw_socket(srv.server.client_ports[0])
         try:
             writer.write(frame + _client_frame(0x1, PING_COMMAND))
@@ -728,7 +722,7 @@ async def test_a_protocol_error_is_one_info_line_with_address_and_reason(
 async def test_a_frame_that_is_not_utf8_is_named_so(caplog: pytest.LogCaptureFixture) -> None:
     # Ignored like any bad frame, as Aphlict's ws did not; but not called "not JSON".
     caplog.set_level(logging.INFO, logger="fastaphlict")
-    async with running() as srv, srv.client() as browser:
+    async with run(settings()) as srv, srv.client() as browser:
         await browser.ws.send(b'{"command":"\xff\xfe"}')
         await browser.ws.send(PING_COMMAND.decode())
         assert await asyncio.wait_for(browser.ws.recv(), TIMEOUT) == PONG.decode()
@@ -757,7 +751,7 @@ async def test_rejected_frames_from_many_sockets_are_rate_limited(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.INFO, logger="fastaphlict.client")
-    async with running() as srv:
+    async with run(settings()) as srv:
         for _ in range(30):  # a hostile client, one new socket per bad frame
             async with srv.client() as browser:
                 await browser.send_raw("not json")
@@ -772,7 +766,7 @@ async def test_debug_close_line_says_who_closed_with_code_reason_and_lifetime(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.DEBUG, logger="fastaphlict.client")
-    async with running(debug=True) as srv:
+    async with run(settings(["--debug"])) as srv:
         async with srv.client() as browser:
             await browser.ws.close(4000, "tab closed")
         deadline = time.monotonic() + TIMEOUT
@@ -804,10 +798,9 @@ def test_picows_lines_use_the_one_address_format(caplog: pytest.LogCaptureFixtur
 async def test_sockets_closed_for_too_many_subscriptions_are_logged_within_a_budget(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    from fastaphlict.server import Limits
 
     caplog.set_level(logging.INFO, logger="fastaphlict.client")
-    async with running(limits=Limits(max_subscriptions=2)) as srv:
+    async with run(settings(["--max-subscriptions=2"])) as srv:
         for _ in range(25):  # a hostile client, one new socket per refusal
             async with srv.client() as browser:
                 await browser.send("subscribe", ["A", "B", "C"])
@@ -843,7 +836,7 @@ async def test_refused_upgrades_are_logged_within_a_budget_then_summed_up(
     path, header, limits, status, line = _UPGRADE_REFUSALS[kind]
     request = upgrade_request(path).replace(b"\r\n\r\n", b"\r\n" + header + b"\r\n")
     caplog.set_level(logging.INFO, logger="fastaphlict.client")
-    async with running(limits=Limits(**limits)) as srv:
+    async with run(settings(limits=Limits(**limits))) as srv:
         port = srv.server.client_ports[0]
         async with srv.client() if kind == "connection cap" else contextlib.nullcontext():
             for _ in range(25):
@@ -860,10 +853,9 @@ async def test_refused_upgrades_are_logged_within_a_budget_then_summed_up(
 @pytest.mark.timeout(60)
 async def test_slow_clients_are_logged_within_a_budget(caplog: pytest.LogCaptureFixture) -> None:
     """A tab can make itself slow at will (replays it never reads): 20 lines a minute."""
-    from fastaphlict.server import Limits
 
     caplog.set_level(logging.INFO, logger="fastaphlict.client")
-    async with running(limits=Limits(max_buffered=1)) as srv:
+    async with run(settings(["--max-buffered=1"])) as srv:
         port = srv.server.client_ports[0]
         stalled = [await stalled_websocket(port) for _ in range(25)]
         try:

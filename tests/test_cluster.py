@@ -21,6 +21,7 @@ import itertools
 import json
 import re
 import statistics
+import subprocess
 import time
 from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from dataclasses import dataclass
@@ -41,8 +42,8 @@ from support import (
     assert_silent,
     eventually,
     free_ports,
-    launch,
     scaled,
+    spawn,
     stop,
     wait_healthy,
 )
@@ -78,16 +79,32 @@ async def expect(browser: Browser, name: str) -> dict[str, Any]:
 
 
 @dataclass
-class Node(ServerProcess):
-    """One fastaphlict process of the cluster: its name and fingerprint."""
+class Node:
+    """One fastaphlict process of the cluster (a :func:`spawn`ed one): its name and fingerprint."""
 
-    name: str = ""
+    process: ServerProcess
+    name: str
     fingerprint: str = ""
+
+    @property
+    def proc(self) -> subprocess.Popen[bytes]:
+        return self.process.proc
+
+    @property
+    def admin_url(self) -> str:
+        return self.process.admin_url
+
+    @property
+    def client_url(self) -> str:
+        return self.process.client_url
+
+    def log(self) -> str:
+        return self.process.log()
 
     @property
     def peer_url(self) -> str:
         """How a peer's relay names this node in its log."""
-        return f"http://127.0.0.1:{self.admin_port}/"
+        return f"http://127.0.0.1:{self.process.admin_port}/"
 
     def loopbacks(self) -> int:
         """Loopbacks this node dropped; logged only when it runs with ``--debug``."""
@@ -129,19 +146,18 @@ class Cluster:
         nodes = []
         for index, peering in enumerate(topology):
             peers = [admin_ports[j] for j in peering] + list(extra_peers)
-            node = launch(
+            process = spawn(
                 self.directory / f"{index}.log",
                 *(["--debug=1"] if index in debug else []),
                 config={
                     "cluster": [{"host": "127.0.0.1", "port": p, "protocol": "http"} for p in peers]
                 },
                 ports=ports[2 * index : 2 * index + 2],
-                server_class=Node,
             )
-            node.name = chr(ord("A") + index)
+            node = Node(process, chr(ord("A") + index))
             nodes.append(node)
         self.nodes.extend(nodes)
-        await asyncio.gather(*(wait_healthy(node, self.session) for node in nodes))
+        await asyncio.gather(*(wait_healthy(node.process, self.session) for node in nodes))
         for node in nodes:
             node.read_fingerprint()
         return nodes
@@ -154,15 +170,17 @@ class Cluster:
         """
         index = ord(node.name) - ord("A")
         lives = sum(1 for n in self.nodes if n.name == node.name)
-        again = node.restart(self.directory / f"{index}-restart{lives}.log")
+        again = Node(
+            node.process.restart(self.directory / f"{index}-restart{lives}.log"), node.name
+        )
         self.nodes.append(again)
-        await wait_healthy(again, self.session)
+        await wait_healthy(again.process, self.session)
         again.read_fingerprint()
         return again
 
     def stop(self) -> None:
         """SIGTERM everyone, then give all of them one shared deadline before killing."""
-        stop(*self.nodes)
+        stop(*(node.process for node in self.nodes))
 
     async def post(self, node: Node, msg: dict[str, Any]) -> dict[str, Any]:
         """Post as Phorge does (raw JSON, form content type); return the receipt."""

@@ -56,7 +56,7 @@ from docs_support import (
 from fastaphlict import cli
 from fastaphlict.config import PeerConfig
 from fastaphlict.config.options import build_parser
-from support import TIMEOUT, child_env, local_config, require, running, scaled
+from support import TIMEOUT, child_env, local_config, require, run, scaled, settings
 
 
 def marked_commands() -> list[tuple[str, str]]:
@@ -214,9 +214,9 @@ def test_dashboard_panels_have_unique_ids_and_queries() -> None:
 
 async def test_dashboard_queries_only_series_that_metrics_exports() -> None:
     # A cluster peer, so that the per-peer series exist, and one relay through it.
-    async with running() as b:
+    async with run(settings()) as b:
         peer = PeerConfig("127.0.0.1", b.server.admin_ports[0], "http")
-        async with running(local_config(peers=(peer,))) as a:
+        async with run(settings(config=local_config(peers=(peer,)))) as a:
             async with a.client("/") as browser:
                 await browser.subscribe("PHID-1")
                 await a.post({"subscribers": ["PHID-1"]})

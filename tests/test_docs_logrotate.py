@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from docs_support import labelled
-from support import require, scaled, spawned
+from support import require, scaled, spawn
 
 #: Debian's logrotate is in /usr/sbin, which a user's PATH may lack.
 LOGROTATE = shutil.which("logrotate", path="/usr/sbin:/usr/bin:/sbin:/bin")
@@ -74,7 +74,7 @@ def test_the_readme_logrotate_entry_rotates_a_live_servers_log(tmp_path: Path) -
     conf.write_text(entry)
     log = logs / "aphlict.log"
     config = {"logs": [{"path": str(log)}], "pidfile": str(run / "aphlict.pid")}
-    with spawned(tmp_path / "server.out", config=config) as server:
+    with spawn(tmp_path / "server.out", config=config) as server:
         server.wait_ready()
         assert (run / "aphlict.pid").read_text().strip() == str(server.pid)
         rejected_post(server.admin_url)

@@ -41,11 +41,12 @@ from support import (
     Browser,
     ServerProcess,
     free_ports,
-    launch,
     post,
     require,
-    running,
+    run,
     scaled,
+    settings,
+    spawn,
     stop,
 )
 
@@ -158,7 +159,7 @@ async def test_a_tab_connects_through_the_readme_nginx_block(tmp_path: Path) -> 
     trusted = ssl.create_default_context()
     pki.configure_trust(trusted)
     (listen,) = free_ports(1)
-    async with running() as server:
+    async with run(settings()) as server:
         conf = nginx_conf(tmp_path, pki, listen, f"127.0.0.1:{server.server.client_ports[0]}")
         with nginx(conf, listen):
             base = f"wss://127.0.0.1:{listen}/ws/"
@@ -190,7 +191,7 @@ async def test_tabs_reach_a_cluster_through_the_readme_upstream(tmp_path: Path) 
     (listen,) = free_ports(1)
     base = f"wss://127.0.0.1:{listen}/ws/"
     with RedisServer(tmp_path / "redis") as redis:
-        nodes = [launch(tmp_path / f"node{n}.log", f"--broker={redis.url}") for n in (1, 2)]
+        nodes = [spawn(tmp_path / f"node{n}.log", f"--broker={redis.url}") for n in (1, 2)]
         try:
             upstream = labelled("nginx upstream").text
             for address, node in zip(("10.0.0.11:22280", "10.0.0.12:22280"), nodes, strict=True):

@@ -48,7 +48,8 @@ from websockets.asyncio.client import connect
 
 from fastaphlict.admin import MAX_BODY_SIZE
 from fastaphlict.protocol import MAX_DEPTH
-from support import PHORGE_CONTENT_TYPE, TIMEOUT, Browser, Running, running, scaled
+from support import PHORGE_CONTENT_TYPE, TIMEOUT, Browser, Running, run, scaled
+from support import settings as server_settings
 
 T = TypeVar("T")
 
@@ -277,7 +278,7 @@ def harness() -> Any:
     stack = contextlib.AsyncExitStack()
 
     async def start() -> Harness:
-        srv = await stack.enter_async_context(running())
+        srv = await stack.enter_async_context(run(server_settings()))
         ws = await stack.enter_async_context(connect(srv.client_url(), open_timeout=TIMEOUT))
         watcher = Browser(ws)
         await watcher.subscribe(WATCHED)

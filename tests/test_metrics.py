@@ -8,7 +8,6 @@ import socket
 import time
 from pathlib import Path
 
-import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -17,9 +16,9 @@ from fastaphlict.broker import LATENCY_BUCKETS, Broker
 from fastaphlict.config import PeerConfig, parse_broker_url
 from fastaphlict.hub import Hub
 from fastaphlict.metrics import MAX_INSTANCES
-from fastaphlict.server import Limits, Server
+from fastaphlict.server import Limits
 from redis_support import RedisServer
-from support import TIMEOUT, Running, eventually, local_config, running, settings, stalled_websocket
+from support import TIMEOUT, eventually, local_config, run, settings, stalled_websocket
 
 
 def _rss() -> int:
@@ -43,7 +42,7 @@ async def scrape(srv) -> dict[tuple[str, tuple], float]:
 
 
 async def test_metrics_follow_activity() -> None:
-    async with running() as srv:
+    async with run(settings()) as srv:
         async with srv.client("/~acme/") as browser:
             await browser.subscribe("PHID-1")
             await srv.post({"subscribers": ["PHID-1"], "n": 1}, instance="acme")
@@ -70,7 +69,7 @@ async def test_metrics_follow_activity() -> None:
 
 
 async def test_instance_labels_are_bounded() -> None:
-    async with running() as srv:
+    async with run(settings()) as srv:
         for n in range(MAX_INSTANCES + 15):
             await srv.post({"subscribers": []}, instance=f"flood{n}")
         m = await scrape(srv)
@@ -80,9 +79,9 @@ async def test_instance_labels_are_bounded() -> None:
 
 
 async def test_relay_metrics_per_peer() -> None:
-    async with running() as b:
+    async with run(settings()) as b:
         peer = PeerConfig("127.0.0.1", b.server.admin_ports[0], "http")
-        async with running(local_config(peers=(peer,))) as a:
+        async with run(settings(config=local_config(peers=(peer,)))) as a:
             await a.post({"subscribers": []})
             deadline = time.monotonic() + TIMEOUT
             while time.monotonic() < deadline:
@@ -104,7 +103,7 @@ async def test_relay_metrics_per_peer() -> None:
 @pytest.mark.timeout(60)
 async def test_slow_client_is_closed_and_others_keep_receiving() -> None:
     limits = Limits(max_buffered=256 * 1024)
-    async with running(limits=limits) as srv:
+    async with run(settings(limits=limits)) as srv:
         stalled = await stalled_websocket(srv.server.client_ports[0])
         try:
             async with srv.client() as healthy:
@@ -132,7 +131,7 @@ async def test_slow_client_is_closed_and_others_keep_receiving() -> None:
 #: per instance as fastaphlict_connections_open.
 async def test_every_hub_counter_is_exported() -> None:
     """A counter the hub keeps but /metrics doesn't show is invisible in production."""
-    async with running() as srv:
+    async with run(settings()) as srv:
         counters = [f.name for f in dataclasses.fields(srv.hub.stats)]
         assert "dead_disconnects" in counters and "slow_disconnects" in counters
         for n, name in enumerate(counters):
@@ -144,7 +143,7 @@ async def test_every_hub_counter_is_exported() -> None:
 
 
 async def test_dead_client_disconnects_are_exported() -> None:
-    async with running() as srv:
+    async with run(settings()) as srv:
         srv.hub.stats.dead_disconnects = 3
         m = await scrape(srv)
         assert m[("fastaphlict_dead_client_disconnects_total", ())] == 3
@@ -154,7 +153,7 @@ async def test_a_scrape_never_shows_expired_history(monkeypatch) -> None:
     import fastaphlict.hub as hub_module
     from fastaphlict.hub import HISTORY_TTL_MS
 
-    async with running() as srv:
+    async with run(settings()) as srv:
         now = hub_module.now_ms()
         monkeypatch.setattr(hub_module, "now_ms", lambda: now - HISTORY_TTL_MS - 1)
         assert (await srv.post({"subscribers": ["PHID-A"]}, instance="gone")).status == 200
@@ -185,7 +184,7 @@ async def test_a_read_never_writes(monkeypatch) -> None:
     from fastaphlict.hub import HISTORY_TTL_MS
 
     monkeypatch.setattr(server_module, "EXPIRE_INTERVAL", 3600.0)
-    async with running() as srv:
+    async with run(settings()) as srv:
         now = hub_module.now_ms()
         monkeypatch.setattr(hub_module, "now_ms", lambda: now - HISTORY_TTL_MS - 1)
         for name in ("gone", "default", "mixed"):
@@ -307,18 +306,13 @@ async def test_a_node_whose_redis_is_down_shows_it_and_keeps_posts(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     broker = parse_broker_url(f"redis://:{PASSWORD}@127.0.0.1:{closed_port()}/0")
-    server = Server(settings(local_config(), limits=Limits(broker_timeout=0.5), broker=broker))
-    await asyncio.wait_for(server.start(), TIMEOUT)
-    try:
-        async with aiohttp.ClientSession() as session:
-            srv = Running(server, session)
-            assert (await srv.post({"subscribers": []})).status == 200
-            m = await scrape(srv)
-            async with session.get(f"{srv.admin_url}/metrics") as resp:
-                text = await resp.text()
-            status = await srv.status()
-    finally:
-        await asyncio.wait_for(server.close(), TIMEOUT)
+    async with run(settings(limits=Limits(broker_timeout=0.5), broker=broker)) as srv:
+        server = srv.server
+        assert (await srv.post({"subscribers": []})).status == 200
+        m = await scrape(srv)
+        async with srv.session.get(f"{srv.admin_url}/metrics") as resp:
+            text = await resp.text()
+        status = await srv.status()
     assert m[("fastaphlict_broker_up", ())] == 0
     assert m[("fastaphlict_broker_buffered", ())] == 1
     assert m[("fastaphlict_broker_published_total", ())] == 0
@@ -333,20 +327,15 @@ async def test_a_node_whose_redis_is_down_shows_it_and_keeps_posts(
 async def test_a_connected_node_shows_up_and_its_publishes(tmp_path: Path) -> None:
     with RedisServer(tmp_path / "redis", password=PASSWORD) as redis:
         limits = Limits(broker_probe_interval=0.05)
-        server = Server(settings(local_config(), limits=limits, broker=parse_broker_url(redis.url)))
-        await asyncio.wait_for(server.start(), TIMEOUT)
-        try:
-            async with aiohttp.ClientSession() as session:
-                srv = Running(server, session)
-                assert server.broker is not None
-                await eventually(lambda: server.broker.up, what="the broker is up")
-                assert (await srv.post({"subscribers": []})).status == 200
-                await eventually(lambda: server.broker.stats.published == 1)
-                m = await scrape(srv)
-                async with session.get(f"{srv.admin_url}/metrics") as resp:
-                    text = await resp.text()
-        finally:
-            await asyncio.wait_for(server.close(), TIMEOUT)
+        async with run(settings([f"--broker={redis.url}"], limits=limits)) as srv:
+            server = srv.server
+            assert server.broker is not None
+            await srv.broker_up()
+            assert (await srv.post({"subscribers": []})).status == 200
+            await eventually(lambda: server.broker.stats.published == 1)
+            m = await scrape(srv)
+            async with srv.session.get(f"{srv.admin_url}/metrics") as resp:
+                text = await resp.text()
     assert m[("fastaphlict_broker_up", ())] == 1
     assert m[("fastaphlict_broker_buffered", ())] == 0
     assert m[("fastaphlict_broker_published_total", ())] == 1

@@ -33,13 +33,12 @@ from support import (
     bare_session,
     eventually,
     free_ports,
-    launch,
     listening,
-    local_config,
     metric,
     post,
     scaled,
     settings,
+    spawn,
     stop,
     wait_healthy,
 )
@@ -120,7 +119,7 @@ async def test_the_pidfile_flag_beats_the_variable_and_the_config(
 ) -> None:
     from_config, from_variable = tmp_path / "config.pid", tmp_path / "variable.pid"
     from_flag = tmp_path / "run" / "flag.pid"
-    server = launch(
+    server = spawn(
         tmp_path / "server.log",
         f"--pidfile={from_flag}",
         config={"pidfile": str(from_config)},
@@ -141,7 +140,7 @@ async def test_the_pidfile_variable_beats_the_config(
     tmp_path: Path, processes: list[ServerProcess]
 ) -> None:
     from_config, from_variable = tmp_path / "config.pid", tmp_path / "variable.pid"
-    server = launch(
+    server = spawn(
         tmp_path / "server.log",
         config={"pidfile": str(from_config)},
         env={"FASTAPHLICT_PIDFILE": str(from_variable)},
@@ -160,12 +159,12 @@ async def test_a_live_server_on_the_pidfile_refuses_the_second_in_one_line(
     tmp_path: Path, processes: list[ServerProcess]
 ) -> None:
     pidfile = tmp_path / "shared.pid"
-    first = launch(tmp_path / "first.log", f"--pidfile={pidfile}")
+    first = spawn(tmp_path / "first.log", f"--pidfile={pidfile}")
     processes.append(first)
     await asyncio.to_thread(first.wait_ready)
     await eventually(pidfile.exists)
     # Other ports: the pidfile alone must refuse it.
-    second = launch(tmp_path / "second.log", f"--pidfile={pidfile}")
+    second = spawn(tmp_path / "second.log", f"--pidfile={pidfile}")
     processes.append(second)
     assert await asyncio.to_thread(second.proc.wait, scaled(10)) == 1
     [line] = problems(second)
@@ -272,7 +271,7 @@ def test_a_bad_reuse_port_variable_is_named(
 
 
 async def test_two_servers_share_a_port_only_with_reuse_port() -> None:
-    first = Server(settings(local_config(), reuse_port=True))
+    first = Server(settings(reuse_port=True))
     await first.start()
     try:
         shared = Config(
@@ -281,14 +280,14 @@ async def test_two_servers_share_a_port_only_with_reuse_port() -> None:
                 ServerConfig("admin", first.admin_ports[0], "127.0.0.1"),
             )
         )
-        second = Server(settings(shared, reuse_port=True))
+        second = Server(settings(config=shared, reuse_port=True))
         await second.start()
         try:
             assert second.client_ports == first.client_ports
             assert second.admin_ports == first.admin_ports
         finally:
             await asyncio.wait_for(second.close(), TIMEOUT)
-        alone = Server(settings(shared))
+        alone = Server(settings(config=shared))
         with pytest.raises(OSError, match=f"127.0.0.1:{first.client_ports[0]}: Address already in"):
             await alone.start()
     finally:
@@ -323,7 +322,7 @@ async def test_reuse_port_spreads_clients_and_posts_over_two_processes(
     client, admin, *private = free_ports(4)
     for name, own in zip("ab", private, strict=True):
         processes.append(
-            launch(
+            spawn(
                 tmp_path / f"{name}.log",
                 "--reuse-port",
                 config=shared_ports_config(client, admin, own),
@@ -373,7 +372,7 @@ async def test_without_reuse_port_the_second_process_finds_the_port_taken(
     tmp_path: Path, processes: list[ServerProcess], redis_server: RedisServer
 ) -> None:
     client, admin, *private = free_ports(4)
-    first = launch(
+    first = spawn(
         tmp_path / "first.log",
         "--reuse-port",
         config=shared_ports_config(client, admin, private[0]),
@@ -382,7 +381,7 @@ async def test_without_reuse_port_the_second_process_finds_the_port_taken(
     )
     processes.append(first)
     await asyncio.to_thread(first.wait_ready)
-    second = launch(
+    second = spawn(
         tmp_path / "second.log",
         config=shared_ports_config(client, admin, private[1]),
         ports=(client, private[1]),

@@ -37,7 +37,8 @@ from fastaphlict._fanout import Subscriber
 from fastaphlict._history import History
 from fastaphlict.hub import HISTORY_LIMIT, HISTORY_TTL_MS
 from fastaphlict.server import Limits
-from support import TIMEOUT, Browser, eventually, launch, post, running, scaled, stop
+from support import TIMEOUT, Browser, eventually, post, run, scaled, spawn, stop
+from support import settings as server_settings
 
 # -- selection, without sockets ----------------------------------------------------
 
@@ -138,7 +139,7 @@ def _server_side(srv: Any) -> Subscriber:
 
 
 async def test_a_replay_far_over_the_cap_reaches_a_reading_tab_whole() -> None:
-    async with running() as srv:
+    async with run(server_settings()) as srv:
         _publish_history(srv.hub, HISTORY_LIMIT)
         async with connect(srv.client_url(), open_timeout=TIMEOUT, max_queue=4) as ws:
             browser = Browser(ws)
@@ -182,7 +183,7 @@ async def _paced_replay(srv: Any, **options: Any) -> AsyncIterator[tuple[Browser
 
 
 async def test_live_messages_and_pong_wait_behind_a_paced_replay_in_order() -> None:
-    async with running() as srv:
+    async with run(server_settings()) as srv:
         _publish_history(srv.hub, HISTORY_LIMIT)
         async with _paced_replay(srv) as (browser, sub):
             live = [HISTORY_LIMIT + i for i in range(3)]
@@ -209,7 +210,7 @@ async def _wait_closed(ws: Any) -> int | None:
 
 
 async def test_a_tab_that_stops_reading_a_replay_is_closed_after_a_sweep_round() -> None:
-    async with running(limits=Limits(ping_interval=0.2)) as srv:
+    async with run(server_settings(["--ping-interval=0.2"])) as srv:
         _publish_history(srv.hub, HISTORY_LIMIT)
         async with _paced_replay(srv, ping_interval=None) as (browser, _):
             await eventually(lambda: srv.hub.stats.slow_disconnects == 1, what="closed as too slow")
@@ -219,7 +220,7 @@ async def test_a_tab_that_stops_reading_a_replay_is_closed_after_a_sweep_round()
 
 async def test_live_traffic_past_the_cap_behind_a_stalled_replay_closes_the_tab() -> None:
     cap = 64 * 1024
-    async with running(limits=Limits(ping_interval=0, max_buffered=cap)) as srv:
+    async with run(server_settings(limits=Limits(ping_interval=0, max_buffered=cap))) as srv:
         _publish_history(srv.hub, HISTORY_LIMIT)
         async with _paced_replay(srv) as (browser, _):
             for n in range(cap // BIG + 2):
@@ -234,7 +235,7 @@ async def test_live_traffic_past_the_cap_behind_a_stalled_replay_closes_the_tab(
 async def test_a_slow_client_is_closed_and_counted_once() -> None:
     # pause_writing fires again whenever a socket drains a little and fills
     # up again; the second time must not count or close it again.
-    async with running() as srv, srv.client() as browser:
+    async with run(server_settings()) as srv, srv.client() as browser:
         await browser.sync()
         sub = _server_side(srv)
         cap = srv.server.limits.max_buffered
@@ -247,7 +248,7 @@ async def test_a_slow_client_is_closed_and_counted_once() -> None:
 async def test_replays_asked_again_and_again_without_reading_close_the_tab() -> None:
     # Each replay queues references to up to 4096 history frames; a tab that
     # keeps asking and never reads would pile them up without bound.
-    async with running(limits=Limits(ping_interval=0)) as srv:
+    async with run(server_settings(["--ping-interval=0"])) as srv:
         _publish_history(srv.hub, HISTORY_LIMIT)
         async with _paced_replay(srv) as (browser, _):
             for _ in range(4):
@@ -365,7 +366,7 @@ async def test_a_tab_reading_at_link_pace_gets_replay_and_live_frames_whole(
     so it is not slow, and it gets every frame in order, then its pong. The
     sweep runs every second meanwhile: a tab that drains is never stalled.
     """
-    server = launch(tmp_path / "server.log", "--ping-interval=1")
+    server = spawn(tmp_path / "server.log", "--ping-interval=1")
     try:
         await asyncio.to_thread(server.wait_ready)
         async with aiohttp.ClientSession() as session:

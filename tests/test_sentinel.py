@@ -42,7 +42,6 @@ from redis_support import (
     StallProxy,
     require_redis,
     sentinel_url,
-    until,
     wait_replicating,
     wait_sentinels_ready,
 )
@@ -52,12 +51,13 @@ from support import (
     ServerProcess,
     assert_silent,
     child_env,
+    eventually,
     free_ports,
-    launch,
     metric,
     post,
     replayed,
     scaled,
+    spawn,
     stop,
     wait_healthy,
 )
@@ -149,7 +149,7 @@ def nodes(tmp_path: Path) -> Iterator[Any]:
     started: list[ServerProcess] = []
 
     def start(name: str, env: dict[str, str], *args: str) -> ServerProcess:
-        server = launch(tmp_path / f"{name}.log", *FAST, *args, env=env)
+        server = spawn(tmp_path / f"{name}.log", *FAST, *args, env=env)
         started.append(server)
         return server
 
@@ -238,7 +238,9 @@ async def test_a_primary_killed_mid_stream_loses_nothing_and_repeats_nothing(
                 try:
                     await wait_healthy(a, session)
                     await wait_healthy(b, session)
-                    await until(lambda: up(session, a, b), "both nodes up", scaled(15.0))
+                    await eventually(
+                        lambda: up(session, a, b), scaled(15.0), "both nodes up", every=0.02
+                    )
                     await failover_mid_stream(session, group, link, a, b, nodes, env, old, new)
                 except (AssertionError, TimeoutError, asyncio.TimeoutError) as exc:
                     raise AssertionError(f"{exc}\n{logs(a, b, *group.sentinels)}") from exc
@@ -280,7 +282,7 @@ async def failover_mid_stream(
     # the whole stream, each message once.
     c = nodes("c", env)
     await wait_healthy(c, session)
-    await until(lambda: up(session, c), "node c up", scaled(15.0))
+    await eventually(lambda: up(session, c), scaled(15.0), "node c up", every=0.02)
     async with tab(c, PHID) as tc:
         keys = await replayed(tc)
     check_each_once_in_order(keys, posted, "the replay on a node started after the failover")
@@ -437,18 +439,23 @@ async def test_the_readme_sentinel_example_runs_and_follows_a_failover(
             try:
                 await wait_healthy(a, session)
                 await wait_healthy(b, session)
-                await until(lambda: up(session, a, b), "both nodes up", scaled(15.0))
+                await eventually(
+                    lambda: up(session, a, b), scaled(15.0), "both nodes up", every=0.02
+                )
                 assert await on_primary(session, f"127.0.0.1:{group.primary.port}", a, b)
                 async with tab(a, PHID) as ta, tab(b, PHID) as tb:
                     await deliver_both_ways(session, a, b, ta, tb, "before")
                     group.sentinels[0].command("SENTINEL", "FAILOVER", SERVICE)
                     new = f"127.0.0.1:{group.replica.port}"
-                    await until(
+                    await eventually(
                         lambda: on_primary(session, new, a, b),
-                        "both on the new primary",
                         scaled(20.0),
+                        "both on the new primary",
+                        every=0.02,
                     )
-                    await until(lambda: up(session, a, b), "both nodes up", scaled(15.0))
+                    await eventually(
+                        lambda: up(session, a, b), scaled(15.0), "both nodes up", every=0.02
+                    )
                     # The old primary is still up and still a primary (Sentinel demotes
                     # it seconds later): the nodes moved on the sentinels' word.
                     for server in (a, b):
@@ -494,7 +501,9 @@ async def until_logged(server: ServerProcess, text: str, within: float = scaled(
     async def check() -> bool:
         return text in server.log()
 
-    await until(check, f"{text!r} in {server.log_path.name}\n{server.log()}", within)
+    await eventually(
+        check, within, f"{text!r} in {server.log_path.name}\n{server.log()}", every=0.02
+    )
 
 
 async def test_another_sentinel_answers_and_none_answering_means_down_until_one_is_back(
@@ -514,7 +523,9 @@ async def test_another_sentinel_answers_and_none_answering_means_down_until_one_
             try:
                 await wait_healthy(a, session)
                 await wait_healthy(b, session)
-                await until(lambda: up(session, a, b), "both nodes up", scaled(15.0))
+                await eventually(
+                    lambda: up(session, a, b), scaled(15.0), "both nodes up", every=0.02
+                )
                 async with tab(a, PHID) as ta, tab(b, PHID) as tb:
                     await deliver_both_ways(session, a, b, ta, tb, "one-down")
                     for sentinel in group.sentinels[1:]:
@@ -533,7 +544,9 @@ async def test_another_sentinel_answers_and_none_answering_means_down_until_one_
                     assert resp.status == 200
                     assert (await ta.recv())["key"] == "while-down", "its own tab at once"
                     group.sentinels[2].start()
-                    await until(lambda: up(session, a, b), "both nodes back", scaled(20.0))
+                    await eventually(
+                        lambda: up(session, a, b), scaled(20.0), "both nodes back", every=0.02
+                    )
                     assert (await tb.recv())["key"] == "while-down", "the other node's, once back"
                     await deliver_both_ways(session, a, b, ta, tb, "back")
             except (AssertionError, TimeoutError, asyncio.TimeoutError) as exc:
@@ -596,7 +609,9 @@ async def test_rediss_sentinel_speaks_tls_to_the_sentinels_and_the_primary(
                 try:
                     await wait_healthy(a, session)
                     await wait_healthy(b, session)
-                    await until(lambda: up(session, a, b), "both nodes up", scaled(15.0))
+                    await eventually(
+                        lambda: up(session, a, b), scaled(15.0), "both nodes up", every=0.02
+                    )
                     assert await on_primary(session, f"127.0.0.1:{primary_tls}", a, b)
                     async with tab(a, PHID) as ta, tab(b, PHID) as tb:
                         await deliver_both_ways(session, a, b, ta, tb, "tls")
@@ -628,7 +643,9 @@ async def test_behind_a_fixed_address_a_redis_that_lost_the_last_writes_gets_the
             try:
                 await wait_healthy(a, session)
                 await wait_healthy(b, session)
-                await until(lambda: up(session, a, b), "both nodes up", scaled(15.0))
+                await eventually(
+                    lambda: up(session, a, b), scaled(15.0), "both nodes up", every=0.02
+                )
                 async with tab(a, PHID) as ta, tab(b, PHID) as tb:
                     await deliver_both_ways(session, a, b, ta, tb, "before")
                     redis.kill()
@@ -636,13 +653,15 @@ async def test_behind_a_fixed_address_a_redis_that_lost_the_last_writes_gets_the
                     redis.start()
                     await until_logged(a, "publishing again the 1 message(s)")
                     await until_logged(b, "publishing again the 1 message(s)")
-                    await until(lambda: up(session, a, b), "both nodes back", scaled(15.0))
+                    await eventually(
+                        lambda: up(session, a, b), scaled(15.0), "both nodes back", every=0.02
+                    )
                     # Published again, after what each tab already had: "after-*" must
                     # be the next frames, the repeats dropped.
                     await deliver_both_ways(session, a, b, ta, tb, "after")
                 c = nodes("c", env)
                 await wait_healthy(c, session)
-                await until(lambda: up(session, c), "node c up", scaled(15.0))
+                await eventually(lambda: up(session, c), scaled(15.0), "node c up", every=0.02)
                 async with tab(c, PHID) as tc:
                     keys = await replayed(tc)
                 check_each_once_in_order(

@@ -32,7 +32,7 @@ from support import (
     local_config,
     scaled,
     settings,
-    spawned,
+    spawn,
 )
 
 
@@ -49,7 +49,7 @@ def proc(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
             directory: Path = tmp_path, ports: Sequence[int] | None = None, **config: object
         ) -> ServerProcess:
             log_path = directory / "server.log"
-            return stack.enter_context(spawned(log_path, config=config, ports=ports))
+            return stack.enter_context(spawn(log_path, config=config, ports=ports))
 
         yield make
 
@@ -154,7 +154,7 @@ async def test_a_failed_start_closes_listeners_and_the_peer_session(
     monkeypatch.setattr(PidFile, "write", full_disk)
     peer = PeerConfig("127.0.0.1", free_ports(1)[0], "http")
     config = dataclasses.replace(local_config(peers=(peer,)), pidfile=str(tmp_path / "a.pid"))
-    server = Server(settings(config))
+    server = Server(settings(config=config))
     with pytest.raises(PidFileError, match="No space left"):
         await asyncio.wait_for(server.serve(), TIMEOUT)
     session = server.relay._session
@@ -201,11 +201,11 @@ async def test_a_summary_line_reports_what_happened_since_the_last(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     import fastaphlict.server as server_module
-    from support import running
+    from support import run, settings
 
     monkeypatch.setattr(server_module, "SUMMARY_INTERVAL", scaled(0.3))
     caplog.set_level(logging.INFO, logger="fastaphlict.server")
-    async with running() as srv, srv.client() as browser:
+    async with run(settings()) as srv, srv.client() as browser:
         await browser.subscribe("PHID-1")
         await srv.post({"subscribers": ["PHID-1"]})
         await asyncio.wait_for(browser.recv(), TIMEOUT)

@@ -34,7 +34,7 @@ import os
 import random
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,11 +53,11 @@ from support import (
     assert_cancelled_promptly,
     cancel_and_wait,
     scaled,
-    spawned,
+    spawn,
     wait_healthy,
 )
 
-__all__ = ["RSS_GROWTH_BOUND", "ServerProcess", "SoakOptions", "SoakResult", "soak", "spawn"]
+__all__ = ["RSS_GROWTH_BOUND", "ServerProcess", "SoakOptions", "SoakResult", "soak", "soak_server"]
 
 PING = '{"command":"ping","data":null}'
 PONG = '{"type":"pong"}'
@@ -87,28 +87,29 @@ def churn_phid(index: int) -> str:
 # -- the server process ----------------------------------------------------------
 
 
-class SoakServer(ServerProcess):
-    """The server under soak, and how many files and how much memory it holds."""
+def open_files(server: ServerProcess) -> int:
+    """How many files the server under soak holds open."""
+    return len(os.listdir(f"/proc/{server.pid}/fd"))
 
-    def open_files(self) -> int:
-        return len(os.listdir(f"/proc/{self.pid}/fd"))
 
-    async def open_files_settled(self, target: int, within: float = 2.0) -> int:
-        """Open files, read again for up to ``within`` s (scaled) until at most ``target``."""
-        deadline = time.monotonic() + scaled(within)
-        while (count := self.open_files()) > target and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        return count
+async def open_files_settled(server: ServerProcess, target: int, within: float = 2.0) -> int:
+    """Open files, read again for up to ``within`` s (scaled) until at most ``target``."""
+    deadline = time.monotonic() + scaled(within)
+    while (count := open_files(server)) > target and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    return count
 
-    def rss(self) -> int:
-        return server_rss_bytes(self.pid)
+
+def rss(server: ServerProcess) -> int:
+    """The resident memory of the server under soak, in bytes."""
+    return server_rss_bytes(server.pid)
 
 
 @contextlib.contextmanager
-def spawn(log_path: Path) -> Any:
-    """``python -m fastaphlict`` on free loopback ports (environment config); killed after."""
+def soak_server(log_path: Path) -> Iterator[ServerProcess]:
+    """``python -m fastaphlict`` on free loopback ports (environment config); stopped after."""
     raise_nofile_limit()
-    with spawned(log_path, server_class=SoakServer) as server:
+    with spawn(log_path) as server:
         yield server
 
 
@@ -204,7 +205,7 @@ class SoakResult:
 
 class Soak:
     def __init__(
-        self, server: SoakServer, session: aiohttp.ClientSession, options: SoakOptions
+        self, server: ServerProcess, session: aiohttp.ClientSession, options: SoakOptions
     ) -> None:
         self.server = server
         self.session = session
@@ -386,12 +387,12 @@ class Soak:
                 stable.append(tab)
 
             await self.churn_for(self.options.warmup)
-            self.result.fds_before = self.server.open_files()
-            self.result.rss_before = self.server.rss()
+            self.result.fds_before = open_files(self.server)
+            self.result.rss_before = rss(self.server)
 
             await self.churn_for(self.options.duration)
-            self.result.fds_after = await self.server.open_files_settled(self.result.fds_before)
-            self.result.rss_after = self.server.rss()
+            self.result.fds_after = await open_files_settled(self.server, self.result.fds_before)
+            self.result.rss_after = rss(self.server)
 
             for index, tab in enumerate(stable):
                 await tab.sync()
@@ -411,7 +412,7 @@ class Soak:
         return self.result
 
 
-async def soak(server: SoakServer, options: SoakOptions) -> SoakResult:
+async def soak(server: ServerProcess, options: SoakOptions) -> SoakResult:
     """Run one soak against a started server (waits for it to be ready)."""
     # One admin connection for everything: the open-file count can't depend on
     # how many keep-alive connections happen to be pooled.
@@ -421,7 +422,7 @@ async def soak(server: SoakServer, options: SoakOptions) -> SoakResult:
         return await Soak(server, session, options).run()
 
 
-def check(server: SoakServer, result: SoakResult, rss_bound: int = RSS_GROWTH_BOUND) -> None:
+def check(server: ServerProcess, result: SoakResult, rss_bound: int = RSS_GROWTH_BOUND) -> None:
     """The soak's verdict: no loss, no stray delivery, no leak, no crash."""
     assert not result.problems, "\n".join(result.problems)
     assert result.messages > 0 and result.churn_checked_deliveries > 0, result
@@ -487,7 +488,7 @@ async def test_a_tab_being_stopped_passes_on_its_callers_cancellation() -> None:
 async def test_churn_loses_nothing_and_leaks_nothing(
     tmp_path: Path, record_property: Callable[[str, object], None]
 ) -> None:
-    with spawn(tmp_path / "server.log") as server:
+    with soak_server(tmp_path / "server.log") as server:
         result = await soak(server, SoakOptions(duration=8.0, warmup=2.0))
         print(summary(result))
         for key, value in result.as_dict().items():

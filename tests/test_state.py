@@ -28,9 +28,8 @@ import pytest
 from websockets.asyncio.client import connect
 
 from fastaphlict import state
-from fastaphlict.config import Limits, parse_broker_url
+from fastaphlict.config import Limits, Settings, parse_broker_url
 from fastaphlict.protocol import dumps
-from fastaphlict.server import Server
 from support import (
     SRC,
     TIMEOUT,
@@ -38,12 +37,11 @@ from support import (
     ServerProcess,
     child_env,
     free_ports,
-    launch,
-    local_config,
     post,
+    run,
     scaled,
     settings,
-    spawned,
+    spawn,
     wait_healthy,
 )
 
@@ -88,7 +86,7 @@ async def test_history_survives_a_restart_in_order_with_ages_that_kept_counting(
     tmp_path: Path,
 ) -> None:
     state_dir = tmp_path / "state"
-    server = launch(tmp_path / "server.log", f"--state-dir={state_dir}")
+    server = spawn(tmp_path / "server.log", f"--state-dir={state_dir}")
     try:
         async with aiohttp.ClientSession() as session:
             await wait_healthy(server, session)
@@ -134,7 +132,7 @@ async def test_entries_older_than_the_window_are_not_loaded(tmp_path: Path) -> N
     state_dir.mkdir()
     (state_dir / state.file_name("default")).write_bytes(saved("default", 120_000, 61_000, 1_000))
     async with aiohttp.ClientSession() as session:
-        with spawned(tmp_path / "server.log", f"--state-dir={state_dir}") as server:
+        with spawn(tmp_path / "server.log", f"--state-dir={state_dir}") as server:
             await wait_healthy(server, session)
             assert "state: loaded 1 message(s) of 1 instance(s)" in server.log()
             assert [m["key"] for m in await replayed(server, "/", "PHID-A")] == [2]
@@ -165,7 +163,7 @@ async def test_a_bad_state_file_is_set_aside_and_the_server_delivers(
     bad = state_dir / state.file_name("bad")
     CORRUPTIONS[corruption](bad)
     async with aiohttp.ClientSession() as session:
-        with spawned(tmp_path / "server.log", f"--state-dir={state_dir}") as server:
+        with spawn(tmp_path / "server.log", f"--state-dir={state_dir}") as server:
             await wait_healthy(server, session)
             complaints = [line for line in server.log().splitlines() if str(bad) in line]
             assert len(complaints) == 1, server.log()
@@ -214,7 +212,7 @@ def test_an_unwritable_state_dir_fails_test_and_start_with_one_line(tmp_path: Pa
 async def test_a_state_dir_that_breaks_before_the_stop_is_one_error_line(tmp_path: Path) -> None:
     state_dir = tmp_path / "state"
     async with aiohttp.ClientSession() as session:
-        server = launch(tmp_path / "server.log", f"--state-dir={state_dir}")
+        server = spawn(tmp_path / "server.log", f"--state-dir={state_dir}")
         try:
             await wait_healthy(server, session)
             assert state_dir.is_dir()  # created at start
@@ -236,7 +234,7 @@ async def test_a_second_signal_skips_the_waits_but_still_writes_the_state(
     tmp_path: Path,
 ) -> None:
     state_dir = tmp_path / "state"
-    server = launch(tmp_path / "server.log", f"--state-dir={state_dir}")
+    server = spawn(tmp_path / "server.log", f"--state-dir={state_dir}")
     try:
         async with aiohttp.ClientSession() as session:
             await wait_healthy(server, session)
@@ -272,7 +270,7 @@ async def _replay_after_start(server: ServerProcess) -> list[Any]:
 async def test_without_a_state_dir_nothing_is_written(tmp_path: Path) -> None:
     home = tmp_path / "cwd"
     home.mkdir()
-    server = launch(tmp_path / "server.log")
+    server = spawn(tmp_path / "server.log")
     try:
         async with aiohttp.ClientSession() as session:
             await wait_healthy(server, session)
@@ -390,7 +388,7 @@ async def test_a_second_process_on_the_same_state_dir_refuses_to_start(tmp_path:
     """It would delete the first one's files, and take its pending messages' origin."""
     state_dir = tmp_path / "state"
     async with aiohttp.ClientSession() as session:
-        with spawned(tmp_path / "first.log", f"--state-dir={state_dir}") as first:
+        with spawn(tmp_path / "first.log", f"--state-dir={state_dir}") as first:
             await wait_healthy(first, session)
             await post(session, first.admin_url, {"key": "first", "subscribers": ["PHID-A"]})
             client, admin = free_ports(2)
@@ -414,16 +412,15 @@ async def test_the_lock_also_holds_against_a_start_that_raced_past_the_check(
     held = state.lock(str(tmp_path))
     try:
         state.write_pending(str(tmp_path), PENDING)
-        server = Server(settings(local_config(), state_dir=str(tmp_path)))
         with pytest.raises(state.DirectoryInUse, match=f"state directory {tmp_path} is in use"):
-            await asyncio.wait_for(server.start(), TIMEOUT)
+            async with run(settings(state_dir=str(tmp_path))):
+                pass
         assert state.read_pending(str(tmp_path)) == PENDING, "the holder's file untouched"
     finally:
         os.close(held)
     # Released with its descriptor (or its process): no stale lock after a crash.
-    server = Server(settings(local_config(), state_dir=str(tmp_path)))
-    await asyncio.wait_for(server.start(), TIMEOUT)
-    await asyncio.wait_for(server.close(), TIMEOUT)
+    async with run(settings(state_dir=str(tmp_path))):
+        pass
 
 
 # -- what the files may hold, and who may read them ----------------------------------------
@@ -475,8 +472,10 @@ def test_a_message_or_instance_that_cannot_be_saved_is_skipped_and_the_rest_save
     assert len(errors) == 4 and all("cannot be saved, skipped" in e for e in errors), errors
 
 
-def broker_to_nowhere() -> Any:
-    return parse_broker_url(f"redis://127.0.0.1:{free_ports(1)[0]}/0")
+def on_a_broker_to_nowhere(state_dir: Path) -> Settings:
+    """A node keeping its state in ``state_dir``, on a broker nothing listens for."""
+    broker = parse_broker_url(f"redis://127.0.0.1:{free_ports(1)[0]}/0")
+    return settings(state_dir=str(state_dir), broker=broker, limits=Limits(broker_timeout=0.2))
 
 
 async def test_a_message_that_cannot_be_saved_does_not_stop_the_stop(
@@ -484,22 +483,12 @@ async def test_a_message_that_cannot_be_saved_does_not_stop_the_stop(
 ) -> None:
     """The broker's drain and the pending save still run, and the good histories are saved."""
     caplog.set_level(logging.INFO, "fastaphlict")
-    server = Server(
-        settings(
-            local_config(),
-            state_dir=str(tmp_path),
-            broker=broker_to_nowhere(),
-            limits=Limits(broker_timeout=0.2),
-        )
-    )
-    await asyncio.wait_for(server.start(), TIMEOUT)
-    try:
+    async with run(on_a_broker_to_nowhere(tmp_path)) as srv:
+        server = srv.server
         now = time.time() * 1000
         server.hub.merge("good", [(now, b'{"key":"\xff"}', False)])
         server.hub.merge("bad \udc80", [(now, b'{"key":1}', False)])
         server.hub.publish("good", {"key": "kept", "subscribers": ["PHID-A"]})
-    finally:
-        await asyncio.wait_for(server.close(), TIMEOUT)
     [(name, entries)] = list(state.read_dir(str(tmp_path)))
     assert name == "good" and [orjson.loads(p)["key"] for _, _, p in entries] == ["kept"]
     [(_, _, instance, _, payload)] = state.read_pending(str(tmp_path))
@@ -520,17 +509,9 @@ async def test_at_a_stop_unpublished_messages_are_written_before_the_histories(
             return _real(*args)
 
         monkeypatch.setattr(state, name, spy)
-    server = Server(
-        settings(
-            local_config(),
-            state_dir=str(tmp_path),
-            broker=broker_to_nowhere(),
-            limits=Limits(broker_timeout=0.2),
-        )
-    )
-    await asyncio.wait_for(server.start(), TIMEOUT)
-    server.hub.publish("default", {"key": "kept", "subscribers": ["PHID-A"]})
-    await asyncio.wait_for(server.close(), TIMEOUT)
+    async with run(on_a_broker_to_nowhere(tmp_path)) as srv:
+        server = srv.server
+        server.hub.publish("default", {"key": "kept", "subscribers": ["PHID-A"]})
     assert order == ["write_pending", "write_dir"]
     assert len(state.read_pending(str(tmp_path))) == 1
 
@@ -539,37 +520,15 @@ async def test_saved_messages_stay_on_disk_until_redis_has_them(tmp_path: Path) 
     """Read at start is not published: a crash or a stop before Redis is back loses nothing."""
     recent = [(o, s, i, time.time() * 1000 - 1000, p) for o, s, i, _, p in PENDING]
     state.write_pending(str(tmp_path), recent)
-    server = Server(
-        settings(
-            local_config(),
-            state_dir=str(tmp_path),
-            broker=broker_to_nowhere(),
-            limits=Limits(broker_timeout=0.2),
-        )
-    )
-    await asyncio.wait_for(server.start(), TIMEOUT)
-    try:
+    async with run(on_a_broker_to_nowhere(tmp_path)):
         assert state.read_pending(str(tmp_path)) == recent, "still there while Redis is away"
-    finally:
-        await asyncio.wait_for(server.close(), TIMEOUT)
     assert state.read_pending(str(tmp_path)) == recent
 
 
 async def test_saved_messages_all_past_the_window_are_removed_at_start(tmp_path: Path) -> None:
     state.write_pending(str(tmp_path), PENDING)  # from 2023: long expired
-    server = Server(
-        settings(
-            local_config(),
-            state_dir=str(tmp_path),
-            broker=broker_to_nowhere(),
-            limits=Limits(broker_timeout=0.2),
-        )
-    )
-    await asyncio.wait_for(server.start(), TIMEOUT)
-    try:
+    async with run(on_a_broker_to_nowhere(tmp_path)):
         assert not (tmp_path / state.PENDING_FILE).exists()
-    finally:
-        await asyncio.wait_for(server.close(), TIMEOUT)
     assert not (tmp_path / state.PENDING_FILE).exists()
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 
 import support
+from redis_support import RedisServer
 from support import assert_cancelled_promptly, cancel_and_wait, require, scaled
 
 TESTS = Path(__file__).resolve().parent
@@ -212,3 +214,141 @@ def test_no_test_module_imports_another() -> None:
                 names = [node.module]
             offenders += [f"{path.name}: {n}" for n in names if n.split(".")[0].startswith("test_")]
     assert not offenders, offenders
+
+
+#: The tests that build a bare ``Server`` because they are about the object itself,
+#: by (module, test): its ``serve()`` failing part way, the embedding signature of
+#: before Settings, and two servers bound to one port with SO_REUSEPORT.
+BARE_SERVER_ALLOWED = {
+    ("test_server.py", "test_a_failed_start_closes_listeners_and_the_peer_session"),
+    ("test_server.py", "test_a_server_built_the_old_way_from_a_config_and_keywords_still_serves"),
+    ("test_processes.py", "test_two_servers_share_a_port_only_with_reuse_port"),
+}
+
+
+def other_ways_to_start(name: str, source: str) -> list[str]:
+    """Where module ``name`` starts a fastaphlict server other than by support's run or spawn.
+
+    A bare ``Server(...)`` outside :data:`BARE_SERVER_ALLOWED`, a subclass of
+    ``ServerProcess``, or a ``Popen`` in a function that names ``fastaphlict``
+    as a command word (``[sys.executable, "-m", "fastaphlict", ...]``).
+    """
+    import ast
+
+    def called(node: ast.AST, what: str) -> bool:
+        if not isinstance(node, ast.Call):
+            return False
+        func = node.func
+        return (isinstance(func, ast.Name) and func.id == what) or (
+            isinstance(func, ast.Attribute) and func.attr == what
+        )
+
+    def named(node: ast.expr) -> str:
+        return node.id if isinstance(node, ast.Name) else getattr(node, "attr", "")
+
+    def commands_fastaphlict(scope: ast.AST) -> bool:
+        return any(
+            isinstance(element, ast.Constant) and element.value == "fastaphlict"
+            for node in ast.walk(scope)
+            if isinstance(node, (ast.List, ast.Tuple))
+            for element in node.elts
+        )
+
+    found = []
+    tree = ast.parse(source)
+    scopes: list[tuple[str, ast.AST]] = [("<module>", tree)]
+    scopes += [
+        (node.name, node)
+        for node in ast.walk(tree)
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+    ]
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ClassDef) and "ServerProcess" in map(named, node.bases):
+            found.append(f"{name}: class {node.name}(ServerProcess)")
+    for scope_name, scope in scopes:
+        # Only what the scope holds itself: a nested function is a scope of its own.
+        own = [scope]
+        calls = []
+        while own:
+            for child in ast.iter_child_nodes(own.pop()):
+                if not isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    own.append(child)
+                    calls.append(child)
+        for node in calls:
+            if called(node, "Server") and (name, scope_name) not in BARE_SERVER_ALLOWED:
+                found.append(f"{name}: Server(...) in {scope_name}")
+            if called(node, "Popen") and commands_fastaphlict(scope):
+                found.append(f"{name}: Popen of fastaphlict in {scope_name}")
+    return found
+
+
+def test_the_guard_finds_every_other_way_to_start_a_server() -> None:
+    source = """
+import subprocess, sys
+from fastaphlict.server import Server
+from support import ServerProcess, settings
+
+class Node(ServerProcess):
+    pass
+
+async def test_bare() -> None:
+    server = Server(settings())
+
+def test_popen(tmp_path) -> None:
+    subprocess.Popen([sys.executable, "-m", "fastaphlict", "--debug"])
+
+def test_other_popen() -> None:
+    subprocess.Popen([sys.executable, "-c", "pass"])
+
+async def test_two_servers_share_a_port_only_with_reuse_port() -> None:
+    Server(settings())
+"""
+    assert other_ways_to_start("test_x.py", source) == [
+        "test_x.py: class Node(ServerProcess)",
+        "test_x.py: Server(...) in test_bare",
+        "test_x.py: Popen of fastaphlict in test_popen",
+        "test_x.py: Server(...) in test_two_servers_share_a_port_only_with_reuse_port",
+    ]
+    # The same source as test_processes.py: its reuse-port test is allowed a bare Server.
+    assert other_ways_to_start("test_processes.py", source)[-1].endswith("in test_popen")
+
+
+def test_tests_start_servers_only_through_support() -> None:
+    """One way in-process (``support.run``), one as a process (``support.spawn``)."""
+    offenders = []
+    for path in sorted(Path(__file__).parent.glob("*.py")):
+        if path.name != "support.py":
+            offenders += other_ways_to_start(path.name, path.read_text(encoding="utf-8"))
+    assert not offenders, offenders
+
+
+def test_settings_are_what_the_command_line_resolves_on_free_local_ports(tmp_path: Path) -> None:
+    built = support.settings(["--max-subscribers=8", "--debug"], {"FASTAPHLICT_PING_INTERVAL": "7"})
+    assert built.limits.max_subscribers == 8 and built.debug
+    assert built.limits.ping_interval == 7, "the environment given, read as resolve() reads it"
+    assert built.config.servers == support.local_config().servers
+    assert support.settings(["--pidfile", str(tmp_path / "p")]).config.pidfile == str(
+        tmp_path / "p"
+    )
+    # A config named by the command line or the environment is the one served.
+    assert support.settings([], {"ADMIN_PORT": "9000"}).config.admin_servers[0].port == 9000
+    path = tmp_path / "aphlict.json"
+    servers = [{"type": kind, "port": port} for kind, port in (("client", 9002), ("admin", 9001))]
+    path.write_text(json.dumps({"servers": servers}))
+    assert support.settings([f"--config={path}"]).config.admin_servers[0].port == 9001
+    # What argv cannot say is given as a field.
+    config = support.local_config(clients=2)
+    assert support.settings(config=config, reuse_port=True).config is config
+
+
+async def test_run_starts_a_node_on_a_broker_and_waits_for_it(
+    redis_server: RedisServer,
+) -> None:
+    async with support.run(support.settings([f"--broker={redis_server.url}"])) as srv:
+        await srv.broker_up()
+        async with srv.client() as browser:
+            await browser.subscribe("PHID-1")
+            assert (await srv.post({"key": "k", "subscribers": ["PHID-1"]})).status == 200
+            assert (await browser.recv())["key"] == "k", "delivered through Redis"
+        broker = srv.server.broker
+    assert broker is not None and broker.stats.published == 1

@@ -32,10 +32,10 @@ from support import (
     Browser,
     ServerProcess,
     activated,
-    launch,
     listening,
     post,
     scaled,
+    spawn,
     wait_healthy,
 )
 
@@ -237,7 +237,7 @@ async def test_ready_only_once_the_ports_accept_and_stopping_on_sigterm(tmp_path
         notify.bind(str(path))
         notify.setblocking(False)
         loop = asyncio.get_running_loop()
-        server = launch(tmp_path / "server.log", env={"NOTIFY_SOCKET": str(path)})
+        server = spawn(tmp_path / "server.log", env={"NOTIFY_SOCKET": str(path)})
         try:
             ready = await asyncio.wait_for(loop.sock_recv(notify, 4096), STARTUP)
             # No retry: at READY=1 both ports must accept already.

@@ -21,7 +21,7 @@ from websockets.asyncio.client import connect
 
 from fastaphlict.config import Config, ConfigError, PeerConfig, ServerConfig
 from fastaphlict.config.tls import server_context
-from support import PHORGE_CONTENT_TYPE, TIMEOUT, Browser, running, settings
+from support import PHORGE_CONTENT_TYPE, TIMEOUT, Browser, run, settings
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +57,7 @@ def tls_config(pki: dict, peers: tuple[PeerConfig, ...] = ()) -> Config:  # type
 
 
 async def test_wss_session_and_https_admin_post(pki: dict) -> None:  # type: ignore[type-arg]
-    async with running(tls_config(pki)) as srv:
+    async with run(settings(config=tls_config(pki))) as srv:
         client_port, admin_port = srv.server.client_ports[0], srv.server.admin_ports[0]
         async with connect(f"wss://127.0.0.1:{client_port}/~acme/", ssl=pki["client"]) as ws:
             browser = Browser(ws)
@@ -78,7 +78,7 @@ async def test_wss_session_and_https_admin_post(pki: dict) -> None:  # type: ign
 
 
 async def test_plain_http_to_a_tls_port_gets_nothing_in_clear(pki: dict) -> None:  # type: ignore[type-arg]
-    async with running(tls_config(pki)) as srv:
+    async with run(settings(config=tls_config(pki))) as srv:
         reader, writer = await asyncio.open_connection("127.0.0.1", srv.server.admin_ports[0])
         writer.write(b"POST / HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}")
         data = await asyncio.wait_for(reader.read(), TIMEOUT)
@@ -88,17 +88,14 @@ async def test_plain_http_to_a_tls_port_gets_nothing_in_clear(pki: dict) -> None
 
 
 async def test_relay_to_an_https_peer_verifies_with_the_given_ca(pki: dict) -> None:  # type: ignore[type-arg]
-    async with running(tls_config(pki)) as b:
+    async with run(settings(config=tls_config(pki))) as b:
         peer = PeerConfig("127.0.0.1", b.server.admin_ports[0], "https")
         config = Config(
             servers=(ServerConfig("client", 0, "127.0.0.1"), ServerConfig("admin", 0, "127.0.0.1")),
             cluster=(peer,),
         )
-        from fastaphlict.server import Server
-
-        a = Server(settings(config, peer_ca_file=pki["paths"]["ca"]))
-        await a.start()
-        try:
+        async with run(settings(config=config, peer_ca_file=pki["paths"]["ca"])) as node:
+            a = node.server
             async with connect(
                 f"wss://127.0.0.1:{b.server.client_ports[0]}/", ssl=pki["client"]
             ) as ws:
@@ -115,20 +112,20 @@ async def test_relay_to_an_https_peer_verifies_with_the_given_ca(pki: dict) -> N
                 assert got["n"] == 1
                 assert got["touched"] == [a.fingerprint, b.hub.fingerprint]
             assert a.relay.peers[0].fingerprint == b.hub.fingerprint
-        finally:
-            await a.close()
 
 
 async def test_relay_refuses_an_unverifiable_https_peer(pki: dict) -> None:  # type: ignore[type-arg]
-    async with running(tls_config(pki)) as b:
+    async with run(settings(config=tls_config(pki))) as b:
         peer = PeerConfig("127.0.0.1", b.server.admin_ports[0], "https")
-        async with running(
-            Config(
-                servers=(
-                    ServerConfig("client", 0, "127.0.0.1"),
-                    ServerConfig("admin", 0, "127.0.0.1"),
-                ),
-                cluster=(peer,),
+        async with run(
+            settings(
+                config=Config(
+                    servers=(
+                        ServerConfig("client", 0, "127.0.0.1"),
+                        ServerConfig("admin", 0, "127.0.0.1"),
+                    ),
+                    cluster=(peer,),
+                )
             )
         ) as a:  # no CA given: the system store doesn't know our throwaway root
             assert (await a.post({"subscribers": []})).status == 200
@@ -231,7 +228,7 @@ def _https_post(port: int, context: ssl.SSLContext, body: bytes) -> int | str:
 
 async def test_an_oversized_https_post_still_sending_its_body_reads_the_413(pki: dict) -> None:  # type: ignore[type-arg]
     """The lingering close over TLS, which can't half-close: it must not try to."""
-    async with running(tls_config(pki)) as srv:
+    async with run(settings(config=tls_config(pki))) as srv:
         port, body = srv.server.admin_ports[0], b"x" * (3 * 1024 * 1024)
         answers = [
             await asyncio.to_thread(_https_post, port, pki["client"], body) for _ in range(20)
