@@ -180,6 +180,12 @@ def test_readme_keeps_the_ci_test_command() -> None:
     assert f"{install.group(1)} && {tests.group(1)}" in lines
 
 
+def test_the_readme_stays_short() -> None:
+    """The README is the front page: 300 lines at most, the rest goes to ``docs/``."""
+    lines = (REPO / "README.md").read_text(encoding="utf-8").splitlines()
+    assert len(lines) <= 300, f"README.md has {len(lines)} lines; move some to docs/"
+
+
 # -- the Grafana dashboard -----------------------------------------------------
 
 
