@@ -197,6 +197,18 @@ def test_the_page_shows_the_server_live_and_says_when_it_is_gone(
         assert "PHID" not in shown and TEXT not in shown
         assert errors == []
 
+        # A tab in the background stops reading, and reads again when shown.
+        hide = """hidden => {
+            Object.defineProperty(document, "hidden", {value: hidden, configurable: true});
+            document.dispatchEvent(new Event("visibilitychange"));
+        }"""
+        page.evaluate(hide, True)
+        hidden_at = page.evaluate("window.dashboard.readings")
+        page.wait_for_timeout(3000)  # three intervals: at most the one under way lands
+        assert page.evaluate("window.dashboard.readings") <= hidden_at + 1
+        page.evaluate(hide, False)
+        page.wait_for_function(f"() => window.dashboard.readings > {hidden_at + 1}")
+
         # The server goes away: the page says so instead of freezing, and keeps trying.
         node.stop()
         page.wait_for_function("() => window.dashboard.state === 'disconnected'")
