@@ -151,6 +151,35 @@ async def test_broker_and_peers_with_their_health(tmp_path: Path) -> None:
     assert 0 <= catch_up["seconds"] < TIMEOUT and 0 <= catch_up["ago"] < TIMEOUT
 
 
+async def test_the_broker_its_cluster_the_last_catch_up_and_down(tmp_path: Path) -> None:
+    """Nodes seen, what the catch-up at start brought, and a Redis gone: down, posts buffered."""
+    limits = Limits(broker_probe_interval=0.05)
+    with RedisServer(tmp_path / "redis") as redis:
+        broker = settings([f"--broker={redis.url}"], limits=limits)
+        async with run(broker) as early:
+            await early.broker_up()
+            for key in range(3):  # distinct: equal payloads are one message to a merge
+                message = {"key": str(key), "subscribers": []}
+                assert (await early.post(message, instance="acme")).status == 200
+            await eventually(lambda: early.server.broker.stats.published == 3)
+            async with run(settings([f"--broker={redis.url}"], limits=limits)) as srv:
+                await srv.broker_up()
+                await eventually(lambda: len(srv.server.broker.members()) == 1)
+                up, _ = await reading(srv)
+                redis.stop()
+                await eventually(lambda: not srv.server.broker.up)
+                assert (await srv.post({"subscribers": []})).status == 200
+                down, _ = await reading(srv)
+    assert up["broker"]["up"] is True and up["broker"]["nodes"] == 2
+    assert up["broker"]["last_catch_up"]["messages"] == 3
+    assert up["broker"]["buffered"] == 0 and up["broker"]["received"] == 0
+    assert down["broker"]["up"] is False and down["broker"]["buffered"] == 1
+    assert down["broker"]["last_catch_up"] == {
+        **up["broker"]["last_catch_up"],
+        "ago": down["broker"]["last_catch_up"]["ago"],
+    }
+
+
 def _closed_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
