@@ -527,6 +527,7 @@ LABELLED_BY = {
     "logrotate": "tests/test_docs_logrotate.py",
     "migrate": "tests/test_docs_servers.py",
     "broker": "tests/test_docs_servers.py",
+    "doctor": "tests/test_doctor_paths.py",
 }
 
 #: Blocks no test here runs, by a piece of their text, and why. A new block
@@ -562,7 +563,7 @@ RUN_BY = {
 }
 
 #: Fenced blocks without a language that hold output, not something to run.
-OUTPUT = ("docs/benchmarks.md",)
+OUTPUT = ("docs/benchmarks.md", "docs/doctor.md")
 
 
 def test_every_block_is_run_or_says_why_not() -> None:

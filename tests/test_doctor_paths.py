@@ -29,6 +29,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from docs_support import INSTALLED, labelled, runnable
 from fastaphlict.config import Config, ServerConfig
 from nginx_support import nginx, nginx_conf, readme_block, replace_once, require_nginx
 from redis_support import RedisServer
@@ -71,6 +72,18 @@ class Outcome:
         return [(c["target"].split()[0], c["step"], c["ok"]) for c in self.report["checks"]]
 
 
+async def finished(proc: asyncio.subprocess.Process, within: float) -> Outcome:
+    """``proc``'s exit and output; it must end within ``within`` (scaled) seconds."""
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), scaled(within))
+    except asyncio.TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise AssertionError(f"the doctor still ran after {scaled(within):g} s") from None
+    assert proc.returncode is not None
+    return Outcome(proc.returncode, out.decode(), err.decode())
+
+
 async def doctor(*args: str, within: float = 60) -> Outcome:
     """``python -m fastaphlict doctor ARGS``; it must end within ``within`` (scaled) seconds."""
     proc = await asyncio.create_subprocess_exec(
@@ -84,14 +97,22 @@ async def doctor(*args: str, within: float = 60) -> Outcome:
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), scaled(within))
-    except asyncio.TimeoutError:
-        proc.kill()
-        await proc.wait()
-        raise AssertionError(f"the doctor still ran after {scaled(within):g} s") from None
-    assert proc.returncode is not None
-    return Outcome(proc.returncode, out.decode(), err.decode())
+    return await finished(proc, within)
+
+
+async def documented(command: str, within: float = 60) -> Outcome:
+    """A documented command line, run by ``sh`` from the root of the clone."""
+    proc = await asyncio.create_subprocess_exec(
+        "sh",
+        "-c",
+        command,
+        cwd=Path(__file__).resolve().parents[1],
+        env=child_env(),
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    return await finished(proc, within)
 
 
 def servers_file(tmp_path: Path, servers: list[dict[str, Any]]) -> str:
@@ -173,6 +194,55 @@ async def test_every_node_of_a_cluster_reaches_every_client_server(tmp_path: Pat
             cluster = [c for c in done.report["checks"] if c["step"] == "cluster"]
             assert [c["ok"] for c in cluster] == [True, True]
             assert all("reached all 2 client servers" in c["figure"] for c in cluster)
+
+
+# -- the documented commands ------------------------------------------------------
+
+
+async def test_the_readmes_doctor_command_runs_as_written(tmp_path: Path) -> None:
+    """What moves: ``bin/config get`` prints the test's setting, the install path is ours."""
+    (command,) = labelled("doctor readme").commands
+    assert command.startswith("bin/config get notification.servers | ")
+    async with run(settings()) as node:
+        value = [
+            {"type": "client", "host": "127.0.0.1", "port": node.server.client_ports[0],
+             "protocol": "http"},
+            {"type": "admin", "host": "127.0.0.1", "port": node.server.admin_ports[0],
+             "protocol": "http"},
+        ]  # fmt: skip
+        # What Phorge's `bin/config get` prints: each source, the local one set.
+        printed = tmp_path / "config-get.json"
+        printed.write_text(
+            json.dumps(
+                {
+                    "config": [
+                        {"key": "notification.servers", "source": "local", "value": value,
+                         "status": "set", "errorInfo": None},
+                        {"key": "notification.servers", "source": "database", "value": None,
+                         "status": "unset", "errorInfo": None},
+                    ]
+                },
+                indent=2,
+            )
+        )  # fmt: skip
+        ours = command.replace("bin/config get notification.servers", f"cat {printed}")
+        done = await documented(runnable(ours.replace(INSTALLED, ".venv/bin/")))
+    assert done.code == 0, done.out + done.err
+    assert "✓ client ws://127.0.0.1:" in done.out
+    assert done.out.splitlines()[-1] == "all 10 checks passed, 1 skipped"
+
+
+async def test_the_docs_doctor_command_with_urls_runs_as_written() -> None:
+    """What moves: the default ports 22280 and 22281, to the test server's."""
+    (command,) = labelled("doctor urls").commands
+    async with run(settings()) as node:
+        ours = command.replace(":22280/", f":{node.server.client_ports[0]}/")
+        ours = ours.replace(":22281/", f":{node.server.admin_ports[0]}/")
+        assert ours != command
+        done = await documented(runnable(ours))
+    assert done.code == 0, done.out + done.err
+    assert done.report["ok"] is True
+    assert ("client", "idle", True) in done.steps()
 
 
 # -- the proxy -------------------------------------------------------------------------

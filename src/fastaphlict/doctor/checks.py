@@ -286,8 +286,8 @@ class Doctor:
             raise Failure(
                 f"the server refuses the Origin {origin}: browsers on Phorge's pages get "
                 "no socket.",
-                f"add {origin} to the server's --allowed-origins (FASTAPHLICT_ALLOWED_ORIGINS), "
-                "or leave that list empty.",
+                f"if {origin} is Phorge's base URI, add it to the server's --allowed-origins "
+                "(FASTAPHLICT_ALLOWED_ORIGINS); if not, pass Phorge's base URI as --origin.",
             )
         return f"{origin} accepted"
 
