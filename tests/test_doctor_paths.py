@@ -34,6 +34,7 @@ from fastaphlict.config import Config, ServerConfig
 from nginx_support import nginx, nginx_conf, readme_block, replace_once, require_nginx
 from redis_support import RedisServer
 from support import (
+    Running,
     child_env,
     eventually,
     free_ports,
@@ -136,6 +137,18 @@ def behind(listen: int, admin: int, path: str = "/ws/") -> list[dict[str, Any]]:
     ]
 
 
+def entries(*nodes: Running) -> list[dict[str, Any]]:
+    """A client and an admin entry for each node, plain HTTP on loopback."""
+    return [
+        {"type": kind, "host": "127.0.0.1", "port": port, "protocol": "http"}
+        for node in nodes
+        for kind, port in (
+            ("client", node.server.client_ports[0]),
+            ("admin", node.server.admin_ports[0]),
+        )
+    ]
+
+
 # -- the working set-up ------------------------------------------------------------
 
 
@@ -181,14 +194,7 @@ async def test_every_node_of_a_cluster_reaches_every_client_server(tmp_path: Pat
         async with run(broker) as a, run(broker) as b:
             await a.broker_up()
             await b.broker_up()
-            servers = [
-                {"type": kind, "host": "127.0.0.1", "port": port, "protocol": "http"}
-                for node in (a, b)
-                for kind, port in (
-                    ("client", node.server.client_ports[0]),
-                    ("admin", node.server.admin_ports[0]),
-                )
-            ]
+            servers = entries(a, b)
             done = await doctor("--servers", servers_file(tmp_path, servers), "--json")
             assert done.code == 0, done.out + done.err
             cluster = [c for c in done.report["checks"] if c["step"] == "cluster"]
@@ -436,14 +442,7 @@ async def test_a_node_whose_redis_is_stopped_is_not_on_its_broker(tmp_path: Path
             for node in (a, b):
                 assert node.server.broker is not None
                 await eventually(lambda n=node: not n.server.broker.up, scaled(20), "down")
-            servers = [
-                {"type": kind, "host": "127.0.0.1", "port": port, "protocol": "http"}
-                for node in (a, b)
-                for kind, port in (
-                    ("client", node.server.client_ports[0]),
-                    ("admin", node.server.admin_ports[0]),
-                )
-            ]
+            servers = entries(a, b)
             done = await doctor("--servers", servers_file(tmp_path, servers), "--json")
     assert done.code == 1
     broker_lines = [c for c in done.report["checks"] if c["step"] == "broker"]
