@@ -13,11 +13,13 @@ nginx block with TLS, on a broker) passes every step, and exits 0.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import ipaddress
 import json
 import re
 import sys
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -64,9 +66,10 @@ class Outcome:
     def failures(self) -> list[dict[str, Any]]:
         return [check for check in self.report["checks"] if check["ok"] is False]
 
-    def failure(self) -> dict[str, Any]:
-        """The one failed check (the chain stopped there)."""
+    def failure(self, step: str) -> dict[str, Any]:
+        """The one failed check (the chain stopped there), which must be ``step``."""
         (failed,) = self.failures()
+        assert failed["step"] == step, failed
         return failed
 
     def steps(self) -> list[tuple[str, str, bool | None]]:
@@ -137,6 +140,17 @@ def behind(listen: int, admin: int, path: str = "/ws/") -> list[dict[str, Any]]:
     ]
 
 
+@contextlib.asynccontextmanager
+async def two_nodes(tmp_path: Path) -> AsyncIterator[tuple[RedisServer, Running, Running]]:
+    """Two in-process nodes of one broker cluster, both in sync with their Redis."""
+    with RedisServer(tmp_path / "redis") as redis:
+        broker = settings([f"--broker={redis.url}"])
+        async with run(broker) as a, run(broker) as b:
+            await a.broker_up()
+            await b.broker_up()
+            yield redis, a, b
+
+
 def entries(*nodes: Running) -> list[dict[str, Any]]:
     """A client and an admin entry for each node, plain HTTP on loopback."""
     return [
@@ -189,17 +203,12 @@ async def test_the_working_setup_behind_nginx_with_tls_passes_every_step(tmp_pat
 
 @pytest.mark.timeout(120)
 async def test_every_node_of_a_cluster_reaches_every_client_server(tmp_path: Path) -> None:
-    with RedisServer(tmp_path / "redis") as redis:
-        broker = settings([f"--broker={redis.url}"])
-        async with run(broker) as a, run(broker) as b:
-            await a.broker_up()
-            await b.broker_up()
-            servers = entries(a, b)
-            done = await doctor("--servers", servers_file(tmp_path, servers), "--json")
-            assert done.code == 0, done.out + done.err
-            cluster = [c for c in done.report["checks"] if c["step"] == "cluster"]
-            assert [c["ok"] for c in cluster] == [True, True]
-            assert all("reached all 2 client servers" in c["figure"] for c in cluster)
+    async with two_nodes(tmp_path) as (_, a, b):
+        done = await doctor("--servers", servers_file(tmp_path, entries(a, b)), "--json")
+    assert done.code == 0, done.out + done.err
+    cluster = [c for c in done.report["checks"] if c["step"] == "cluster"]
+    assert [c["ok"] for c in cluster] == [True, True]
+    assert all("reached all 2 client servers" in c["figure"] for c in cluster)
 
 
 # -- the documented commands ------------------------------------------------------
@@ -270,8 +279,7 @@ async def test_nginx_without_the_upgrade_headers_is_named(tmp_path: Path) -> Non
             text = await doctor(*args)
     print(text.out)
     assert done.code == 1
-    failed = done.failure()
-    assert failed["step"] == "upgrade"
+    failed = done.failure("upgrade")
     assert "does not forward Upgrade" in failed["cause"]
     assert 'the README\'s "Behind nginx" section' in failed["fix"]
     assert re.search(
@@ -293,8 +301,7 @@ async def test_a_short_proxy_read_timeout_is_caught_by_the_idle_step(tmp_path: P
                 "--servers", servers, "--ca-file", ca_file(tmp_path, pki), "--idle", "3", "--json"
             )
     assert done.code == 1
-    failed = done.failure()
-    assert failed["step"] == "idle"
+    failed = done.failure("idle")
     after = re.search(r"cut after ([\d.]+) s without traffic", failed["cause"])
     assert after, failed
     assert 0.8 <= float(after[1]) < 3, failed["cause"]  # nginx's 1 s, not the doctor's 3
@@ -331,8 +338,7 @@ async def test_a_path_nginx_does_not_map_is_named(tmp_path: Path, phorge: str, s
                 "--json",
             )
     assert done.code == 1
-    failed = done.failure()
-    assert failed["step"] == "upgrade"
+    failed = done.failure("upgrade")
     assert failed["cause"].startswith(says)
 
 
@@ -389,8 +395,7 @@ async def test_a_self_signed_certificate_fails_tls_unless_given_as_ca_file(tmp_p
         refused = await doctor(*urls, "--json")
         trusted = await doctor(*urls, "--ca-file", cert, "--json")
     assert refused.code == 1
-    failed = refused.failure()
-    assert failed["step"] == "tls"
+    failed = refused.failure("tls")
     assert "not trusted (self-signed certificate)" in failed["cause"]
     assert "--ca-file" in failed["fix"]
     assert trusted.code == 0, trusted.out
@@ -403,8 +408,7 @@ async def test_a_refused_origin_is_named_with_the_setting_to_change() -> None:
         refused = await doctor(*urls, "--origin", "https://other.example.com", "--json")
         allowed = await doctor(*urls, "--origin", ORIGIN, "--json")
     assert refused.code == 1
-    failed = refused.failure()
-    assert failed["step"] == "origin"
+    failed = refused.failure("origin")
     assert "refuses the Origin https://other.example.com" in failed["cause"]
     assert "--allowed-origins" in failed["fix"]
     assert ("client", "upgrade", True) in refused.steps()
@@ -422,8 +426,8 @@ async def test_an_admin_port_nothing_listens_on_is_named() -> None:
             "--json",
         )
     assert done.code == 1
-    failed = done.failure()
-    assert (failed["target"], failed["step"]) == (f"admin http://127.0.0.1:{nothing}/", "tcp")
+    failed = done.failure("tcp")
+    assert failed["target"] == f"admin http://127.0.0.1:{nothing}/"
     assert f"nothing listens on 127.0.0.1:{nothing} (connection refused)" in failed["cause"]
     assert "Phorge posts here" in failed["fix"]
     # The client server is still checked; only the delivery needs an admin.
@@ -433,17 +437,12 @@ async def test_an_admin_port_nothing_listens_on_is_named() -> None:
 
 @pytest.mark.timeout(120)
 async def test_a_node_whose_redis_is_stopped_is_not_on_its_broker(tmp_path: Path) -> None:
-    with RedisServer(tmp_path / "redis") as redis:
-        broker = settings([f"--broker={redis.url}"])
-        async with run(broker) as a, run(broker) as b:
-            await a.broker_up()
-            await b.broker_up()
-            redis.stop()
-            for node in (a, b):
-                assert node.server.broker is not None
-                await eventually(lambda n=node: not n.server.broker.up, scaled(20), "down")
-            servers = entries(a, b)
-            done = await doctor("--servers", servers_file(tmp_path, servers), "--json")
+    async with two_nodes(tmp_path) as (redis, a, b):
+        redis.stop()
+        for node in (a, b):
+            assert node.server.broker is not None
+            await eventually(lambda n=node: not n.server.broker.up, scaled(20), "down")
+        done = await doctor("--servers", servers_file(tmp_path, entries(a, b)), "--json")
     assert done.code == 1
     broker_lines = [c for c in done.report["checks"] if c["step"] == "broker"]
     assert [c["ok"] for c in broker_lines] == [False, False]
@@ -467,8 +466,7 @@ async def test_a_port_that_accepts_and_never_answers_times_the_upgrade_out() -> 
         done = await doctor("--client-url", f"ws://127.0.0.1:{port}/", "--timeout", "1", "--json")
         took = asyncio.get_running_loop().time() - started
     assert done.code == 1
-    failed = done.failure()
-    assert failed["step"] == "upgrade"
+    failed = done.failure("upgrade")
     assert failed["cause"].startswith("the upgrade request got no answer within 1 s")
     assert took < scaled(15)
 
