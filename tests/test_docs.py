@@ -170,6 +170,12 @@ def test_the_prerequisites_are_debian_packages() -> None:
         ), package
 
 
+def test_the_readme_stays_short() -> None:
+    """The README is the way in, at most 300 lines; the rest belongs in ``docs/``."""
+    lines = (REPO / "README.md").read_text(encoding="utf-8").splitlines()
+    assert len(lines) <= 300, f"README.md has {len(lines)} lines"
+
+
 def test_readme_keeps_the_ci_test_command() -> None:
     """``.ci/run`` refuses a README whose test command changed; fail here first."""
     ci = (REPO / ".ci" / "run").read_text(encoding="utf-8")
