@@ -129,7 +129,8 @@ def test_urls_on_the_command_line_stand_for_entries() -> None:
     assert admin == Target("admin", "127.0.0.1", 22281, False, "/?instance=acme")
     assert client.url == "wss://phorge.example.com:443/ws/~acme/?instance=acme"
     (only,) = from_urls("ws://[::1]:22280", None)
-    assert only.url == "ws://[::1]:22280/"
+    assert (only.url, only.http_url) == ("ws://[::1]:22280/", "http://[::1]:22280/")
+    assert client.http_url == "https://phorge.example.com:443/ws/~acme/?instance=acme"
     for bad in (("ftp://x/", None), (None, "ws://x/"), ("wss://x:99999/", None), (None, None)):
         with pytest.raises(TargetError):
             from_urls(*bad)

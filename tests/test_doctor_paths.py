@@ -459,15 +459,27 @@ async def test_a_node_whose_redis_is_stopped_is_not_on_its_broker(tmp_path: Path
 # -- the doctor never hangs ----------------------------------------------------------
 
 
-async def test_a_port_that_accepts_and_never_answers_times_the_upgrade_out() -> None:
-    with listening() as silent:
-        port = silent.getsockname()[1]
+async def test_ports_that_accept_and_never_answer_time_their_steps_out() -> None:
+    """A hung server (or a proxy waiting on one) fails its step after --timeout, with a sentence."""
+    with listening() as client, listening() as admin:
+        port = client.getsockname()[1]
         started = asyncio.get_running_loop().time()
-        done = await doctor("--client-url", f"ws://127.0.0.1:{port}/", "--timeout", "1", "--json")
+        done = await doctor(
+            "--client-url",
+            f"ws://127.0.0.1:{port}/",
+            "--admin-url",
+            f"http://127.0.0.1:{admin.getsockname()[1]}/",
+            "--timeout",
+            "1",
+            "--json",
+        )
         took = asyncio.get_running_loop().time() - started
     assert done.code == 1
-    failed = done.failure("upgrade")
-    assert failed["cause"].startswith("the upgrade request got no answer within 1 s")
+    status, upgrade = done.failures()
+    assert (status["step"], status["cause"]) == ("status", "no answer within 1 s.")
+    assert upgrade["step"] == "upgrade"
+    assert upgrade["cause"].startswith("the upgrade request got no answer within 1 s")
+    assert f"curl -i http://127.0.0.1:{port}/" in upgrade["fix"]
     assert took < scaled(15)
 
 

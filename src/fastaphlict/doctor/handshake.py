@@ -93,7 +93,7 @@ async def handshake(
             f"the upgrade request got no answer within {timeout:g} s: something accepts "
             "connections here but does not answer (a hung server, or a proxy waiting on its "
             "upstream).",
-            f"check what listens on {target.host}:{target.port} (curl -i {target.url}).",
+            f"check what listens on {target.host}:{target.port} (curl -i {target.http_url}).",
         ) from exc
     except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, OSError) as exc:
         raise Failure(

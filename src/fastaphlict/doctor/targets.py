@@ -46,6 +46,11 @@ class Target:
         return f"{self.scheme}://{host}:{self.port}{self.path}"
 
     @property
+    def http_url(self) -> str:
+        """The same URL as a plain HTTP client (curl, Phorge's own check) names it."""
+        return ("https" if self.secure else "http") + self.url[len(self.scheme) :]
+
+    @property
     def name(self) -> str:
         """How the report names it: its kind and its URL."""
         return f"{self.kind} {self.url}"
