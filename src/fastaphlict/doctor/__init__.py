@@ -8,9 +8,10 @@ quiet sockets, or a node off its broker all pass it. The doctor reads
 (``checks``), then prints one line per step (``report``).
 
 Modules: ``targets`` (the setting read into URLs, pure), ``meanings`` (what
-an answer means and the fix, pure), ``checks`` (the steps, over the
-network), ``report`` (text and JSON, pure). Exit status: 0 when every check
-passed, 1 when one failed, 2 for a usage mistake.
+an answer means and the fix, pure), ``network`` (dns, tcp, tls),
+``handshake`` (the upgrade by hand), ``session`` (an open socket),
+``checks`` (the chains of steps), ``report`` (text and JSON, pure). Exit
+status: 0 when every check passed, 1 when one failed, 2 for a usage mistake.
 """
 
 from __future__ import annotations
