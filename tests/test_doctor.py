@@ -8,8 +8,11 @@ The network steps are tested against real servers in ``test_doctor_paths.py``.
 
 from __future__ import annotations
 
+import ast
 import io
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -18,6 +21,7 @@ from fastaphlict.doctor.handshake import accept_for, parse_head, request_for
 from fastaphlict.doctor.meanings import Failure, status_refusal, tls_failure, upgrade_refusal
 from fastaphlict.doctor.report import STEPS, Check, as_json, as_text, passed
 from fastaphlict.doctor.targets import Target, TargetError, from_servers, from_urls
+from support import scaled
 
 
 def entry(kind: str, port: int, protocol: str = "http", **more: object) -> dict[str, object]:
@@ -297,3 +301,17 @@ def test_servers_that_are_not_json_exit_2(
     monkeypatch.setattr("sys.stdin", io.StringIO("[{"))
     assert cli.main(["doctor", "--servers", "-"]) == 2
     assert "is not JSON" in capsys.readouterr().err
+
+
+def test_the_doctor_is_a_client_of_the_protocol_only() -> None:
+    """It imports none of the server's modules: it checks Node Aphlict as it checks ours."""
+    code = (
+        "import sys, fastaphlict.doctor; "
+        "print(sorted(m for m in sys.modules if m.startswith('fastaphlict.')))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=scaled(30)
+    )
+    assert done.returncode == 0, done.stderr
+    loaded = ast.literal_eval(done.stdout)
+    assert loaded and all(name.startswith("fastaphlict.doctor") for name in loaded), loaded
