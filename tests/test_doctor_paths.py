@@ -89,13 +89,18 @@ async def finished(proc: asyncio.subprocess.Process, within: float) -> Outcome:
 
 
 async def doctor(*args: str, within: float = 60) -> Outcome:
-    """``python -m fastaphlict doctor ARGS``; it must end within ``within`` (scaled) seconds."""
+    """``python -m fastaphlict doctor ARGS``; it must end within ``within`` (scaled) seconds.
+
+    Each step's own limit (``--timeout``, 5 s) is scaled too, unless the test sets it.
+    """
+    limit = () if "--timeout" in args else ("--timeout", f"{scaled(5):g}")
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "fastaphlict",
         "doctor",
         *args,
+        *limit,
         env=child_env(),
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,
@@ -377,7 +382,9 @@ def self_signed(tmp_path: Path) -> tuple[str, str]:
     return str(key_path), str(cert_path)
 
 
-async def test_a_self_signed_certificate_fails_tls_unless_given_as_ca_file(tmp_path: Path) -> None:
+async def test_a_self_signed_certificate_fails_tls_unless_given_as_ca_file_and_named(
+    tmp_path: Path,
+) -> None:
     key, cert = self_signed(tmp_path)
     config = Config(
         servers=(
@@ -394,12 +401,18 @@ async def test_a_self_signed_certificate_fails_tls_unless_given_as_ca_file(tmp_p
         ]
         refused = await doctor(*urls, "--json")
         trusted = await doctor(*urls, "--ca-file", cert, "--json")
+        # The same certificate, reached by a name it does not hold.
+        port = node.server.client_ports[0]
+        misnamed = await doctor(
+            "--client-url", f"wss://localhost:{port}/", "--ca-file", cert, "--json"
+        )
     assert refused.code == 1
     failed = refused.failure("tls")
     assert "not trusted (self-signed certificate)" in failed["cause"]
     assert "--ca-file" in failed["fix"]
     assert trusted.code == 0, trusted.out
     assert ("client", "tls", True) in trusted.steps()
+    assert "the certificate does not name localhost" in misnamed.failure("tls")["cause"]
 
 
 async def test_a_refused_origin_is_named_with_the_setting_to_change() -> None:
