@@ -33,6 +33,7 @@ import inspect
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -371,6 +372,32 @@ def spawn(
     child.update(env or {})
     proc = _popen(command, child, log_path)
     return ServerProcess(proc, client_port, admin_port, log_path, command, child)
+
+
+#: Phorge's own ``aphlict_server.js`` (Node Aphlict). CI cannot fetch Phorge:
+#: the tests that need it run where a developer names it (see docs/development.md).
+NODE_APHLICT = os.environ.get("FASTAPHLICT_NODE_APHLICT", "")
+
+
+def spawn_node_aphlict(
+    log_path: Path, ports: Sequence[int], cluster: Sequence[dict[str, Any]] = ()
+) -> ServerProcess:
+    """Node Aphlict on loopback ``ports`` (client, admin), meshed with ``cluster``.
+
+    Skips the test where ``FASTAPHLICT_NODE_APHLICT`` names no Node Aphlict.
+    Does not wait: it has no ``/healthz``, so wait for its ports.
+    """
+    if not (NODE_APHLICT and shutil.which("node")):
+        pytest.skip("FASTAPHLICT_NODE_APHLICT does not name Node Aphlict's aphlict_server.js")
+    config = log_path.with_suffix(".json")
+    listeners = [
+        {"type": "client", "port": ports[0], "listen": "127.0.0.1"},
+        {"type": "admin", "port": ports[1], "listen": "127.0.0.1"},
+    ]
+    config.write_text(json.dumps({"servers": listeners, "logs": [], "cluster": list(cluster)}))
+    command = ["node", NODE_APHLICT, f"--config={config}"]
+    proc = _popen(command, {**os.environ}, log_path)
+    return ServerProcess(proc, ports[0], ports[1], log_path, command, {})
 
 
 def stop(*servers: ServerProcess, within: float = SHUTDOWN) -> None:

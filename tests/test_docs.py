@@ -170,6 +170,12 @@ def test_the_prerequisites_are_debian_packages() -> None:
         ), package
 
 
+def test_the_readme_stays_short() -> None:
+    """The README is the way in, at most 300 lines; the rest belongs in ``docs/``."""
+    lines = (REPO / "README.md").read_text(encoding="utf-8").splitlines()
+    assert len(lines) <= 300, f"README.md has {len(lines)} lines"
+
+
 def test_readme_keeps_the_ci_test_command() -> None:
     """``.ci/run`` refuses a README whose test command changed; fail here first."""
     ci = (REPO / ".ci" / "run").read_text(encoding="utf-8")
@@ -527,6 +533,7 @@ LABELLED_BY = {
     "logrotate": "tests/test_docs_logrotate.py",
     "migrate": "tests/test_docs_servers.py",
     "broker": "tests/test_docs_servers.py",
+    "doctor": "tests/test_doctor_paths.py",
 }
 
 #: Blocks no test here runs, by a piece of their text, and why. A new block
@@ -562,7 +569,7 @@ RUN_BY = {
 }
 
 #: Fenced blocks without a language that hold output, not something to run.
-OUTPUT = ("docs/benchmarks.md",)
+OUTPUT = ("docs/benchmarks.md", "docs/doctor.md")
 
 
 def test_every_block_is_run_or_says_why_not() -> None:

@@ -65,6 +65,9 @@ environment (used only when neither --config nor APHLICT_CONFIG names a file):
 signals:
   SIGTERM, SIGINT  drain and exit (a second one exits at once)
   SIGHUP           reopen log files (for logrotate)
+
+fastaphlict doctor [options]: check the path of browsers and Phorge to the
+  servers of notification.servers, step by step (fastaphlict doctor --help)
 """
 
 
