@@ -217,12 +217,11 @@ def test_no_test_module_imports_another() -> None:
 
 
 #: The tests that build a bare ``Server`` because they are about the object itself,
-#: by (module, test): its ``serve()`` failing part way, the embedding signature of
-#: before Settings, and two servers bound to one port with SO_REUSEPORT.
+#: by (module, test): its ``serve()`` failing part way, and the embedding signature of
+#: before Settings.
 BARE_SERVER_ALLOWED = {
     ("test_server.py", "test_a_failed_start_closes_listeners_and_the_peer_session"),
     ("test_server.py", "test_a_server_built_the_old_way_from_a_config_and_keywords_still_serves"),
-    ("test_processes.py", "test_two_servers_share_a_port_only_with_reuse_port"),
 }
 
 
@@ -309,8 +308,10 @@ async def test_two_servers_share_a_port_only_with_reuse_port() -> None:
         "test_x.py: Popen of fastaphlict in test_popen",
         "test_x.py: Server(...) in test_two_servers_share_a_port_only_with_reuse_port",
     ]
-    # The same source as test_processes.py: its reuse-port test is allowed a bare Server.
-    assert other_ways_to_start("test_processes.py", source)[-1].endswith("in test_popen")
+    # The same source as test_processes.py: its reuse-port test now starts through run().
+    assert other_ways_to_start("test_processes.py", source)[-1].endswith(
+        "port_only_with_reuse_port"
+    )
 
 
 def test_tests_start_servers_only_through_support() -> None:
