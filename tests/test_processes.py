@@ -353,10 +353,11 @@ async def test_reuse_port_spreads_clients_and_posts_over_two_processes(
         assert sum(s["clients.total"] for s in seen) == made, "every connection went somewhere"
         # The other took each in from the broker: every process has every message.
         for server in processes:
-            deadline = loop.time() + scaled(10)
-            while (await status(session, server))["messages.in"] != made:
-                assert loop.time() < deadline, await status(session, server)
-                await asyncio.sleep(0.02)
+
+            async def has_every_message(server: ServerProcess = server) -> bool:
+                return (await status(session, server))["messages.in"] == made
+
+            await eventually(has_every_message, scaled(10), "every message in", every=0.02)
 
 
 @pytest.mark.timeout(60)

@@ -525,3 +525,123 @@ async def test_run_starts_a_node_on_a_broker_and_waits_for_it(
             assert (await browser.recv())["key"] == "k", "delivered through Redis"
         broker = srv.server.broker
     assert broker is not None and broker.stats.published == 1
+
+
+#: The support modules: the one wait (``eventually``) and its process forms live there.
+SUPPORT_MODULES = {"support.py", "redis_support.py", "docs_support.py"}
+
+#: Loops that read a clock and sleep yet are no wait for a condition, by (module,
+#: function), and why. Every other such loop is a wait: ``support.eventually``.
+ALLOWED_CLOCK_LOOPS: dict[tuple[str, str], str] = {
+    ("test_admin.py", "test_a_client_trickling_a_huge_body_is_cut_off_after_the_413"): (
+        "drives the server: a byte written each round until the socket is cut off"
+    ),
+    ("test_admin.py", "test_answers_left_unread_are_no_activity"): (
+        "drives the protocol: a post fed each round until it gives up on the reader"
+    ),
+    ("test_cluster.py", "test_self_peer_loops_back_once_then_stops_relaying"): (
+        "watches that something stays true for a period (no marker can prove a relay absent)"
+    ),
+    ("test_replay.py", "next_event"): "paces reading a stream at a set rate",
+    ("test_restart.py", "test_a_restart_on_systemds_sockets_loses_nothing"): (
+        "drives the server: a warm-up post each round until every tab has one"
+    ),
+    ("test_restart.py", "post_steadily"): "posts at a set rate for a period: load, not a wait",
+    ("test_soak.py", "post_forever"): "posts at a set rate until told to stop: load, not a wait",
+    ("test_docs_cluster.py", "wait_gone"): (
+        "synchronous (eventually awaits), and it returns what outlived the bound for the"
+        " caller to kill and report"
+    ),
+    ("test_docs_nginx.py", "nginx"): "synchronous: a context manager around an nginx process",
+    ("test_redis_support.py", "test_no_server_outlives_its_python"): (
+        "synchronous: about redis_support's own process clean-up"
+    ),
+}
+
+_CLOCKS = {"monotonic", "time", "perf_counter"}
+
+
+def clock_polls(
+    name: str, source: str, allowed: Mapping[tuple[str, str], str] = ALLOWED_CLOCK_LOOPS
+) -> list[str]:
+    """The ``while`` loops of module ``name`` that read a clock and sleep: deadline polls.
+
+    A clock read (``time.monotonic()``, ``loop.time()``, ``time.perf_counter()``)
+    and a sleep (``time.sleep``, ``asyncio.sleep``) in one loop, outside
+    :data:`ALLOWED_CLOCK_LOOPS`.
+    """
+
+    def called(node: ast.Call) -> str:
+        func = node.func
+        return func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+
+    found: list[str] = []
+
+    def visit(node: ast.AST, scope: str) -> None:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            scope = node.name
+        if isinstance(node, ast.While) and (name, scope) not in allowed:
+            calls = [n for n in ast.walk(node) if isinstance(n, ast.Call)]
+            clock = any(called(call) in _CLOCKS and not call.args for call in calls)
+            if clock and any(called(call) == "sleep" for call in calls):
+                found.append(f"{name}:{node.lineno}: a deadline poll in {scope}")
+        for child in ast.iter_child_nodes(node):
+            visit(child, scope)
+
+    visit(ast.parse(source), "<module>")
+    return found
+
+
+def test_the_wait_guard_finds_a_deadline_poll() -> None:
+    source = """
+import asyncio, time
+
+async def test_poll(srv) -> None:
+    deadline = time.monotonic() + 5
+    while not srv.ready:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.01)
+
+async def test_loop_time(srv) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 5
+    while loop.time() < deadline:
+        if srv.ready:
+            break
+        await asyncio.sleep(0.01)
+
+def wait(proc) -> None:
+    deadline = time.monotonic() + 5
+    while proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+async def test_reads(reader) -> None:
+    while True:  # no clock: a read loop bounded by its reads' own timeouts
+        await asyncio.sleep(0)
+
+async def post_forever() -> None:
+    while time.monotonic() < 10:
+        await asyncio.sleep(0.1)
+"""
+    assert clock_polls("test_x.py", source) == [
+        "test_x.py:6: a deadline poll in test_poll",
+        "test_x.py:13: a deadline poll in test_loop_time",
+        "test_x.py:20: a deadline poll in wait",
+        "test_x.py:28: a deadline poll in post_forever",
+    ]
+    # The same source as test_soak.py: its paced poster is allowed its clock.
+    assert clock_polls("test_soak.py", source)[-1].endswith("in wait")
+
+
+def test_tests_wait_only_through_eventually() -> None:
+    """A loop polling a condition until a deadline is ``support.eventually``."""
+    found, unguarded = [], []
+    for path in sorted(Path(__file__).parent.glob("*.py")):
+        if path.name not in SUPPORT_MODULES:
+            source = path.read_text(encoding="utf-8")
+            found += clock_polls(path.name, source)
+            unguarded += clock_polls(path.name, source, allowed={})
+    assert not found, found
+    # Every exception still names such a loop: a stale one would hide a new poll.
+    needed = {(line.split(":")[0], line.rpartition(" in ")[2]) for line in unguarded}
+    assert set(ALLOWED_CLOCK_LOOPS) <= needed, set(ALLOWED_CLOCK_LOOPS) - needed
