@@ -6,7 +6,11 @@ command line resolves them: :func:`run` in this process
 included) or :func:`spawn` as a ``python -m fastaphlict`` process (also a
 context manager); :func:`activated` is the systemd form of the latter. They
 wait one way, :func:`eventually`. ``test_support`` fails a test module that
-starts one otherwise.
+starts one otherwise in a way it can see in the source (a reference to
+``Server`` or ``run``, a ``fastaphlict`` command line, ``cli.main`` without
+``--test``, ``ServerProcess``/``_popen`` outside this module), bar its
+allow-list that names each exception and why; it also fails a loop that
+polls a clock and sleeps (a hand-written wait) outside the support modules.
 
 The WebSocket client is the ``websockets`` library, an implementation
 independent of the picows server under test, so a frame-level mistake on our

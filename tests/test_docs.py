@@ -23,14 +23,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
 import shlex
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -56,7 +54,7 @@ from docs_support import (
 from fastaphlict import cli
 from fastaphlict.config import PeerConfig
 from fastaphlict.config.options import build_parser
-from support import TIMEOUT, child_env, local_config, require, run, scaled, settings
+from support import TIMEOUT, child_env, eventually, local_config, require, run, scaled, settings
 
 
 def marked_commands() -> list[tuple[str, str]]:
@@ -227,10 +225,7 @@ async def test_dashboard_queries_only_series_that_metrics_exports() -> None:
                 await browser.subscribe("PHID-1")
                 await a.post({"subscribers": ["PHID-1"]})
                 await browser.recv()
-                deadline = time.monotonic() + TIMEOUT
-                while not a.server.relay.peers[0].sent:
-                    assert time.monotonic() < deadline, "the relay never arrived"
-                    await asyncio.sleep(0.01)
+                await eventually(lambda: a.server.relay.peers[0].sent, TIMEOUT, "the relay arrived")
                 async with a.session.get(f"{a.admin_url}/metrics") as resp:
                     assert resp.status == 200
                     text = await resp.text()

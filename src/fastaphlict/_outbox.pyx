@@ -16,6 +16,11 @@ __all__ = ["Outbox"]
 cdef class Outlet:
     """What the outbox writes to: the base of ``Subscriber``, never made on its own."""
 
+    def __cinit__(self, *args, **kwargs):
+        # Made on its own, its subclass's fields would be read unset (None).
+        if type(self) is Outlet:
+            raise TypeError("Outlet is a base class: make a Subscriber")
+
     cdef Py_ssize_t _flush(self, object pending) except -1:
         raise NotImplementedError
 

@@ -47,6 +47,11 @@ cdef enum:
 cdef class Index:
     """What a subscriber belongs to: the base of ``Channel``, never made on its own."""
 
+    def __cinit__(self, *args, **kwargs):
+        # Made on its own, its subclass's fields would be read unset (None).
+        if type(self) is Index:
+            raise TypeError("Index is a base class: make a Channel")
+
     cdef int _drop(self, Subscriber sub) except -1:
         raise NotImplementedError
 

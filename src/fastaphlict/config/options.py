@@ -82,9 +82,14 @@ def parse_bool(value: str) -> bool:
 
 
 def _parse_count(value: str) -> int:
-    if not value.strip().isdigit():
+    # isdigit() also holds for digits int() does not read ("²"): refused the same way.
+    try:
+        count = int(value) if value.strip().isdigit() else -1
+    except ValueError:
+        count = -1
+    if count < 0:
         raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {value!r}")
-    return int(value)
+    return count
 
 
 def _parse_list(value: str) -> tuple[str, ...]:
