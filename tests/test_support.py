@@ -247,6 +247,9 @@ ALLOWED_STARTS: dict[tuple[str, str], str] = {
     ("test_processes.py", "test_test_checks_the_pidfile_override_naming_where_it_came_from"): (
         "main() with --test, its argv built in a variable"
     ),
+    ("test_doctor.py", "test_usage_mistakes_exit_2_with_one_line"): (
+        "main() on parametrized `doctor` command lines, each refused as a usage mistake"
+    ),
     ("test_support.py", "commands"): "the guard's own pattern of a command list",
     ("test_support.py", "test_the_guard_finds_every_other_way_to_start_a_server"): (
         "the guard's own samples, as text it parses"
@@ -288,8 +291,9 @@ _COMMAND = re.compile(
 
 
 def told_not_to_serve(arg: str | None) -> bool:
-    """``--test`` (not ``--test=false``), ``--help`` or ``--version``: main() serves nothing."""
-    if arg in ("--test", "--help", "--version"):
+    """``--test`` (not ``--test=false``), ``--help``, ``--version`` or the ``doctor``
+    subcommand (a client of a server, never one): main() serves nothing."""
+    if arg in ("--test", "--help", "--version", "doctor"):
         return True
     flag, _, value = (arg or "").partition("=")
     return flag == "--test" and value.lower() not in ("0", "false", "no", "off")
@@ -528,7 +532,7 @@ async def test_run_starts_a_node_on_a_broker_and_waits_for_it(
 
 
 #: The support modules: the one wait (``eventually``) and its process forms live there.
-SUPPORT_MODULES = {"support.py", "redis_support.py", "docs_support.py"}
+SUPPORT_MODULES = {"support.py", "redis_support.py", "docs_support.py", "nginx_support.py"}
 
 #: Loops that read a clock and sleep yet are no wait for a condition, by (module,
 #: function), and why. Every other such loop is a wait: ``support.eventually``.
@@ -552,7 +556,6 @@ ALLOWED_CLOCK_LOOPS: dict[tuple[str, str], str] = {
         "synchronous (eventually awaits), and it returns what outlived the bound for the"
         " caller to kill and report"
     ),
-    ("test_docs_nginx.py", "nginx"): "synchronous: a context manager around an nginx process",
     ("test_redis_support.py", "test_no_server_outlives_its_python"): (
         "synchronous: about redis_support's own process clean-up"
     ),
