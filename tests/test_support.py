@@ -232,10 +232,6 @@ ALLOWED_STARTS: dict[tuple[str, str], str] = {
     ("test_server.py", "test_only_a_real_aphlict_or_fastaphlict_owns_a_pidfile"): (
         "command lines as data: which process a pidfile names; nothing is run"
     ),
-    ("test_broker.py", "aphlict_peer"): (
-        "the mesh peer is Node Aphlict or fastaphlict behind one ServerProcess, so the"
-        " mixed-cluster test treats both alike"
-    ),
     ("test_cli.py", "run_cli"): (
         "the command line as an operator types it: --test, --help, --version, and"
         " arguments refused before anything is served"
