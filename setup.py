@@ -1,4 +1,4 @@
-"""Build the compiled fan-out module.
+"""Build the compiled modules.
 
 Everything declarative lives in pyproject.toml; this file only exists because
 the Cython extensions must be cythonized at build time. There is deliberately no
@@ -10,21 +10,17 @@ from importlib.metadata import version
 from Cython.Build import cythonize
 from setuptools import Extension, setup
 
-# _fanout cimports picows' WSTransport: the compiled module is only valid with
-# the picows it was built against. Its version is baked in, checked at import.
+# The fan-out modules cimport picows' WSTransport: they are only valid with the
+# picows they were built against. Its version is baked in (_wire), checked at import.
 PICOWS_BUILD_VERSION = version("picows")
 
+# The fan-out is split by job; the modules share C declarations (.pxd) and
+# _fanout re-exports their public names.
+MODULES = ["_wire", "_outbox", "_subscriber", "_channel", "_fanout", "_history"]
+
 extensions = [
-    Extension(
-        "fastaphlict._fanout",
-        ["src/fastaphlict/_fanout.pyx"],
-        extra_compile_args=["-O3"],
-    ),
-    Extension(
-        "fastaphlict._history",
-        ["src/fastaphlict/_history.pyx"],
-        extra_compile_args=["-O3"],
-    ),
+    Extension(f"fastaphlict.{name}", [f"src/fastaphlict/{name}.pyx"], extra_compile_args=["-O3"])
+    for name in MODULES
 ]
 
 setup(

@@ -51,15 +51,18 @@ def serving_src() -> bool:
 
 
 def stale_build_note() -> str | None:
-    """A warning when the in-place module is older than its source: a stale benchmark."""
+    """A warning when an in-place module is older than its sources: a stale benchmark."""
     if not serving_src():
         return None
-    built = sorted((SRC / "fastaphlict").glob("_fanout*.so"))
-    source = SRC / "fastaphlict" / "_fanout.pyx"
-    if not built:
-        return "no in-place build of _fanout: run setup.py build_ext --inplace"
-    if source.exists() and built[0].stat().st_mtime < source.stat().st_mtime:
-        return f"{built[0].name} is older than _fanout.pyx: rebuild it (build_ext --inplace)"
+    package = SRC / "fastaphlict"
+    # A .pxd change recompiles every module that cimports it: any is stale then.
+    declared = max((p.stat().st_mtime for p in package.glob("*.pxd")), default=0.0)
+    for source in sorted(package.glob("*.pyx")):
+        built = sorted(package.glob(f"{source.stem}.*.so"))
+        if not built:
+            return f"no in-place build of {source.stem}: run setup.py build_ext --inplace"
+        if built[0].stat().st_mtime < max(source.stat().st_mtime, declared):
+            return f"{built[0].name} is older than its sources: rebuild it (build_ext --inplace)"
     return None
 
 

@@ -6,7 +6,11 @@ command line resolves them: :func:`run` in this process
 included) or :func:`spawn` as a ``python -m fastaphlict`` process (also a
 context manager); :func:`activated` is the systemd form of the latter. They
 wait one way, :func:`eventually`. ``test_support`` fails a test module that
-starts one otherwise.
+starts one otherwise in a way it can see in the source (a reference to
+``Server`` or ``run``, a ``fastaphlict`` command line, ``cli.main`` without
+``--test``, ``ServerProcess``/``_popen`` outside this module), bar its
+allow-list that names each exception and why; it also fails a loop that
+polls a clock and sleeps (a hand-written wait) outside the support modules.
 
 The WebSocket client is the ``websockets`` library, an implementation
 independent of the picows server under test, so a frame-level mistake on our
@@ -33,6 +37,7 @@ import inspect
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -371,6 +376,32 @@ def spawn(
     child.update(env or {})
     proc = _popen(command, child, log_path)
     return ServerProcess(proc, client_port, admin_port, log_path, command, child)
+
+
+#: Phorge's own ``aphlict_server.js`` (Node Aphlict). CI cannot fetch Phorge:
+#: the tests that need it run where a developer names it (see docs/development.md).
+NODE_APHLICT = os.environ.get("FASTAPHLICT_NODE_APHLICT", "")
+
+
+def spawn_node_aphlict(
+    log_path: Path, ports: Sequence[int], cluster: Sequence[dict[str, Any]] = ()
+) -> ServerProcess:
+    """Node Aphlict on loopback ``ports`` (client, admin), meshed with ``cluster``.
+
+    Skips the test where ``FASTAPHLICT_NODE_APHLICT`` names no Node Aphlict.
+    Does not wait: it has no ``/healthz``, so wait for its ports.
+    """
+    if not (NODE_APHLICT and shutil.which("node")):
+        pytest.skip("FASTAPHLICT_NODE_APHLICT does not name Node Aphlict's aphlict_server.js")
+    config = log_path.with_suffix(".json")
+    listeners = [
+        {"type": "client", "port": ports[0], "listen": "127.0.0.1"},
+        {"type": "admin", "port": ports[1], "listen": "127.0.0.1"},
+    ]
+    config.write_text(json.dumps({"servers": listeners, "logs": [], "cluster": list(cluster)}))
+    command = ["node", NODE_APHLICT, f"--config={config}"]
+    proc = _popen(command, {**os.environ}, log_path)
+    return ServerProcess(proc, ports[0], ports[1], log_path, command, {})
 
 
 def stop(*servers: ServerProcess, within: float = SHUTDOWN) -> None:

@@ -8,7 +8,6 @@ import http.client
 import json
 import logging
 import socket
-import time
 from pathlib import Path
 
 import pytest
@@ -225,13 +224,14 @@ async def test_expect_100_continue_post_like_curl() -> None:
 async def _wait_for(predicate, srv):
     """Poll /status/ until ``predicate`` holds: disconnects are seen asynchronously."""
     status = {}
-    deadline = time.monotonic() + TIMEOUT
-    while time.monotonic() < deadline:
+
+    async def matched() -> bool:
+        nonlocal status
         status = await srv.status()
-        if predicate(status):
-            return status
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"status never matched: {status}")
+        return bool(predicate(status))
+
+    await eventually(matched, TIMEOUT, "the status to match")
+    return status
 
 
 async def test_relay_failure_never_fails_the_post() -> None:

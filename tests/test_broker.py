@@ -16,13 +16,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import re
 import shlex
 import shutil
 import signal
 import socket
-import subprocess
 import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -57,6 +55,7 @@ from support import (
     replayed,
     scaled,
     spawn,
+    spawn_node_aphlict,
     stop,
     upgrade_request,
     wait_healthy,
@@ -591,29 +590,12 @@ async def test_processes_sharing_ports_deliver_every_message_to_every_tab_once(
             await assert_silent(browser)
 
 
-#: Phorge's own ``aphlict_server.js`` (Node Aphlict), for the mixed-cluster test.
-#: CI cannot fetch Phorge: the test runs where a developer names it (see docs/development.md).
-NODE_APHLICT = os.environ.get("FASTAPHLICT_NODE_APHLICT", "")
-
-
 def aphlict_peer(tmp_path: Path, kind: str, ports: list[int], peer_admin: int) -> ServerProcess:
     """The mesh peer of the mixed cluster: fastaphlict without a broker, or Node Aphlict."""
     mesh = [{"host": "127.0.0.1", "port": peer_admin, "protocol": "http"}]
     if kind == "fastaphlict":
         return spawn(tmp_path / "c.log", config={"cluster": mesh}, ports=ports)
-    if not (NODE_APHLICT and shutil.which("node")):
-        pytest.skip("FASTAPHLICT_NODE_APHLICT does not name Node Aphlict's aphlict_server.js")
-    config = tmp_path / "c.json"
-    listeners = [
-        {"type": "client", "port": ports[0], "listen": "127.0.0.1"},
-        {"type": "admin", "port": ports[1], "listen": "127.0.0.1"},
-    ]
-    config.write_text(json.dumps({"servers": listeners, "logs": [], "cluster": mesh}))
-    log_path = tmp_path / "c.log"
-    command = ["node", NODE_APHLICT, f"--config={config}"]
-    with log_path.open("ab") as log:
-        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-    return ServerProcess(proc, ports[0], ports[1], log_path, command, {})
+    return spawn_node_aphlict(tmp_path / "c.log", ports, mesh)
 
 
 @pytest.mark.parametrize("kind", ["fastaphlict", "node"])

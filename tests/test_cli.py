@@ -150,6 +150,17 @@ def test_help_mentions_every_flag() -> None:
         assert flag in result.stdout
 
 
+def test_help_names_the_doctor_and_the_doctor_has_its_own_help() -> None:
+    assert "fastaphlict doctor [options]" in run_cli("--help").stdout
+    result = run_cli("doctor", "--help")
+    assert result.returncode == 0
+    assert result.stdout.startswith("usage: fastaphlict doctor")
+    for option in ("--servers", "--client-url", "--admin-url", "--origin", "--ca-file"):
+        assert option in result.stdout
+    for option in ("--instance", "--idle", "--timeout", "--json"):
+        assert option in result.stdout
+
+
 def test_cli_does_not_import_the_server_until_it_serves() -> None:
     # --help and --test must work before the compiled extension is built.
     code = "import sys, fastaphlict.cli; sys.exit('fastaphlict.server' in sys.modules)"

@@ -23,14 +23,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
 import shlex
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -56,7 +54,7 @@ from docs_support import (
 from fastaphlict import cli
 from fastaphlict.config import PeerConfig
 from fastaphlict.config.options import build_parser
-from support import TIMEOUT, child_env, local_config, require, run, scaled, settings
+from support import TIMEOUT, child_env, eventually, local_config, require, run, scaled, settings
 
 
 def marked_commands() -> list[tuple[str, str]]:
@@ -170,6 +168,12 @@ def test_the_prerequisites_are_debian_packages() -> None:
         ), package
 
 
+def test_the_readme_stays_short() -> None:
+    """The README is the way in, at most 300 lines; the rest belongs in ``docs/``."""
+    lines = (REPO / "README.md").read_text(encoding="utf-8").splitlines()
+    assert len(lines) <= 300, f"README.md has {len(lines)} lines"
+
+
 def test_readme_keeps_the_ci_test_command() -> None:
     """``.ci/run`` refuses a README whose test command changed; fail here first."""
     ci = (REPO / ".ci" / "run").read_text(encoding="utf-8")
@@ -178,12 +182,6 @@ def test_readme_keeps_the_ci_test_command() -> None:
     assert install and tests
     lines = (REPO / "README.md").read_text(encoding="utf-8").splitlines()
     assert f"{install.group(1)} && {tests.group(1)}" in lines
-
-
-def test_the_readme_stays_short() -> None:
-    """The README is the front page: 300 lines at most, the rest goes to ``docs/``."""
-    lines = (REPO / "README.md").read_text(encoding="utf-8").splitlines()
-    assert len(lines) <= 300, f"README.md has {len(lines)} lines; move some to docs/"
 
 
 # -- the Grafana dashboard -----------------------------------------------------
@@ -227,10 +225,7 @@ async def test_dashboard_queries_only_series_that_metrics_exports() -> None:
                 await browser.subscribe("PHID-1")
                 await a.post({"subscribers": ["PHID-1"]})
                 await browser.recv()
-                deadline = time.monotonic() + TIMEOUT
-                while not a.server.relay.peers[0].sent:
-                    assert time.monotonic() < deadline, "the relay never arrived"
-                    await asyncio.sleep(0.01)
+                await eventually(lambda: a.server.relay.peers[0].sent, TIMEOUT, "the relay arrived")
                 async with a.session.get(f"{a.admin_url}/metrics") as resp:
                     assert resp.status == 200
                     text = await resp.text()
@@ -533,6 +528,7 @@ LABELLED_BY = {
     "logrotate": "tests/test_docs_logrotate.py",
     "migrate": "tests/test_docs_servers.py",
     "broker": "tests/test_docs_servers.py",
+    "doctor": "tests/test_doctor_paths.py",
 }
 
 #: Blocks no test here runs, by a piece of their text, and why. A new block
@@ -568,7 +564,7 @@ RUN_BY = {
 }
 
 #: Fenced blocks without a language that hold output, not something to run.
-OUTPUT = ("docs/benchmarks.md",)
+OUTPUT = ("docs/benchmarks.md", "docs/doctor.md")
 
 
 def test_every_block_is_run_or_says_why_not() -> None:

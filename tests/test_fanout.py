@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import asyncio
 import functools
+import importlib
 import logging
 import socket
 import struct
@@ -623,3 +624,19 @@ def test_index_errors_propagate_and_leave_it_consistent(loop) -> None:
         sys.unraisablehook = hook
     assert not unraisable, [u.exc_value for u in unraisable]
     assert failures, "some allocation failed inside the calls"
+
+
+@pytest.mark.parametrize(
+    ("module", "base", "made_as"),
+    [
+        ("fastaphlict._subscriber", "Index", "Channel"),
+        ("fastaphlict._outbox", "Outlet", "Subscriber"),
+    ],
+)
+def test_a_base_class_of_the_fan_out_cannot_be_made_on_its_own(
+    module: str, base: str, made_as: str
+) -> None:
+    """Made on its own, a base leaves its subclass's fields unset: a Subscriber
+    attached to a bare Index would read its channel's outbox as None in C."""
+    with pytest.raises(TypeError, match=f"{base} is a base class: make a {made_as}"):
+        getattr(importlib.import_module(module), base)()

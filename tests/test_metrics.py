@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import socket
-import time
 from pathlib import Path
 
 import pytest
@@ -83,11 +81,7 @@ async def test_relay_metrics_per_peer() -> None:
         peer = PeerConfig("127.0.0.1", b.server.admin_ports[0], "http")
         async with run(settings(config=local_config(peers=(peer,)))) as a:
             await a.post({"subscribers": []})
-            deadline = time.monotonic() + TIMEOUT
-            while time.monotonic() < deadline:
-                if a.server.relay.peers[0].sent:
-                    break
-                await asyncio.sleep(0.01)
+            await eventually(lambda: a.server.relay.peers[0].sent, TIMEOUT, "the relay was sent")
             m = await scrape(a)
             label = (("peer", a.server.relay.peers[0].url),)
             assert m[("fastaphlict_relay_sent_total", label)] == 1

@@ -23,10 +23,8 @@ import pytest
 
 from fastaphlict import cli
 from fastaphlict.config import Config, ServerConfig, Settings, load_config
-from fastaphlict.server import Server
 from redis_support import RedisServer
 from support import (
-    TIMEOUT,
     ServerProcess,
     activated,
     as_options,
@@ -36,6 +34,7 @@ from support import (
     listening,
     metric,
     post,
+    run,
     scaled,
     settings,
     spawn,
@@ -271,27 +270,20 @@ def test_a_bad_reuse_port_variable_is_named(
 
 
 async def test_two_servers_share_a_port_only_with_reuse_port() -> None:
-    first = Server(settings(reuse_port=True))
-    await first.start()
-    try:
+    async with run(settings(reuse_port=True)) as first:
+        client_ports, admin_ports = first.server.client_ports, first.server.admin_ports
         shared = Config(
             servers=(
-                ServerConfig("client", first.client_ports[0], "127.0.0.1"),
-                ServerConfig("admin", first.admin_ports[0], "127.0.0.1"),
+                ServerConfig("client", client_ports[0], "127.0.0.1"),
+                ServerConfig("admin", admin_ports[0], "127.0.0.1"),
             )
         )
-        second = Server(settings(config=shared, reuse_port=True))
-        await second.start()
-        try:
-            assert second.client_ports == first.client_ports
-            assert second.admin_ports == first.admin_ports
-        finally:
-            await asyncio.wait_for(second.close(), TIMEOUT)
-        alone = Server(settings(config=shared))
-        with pytest.raises(OSError, match=f"127.0.0.1:{first.client_ports[0]}: Address already in"):
-            await alone.start()
-    finally:
-        await asyncio.wait_for(first.close(), TIMEOUT)
+        async with run(settings(config=shared, reuse_port=True)) as second:
+            assert second.server.client_ports == client_ports
+            assert second.server.admin_ports == admin_ports
+        with pytest.raises(OSError, match=f"127.0.0.1:{client_ports[0]}: Address already in"):
+            async with run(settings(config=shared)):
+                pass
 
 
 # -- --reuse-port: processes ---------------------------------------------------------
@@ -361,10 +353,11 @@ async def test_reuse_port_spreads_clients_and_posts_over_two_processes(
         assert sum(s["clients.total"] for s in seen) == made, "every connection went somewhere"
         # The other took each in from the broker: every process has every message.
         for server in processes:
-            deadline = loop.time() + scaled(10)
-            while (await status(session, server))["messages.in"] != made:
-                assert loop.time() < deadline, await status(session, server)
-                await asyncio.sleep(0.02)
+
+            async def has_every_message(server: ServerProcess = server) -> bool:
+                return (await status(session, server))["messages.in"] == made
+
+            await eventually(has_every_message, scaled(10), "every message in", every=0.02)
 
 
 @pytest.mark.timeout(60)

@@ -127,18 +127,16 @@ async def test_sighup_reopens_log_files_for_logrotate(proc, tmp_path: Path) -> N
     rotated = logfile.with_suffix(".log.1")
     logfile.rename(rotated)
     server.proc.send_signal(signal.SIGHUP)
-    deadline = time.monotonic() + TIMEOUT
-    while not (logfile.exists() and "log files reopened" in logfile.read_text()):
-        assert time.monotonic() < deadline, server.log()
-        await asyncio.sleep(0.02)
+    await eventually(
+        lambda: logfile.exists() and "log files reopened" in logfile.read_text(),
+        TIMEOUT,
+        "log files reopened",
+    )
     async with connect(f"ws://127.0.0.1:{server.client_port}/") as ws:
         await ws.send("not json")  # logged at info, once per socket
         await ws.send('{"command":"ping","data":null}')
         await asyncio.wait_for(ws.recv(), TIMEOUT)
-    deadline = time.monotonic() + TIMEOUT
-    while "ignored frame" not in logfile.read_text():
-        assert time.monotonic() < deadline
-        await asyncio.sleep(0.02)
+    await eventually(lambda: "ignored frame" in logfile.read_text(), TIMEOUT, "ignored frame")
     assert "ignored frame" not in rotated.read_text()
 
 
@@ -209,10 +207,8 @@ async def test_a_summary_line_reports_what_happened_since_the_last(
         await browser.subscribe("PHID-1")
         await srv.post({"subscribers": ["PHID-1"]})
         await asyncio.wait_for(browser.recv(), TIMEOUT)
-        deadline = time.monotonic() + TIMEOUT
-        while not (lines := summaries(caplog, "1 message(s) in")):
-            assert time.monotonic() < deadline, caplog.text
-            await asyncio.sleep(0.02)
+        await eventually(lambda: summaries(caplog, "1 message(s) in"), TIMEOUT, "a summary line")
+        lines = summaries(caplog, "1 message(s) in")
     assert ": 1 socket(s) open, 1 message(s) in, 1 deliveries, 0 replay(s)," in lines[0]
     assert "0 slow disconnect(s), 0 dead disconnect(s)" in lines[0]
     assert not summaries(caplog, "2 message(s) in"), "each line counts since the last"

@@ -153,3 +153,44 @@ def test_a_limit_option_is_its_field_of_limits() -> None:
         assert option.help == spec.metadata["help"] and option.past == spec.metadata["past"]
         assert option.minimum == spec.metadata["minimum"] and option.why == spec.metadata["why"]
         assert option.variable == f"FASTAPHLICT_{option.limit.upper()}"
+
+
+def test_a_digit_int_cannot_read_names_the_variable() -> None:
+    """``²`` passes isdigit(); the error still names the variable, not int()'s complaint."""
+    with pytest.raises(ConfigError) as caught:
+        resolve([], {"FASTAPHLICT_MAX_FRAME_SIZE": "²"})
+    assert str(caught.value) == (
+        "FASTAPHLICT_MAX_FRAME_SIZE=² (environment, for --max-frame-size):"
+        " expected a whole number >= 0, got '²'"
+    )
+
+
+def test_a_digit_int_cannot_read_on_the_flag_is_a_sentence(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """argparse repeats the converter's sentence, not the converter's function name."""
+    with pytest.raises(SystemExit):
+        resolve(["--max-frame-size=²"], {})
+    err = capsys.readouterr().err
+    assert "argument --max-frame-size: expected a whole number >= 0, got '²'" in err, err
+    assert "_parse_count" not in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "environ", "named"),
+    [
+        (["--broker-ca-file=/ca.pem"], {}, "--broker-ca-file applies"),
+        (
+            [],
+            {"FASTAPHLICT_BROKER_CA_FILE": "/ca.pem"},
+            "FASTAPHLICT_BROKER_CA_FILE (environment, for --broker-ca-file) applies",
+        ),
+    ],
+)
+def test_a_broker_ca_file_without_rediss_names_where_it_was_set(
+    argv: list[str], environ: dict[str, str], named: str
+) -> None:
+    environ = {**environ, "FASTAPHLICT_BROKER": "redis://127.0.0.1:6379/0"}
+    with pytest.raises(ConfigError) as caught:
+        resolve(argv, environ)
+    assert str(caught.value) == f"{named} to a rediss:// broker, not redis://127.0.0.1:6379/0"

@@ -52,6 +52,7 @@ from support import (
     ServerProcess,
     assert_cancelled_promptly,
     cancel_and_wait,
+    eventually,
     scaled,
     spawn,
     wait_healthy,
@@ -94,9 +95,15 @@ def open_files(server: ServerProcess) -> int:
 
 async def open_files_settled(server: ServerProcess, target: int, within: float = 2.0) -> int:
     """Open files, read again for up to ``within`` s (scaled) until at most ``target``."""
-    deadline = time.monotonic() + scaled(within)
-    while (count := open_files(server)) > target and time.monotonic() < deadline:
-        await asyncio.sleep(0.05)
+    count = open_files(server)
+
+    def settled() -> bool:
+        nonlocal count
+        count = open_files(server)
+        return count <= target
+
+    with contextlib.suppress(AssertionError):  # the caller asserts on the count read last
+        await eventually(settled, scaled(within), "open files settled", every=0.05)
     return count
 
 
@@ -350,14 +357,12 @@ class Soak:
 
     async def settle(self) -> None:
         """Wait until the server holds only the stable tabs again (in both instances)."""
-        deadline = time.monotonic() + scaled(10.0)
-        while True:
+
+        async def only_stable() -> bool:
             default, other = await self.status(), await self.status("soak-other")
-            if (default["clients.active"], other["clients.active"]) == (self.options.stable, 0):
-                return
-            if time.monotonic() > deadline:
-                raise AssertionError(f"sockets left open: {default}, {other}")
-            await asyncio.sleep(0.05)
+            return (default["clients.active"], other["clients.active"]) == (self.options.stable, 0)
+
+        await eventually(only_stable, scaled(10.0), "only the stable tabs open", every=0.05)
 
     async def churn_for(self, seconds: float) -> None:
         """Post and churn for ``seconds``, then let every churner finish its connection."""

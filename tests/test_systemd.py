@@ -32,6 +32,7 @@ from support import (
     Browser,
     ServerProcess,
     activated,
+    eventually,
     listening,
     post,
     scaled,
@@ -200,17 +201,15 @@ async def test_tls_applies_to_an_inherited_socket(
 
 
 async def _until_ok(session: aiohttp.ClientSession, url: str, server: ServerProcess) -> None:
-    deadline = asyncio.get_running_loop().time() + STARTUP
-    while True:
+    async def ok() -> bool:
         assert server.proc.poll() is None, server.log()
         try:
             async with session.get(url, timeout=aiohttp.ClientTimeout(total=scaled(1))) as resp:
-                if resp.status == 200:
-                    return
+                return resp.status == 200
         except (aiohttp.ClientError, asyncio.TimeoutError):
-            pass
-        assert asyncio.get_running_loop().time() < deadline, server.log()
-        await asyncio.sleep(0.05)
+            return False
+
+    await eventually(ok, STARTUP, f"{url} answers 200", every=0.05)
 
 
 def test_an_unmatched_inherited_socket_is_a_one_line_error(

@@ -11,7 +11,6 @@ import asyncio
 import http.client
 import json
 import ssl
-import time
 from pathlib import Path
 
 import aiohttp
@@ -21,7 +20,7 @@ from websockets.asyncio.client import connect
 
 from fastaphlict.config import Config, ConfigError, PeerConfig, ServerConfig
 from fastaphlict.config.tls import server_context
-from support import PHORGE_CONTENT_TYPE, TIMEOUT, Browser, run, settings
+from support import PHORGE_CONTENT_TYPE, TIMEOUT, Browser, eventually, run, settings
 
 
 @pytest.fixture(scope="module")
@@ -129,11 +128,7 @@ async def test_relay_refuses_an_unverifiable_https_peer(pki: dict) -> None:  # t
             )
         ) as a:  # no CA given: the system store doesn't know our throwaway root
             assert (await a.post({"subscribers": []})).status == 200
-            deadline = time.monotonic() + TIMEOUT
-            while time.monotonic() < deadline:
-                if a.server.relay.peers[0].failed:
-                    break
-                await asyncio.sleep(0.01)
+            await eventually(lambda: a.server.relay.peers[0].failed, TIMEOUT, "the relay failed")
             assert a.server.relay.peers[0].failed == 1
             assert a.server.relay.peers[0].fingerprint is None
             assert b.hub.stats.messages_in == 0

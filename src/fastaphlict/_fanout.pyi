@@ -1,4 +1,4 @@
-"""Typed face of the compiled fan-out module (kept by hand; a test checks it)."""
+"""Typed face of the compiled fan-out: what _fanout re-exports (kept by hand; a test checks it)."""
 
 from collections.abc import Callable, Collection, Iterable
 from typing import Any, Final

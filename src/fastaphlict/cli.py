@@ -120,9 +120,16 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     """Run the command line; returns the process exit status instead of exiting.
 
     ``environ`` (default ``os.environ``) is the only environment read.
+    ``fastaphlict doctor ...`` runs the doctor instead (Phorge's launcher
+    never passes a positional word, so no server command line starts so).
     """
+    args = sys.argv[1:] if argv is None else list(argv)
+    if args[:1] == ["doctor"]:
+        from fastaphlict import doctor  # not the server: no compiled module needed
+
+        return doctor.main(args[1:])
     try:
-        settings = resolve(argv, os.environ if environ is None else environ)
+        settings = resolve(args, os.environ if environ is None else environ)
     except SystemExit as exc:
         # argparse exits for --help (0) and usage errors (2); report, don't exit,
         # so main() stays callable from tests and embedding code.

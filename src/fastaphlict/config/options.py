@@ -65,6 +65,9 @@ environment (used only when neither --config nor APHLICT_CONFIG names a file):
 signals:
   SIGTERM, SIGINT  drain and exit (a second one exits at once)
   SIGHUP           reopen log files (for logrotate)
+
+fastaphlict doctor [options]: check the path of browsers and Phorge to the
+  servers of notification.servers, step by step (fastaphlict doctor --help)
 """
 
 
@@ -79,9 +82,14 @@ def parse_bool(value: str) -> bool:
 
 
 def _parse_count(value: str) -> int:
-    if not value.strip().isdigit():
+    # isdigit() also holds for digits int() does not read ("²"): refused the same way.
+    try:
+        count = int(value) if value.strip().isdigit() else -1
+    except ValueError:
+        count = -1
+    if count < 0:
         raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {value!r}")
-    return int(value)
+    return count
 
 
 def _parse_list(value: str) -> tuple[str, ...]:

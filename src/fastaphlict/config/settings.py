@@ -194,7 +194,11 @@ def _broker(
     except ConfigError as exc:
         raise ConfigError(f"{where}: {exc}") from None
     if ca_file and not config.tls:
-        raise ConfigError(f"--broker-ca-file applies to a rediss:// broker, not {config.display}")
+        # Named as the operator set it: the flag, or the variable it came from.
+        origin = "--broker-ca-file"
+        if not args.broker_ca_file:
+            origin = f"{PATH_VARIABLES['broker_ca_file']} (environment, for --broker-ca-file)"
+        raise ConfigError(f"{origin} applies to a rediss:// broker, not {config.display}")
     if args.broker_sentinel_password is not None:
         secret, where = args.broker_sentinel_password, "--broker-sentinel-password"
     else:
