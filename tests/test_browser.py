@@ -6,11 +6,8 @@ the socket closes. The test posts to the admin port as Phorge's PHP does and
 reads what the page received, then restarts the server and checks that the
 page comes back on its own.
 
-Chromium is Debian's ``chromium`` package (``tests/install-deps.sh`` installs
-it), driven by Playwright for Python; Playwright's own browser download is never
-used. Where ``/usr/bin/chromium`` is missing the test skips, unless ``CI`` is
-set: there it fails, so that CI cannot pass without having run it
-(``support.require``).
+Chromium is Debian's, under Playwright (``browser_support.py`` says how it is
+started, and when a missing one skips or fails).
 """
 
 from __future__ import annotations
@@ -27,24 +24,10 @@ from urllib.parse import urlencode
 
 import pytest
 
-from support import PHORGE_CONTENT_TYPE, TIMEOUT, ServerProcess, require, scaled, spawn
+from browser_support import WAIT_MS, chromium
+from support import PHORGE_CONTENT_TYPE, TIMEOUT, ServerProcess, scaled, spawn
 
-CHROMIUM = Path("/usr/bin/chromium")
-# Without the networking flags Chromium phones home at start-up (updates,
-# sync, field trials); on a closed network those connections fail slowly.
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 PAGE = Path(__file__).with_name("browser_page.html")
-#: Generous: Chromium and the server share two loaded cores in CI.
-WAIT_MS = round(scaled(15) * 1000)
 
 USER = "PHID-USER-alice"
 TASK = "PHID-TASK-acme1"
@@ -71,24 +54,9 @@ def status(server: ServerProcess, instance: str = "acme") -> dict[str, Any]:
 
 @pytest.fixture
 def browser() -> Iterator[Any]:
-    """Headless Debian Chromium under Playwright; skips (fails under CI) when either is absent."""
-    require(
-        CHROMIUM.exists(),
-        f"{CHROMIUM} is missing (Debian: apt-get install chromium)",
-        "the browser test",
-    )
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        require(False, "playwright is not installed (pip install '.[test]')", "the browser test")
-    with sync_playwright() as pw:
-        chromium = pw.chromium.launch(
-            executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, timeout=scaled(60) * 1000
-        )
-        try:
-            yield chromium
-        finally:
-            chromium.close()
+    """Headless Debian Chromium (``browser_support.chromium``)."""
+    with chromium() as launched:
+        yield launched
 
 
 @pytest.fixture

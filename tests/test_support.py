@@ -548,6 +548,9 @@ ALLOWED_CLOCK_LOOPS: dict[tuple[str, str], str] = {
     ),
     ("test_restart.py", "post_steadily"): "posts at a set rate for a period: load, not a wait",
     ("test_soak.py", "post_forever"): "posts at a set rate until told to stop: load, not a wait",
+    ("test_dashboard_browser.py", "_traffic"): (
+        "posts at a rate that rises and falls for a period: load for the page to show, not a wait"
+    ),
     ("test_docs_cluster.py", "wait_gone"): (
         "synchronous (eventually awaits), and it returns what outlived the bound for the"
         " caller to kill and report"

@@ -37,7 +37,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from prometheus_client import CollectorRegistry
 
-from fastaphlict import metrics
+from fastaphlict import dashboard, metrics
 from fastaphlict.address import format_address
 from fastaphlict.hub import Hub
 from fastaphlict.peers import PeerRelay
@@ -277,6 +277,7 @@ def make_app(
     app.router.add_route("*", "/", handle_root)
     app.router.add_get("/status/", handle_status)
     app.router.add_get("/healthz", handle_healthz)
+    dashboard.add_routes(app, hub, relay, broker)
     return app
 
 

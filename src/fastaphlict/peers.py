@@ -151,6 +151,11 @@ class Peer:
         """Messages waiting for this peer, not counting one in flight."""
         return len(self._queue)
 
+    @property
+    def failing(self) -> bool:
+        """Whether the last relay to this peer failed (until one succeeds)."""
+        return self._failing
+
     def __repr__(self) -> str:
         return (
             f"<Peer {self.url} fingerprint={self.fingerprint!r} sent={self.sent}"

@@ -166,6 +166,11 @@ class Broker:
         return self._publisher.buffered
 
     @property
+    def last_catch_up(self) -> tuple[int, float, float] | None:
+        """The last catch-up read: messages new to this node, seconds, when it ended (monotonic)."""
+        return self._link.last_catch_up
+
+    @property
     def on_restored(self) -> Callable[[], None] | None:
         """Called once every restored message is acknowledged by Redis (or dropped)."""
         return self._publisher.on_restored

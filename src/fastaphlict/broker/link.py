@@ -188,6 +188,8 @@ class Link:
         #: Linked, but our first probe has not come back yet; what the catch-up brought.
         self.awaiting_probe = False
         self._caught_up = 0
+        #: The last catch-up: messages it brought, seconds it took, when it ended (monotonic).
+        self.last_catch_up: tuple[int, float, float] | None = None
         #: Why the subscription was closed on purpose (a stall, a new primary), for the log line.
         self._stall: Exception | None = None
         #: Redis' run_id when last linked: another one means another server.
@@ -291,7 +293,10 @@ class Link:
                 reads = await self._events.connect_primary("catch-up")
                 try:
                     await self._check_identity(reads)
+                    began = time.monotonic()
                     caught_up = await self.catch_up(reads)
+                    ended = time.monotonic()
+                    self.last_catch_up = (caught_up, ended - began, ended)
                 finally:
                     reads.close()
                 held, self._held = self._held, None
