@@ -404,6 +404,31 @@ def spawn_node_aphlict(
     return ServerProcess(proc, ports[0], ports[1], log_path, command, {})
 
 
+def spawn_floor(log_path: Path, kind: str, ports: Sequence[int] | None = None) -> ServerProcess:
+    """A benchmark floor on loopback: ``minimal`` (both ports) or ``bare`` (client port only).
+
+    They are the bench package's own processes, not fastaphlict (no ``/healthz``):
+    this returns once the client port accepts, and fails with the log if the
+    process exits first.
+    """
+    client_port, admin_port = ports or free_ports(2)
+    command = [sys.executable, "-m", f"fastaphlict.bench.{kind}", f"--client-port={client_port}"]
+    if kind == "minimal":
+        command.append(f"--admin-port={admin_port}")
+    env = child_env()
+    server = ServerProcess(
+        _popen(command, env, log_path), client_port, admin_port, log_path, command, env
+    )
+    deadline = time.monotonic() + STARTUP
+    while True:
+        code = server.proc.poll()
+        assert code is None, f"{kind} floor exited with {code}:\n{server.log()}"
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", client_port), 1):
+            return server
+        assert time.monotonic() < deadline, f"{kind} floor not listening:\n{server.log()}"
+        time.sleep(0.05)
+
+
 def stop(*servers: ServerProcess, within: float = SHUTDOWN) -> None:
     """SIGTERM every server still running, then kill what outlives one shared deadline."""
     running = [server.proc for server in servers if server.proc.poll() is None]
