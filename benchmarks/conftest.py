@@ -154,6 +154,7 @@ _COLUMNS: list[tuple[str, str, str]] = [
     ("srv us/msg", "server_cpu_per_message_us", ".1f"),
     ("floor us/send", "floor_cpu_per_send_us", ".2f"),
     ("x floor", "ratio_to_floor", ".2f"),
+    ("x own floor", "ratio_to_own_floor", ".2f"),
     ("ovh us/msg", "overhead_per_message_us", ".0f"),
     ("redis us/deliv", "redis_cpu_per_delivery_us", ".2f"),
     ("noise %", "noise_pct", ".0f"),
@@ -244,6 +245,21 @@ def target_lines(rows: list[dict[str, Any]]) -> list[str]:
                     f"  server CPU/message beyond the floor: {oa:.0f} -> {ob:.0f} us"
                     f" ({ob / oa:.2f}x)"
                 )
+    # Issue 19's goals against the floors measured beside fastaphlict in the same test.
+    if "targeted/minimal" in named:
+        check(
+            "targeted CPU/delivery vs the minimal server",
+            named["targeted/minimal"].get("ratio_to_own_floor"),
+            0.8,
+            "x",
+        )
+    if "storm-empty/bare" in named:
+        check(
+            "empty-history storm CPU/tab vs the bare protocol",
+            named["storm-empty/bare"].get("ratio_to_own_floor"),
+            1.8,
+            "x",
+        )
     if "latency" in named:
         row = named["latency"]
         where = f"at {row['rate']:g} msg/s, {row['sockets']} sockets"

@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 
 from fastaphlict.bench import Options, Result, run
-from support import ServerProcess, log_problems
+from support import ServerProcess, log_problems, spawn_floor
 
 QUICK = os.environ.get("FASTAPHLICT_BENCH_QUICK", "").lower() not in ("", "0", "false", "no")
 
@@ -180,3 +180,61 @@ def test_storm(benchmark: Any, server: ServerProcess, record: Any, history: int)
     assert result.replay_tabs_wrong == 0
     assert result.out_of_order == 0
     assert result.replay_frames_received == result.replay_frames_expected
+
+
+# -- fastaphlict beside the floors written for issue 19, in one test each ---------
+
+
+def _floor_scenario(floor: ServerProcess, record: Any, name: str, **options: Any) -> Result:
+    """The same scenario against a floor server; it must lose nothing either."""
+    opts = Options(
+        client_url=f"{floor.client_url}/",
+        admin_url=f"{floor.admin_url}/",
+        server_pid=floor.pid,
+        **{"windows": WINDOWS, "floor": False, **options},
+    )
+    result = run(opts)
+    record({"name": name, **result.as_dict()})
+    assert result.post_errors == 0, result.first_post_error
+    assert result.loss == 0, f"{name}: {result.loss} of {result.deliveries_expected} lost"
+    assert result.duplicates == 0 and result.unexpected == 0
+    return result
+
+
+def _beside(benchmark: Any, record: Any, name: str, ours: Result, theirs: Result, key: str) -> None:
+    """Ours over the floor's ``key``: a row of the table and ``extra_info`` (never asserted)."""
+    a, b = getattr(ours, key), getattr(theirs, key)
+    ratio = a / b if a and b else None
+    benchmark.extra_info["ratio_to_own_floor"] = ratio
+    benchmark.extra_info[f"floor_{key}"] = b
+    record({"name": name, "ratio_to_own_floor": ratio})
+
+
+def test_targeted_beside_the_minimal_server(
+    benchmark: Any, server: ServerProcess, record: Any, tmp_path: Any
+) -> None:
+    """Goal 1's figure: CPU per delivery over the minimal server's, same mix, same run."""
+    mix: dict[str, Any] = {"scenario": "targeted", "sockets": SOCKETS}
+    ours = _scenario(
+        benchmark,
+        server,
+        record,
+        "targeted-vs-minimal",
+        messages=TARGETED_MESSAGES,
+        floor=False,
+        **mix,
+    )
+    with spawn_floor(tmp_path / "minimal.log", "minimal") as minimal:
+        theirs = _floor_scenario(minimal, record, "minimal", messages=TARGETED_MESSAGES, **mix)
+    _beside(benchmark, record, "targeted/minimal", ours, theirs, "server_cpu_per_delivery_us")
+
+
+def test_empty_storm_beside_the_bare_protocol(
+    benchmark: Any, server: ServerProcess, record: Any, tmp_path: Any
+) -> None:
+    """Goal 3's figure: CPU per tab of an empty-history storm over the bare protocol's."""
+    mix: dict[str, Any] = {"scenario": "storm", "sockets": STORM_TABS, "history": 0}
+    ours = _scenario(benchmark, server, record, "storm-empty-vs-bare", **mix)
+    with spawn_floor(tmp_path / "bare.log", "bare") as bare:
+        theirs = _floor_scenario(bare, record, "bare", **mix)
+    _beside(benchmark, record, "storm-empty/bare", ours, theirs, "server_cpu_per_tab_us")
