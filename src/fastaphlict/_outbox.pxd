@@ -19,6 +19,7 @@ cdef class Outlet:
 cdef class Outbox:
     cdef list _dirty        # Outlets with pending frames, first-queued first
     cdef bint _scheduled
+    cdef object _loop       # the loop the last flush was scheduled on, or None
     cdef readonly Py_ssize_t coalesced  # frames that shared a write with another
     cdef public unsigned long long bytes_sent  # frame bytes handed to sockets
     cdef public Py_ssize_t max_buffered
