@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Sequence
-from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 import orjson
@@ -18,6 +17,7 @@ import orjson
 from fastaphlict.bench.floor import run_floor
 from fastaphlict.bench.model import (
     FAKE_TOUCHED,
+    PHORGE_CONTENT_TYPE,
     Model,
     Options,
     Result,
@@ -37,7 +37,15 @@ from fastaphlict.bench.procfs import (
     server_rss_bytes,
 )
 from fastaphlict.bench.storm import run_storm
-from fastaphlict.bench.tabs import Collector, Tab, close_tabs, no_gc, open_tabs, sync_all
+from fastaphlict.bench.tabs import (
+    Collector,
+    Tab,
+    admin_post_url,
+    close_tabs,
+    no_gc,
+    open_tabs,
+    sync_all,
+)
 
 # -- the scenario -------------------------------------------------------------
 
@@ -128,21 +136,31 @@ async def run_scenario(opts: Options) -> Result:
     return result
 
 
+#: What the warm-up posts: a type no browser acts on, for nobody (it is stored
+#: in the history and reaches no socket, as Phorge's own empty posts do).
+WARM_UP = orjson.dumps({"type": "fastaphlict.bench.warm-up", "subscribers": []})
+
+
 async def warm_up(opts: Options, session: aiohttp.ClientSession) -> None:
-    """Open every keep-alive admin connection with concurrent status reads.
+    """Open every keep-alive admin connection with concurrent posts, as Phorge's are.
 
     Otherwise the first window pays the TCP handshakes (and the server its
     accepts) of all ``concurrency`` connections: in a burst run that made the
-    first window cost twice the others.
+    first window cost twice the others. The connections are opened with a
+    ``POST /`` rather than a status read: a server may serve Phorge's posts
+    on a path of its own and leave any other first request to a general HTTP
+    stack for the rest of the connection (fastaphlict does), and the
+    measured posts must take the path Phorge's take.
     """
-    status_url = urlunsplit(urlsplit(opts.admin_url)._replace(path="/status/", query=""))
+    url = admin_post_url(opts)
+    headers = {"Content-Type": PHORGE_CONTENT_TYPE}
 
-    async def read() -> None:
+    async def post() -> None:
         with contextlib.suppress(Exception):
-            async with session.get(status_url) as resp:
+            async with session.post(url, data=WARM_UP, headers=headers) as resp:
                 await resp.read()
 
-    await asyncio.gather(*(read() for _ in range(effective_concurrency(opts))))
+    await asyncio.gather(*(post() for _ in range(effective_concurrency(opts))))
 
 
 async def _measure(
