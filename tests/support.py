@@ -404,17 +404,26 @@ def spawn_node_aphlict(
     return ServerProcess(proc, ports[0], ports[1], log_path, command, {})
 
 
-def spawn_floor(log_path: Path, kind: str, ports: Sequence[int] | None = None) -> ServerProcess:
+def spawn_floor(
+    log_path: Path,
+    kind: str,
+    ports: Sequence[int] | None = None,
+    command: Sequence[str] | None = None,
+) -> ServerProcess:
     """A benchmark floor on loopback: ``minimal`` (both ports) or ``bare`` (client port only).
 
     They are the bench package's own processes, not fastaphlict (no ``/healthz``):
     this returns once the client port accepts, and fails with the log if the
-    process exits first.
+    process exits first. ``command`` (a documented one) replaces the usual
+    command line; it must listen on ``ports``.
     """
     client_port, admin_port = ports or free_ports(2)
-    command = [sys.executable, "-m", f"fastaphlict.bench.{kind}", f"--client-port={client_port}"]
-    if kind == "minimal":
-        command.append(f"--admin-port={admin_port}")
+    if command is None:
+        command = [sys.executable, "-m", f"fastaphlict.bench.{kind}"]
+        command.append(f"--client-port={client_port}")
+        if kind == "minimal":
+            command.append(f"--admin-port={admin_port}")
+    command = list(command)
     env = child_env()
     server = ServerProcess(
         _popen(command, env, log_path), client_port, admin_port, log_path, command, env

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shlex
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,8 +18,9 @@ import aiohttp
 import pytest
 from websockets.asyncio.client import connect
 
+from docs_support import labelled, runnable
 from fastaphlict.bench.minimal import frame, unmask
-from support import TIMEOUT, Browser, ServerProcess, post, spawn_floor
+from support import TIMEOUT, Browser, ServerProcess, free_ports, post, spawn_floor
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -116,3 +118,22 @@ async def test_the_bare_protocol_answers_pings_and_drops_the_rest(bare: ServerPr
         await tab.subscribe("PHID-1")
         await ws.send(json.dumps({"command": "replay", "data": {"age": 60000}}))
         await tab.sync()  # the pong is the first frame: subscribe and replay sent nothing
+
+
+async def test_the_documented_floor_commands_start_correct_floors(tmp_path: Path) -> None:
+    """docs/benchmarks.md's two commands, as written, on free ports instead of 23280/23281."""
+    minimal_command, bare_command = labelled("floors").commands
+    for kind, command in (("minimal", minimal_command), ("bare", bare_command)):
+        assert f"fastaphlict.bench.{kind}" in command
+        client, admin = free_ports(2)
+        text = runnable(command).replace("23280", str(client)).replace("23281", str(admin))
+        argv = shlex.split(text)
+        with spawn_floor(tmp_path / f"{kind}.log", kind, (client, admin), argv) as floor:
+            async with connect(f"{floor.client_url}/", open_timeout=TIMEOUT) as ws:
+                tab = Browser(ws)
+                await tab.subscribe("PHID-DOCS")
+                if kind == "minimal":
+                    async with aiohttp.ClientSession() as session:
+                        message = {"key": "docs", "subscribers": ["PHID-DOCS"]}
+                        assert (await post(session, floor.admin_url, message)).status == 200
+                    assert (await tab.recv())["key"] == "docs"

@@ -529,6 +529,7 @@ LABELLED_BY = {
     "migrate": "tests/test_docs_servers.py",
     "broker": "tests/test_docs_servers.py",
     "doctor": "tests/test_doctor_paths.py",
+    "floors": "tests/test_bench_floors.py",
 }
 
 #: Blocks no test here runs, by a piece of their text, and why. A new block
