@@ -14,11 +14,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import contextlib
-import hashlib
 
-from fastaphlict.bench.minimal import GUID, PONG, unmask
+from fastaphlict.bench.minimal import PONG, next_frame, switching
 
 __all__ = ["Bare", "main", "serve"]
 
@@ -49,40 +47,18 @@ class Bare(asyncio.Protocol):
                 if name.strip().lower() == b"sec-websocket-key":
                     key = value.strip()
             del buf[: end + 4]
-            accept = base64.b64encode(hashlib.sha1(key + GUID).digest())
-            transport.write(
-                b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
-                b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept + b"\r\n\r\n"
-            )
+            transport.write(switching(key))
             self.open = True
-        while len(buf) >= 2:
-            size = buf[1] & 0x7F
-            pos = 2
-            if size == 126:
-                if len(buf) < 4:
-                    return
-                size = int.from_bytes(buf[2:4], "big")
-                pos = 4
-            elif size == 127:
-                if len(buf) < 10:
-                    return
-                size = int.from_bytes(buf[2:10], "big")
-                pos = 10
-            masked = 4 if buf[1] & 0x80 else 0
-            if len(buf) < pos + masked + size:
-                return
-            opcode = buf[0] & 0x0F
-            # Only a short text frame can be a ping command; look at nothing else.
-            if opcode == 0x1 and size < 64:
-                payload = bytes(buf[pos + masked : pos + masked + size])
-                if masked:
-                    payload = unmask(payload, bytes(buf[pos : pos + 4]))
-                if b'"ping"' in payload:
-                    transport.write(PONG)
-            elif opcode == 0x8:
+        # Only a short text frame can be a ping command: longer ones (subscribe,
+        # replay) are framed and dropped unread.
+        while (found := next_frame(buf, 63)) is not None:
+            opcode, payload, end = found
+            del buf[:end]
+            if opcode == 0x8:
                 transport.close()
                 return
-            del buf[: pos + masked + size]
+            if opcode == 0x1 and b'"ping"' in payload:
+                transport.write(PONG)
 
 
 async def serve(host: str, port: int) -> None:

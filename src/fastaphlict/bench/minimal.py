@@ -29,7 +29,7 @@ import secrets
 
 import orjson
 
-__all__ = ["GUID", "frame", "main", "serve", "unmask"]
+__all__ = ["GUID", "PONG", "frame", "main", "next_frame", "serve", "switching", "unmask"]
 
 #: RFC 6455's GUID for ``Sec-WebSocket-Accept``.
 GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
@@ -64,6 +64,46 @@ def unmask(payload: bytes, mask: bytes) -> bytes:
 
 
 PONG = frame(b'{"type":"pong"}')
+
+
+def switching(key: bytes) -> bytes:
+    """The 101 answer to an upgrade that sent ``Sec-WebSocket-Key: key``."""
+    accept = base64.b64encode(hashlib.sha1(key + GUID).digest())
+    return (
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+        b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept + b"\r\n\r\n"
+    )
+
+
+def next_frame(buf: bytearray, most: int = 1 << 62) -> tuple[int, bytes, int] | None:
+    """``(opcode, payload unmasked, its end)`` of the first frame in ``buf``; None while partial.
+
+    A payload over ``most`` bytes is framed but not copied or unmasked (``b""``).
+    """
+    if len(buf) < 2:
+        return None
+    size = buf[1] & 0x7F
+    pos = 2
+    if size == 126:
+        if len(buf) < 4:
+            return None
+        size = int.from_bytes(buf[2:4], "big")
+        pos = 4
+    elif size == 127:
+        if len(buf) < 10:
+            return None
+        size = int.from_bytes(buf[2:10], "big")
+        pos = 10
+    masked = 4 if buf[1] & 0x80 else 0
+    end = pos + masked + size
+    if len(buf) < end:
+        return None
+    if size > most:
+        return buf[0] & 0x0F, b"", end
+    payload = bytes(buf[pos + masked : end])
+    if masked:
+        payload = unmask(payload, bytes(buf[pos : pos + 4]))
+    return buf[0] & 0x0F, payload, end
 
 
 class Tab(asyncio.Protocol):
@@ -111,40 +151,16 @@ class Tab(asyncio.Protocol):
             self.transport.write(_NOT_WEBSOCKET)
             self.transport.close()
             return False
-        accept = base64.b64encode(hashlib.sha1(key.encode() + GUID).digest())
-        self.transport.write(
-            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
-            b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept + b"\r\n\r\n"
-        )
+        self.transport.write(switching(key.encode()))
         self.open = True
         return True
 
     def _frames(self) -> None:
         """Every whole frame in the buffer; a partial one waits for more bytes."""
         buf = self.buf
-        while len(buf) >= 2:
-            opcode = buf[0] & 0x0F
-            size = buf[1] & 0x7F
-            pos = 2
-            if size == 126:
-                if len(buf) < 4:
-                    return
-                size = int.from_bytes(buf[2:4], "big")
-                pos = 4
-            elif size == 127:
-                if len(buf) < 10:
-                    return
-                size = int.from_bytes(buf[2:10], "big")
-                pos = 10
-            masked = buf[1] & 0x80
-            if len(buf) < pos + (4 if masked else 0) + size:
-                return
-            mask = bytes(buf[pos : pos + 4]) if masked else b""
-            pos += 4 if masked else 0
-            payload = bytes(buf[pos : pos + size])
-            del buf[: pos + size]
-            if masked:
-                payload = unmask(payload, mask)
+        while (found := next_frame(buf)) is not None:
+            opcode, payload, end = found
+            del buf[:end]
             if not self._on_frame(opcode, payload):
                 return
 
