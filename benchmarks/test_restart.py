@@ -35,6 +35,7 @@ import asyncio
 import os
 import signal
 import socket
+import sys
 import time
 from array import array
 from pathlib import Path
@@ -47,6 +48,7 @@ from picows import WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
 
 import support
 from fastaphlict.bench import raise_nofile_limit
+from fastaphlict.bench.procfs import server_cpu_seconds
 
 QUICK = os.environ.get("FASTAPHLICT_BENCH_QUICK", "").lower() not in ("", "0", "false", "no")
 
@@ -62,6 +64,9 @@ PHIDS_PER_TAB = 3
 #: Concurrent keep-alive posting connections, and tabs connecting at once.
 POSTERS = 32
 CONNECTING = 256
+#: The client socket's Backlog=, as contrib/fastaphlict.socket sets it: room for
+#: every tab's reconnection at once (capped by net.core.somaxconn).
+BACKLOG = 16384
 REPLAY = orjson.dumps({"command": "replay", "data": {"age": 60000}})
 PING = b'{"command":"ping","data":null}'
 PONG = b'{"type":"pong"}'
@@ -204,7 +209,7 @@ def expected_ids(state: TabState) -> list[int]:
 
 async def scenario(tmp_path: Path, notify: socket.socket) -> dict[str, Any]:
     loop = asyncio.get_running_loop()
-    client, admin = support.listening(), support.listening()
+    client, admin = support.listening(backlog=BACKLOG), support.listening()
     args = (f"--state-dir={tmp_path / 'state'}",)
     servers = [support.activated(tmp_path / "first.log", [client, admin], args=args)]
     client_url = f"ws://127.0.0.1:{client.getsockname()[1]}"
@@ -251,7 +256,7 @@ async def scenario(tmp_path: Path, notify: socket.socket) -> dict[str, Any]:
             except BlockingIOError:
                 break
 
-        def play_systemd() -> tuple[int, int]:
+        def play_systemd() -> tuple[int, int, float, float]:
             """In a thread, as systemd does it, whatever the tabs keep this loop busy with:
             wait for the exit, start the new process, wait for its READY=1. Returns the
             exit's and READY's times."""
@@ -261,12 +266,30 @@ async def scenario(tmp_path: Path, notify: socket.socket) -> dict[str, Any]:
             notify.settimeout(support.STARTUP)
             while not notify.recv(4096).startswith(b"READY=1"):
                 pass
-            return exit_ns, time.monotonic_ns()
+            ready_ns = time.monotonic_ns()
+            return exit_ns, ready_ns, server_cpu_seconds(servers[1].proc.pid), time.process_time()
 
+        # The tabs keep this process's GIL busy; at the default 5 ms switch interval
+        # every step of the systemd thread (the wait, the fork and exec, READY's
+        # recv) waited for it, which delayed the new process's exec and the READY
+        # reading by up to 0.25 s. systemd is another process and does not wait so.
+        switch = sys.getswitchinterval()
+        sys.setswitchinterval(0.0001)
+        tabs_sigterm_cpu = time.process_time()
         sigterm_ns = time.monotonic_ns()
         servers[0].proc.send_signal(signal.SIGTERM)
-        exit_ns, ready_ns = await loop.run_in_executor(None, play_systemd)
+        try:
+            exit_ns, ready_ns, server_ready_cpu, tabs_ready_cpu = await loop.run_in_executor(
+                None, play_systemd
+            )
+        finally:
+            sys.setswitchinterval(switch)
         await asyncio.wait_for(asyncio.gather(*returning), timeout)
+        # Where the time went: the new server's CPU (from its exec to READY=1, and
+        # after), and this process's (the tabs: their closes and reconnections, the
+        # handshakes and the replayed frames, all in Python).
+        server_cpu = server_cpu_seconds(servers[1].proc.pid) - server_ready_cpu
+        tabs_cpu = time.process_time() - tabs_ready_cpu
 
         assert "state: loaded" in servers[1].log(), servers[1].log()
         wrong = [n for n, s in enumerate(states) if s.foreign or sorted(s.ids) != expected_ids(s)]
@@ -286,6 +309,11 @@ async def scenario(tmp_path: Path, notify: socket.socket) -> dict[str, Any]:
             "sigterm_to_all_replayed_ms": round(back[-1], 1),
             "tab_replayed_p50_ms": round(back[len(back) // 2], 1),
             "tab_replayed_p90_ms": round(back[len(back) * 9 // 10], 1),
+            "ready_to_all_replayed_ms": round(back[-1] - (ready_ns - sigterm_ns) / 1e6, 1),
+            "server_cpu_to_ready_s": round(server_ready_cpu, 2),
+            "tabs_cpu_to_ready_s": round(tabs_ready_cpu - tabs_sigterm_cpu, 2),
+            "server_cpu_after_ready_s": round(server_cpu, 2),
+            "tabs_cpu_after_ready_s": round(tabs_cpu, 2),
             "reconnects_max": max(s.connections for s in states) - 1,
         }
     finally:

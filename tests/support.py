@@ -892,12 +892,15 @@ def blackholed_port() -> Iterator[int]:
 # -- started as systemd starts it: listening sockets handed over as fds 3, 4... ----
 
 
-def listening(port: int = 0) -> socket.socket:
-    """A listening socket as systemd's ListenStream= makes one."""
+def listening(port: int = 0, backlog: int = 4096) -> socket.socket:
+    """A listening socket as systemd's ListenStream= makes one (``Backlog=``: ``backlog``).
+
+    The kernel caps the backlog at ``net.core.somaxconn`` without a word.
+    """
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", port))
-    sock.listen(4096)
+    sock.listen(backlog)
     return sock
 
 
