@@ -297,7 +297,8 @@ def target_lines(rows: list[dict[str, Any]]) -> list[str]:
         )
     if "idle" in named:
         value = named["idle"].get("bytes_per_socket")
-        check("idle RSS per subscribed socket", None if value is None else value / 1024, 7.0, " KB")
+        # Issue 19's goal; docs/benchmarks.md accounts for the bytes against it.
+        check("idle RSS per subscribed socket", None if value is None else value / 1024, 3.5, " KB")
     return out
 
 
