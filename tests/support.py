@@ -347,6 +347,7 @@ def spawn(
     config: dict[str, Any] | None = None,
     ports: Sequence[int] | None = None,
     env: dict[str, str] | None = None,
+    client_options: dict[str, Any] | None = None,
 ) -> ServerProcess:
     """Start ``python -m fastaphlict ARGS`` on loopback, logging to ``log_path``.
 
@@ -354,7 +355,8 @@ def spawn(
     this process). ``ports`` (client, admin) are free ones unless given.
     Without ``config`` the server is configured by the environment, as a fresh
     install is; with it, by a JSON file next to the log (``config`` plus the
-    two listeners), passed as ``--config=``. ``env`` adds to :func:`child_env`.
+    two listeners), passed as ``--config=``; ``client_options`` add to the
+    client listener's entry (``ssl.key``, ``ssl.cert``). ``env`` adds to :func:`child_env`.
     Does not wait: see ``wait_ready()`` and :func:`wait_healthy`. Use the
     result as a context (``with spawn(...) as server:``) to have it stopped.
     """
@@ -367,7 +369,12 @@ def spawn(
         )
     else:
         listeners = [
-            {"type": "client", "port": client_port, "listen": "127.0.0.1"},
+            {
+                "type": "client",
+                "port": client_port,
+                "listen": "127.0.0.1",
+                **(client_options or {}),
+            },
             {"type": "admin", "port": admin_port, "listen": "127.0.0.1"},
         ]
         path = log_path.with_suffix(".json")

@@ -551,6 +551,8 @@ NOT_RUN = {
     "--broker-remote-every 1000": "a benchmark of minutes",
     "pytest benchmarks/test_broker.py -k warm": "a benchmark of minutes",
     "pytest benchmarks/test_restart.py --benchmark-only": "a benchmark of minutes",
+    "pytest benchmarks/test_tls_storm.py --benchmark-disable": "a full benchmark run"
+    " (its quick mode runs in CI's benchmark phase)",
     # docs/development.md
     "pip install -e '.[test]' Cython setuptools wheel": "reinstalls the clone's own .venv",
     ".venv/bin/python -m pytest -q\n": "the suite itself, which CI runs",

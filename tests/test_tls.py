@@ -229,3 +229,34 @@ async def test_an_oversized_https_post_still_sending_its_body_reads_the_413(pki:
             await asyncio.to_thread(_https_post, port, pki["client"], body) for _ in range(20)
         ]
         assert answers == [413] * 20
+
+
+async def test_the_bench_storm_runs_over_wss_trusting_the_given_ca(pki: dict) -> None:  # type: ignore[type-arg]
+    """``fastaphlict-bench --ca-file``: a storm on a TLS client port replays exactly."""
+    from fastaphlict.bench.model import Options
+    from fastaphlict.bench.storm import run_storm
+
+    p = pki["paths"]
+    tls = {"ssl_key": p["key"], "ssl_cert": p["cert"], "ssl_chain": p["chain"]}
+    config = Config(
+        servers=(
+            ServerConfig("client", 0, "127.0.0.1", **tls),
+            ServerConfig("admin", 0, "127.0.0.1"),
+        )
+    )
+    async with run(settings(config=config)) as srv:
+        opts = Options(
+            client_url=f"wss://127.0.0.1:{srv.server.client_ports[0]}/",
+            admin_url=f"http://127.0.0.1:{srv.server.admin_ports[0]}/",
+            scenario="storm",
+            sockets=20,
+            history=10,
+            phids_per_tab=3,
+            connect_concurrency=10,
+            ca_file=p["ca"],
+        )
+        result = await run_storm(opts)
+    assert result.watcher_pings > 0
+    assert result.replay_frames_expected > 0
+    assert result.replay_frames_received == result.replay_frames_expected
+    assert result.replay_tabs_wrong == result.loss == result.duplicates == 0

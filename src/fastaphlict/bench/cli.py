@@ -123,6 +123,11 @@ def _build_parser() -> argparse.ArgumentParser:
         default=defaults.watch_interval,
         help="storm: seconds between the watcher tab's pings (default 0.005)",
     )
+    parser.add_argument(
+        "--ca-file",
+        default=None,
+        help="CA bundle to verify a wss:// --client-url against (default: the system's)",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     return parser
 
@@ -171,6 +176,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         broker_remote_every=max(2, args.broker_remote_every),
         phids_per_tab=args.phids_per_tab,
         watch_interval=args.watch_interval,
+        ca_file=args.ca_file,
     )
     try:
         result = run(opts)

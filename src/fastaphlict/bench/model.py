@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import ssl
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
@@ -86,6 +87,8 @@ class Options:
     broker_transport: str = "tcp"
     #: broker: every N-th tab opens on node B, the rest on A (2: half each).
     broker_remote_every: int = 2
+    #: A CA bundle that wss:// client URLs are verified against (None: the system's).
+    ca_file: str | None = None
 
 
 #: Handshakes in flight during a storm: enough to keep a server's listen
@@ -93,6 +96,13 @@ class Options:
 STORM_CONNECT_CONCURRENCY = 500
 #: Tabs in a storm unless told otherwise: issue 8's measurement.
 STORM_TABS = 4000
+
+
+def client_ssl_context(url: str, ca_file: str | None) -> ssl.SSLContext | None:
+    """The TLS context for a wss:// ``url``, trusting ``ca_file`` when given; None for ws://."""
+    if not url.startswith("wss:"):
+        return None
+    return ssl.create_default_context(cafile=ca_file)
 
 
 def effective_connect_concurrency(opts: Options) -> int:

@@ -23,6 +23,7 @@ from fastaphlict.bench.model import (
     Options,
     Result,
     build_model,
+    client_ssl_context,
     effective_connect_concurrency,
     percentile,
 )
@@ -38,7 +39,9 @@ from fastaphlict.bench.tabs import StormTab, client_url_for, close_tabs, no_gc
 # -- the reconnect storm --------------------------------------------------------
 
 
-def _watch_worker(conn: Connection, url: str, phid: str, interval: float) -> None:
+def _watch_worker(
+    conn: Connection, url: str, phid: str, interval: float, ca_file: str | None = None
+) -> None:
     """The watcher process: one tab that pings every ``interval`` s until told to stop.
 
     It lives in its own process so that the generator's work (thousands of
@@ -51,13 +54,22 @@ def _watch_worker(conn: Connection, url: str, phid: str, interval: float) -> Non
         runner: Any = uvloop.run
     except ImportError:
         runner = asyncio.run
-    conn.send(runner(_watch(conn, url, phid, interval)))
+    conn.send(runner(_watch(conn, url, phid, interval, ca_file)))
     conn.close()
 
 
-async def _watch(conn: Connection, url: str, phid: str, interval: float) -> list[int]:
+async def _watch(
+    conn: Connection, url: str, phid: str, interval: float, ca_file: str | None
+) -> list[int]:
     _, tab = await asyncio.wait_for(
-        ws_connect(StormTab, url, use_aiofastnet=False, websocket_handshake_timeout=10.0), 10.0
+        ws_connect(
+            StormTab,
+            url,
+            ssl_context=client_ssl_context(url, ca_file),
+            use_aiofastnet=False,
+            websocket_handshake_timeout=10.0,
+        ),
+        10.0,
     )
     assert isinstance(tab, StormTab) and tab.transport is not None
     transport = tab.transport
@@ -167,6 +179,7 @@ async def run_storm(opts: Options) -> Result:
     )
     pid = opts.server_pid
     url = client_url_for(opts)
+    ssl_context = client_ssl_context(url, opts.ca_file)
     ticks0 = cpu_ticks()
     held = await _history_size(opts)
     if held:
@@ -182,7 +195,7 @@ async def run_storm(opts: Options) -> Result:
     parent, child = ctx.Pipe()
     watcher = ctx.Process(
         target=_watch_worker,
-        args=(child, url, "PHID-USER-watcher000000000000", opts.watch_interval),
+        args=(child, url, "PHID-USER-watcher000000000000", opts.watch_interval, opts.ca_file),
         daemon=True,
     )
     watcher.start()
@@ -205,6 +218,7 @@ async def run_storm(opts: Options) -> Result:
                             ws_connect(
                                 StormTab,
                                 url,
+                                ssl_context=ssl_context,
                                 use_aiofastnet=False,
                                 websocket_handshake_timeout=opts.deadline,
                                 max_frame_size=16 * 1024 * 1024,
