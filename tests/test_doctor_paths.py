@@ -19,7 +19,7 @@ import ipaddress
 import json
 import re
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -526,3 +526,76 @@ async def test_node_aphlict_passes_with_the_fastaphlict_only_steps_skipped(tmp_p
     (broker,) = [c for c in done.report["checks"] if c["step"] == "broker"]
     assert broker["ok"] is None and "not fastaphlict" in broker["figure"]
     assert ("client", "replay", True) in done.steps()
+
+
+# -- admin servers that misbehave -------------------------------------------------------
+
+STATUS = b'{"version": "fake", "clients.active": 0}'
+
+Answer = Callable[[str, str, asyncio.StreamWriter], Awaitable[None]]
+
+
+async def respond(writer: asyncio.StreamWriter, code: int, body: bytes) -> None:
+    head = f"HTTP/1.1 {code} X\r\nContent-Length: {len(body)}\r\nContent-Type: text/plain\r\n\r\n"
+    writer.write(head.encode() + body)
+    await writer.drain()
+
+
+@contextlib.asynccontextmanager
+async def fake_admin(answer: Answer) -> AsyncIterator[str]:
+    """An HTTP/1.1 admin port on loopback: ``answer(method, path, writer)`` answers each request."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+            while True:
+                head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
+                method, path, _ = head.split(" ", 2)
+                length = re.search(r"(?i)content-length: *(\d+)", head)
+                if length:
+                    await reader.readexactly(int(length.group(1)))
+                await answer(method, path, writer)
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    try:
+        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/"
+    finally:
+        server.close()
+
+
+def metrics(page: bytes) -> Answer:
+    async def answer(method: str, path: str, writer: asyncio.StreamWriter) -> None:
+        await respond(writer, 200, STATUS if path == "/status/" else page)
+
+    return answer
+
+
+@pytest.mark.parametrize(
+    ("page", "ok", "says"),
+    [
+        (b"fastaphlict_broker_up 1 1700000000000\nfastaphlict_broker_nodes 2 17\n", True, "up, 2"),
+        (b"fastaphlict_broker_up\n", None, "no broker"),
+        (b"fastaphlict_broker_up x\nfastaphlict_broker_up 0\n", False, "not on its broker"),
+    ],
+)
+async def test_metrics_lines_are_read_leniently(page: bytes, ok: bool | None, says: str) -> None:
+    """A timestamp after the value, or a line without one, still gives a report."""
+    async with fake_admin(metrics(page)) as admin:
+        done = await doctor("--admin-url", admin, "--json")
+    assert done.code == (1 if ok is False else 0), done.out + done.err
+    (broker,) = [c for c in done.report["checks"] if c["step"] == "broker"]
+    assert broker["ok"] is ok
+    assert says in (broker["figure"] or broker["cause"])
+
+
+async def test_an_unexpected_error_in_a_step_is_a_failed_line_not_a_crash() -> None:
+    """A 64-character host label makes getaddrinfo raise UnicodeError; the report goes on."""
+    label = "a" * 64
+    async with fake_admin(metrics(b"")) as admin:
+        done = await doctor(
+            "--admin-url", admin, "--client-url", f"ws://{label}.example/", "--json"
+        )
+    assert done.code == 1, done.err
+    failed = done.failure("dns")
+    assert failed["target"].startswith("client") and "unexpected error" in failed["cause"]
+    assert ("admin", "status", True) in done.steps()

@@ -97,6 +97,18 @@ class Doctor:
                 )
             )
             return False
+        except Exception as exc:  # a bug, or an answer nobody foresaw: keep the report going
+            self.checks.append(
+                Check(
+                    target.name,
+                    name,
+                    False,
+                    None,
+                    f"unexpected error: {exc!r}.",
+                    "report this to fastaphlict with the command line that showed it.",
+                )
+            )
+            return False
         self.checks.append(Check(target.name, name, True, figure))
         return True
 
@@ -210,23 +222,19 @@ class Doctor:
             raise Skip("skipped: no /metrics, not fastaphlict (Node Aphlict has no broker)")
         if code != 200:
             raise Skip(f"skipped: /metrics answered HTTP {code}")
-        samples = dict(
-            line.split(" ", 1)
-            for line in body.decode("utf-8", "replace").splitlines()
-            if line.startswith("fastaphlict_broker_")
-        )
+        samples = metric_samples(body)
         up = samples.get("fastaphlict_broker_up")
         if up is None:
             raise Skip("skipped: this node has no broker (a single node, or a mesh)")
-        if float(up) != 1:
+        if up != 1:
             raise Failure(
                 "this node is not on its broker: it cannot reach Redis, so messages posted "
                 "here reach only its own tabs, and other nodes' messages never reach them.",
                 "check that Redis runs and that the node's --broker URL reaches it "
                 "(docs/clusters.md).",
             )
-        nodes = samples.get("fastaphlict_broker_nodes", "0")
-        return f"up, {float(nodes):.0f} other nodes seen"
+        nodes = samples.get("fastaphlict_broker_nodes", 0.0)
+        return f"up, {nodes:.0f} other nodes seen"
 
     async def post(self, admin: Target, key: str, phid: str) -> None:
         """Post the test message exactly as Phorge's PHP does: raw JSON, form content type."""
@@ -371,8 +379,8 @@ class Doctor:
                     ws, _ = await asyncio.wait_for(
                         self.subscribed(client, stack, phid), self.timeout + 1
                     )
-                except (Failure, asyncio.TimeoutError):
-                    continue  # its own chain already said what is wrong
+                except Exception:  # its own chain already said what is wrong
+                    continue
                 sockets.append((client, ws))
             for admin in admins:
                 await self.step(
@@ -401,6 +409,24 @@ class Doctor:
                 "cluster peers (docs/clusters.md).",
             )
         return f"reached all {len(sockets)} client servers in {ms(started)}"
+
+
+def metric_samples(body: bytes) -> dict[str, float]:
+    """``fastaphlict_broker_*`` samples of a Prometheus text page, read leniently.
+
+    The value is the first token after the name (a timestamp may follow);
+    a line without a number is ignored rather than trusted.
+    """
+    samples: dict[str, float] = {}
+    for line in body.decode("utf-8", "replace").splitlines():
+        fields = line.split()
+        if len(fields) < 2 or not fields[0].startswith("fastaphlict_broker_"):
+            continue
+        try:
+            samples[fields[0]] = float(fields[1])
+        except ValueError:
+            continue
+    return samples
 
 
 async def diagnose(targets: Sequence[Target], options: Options) -> list[Check]:
