@@ -599,3 +599,40 @@ async def test_an_unexpected_error_in_a_step_is_a_failed_line_not_a_crash() -> N
     failed = done.failure("dns")
     assert failed["target"].startswith("client") and "unexpected error" in failed["cause"]
     assert ("admin", "status", True) in done.steps()
+
+
+async def test_an_admin_that_reaches_no_client_server_names_them_all(tmp_path: Path) -> None:
+    """Two client servers missed by one admin: both named, within the step's time limit."""
+
+    async def nobody(method: str, path: str, writer: asyncio.StreamWriter) -> None:
+        if path == "/metrics":
+            await respond(writer, 404, b"")
+        else:
+            await respond(writer, 200, STATUS if path == "/status/" else b"")
+
+    async with run(settings()) as node, fake_admin(nobody) as stray:
+        port = node.server.client_ports[0]
+        servers = [
+            {"type": "client", "host": "127.0.0.1", "port": port, "protocol": "http", "path": p}
+            for p in ("/a/", "/b/")
+        ]
+        servers += [
+            {
+                "type": "admin",
+                "host": "127.0.0.1",
+                "port": node.server.admin_ports[0],
+                "protocol": "http",
+            },
+            {
+                "type": "admin",
+                "host": "127.0.0.1",
+                "port": int(stray.split(":")[2].strip("/")),
+                "protocol": "http",
+            },
+        ]
+        done = await doctor("--servers", servers_file(tmp_path, servers), "--json")
+    assert done.code == 1, done.out
+    failed = done.failure("cluster")
+    assert failed["target"] == f"admin {stray}"
+    assert f"did not reach ws://127.0.0.1:{port}/a/, ws://127.0.0.1:{port}/b/" in failed["cause"]
+    assert "not one cluster" in failed["cause"]

@@ -383,8 +383,12 @@ class Doctor:
                     continue
                 sockets.append((client, ws))
             for admin in admins:
+                # The post and the wait each have --timeout.
                 await self.step(
-                    admin, "cluster", lambda admin=admin: self.reaches_all(admin, sockets, phid)
+                    admin,
+                    "cluster",
+                    lambda admin=admin: self.reaches_all(admin, sockets, phid),
+                    bound=2 * self.timeout,
                 )
 
     async def reaches_all(
@@ -396,12 +400,20 @@ class Doctor:
         key = self.new_key()
         started = time.monotonic()
         await self.post(admin, key, phid)
-        missed = []
-        for client, ws in sockets:
-            try:
-                await self.until(ws, lambda frame: key_of(frame) == key, "test message")
-            except Failure:
-                missed.append(client.url)
+        # All sockets wait at once, under one deadline: in turn, two missed
+        # clients would spend the step's whole time limit on the first.
+        waits = await asyncio.gather(
+            *(
+                self.until(ws, lambda frame: key_of(frame) == key, "test message")
+                for _, ws in sockets
+            ),
+            return_exceptions=True,
+        )
+        missed = [
+            client.url
+            for (client, _), got in zip(sockets, waits, strict=True)
+            if isinstance(got, BaseException)
+        ]
         if missed:
             raise Failure(
                 f"a post here did not reach {', '.join(missed)}: the servers are not one cluster.",
