@@ -636,3 +636,17 @@ async def test_an_admin_that_reaches_no_client_server_names_them_all(tmp_path: P
     assert failed["target"] == f"admin {stray}"
     assert f"did not reach ws://127.0.0.1:{port}/a/, ws://127.0.0.1:{port}/b/" in failed["cause"]
     assert "not one cluster" in failed["cause"]
+
+
+async def test_an_endless_answer_is_read_no_further_than_64_kib() -> None:
+    async def endless(method: str, path: str, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\r\n")
+        while True:
+            writer.write(b" " * 65536)
+            await writer.drain()
+
+    async with fake_admin(endless) as admin:
+        done = await doctor("--admin-url", admin, "--json")
+    assert done.code == 1, done.out
+    failed = done.failure("status")
+    assert f"GET {admin}status/ answered with a body over 64 KiB" in failed["cause"]

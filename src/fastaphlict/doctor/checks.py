@@ -197,7 +197,7 @@ class Doctor:
     async def get(self, url: str) -> tuple[int, bytes]:
         try:
             async with self.session.get(url, ssl=self.ssl, allow_redirects=False) as resp:
-                return resp.status, await resp.read()
+                return resp.status, await bounded(resp, f"GET {url}")
         except aiohttp.ClientError as exc:
             raise Failure(f"GET {url} failed: {exc}.", "check the admin entry.") from exc
 
@@ -247,7 +247,7 @@ class Doctor:
                 ssl=self.ssl,
                 allow_redirects=False,
             ) as resp:
-                await resp.read()
+                await bounded(resp, f"the post to {admin.url}")
                 code = resp.status
         except aiohttp.ClientError as exc:
             raise Failure(
@@ -421,6 +421,24 @@ class Doctor:
                 "cluster peers (docs/clusters.md).",
             )
         return f"reached all {len(sockets)} client servers in {ms(started)}"
+
+
+#: More than any admin answer holds (a /metrics page is a few KiB): past it, stop reading.
+MOST = 64 * 1024
+
+
+async def bounded(resp: aiohttp.ClientResponse, what: str) -> bytes:
+    """The body, read up to :data:`MOST`; Failure if there is more (an endless body, say)."""
+    body = bytearray()
+    while chunk := await resp.content.read(MOST + 1 - len(body)):
+        body += chunk
+        if len(body) > MOST:
+            raise Failure(
+                f"{what} answered with a body over {MOST // 1024} KiB; the notification "
+                "server's answers are a few KiB.",
+                "point the admin entry at the notification server's admin port.",
+            )
+    return bytes(body)
 
 
 def metric_samples(body: bytes) -> dict[str, float]:
