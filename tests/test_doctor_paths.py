@@ -650,3 +650,21 @@ async def test_an_endless_answer_is_read_no_further_than_64_kib() -> None:
     assert done.code == 1, done.out
     failed = done.failure("status")
     assert f"GET {admin}status/ answered with a body over 64 KiB" in failed["cause"]
+
+
+@pytest.mark.parametrize(("slow", "step"), [("/status/", "status"), ("/", "delivery")])
+async def test_an_admin_answer_slower_than_phorges_2_s_fails(slow: str, step: str) -> None:
+    """Phorge's PHP waits 2 s for the admin port; an answer after that is lost for Phorge."""
+
+    async def late(method: str, path: str, writer: asyncio.StreamWriter) -> None:
+        if path == slow:
+            await asyncio.sleep(2.5)
+        await respond(
+            writer, 404 if path == "/metrics" else 200, STATUS if path == "/status/" else b""
+        )
+
+    async with run(settings()) as node, fake_admin(late) as admin:
+        done = await doctor("--client-url", node.client_url(), "--admin-url", admin, "--json")
+    assert done.code == 1, done.out
+    failed = done.failure(step)
+    assert "Phorge gives up on admin calls at 2 s" in failed["cause"]

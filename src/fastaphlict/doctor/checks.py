@@ -204,6 +204,7 @@ class Doctor:
     async def status(self, admin: Target) -> str:
         started = time.monotonic()
         code, body = await self.get(admin.at("/status/"))
+        in_time(started, f"{admin.at('/status/')} answered")
         if code != 200:
             raise Failure(*status_refusal(code, body))
         try:
@@ -239,6 +240,7 @@ class Doctor:
     async def post(self, admin: Target, key: str, phid: str) -> None:
         """Post the test message exactly as Phorge's PHP does: raw JSON, form content type."""
         body = json.dumps({"key": key, "type": MESSAGE_TYPE, "subscribers": [phid]})
+        started = time.monotonic()
         try:
             async with self.session.post(
                 admin.url,
@@ -258,6 +260,7 @@ class Doctor:
                 f"{admin.url} answered the post with HTTP {code}, not 200.",
                 "check the admin entry and the server's log.",
             )
+        in_time(started, f"{admin.url} answered the post")
 
     def new_key(self) -> str:
         self._sent += 1
@@ -421,6 +424,23 @@ class Doctor:
                 "cluster peers (docs/clusters.md).",
             )
         return f"reached all {len(sockets)} client servers in {ms(started)}"
+
+
+#: Phorge gives up on an admin call after this long
+#: (``PhabricatorNotificationServerRef::newFuture``: ``setTimeout(2)``), and
+#: drops a post silently when it does.
+PHORGE_GIVES_UP = 2.0
+
+
+def in_time(started: float, what: str) -> None:
+    """Failure if the admin's answer came later than Phorge waits for it."""
+    took = time.monotonic() - started
+    if took > PHORGE_GIVES_UP:
+        raise Failure(
+            f"{what} in {took:.1f} s; Phorge gives up on admin calls at "
+            f"{PHORGE_GIVES_UP:g} s (and drops its posts silently).",
+            "check what slows the admin port: the server's load, a proxy in front of it.",
+        )
 
 
 #: More than any admin answer holds (a /metrics page is a few KiB): past it, stop reading.
