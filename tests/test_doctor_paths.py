@@ -416,16 +416,30 @@ async def test_a_self_signed_certificate_fails_tls_unless_given_as_ca_file_and_n
 
 
 async def test_a_refused_origin_is_named_with_the_setting_to_change() -> None:
-    async with run(settings([f"--allowed-origins={ORIGIN}"])) as node:
+    origin = "http://phorge.example.com"  # the ws:// entry serves Phorge's http pages
+    async with run(settings([f"--allowed-origins={origin}"])) as node:
         urls = ["--client-url", node.client_url(), "--admin-url", node.admin_url]
         refused = await doctor(*urls, "--origin", "https://other.example.com", "--json")
-        allowed = await doctor(*urls, "--origin", ORIGIN, "--json")
+        allowed = await doctor(*urls, "--origin", origin, "--json")
     assert refused.code == 1
     failed = refused.failure("origin")
     assert "refuses the Origin https://other.example.com" in failed["cause"]
     assert "--allowed-origins" in failed["fix"]
     assert ("client", "upgrade", True) in refused.steps()
     assert allowed.code == 0, allowed.out
+
+
+async def test_an_https_origin_needs_an_enabled_https_client_entry() -> None:
+    """Phorge's https pages pick only client entries whose protocol is https."""
+    async with run(settings()) as node:
+        urls = ["--client-url", node.client_url(), "--admin-url", node.admin_url]
+        done = await doctor(*urls, "--origin", ORIGIN, "--json")
+    assert done.code == 1, done.out
+    failed = done.failure("origin")
+    assert (
+        "Phorge's https pages use only client entries with protocol https; none is enabled"
+        in failed["cause"]
+    )
 
 
 async def test_an_admin_port_nothing_listens_on_is_named() -> None:

@@ -21,6 +21,7 @@ import ssl
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 import aiohttp
 
@@ -299,6 +300,17 @@ class Doctor:
                 "no socket.",
                 f"if {origin} is Phorge's base URI, add it to the server's --allowed-origins "
                 "(FASTAPHLICT_ALLOWED_ORIGINS); if not, pass Phorge's base URI as --origin.",
+            )
+        scheme = urlsplit(origin or "").scheme
+        if scheme in ("http", "https") and not any(
+            t.kind == "client" and t.secure == (scheme == "https") for t in self.targets
+        ):
+            # PhabricatorStandardPageView: getEnabledClientServers($with_protocol).
+            raise Failure(
+                f"Phorge's {scheme} pages use only client entries with protocol {scheme}; "
+                "none is enabled, so browsers there open no socket.",
+                f'enable a client entry with "protocol": "{scheme}" (behind the proxy that '
+                "serves Phorge), or pass Phorge's real base URI as --origin.",
             )
         return f"{origin} accepted"
 
