@@ -556,8 +556,11 @@ async def respond(writer: asyncio.StreamWriter, code: int, body: bytes) -> None:
 
 
 @contextlib.asynccontextmanager
-async def fake_admin(answer: Answer) -> AsyncIterator[str]:
-    """An HTTP/1.1 admin port on loopback: ``answer(method, path, writer)`` answers each request."""
+async def fake_admin(answer: Answer, posted: list[bytes] | None = None) -> AsyncIterator[str]:
+    """An HTTP/1.1 admin port on loopback: ``answer(method, path, writer)`` answers each request.
+
+    The bodies of POSTs go to ``posted``.
+    """
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         with contextlib.suppress(OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
@@ -565,8 +568,9 @@ async def fake_admin(answer: Answer) -> AsyncIterator[str]:
                 head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
                 method, path, _ = head.split(" ", 2)
                 length = re.search(r"(?i)content-length: *(\d+)", head)
-                if length:
-                    await reader.readexactly(int(length.group(1)))
+                body = await reader.readexactly(int(length.group(1))) if length else b""
+                if method == "POST" and posted is not None:
+                    posted.append(body)
                 await answer(method, path, writer)
         writer.close()
 
@@ -682,3 +686,15 @@ async def test_an_admin_answer_slower_than_phorges_2_s_fails(slow: str, step: st
     assert done.code == 1, done.out
     failed = done.failure(step)
     assert "Phorge gives up on admin calls at 2 s" in failed["cause"]
+
+
+async def test_the_test_post_is_what_phorge_posts() -> None:
+    """key, type, subscribers, and the 32 random characters Phorge adds as uniqueID."""
+    posted: list[bytes] = []
+    async with run(settings()) as node, fake_admin(metrics(b""), posted) as admin:
+        # The fake admin delivers nothing: the delivery step waits out a short limit.
+        urls = ("--client-url", node.client_url(), "--admin-url", admin)
+        await doctor(*urls, "--timeout", f"{scaled(1):g}", "--json")
+    message = json.loads(posted[0])
+    assert sorted(message) == ["key", "subscribers", "type", "uniqueID"]
+    assert re.fullmatch("[a-z2-7]{32}", message["uniqueID"]), message

@@ -14,6 +14,7 @@ servers, the cluster: a post to each admin must reach every client server.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import secrets
@@ -240,7 +241,12 @@ class Doctor:
 
     async def post(self, admin: Target, key: str, phid: str) -> None:
         """Post the test message exactly as Phorge's PHP does: raw JSON, form content type."""
-        body = json.dumps({"key": key, "type": MESSAGE_TYPE, "subscribers": [phid]})
+        # Phorge adds Filesystem::readRandomCharacters(32): a-z and 2-7, base32's
+        # alphabet, so 20 random bytes in base32 are 32 such characters.
+        unique = base64.b32encode(secrets.token_bytes(20)).decode().lower()
+        body = json.dumps(
+            {"key": key, "type": MESSAGE_TYPE, "subscribers": [phid], "uniqueID": unique}
+        )
         started = time.monotonic()
         try:
             async with self.session.post(
