@@ -18,6 +18,7 @@ import datetime
 import ipaddress
 import json
 import re
+import socket
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -33,6 +34,8 @@ from cryptography.x509.oid import NameOID
 
 from docs_support import INSTALLED, labelled, runnable
 from fastaphlict.config import Config, ServerConfig
+from fastaphlict.doctor import network
+from fastaphlict.doctor.targets import Target
 from nginx_support import nginx, nginx_conf, readme_block, replace_once, require_nginx
 from redis_support import RedisServer
 from support import (
@@ -698,3 +701,45 @@ async def test_the_test_post_is_what_phorge_posts() -> None:
     message = json.loads(posted[0])
     assert sorted(message) == ["key", "subscribers", "type", "uniqueID"]
     assert re.fullmatch("[a-z2-7]{32}", message["uniqueID"]), message
+
+
+def test_tcp_goes_on_to_the_next_address_when_one_does_not_answer() -> None:
+    """A name with an address that drops SYNs first, as IPv6 without a route: Happy Eyeballs.
+
+    On asyncio's own loop, as ``fastaphlict doctor`` runs (``asyncio.run``).
+    """
+    silent = socket.socket()
+    silent.bind(("127.0.0.2", 0))
+    silent.listen(0)
+    fillers = []
+    for _ in range(3):  # fill the accept queue: further SYNs are dropped, a connect hangs
+        filler = socket.socket()
+        filler.setblocking(False)
+        filler.connect_ex(silent.getsockname())
+        fillers.append(filler)
+    loop = asyncio.SelectorEventLoop()
+
+    async def check() -> str:
+        server = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", 0)
+        good = server.sockets[0].getsockname()
+        infos = [
+            (socket.AF_INET, socket.SOCK_STREAM, 6, "", silent.getsockname()),
+            (socket.AF_INET, socket.SOCK_STREAM, 6, "", good),
+        ]
+
+        async def resolve(*args: object, **kwargs: object) -> list[Any]:
+            return infos
+
+        loop.getaddrinfo = resolve  # type: ignore[method-assign]
+        try:
+            return await network.tcp(Target("admin", "dual.example", good[1], False, "/"), 2.0)
+        finally:
+            server.close()
+
+    try:
+        figure = loop.run_until_complete(check())
+    finally:
+        loop.close()
+        for sock in (silent, *fillers):
+            sock.close()
+    assert figure.startswith("connected to 127.0.0.1 in"), figure
