@@ -743,3 +743,16 @@ def test_tcp_goes_on_to_the_next_address_when_one_does_not_answer() -> None:
         for sock in (silent, *fillers):
             sock.close()
     assert figure.startswith("connected to 127.0.0.1 in"), figure
+
+
+async def test_an_upgrade_answer_with_endless_headers_is_named() -> None:
+    async def huge(method: str, path: str, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 400 Bad Request\r\nX-Big: " + b"x" * 70000)
+        await writer.drain()
+        await asyncio.sleep(30)
+
+    async with fake_admin(huge) as url:
+        done = await doctor("--client-url", url.replace("http", "ws"), "--json")
+    assert done.code == 1, done.out
+    failed = done.failure("upgrade")
+    assert "over 64 KiB of headers" in failed["cause"]
