@@ -295,6 +295,18 @@ def test_usage_mistakes_exit_2_with_one_line(
     assert "Traceback" not in err and err.strip()
 
 
+@pytest.mark.parametrize(
+    "url", ["ftp://alice:s3cret@phorge.example.com/", "alice:s3cret@phorge.example.com/ws/"]
+)
+def test_a_bad_url_is_echoed_without_its_password(
+    url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main(["doctor", "--client-url", url]) == 2
+    err = capsys.readouterr().err
+    assert "s3cret" not in err and "alice" not in err
+    assert "***@phorge.example.com" in err
+
+
 def test_servers_that_are_not_json_exit_2(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
