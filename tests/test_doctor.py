@@ -18,7 +18,13 @@ import pytest
 
 from fastaphlict import cli
 from fastaphlict.doctor.handshake import accept_for, parse_head, request_for
-from fastaphlict.doctor.meanings import Failure, status_refusal, tls_failure, upgrade_refusal
+from fastaphlict.doctor.meanings import (
+    Failure,
+    idle_cut,
+    status_refusal,
+    tls_failure,
+    upgrade_refusal,
+)
 from fastaphlict.doctor.report import STEPS, Check, as_json, as_text, passed
 from fastaphlict.doctor.targets import Target, TargetError, from_servers, from_urls
 from support import scaled
@@ -241,6 +247,17 @@ CHECKS = [
         "forward it.",
     ),
 ]
+
+
+@pytest.mark.parametrize(
+    ("after", "says"),
+    [(1.0, "cuts every tab, in the foreground too"), (60.0, "cuts only background tabs")],
+)
+def test_an_idle_cut_is_weighed_against_the_browsers_15_s_ping(after: float, says: str) -> None:
+    cause, fix = idle_cut(after)
+    assert f"cut after {after:.1f} s without traffic" in cause
+    assert "browsers ping every 15 s" in cause and says in cause
+    assert "proxy_read_timeout" in fix
 
 
 def test_the_report_is_a_line_per_step_and_a_summary() -> None:

@@ -313,6 +313,7 @@ async def test_a_short_proxy_read_timeout_is_caught_by_the_idle_step(tmp_path: P
     after = re.search(r"cut after ([\d.]+) s without traffic", failed["cause"])
     assert after, failed
     assert 0.8 <= float(after[1]) < 3, failed["cause"]  # nginx's 1 s, not the doctor's 3
+    assert "browsers ping every 15 s, so this cuts every tab" in failed["cause"]
     assert "proxy_read_timeout" in failed["cause"] and "proxy_read_timeout" in failed["fix"]
 
 
