@@ -18,7 +18,13 @@ import pytest
 
 from fastaphlict import cli
 from fastaphlict.doctor.handshake import accept_for, parse_head, request_for
-from fastaphlict.doctor.meanings import Failure, status_refusal, tls_failure, upgrade_refusal
+from fastaphlict.doctor.meanings import (
+    Failure,
+    idle_cut,
+    status_refusal,
+    tls_failure,
+    upgrade_refusal,
+)
 from fastaphlict.doctor.report import STEPS, Check, as_json, as_text, passed
 from fastaphlict.doctor.targets import Target, TargetError, from_servers, from_urls
 from support import scaled
@@ -243,6 +249,17 @@ CHECKS = [
 ]
 
 
+@pytest.mark.parametrize(
+    ("after", "says"),
+    [(1.0, "cuts every tab, in the foreground too"), (60.0, "cuts only background tabs")],
+)
+def test_an_idle_cut_is_weighed_against_the_browsers_15_s_ping(after: float, says: str) -> None:
+    cause, fix = idle_cut(after)
+    assert f"cut after {after:.1f} s without traffic" in cause
+    assert "browsers ping every 15 s" in cause and says in cause
+    assert "proxy_read_timeout" in fix
+
+
 def test_the_report_is_a_line_per_step_and_a_summary() -> None:
     text = as_text(CHECKS)
     assert text.splitlines() == [
@@ -293,6 +310,18 @@ def test_usage_mistakes_exit_2_with_one_line(
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and err.strip()
+
+
+@pytest.mark.parametrize(
+    "url", ["ftp://alice:s3cret@phorge.example.com/", "alice:s3cret@phorge.example.com/ws/"]
+)
+def test_a_bad_url_is_echoed_without_its_password(
+    url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main(["doctor", "--client-url", url]) == 2
+    err = capsys.readouterr().err
+    assert "s3cret" not in err and "alice" not in err
+    assert "***@phorge.example.com" in err
 
 
 def test_servers_that_are_not_json_exit_2(

@@ -18,8 +18,9 @@ import datetime
 import ipaddress
 import json
 import re
+import socket
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,8 @@ from cryptography.x509.oid import NameOID
 
 from docs_support import INSTALLED, labelled, runnable
 from fastaphlict.config import Config, ServerConfig
+from fastaphlict.doctor import network
+from fastaphlict.doctor.targets import Target
 from nginx_support import nginx, nginx_conf, readme_block, replace_once, require_nginx
 from redis_support import RedisServer
 from support import (
@@ -246,6 +249,8 @@ async def test_the_readmes_doctor_command_runs_as_written(tmp_path: Path) -> Non
             )
         )  # fmt: skip
         ours = command.replace("bin/config get notification.servers", f"cat {printed}")
+        # The test's client entry is plain http: Phorge's http pages are the ones using it.
+        ours = replace_once(ours, "--origin https://", "--origin http://")
         done = await documented(runnable(ours.replace(INSTALLED, ".venv/bin/")))
     assert done.code == 0, done.out + done.err
     assert "✓ client ws://127.0.0.1:" in done.out
@@ -310,6 +315,7 @@ async def test_a_short_proxy_read_timeout_is_caught_by_the_idle_step(tmp_path: P
     after = re.search(r"cut after ([\d.]+) s without traffic", failed["cause"])
     assert after, failed
     assert 0.8 <= float(after[1]) < 3, failed["cause"]  # nginx's 1 s, not the doctor's 3
+    assert "browsers ping every 15 s, so this cuts every tab" in failed["cause"]
     assert "proxy_read_timeout" in failed["cause"] and "proxy_read_timeout" in failed["fix"]
 
 
@@ -416,16 +422,30 @@ async def test_a_self_signed_certificate_fails_tls_unless_given_as_ca_file_and_n
 
 
 async def test_a_refused_origin_is_named_with_the_setting_to_change() -> None:
-    async with run(settings([f"--allowed-origins={ORIGIN}"])) as node:
+    origin = "http://phorge.example.com"  # the ws:// entry serves Phorge's http pages
+    async with run(settings([f"--allowed-origins={origin}"])) as node:
         urls = ["--client-url", node.client_url(), "--admin-url", node.admin_url]
         refused = await doctor(*urls, "--origin", "https://other.example.com", "--json")
-        allowed = await doctor(*urls, "--origin", ORIGIN, "--json")
+        allowed = await doctor(*urls, "--origin", origin, "--json")
     assert refused.code == 1
     failed = refused.failure("origin")
     assert "refuses the Origin https://other.example.com" in failed["cause"]
     assert "--allowed-origins" in failed["fix"]
     assert ("client", "upgrade", True) in refused.steps()
     assert allowed.code == 0, allowed.out
+
+
+async def test_an_https_origin_needs_an_enabled_https_client_entry() -> None:
+    """Phorge's https pages pick only client entries whose protocol is https."""
+    async with run(settings()) as node:
+        urls = ["--client-url", node.client_url(), "--admin-url", node.admin_url]
+        done = await doctor(*urls, "--origin", ORIGIN, "--json")
+    assert done.code == 1, done.out
+    failed = done.failure("origin")
+    assert (
+        "Phorge's https pages use only client entries with protocol https; none is enabled"
+        in failed["cause"]
+    )
 
 
 async def test_an_admin_port_nothing_listens_on_is_named() -> None:
@@ -526,3 +546,216 @@ async def test_node_aphlict_passes_with_the_fastaphlict_only_steps_skipped(tmp_p
     (broker,) = [c for c in done.report["checks"] if c["step"] == "broker"]
     assert broker["ok"] is None and "not fastaphlict" in broker["figure"]
     assert ("client", "replay", True) in done.steps()
+
+
+# -- admin servers that misbehave -------------------------------------------------------
+
+STATUS = b'{"version": "fake", "clients.active": 0}'
+
+Answer = Callable[[str, str, asyncio.StreamWriter], Awaitable[None]]
+
+
+async def respond(writer: asyncio.StreamWriter, code: int, body: bytes) -> None:
+    head = f"HTTP/1.1 {code} X\r\nContent-Length: {len(body)}\r\nContent-Type: text/plain\r\n\r\n"
+    writer.write(head.encode() + body)
+    await writer.drain()
+
+
+@contextlib.asynccontextmanager
+async def fake_admin(answer: Answer, posted: list[bytes] | None = None) -> AsyncIterator[str]:
+    """An HTTP/1.1 admin port on loopback: ``answer(method, path, writer)`` answers each request.
+
+    The bodies of POSTs go to ``posted``.
+    """
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+            while True:
+                head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
+                method, path, _ = head.split(" ", 2)
+                length = re.search(r"(?i)content-length: *(\d+)", head)
+                body = await reader.readexactly(int(length.group(1))) if length else b""
+                if method == "POST" and posted is not None:
+                    posted.append(body)
+                await answer(method, path, writer)
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    try:
+        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/"
+    finally:
+        server.close()
+
+
+def metrics(page: bytes) -> Answer:
+    async def answer(method: str, path: str, writer: asyncio.StreamWriter) -> None:
+        await respond(writer, 200, STATUS if path == "/status/" else page)
+
+    return answer
+
+
+@pytest.mark.parametrize(
+    ("page", "ok", "says"),
+    [
+        (b"fastaphlict_broker_up 1 1700000000000\nfastaphlict_broker_nodes 2 17\n", True, "up, 2"),
+        (b"fastaphlict_broker_up\n", None, "no broker"),
+        (b"fastaphlict_broker_up x\nfastaphlict_broker_up 0\n", False, "not on its broker"),
+    ],
+)
+async def test_metrics_lines_are_read_leniently(page: bytes, ok: bool | None, says: str) -> None:
+    """A timestamp after the value, or a line without one, still gives a report."""
+    async with fake_admin(metrics(page)) as admin:
+        done = await doctor("--admin-url", admin, "--json")
+    assert done.code == (1 if ok is False else 0), done.out + done.err
+    (broker,) = [c for c in done.report["checks"] if c["step"] == "broker"]
+    assert broker["ok"] is ok
+    assert says in (broker["figure"] or broker["cause"])
+
+
+async def test_an_unexpected_error_in_a_step_is_a_failed_line_not_a_crash() -> None:
+    """A 64-character host label makes getaddrinfo raise UnicodeError; the report goes on."""
+    label = "a" * 64
+    async with fake_admin(metrics(b"")) as admin:
+        done = await doctor(
+            "--admin-url", admin, "--client-url", f"ws://{label}.example/", "--json"
+        )
+    assert done.code == 1, done.err
+    failed = done.failure("dns")
+    assert failed["target"].startswith("client") and "unexpected error" in failed["cause"]
+    assert ("admin", "status", True) in done.steps()
+
+
+async def test_an_admin_that_reaches_no_client_server_names_them_all(tmp_path: Path) -> None:
+    """Two client servers missed by one admin: both named, within the step's time limit."""
+
+    async def nobody(method: str, path: str, writer: asyncio.StreamWriter) -> None:
+        if path == "/metrics":
+            await respond(writer, 404, b"")
+        else:
+            await respond(writer, 200, STATUS if path == "/status/" else b"")
+
+    async with run(settings()) as node, fake_admin(nobody) as stray:
+        port = node.server.client_ports[0]
+        servers = [
+            {"type": "client", "host": "127.0.0.1", "port": port, "protocol": "http", "path": p}
+            for p in ("/a/", "/b/")
+        ]
+        servers += [
+            {
+                "type": "admin",
+                "host": "127.0.0.1",
+                "port": node.server.admin_ports[0],
+                "protocol": "http",
+            },
+            {
+                "type": "admin",
+                "host": "127.0.0.1",
+                "port": int(stray.split(":")[2].strip("/")),
+                "protocol": "http",
+            },
+        ]
+        done = await doctor("--servers", servers_file(tmp_path, servers), "--json")
+    assert done.code == 1, done.out
+    failed = done.failure("cluster")
+    assert failed["target"] == f"admin {stray}"
+    assert f"did not reach ws://127.0.0.1:{port}/a/, ws://127.0.0.1:{port}/b/" in failed["cause"]
+    assert "not one cluster" in failed["cause"]
+
+
+async def test_an_endless_answer_is_read_no_further_than_64_kib() -> None:
+    async def endless(method: str, path: str, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\r\n")
+        while True:
+            writer.write(b" " * 65536)
+            await writer.drain()
+
+    async with fake_admin(endless) as admin:
+        done = await doctor("--admin-url", admin, "--json")
+    assert done.code == 1, done.out
+    failed = done.failure("status")
+    assert f"GET {admin}status/ answered with a body over 64 KiB" in failed["cause"]
+
+
+@pytest.mark.parametrize(("slow", "step"), [("/status/", "status"), ("/", "delivery")])
+async def test_an_admin_answer_slower_than_phorges_2_s_fails(slow: str, step: str) -> None:
+    """Phorge's PHP waits 2 s for the admin port; an answer after that is lost for Phorge."""
+
+    async def late(method: str, path: str, writer: asyncio.StreamWriter) -> None:
+        if path == slow:
+            await asyncio.sleep(2.5)
+        await respond(
+            writer, 404 if path == "/metrics" else 200, STATUS if path == "/status/" else b""
+        )
+
+    async with run(settings()) as node, fake_admin(late) as admin:
+        done = await doctor("--client-url", node.client_url(), "--admin-url", admin, "--json")
+    assert done.code == 1, done.out
+    failed = done.failure(step)
+    assert "Phorge gives up on admin calls at 2 s" in failed["cause"]
+
+
+async def test_the_test_post_is_what_phorge_posts() -> None:
+    """key, type, subscribers, and the 32 random characters Phorge adds as uniqueID."""
+    posted: list[bytes] = []
+    async with run(settings()) as node, fake_admin(metrics(b""), posted) as admin:
+        # The fake admin delivers nothing: the delivery step waits out a short limit.
+        urls = ("--client-url", node.client_url(), "--admin-url", admin)
+        await doctor(*urls, "--timeout", f"{scaled(1):g}", "--json")
+    message = json.loads(posted[0])
+    assert sorted(message) == ["key", "subscribers", "type", "uniqueID"]
+    assert re.fullmatch("[a-z2-7]{32}", message["uniqueID"]), message
+
+
+def test_tcp_goes_on_to_the_next_address_when_one_does_not_answer() -> None:
+    """A name with an address that drops SYNs first, as IPv6 without a route: Happy Eyeballs.
+
+    On asyncio's own loop, as ``fastaphlict doctor`` runs (``asyncio.run``).
+    """
+    silent = socket.socket()
+    silent.bind(("127.0.0.2", 0))
+    silent.listen(0)
+    fillers = []
+    for _ in range(3):  # fill the accept queue: further SYNs are dropped, a connect hangs
+        filler = socket.socket()
+        filler.setblocking(False)
+        filler.connect_ex(silent.getsockname())
+        fillers.append(filler)
+    loop = asyncio.SelectorEventLoop()
+
+    async def check() -> str:
+        server = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", 0)
+        good = server.sockets[0].getsockname()
+        infos = [
+            (socket.AF_INET, socket.SOCK_STREAM, 6, "", silent.getsockname()),
+            (socket.AF_INET, socket.SOCK_STREAM, 6, "", good),
+        ]
+
+        async def resolve(*args: object, **kwargs: object) -> list[Any]:
+            return infos
+
+        loop.getaddrinfo = resolve  # type: ignore[method-assign]
+        try:
+            return await network.tcp(Target("admin", "dual.example", good[1], False, "/"), 2.0)
+        finally:
+            server.close()
+
+    try:
+        figure = loop.run_until_complete(check())
+    finally:
+        loop.close()
+        for sock in (silent, *fillers):
+            sock.close()
+    assert figure.startswith("connected to 127.0.0.1 in"), figure
+
+
+async def test_an_upgrade_answer_with_endless_headers_is_named() -> None:
+    async def huge(method: str, path: str, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 400 Bad Request\r\nX-Big: " + b"x" * 70000)
+        await writer.drain()
+        await asyncio.sleep(30)
+
+    async with fake_admin(huge) as url:
+        done = await doctor("--client-url", url.replace("http", "ws"), "--json")
+    assert done.code == 1, done.out
+    failed = done.failure("upgrade")
+    assert "over 64 KiB of headers" in failed["cause"]

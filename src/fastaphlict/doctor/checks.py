@@ -14,6 +14,7 @@ servers, the cluster: a post to each admin must reach every client server.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import secrets
@@ -21,6 +22,7 @@ import ssl
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 import aiohttp
 
@@ -94,6 +96,18 @@ class Doctor:
                     None,
                     f"no answer within {limit:g} s.",
                     "check that the server (and any proxy) at this address answers.",
+                )
+            )
+            return False
+        except Exception as exc:  # a bug, or an answer nobody foresaw: keep the report going
+            self.checks.append(
+                Check(
+                    target.name,
+                    name,
+                    False,
+                    None,
+                    f"unexpected error: {exc!r}.",
+                    "report this to fastaphlict with the command line that showed it.",
                 )
             )
             return False
@@ -185,13 +199,14 @@ class Doctor:
     async def get(self, url: str) -> tuple[int, bytes]:
         try:
             async with self.session.get(url, ssl=self.ssl, allow_redirects=False) as resp:
-                return resp.status, await resp.read()
+                return resp.status, await bounded(resp, f"GET {url}")
         except aiohttp.ClientError as exc:
             raise Failure(f"GET {url} failed: {exc}.", "check the admin entry.") from exc
 
     async def status(self, admin: Target) -> str:
         started = time.monotonic()
         code, body = await self.get(admin.at("/status/"))
+        in_time(started, f"{admin.at('/status/')} answered")
         if code != 200:
             raise Failure(*status_refusal(code, body))
         try:
@@ -210,27 +225,29 @@ class Doctor:
             raise Skip("skipped: no /metrics, not fastaphlict (Node Aphlict has no broker)")
         if code != 200:
             raise Skip(f"skipped: /metrics answered HTTP {code}")
-        samples = dict(
-            line.split(" ", 1)
-            for line in body.decode("utf-8", "replace").splitlines()
-            if line.startswith("fastaphlict_broker_")
-        )
+        samples = metric_samples(body)
         up = samples.get("fastaphlict_broker_up")
         if up is None:
             raise Skip("skipped: this node has no broker (a single node, or a mesh)")
-        if float(up) != 1:
+        if up != 1:
             raise Failure(
                 "this node is not on its broker: it cannot reach Redis, so messages posted "
                 "here reach only its own tabs, and other nodes' messages never reach them.",
                 "check that Redis runs and that the node's --broker URL reaches it "
                 "(docs/clusters.md).",
             )
-        nodes = samples.get("fastaphlict_broker_nodes", "0")
-        return f"up, {float(nodes):.0f} other nodes seen"
+        nodes = samples.get("fastaphlict_broker_nodes", 0.0)
+        return f"up, {nodes:.0f} other nodes seen"
 
     async def post(self, admin: Target, key: str, phid: str) -> None:
         """Post the test message exactly as Phorge's PHP does: raw JSON, form content type."""
-        body = json.dumps({"key": key, "type": MESSAGE_TYPE, "subscribers": [phid]})
+        # Phorge adds Filesystem::readRandomCharacters(32): a-z and 2-7, base32's
+        # alphabet, so 20 random bytes in base32 are 32 such characters.
+        unique = base64.b32encode(secrets.token_bytes(20)).decode().lower()
+        body = json.dumps(
+            {"key": key, "type": MESSAGE_TYPE, "subscribers": [phid], "uniqueID": unique}
+        )
+        started = time.monotonic()
         try:
             async with self.session.post(
                 admin.url,
@@ -239,7 +256,7 @@ class Doctor:
                 ssl=self.ssl,
                 allow_redirects=False,
             ) as resp:
-                await resp.read()
+                await bounded(resp, f"the post to {admin.url}")
                 code = resp.status
         except aiohttp.ClientError as exc:
             raise Failure(
@@ -250,6 +267,7 @@ class Doctor:
                 f"{admin.url} answered the post with HTTP {code}, not 200.",
                 "check the admin entry and the server's log.",
             )
+        in_time(started, f"{admin.url} answered the post")
 
     def new_key(self) -> str:
         self._sent += 1
@@ -288,6 +306,17 @@ class Doctor:
                 "no socket.",
                 f"if {origin} is Phorge's base URI, add it to the server's --allowed-origins "
                 "(FASTAPHLICT_ALLOWED_ORIGINS); if not, pass Phorge's base URI as --origin.",
+            )
+        scheme = urlsplit(origin or "").scheme
+        if scheme in ("http", "https") and not any(
+            t.kind == "client" and t.secure == (scheme == "https") for t in self.targets
+        ):
+            # PhabricatorStandardPageView: getEnabledClientServers($with_protocol).
+            raise Failure(
+                f"Phorge's {scheme} pages use only client entries with protocol {scheme}; "
+                "none is enabled, so browsers there open no socket.",
+                f'enable a client entry with "protocol": "{scheme}" (behind the proxy that '
+                "serves Phorge), or pass Phorge's real base URI as --origin.",
             )
         return f"{origin} accepted"
 
@@ -371,12 +400,16 @@ class Doctor:
                     ws, _ = await asyncio.wait_for(
                         self.subscribed(client, stack, phid), self.timeout + 1
                     )
-                except (Failure, asyncio.TimeoutError):
-                    continue  # its own chain already said what is wrong
+                except Exception:  # its own chain already said what is wrong
+                    continue
                 sockets.append((client, ws))
             for admin in admins:
+                # The post and the wait each have --timeout.
                 await self.step(
-                    admin, "cluster", lambda admin=admin: self.reaches_all(admin, sockets, phid)
+                    admin,
+                    "cluster",
+                    lambda admin=admin: self.reaches_all(admin, sockets, phid),
+                    bound=2 * self.timeout,
                 )
 
     async def reaches_all(
@@ -388,12 +421,20 @@ class Doctor:
         key = self.new_key()
         started = time.monotonic()
         await self.post(admin, key, phid)
-        missed = []
-        for client, ws in sockets:
-            try:
-                await self.until(ws, lambda frame: key_of(frame) == key, "test message")
-            except Failure:
-                missed.append(client.url)
+        # All sockets wait at once, under one deadline: in turn, two missed
+        # clients would spend the step's whole time limit on the first.
+        waits = await asyncio.gather(
+            *(
+                self.until(ws, lambda frame: key_of(frame) == key, "test message")
+                for _, ws in sockets
+            ),
+            return_exceptions=True,
+        )
+        missed = [
+            client.url
+            for (client, _), got in zip(sockets, waits, strict=True)
+            if isinstance(got, BaseException)
+        ]
         if missed:
             raise Failure(
                 f"a post here did not reach {', '.join(missed)}: the servers are not one cluster.",
@@ -401,6 +442,59 @@ class Doctor:
                 "cluster peers (docs/clusters.md).",
             )
         return f"reached all {len(sockets)} client servers in {ms(started)}"
+
+
+#: Phorge gives up on an admin call after this long
+#: (``PhabricatorNotificationServerRef::newFuture``: ``setTimeout(2)``), and
+#: drops a post silently when it does.
+PHORGE_GIVES_UP = 2.0
+
+
+def in_time(started: float, what: str) -> None:
+    """Failure if the admin's answer came later than Phorge waits for it."""
+    took = time.monotonic() - started
+    if took > PHORGE_GIVES_UP:
+        raise Failure(
+            f"{what} in {took:.1f} s; Phorge gives up on admin calls at "
+            f"{PHORGE_GIVES_UP:g} s (and drops its posts silently).",
+            "check what slows the admin port: the server's load, a proxy in front of it.",
+        )
+
+
+#: More than any admin answer holds (a /metrics page is a few KiB): past it, stop reading.
+MOST = 64 * 1024
+
+
+async def bounded(resp: aiohttp.ClientResponse, what: str) -> bytes:
+    """The body, read up to :data:`MOST`; Failure if there is more (an endless body, say)."""
+    body = bytearray()
+    while chunk := await resp.content.read(MOST + 1 - len(body)):
+        body += chunk
+        if len(body) > MOST:
+            raise Failure(
+                f"{what} answered with a body over {MOST // 1024} KiB; the notification "
+                "server's answers are a few KiB.",
+                "point the admin entry at the notification server's admin port.",
+            )
+    return bytes(body)
+
+
+def metric_samples(body: bytes) -> dict[str, float]:
+    """``fastaphlict_broker_*`` samples of a Prometheus text page, read leniently.
+
+    The value is the first token after the name (a timestamp may follow);
+    a line without a number is ignored rather than trusted.
+    """
+    samples: dict[str, float] = {}
+    for line in body.decode("utf-8", "replace").splitlines():
+        fields = line.split()
+        if len(fields) < 2 or not fields[0].startswith("fastaphlict_broker_"):
+            continue
+        try:
+            samples[fields[0]] = float(fields[1])
+        except ValueError:
+            continue
+    return samples
 
 
 async def diagnose(targets: Sequence[Target], options: Options) -> list[Check]:

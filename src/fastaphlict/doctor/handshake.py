@@ -95,7 +95,13 @@ async def handshake(
             "upstream).",
             f"check what listens on {target.host}:{target.port} (curl -i {target.http_url}).",
         ) from exc
-    except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, OSError) as exc:
+    except asyncio.LimitOverrunError as exc:
+        raise Failure(
+            "the answer to the upgrade has over 64 KiB of headers; browsers and proxies "
+            "refuse such an answer.",
+            f"check what answers on {target.host}:{target.port} (curl -i {target.http_url}).",
+        ) from exc
+    except (asyncio.IncompleteReadError, OSError) as exc:
         raise Failure(
             f"the connection closed before an HTTP answer to the upgrade ({exc}).",
             "check that this port serves HTTP (and TLS when the entry says https).",

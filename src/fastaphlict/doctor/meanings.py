@@ -11,6 +11,7 @@ __all__ = [
     "NGINX_SECTION",
     "Failure",
     "connect_failure",
+    "idle_cut",
     "status_refusal",
     "tls_failure",
     "upgrade_refusal",
@@ -28,6 +29,31 @@ class Failure(Exception):
 
 #: Where the README shows a proxy set up right.
 NGINX_SECTION = 'the README\'s "Behind nginx" section'
+
+
+#: JX.Aphlict sends a ping command every 15 s; browsers throttle the timers
+#: of background tabs, so theirs come later.
+BROWSER_PING = 15.0
+
+
+def idle_cut(after: float) -> tuple[str, str]:
+    """A socket cut after ``after`` seconds without traffic: who it hurts, and the fix."""
+    if after < BROWSER_PING:
+        hurts = (
+            f"browsers ping every {BROWSER_PING:g} s, so this cuts every tab, in the foreground too"
+        )
+    else:
+        hurts = (
+            f"browsers ping every {BROWSER_PING:g} s, so this cuts only background tabs, "
+            "whose timers the browser throttles"
+        )
+    return (
+        f"the socket was cut after {after:.1f} s without traffic: something in the path "
+        "closes quiet sockets (nginx's proxy_read_timeout, a load balancer's idle "
+        f"timeout); {hurts}.",
+        "raise proxy_read_timeout and proxy_send_timeout well above the server's "
+        f"--ping-interval ({NGINX_SECTION} uses 600s).",
+    )
 
 
 def connect_failure(where: str, kind: str, reason: str | None) -> tuple[str, str]:

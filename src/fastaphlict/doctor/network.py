@@ -47,13 +47,19 @@ async def dns(target: Target, timeout: float) -> str:
 async def open_to(
     target: Target, context: ssl.SSLContext | None, timeout: float
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    """A connection to ``target``, through TLS with ``context`` when given."""
+    """A connection to ``target``, through TLS with ``context`` when given.
+
+    Happy Eyeballs (RFC 8305), as browsers connect: on a dual-stack host an
+    address that does not answer (IPv6 without a route, say) holds the next
+    one back 0.25 s, not the whole time limit.
+    """
     return await asyncio.wait_for(
         asyncio.open_connection(
             target.host,
             target.port,
             ssl=context,
             server_hostname=target.host if context else None,
+            happy_eyeballs_delay=0.25,
         ),
         timeout,
     )
@@ -76,7 +82,9 @@ async def tcp(target: Target, timeout: float) -> str:
         raise Failure(*connect_failure(where, target.kind, "connection refused")) from exc
     except OSError as exc:
         raise Failure(*connect_failure(where, target.kind, exc.strerror or str(exc))) from exc
-    figure = f"connected in {ms(started)}"
+    peer = writer.get_extra_info("peername")
+    to = f" to {peer[0]}" if peer else ""
+    figure = f"connected{to} in {ms(started)}"
     await close(writer)
     return figure
 

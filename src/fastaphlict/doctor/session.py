@@ -16,7 +16,7 @@ from typing import Any
 
 import aiohttp
 
-from fastaphlict.doctor.meanings import NGINX_SECTION, Failure
+from fastaphlict.doctor.meanings import NGINX_SECTION, Failure, idle_cut
 
 __all__ = ["ENDED", "PING", "PONG", "hold_idle", "key_of", "until"]
 
@@ -78,14 +78,7 @@ async def hold_idle(ws: aiohttp.ClientWebSocketResponse, seconds: float, timeout
         except asyncio.TimeoutError:
             break
         if message.type in ENDED:
-            after = time.monotonic() - started
-            raise Failure(
-                f"the socket was cut after {after:.1f} s without traffic: something in the path "
-                "closes quiet sockets (nginx's proxy_read_timeout, a load balancer's idle "
-                "timeout).",
-                "raise proxy_read_timeout and proxy_send_timeout well above the server's "
-                f"--ping-interval ({NGINX_SECTION} uses 600s).",
-            )
+            raise Failure(*idle_cut(time.monotonic() - started))
     await ws.send_str(PING)
     await until(ws, lambda frame: frame == PONG, "pong after the idle time", timeout)
     return f"held {seconds:g} s idle, still answers"

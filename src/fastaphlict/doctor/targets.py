@@ -11,6 +11,7 @@ an admin the one its PHP posts to (``getURI``), both with ``~instance`` and
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, urlsplit
@@ -122,6 +123,15 @@ def from_servers(data: Any, instance: str | None = None) -> list[Target]:
     return sorted(targets, key=lambda t: t.kind != "admin")
 
 
+def redacted(url: str) -> str:
+    """``url`` with any user and password before the host replaced by ``***``.
+
+    By text, not by ``urlsplit``: a URL without ``//`` (``user:pw@host``)
+    parses its password as a path, which would still be printed.
+    """
+    return re.sub(r"^([^/@]*//)?[^/@]*@", r"\1***@", url, count=1)
+
+
 def from_urls(
     client_url: str | None, admin_url: str | None, instance: str | None = None
 ) -> list[Target]:
@@ -139,7 +149,8 @@ def from_urls(
             continue
         parts = urlsplit(url)
         if parts.scheme not in schemes or not parts.hostname:
-            raise TargetError(f"--{kind}-url must be a {'/'.join(schemes)} URL, not {url!r}")
+            shown = redacted(url)
+            raise TargetError(f"--{kind}-url must be a {'/'.join(schemes)} URL, not {shown!r}")
         try:
             port = parts.port
         except ValueError as exc:
