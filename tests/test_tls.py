@@ -146,6 +146,16 @@ def test_mismatched_key_and_certificate_fail_with_the_entry_named(
         server_context(entry, 1)
 
 
+def _tls_config(path: Path, key: str, cert: str) -> Path:
+    """An Aphlict config at ``path``: a TLS client port 22280 on ``key``/``cert``, an admin."""
+    servers = [
+        {"type": "client", "port": 22280, "ssl.key": key, "ssl.cert": cert},
+        {"type": "admin", "port": 22281, "listen": "127.0.0.1"},
+    ]
+    path.write_text(json.dumps({"servers": servers}))
+    return path
+
+
 def test_config_test_loads_the_tls_files(
     pki: dict,  # type: ignore[type-arg]
     tmp_path: Path,
@@ -154,18 +164,11 @@ def test_config_test_loads_the_tls_files(
     from fastaphlict import cli
 
     p = pki["paths"]
-    servers = [
-        {"type": "client", "port": 22280, "ssl.key": p["key"], "ssl.cert": p["cert"]},
-        {"type": "admin", "port": 22281, "listen": "127.0.0.1"},
-    ]
-    good = tmp_path / "good.json"
-    good.write_text(json.dumps({"servers": servers}))
+    good = _tls_config(tmp_path / "good.json", p["key"], p["cert"])
     assert cli.main([f"--config={good}", "--test", f"--peer-ca-file={p['ca']}"]) == 0
     assert "Configuration test OK." in capsys.readouterr().out
 
-    servers[0]["ssl.key"] = p["ca"]  # a certificate where the key should be
-    bad = tmp_path / "bad.json"
-    bad.write_text(json.dumps({"servers": servers}))
+    bad = _tls_config(tmp_path / "bad.json", p["ca"], p["cert"])  # a certificate for the key
     assert cli.main([f"--config={bad}", "--test"]) == 1
     assert 'index "0", on port "22280"' in capsys.readouterr().err
 
@@ -179,12 +182,7 @@ def test_a_bad_tls_key_fails_the_start_as_it_fails_the_test(
     from fastaphlict import cli
 
     p = pki["paths"]
-    servers = [
-        {"type": "client", "port": 22280, "ssl.key": p["ca"], "ssl.cert": p["cert"]},
-        {"type": "admin", "port": 22281, "listen": "127.0.0.1"},
-    ]
-    bad = tmp_path / "bad.json"
-    bad.write_text(json.dumps({"servers": servers}))
+    bad = _tls_config(tmp_path / "bad.json", p["ca"], p["cert"])  # a certificate for the key
     assert cli.main([f"--config={bad}", "--test"]) == 1
     tested = capsys.readouterr().err
     assert cli.main([f"--config={bad}"]) == 1
