@@ -57,8 +57,9 @@ cdef class Outbox:
     cdef void _schedule(self) except *:
         # The loop is remembered, and looked up again only when it no longer
         # runs: asyncio.get_running_loop() makes a getpid() system call each
-        # time (its fork check), measured at 3 % of the server's CPU on the
-        # targeted mix when it ran once a post. One outbox outlives a loop in
+        # time (its fork check), 3 % of py-spy's samples of the server on the
+        # targeted mix when it ran once a post (a gain inside the benchmark's
+        # noise). One outbox outlives a loop in
         # tests (a stopped loop is not running, so the next one is found) and
         # a closed loop's call_soon raises. The flag is set only once the
         # call is scheduled, so a failure here never leaves the outbox

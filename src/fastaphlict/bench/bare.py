@@ -16,7 +16,7 @@ import argparse
 import asyncio
 import contextlib
 
-from fastaphlict.bench.minimal import PONG, next_frame, switching
+from fastaphlict.bench.minimal import PONG, switching, unmask
 
 __all__ = ["Bare", "main", "serve"]
 
@@ -49,16 +49,38 @@ class Bare(asyncio.Protocol):
             del buf[: end + 4]
             transport.write(switching(key))
             self.open = True
-        # Only a short text frame can be a ping command: longer ones (subscribe,
-        # replay) are framed and dropped unread.
-        while (found := next_frame(buf, 63)) is not None:
-            opcode, payload, end = found
-            del buf[:end]
-            if opcode == 0x8:
+        # The frame reader is inline here, not minimal.next_frame: a floor must
+        # not pay a call and a tuple a frame that a bare protocol would not.
+        while len(buf) >= 2:
+            size = buf[1] & 0x7F
+            pos = 2
+            if size == 126:
+                if len(buf) < 4:
+                    return
+                size = int.from_bytes(buf[2:4], "big")
+                pos = 4
+            elif size == 127:
+                if len(buf) < 10:
+                    return
+                size = int.from_bytes(buf[2:10], "big")
+                pos = 10
+            masked = 4 if buf[1] & 0x80 else 0
+            end = pos + masked + size
+            if len(buf) < end:
+                return
+            opcode = buf[0] & 0x0F
+            # Only a short text frame can be a ping command: longer ones (subscribe,
+            # replay) are framed and dropped unread.
+            if opcode == 0x1 and size < 64:
+                payload = bytes(buf[pos + masked : end])
+                if masked:
+                    payload = unmask(payload, bytes(buf[pos : pos + 4]))
+                if b'"ping"' in payload:
+                    transport.write(PONG)
+            elif opcode == 0x8:
                 transport.close()
                 return
-            if opcode == 0x1 and b'"ping"' in payload:
-                transport.write(PONG)
+            del buf[:end]
 
 
 async def serve(host: str, port: int) -> None:
