@@ -13,9 +13,9 @@ import logging
 from typing import Any
 
 from aiohttp import web
-from picows import ws_create_server
 
 from fastaphlict import admin, client, systemd
+from fastaphlict._protocol import protocol_factory
 from fastaphlict.address import format_address
 from fastaphlict.broker import Broker
 from fastaphlict.config import ServerConfig, Settings
@@ -31,8 +31,6 @@ log = logging.getLogger("fastaphlict.server")
 
 #: Listen backlog: a restart makes every open tab reconnect at once.
 BACKLOG = 4096
-#: Initial picows read buffer per socket (picows never goes below 2 KiB).
-READ_BUFFER_SIZE = 2048
 _PICOWS_LOG = client.PicowsLog(logging.getLogger("picows.server"), {})
 
 
@@ -96,25 +94,24 @@ class Listeners:
 
     async def _open_client(self, entry: ServerConfig) -> None:
         where = self._where(entry)
-        server = await ws_create_server(
+        # Our own picows protocol: picows' ws_create_server builds one whose
+        # set-up makes eight system calls per connection (fastaphlict._protocol).
+        factory = protocol_factory(
             client.listener_factory(
                 self.hub,
                 client.Options(self.debug, self.limits, connection_cap(self.limits)),
             ),
-            ssl=server_context(entry),
-            websocket_handshake_timeout=self.limits.handshake_timeout,
+            # An adapter, not a Logger: picows would build a child Logger per
+            # connection from a Logger.
+            _PICOWS_LOG,
+            self.limits.handshake_timeout,
             # Oversized frames are closed with 1009 by picows itself.
-            max_frame_size=self.limits.max_frame_size,
-            # The listener answers pings itself, once it has checked the frame.
-            enable_auto_pong=False,
-            # An adapter, not a Logger: picows builds a child Logger for every
-            # connection when given a Logger, a cost paid by every idle tab.
-            logger_name=_PICOWS_LOG,
-            # picows' default 16 KiB read buffer per socket dominates an idle
-            # tab's memory; commands are tiny, and the buffer grows on demand.
-            read_buffer_init_size=READ_BUFFER_SIZE,
-            # uvloop's own transports: lighter per idle socket than aiofastnet.
-            use_aiofastnet=False,
+            self.limits.max_frame_size,
+        )
+        # On uvloop's own transports (lighter per idle socket than aiofastnet).
+        server = await asyncio.get_running_loop().create_server(
+            factory,
+            ssl=server_context(entry),
             # After a restart every open tab reconnects at once.
             backlog=BACKLOG,
             **where,
