@@ -159,3 +159,21 @@ async def test_the_factory_refuses_a_protocol_it_does_not_read_right() -> None:
     assert not _protocol.head_matches(object(), factory, logger, timeout, *args)
     with pytest.raises(TypeError):
         _protocol.owns_read_buffer(probe)
+
+
+async def test_one_timer_drops_the_silent_sockets_and_spares_the_upgraded() -> None:
+    """Handshake deadlines share a timer: silent sockets go, upgraded ones stay."""
+    async with run(settings(["--handshake-timeout=0.4"])) as srv:
+        port = srv.server.client_ports[0]
+        silent = [await asyncio.open_connection("127.0.0.1", port) for _ in range(20)]
+        reader, writer = await _upgraded(port)
+        started = asyncio.get_running_loop().time()
+        for silent_reader, _ in silent:
+            assert await asyncio.wait_for(silent_reader.read(), TIMEOUT) == b""
+        assert asyncio.get_running_loop().time() - started >= 0.35
+        # Past its own deadline, the upgraded socket still answers.
+        writer.write(PING)
+        assert await _next_payload(reader) == PONG
+        for _, silent_writer in silent:
+            silent_writer.close()
+        writer.close()

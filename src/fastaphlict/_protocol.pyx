@@ -29,12 +29,13 @@ from picows.picows cimport MemoryBuffer, WSTransport
 from fastaphlict import _wire  # noqa: F401  (refuses another picows at import)
 
 import asyncio
+import collections
 import functools
 
 from picows import WSAutoPingStrategy
 from picows.picows import WSProtocol
 
-__all__ = ["ServerProtocol", "head_matches", "owns_read_buffer", "protocol_factory"]
+__all__ = ["Deadlines", "ServerProtocol", "head_matches", "owns_read_buffer", "protocol_factory"]
 
 
 cdef extern from *:
@@ -157,13 +158,58 @@ cdef inline void _settle(ProtocolHead* head):
         _store(&head.read_buffer, own)
 
 
+cdef class Deadlines:
+    """The handshake deadlines of new sockets, kept by one timer instead of one per socket.
+
+    picows arms a timer per connection and cancels it after the upgrade: two
+    timer operations and a closed libuv handle per tab of a storm. Here the
+    sockets wait in arrival order (so in deadline order) and one timer, armed
+    while any waits, drops those still upgrading when their time is up, at
+    most a tenth of the timeout late.
+    """
+
+    cdef object _loop
+    cdef double _timeout
+    cdef double _slack
+    cdef object _waiting
+    cdef object _timer
+
+    def __init__(self, loop, double timeout):
+        self._loop = loop
+        self._timeout = timeout
+        self._slack = timeout / 10
+        self._waiting = collections.deque()
+        self._timer = None
+
+    cdef void add(self, protocol):
+        self._waiting.append((self._loop.time() + self._timeout, protocol))
+        if self._timer is None:
+            self._timer = self._loop.call_later(self._timeout + self._slack, self._sweep)
+
+    def _sweep(self):
+        cdef double now = self._loop.time()
+        cdef ProtocolHead* head
+        waiting = self._waiting
+        self._timer = None
+        while waiting and waiting[0][0] <= now:
+            _, protocol = waiting.popleft()
+            head = <ProtocolHead*><PyObject*>protocol
+            if head.state == _UPGRADING and not (<WSTransport>head.transport).is_disconnected:
+                protocol._handshake_timeout_callback()
+        if waiting:
+            self._timer = self._loop.call_at(waiting[0][0] + self._slack, self._sweep)
+
+    def __len__(self):
+        return len(self._waiting)
+
+
 class ServerProtocol(WSProtocol):
     """picows' server protocol with a lean set-up and no read buffer while idle."""
 
     # No __dict__ or weak-reference slot: an idle tab pays for every byte.
     __slots__ = ()
 
-    def __init__(self, listener_factory, logger, loop, handshake_timeout, Py_ssize_t max_frame_size):
+    def __init__(self, listener_factory, logger, loop, Deadlines deadlines, Py_ssize_t max_frame_size):
         # picows' server-side values, set without its client-side work (a
         # random key, the loop looked up again, a read buffer of its own). The
         # allocation zeroed every C field and set every object field to None;
@@ -175,7 +221,9 @@ class ServerProtocol(WSProtocol):
         head.log_debug_enabled = logger.isEnabledFor(_PICOWS_DEBUG)
         head.disconnect_on_exception = 1
         _store(&head.loop, loop)
-        _store(&head.handshake_timeout, handshake_timeout)
+        # picows reads this field only in the connection_made replaced below,
+        # so it holds the shared deadlines; no timer handle is ever set.
+        _store(&head.handshake_timeout, deadlines)
         _store(&head.handshake_complete_future, loop.create_future())
         head.http_max_size = 16 * 1024
         head.max_frame_size = max_frame_size
@@ -187,12 +235,7 @@ class ServerProtocol(WSProtocol):
         cdef WSTransport t = WSTransport(False, transport, <object>head.logger, loop)
         t.disconnected_future = _done
         _store(&head.transport, t)
-        timeout = <object>head.handshake_timeout
-        if timeout is not None:
-            _store(
-                &head.handshake_timeout_handle,
-                loop.call_later(timeout, self._handshake_timeout_callback),
-            )
+        (<Deadlines>head.handshake_timeout).add(self)
 
     def buffer_updated(self, Py_ssize_t nbytes):
         cdef ProtocolHead* head = <ProtocolHead*><PyObject*>self
@@ -309,4 +352,5 @@ def protocol_factory(listener_factory, logger, handshake_timeout, Py_ssize_t max
             "fastaphlict._protocol does not match the installed picows' protocol "
             "layout; reinstall fastaphlict against the picows it pins"
         )
-    return functools.partial(ServerProtocol, listener_factory, logger, loop, handshake_timeout, max_frame_size)
+    deadlines = Deadlines(loop, handshake_timeout)
+    return functools.partial(ServerProtocol, listener_factory, logger, loop, deadlines, max_frame_size)
