@@ -29,8 +29,9 @@ __all__ = ["BACKLOG", "Listeners"]
 # The listening lines have always come from the server's logger.
 log = logging.getLogger("fastaphlict.server")
 
-#: Listen backlog: a restart makes every open tab reconnect at once.
-BACKLOG = 4096
+#: Listen backlog: a restart makes every open tab reconnect at once (the
+#: kernel caps it at net.core.somaxconn; contrib/60-fastaphlict.conf raises that).
+BACKLOG = 16384
 _PICOWS_LOG = client.PicowsLog(logging.getLogger("picows.server"), {})
 
 
