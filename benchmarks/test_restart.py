@@ -369,6 +369,9 @@ async def scenario(tmp_path: Path, notify: socket.socket) -> dict[str, Any]:
             "server_cpu_after_ready_s": round(server_cpu, 2),
             "tabs_cpu_after_ready_s": round(tabs_cpu, 2),
             "reconnects_max": max(s.connections for s in states) - 1,
+            # Past it the kernel drops reconnections, which retry 1 s later:
+            # contrib/60-fastaphlict.conf (run under `unshare -n` to measure).
+            "somaxconn": int(Path("/proc/sys/net/core/somaxconn").read_text()),
         }
     finally:
         for transport in transports:
