@@ -128,6 +128,7 @@ cdef MemoryBuffer _shared = None
 _done = None
 
 _base_buffer_updated = WSProtocol.buffer_updated
+_base_connection_lost = WSProtocol.connection_lost
 
 
 cdef MemoryBuffer _shared_buffer():
@@ -181,10 +182,15 @@ cdef class Deadlines:
         self._waiting = collections.deque()
         self._timer = None
 
-    cdef void add(self, protocol):
-        self._waiting.append((self._loop.time() + self._timeout, protocol))
+    cdef list add(self, protocol):
+        # The entry holds the protocol through a one-item list that the
+        # protocol empties once it has upgraded or closed: a closed socket's
+        # protocol is not kept alive until its deadline.
+        holder = [protocol]
+        self._waiting.append((self._loop.time() + self._timeout, holder))
         if self._timer is None:
             self._timer = self._loop.call_later(self._timeout + self._slack, self._sweep)
+        return holder
 
     def _sweep(self):
         cdef double now = self._loop.time()
@@ -192,7 +198,9 @@ cdef class Deadlines:
         waiting = self._waiting
         self._timer = None
         while waiting and waiting[0][0] <= now:
-            _, protocol = waiting.popleft()
+            protocol = (<list>waiting.popleft()[1])[0]
+            if protocol is None:
+                continue  # upgraded or closed in time
             head = <ProtocolHead*><PyObject*>protocol
             if head.state == _UPGRADING and not (<WSTransport>head.transport).is_disconnected:
                 protocol._handshake_timeout_callback()
@@ -207,7 +215,8 @@ class ServerProtocol(WSProtocol):
     """picows' server protocol with a lean set-up and no read buffer while idle."""
 
     # No __dict__ or weak-reference slot: an idle tab pays for every byte.
-    __slots__ = ()
+    # Only the entry of its handshake deadline, until it is upgraded or closed.
+    __slots__ = ("_deadline",)
 
     def __init__(self, listener_factory, logger, loop, Deadlines deadlines, Py_ssize_t max_frame_size):
         # picows' server-side values, set without its client-side work (a
@@ -228,6 +237,7 @@ class ServerProtocol(WSProtocol):
         head.http_max_size = 16 * 1024
         head.max_frame_size = max_frame_size
         _store(&head.read_buffer, _shared_buffer())
+        self._deadline = None
 
     def connection_made(self, transport):
         cdef ProtocolHead* head = <ProtocolHead*><PyObject*>self
@@ -235,7 +245,17 @@ class ServerProtocol(WSProtocol):
         cdef WSTransport t = WSTransport(False, transport, <object>head.logger, loop)
         t.disconnected_future = _done
         _store(&head.transport, t)
-        (<Deadlines>head.handshake_timeout).add(self)
+        self._deadline = (<Deadlines>head.handshake_timeout).add(self)
+
+    def connection_lost(self, exc):
+        self._leave_deadlines()
+        _base_connection_lost(self, exc)
+
+    def _leave_deadlines(self):
+        deadline = self._deadline
+        if deadline is not None:
+            (<list>deadline)[0] = None
+            self._deadline = None
 
     def buffer_updated(self, Py_ssize_t nbytes):
         cdef ProtocolHead* head = <ProtocolHead*><PyObject*>self
@@ -245,6 +265,7 @@ class ServerProtocol(WSProtocol):
         finally:
             if upgrading and head.state != _UPGRADING:
                 _upgraded(head)
+                self._leave_deadlines()
             _settle(head)
 
 
