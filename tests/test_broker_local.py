@@ -30,7 +30,7 @@ from fastaphlict.config import parse_broker_url
 from fastaphlict.hub import Hub
 from fastaphlict.protocol import HISTORY_TTL_MS, dumps
 from fastaphlict.resp import RedisError
-from support import TIMEOUT, eventually
+from support import TIMEOUT, eventually, scaled
 
 ME = "ThisNode00000000"
 OTHER = "OtherNode0000001"
@@ -586,6 +586,38 @@ async def test_close_waits_for_the_batch_in_flight_while_publishing_works(
     assert not closing.done(), "still draining"
     made[-1].answer()
     assert await asyncio.wait_for(closing, TIMEOUT) == []
+    assert broker.stats.published == 1
+
+
+async def test_a_batch_without_replies_is_given_up_a_whole_timeout_after_it_left(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each batch gets the whole ``timeout`` from when it left, not from an earlier batch's.
+
+    One timer watches every batch out (no timer per message): when it fires
+    for a batch that was answered meanwhile, the batch out now is younger and
+    must not be given up with it.
+    """
+    timeout = scaled(0.5)
+    broker = make(timeout=timeout)
+    made = fake_commands(broker, monkeypatch)
+    task = asyncio.create_task(broker._publisher.run())
+    try:
+        broker.relay("default", {}, body(1))
+        await eventually(lambda: bool(made) and bool(made[-1].batches))
+        first_left = time.monotonic()
+        await asyncio.sleep(0.6 * timeout)
+        made[-1].answer()
+        broker.relay("default", {}, body(2))  # leaves at once, never answered
+        second_left = time.monotonic()
+        assert batches(made) == [[1], [2]]
+        await asyncio.sleep(first_left + 1.3 * timeout - time.monotonic())
+        assert not made[-1].is_closed, "given up on the first batch's time"
+        await eventually(lambda: made[-1].is_closed, timeout=TIMEOUT + timeout)
+        assert time.monotonic() - second_left >= timeout
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
     assert broker.stats.published == 1
 
 
