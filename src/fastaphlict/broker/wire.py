@@ -134,6 +134,10 @@ class Probe(NamedTuple):
     origin: str
 
 
+#: ``tuple.__new__``, called directly: a named tuple's own ``__new__`` is Python code.
+_tuple_new: Any = tuple.__new__
+
+
 def parse_stream_id(raw: bytes | str) -> StreamId:
     """``b"1700000000000-3"`` as ``(1700000000000, 3)``."""
     text = raw.decode() if isinstance(raw, bytes) else raw
@@ -181,15 +185,23 @@ def decode(data: bytes) -> ChannelMessage | Probe | None:
     if not data.startswith(b"M\n"):
         return None
     _, origin_raw, seq_raw, sid_raw, at_raw, size_raw, rest = data.split(b"\n", 6)
-    seq = int(seq_raw)
     size = int(size_raw)
     if not 0 <= size <= len(rest):
         raise ValueError(f"instance name of {size} bytes in {len(rest)}")
-    instance = decode_name(rest[:size])
-    sid = parse_stream_id(sid_raw)
-    at = float(at_raw)
-    return ChannelMessage(
-        origin_raw.decode("ascii", "replace"), seq, sid, at, instance, rest[size:]
+    # Numbers straight from bytes (``int`` and ``float`` read them), and the
+    # tuple built without the named tuple's Python-level ``__new__``: this
+    # runs for every message of every other node.
+    ms, _, sid_seq = sid_raw.partition(b"-")
+    return _tuple_new(
+        ChannelMessage,
+        (
+            origin_raw.decode("ascii", "replace"),
+            int(seq_raw),
+            (int(ms), int(sid_seq or 0)),
+            float(at_raw),
+            rest[:size].decode("utf-8", "surrogatepass"),
+            rest[size:],
+        ),
     )
 
 
