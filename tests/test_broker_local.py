@@ -347,6 +347,11 @@ async def test_our_own_messages_on_the_channel_are_skipped() -> None:
     broker._link.on_message(channel_message(ME, 1, "10-0", NOW, "default", body(1)))
     assert hub.stats.messages_in == 0 and broker.stats.received == 0
     assert not broker.is_member(ME)
+    assert broker._link.read["default"] == (10, 0), "the position follows them"
+    broker._link.on_message(channel_message(ME, 2, "9-0", NOW, "acme \u2713", body(2)))
+    broker._link.on_message(channel_message(ME, 1, "9-5", NOW, "default", body(1)))
+    assert broker._link.read == {"default": (10, 0), "acme \u2713": (9, 0)}
+    assert broker.stats.malformed == 0
 
 
 async def test_a_message_the_catch_up_already_gave_is_skipped_by_stream_position() -> None:
@@ -364,18 +369,23 @@ async def test_a_message_the_catch_up_already_gave_is_skipped_by_stream_position
     assert broker.stats.received == 5, "positions are per instance"
 
 
+@pytest.mark.parametrize("origin", [b"O", ME.encode()], ids=["another node's", "our own"])
 @pytest.mark.parametrize(
-    "reply",
+    "data",
     [
-        [b"message", b"fastaphlict:3:messages", b"M\nshort"],
-        [b"message", b"fastaphlict:3:messages", b"M\nO\n1\nnot-an-id\n1.0\n7\ndefault{}"],
-        [b"message", b"fastaphlict:3:messages", b"M\nO\n1\n1-0\nsoon\n7\ndefault{}"],
-        [b"message", b"fastaphlict:3:messages", b"M\nO\n1\n1-0\n1.0\nseven\ndefault{}"],
+        b"M\n<origin>\nshort",
+        b"M\n<origin>\n1\nnot-an-id\n1.0\n7\ndefault{}",
+        b"M\n<origin>\n1\n1-0\nsoon\n7\ndefault{}",
+        b"M\n<origin>\n1\n1-0\n1.0\nseven\ndefault{}",
+        b"M\n<origin>\none\n1-0\n1.0\n7\ndefault{}",
+        b"M\n<origin>\n1\n1-0\n1.0\n70\ndefault{}",
+        b"M\n<origin>\n1\n1-0\n1.0\n-1\ndefault{}",
     ],
 )
 async def test_an_unreadable_channel_message_is_logged_and_skipped(
-    reply: list[bytes], caplog: pytest.LogCaptureFixture
+    origin: bytes, data: bytes, caplog: pytest.LogCaptureFixture
 ) -> None:
+    reply = [b"message", b"fastaphlict:3:messages", data.replace(b"<origin>", origin)]
     hub = Hub(ME)
     broker = make(hub)
     with caplog.at_level(logging.WARNING, "fastaphlict.broker"):

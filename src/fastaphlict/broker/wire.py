@@ -43,6 +43,7 @@ __all__ = [
     "encode_message",
     "encode_probe",
     "entry_fields",
+    "own_position",
     "parse_stream_id",
     "refusals",
     "taken_in",
@@ -203,6 +204,29 @@ def decode(data: bytes) -> ChannelMessage | Probe | None:
             rest[size:],
         ),
     )
+
+
+def own_position(data: bytes, start: int) -> tuple[str, StreamId]:
+    """The instance and stream id of a message whose origin ends at ``start``.
+
+    For this node's own messages, which come back on the channel: every
+    field is read as :func:`decode` reads it (the same ValueError for one
+    that cannot be read), but the payload is not copied out: the position
+    is all that such a message changes.
+    """
+    seq_end = data.index(b"\n", start)
+    sid_end = data.index(b"\n", seq_end + 1)
+    at_end = data.index(b"\n", sid_end + 1)
+    size_end = data.index(b"\n", at_end + 1)
+    int(data[start:seq_end])
+    float(data[sid_end + 1 : at_end])
+    size = int(data[at_end + 1 : size_end])
+    name_end = size_end + 1 + size
+    if size < 0 or name_end > len(data):
+        raise ValueError(f"instance name of {size} bytes in {len(data) - size_end - 1}")
+    ms, _, sid_seq = data[seq_end + 1 : sid_end].partition(b"-")
+    sid = (int(ms), int(sid_seq or 0))
+    return data[size_end + 1 : name_end].decode("utf-8", "surrogatepass"), sid
 
 
 def entry_fields(flat: list[Any]) -> tuple[str, int, float, bytes]:
