@@ -30,7 +30,7 @@ from fastaphlict.config import parse_broker_url
 from fastaphlict.hub import Hub
 from fastaphlict.protocol import HISTORY_TTL_MS, dumps
 from fastaphlict.resp import RedisError
-from support import TIMEOUT, eventually
+from support import TIMEOUT, eventually, scaled
 
 ME = "ThisNode00000000"
 OTHER = "OtherNode0000001"
@@ -347,6 +347,11 @@ async def test_our_own_messages_on_the_channel_are_skipped() -> None:
     broker._link.on_message(channel_message(ME, 1, "10-0", NOW, "default", body(1)))
     assert hub.stats.messages_in == 0 and broker.stats.received == 0
     assert not broker.is_member(ME)
+    assert broker._link.read["default"] == (10, 0), "the position follows them"
+    broker._link.on_message(channel_message(ME, 2, "9-0", NOW, "acme \u2713", body(2)))
+    broker._link.on_message(channel_message(ME, 1, "9-5", NOW, "default", body(1)))
+    assert broker._link.read == {"default": (10, 0), "acme \u2713": (9, 0)}
+    assert broker.stats.malformed == 0
 
 
 async def test_a_message_the_catch_up_already_gave_is_skipped_by_stream_position() -> None:
@@ -364,18 +369,23 @@ async def test_a_message_the_catch_up_already_gave_is_skipped_by_stream_position
     assert broker.stats.received == 5, "positions are per instance"
 
 
+@pytest.mark.parametrize("origin", [b"O", ME.encode()], ids=["another node's", "our own"])
 @pytest.mark.parametrize(
-    "reply",
+    "data",
     [
-        [b"message", b"fastaphlict:3:messages", b"M\nshort"],
-        [b"message", b"fastaphlict:3:messages", b"M\nO\n1\nnot-an-id\n1.0\n7\ndefault{}"],
-        [b"message", b"fastaphlict:3:messages", b"M\nO\n1\n1-0\nsoon\n7\ndefault{}"],
-        [b"message", b"fastaphlict:3:messages", b"M\nO\n1\n1-0\n1.0\nseven\ndefault{}"],
+        b"M\n<origin>\nshort",
+        b"M\n<origin>\n1\nnot-an-id\n1.0\n7\ndefault{}",
+        b"M\n<origin>\n1\n1-0\nsoon\n7\ndefault{}",
+        b"M\n<origin>\n1\n1-0\n1.0\nseven\ndefault{}",
+        b"M\n<origin>\none\n1-0\n1.0\n7\ndefault{}",
+        b"M\n<origin>\n1\n1-0\n1.0\n70\ndefault{}",
+        b"M\n<origin>\n1\n1-0\n1.0\n-1\ndefault{}",
     ],
 )
 async def test_an_unreadable_channel_message_is_logged_and_skipped(
-    reply: list[bytes], caplog: pytest.LogCaptureFixture
+    origin: bytes, data: bytes, caplog: pytest.LogCaptureFixture
 ) -> None:
+    reply = [b"message", b"fastaphlict:3:messages", data.replace(b"<origin>", origin)]
     hub = Hub(ME)
     broker = make(hub)
     with caplog.at_level(logging.WARNING, "fastaphlict.broker"):
@@ -586,6 +596,38 @@ async def test_close_waits_for_the_batch_in_flight_while_publishing_works(
     assert not closing.done(), "still draining"
     made[-1].answer()
     assert await asyncio.wait_for(closing, TIMEOUT) == []
+    assert broker.stats.published == 1
+
+
+async def test_a_batch_without_replies_is_given_up_a_whole_timeout_after_it_left(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each batch gets the whole ``timeout`` from when it left, not from an earlier batch's.
+
+    One timer watches every batch out (no timer per message): when it fires
+    for a batch that was answered meanwhile, the batch out now is younger and
+    must not be given up with it.
+    """
+    timeout = scaled(0.5)
+    broker = make(timeout=timeout)
+    made = fake_commands(broker, monkeypatch)
+    task = asyncio.create_task(broker._publisher.run())
+    try:
+        broker.relay("default", {}, body(1))
+        await eventually(lambda: bool(made) and bool(made[-1].batches))
+        first_left = time.monotonic()
+        await asyncio.sleep(0.6 * timeout)
+        made[-1].answer()
+        broker.relay("default", {}, body(2))  # leaves at once, never answered
+        second_left = time.monotonic()
+        assert batches(made) == [[1], [2]]
+        await asyncio.sleep(first_left + 1.3 * timeout - time.monotonic())
+        assert not made[-1].is_closed, "given up on the first batch's time"
+        await eventually(lambda: made[-1].is_closed, timeout=TIMEOUT + timeout)
+        assert time.monotonic() - second_left >= timeout
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
     assert broker.stats.published == 1
 
 

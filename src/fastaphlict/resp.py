@@ -120,7 +120,10 @@ class RespConnection(asyncio.Protocol):
         if self._transport is None or self.closed.done():
             raise ConnectionLost("connection closed")
         pack = hiredis.pack_command
-        data = b"".join([pack(tuple(c)) for c in commands])
+        if len(commands) == 1:  # the publisher's usual batch
+            data = pack(tuple(commands[0]))
+        else:
+            data = b"".join([pack(tuple(c)) for c in commands])
         try:
             self._transport.write(data)
         except Exception as exc:  # uvloop raises RuntimeError once its handle is closed

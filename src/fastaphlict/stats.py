@@ -9,6 +9,7 @@ Each counter is written by its owner alone, on the event loop; a scrape or
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from dataclasses import dataclass
 
 __all__ = [
@@ -32,7 +33,7 @@ RELAY_LATENCY_BUCKETS = (*_SHARED_BOUNDS, 5.0, float("inf"))
 class Latency:
     """Seconds counted into fixed buckets: a histogram kept as plain numbers.
 
-    Whoever measures calls :meth:`observe` (a loop over a dozen floats); the
+    Whoever measures calls :meth:`observe` (a bisection of a dozen floats); the
     collector turns it into Prometheus' cumulative form only at scrape time.
     """
 
@@ -46,10 +47,9 @@ class Latency:
         self.count = 0
 
     def observe(self, seconds: float) -> None:
-        for index, bound in enumerate(self.bounds):
-            if seconds <= bound:
-                self.counts[index] += 1
-                break
+        # The first bound at or above ``seconds`` (the last is ``inf``), in C:
+        # the broker observes every message it publishes.
+        self.counts[bisect_left(self.bounds, seconds)] += 1
         self.sum += seconds
         self.count += 1
 

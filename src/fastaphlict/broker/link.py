@@ -172,6 +172,8 @@ class Link:
         #: itself, and the previous process whose unpublished messages it took over.
         self._own = {node.fingerprint}
         self._probe = wire.encode_probe(node.fingerprint)
+        #: How this node's own messages begin on the channel.
+        self._echo = f"M\n{node.fingerprint}\n".encode()
         self.stall_after = PROBES_MISSED * node.probe_interval
         self.closing = False
         #: Per instance, the last stream id this node has taken in.
@@ -466,6 +468,18 @@ class Link:
         if not (isinstance(reply, list) and len(reply) == 3 and reply[0] == b"message"):
             return
         data: bytes = reply[2]
+        if data.startswith(self._echo):
+            # Our own message back: only its position counts (it reached
+            # our tabs when it was posted), so its payload is not copied out.
+            try:
+                instance, sid = wire.own_position(data, len(self._echo))
+            except ValueError as exc:
+                self._malformed(f"message on {self._node.channel} {data[:80]!r}", exc)
+                return
+            last = self.read.get(instance)
+            if last is None or sid > last:
+                self.read[instance] = sid
+            return
         try:
             message = wire.decode(data)
         except ValueError as exc:

@@ -49,6 +49,9 @@ MARK_TTL_MS = 10 * 60 * 1000
 #: Seconds between two "maintain" publishes of one instance (see publish.lua).
 MAINTAIN_INTERVAL = 1.0
 
+#: The sorted set of instances by last publish (the script's second key).
+INSTANCES_KEY = f"{PREFIX}instances"
+
 #: (origin, seq, instance, accepted at ms, payload, accepted monotonic).
 Item = tuple[str, int, str, float, bytes, float]
 
@@ -70,7 +73,14 @@ class Publisher:
         #: The batch being published: out of the buffer, not yet acknowledged.
         self._in_flight: list[Item] = []
         self._in_flight_bytes = 0
+        #: The batch out's deadline: when it left, and on which connection. One
+        #: timer checks it, re-armed only when it fires (see _check_in_flight).
+        self._in_flight_sent = 0.0
+        self._in_flight_conn: RespConnection | None = None
         self._in_flight_timer: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        #: Per instance, its stream's key and its name as the script gets them.
+        self._names: dict[str, tuple[str, bytes]] = {}
         #: Messages Redis acknowledged lately, in order, and the run_id of the
         #: server that did (see the module docstring).
         self._kept: collections.deque[Item] = collections.deque()
@@ -115,9 +125,14 @@ class Publisher:
             self._stats.dropped += 1
             return
         self._seq += 1
-        self._append(
+        # _append inlined: this runs for every post.
+        self._buffer.append(
             (self._node.fingerprint, self._seq, instance, wire.now_ms(), body, time.monotonic())
         )
+        self._buffer_bytes += len(body)
+        if len(self._buffer) > 1:
+            self._bound()  # a single message is never dropped
+        self._kick()
 
     def restore(self, item: Item) -> None:
         """Queue a message a previous process left; :attr:`on_restored` counts it."""
@@ -141,6 +156,7 @@ class Publisher:
         self._buffer_bytes = 0
         if self._in_flight_timer is not None:
             self._in_flight_timer.cancel()
+            self._in_flight_timer = None
         return left
 
     def wake(self) -> None:
@@ -150,6 +166,7 @@ class Publisher:
     def forget(self, instances: list[str]) -> None:
         for instance in instances:
             self._maintained.pop(instance, None)
+            self._names.pop(instance, None)
 
     # -- the buffer -----------------------------------------------------------
 
@@ -270,9 +287,13 @@ class Publisher:
             self._wakeup.set()
             return
         buffer = self._buffer
-        batch = [buffer.popleft() for _ in range(min(PUBLISH_BATCH, len(buffer)))]
+        if len(buffer) == 1:  # the usual batch: the post just accepted
+            batch = [buffer.popleft()]
+            size = len(batch[0][4])
+        else:
+            batch = [buffer.popleft() for _ in range(min(PUBLISH_BATCH, len(buffer)))]
+            size = sum(len(item[4]) for item in batch)
         self._in_flight = batch
-        size = sum(len(item[4]) for item in batch)
         self._in_flight_bytes = size
         self._buffer_bytes -= size
         try:
@@ -282,41 +303,79 @@ class Publisher:
             conn.close()
             self._publish_failed(batch, exc)
             return
-        self._in_flight_timer = asyncio.get_running_loop().call_later(
-            self._node.timeout, self._publish_timed_out, conn
-        )
+        # The deadline is noted, not armed: a timer per batch (created, then
+        # cancelled by the reply) cost more than the batch's own Python on
+        # the posting node. The one timer is armed when none is.
+        self._in_flight_sent = time.monotonic()
+        self._in_flight_conn = conn
+        if self._in_flight_timer is None:
+            loop = self._loop
+            if loop is None:
+                loop = self._loop = asyncio.get_running_loop()
+            self._in_flight_timer = loop.call_later(self._node.timeout, self._check_in_flight)
 
     def _commands_for(self, batch: list[Item]) -> list[tuple[Any, ...]]:
         """The EVALSHA of each message; "maintain" at most once a second per instance."""
         now = time.monotonic()
         maintained = self._maintained
+        names = self._names
+        limit, window, channel = self._script_tail
         commands = []
         for origin, seq, instance, at, payload, _ in batch:
             maintain = now - maintained.get(instance, -MAINTAIN_INTERVAL) >= MAINTAIN_INTERVAL
             if maintain:
                 maintained[instance] = now
-            keys = (wire.key(instance), f"{PREFIX}instances", f"{PREFIX}seq:{origin}:{seq}")
-            args = (wire.encode_name(instance), origin, seq, repr(at), payload, *self._script_tail)
+            named = names.get(instance)
+            if named is None:
+                named = names[instance] = (wire.key(instance), wire.encode_name(instance))
             commands.append(
-                ("EVALSHA", PUBLISH_SHA, 3, *keys, *args, "1" if maintain else "0", MARK_TTL_MS)
+                (
+                    "EVALSHA",
+                    PUBLISH_SHA,
+                    3,
+                    named[0],
+                    INSTANCES_KEY,
+                    f"{PREFIX}seq:{origin}:{seq}",
+                    named[1],
+                    origin,
+                    seq,
+                    repr(at),
+                    payload,
+                    limit,
+                    window,
+                    channel,
+                    "1" if maintain else "0",
+                    MARK_TTL_MS,
+                )
             )
         if len(maintained) > 4 * self._events.instances_read() + 1024:
             horizon = now - 2 * MAINTAIN_INTERVAL
             for instance in [i for i, at in maintained.items() if at < horizon]:
                 del maintained[instance]
+                names.pop(instance, None)
         return commands
 
-    def _publish_timed_out(self, conn: RespConnection) -> None:
-        """No replies within ``timeout``: the connection's order is lost; close it."""
+    def _check_in_flight(self) -> None:
+        """The timer: a batch out for ``timeout`` without its replies closes the connection.
+
+        The batch out may be a later one than when the timer was armed: it
+        gets the rest of its own time.
+        """
         self._in_flight_timer = None
+        conn = self._in_flight_conn
+        if not self._in_flight or conn is None:
+            return
+        left = self._in_flight_sent + self._node.timeout - time.monotonic()
+        if left > 0:
+            assert self._loop is not None  # set when the timer was first armed
+            self._in_flight_timer = self._loop.call_later(left, self._check_in_flight)
+            return
+        # No replies within ``timeout``: the connection's order is lost.
         self._timed_out = True
         conn.close()  # tells _published, with ConnectionLost
 
     def _published(self, replies: list[Any] | None, error: Exception | None) -> None:
         """The replies of the batch out (or why there are none)."""
-        if self._in_flight_timer is not None:
-            self._in_flight_timer.cancel()
-            self._in_flight_timer = None
         batch, self._in_flight = self._in_flight, []
         if not batch:
             return  # abandoned meanwhile

@@ -43,6 +43,7 @@ __all__ = [
     "encode_message",
     "encode_probe",
     "entry_fields",
+    "own_position",
     "parse_stream_id",
     "refusals",
     "taken_in",
@@ -134,6 +135,10 @@ class Probe(NamedTuple):
     origin: str
 
 
+#: ``tuple.__new__``, called directly: a named tuple's own ``__new__`` is Python code.
+_tuple_new: Any = tuple.__new__
+
+
 def parse_stream_id(raw: bytes | str) -> StreamId:
     """``b"1700000000000-3"`` as ``(1700000000000, 3)``."""
     text = raw.decode() if isinstance(raw, bytes) else raw
@@ -181,16 +186,47 @@ def decode(data: bytes) -> ChannelMessage | Probe | None:
     if not data.startswith(b"M\n"):
         return None
     _, origin_raw, seq_raw, sid_raw, at_raw, size_raw, rest = data.split(b"\n", 6)
-    seq = int(seq_raw)
     size = int(size_raw)
     if not 0 <= size <= len(rest):
         raise ValueError(f"instance name of {size} bytes in {len(rest)}")
-    instance = decode_name(rest[:size])
-    sid = parse_stream_id(sid_raw)
-    at = float(at_raw)
-    return ChannelMessage(
-        origin_raw.decode("ascii", "replace"), seq, sid, at, instance, rest[size:]
+    # Numbers straight from bytes (``int`` and ``float`` read them), and the
+    # tuple built without the named tuple's Python-level ``__new__``: this
+    # runs for every message of every other node.
+    ms, _, sid_seq = sid_raw.partition(b"-")
+    return _tuple_new(
+        ChannelMessage,
+        (
+            origin_raw.decode("ascii", "replace"),
+            int(seq_raw),
+            (int(ms), int(sid_seq or 0)),
+            float(at_raw),
+            rest[:size].decode("utf-8", "surrogatepass"),
+            rest[size:],
+        ),
     )
+
+
+def own_position(data: bytes, start: int) -> tuple[str, StreamId]:
+    """The instance and stream id of a message whose origin ends at ``start``.
+
+    For this node's own messages, which come back on the channel: every
+    field is read as :func:`decode` reads it (the same ValueError for one
+    that cannot be read), but the payload is not copied out: the position
+    is all that such a message changes.
+    """
+    seq_end = data.index(b"\n", start)
+    sid_end = data.index(b"\n", seq_end + 1)
+    at_end = data.index(b"\n", sid_end + 1)
+    size_end = data.index(b"\n", at_end + 1)
+    int(data[start:seq_end])
+    float(data[sid_end + 1 : at_end])
+    size = int(data[at_end + 1 : size_end])
+    name_end = size_end + 1 + size
+    if size < 0 or name_end > len(data):
+        raise ValueError(f"instance name of {size} bytes in {len(data) - size_end - 1}")
+    ms, _, sid_seq = data[seq_end + 1 : sid_end].partition(b"-")
+    sid = (int(ms), int(sid_seq or 0))
+    return data[size_end + 1 : name_end].decode("utf-8", "surrogatepass"), sid
 
 
 def entry_fields(flat: list[Any]) -> tuple[str, int, float, bytes]:
