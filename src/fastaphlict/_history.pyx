@@ -24,7 +24,9 @@ only appends; replays are rare beside posts (a tab replays when it
 reconnects), so most entries of a busy server leave unindexed. Each entry is
 indexed at most once, so the total is never more than indexing on publish;
 the first replay after a quiet spell pays for the entries since the last one
-(at most the history's limit, ~2 ms a thousand entries).
+(at most the history's limit: ~3 ms a thousand entries of 21 PHIDs, so up to
+~12 ms once for a full default history, e.g. the first replay after a restart
+restored one).
 
 The index shares the message's own subscriber strings (the entry keeps its
 list alive anyway): no copy, and nothing is interned, so PHIDs nobody posts
