@@ -25,7 +25,7 @@ from cpython.bytes cimport PyBytes_GET_SIZE
 from picows.picows cimport WSTransport
 
 from fastaphlict._outbox cimport Outbox, Outlet
-from fastaphlict._wire cimport _buffered, _join, _usable, _write
+from fastaphlict._wire cimport ASK, DIRECT, FAILED, SENT, _buffered, _join, _put, _usable
 
 # Importing _wire refuses a picows other than the one this was compiled against.
 import fastaphlict._wire  # noqa: F401
@@ -68,6 +68,7 @@ cdef class Subscriber(Outlet):
         self.channel = channel
         self._phids = []
         self.attached = True
+        self._queued = True  # picows wrote the handshake's answer through it
         self._mark = 0
         self._pending = None
         self.heard = True
@@ -107,10 +108,26 @@ cdef class Subscriber(Outlet):
             if not self._paused:
                 self._drain()  # the replay's tail: nothing waits ahead of it
             return True
-        if _write(self.transport, frame):
+        if self._put(frame):
             self.channel.outbox.bytes_sent += PyBytes_GET_SIZE(frame)
             return True
         return False
+
+    def wrote_around(self):
+        """picows wrote to this socket itself (a pong): its loop transport may hold bytes now.
+
+        Frames then go through that transport until its buffer is found
+        empty, so none overtakes what it holds.
+        """
+        self._queued = True
+
+    cdef bint _put(self, bytes data) except -1:
+        # Every write of ours goes through here; False if the socket is closing.
+        cdef int done = _put(self.transport, data, ASK if self._queued else DIRECT)
+        if done == FAILED:
+            return False
+        self._queued = done != SENT
+        return True
 
     cdef Py_ssize_t _flush(self, object pending) except -1:
         # The outbox's write of the frames it held for this socket; returns
@@ -129,7 +146,7 @@ cdef class Subscriber(Outlet):
                 self._drain()  # the replay's tail: nothing waits ahead
             return 0
         data = _join(pending, None) if type(pending) is list else <bytes>pending
-        if _write(self.transport, data):
+        if self._put(data):
             return PyBytes_GET_SIZE(data)
         if self.attached:
             self.channel._drop(self)
@@ -295,7 +312,7 @@ cdef class Subscriber(Outlet):
                 end += 1
             data = <bytes>frames[pos] if end == pos + 1 else b"".join(frames[pos:end])
             self._replay_pos = end
-            if not _write(self.transport, data):
+            if not self._put(data):
                 self._end_replay()
                 return 0
             outbox.bytes_sent += size
