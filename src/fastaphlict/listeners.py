@@ -10,12 +10,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
-from picows import ws_create_server
+from picows import WSAutoPingStrategy
+from picows.picows import WSProtocol  # type: ignore[attr-defined]  # not re-exported
 
-from fastaphlict import admin, client, systemd
+from fastaphlict import admin, client, paced, systemd
 from fastaphlict.address import format_address
 from fastaphlict.broker import Broker
 from fastaphlict.config import ServerConfig, Settings
@@ -34,6 +36,43 @@ BACKLOG = 4096
 #: Initial picows read buffer per socket (picows never goes below 2 KiB).
 READ_BUFFER_SIZE = 2048
 _PICOWS_LOG = client.PicowsLog(logging.getLogger("picows.server"), {})
+
+
+def protocol_factory(
+    listener_factory: Any, *, handshake_timeout: float, max_frame_size: int
+) -> Callable[[], WSProtocol]:
+    """picows' server protocol for each client socket, built as ``ws_create_server`` builds it.
+
+    One factory for both accept paths (uvloop's, and the paced TLS one,
+    which needs a protocol factory rather than a server).
+    """
+
+    def build() -> WSProtocol:
+        return WSProtocol(
+            None,  # host and port: a client's
+            None,  # path: a client's
+            False,  # server side
+            listener_factory,
+            # An adapter, not a Logger: picows builds a child Logger for every
+            # connection when given a Logger, a cost paid by every idle tab.
+            _PICOWS_LOG,
+            True,  # disconnect on an exception in the listener
+            handshake_timeout,
+            False,  # no auto ping: tabs ping us
+            20.0,
+            20.0,
+            WSAutoPingStrategy.PING_WHEN_IDLE,
+            # The listener answers pings itself, once it has checked the frame.
+            False,
+            # Oversized frames are closed with 1009 by picows itself.
+            max_frame_size,
+            None,  # extra headers: a client's
+            # picows' default 16 KiB read buffer per socket dominates an idle
+            # tab's memory; commands are tiny, and the buffer grows on demand.
+            READ_BUFFER_SIZE,
+        )
+
+    return build
 
 
 class Listeners:
@@ -96,29 +135,35 @@ class Listeners:
 
     async def _open_client(self, entry: ServerConfig) -> None:
         where = self._where(entry)
-        server = await ws_create_server(
+        factory = protocol_factory(
             client.listener_factory(
                 self.hub,
                 client.Options(self.debug, self.limits, connection_cap(self.limits)),
             ),
-            ssl=server_context(entry),
-            websocket_handshake_timeout=self.limits.handshake_timeout,
-            # Oversized frames are closed with 1009 by picows itself.
+            handshake_timeout=self.limits.handshake_timeout,
             max_frame_size=self.limits.max_frame_size,
-            # The listener answers pings itself, once it has checked the frame.
-            enable_auto_pong=False,
-            # An adapter, not a Logger: picows builds a child Logger for every
-            # connection when given a Logger, a cost paid by every idle tab.
-            logger_name=_PICOWS_LOG,
-            # picows' default 16 KiB read buffer per socket dominates an idle
-            # tab's memory; commands are tiny, and the buffer grows on demand.
-            read_buffer_init_size=READ_BUFFER_SIZE,
-            # uvloop's own transports: lighter per idle socket than aiofastnet.
-            use_aiofastnet=False,
-            # After a restart every open tab reconnects at once.
-            backlog=BACKLOG,
-            **where,
         )
+        context = server_context(entry)
+        server: asyncio.AbstractServer
+        if context is None:
+            server = await asyncio.get_running_loop().create_server(
+                factory,
+                # After a restart every open tab reconnects at once.
+                backlog=BACKLOG,
+                **where,
+            )
+        else:
+            # A TLS handshake costs ~0.25-0.7 ms of the loop: accepted a few
+            # at a time, so that a storm's handshakes do not stall the tabs.
+            server = await paced.serve(
+                factory,
+                context,
+                backlog=BACKLOG,
+                # The TLS handshake gets the WebSocket handshake's limit, once
+                # more: a socket that never sends a ClientHello is dropped too.
+                handshake_timeout=self.limits.handshake_timeout,
+                **where,
+            )
         self.client_servers.append(server)
         port = server.sockets[0].getsockname()[1]
         self.client_ports.append(port)
