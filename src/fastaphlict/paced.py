@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import math
 import socket
 import ssl
 from collections.abc import Callable, Sequence
@@ -33,6 +34,11 @@ log = logging.getLogger("fastaphlict.server")
 #: Sockets accepted per loop pass (see docs/benchmarks.md, "Reconnect storm
 #: over TLS": the watcher's worst ping against the storm's length).
 ACCEPT_BUDGET = 8
+#: Linux's TCP_DEFER_ACCEPT: a connection reaches the backlog once its first
+#: bytes (the ClientHello) have arrived, so each socket accepted has its
+#: handshake ready and the budget bounds the handshakes of a pass, not only
+#: the accepts (a client often connects long before it sends its hello).
+DEFER_ACCEPT: int | None = getattr(socket, "TCP_DEFER_ACCEPT", None)
 #: How long accepting pauses when the process is out of descriptors or memory.
 RETRY_DELAY = 1.0
 #: accept() failures that say the process, not the peer, is out of something.
@@ -102,6 +108,9 @@ class PacedServer(asyncio.AbstractServer):
             return
         self._serving = True
         for sock in self._sockets:
+            if DEFER_ACCEPT:
+                seconds = max(1, math.ceil(self._handshake_timeout or 1))
+                sock.setsockopt(socket.IPPROTO_TCP, DEFER_ACCEPT, seconds)
             self._loop.add_reader(sock.fileno(), self._accept, sock)
 
     def _stop(self) -> None:
@@ -206,9 +215,12 @@ async def serve(
     reuse_port: bool = False,
     backlog: int = 100,
     handshake_timeout: float | None = None,
-    budget: int = ACCEPT_BUDGET,
+    budget: int | None = None,
 ) -> PacedServer:
-    """A started :class:`PacedServer` on ``sock`` (already listening) or a bind of host/port."""
+    """A started :class:`PacedServer` on ``sock`` (already listening) or a bind of host/port.
+
+    ``budget`` defaults to :data:`ACCEPT_BUDGET` as it is at the call.
+    """
     if sock is not None:
         sock.setblocking(False)
         sockets = [sock]
@@ -217,7 +229,11 @@ async def serve(
             host, port, reuse_address=reuse_address, reuse_port=reuse_port, backlog=backlog
         )
     server = PacedServer(
-        protocol_factory, context, sockets, handshake_timeout=handshake_timeout, budget=budget
+        protocol_factory,
+        context,
+        sockets,
+        handshake_timeout=handshake_timeout,
+        budget=ACCEPT_BUDGET if budget is None else budget,
     )
     server._start()
     return server
