@@ -33,7 +33,7 @@ log = logging.getLogger("fastaphlict.server")
 
 #: Sockets accepted per loop pass (see docs/benchmarks.md, "Reconnect storm
 #: over TLS": the watcher's worst ping against the storm's length).
-ACCEPT_BUDGET = 8
+ACCEPT_BUDGET = 16
 #: Linux's TCP_DEFER_ACCEPT: a connection reaches the backlog once its first
 #: bytes (the ClientHello) have arrived, so each socket accepted has its
 #: handshake ready and the budget bounds the handshakes of a pass, not only
