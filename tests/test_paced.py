@@ -19,7 +19,7 @@ from websockets.exceptions import InvalidStatus
 from fastaphlict import paced
 from fastaphlict.config import Config, ServerConfig
 from fastaphlict.server import Limits
-from support import TIMEOUT, Browser, eventually, run, scaled, settings
+from support import TIMEOUT, Browser, eventually, listening, run, scaled, settings, upgrade_request
 
 BUDGET = 4
 
@@ -241,3 +241,69 @@ async def test_wait_closed_waits_for_the_accepted_connections(pki: dict) -> None
         await asyncio.wait_for(waiting, TIMEOUT)
     finally:
         writer.close()
+
+
+def _upgrade(port: int, context: ssl.SSLContext, session: ssl.SSLSession | None) -> ssl.SSLSocket:
+    """A wss:// upgrade by hand, read up to the 101 (the tickets arrive with it)."""
+    sock = context.wrap_socket(
+        socket.create_connection(("127.0.0.1", port), TIMEOUT),
+        server_hostname="127.0.0.1",
+        session=session,
+    )
+    sock.sendall(upgrade_request("/"))
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = sock.recv(4096)
+        assert chunk, head
+        head += chunk
+    assert head.startswith(b"HTTP/1.1 101"), head
+    return sock
+
+
+async def test_a_tab_that_reconnects_resumes_its_tls_session(pki: dict) -> None:  # type: ignore[type-arg]
+    """Browsers resume with the session ticket of their last connection: one context
+    for every socket of the port keeps the ticket valid (RSA-2048 here: 933 us a
+    full handshake and upgrade, 633 us resumed, docs/benchmarks.md)."""
+    async with run(settings(config=tls_client_config(pki))) as srv:
+        port = srv.server.client_ports[0]
+        first = await asyncio.to_thread(_upgrade, port, pki["client"], None)
+        session = first.session
+        first.close()
+        assert session is not None and session.has_ticket
+        again = await asyncio.to_thread(_upgrade, port, pki["client"], session)
+        try:
+            assert again.session_reused
+        finally:
+            again.close()
+
+
+async def test_a_tls_client_port_in_use_fails_the_start_naming_the_entry(pki: dict) -> None:  # type: ignore[type-arg]
+    with listening() as taken:
+        port = taken.getsockname()[1]
+        config = Config(
+            servers=(
+                ServerConfig("client", port, "127.0.0.1", ssl_key=pki["key"], ssl_cert=pki["cert"]),
+                ServerConfig("admin", 0, "127.0.0.1"),
+            )
+        )
+        with pytest.raises(
+            OSError,
+            match=rf'client server \(at index "0"\) cannot listen on 127.0.0.1:{port}: Address',
+        ):
+            async with run(settings(config=config)):
+                pass
+
+
+async def test_reuse_port_lets_two_paced_listeners_share_a_port(pki: dict) -> None:  # type: ignore[type-arg]
+    """--reuse-port (several processes behind one port) on the paced path as on uvloop's."""
+    first = await paced.bind("127.0.0.1", 0, reuse_address=True, reuse_port=True, backlog=8)
+    port = first[0].getsockname()[1]
+    try:
+        second = await paced.bind("127.0.0.1", port, reuse_address=True, reuse_port=True, backlog=8)
+        for sock in second:
+            sock.close()
+        with pytest.raises(OSError):
+            await paced.bind("127.0.0.1", port, reuse_address=True, reuse_port=False, backlog=8)
+    finally:
+        for sock in first:
+            sock.close()

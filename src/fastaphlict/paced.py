@@ -156,6 +156,9 @@ class PacedServer(asyncio.AbstractServer):
             # A peer that does not finish the handshake: uvloop has closed it
             # already and logs it in debug mode, as on its own accept path.
             log.debug("tls handshake failed: %s", exc)
+        except Exception:
+            # The boundary of one connection: say so once, keep the listener.
+            log.exception("tls connection failed")
 
     def _track(self, sock: socket.socket) -> None:
         """Remember ``sock`` for wait_closed; drop the closed ones as the set doubles."""
