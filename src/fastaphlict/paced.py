@@ -136,7 +136,7 @@ class PacedServer(asyncio.AbstractServer):
                     break
                 continue  # the peer's doing (ECONNABORTED...): the next one
             taken += 1
-            sock.setblocking(False)
+            # No setblocking(): libuv makes the socket non-blocking as it opens it.
             self._track(sock)
             task = self._loop.create_task(self._handshake(sock))
             self._handshakes.add(task)
