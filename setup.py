@@ -16,7 +16,7 @@ PICOWS_BUILD_VERSION = version("picows")
 
 # The fan-out is split by job; the modules share C declarations (.pxd) and
 # _fanout re-exports their public names.
-MODULES = ["_wire", "_outbox", "_subscriber", "_channel", "_fanout", "_history"]
+MODULES = ["_wire", "_outbox", "_subscriber", "_channel", "_fanout", "_history", "_protocol"]
 
 extensions = [
     Extension(f"fastaphlict.{name}", [f"src/fastaphlict/{name}.pyx"], extra_compile_args=["-O3"])

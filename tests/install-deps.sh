@@ -11,7 +11,8 @@
 # `apt-get update` before; with all there, nothing runs. And for the docs'
 # tests (tests/test_docs*.py), which run what the docs tell an operator to:
 # curl at /usr/bin/curl, nginx at /usr/sbin/nginx (nginx -t, then a real
-# nginx in front of real servers) and logrotate at /usr/sbin/logrotate.
+# nginx in front of real servers), logrotate at /usr/sbin/logrotate and
+# sysctl (procps) at /usr/sbin/sysctl.
 # This script starts no service itself: the tests start the redis-server and
 # nginx they use; apt starts the packages' own services only where an init
 # system runs (systemd), and the tests do not use those.
@@ -23,7 +24,8 @@ set -eu
 root=${INSTALL_DEPS_ROOT:-}
 missing=""
 for wanted in chromium:/usr/bin/chromium redis-server:/usr/bin/redis-server \
-    curl:/usr/bin/curl nginx:/usr/sbin/nginx logrotate:/usr/sbin/logrotate; do
+    curl:/usr/bin/curl nginx:/usr/sbin/nginx logrotate:/usr/sbin/logrotate \
+    procps:/usr/sbin/sysctl; do
     if [ ! -x "$root${wanted#*:}" ]; then
         missing="$missing ${wanted%%:*}"
     fi

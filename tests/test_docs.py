@@ -530,6 +530,7 @@ LABELLED_BY = {
     "broker": "tests/test_docs_servers.py",
     "doctor": "tests/test_doctor_paths.py",
     "floors": "tests/test_bench_floors.py",
+    "sysctl": "tests/test_docs.py",
 }
 
 #: Blocks no test here runs, by a piece of their text, and why. A new block
@@ -592,3 +593,59 @@ def test_every_block_is_run_or_says_why_not() -> None:
         if not any(piece in block.text for piece in NOT_RUN):
             unrun.append(f"{block.where()}: {block.text.splitlines()[0]}")
     assert not unrun, "run these in a test, or say in NOT_RUN why not:\n" + "\n".join(unrun)
+
+
+# -- the listen backlog a restart needs ----------------------------------------
+
+
+def _sysctl_values(text: str) -> dict[str, int]:
+    """``key = value`` lines of a sysctl.d file (comments and blank lines skipped)."""
+    values = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith(("#", ";")):
+            key, _, value = line.partition("=")
+            values[key.strip()] = int(value)
+    return values
+
+
+def test_the_sysctl_file_makes_room_for_the_backlog_the_units_ask_for() -> None:
+    """The kernel caps a listen backlog at somaxconn without a word: the file lifts it."""
+    from fastaphlict.listeners import BACKLOG
+
+    values = _sysctl_values((CONTRIB / "60-fastaphlict.conf").read_text())
+    found = re.search(r"^Backlog=(\d+)$", (CONTRIB / "fastaphlict.socket").read_text(), re.M)
+    assert found is not None
+    backlog = int(found[1])
+    assert backlog == BACKLOG
+    assert values == {"net.core.somaxconn": backlog, "net.ipv4.tcp_max_syn_backlog": backlog}
+
+
+def test_the_sysctl_block_raises_the_cap(tmp_path: Path) -> None:
+    """The documented commands, run in private network and mount namespaces."""
+    block = labelled("sysctl")
+    unshare = shutil.which("unshare")
+    require(
+        unshare is not None and shutil.which("sysctl") is not None,
+        "unshare and sysctl are missing (sh tests/install-deps.sh)",
+        "the docs' sysctl block",
+    )
+    assert unshare is not None
+    probe = subprocess.run([unshare, "-n", "-m", "true"], capture_output=True, timeout=scaled(10))
+    if probe.returncode != 0:
+        pytest.skip(f"no private namespaces here: {probe.stderr.decode().strip()}")
+    # /etc/sysctl.d is a fresh tmpfs inside the mount namespace: the host's stays untouched.
+    commands = " && ".join(command.removeprefix("sudo ") for command in block.commands)
+    script = (
+        f"mount -t tmpfs tmpfs /etc/sysctl.d && {commands} >/dev/null && "
+        "sysctl -n net.core.somaxconn net.ipv4.tcp_max_syn_backlog"
+    )
+    done = subprocess.run(
+        [unshare, "-n", "-m", "sh", "-ec", script],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=scaled(30),
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["16384", "16384"]

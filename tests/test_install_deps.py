@@ -25,6 +25,7 @@ PROGRAMS = {
     "curl": "usr/bin/curl",
     "nginx": "usr/sbin/nginx",
     "logrotate": "usr/sbin/logrotate",
+    "procps": "usr/sbin/sysctl",
 }
 ALL = " ".join(PROGRAMS)
 

@@ -10,14 +10,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
-from picows import WSAutoPingStrategy
-from picows.picows import WSProtocol  # type: ignore[attr-defined]  # not re-exported
 
 from fastaphlict import admin, client, paced, systemd
+from fastaphlict._protocol import protocol_factory
 from fastaphlict.address import format_address
 from fastaphlict.broker import Broker
 from fastaphlict.config import ServerConfig, Settings
@@ -31,48 +29,10 @@ __all__ = ["BACKLOG", "Listeners"]
 # The listening lines have always come from the server's logger.
 log = logging.getLogger("fastaphlict.server")
 
-#: Listen backlog: a restart makes every open tab reconnect at once.
-BACKLOG = 4096
-#: Initial picows read buffer per socket (picows never goes below 2 KiB).
-READ_BUFFER_SIZE = 2048
+#: Listen backlog: a restart makes every open tab reconnect at once (the
+#: kernel caps it at net.core.somaxconn; contrib/60-fastaphlict.conf raises that).
+BACKLOG = 16384
 _PICOWS_LOG = client.PicowsLog(logging.getLogger("picows.server"), {})
-
-
-def protocol_factory(
-    listener_factory: Any, *, handshake_timeout: float, max_frame_size: int
-) -> Callable[[], WSProtocol]:
-    """picows' server protocol for each client socket, built as ``ws_create_server`` builds it.
-
-    One factory for both accept paths (uvloop's, and the paced TLS one,
-    which needs a protocol factory rather than a server).
-    """
-
-    def build() -> WSProtocol:
-        return WSProtocol(
-            None,  # host and port: a client's
-            None,  # path: a client's
-            False,  # server side
-            listener_factory,
-            # An adapter, not a Logger: picows builds a child Logger for every
-            # connection when given a Logger, a cost paid by every idle tab.
-            _PICOWS_LOG,
-            True,  # disconnect on an exception in the listener
-            handshake_timeout,
-            False,  # no auto ping: tabs ping us
-            20.0,
-            20.0,
-            WSAutoPingStrategy.PING_WHEN_IDLE,
-            # The listener answers pings itself, once it has checked the frame.
-            False,
-            # Oversized frames are closed with 1009 by picows itself.
-            max_frame_size,
-            None,  # extra headers: a client's
-            # picows' default 16 KiB read buffer per socket dominates an idle
-            # tab's memory; commands are tiny, and the buffer grows on demand.
-            READ_BUFFER_SIZE,
-        )
-
-    return build
 
 
 class Listeners:
@@ -135,17 +95,24 @@ class Listeners:
 
     async def _open_client(self, entry: ServerConfig) -> None:
         where = self._where(entry)
+        # Our own picows protocol: picows' ws_create_server builds one whose
+        # set-up makes eight system calls per connection (fastaphlict._protocol).
         factory = protocol_factory(
             client.listener_factory(
                 self.hub,
                 client.Options(self.debug, self.limits, connection_cap(self.limits)),
             ),
-            handshake_timeout=self.limits.handshake_timeout,
-            max_frame_size=self.limits.max_frame_size,
+            # An adapter, not a Logger: picows would build a child Logger per
+            # connection from a Logger.
+            _PICOWS_LOG,
+            self.limits.handshake_timeout,
+            # Oversized frames are closed with 1009 by picows itself.
+            self.limits.max_frame_size,
         )
         context = server_context(entry)
         server: asyncio.AbstractServer
         if context is None:
+            # On uvloop's own transports (lighter per idle socket than aiofastnet).
             server = await asyncio.get_running_loop().create_server(
                 factory,
                 # After a restart every open tab reconnects at once.

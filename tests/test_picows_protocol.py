@@ -1,0 +1,179 @@
+"""The client port's picows protocol: a set-up without system calls, no read buffer while idle.
+
+``fastaphlict._protocol`` reads and writes picows' protocol object through a
+struct of its own, and lets every socket with nothing pending read into one
+shared buffer. These tests hold it to what picows itself does with the same
+bytes: frames split anywhere, across many sockets at once, and larger than
+the shared buffer, arrive whole and unmixed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+
+import pytest
+from picows import WSAutoPingStrategy, WSListener
+from picows.picows import WSProtocol
+
+from fastaphlict import _protocol
+from support import TIMEOUT, client_frame, eventually, run, settings, upgrade_request
+
+PING = client_frame(b'{"command":"ping","data":null}')
+PONG = b'{"type":"pong"}'
+
+
+async def _upgraded(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(upgrade_request("/"))
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)
+    assert head.startswith(b"HTTP/1.1 101"), head
+    return reader, writer
+
+
+async def _next_payload(reader: asyncio.StreamReader) -> bytes:
+    """One server frame's payload (server frames are unmasked)."""
+    _, b1 = await asyncio.wait_for(reader.readexactly(2), TIMEOUT)
+    size = b1 & 0x7F
+    if size == 126:
+        size = int.from_bytes(await reader.readexactly(2), "big")
+    elif size == 127:
+        size = int.from_bytes(await reader.readexactly(8), "big")
+    return await asyncio.wait_for(reader.readexactly(size), TIMEOUT)
+
+
+def _subscribe(phid: str) -> bytes:
+    return client_frame(b'{"command":"subscribe","data":["' + phid.encode() + b'"]}')
+
+
+async def test_frames_split_anywhere_on_many_sockets_arrive_whole_and_unmixed() -> None:
+    """Each socket's partial frame survives the reads of every other socket in between."""
+    async with run(settings([])) as srv:
+        port = srv.server.client_ports[0]
+        tabs = [await _upgraded(port) for _ in range(24)]
+        frames = [_subscribe(f"PHID-TEST-{i:04d}") + PING for i in range(len(tabs))]
+        # Split at a different byte each: in the header, the mask, the payload.
+        splits = [1 + i * 3 % (len(frame) - 1) for i, frame in enumerate(frames)]
+        # Every socket sends the first part of its frames...
+        for (_, writer), frame, split in zip(tabs, frames, splits, strict=True):
+            writer.write(frame[:split])
+            await writer.drain()
+        # ...while another socket's whole frame is read (into the shared buffer)...
+        reader, writer = await _upgraded(port)
+        writer.write(PING)
+        assert await _next_payload(reader) == PONG
+        # ...then the rest: each gets its pong, then its own message, and only that.
+        for (_, writer), frame, split in zip(tabs, frames, splits, strict=True):
+            writer.write(frame[split:])
+        for tab_reader, _ in tabs:
+            assert await _next_payload(tab_reader) == PONG
+        for i in range(len(tabs)):
+            response = await srv.post(
+                {"key": i, "type": "notification", "subscribers": [f"PHID-TEST-{i:04d}"]}
+            )
+            assert response.status == 200
+        for i, (tab_reader, _) in enumerate(tabs):
+            assert b'"key":%d,' % i in await _next_payload(tab_reader)
+        for _, tab_writer in [*tabs, (reader, writer)]:
+            tab_writer.close()
+
+
+async def test_a_frame_larger_than_the_shared_buffer_arrives_in_pieces() -> None:
+    """57 KB sent 1000 bytes at a time, other sockets reading in between."""
+    async with run(settings([])) as srv:
+        port = srv.server.client_ports[0]
+        big_reader, big_writer = await _upgraded(port)
+        other_reader, other_writer = await _upgraded(port)
+        phids = ",".join(f'"PHID-BIG-{i:010d}"' for i in range(2600)).encode()
+        frame = client_frame(b'{"command":"subscribe","data":[' + phids + b"]}") + PING
+        assert 50_000 < len(frame) < 64 * 1024
+        for start in range(0, len(frame), 1000):
+            big_writer.write(frame[start : start + 1000])
+            await big_writer.drain()
+            other_writer.write(PING)
+            assert await _next_payload(other_reader) == PONG
+        assert await _next_payload(big_reader) == PONG
+        response = await srv.post(
+            {"key": 7, "type": "notification", "subscribers": ["PHID-BIG-0000002599"]}
+        )
+        assert response.status == 200
+        assert b'"key":7,' in await _next_payload(big_reader)
+        big_writer.close()
+        other_writer.close()
+
+
+class _Recorder(WSListener):  # type: ignore[misc]
+    def __init__(self) -> None:
+        self.payloads: list[bytes] = []
+
+    def on_ws_frame(self, transport: object, frame: object) -> None:
+        self.payloads.append(frame.get_payload_as_bytes())  # type: ignore[attr-defined]
+
+
+async def test_an_idle_socket_reads_into_the_shared_buffer() -> None:
+    """Own buffer only while a partial frame waits; shared again once it is parsed."""
+    loop = asyncio.get_running_loop()
+    recorder = _Recorder()
+    make = _protocol.protocol_factory(
+        lambda request: recorder, logging.getLogger("test"), 5.0, 65536
+    )
+    ours, theirs = socket.socketpair()
+    theirs.setblocking(False)
+    _, protocol = await loop.connect_accepted_socket(make, ours)
+    await loop.sock_sendall(theirs, upgrade_request("/"))
+    assert (await asyncio.wait_for(loop.sock_recv(theirs, 4096), TIMEOUT)).startswith(
+        b"HTTP/1.1 101"
+    )
+    assert not _protocol.owns_read_buffer(protocol)
+    frame = client_frame(b"x" * 300)
+    await loop.sock_sendall(theirs, frame[:150])
+    await eventually(lambda: _protocol.owns_read_buffer(protocol), TIMEOUT, "a buffer of its own")
+    await loop.sock_sendall(theirs, frame[150:])
+    await eventually(lambda: recorder.payloads == [b"x" * 300], TIMEOUT, "the frame, whole")
+    assert not _protocol.owns_read_buffer(protocol)
+    theirs.close()
+
+
+async def test_the_factory_refuses_a_protocol_it_does_not_read_right() -> None:
+    """The layout check compares every field it relies on, so it can fail."""
+    loop = asyncio.get_running_loop()
+    logger, other = logging.getLogger("test"), logging.getLogger("other")
+    factory = object()
+    timeout, idle, reply = 5.5, 20.5, 20.25
+    probe = WSProtocol(
+        None, None, False, factory, logger, True, timeout, False, idle, reply,
+        WSAutoPingStrategy.PING_WHEN_IDLE, False, 4096, None, 6144,
+    )  # fmt: skip
+    args = (loop, 4096, 6144, idle, reply)
+    assert _protocol.head_matches(probe, factory, logger, timeout, *args)
+    assert not _protocol.head_matches(probe, factory, other, timeout, *args)
+    assert not _protocol.head_matches(probe, object(), logger, timeout, *args)
+    assert not _protocol.head_matches(probe, factory, logger, 5.5001, *args)
+    assert not _protocol.head_matches(
+        probe, factory, logger, timeout, loop, 4097, 6144, idle, reply
+    )
+    assert not _protocol.head_matches(
+        probe, factory, logger, timeout, loop, 4096, 8192, idle, reply
+    )
+    assert not _protocol.head_matches(object(), factory, logger, timeout, *args)
+    with pytest.raises(TypeError):
+        _protocol.owns_read_buffer(probe)
+
+
+async def test_one_timer_drops_the_silent_sockets_and_spares_the_upgraded() -> None:
+    """Handshake deadlines share a timer: silent sockets go, upgraded ones stay."""
+    async with run(settings(["--handshake-timeout=0.4"])) as srv:
+        port = srv.server.client_ports[0]
+        silent = [await asyncio.open_connection("127.0.0.1", port) for _ in range(20)]
+        reader, writer = await _upgraded(port)
+        started = asyncio.get_running_loop().time()
+        for silent_reader, _ in silent:
+            assert await asyncio.wait_for(silent_reader.read(), TIMEOUT) == b""
+        assert asyncio.get_running_loop().time() - started >= 0.35
+        # Past its own deadline, the upgraded socket still answers.
+        writer.write(PING)
+        assert await _next_payload(reader) == PONG
+        for _, silent_writer in silent:
+            silent_writer.close()
+        writer.close()
