@@ -8,8 +8,10 @@ pass, and every open tab's ping waits behind it. Here the listening socket's
 readiness calls :meth:`PacedServer._accept`, which takes at most ``budget``
 sockets and hands each to ``loop.connect_accepted_socket`` with the TLS
 context; the rest wait in the kernel's backlog for the next pass, after
-the other sockets' reads. A plain listener has no such work per connection
-and stays on uvloop's C accept path.
+the other sockets' reads. On Linux a connection enters that backlog only
+once its ClientHello is in (``TCP_DEFER_ACCEPT``), so the budget bounds the
+handshakes of a pass. A plain listener has no such work per connection and
+stays on uvloop's C accept path.
 
 This module knows nothing of WebSockets or the hub: it takes a protocol
 factory and an ``ssl.SSLContext``, as ``loop.create_server`` does, and
@@ -122,7 +124,7 @@ class PacedServer(asyncio.AbstractServer):
     def _accept(self, listener: socket.socket) -> None:
         """Take up to the budget from the backlog; the rest waits for the next pass."""
         taken = 0
-        while taken < self._budget:
+        for _ in range(self._budget):  # failed accepts count too: never a spin
             try:
                 sock, _ = listener.accept()
             except (BlockingIOError, InterruptedError):
