@@ -8,6 +8,7 @@ is one call per loop pass in which the listening socket was readable.
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import ssl
 
@@ -84,24 +85,39 @@ def closed_by_server(sock: socket.socket) -> bool:
         return True
 
 
+@pytest.mark.skipif(not os.path.exists("/proc/net/tcp"), reason="reads Linux's socket table")
 async def test_each_pass_accepts_at_most_the_budget(pki: dict, budget: int) -> None:  # type: ignore[type-arg]
     """Twenty sockets queued at once are taken four a pass, not all in one.
 
-    The connects and their first bytes are made while the loop is blocked
-    (plain blocking calls), so all twenty wait in the backlog, readable,
-    before the listener's first callback: without the budget it takes them all.
+    The listener stops watching its socket while the twenty connect and send
+    their first bytes, until the kernel holds all of them in the backlog; then
+    it watches again: without the budget its first callback takes them all.
     """
     async with run(settings(config=tls_client_config(pki))) as srv:
         server = paced_server(srv)
         server.accepted = []
         port = srv.server.client_ports[0]
+        server._stop()
         socks = [hello_started(port) for _ in range(5 * budget)]
         try:
+            await eventually(lambda: backlog(port) == 5 * budget, what="all twenty queued")
+            assert server.accepted == []
+            server._start()
             await eventually(lambda: sum(server.accepted or ()) == 5 * budget)
             assert server.accepted == [budget] * 5
         finally:
             for sock in socks:
                 sock.close()
+
+
+def backlog(port: int) -> int:
+    """Connections waiting in the accept queue of the loopback listener on ``port`` (Linux)."""
+    with open("/proc/net/tcp") as table:
+        for line in table.readlines()[1:]:
+            fields = line.split()
+            if fields[1] == f"0100007F:{port:04X}" and fields[3] == "0A":  # LISTEN
+                return int(fields[4].split(":")[1], 16)
+    return 0
 
 
 @pytest.mark.skipif(paced.DEFER_ACCEPT is None, reason="TCP_DEFER_ACCEPT is Linux's")
