@@ -391,9 +391,14 @@ NODE_APHLICT = os.environ.get("FASTAPHLICT_NODE_APHLICT", "")
 
 
 def spawn_node_aphlict(
-    log_path: Path, ports: Sequence[int], cluster: Sequence[dict[str, Any]] = ()
+    log_path: Path,
+    ports: Sequence[int],
+    cluster: Sequence[dict[str, Any]] = (),
+    client_options: dict[str, Any] | None = None,
 ) -> ServerProcess:
     """Node Aphlict on loopback ``ports`` (client, admin), meshed with ``cluster``.
+
+    ``client_options`` add to the client listener's entry (``ssl.key``, ``ssl.cert``).
 
     Skips the test where ``FASTAPHLICT_NODE_APHLICT`` names no Node Aphlict.
     Does not wait: it has no ``/healthz``, so wait for its ports.
@@ -402,7 +407,7 @@ def spawn_node_aphlict(
         pytest.skip("FASTAPHLICT_NODE_APHLICT does not name Node Aphlict's aphlict_server.js")
     config = log_path.with_suffix(".json")
     listeners = [
-        {"type": "client", "port": ports[0], "listen": "127.0.0.1"},
+        {"type": "client", "port": ports[0], "listen": "127.0.0.1", **(client_options or {})},
         {"type": "admin", "port": ports[1], "listen": "127.0.0.1"},
     ]
     config.write_text(json.dumps({"servers": listeners, "logs": [], "cluster": list(cluster)}))
