@@ -119,8 +119,6 @@ def _fail(message: object) -> int:
 def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
     """Run the command line; returns the process exit status instead of exiting.
 
-    Except once a server has started: it ends the process itself when it
-    has stopped (``server.exit_now``), without the interpreter's teardown.
     ``environ`` (default ``os.environ``) is the only environment read.
     ``fastaphlict doctor ...`` runs the doctor instead (Phorge's launcher
     never passes a positional word, so no server command line starts so).

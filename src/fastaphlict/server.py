@@ -16,14 +16,11 @@ counted as dropped; then the histories are written.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import os
 import signal
-import sys
 import time
 from collections.abc import Callable
-from typing import Any, NoReturn
+from typing import Any
 
 from fastaphlict import client, state, systemd
 from fastaphlict.broker import Broker
@@ -325,16 +322,13 @@ class Server:
             self.state.close()
         self._stopped.set()
 
-    async def serve(
-        self, *, on_reload: Callable[[], None] | None = None, exit_when_done: bool = False
-    ) -> None:
+    async def serve(self, *, on_reload: Callable[[], None] | None = None) -> None:
         """Start, then run until SIGTERM or SIGINT (production entry).
 
         The first signal drains (see :meth:`close`), bounded by
         ``limits.shutdown_timeout``; a second one stops waiting at once.
         SIGHUP calls ``on_reload`` (the CLI reopens log files there, for
-        logrotate). With ``exit_when_done`` the process ends as soon as the
-        drain is over (see :func:`exit_now`).
+        logrotate).
         """
         # Handlers first: a signal during start-up must not kill the process
         # with its default action (SIGHUP's is to terminate).
@@ -395,24 +389,6 @@ class Server:
                 loop.remove_signal_handler(sig)
             if pidfile is not None:
                 pidfile.remove()
-        if exit_when_done:
-            exit_now(0)
-
-
-def exit_now(status: int) -> NoReturn:
-    """End the process at once: the state is written, the sockets closed, the pidfile gone.
-
-    What a normal exit would still do is free every object one by one: the
-    event loop's 10000 closed sockets and a full history took 0.12-0.17 s,
-    which a restart waits for before systemd starts the new process (issue
-    19). The log handlers and standard streams are flushed first; nothing of
-    ours is registered with ``atexit``.
-    """
-    logging.shutdown()
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(Exception):
-            stream.flush()
-    os._exit(status)
 
 
 def _reload(on_reload: Callable[[], None]) -> None:
@@ -446,18 +422,14 @@ def run(
     on_reload: Callable[[], None] | None = None,
     **legacy: Any,
 ) -> int:
-    """Run the server on uvloop until SIGTERM/SIGINT, then end the process (exit status 0).
-
-    Returns 1 only when the server could not start; a started server ends the
-    process itself once it has stopped (:func:`exit_now`).
-    """
+    """Run the server on uvloop until SIGTERM/SIGINT; return the exit code."""
     import uvloop
 
     settings = as_settings(settings, **legacy)
     raise_open_file_limit()
     try:
         server = Server(settings, inherited=systemd.adopt(settings.config.servers))
-        uvloop.run(server.serve(on_reload=on_reload, exit_when_done=True))
+        uvloop.run(server.serve(on_reload=on_reload))
     except (OSError, ConfigError, ValueError) as exc:
         log.error("cannot start: %s", exc)
         return 1
