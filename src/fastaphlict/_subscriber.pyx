@@ -16,6 +16,8 @@ replays.
   that stops reading is closed once live frames pass the slow-client cap
   without a drain, or after a sweep round without progress. A hard cap of
   ``LATER_LIMIT`` times the slow-client cap bounds what any tab can hold.
+  A replay too small to need pacing (a tab's usual one) waits for the
+  outbox's flush instead, so the pong asked for behind it shares its write.
 
 The channel sits above this module; a subscriber reaches it through
 :class:`Index`, its base declared here (its outbox, and its drop).
