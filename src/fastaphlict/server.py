@@ -16,8 +16,12 @@ counted as dropped; then the histories are written.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import signal
+import sys
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -36,7 +40,7 @@ from fastaphlict.process import (
     tune_gc,
 )
 
-__all__ = ["Limits", "PidFile", "PidFileError", "Server", "as_settings", "run"]
+__all__ = ["Limits", "PidFile", "PidFileError", "Server", "as_settings", "exit_now", "run"]
 
 log = logging.getLogger("fastaphlict.server")
 
@@ -420,9 +424,15 @@ def run(
     settings: Settings | Config,
     *,
     on_reload: Callable[[], None] | None = None,
+    exit_when_stopped: bool = False,
     **legacy: Any,
 ) -> int:
-    """Run the server on uvloop until SIGTERM/SIGINT; return the exit code."""
+    """Run the server on uvloop until SIGTERM/SIGINT; return the exit code.
+
+    ``exit_when_stopped`` (the command line's choice, never an embedding
+    caller's) ends the process once the server has stopped cleanly, without
+    returning: see :func:`exit_now`.
+    """
     import uvloop
 
     settings = as_settings(settings, **legacy)
@@ -433,4 +443,30 @@ def run(
     except (OSError, ConfigError, ValueError) as exc:
         log.error("cannot start: %s", exc)
         return 1
+    if exit_when_stopped:
+        exit_now(0)
     return 0
+
+
+def exit_now(status: int) -> None:
+    """End the process with ``status`` now, skipping the interpreter's teardown.
+
+    The server has stopped: its state is written, its pidfile removed, every
+    socket closed. What the interpreter would still do is free every object
+    the server held, one by one (the histories and each tab's objects:
+    0.1-0.3 s with 10000 tabs), and systemd waits for that exit before it
+    starts the next process. The logs and the standard streams are flushed
+    first. Returns (the caller exits as usual) while another thread still
+    runs: its work is not ours to cut short.
+    """
+    if any(
+        t.is_alive() and not t.daemon
+        for t in threading.enumerate()
+        if t is not threading.main_thread()
+    ):
+        return
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(status)
