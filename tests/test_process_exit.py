@@ -10,6 +10,7 @@ the pidfile, the state directory, the exit status.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import subprocess
@@ -19,7 +20,16 @@ from pathlib import Path
 
 import pytest
 
-from support import PHORGE_CONTENT_TYPE, SHUTDOWN, child_env, free_ports, scaled, spawn
+from support import (
+    PHORGE_CONTENT_TYPE,
+    SHUTDOWN,
+    TIMEOUT,
+    child_env,
+    free_ports,
+    scaled,
+    spawn,
+    stalled_websocket,
+)
 
 #: A stand-in for the server's run(): prints (buffered: stdout is a pipe),
 #: registers an exit handler, optionally leaves a thread running, then stops
@@ -92,3 +102,56 @@ def test_a_stopped_server_exits_with_its_log_pidfile_and_state_done(tmp_path: Pa
     assert any("state: wrote 1 message(s) of 1 instance(s)" in line for line in lines)
     assert not pidfile.exists(), "removed before the exit"
     assert len(list(state.glob("history-*.jsonl"))) == 1
+
+
+#: Messages of 80 KB a stalled tab is sent before the SIGTERM.
+MESSAGES = 100
+
+
+def _frames(data: bytes) -> list[tuple[int, bytes]]:
+    """The (opcode, payload) of each whole unmasked frame in ``data``."""
+    frames, at = [], 0
+    while at + 2 <= len(data):
+        size, head = data[at + 1] & 0x7F, 2
+        if size == 126:
+            size, head = int.from_bytes(data[at + 2 : at + 4], "big"), 4
+        elif size == 127:
+            size, head = int.from_bytes(data[at + 2 : at + 10], "big"), 10
+        if at + head + size > len(data):
+            break
+        frames.append((data[at] & 0x0F, data[at + head : at + head + size]))
+        at += head + size
+    return frames
+
+
+async def test_a_tab_that_has_not_read_yet_gets_everything_then_the_close_before_the_exit(
+    tmp_path: Path,
+) -> None:
+    # Its socket holds more than the kernel takes: the stop must wait for it
+    # to drain rather than leave those bytes to an exit that would drop them.
+    # 8 MB is more than the kernel takes (its send buffer grows to 4 MiB at
+    # most here), and under this server's slow-client cap.
+    server = spawn(tmp_path / "server.log", f"--max-buffered={16 * 2**20}")
+    try:
+        server.wait_ready()
+        tab = await stalled_websocket(server.client_port)
+        padding = "x" * 80_000
+        for n in range(MESSAGES):
+            body = json.dumps({"key": n, "pad": padding, "subscribers": ["PHID-1"]}).encode()
+            request = urllib.request.Request(
+                f"{server.admin_url}/", body, {"Content-Type": PHORGE_CONTENT_TYPE}
+            )
+            with urllib.request.urlopen(request, timeout=scaled(5)) as answer:
+                assert answer.status == 200
+        server.proc.send_signal(signal.SIGTERM)
+        loop = asyncio.get_running_loop()
+        data = bytearray()
+        while chunk := await asyncio.wait_for(loop.sock_recv(tab, 1 << 16), TIMEOUT):
+            data += chunk
+        tab.close()
+        assert server.proc.wait(SHUTDOWN) == 0, server.log()
+    finally:
+        server.stop()
+    frames = _frames(bytes(data))
+    assert [json.loads(p)["key"] for op, p in frames[:-1]] == list(range(MESSAGES))
+    assert frames[-1][0] == 0x8 and frames[-1][1][:2] == (1001).to_bytes(2, "big"), frames[-1]
