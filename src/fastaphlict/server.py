@@ -36,6 +36,7 @@ from fastaphlict.peers import PeerRelay, new_fingerprint
 from fastaphlict.process import (
     PidFile,
     PidFileError,
+    paused_gc,
     raise_open_file_limit,
     tune_gc,
 )
@@ -219,7 +220,8 @@ class Server:
         if alive is not None and self.broker is not None:
             # A clock that ran ahead then must not hide what came since.
             self.broker.deliver_from(min(alive, time.time() * 1000))
-        self.state.load_into(self.hub)
+        with paused_gc():  # thousands of acyclic entries: collections would find nothing
+            self.state.load_into(self.hub)
 
     def _restore_pending(self) -> None:
         """Queue what the previous process could not publish; its file goes once Redis has it.
@@ -267,7 +269,9 @@ class Server:
         if not self._save_state or self.state is None:
             return
         self._save_state = False
-        if self.state.save(self.hub) and self._in_sync_at is not None:
+        with paused_gc():
+            saved = self.state.save(self.hub)
+        if saved and self._in_sync_at is not None:
             self._write_alive(durable=True, at=self._in_sync_at)
 
     def keep_pending(self, pending: list[state.Pending]) -> None:
