@@ -322,11 +322,11 @@ class Server:
             await self.relay.close(timeout=drain)
         # Every accepted post is in the history now; peers' queues are not ours to keep.
         self.write_state()
-        # Give close frames a moment to flush, then drop what is left.
-        await asyncio.sleep(0)
         if self.exiting and not self.debug:
             await self._close_for_exit()
         else:
+            # Give close frames a moment to flush, then drop what is left.
+            await asyncio.sleep(0)
             for inst in self.hub.instances():
                 for sub in inst.channel.subscribers():
                     sub.transport.disconnect()
@@ -365,10 +365,11 @@ class Server:
         The first signal drains (see :meth:`close`), bounded by
         ``limits.shutdown_timeout``; a second one stops waiting at once.
         SIGHUP calls ``on_reload`` (the CLI reopens log files there, for
-        logrotate). ``exiting``: the process ends once this returns (the
-        command line's :func:`run`), so the stop leaves to the kernel the
-        sockets it can close as well (see :meth:`_close_for_exit`); with
-        ``--debug`` every socket is still closed here, each logged.
+        logrotate). ``exiting`` (the command line's :func:`run`): the process
+        ends once the server has stopped (:func:`exit_now`, from here), so the
+        stop leaves to the kernel the sockets it can close as well (see
+        :meth:`_close_for_exit`); with ``--debug`` every socket is still
+        closed here, each logged.
         """
         self.exiting = exiting
         # Handlers first: a signal during start-up must not kill the process
@@ -430,6 +431,10 @@ class Server:
                 loop.remove_signal_handler(sig)
             if pidfile is not None:
                 pidfile.remove()
+        if exiting:
+            # Stopped: nothing the loop's own teardown would do is needed
+            # (another pass over the sockets' events, then closing each).
+            exit_now(0)
 
 
 def _reload(on_reload: Callable[[], None]) -> None:
