@@ -10,7 +10,9 @@ WebSocket "going away" (1001) so browsers reconnect at once, let in-flight
 admin requests finish, give peer queues and the broker's buffer a short
 deadline; what the broker could not publish is kept in the state directory
 for the next start (first: it can be recovered from nowhere else), or
-counted as dropped; then the histories are written.
+counted as dropped; then the histories are written. Started from the
+command line, the process then ends at once (:func:`exit_now`), leaving to
+the kernel's exit the sockets it closes as well as we would.
 """
 
 from __future__ import annotations
