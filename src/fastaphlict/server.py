@@ -342,7 +342,7 @@ class Server:
 
         The process ends right after (:attr:`exiting`), and the kernel closes
         every socket then, after sending what it holds: closing each here
-        only adds a callback chain per socket (0.3 s with 10000 tabs) that a
+        only adds a callback chain per socket (about 0.2 s with 10000 tabs) that a
         restart waits for. A socket whose transport still holds bytes the
         kernel has not taken, or that speaks TLS (its close has a record of
         its own), is closed here and waited for, up to a second, as
