@@ -63,6 +63,7 @@ cdef class Subscriber(Outlet):
     cdef bint _put(self, bytes data) except -1
     cdef int _overflow(self) except -1
     cdef int _paced(self) except -1
+    cdef bint _small(self, list frames) except -1
     cdef int _defer(self, bytes data) except -1
     cdef int _drain(self) except -1
     cdef void _end_replay(self) noexcept
