@@ -727,6 +727,36 @@ def client_frame(payload: bytes, opcode: int = 0x1) -> bytes:
     return head + b"\0\0\0\0" + payload
 
 
+async def wss_storm(srv: Running, ca_file: str, *, sockets: int, connect_concurrency: int) -> Any:
+    """The bench's storm (history 10, 3 PHIDs a tab) against ``srv``'s TLS client port."""
+    from fastaphlict.bench.model import Options
+    from fastaphlict.bench.storm import run_storm
+
+    return await run_storm(
+        Options(
+            client_url=f"wss://127.0.0.1:{srv.server.client_ports[0]}/",
+            admin_url=f"http://127.0.0.1:{srv.server.admin_ports[0]}/",
+            scenario="storm",
+            sockets=sockets,
+            history=10,
+            phids_per_tab=3,
+            connect_concurrency=connect_concurrency,
+            ca_file=ca_file,
+        )
+    )
+
+
+async def server_payload(reader: asyncio.StreamReader) -> bytes:
+    """The payload of the next server frame (unmasked, RFC 6455 section 5.2)."""
+    _, b1 = await asyncio.wait_for(reader.readexactly(2), TIMEOUT)
+    size = b1 & 0x7F
+    if size == 126:
+        size = int.from_bytes(await reader.readexactly(2), "big")
+    elif size == 127:
+        size = int.from_bytes(await reader.readexactly(8), "big")
+    return await asyncio.wait_for(reader.readexactly(size), TIMEOUT)
+
+
 async def bare_session(port: int, path: str, *frames: bytes) -> bytes:
     """Upgrade, send ``frames`` then a ping, read up to and including the pong, close.
 
@@ -744,13 +774,7 @@ async def bare_session(port: int, path: str, *frames: bytes) -> bytes:
         assert head.startswith(b"HTTP/1.1 101"), head
         received = bytearray()
         while True:
-            _, b1 = await asyncio.wait_for(reader.readexactly(2), TIMEOUT)
-            size = b1 & 0x7F
-            if size == 126:
-                size = int.from_bytes(await reader.readexactly(2), "big")
-            elif size == 127:
-                size = int.from_bytes(await reader.readexactly(8), "big")
-            payload = await asyncio.wait_for(reader.readexactly(size), TIMEOUT)
+            payload = await server_payload(reader)
             if payload == b'{"type":"pong"}':
                 return bytes(received)
             received += payload
@@ -793,6 +817,20 @@ async def metric(session: aiohttp.ClientSession, admin_url: str, name: str) -> f
 # -- fake connections over socketpairs (for the index, without a server) ---------
 
 
+def read_available(sock: socket.socket) -> bytes:
+    """What a non-blocking socket can read without waiting (up to its end)."""
+    chunks = []
+    while True:
+        try:
+            chunk = sock.recv(1 << 20)
+        except BlockingIOError:
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 class PairTransport:
     """The asyncio-transport surface picows' WSTransport needs, over a real socket."""
 
@@ -825,16 +863,7 @@ class Conn:
         self.transport = WSTransport(False, PairTransport(self.ours), logging.getLogger("t"), loop)
 
     def read(self) -> bytes:
-        chunks = []
-        while True:
-            try:
-                chunk = self.theirs.recv(1 << 16)
-            except BlockingIOError:
-                break
-            if not chunk:
-                break
-            chunks.append(chunk)
-        return b"".join(chunks)
+        return read_available(self.theirs)
 
     def close(self) -> None:
         self.ours.close()

@@ -23,7 +23,7 @@ import pytest
 from picows import WSTransport
 
 from fastaphlict._fanout import Channel, Subscriber, build_frame
-from support import TIMEOUT, eventually
+from support import TIMEOUT, eventually, read_available
 
 #: Small socket buffers, so a few hundred KiB fill them.
 BUFFER = 16384
@@ -64,16 +64,7 @@ class Tab:
 
     def read_now(self) -> bytes:
         """What the client end can read without waiting."""
-        chunks = []
-        while True:
-            try:
-                chunk = self.client.recv(1 << 20)
-            except BlockingIOError:
-                break
-            if not chunk:
-                break
-            chunks.append(chunk)
-        return b"".join(chunks)
+        return read_available(self.client)
 
     def take(self, size: int) -> bytes:
         """Exactly ``size`` bytes the kernel already holds, without running the loop."""

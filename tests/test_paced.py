@@ -20,7 +20,17 @@ from websockets.exceptions import InvalidStatus
 from fastaphlict import paced
 from fastaphlict.config import Config, ServerConfig
 from fastaphlict.server import Limits
-from support import TIMEOUT, Browser, eventually, listening, run, scaled, settings, upgrade_request
+from support import (
+    TIMEOUT,
+    Browser,
+    eventually,
+    listening,
+    run,
+    scaled,
+    settings,
+    upgrade_request,
+    wss_storm,
+)
 
 BUDGET = 4
 
@@ -145,23 +155,10 @@ async def test_a_connection_that_sent_nothing_yet_is_not_accepted(pki: dict, bud
 
 async def test_a_storm_of_tls_handshakes_all_get_their_replay(pki: dict, budget: int) -> None:  # type: ignore[type-arg]
     """200 tabs connect at once over wss:// through a budget of 4: every replay exact."""
-    from fastaphlict.bench.model import Options
-    from fastaphlict.bench.storm import run_storm
-
     async with run(settings(config=tls_client_config(pki))) as srv:
         server = paced_server(srv)
         server.accepted = []
-        opts = Options(
-            client_url=f"wss://127.0.0.1:{srv.server.client_ports[0]}/",
-            admin_url=f"http://127.0.0.1:{srv.server.admin_ports[0]}/",
-            scenario="storm",
-            sockets=200,
-            history=10,
-            phids_per_tab=3,
-            connect_concurrency=200,
-            ca_file=pki["ca"],
-        )
-        result = await run_storm(opts)
+        result = await wss_storm(srv, pki["ca"], sockets=200, connect_concurrency=200)
     assert result.replay_frames_expected > 0
     assert result.replay_frames_received == result.replay_frames_expected
     assert result.replay_tabs_wrong == result.loss == result.duplicates == 0

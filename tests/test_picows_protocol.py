@@ -18,7 +18,15 @@ from picows import WSAutoPingStrategy, WSListener
 from picows.picows import WSProtocol
 
 from fastaphlict import _protocol
-from support import TIMEOUT, client_frame, eventually, run, settings, upgrade_request
+from support import (
+    TIMEOUT,
+    client_frame,
+    eventually,
+    run,
+    server_payload,
+    settings,
+    upgrade_request,
+)
 
 PING = client_frame(b'{"command":"ping","data":null}')
 PONG = b'{"type":"pong"}'
@@ -30,17 +38,6 @@ async def _upgraded(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWrit
     head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)
     assert head.startswith(b"HTTP/1.1 101"), head
     return reader, writer
-
-
-async def _next_payload(reader: asyncio.StreamReader) -> bytes:
-    """One server frame's payload (server frames are unmasked)."""
-    _, b1 = await asyncio.wait_for(reader.readexactly(2), TIMEOUT)
-    size = b1 & 0x7F
-    if size == 126:
-        size = int.from_bytes(await reader.readexactly(2), "big")
-    elif size == 127:
-        size = int.from_bytes(await reader.readexactly(8), "big")
-    return await asyncio.wait_for(reader.readexactly(size), TIMEOUT)
 
 
 def _subscribe(phid: str) -> bytes:
@@ -62,19 +59,19 @@ async def test_frames_split_anywhere_on_many_sockets_arrive_whole_and_unmixed() 
         # ...while another socket's whole frame is read (into the shared buffer)...
         reader, writer = await _upgraded(port)
         writer.write(PING)
-        assert await _next_payload(reader) == PONG
+        assert await server_payload(reader) == PONG
         # ...then the rest: each gets its pong, then its own message, and only that.
         for (_, writer), frame, split in zip(tabs, frames, splits, strict=True):
             writer.write(frame[split:])
         for tab_reader, _ in tabs:
-            assert await _next_payload(tab_reader) == PONG
+            assert await server_payload(tab_reader) == PONG
         for i in range(len(tabs)):
             response = await srv.post(
                 {"key": i, "type": "notification", "subscribers": [f"PHID-TEST-{i:04d}"]}
             )
             assert response.status == 200
         for i, (tab_reader, _) in enumerate(tabs):
-            assert b'"key":%d,' % i in await _next_payload(tab_reader)
+            assert b'"key":%d,' % i in await server_payload(tab_reader)
         for _, tab_writer in [*tabs, (reader, writer)]:
             tab_writer.close()
 
@@ -92,13 +89,13 @@ async def test_a_frame_larger_than_the_shared_buffer_arrives_in_pieces() -> None
             big_writer.write(frame[start : start + 1000])
             await big_writer.drain()
             other_writer.write(PING)
-            assert await _next_payload(other_reader) == PONG
-        assert await _next_payload(big_reader) == PONG
+            assert await server_payload(other_reader) == PONG
+        assert await server_payload(big_reader) == PONG
         response = await srv.post(
             {"key": 7, "type": "notification", "subscribers": ["PHID-BIG-0000002599"]}
         )
         assert response.status == 200
-        assert b'"key":7,' in await _next_payload(big_reader)
+        assert b'"key":7,' in await server_payload(big_reader)
         big_writer.close()
         other_writer.close()
 
@@ -173,7 +170,7 @@ async def test_one_timer_drops_the_silent_sockets_and_spares_the_upgraded() -> N
         assert asyncio.get_running_loop().time() - started >= 0.35
         # Past its own deadline, the upgraded socket still answers.
         writer.write(PING)
-        assert await _next_payload(reader) == PONG
+        assert await server_payload(reader) == PONG
         for _, silent_writer in silent:
             silent_writer.close()
         writer.close()

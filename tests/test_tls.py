@@ -20,7 +20,7 @@ from websockets.asyncio.client import connect
 
 from fastaphlict.config import Config, ConfigError, PeerConfig, ServerConfig
 from fastaphlict.config.tls import server_context
-from support import PHORGE_CONTENT_TYPE, TIMEOUT, Browser, eventually, run, settings
+from support import PHORGE_CONTENT_TYPE, TIMEOUT, Browser, eventually, run, settings, wss_storm
 
 
 @pytest.fixture(scope="module")
@@ -231,9 +231,6 @@ async def test_an_oversized_https_post_still_sending_its_body_reads_the_413(pki:
 
 async def test_the_bench_storm_runs_over_wss_trusting_the_given_ca(pki: dict) -> None:  # type: ignore[type-arg]
     """``fastaphlict-bench --ca-file``: a storm on a TLS client port replays exactly."""
-    from fastaphlict.bench.model import Options
-    from fastaphlict.bench.storm import run_storm
-
     p = pki["paths"]
     tls = {"ssl_key": p["key"], "ssl_cert": p["cert"], "ssl_chain": p["chain"]}
     config = Config(
@@ -243,17 +240,7 @@ async def test_the_bench_storm_runs_over_wss_trusting_the_given_ca(pki: dict) ->
         )
     )
     async with run(settings(config=config)) as srv:
-        opts = Options(
-            client_url=f"wss://127.0.0.1:{srv.server.client_ports[0]}/",
-            admin_url=f"http://127.0.0.1:{srv.server.admin_ports[0]}/",
-            scenario="storm",
-            sockets=20,
-            history=10,
-            phids_per_tab=3,
-            connect_concurrency=10,
-            ca_file=p["ca"],
-        )
-        result = await run_storm(opts)
+        result = await wss_storm(srv, p["ca"], sockets=20, connect_concurrency=10)
     assert result.watcher_pings > 0
     assert result.replay_frames_expected > 0
     assert result.replay_frames_received == result.replay_frames_expected
