@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import fcntl
 import socket
+import struct
+import termios
 
 import pytest
 from picows import WSAutoPingStrategy, WSListener
@@ -177,3 +180,61 @@ async def test_one_timer_drops_the_silent_sockets_and_spares_the_upgraded() -> N
         for _, silent_writer in silent:
             silent_writer.close()
         writer.close()
+
+
+async def _accepted(make: object) -> tuple[object, socket.socket, socket.socket]:
+    """An upgraded server protocol on a socket pair: (protocol, server end, client end)."""
+    loop = asyncio.get_running_loop()
+    ours, theirs = socket.socketpair()
+    theirs.setblocking(False)
+    _, protocol = await loop.connect_accepted_socket(make, ours)  # type: ignore[arg-type]
+    await loop.sock_sendall(theirs, upgrade_request("/"))
+    assert (await asyncio.wait_for(loop.sock_recv(theirs, 4096), TIMEOUT)).startswith(
+        b"HTTP/1.1 101"
+    )
+    return protocol, ours, theirs
+
+
+def _unread(sock: socket.socket) -> int:
+    """Bytes the server has not read from ``sock`` yet (FIONREAD)."""
+    return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0"))[0]
+
+
+async def test_a_partial_frame_is_not_overwritten_once_the_shared_buffer_was_replaced() -> None:
+    """Bursts grow the shared buffer past 64 KiB, so it is replaced; sockets idle since
+    still read into the one they had. A partial frame there must get its own
+    copy, or the next idle socket's read overwrites it (another tab's bytes in
+    this tab's message)."""
+    loop = asyncio.get_running_loop()
+    recorders: list[_Recorder] = []
+
+    def listener(request: object) -> _Recorder:
+        recorders.append(_Recorder())
+        return recorders[-1]
+
+    make = _protocol.protocol_factory(listener, logging.getLogger("test"), 5.0, 1 << 20)
+    _, victim_sock, victim = await _accepted(make)
+    _, _, other = await _accepted(make)
+    victim_log, other_log = recorders
+    # Each burst fills whatever the shared buffer offers in one read, which
+    # doubles it; eight bursts take it well past 64 KiB.
+    burst = client_frame(b"b" * 994, opcode=0x2) * 300
+    for _ in range(8):
+        _, _, sender = await _accepted(make)
+        await loop.sock_sendall(sender, burst)
+        log = recorders[-1]
+        await eventually(lambda log=log: len(log.payloads) == 300, TIMEOUT, "the burst")
+        sender.close()
+    # The victim's first 3000 bytes of a 4000-byte frame are read...
+    message = bytes(range(256)) * 15 + b"m" * 160
+    frame = client_frame(message, opcode=0x2)
+    await loop.sock_sendall(victim, frame[:3000])
+    await eventually(lambda: _unread(victim_sock) == 0, TIMEOUT, "the partial frame read")
+    # ...then another idle socket's whole frame, then the victim's rest.
+    await loop.sock_sendall(other, client_frame(b"o" * 100, opcode=0x2))
+    await eventually(lambda: other_log.payloads == [b"o" * 100], TIMEOUT, "the other frame")
+    await loop.sock_sendall(victim, frame[3000:])
+    await eventually(lambda: len(victim_log.payloads) == 1, TIMEOUT, "the victim's frame")
+    assert victim_log.payloads == [message]
+    victim.close()
+    other.close()

@@ -21,6 +21,7 @@ made with) and refuses to start otherwise; picows is pinned, and ``_wire``
 checks its version at import.
 """
 
+from cpython.mem cimport PyMem_Realloc
 from cpython.object cimport PyObject
 from cpython.ref cimport Py_INCREF, Py_XDECREF
 from libc.string cimport memcpy
@@ -116,7 +117,7 @@ cdef int _PICOWS_DEBUG = 9
 #: picows never reads into less than 2048 bytes and keeps 256 spare for its SIMD parsers.
 cdef Py_ssize_t _BUFFER = 2048
 cdef Py_ssize_t _SPARE = 256
-#: Past this capacity the shared buffer (grown by one large read) is replaced.
+#: Past this capacity the shared buffer (grown by reads that filled it) shrinks back.
 cdef Py_ssize_t _SHARED_MAX = 64 * 1024
 
 # The one read buffer of every socket that has no partial frame pending; the
@@ -132,10 +133,22 @@ _base_connection_lost = WSProtocol.connection_lost
 
 
 cdef MemoryBuffer _shared_buffer():
+    # Shrunk in place, never replaced: idle sockets keep the object they were
+    # given, and _settle tells a shared buffer from a socket's own by identity.
+    # A replaced one would stay with them, and one of them keeping a partial
+    # frame there as its own would have it overwritten by the next's read.
     global _shared
-    if _shared is None or _shared.capacity > _SHARED_MAX:
+    cdef char* data
+    if _shared is None:
         _shared = MemoryBuffer(_BUFFER)
         _shared.size = _BUFFER - _SPARE
+    elif _shared.capacity > _SHARED_MAX:
+        # No socket has bytes pending in it (each copies them out), so none moves.
+        data = <char*>PyMem_Realloc(_shared.data, _BUFFER)
+        if data != NULL:
+            _shared.data = data
+            _shared.capacity = _BUFFER
+            _shared.size = _BUFFER - _SPARE
     return _shared
 
 
