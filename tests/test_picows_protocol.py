@@ -10,8 +10,8 @@ the shared buffer, arrive whole and unmixed.
 from __future__ import annotations
 
 import asyncio
-import logging
 import fcntl
+import logging
 import socket
 import struct
 import termios
