@@ -238,3 +238,25 @@ async def test_a_partial_frame_is_not_overwritten_once_the_shared_buffer_was_rep
     assert victim_log.payloads == [message]
     victim.close()
     other.close()
+
+
+async def test_wait_disconnected_waits_for_the_socket_to_close() -> None:
+    """The shared finished future stands in for each transport's own until awaited."""
+    loop = asyncio.get_running_loop()
+    recorders: list[_Recorder] = []
+
+    def listener(request: object) -> _Recorder:
+        recorders.append(_Recorder())
+        return recorders[-1]
+
+    make = _protocol.protocol_factory(listener, logging.getLogger("test"), 5.0, 65536)
+    protocol, _, theirs = await _accepted(make)
+    waiting = asyncio.ensure_future(protocol.transport.wait_disconnected())  # type: ignore[attr-defined]
+    # A round trip through the server: the wait had every chance to end.
+    await loop.sock_sendall(theirs, client_frame(b"still here", opcode=0x2))
+    await eventually(lambda: recorders[0].payloads == [b"still here"], TIMEOUT, "the frame")
+    assert not waiting.done()
+    theirs.close()
+    await asyncio.wait_for(waiting, TIMEOUT)
+    # Once closed, a new wait ends at once.
+    await asyncio.wait_for(protocol.transport.wait_disconnected(), TIMEOUT)  # type: ignore[attr-defined]

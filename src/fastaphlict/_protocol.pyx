@@ -224,6 +224,21 @@ cdef class Deadlines:
         return len(self._waiting)
 
 
+cdef class _ServerTransport(WSTransport):
+    """picows' transport whose own "disconnected" future is made only when awaited.
+
+    Until then it holds the shared finished future (no future per idle tab),
+    which must not end a wait for a socket still connected.
+    """
+
+    async def wait_disconnected(self):
+        self._check_thread("wait_disconnected")
+        if not self.is_disconnected and self.disconnected_future.done():
+            # picows' connection_lost sets the result of a future not done yet.
+            self.disconnected_future = self._loop.create_future()
+        await asyncio.shield(self.disconnected_future)
+
+
 class ServerProtocol(WSProtocol):
     """picows' server protocol with a lean set-up and no read buffer while idle."""
 
@@ -255,7 +270,7 @@ class ServerProtocol(WSProtocol):
     def connection_made(self, transport):
         cdef ProtocolHead* head = <ProtocolHead*><PyObject*>self
         loop = <object>head.loop
-        cdef WSTransport t = WSTransport(False, transport, <object>head.logger, loop)
+        cdef WSTransport t = _ServerTransport(False, transport, <object>head.logger, loop)
         t.disconnected_future = _done
         _store(&head.transport, t)
         self._deadline = (<Deadlines>head.handshake_timeout).add(self)
