@@ -15,6 +15,7 @@ import logging
 import socket
 import struct
 import termios
+import threading
 
 import pytest
 from picows import WSAutoPingStrategy, WSListener
@@ -260,3 +261,52 @@ async def test_wait_disconnected_waits_for_the_socket_to_close() -> None:
     await asyncio.wait_for(waiting, TIMEOUT)
     # Once closed, a new wait ends at once.
     await asyncio.wait_for(protocol.transport.wait_disconnected(), TIMEOUT)  # type: ignore[attr-defined]
+
+
+async def test_frames_in_the_upgrade_requests_packet_are_read() -> None:
+    """A client that sends its first frames with the upgrade request, in one packet."""
+    async with run(settings([])) as srv:
+        port = srv.server.client_ports[0]
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(upgrade_request("/") + _subscribe("PHID-TEST-PIPE") + PING)
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)
+        assert head.startswith(b"HTTP/1.1 101"), head
+        assert await _next_payload(reader) == PONG
+        response = await srv.post(
+            {"key": 3, "type": "notification", "subscribers": ["PHID-TEST-PIPE"]}
+        )
+        assert response.status == 200
+        assert b'"key":3,' in await _next_payload(reader)
+        writer.close()
+
+
+async def test_ports_on_two_loops_read_into_buffers_of_their_own() -> None:
+    """The idle sockets' buffer is a port's, not the process's.
+
+    uvloop reads without the GIL: a server on another thread's loop reading
+    into this loop's buffer would write over what this one is parsing.
+    """
+    recorder = _Recorder()
+    make = _protocol.protocol_factory(
+        lambda request: recorder, logging.getLogger("test"), 5.0, 65536
+    )
+    here, _, here_client = await _accepted(make)
+    neighbour, _, neighbour_client = await _accepted(make)
+    assert _protocol.shares_read_buffer(here, neighbour)
+    shared: list[bool] = []
+
+    async def elsewhere() -> None:
+        there_make = _protocol.protocol_factory(
+            lambda request: _Recorder(), logging.getLogger("test"), 5.0, 65536
+        )
+        there, _, there_client = await _accepted(there_make)
+        shared.append(_protocol.shares_read_buffer(here, there))
+        there_client.close()
+        await eventually(lambda: there.transport.is_disconnected, TIMEOUT, "closed")  # type: ignore[attr-defined]
+
+    thread = threading.Thread(target=asyncio.run, args=(elsewhere(),))
+    thread.start()
+    thread.join()
+    assert shared == [False]
+    here_client.close()
+    neighbour_client.close()

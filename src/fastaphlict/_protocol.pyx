@@ -36,7 +36,14 @@ import functools
 from picows import WSAutoPingStrategy
 from picows.picows import WSProtocol
 
-__all__ = ["Deadlines", "ServerProtocol", "head_matches", "owns_read_buffer", "protocol_factory"]
+__all__ = [
+    "Deadlines",
+    "ServerProtocol",
+    "head_matches",
+    "owns_read_buffer",
+    "protocol_factory",
+    "shares_read_buffer",
+]
 
 
 cdef extern from *:
@@ -120,36 +127,25 @@ cdef Py_ssize_t _SPARE = 256
 #: Past this capacity the shared buffer (grown by reads that filled it) shrinks back.
 cdef Py_ssize_t _SHARED_MAX = 64 * 1024
 
-# The one read buffer of every socket that has no partial frame pending; the
-# loop reads one socket at a time and picows parses what it read before the
-# next read, so an idle socket needs no buffer of its own (2 KiB each).
-cdef MemoryBuffer _shared = None
-# One finished future stands for every socket's finished handshake, and every
-# transport's "disconnected" future: the server never awaits either.
-_done = None
-
 _base_buffer_updated = WSProtocol.buffer_updated
 _base_connection_lost = WSProtocol.connection_lost
 
 
-cdef MemoryBuffer _shared_buffer():
+cdef MemoryBuffer _shared_buffer(Deadlines port):
     # Shrunk in place, never replaced: idle sockets keep the object they were
     # given, and _settle tells a shared buffer from a socket's own by identity.
     # A replaced one would stay with them, and one of them keeping a partial
     # frame there as its own would have it overwritten by the next's read.
-    global _shared
+    cdef MemoryBuffer shared = port.shared
     cdef char* data
-    if _shared is None:
-        _shared = MemoryBuffer(_BUFFER)
-        _shared.size = _BUFFER - _SPARE
-    elif _shared.capacity > _SHARED_MAX:
+    if shared.capacity > _SHARED_MAX:
         # No socket has bytes pending in it (each copies them out), so none moves.
-        data = <char*>PyMem_Realloc(_shared.data, _BUFFER)
+        data = <char*>PyMem_Realloc(shared.data, _BUFFER)
         if data != NULL:
-            _shared.data = data
-            _shared.capacity = _BUFFER
-            _shared.size = _BUFFER - _SPARE
-    return _shared
+            shared.data = data
+            shared.capacity = _BUFFER
+            shared.size = _BUFFER - _SPARE
+    return shared
 
 
 cdef inline void _settle(ProtocolHead* head):
@@ -160,11 +156,11 @@ cdef inline void _settle(ProtocolHead* head):
     cdef MemoryBuffer own
     cdef Py_ssize_t pending = head.new_data_start_pos
     if pending == 0:
-        shared = _shared_buffer()
+        shared = _shared_buffer(<Deadlines>head.handshake_timeout)
         if current is not shared:
             _store(&head.read_buffer, shared)
         return
-    if current is _shared or current.capacity > _BUFFER and pending < _BUFFER - _SPARE:
+    if current is (<Deadlines>head.handshake_timeout).shared or current.capacity > _BUFFER and pending < _BUFFER - _SPARE:
         # Its own buffer, sized as picows sizes a new one, holding what is pending.
         own = MemoryBuffer(max(_BUFFER, pending + _SPARE + _SPARE))
         own.size = own.capacity - _SPARE
@@ -180,6 +176,9 @@ cdef class Deadlines:
     sockets wait in arrival order (so in deadline order) and one timer, armed
     while any waits, drops those still upgrading when their time is up, at
     most a tenth of the timeout late.
+
+    It also holds what else the port's sockets share, on its loop only: a
+    server on another thread's loop reads (without the GIL) at the same time.
     """
 
     cdef object _loop
@@ -187,6 +186,13 @@ cdef class Deadlines:
     cdef double _slack
     cdef object _waiting
     cdef object _timer
+    # The one read buffer of every socket that has no partial frame pending; the
+    # loop reads one socket at a time and picows parses what it read before the
+    # next read, so an idle socket needs no buffer of its own (2 KiB each).
+    cdef MemoryBuffer shared
+    # One finished future stands for every socket's finished handshake, and every
+    # transport's "disconnected" future until it is awaited.
+    cdef object done
 
     def __init__(self, loop, double timeout):
         self._loop = loop
@@ -194,6 +200,10 @@ cdef class Deadlines:
         self._slack = timeout / 10
         self._waiting = collections.deque()
         self._timer = None
+        self.shared = MemoryBuffer(_BUFFER)
+        self.shared.size = _BUFFER - _SPARE
+        self.done = loop.create_future()
+        self.done.set_result(None)
 
     cdef list add(self, protocol):
         # The entry holds the protocol through a one-item list that the
@@ -264,14 +274,14 @@ class ServerProtocol(WSProtocol):
         _store(&head.handshake_complete_future, loop.create_future())
         head.http_max_size = 16 * 1024
         head.max_frame_size = max_frame_size
-        _store(&head.read_buffer, _shared_buffer())
+        _store(&head.read_buffer, deadlines.shared)
         self._deadline = None
 
     def connection_made(self, transport):
         cdef ProtocolHead* head = <ProtocolHead*><PyObject*>self
         loop = <object>head.loop
         cdef WSTransport t = _ServerTransport(False, transport, <object>head.logger, loop)
-        t.disconnected_future = _done
+        t.disconnected_future = (<Deadlines>head.handshake_timeout).done
         _store(&head.transport, t)
         self._deadline = (<Deadlines>head.handshake_timeout).add(self)
 
@@ -302,7 +312,7 @@ cdef inline void _upgraded(ProtocolHead* head):
     # finished future stands for it from now on.
     future = <object>head.handshake_complete_future
     if future.done() and not future.cancelled() and future.exception() is None:
-        _store(&head.handshake_complete_future, _done)
+        _store(&head.handshake_complete_future, (<Deadlines>head.handshake_timeout).done)
 
 
 def owns_read_buffer(protocol):
@@ -314,7 +324,14 @@ def owns_read_buffer(protocol):
     if not isinstance(protocol, ServerProtocol):
         raise TypeError("not a ServerProtocol")
     cdef ProtocolHead* head = <ProtocolHead*><PyObject*>protocol
-    return head.read_buffer != <PyObject*>_shared
+    return head.read_buffer != <PyObject*>(<Deadlines>head.handshake_timeout).shared
+
+
+def shares_read_buffer(protocol, other):
+    """Whether two :class:`ServerProtocol` read into one buffer (idle, on one port)."""
+    if not isinstance(protocol, ServerProtocol) or not isinstance(other, ServerProtocol):
+        raise TypeError("not a ServerProtocol")
+    return (<ProtocolHead*><PyObject*>protocol).read_buffer == (<ProtocolHead*><PyObject*>other).read_buffer
 
 
 def head_matches(protocol, listener_factory, logger, handshake_timeout, loop,
@@ -369,11 +386,7 @@ def protocol_factory(listener_factory, logger, handshake_timeout, Py_ssize_t max
     object against one picows made itself with the same values, and raises
     ``RuntimeError`` when they differ.
     """
-    global _done
     loop = asyncio.get_running_loop()
-    if _done is None or _done.get_loop() is not loop:
-        _done = loop.create_future()
-        _done.set_result(None)
     # Values of the check's own, compared by address: objects, not C doubles.
     cdef object idle_timeout = 20.5
     cdef object reply_timeout = 20.25
