@@ -310,3 +310,22 @@ async def test_ports_on_two_loops_read_into_buffers_of_their_own() -> None:
     assert shared == [False]
     here_client.close()
     neighbour_client.close()
+
+
+async def test_a_trickled_upgrade_request_is_dropped_at_its_deadline() -> None:
+    """Slowloris: bytes of the request keep coming, but the deadline is the handshake's."""
+    async with run(settings(["--handshake-timeout=0.4"])) as srv:
+        reader, writer = await asyncio.open_connection("127.0.0.1", srv.server.client_ports[0])
+        closed = asyncio.ensure_future(reader.read())
+        request = upgrade_request("/")
+        sent = 0
+        # The attacker's pace (a byte per 20 ms: 4 s for the request), not a wait for the server.
+        while not closed.done() and sent < len(request) - 1:
+            writer.write(request[sent : sent + 1])
+            sent += 1
+            await asyncio.sleep(0.02)
+        assert closed.done() and closed.result() == b"", (
+            "still open after the request's last byte but one"
+        )
+        assert sent < len(request) / 2
+        writer.close()
