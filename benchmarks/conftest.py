@@ -260,6 +260,13 @@ def target_lines(rows: list[dict[str, Any]]) -> list[str]:
             1.8,
             "x",
         )
+    if "storm-full/node" in named:
+        check(
+            "full-history storm CPU/tab vs Node Aphlict",
+            named["storm-full/node"].get("ratio_to_own_floor"),
+            1 / 8,
+            "x",
+        )
     if "latency" in named:
         row = named["latency"]
         where = f"at {row['rate']:g} msg/s, {row['sockets']} sockets"

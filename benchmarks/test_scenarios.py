@@ -25,8 +25,15 @@ from typing import Any
 
 import pytest
 
-from fastaphlict.bench import Options, Result, run
-from support import ServerProcess, log_problems, spawn_floor
+from fastaphlict.bench import Options, Result, raise_nofile_limit, run
+from support import (
+    ServerProcess,
+    free_ports,
+    log_problems,
+    spawn_floor,
+    spawn_node_aphlict,
+    wait_listening,
+)
 
 QUICK = os.environ.get("FASTAPHLICT_BENCH_QUICK", "").lower() not in ("", "0", "false", "no")
 
@@ -238,3 +245,22 @@ def test_empty_storm_beside_the_bare_protocol(
     with spawn_floor(tmp_path / "bare.log", "bare") as bare:
         theirs = _floor_scenario(bare, record, "bare", **mix)
     _beside(benchmark, record, "storm-empty/bare", ours, theirs, "server_cpu_per_tab_us")
+
+
+def test_full_storm_beside_node_aphlict(
+    benchmark: Any, server: ServerProcess, record: Any, tmp_path: Any
+) -> None:
+    """Goal 3's second figure: CPU per tab of a full-history storm over Node Aphlict's.
+
+    Runs where ``FASTAPHLICT_NODE_APHLICT`` names Phorge's ``aphlict_server.js``
+    (skipped otherwise, as the tests that need it are); Node Aphlict gets the
+    same storm right after fastaphlict, each on a fresh process.
+    """
+    mix: dict[str, Any] = {"scenario": "storm", "sockets": STORM_TABS, "history": STORM_HISTORY}
+    raise_nofile_limit()  # Node Aphlict inherits it: one descriptor per tab
+    with spawn_node_aphlict(tmp_path / "node.log", free_ports(2)) as node:
+        wait_listening(node, "Node Aphlict")
+        ours = _scenario(benchmark, server, record, "storm-full-vs-node", **mix)
+        theirs = _floor_scenario(node, record, "node-aphlict", **mix)
+    assert theirs.replay_tabs_wrong == 0 and ours.replay_tabs_wrong == 0
+    _beside(benchmark, record, "storm-full/node", ours, theirs, "server_cpu_per_tab_us")

@@ -5,12 +5,16 @@ costs the server a TLS handshake on top of the WebSocket one. The certificate
 is made here by trustme, once per key type (RSA-2048 and ECDSA P-256), and the
 bench trusts its CA (``--ca-file``). The watcher tab's worst ping and the CPU
 per tab are printed (see docs/benchmarks.md), not asserted; the replays are
-checked exactly.
+checked exactly. Node Aphlict runs the same storm on the same certificates
+where ``FASTAPHLICT_NODE_APHLICT`` names it (the ``node`` rows; skipped
+otherwise), one fresh process per run as fastaphlict gets.
 """
 
 from __future__ import annotations
 
 import os
+import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -30,8 +34,15 @@ TLS_STORM_TABS = 50 if QUICK else 2_000
 TLS_STORM_HISTORY = 20 if QUICK else 1_000
 
 
+@pytest.fixture(params=["fastaphlict", "node"])
+def kind(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
 @pytest.fixture(params=["rsa", "ecdsa"])
-def tls_server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[str, str, Any]]:
+def tls_server(
+    request: pytest.FixtureRequest, tmp_path: Path, kind: str
+) -> Iterator[tuple[str, str, Any]]:
     """A fresh server whose client port speaks TLS with a ``request.param`` key; its CA file."""
     key_type = trustme.KeyType.RSA if request.param == "rsa" else trustme.KeyType.ECDSA
     ca = trustme.CA(key_type=key_type)
@@ -41,19 +52,39 @@ def tls_server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple
     leaf.cert_chain_pems[0].write_to_path(str(cert))
     ca.cert_pem.write_to_path(str(ca_file))
     raise_nofile_limit()
-    server = support.spawn(
-        tmp_path / "server.log",
-        config={},
-        client_options={"ssl.key": str(key), "ssl.cert": str(cert)},
-    )
+    tls = {"ssl.key": str(key), "ssl.cert": str(cert)}
+    if kind == "node":
+        ports = support.free_ports(2)
+        server = support.spawn_node_aphlict(tmp_path / "server.log", ports, client_options=tls)
+    else:
+        server = support.spawn(tmp_path / "server.log", config={}, client_options=tls)
     try:
-        server.wait_ready()
+        if kind == "node":
+            _wait_listening(server)
+        else:
+            server.wait_ready()
         yield request.param, str(ca_file), server
     finally:
         server.stop(support.scaled(15))
 
 
-def test_tls_storm(benchmark: Any, tls_server: tuple[str, str, Any], record: Any) -> None:
+def _wait_listening(server: Any) -> None:
+    """Until both ports accept (Node Aphlict has no /healthz); the process must stay up."""
+    deadline = time.monotonic() + support.scaled(20)
+    for port in (server.client_port, server.admin_port):
+        while True:
+            assert server.proc.poll() is None, server.log()
+            try:
+                socket.create_connection(("127.0.0.1", port), 1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, f"port {port} not listening:\n{server.log()}"
+                time.sleep(0.05)
+
+
+def test_tls_storm(
+    benchmark: Any, tls_server: tuple[str, str, Any], kind: str, record: Any
+) -> None:
     """Every tab reconnects over wss:// at once with subscribe, replay and ping."""
     key_type, ca_file, server = tls_server
     opts = Options(
@@ -69,9 +100,9 @@ def test_tls_storm(benchmark: Any, tls_server: tuple[str, str, Any], record: Any
     benchmark.pedantic(lambda: results.append(run(opts)), rounds=1, iterations=1)
     (result,) = results
     row = {
-        "name": f"storm-tls-{key_type}",
+        "name": f"storm-tls-{key_type}" + ("-node" if kind == "node" else ""),
         **result.as_dict(),
-        "server_log_problems": support.log_problems(server)[:5],
+        "server_log_problems": support.log_problems(server)[:5] if kind != "node" else [],
     }
     benchmark.extra_info.update(row)
     record(row)

@@ -391,18 +391,24 @@ NODE_APHLICT = os.environ.get("FASTAPHLICT_NODE_APHLICT", "")
 
 
 def spawn_node_aphlict(
-    log_path: Path, ports: Sequence[int], cluster: Sequence[dict[str, Any]] = ()
+    log_path: Path,
+    ports: Sequence[int],
+    cluster: Sequence[dict[str, Any]] = (),
+    client_options: dict[str, Any] | None = None,
 ) -> ServerProcess:
     """Node Aphlict on loopback ``ports`` (client, admin), meshed with ``cluster``.
 
+    ``client_options`` add to the client listener's entry (``ssl.key``, ``ssl.cert``).
+
     Skips the test where ``FASTAPHLICT_NODE_APHLICT`` names no Node Aphlict.
-    Does not wait: it has no ``/healthz``, so wait for its ports.
+    Does not wait: it has no ``/healthz``, so wait for its ports
+    (:func:`wait_listening` in a synchronous benchmark).
     """
     if not (NODE_APHLICT and shutil.which("node")):
         pytest.skip("FASTAPHLICT_NODE_APHLICT does not name Node Aphlict's aphlict_server.js")
     config = log_path.with_suffix(".json")
     listeners = [
-        {"type": "client", "port": ports[0], "listen": "127.0.0.1"},
+        {"type": "client", "port": ports[0], "listen": "127.0.0.1", **(client_options or {})},
         {"type": "admin", "port": ports[1], "listen": "127.0.0.1"},
     ]
     config.write_text(json.dumps({"servers": listeners, "logs": [], "cluster": list(cluster)}))
@@ -435,13 +441,24 @@ def spawn_floor(
     server = ServerProcess(
         _popen(command, env, log_path), client_port, admin_port, log_path, command, env
     )
+    wait_listening(server, f"{kind} floor")
+    return server
+
+
+def wait_listening(server: ServerProcess, what: str) -> None:
+    """Until ``server``'s client port accepts (for servers without ``/healthz``).
+
+    Fails with the log if the process exits first or is not listening after
+    the start-up bound.
+    """
     deadline = time.monotonic() + STARTUP
     while True:
         code = server.proc.poll()
-        assert code is None, f"{kind} floor exited with {code}:\n{server.log()}"
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", client_port), 1):
-            return server
-        assert time.monotonic() < deadline, f"{kind} floor not listening:\n{server.log()}"
+        assert code is None, f"{what} exited with {code}:\n{server.log()}"
+        address = ("127.0.0.1", server.client_port)
+        with contextlib.suppress(OSError), socket.create_connection(address, 1):
+            return
+        assert time.monotonic() < deadline, f"{what} not listening:\n{server.log()}"
         time.sleep(0.05)
 
 

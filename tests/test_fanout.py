@@ -457,6 +457,52 @@ def _frames(tag: bytes, count: int, size: int) -> list[bytes]:
     return [build_frame(b"%s%05d" % (tag, n) + b"." * (size - 6)) for n in range(count)]
 
 
+def test_a_small_replay_and_the_pong_behind_it_leave_in_one_write(loop) -> None:
+    # JX.Aphlict sends subscribe, replay and ping together after a restart: a
+    # replay an empty transport takes whole waits for the iteration's flush, so
+    # the pong joins it. A SEQPACKET pair keeps each send() a record of its own.
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    channel = Channel()
+    sub = channel.attach(WSTransport(False, PairTransport(ours), logging.getLogger("t"), loop))
+    history, pong = _frames(b"h", 3, 100), build_frame(b'{"type":"pong"}')
+    assert sub.replay(list(history)) == 3 and not sub.replaying
+    assert sub.send(pong)
+    assert theirs.recv(1 << 16) == b"".join([*history, pong]), "one send()"
+    channel.outbox.flush()
+    theirs.setblocking(False)
+    with pytest.raises(BlockingIOError):
+        theirs.recv(1 << 16)  # nothing is written twice
+    ours.close()
+    theirs.close()
+
+
+def test_a_small_replay_goes_out_with_the_flush_ahead_of_live_frames(loop) -> None:
+    channel = Channel()
+    conn = Conn(loop)
+    sub = channel.attach(conn.transport)
+    channel.subscribe(sub, ["P"])
+    history, live = _frames(b"h", 3, 100), build_frame(b'{"n":1}')
+    assert sub.replay(list(history)) == 3
+    channel.publish(["P"], live)
+    assert conn.read() == b"" and channel.outbox.pending == 1
+    assert channel.outbox.coalesced == 1, "the replay's frames were one write anyway"
+    channel.outbox.flush()
+    assert conn.read() == b"".join([*history, live])
+    conn.close()
+
+
+def test_a_replay_past_the_low_water_mark_is_written_at_once(loop) -> None:
+    # 3000 bytes would leave the transport over a quarter of its 4000-byte cap:
+    # that replay is paced (written now, while the transport takes it).
+    channel = Channel(Outbox(max_buffered=4000))
+    conn = Conn(loop)
+    sub = channel.attach(conn.transport)
+    history = _frames(b"h", 3, 1000)
+    assert sub.replay(list(history)) == 3
+    assert conn.read() == b"".join(history) and channel.outbox.pending == 0
+    conn.close()
+
+
 def test_a_pause_right_after_a_replay_paces_instead_of_closing(loop) -> None:
     # The replay is written (no pause), but the transport still holds nearly
     # the cap of it: the next live frame pushes it over. That is the replay's

@@ -286,6 +286,7 @@ def test_a_received_message_replays_like_a_posted_one(clock: None, tabs: Any) ->
     hub.receive("acme", payload(2, "PHID-B"), NOW - 20_000)
     tab = tabs(hub, "acme", "PHID-A")
     assert hub.replay("acme", tab.sub, 60_000) == 1
+    hub.outbox.flush()
     assert tab.read() == build_frame(payload(1, "PHID-A"))
     assert hub.replay("acme", tab.sub, 29_000) == 0, "older than the asked-for age"
 

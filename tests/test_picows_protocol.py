@@ -329,3 +329,30 @@ async def test_a_trickled_upgrade_request_is_dropped_at_its_deadline() -> None:
         )
         assert sent < len(request) / 2
         writer.close()
+
+
+async def test_a_socket_leaves_its_deadline_when_it_upgrades_or_closes() -> None:
+    """Only sockets still upgrading wait; the silent one is dropped at its deadline."""
+    loop = asyncio.get_running_loop()
+    make = _protocol.protocol_factory(
+        lambda request: _Recorder(), logging.getLogger("test"), 0.5, 65536
+    )
+    deadlines = make.args[3]
+    pairs = [socket.socketpair() for _ in range(3)]
+    for ours, theirs in pairs:
+        theirs.setblocking(False)
+        await loop.connect_accepted_socket(make, ours)
+    assert len(deadlines) == 3
+    upgraded, closed, silent = (theirs for _, theirs in pairs)
+    await loop.sock_sendall(upgraded, upgrade_request("/"))
+    await eventually(lambda: len(deadlines) == 2, TIMEOUT, "the upgraded socket left")
+    closed.close()
+    await eventually(lambda: len(deadlines) == 1, TIMEOUT, "the closed socket left")
+    assert await asyncio.wait_for(loop.sock_recv(silent, 16), TIMEOUT) == b""
+    assert len(deadlines) == 0
+    assert (await asyncio.wait_for(loop.sock_recv(upgraded, 4096), TIMEOUT)).startswith(
+        b"HTTP/1.1 101"
+    )
+    await loop.sock_sendall(upgraded, PING)
+    upgraded.close()
+    silent.close()

@@ -456,6 +456,7 @@ def test_a_generated_head_with_one_flaw_is_refused(
     ("target", "instance"),
     [
         (b"/", ""),
+        (b"/?", ""),
         (b"/?instance=acme", "acme"),
         (b"/?instance=a%20b&instance=c", "a b"),
         (b"/?x=1&instance=%C3%A9", "é"),

@@ -85,6 +85,43 @@ def test_select_matches_aphlicts_rule(
         assert history.phid_count == 0, "the index lets go of everything that left"
 
 
+@given(
+    steps=st.lists(
+        st.one_of(
+            st.tuples(st.just("add"), st.integers(0, 400), subscriber_lists),
+            st.tuples(st.just("select"), st.lists(st.sampled_from([*PHIDS, "Z"]), max_size=6)),
+        ),
+        max_size=60,
+    ),
+    limit=st.integers(1, 12),
+)
+@settings(max_examples=300, deadline=None)
+def test_replays_between_posts_see_what_the_rule_says(steps: list[Any], limit: int) -> None:
+    """The index catches up at each replay: entries indexed before, after, or never."""
+    ttl, age = 300.0, 250
+    history = History(limit, ttl)
+    model: list[tuple[float, Any, bytes]] = []
+    at = 0.0
+    for n, step in enumerate(steps):
+        if step[0] == "add":
+            at += step[1]
+            history.add(at, step[2], b"%d" % n)
+            model.append((at, step[2], b"%d" % n))
+            continue
+        wanted = step[1]
+        live = [e for e in model[-limit:] if e[0] >= at - ttl]
+        expected = [
+            frame
+            for when, subscribers, frame in live
+            if when >= at - age
+            and isinstance(subscribers, list)
+            and any(isinstance(p, str) and p in wanted for p in subscribers)
+        ]
+        assert history.select(wanted, at, age) == expected
+        named = {p for _, subs, _ in live if isinstance(subs, list) for p in subs}
+        assert history.phid_count == len({p for p in named if isinstance(p, str)})
+
+
 def test_clock_stepping_back_keeps_the_window_contiguous() -> None:
     history = History()
     history.add(10_000.0, ["A"], b"1")

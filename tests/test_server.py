@@ -328,27 +328,3 @@ async def test_a_server_built_the_old_way_from_a_config_and_keywords_still_serve
         assert server.client_ports and server.admin_ports
     finally:
         await server.close()
-
-
-def test_exit_now_flushes_the_logs_and_skips_the_interpreters_teardown(tmp_path: Path) -> None:
-    """A stopped server ends its process without freeing every object (issue 19).
-
-    The status is kept, the log file and the standard streams are flushed,
-    and what a normal exit would run afterwards (here an atexit handler) is not.
-    """
-    log_file = tmp_path / "server.log"
-    script = (
-        "import atexit, logging, sys\n"
-        "from fastaphlict.server import exit_now\n"
-        f"logging.basicConfig(filename={str(log_file)!r}, level=logging.INFO)\n"
-        "atexit.register(print, 'interpreter teardown')\n"
-        "logging.getLogger('fastaphlict.server').info('stopped')\n"
-        "sys.stdout.write('buffered')\n"
-        "exit_now(3)\n"
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=scaled(30)
-    )
-    assert done.returncode == 3
-    assert done.stdout == "buffered"
-    assert log_file.read_text().endswith("stopped\n")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import shutil
@@ -29,6 +30,7 @@ from websockets.asyncio.client import connect
 
 from fastaphlict import state
 from fastaphlict.config import Limits, Settings, parse_broker_url
+from fastaphlict.process import paused_gc
 from fastaphlict.protocol import dumps
 from support import (
     SRC,
@@ -421,6 +423,46 @@ async def test_the_lock_also_holds_against_a_start_that_raced_past_the_check(
     # Released with its descriptor (or its process): no stale lock after a crash.
     async with run(settings(state_dir=str(tmp_path))):
         pass
+
+
+async def test_state_loads_and_saves_with_the_collector_paused_and_back_on_after(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Thousands of acyclic entries: collections during the load or the save find nothing."""
+    seen: list[tuple[str, bool]] = []
+    load, save = state.StateDir.load_into, state.StateDir.save
+
+    def loading(self: state.StateDir, hub: Any) -> None:
+        seen.append(("load", gc.isenabled()))
+        load(self, hub)
+
+    def saving(self: state.StateDir, hub: Any) -> bool:
+        seen.append(("save", gc.isenabled()))
+        return save(self, hub)
+
+    monkeypatch.setattr(state.StateDir, "load_into", loading)
+    monkeypatch.setattr(state.StateDir, "save", saving)
+    (tmp_path / state.file_name("default")).write_bytes(saved("default", 1_000))
+    assert gc.isenabled()
+    async with run(settings(state_dir=str(tmp_path))) as srv:
+        assert gc.isenabled()
+        assert srv.hub.status("default")["history.size"] == 1, "loaded"
+    assert seen == [("load", False), ("save", False)]
+    assert gc.isenabled()
+    assert len(state.decode((tmp_path / state.file_name("default")).read_bytes())[1]) == 1
+
+
+def test_pausing_the_collector_leaves_one_that_was_off_off() -> None:
+    gc.disable()
+    try:
+        with paused_gc():
+            assert not gc.isenabled()
+        assert not gc.isenabled(), "an embedding application's choice is kept"
+    finally:
+        gc.enable()
+    with pytest.raises(RuntimeError), paused_gc():
+        raise RuntimeError
+    assert gc.isenabled(), "back on after a failure"
 
 
 # -- what the files may hold, and who may read them ----------------------------------------

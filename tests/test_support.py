@@ -279,7 +279,7 @@ STAND_INS = {"fake_server", "runs"}
 #: What starts a server in-process when called (or names one to start later).
 _STARTERS = {"fastaphlict.server.Server", "fastaphlict.server.run", "support.Server"}
 #: The command line's entry points: they serve unless told ``--test`` (or ``--help``).
-_MAINS = {"fastaphlict.cli.main", "fastaphlict.__main__.main"}
+_MAINS = {"fastaphlict.cli.main", "fastaphlict.cli.entry", "fastaphlict.__main__.main"}
 #: A command string that runs the server: ``python -m fastaphlict``, ``.../bin/fastaphlict``.
 _COMMAND = re.compile(
     r"-m\s+fastaphlict(\s|$)|^\s*(\S*bin/)?fastaphlict\s+-|\S*bin/fastaphlict(\s|$)"

@@ -44,6 +44,8 @@ class Subscriber:
         """The socket's PHIDs, as held: read it, never change it."""
     def send(self, frame: bytes) -> bool:
         """Write a prebuilt frame (behind a paced replay); False if the socket is closing."""
+    def wrote_around(self) -> None:
+        """picows wrote to the socket itself (a pong): its transport may hold bytes now."""
     def replay(self, frames: list[bytes]) -> int:
         """Send history frames in order, paced by the socket's drain; return how many."""
     def pause(self) -> bool:

@@ -13,9 +13,20 @@ hash lookup, a miss for PHIDs nothing was posted to), walks only the matched
 entries of the window from the newest back, marks each entry once per replay
 (an epoch, as the fan-out index does, so no set is built), and sorts what it
 found by arrival. Its cost is O(subscriptions + matched entries), whatever the
-size of the history. The price is paid on publish: one index append per
-subscriber of the message (a few hundred nanoseconds for Phorge's ~21), and
-the same again when the entry leaves.
+size of the history. The price is one index append per subscriber of an
+entry (a few hundred nanoseconds for Phorge's ~21), and the same again when
+the entry leaves.
+
+That price is paid lazily: an entry is indexed by the first replay (or index
+question) that comes after it, not when it is published, and one that leaves
+before any replay asked is never indexed at all. Publishing, the hot path,
+only appends; replays are rare beside posts (a tab replays when it
+reconnects), so most entries of a busy server leave unindexed. Each entry is
+indexed at most once, so the total is never more than indexing on publish;
+the first replay after a quiet spell pays for the entries since the last one
+(at most the history's limit: ~3 ms a thousand entries of 21 PHIDs, so up to
+~12 ms once for a full default history, e.g. the first replay after a restart
+restored one).
 
 The index shares the message's own subscriber strings (the entry keeps its
 list alive anyway): no copy, and nothing is interned, so PHIDs nobody posts
@@ -59,6 +70,7 @@ cdef class History:
 
     cdef object _entries        # collections.deque[_Entry], oldest first
     cdef dict _by_phid          # str -> _Entry, or list[_Entry] (oldest first) once two
+    cdef uint64_t _indexed      # entries up to this seq are in _by_phid, later ones not yet
     cdef readonly Py_ssize_t limit
     cdef readonly double ttl_ms
     cdef uint64_t _seq
@@ -75,6 +87,7 @@ cdef class History:
         self.limit = limit
         self.ttl_ms = ttl_ms
         self._seq = 0
+        self._indexed = 0
         self._epoch = 0
         self._last_at = float("-inf")
 
@@ -83,7 +96,8 @@ cdef class History:
 
     @property
     def phid_count(self):
-        """Distinct PHIDs the index holds (for tests and metrics)."""
+        """Distinct PHIDs the entries name (the index, caught up; for tests and metrics)."""
+        self._catch_up()
         return len(self._by_phid)
 
     def oldest(self):
@@ -117,14 +131,32 @@ cdef class History:
         entry.at = at
         entry.frame = frame
         entry._mark = 0
-        if type(subscribers) is list:
-            entry.subscribers = subscribers
-            for phid in <list>subscribers:
-                if type(phid) is str:
-                    self._index(<str>phid, entry)
-        else:
-            entry.subscribers = ()
+        # Indexed by the next replay that comes (see _catch_up), not here.
+        entry.subscribers = subscribers if type(subscribers) is list else ()
         self._entries.append(entry)
+
+    cdef void _catch_up(self) except *:
+        # Index the entries added since the last look, oldest first, so every
+        # PHID's chain stays in arrival order. They are the newest entries:
+        # walk back from the newest to the first one already indexed.
+        if self._indexed == self._seq:
+            return
+        cdef list fresh = []
+        cdef _Entry entry
+        for entry in reversed(self._entries):
+            if entry.seq <= self._indexed:
+                break
+            fresh.append(entry)
+        cdef Py_ssize_t i = len(fresh) - 1
+        while i >= 0:
+            entry = <_Entry>fresh[i]
+            if type(entry.subscribers) is list:
+                for phid in <list>entry.subscribers:
+                    if type(phid) is str:
+                        self._index(<str>phid, entry)
+            self._indexed = entry.seq
+            i -= 1
+        self._indexed = self._seq
 
     cdef inline void _index(self, str phid, _Entry entry) except *:
         cdef dict by_phid = self._by_phid
@@ -140,8 +172,8 @@ cdef class History:
     cdef void _evict(self) except *:
         cdef _Entry entry = <_Entry>self._entries.popleft()
         cdef dict by_phid = self._by_phid
-        if type(entry.subscribers) is not list:
-            return
+        if entry.seq > self._indexed or type(entry.subscribers) is not list:
+            return  # never indexed
         for phid in <list>entry.subscribers:
             if type(phid) is not str:
                 continue
@@ -195,6 +227,7 @@ cdef class History:
         """Forget everything (a cleared history takes entries of any time again)."""
         self._entries.clear()
         self._by_phid.clear()
+        self._indexed = self._seq
         self._last_at = float("-inf")
 
     def since(self, double now, double age_ms):
@@ -220,6 +253,7 @@ cdef class History:
         self.purge(now)
         if age_ms < 0 or not self._entries:
             return []
+        self._catch_up()
         cdef double horizon = now - age_ms
         cdef dict by_phid = self._by_phid
         cdef list found = []

@@ -44,3 +44,14 @@ cdef inline void _queue(Outbox outbox, Outlet sub, bytes frame) except *:
     else:
         (<list>pending).append(frame)
         outbox.coalesced += 1
+
+
+cdef inline void _queue_list(Outbox outbox, Outlet sub, list frames) except *:
+    # Hold ``frames`` (a list the outlet now owns and may extend) for ``sub``,
+    # which holds nothing yet, until the end of the loop iteration: one write
+    # with whatever else it gets in this iteration. Not counted as coalesced:
+    # they were one write anyway.
+    sub._pending = frames
+    outbox._dirty.append(sub)
+    if not outbox._scheduled:
+        outbox._schedule()

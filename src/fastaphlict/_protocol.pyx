@@ -173,9 +173,11 @@ cdef class Deadlines:
 
     picows arms a timer per connection and cancels it after the upgrade: two
     timer operations and a closed libuv handle per tab of a storm. Here the
-    sockets wait in arrival order (so in deadline order) and one timer, armed
-    while any waits, drops those still upgrading when their time is up, at
-    most a tenth of the timeout late.
+    sockets wait in buckets, one per tenth of the timeout, in arrival (so
+    deadline) order; a socket leaves its bucket when it upgrades or closes,
+    and one timer, armed while any bucket is left, drops the sockets still
+    waiting when their bucket's time is up: at most a tenth of the timeout
+    late. A waiting socket costs one set entry; nothing once upgraded.
 
     It also holds what else the port's sockets share, on its loop only: a
     server on another thread's loop reads (without the GIL) at the same time.
@@ -184,7 +186,7 @@ cdef class Deadlines:
     cdef object _loop
     cdef double _timeout
     cdef double _slack
-    cdef object _waiting
+    cdef object _buckets
     cdef object _timer
     # The one read buffer of every socket that has no partial frame pending; the
     # loop reads one socket at a time and picows parses what it read before the
@@ -198,40 +200,50 @@ cdef class Deadlines:
         self._loop = loop
         self._timeout = timeout
         self._slack = timeout / 10
-        self._waiting = collections.deque()
+        self._buckets = collections.deque()
         self._timer = None
         self.shared = MemoryBuffer(_BUFFER)
         self.shared.size = _BUFFER - _SPARE
         self.done = loop.create_future()
         self.done.set_result(None)
 
-    cdef list add(self, protocol):
-        # The entry holds the protocol through a one-item list that the
-        # protocol empties once it has upgraded or closed: a closed socket's
-        # protocol is not kept alive until its deadline.
-        holder = [protocol]
-        self._waiting.append((self._loop.time() + self._timeout, holder))
+    cdef void add(self, protocol):
+        cdef double deadline = self._loop.time() + self._timeout
+        buckets = self._buckets
+        # (Not buckets[-1]: this module is compiled without wraparound.)
+        cdef Py_ssize_t count = len(buckets)
+        if count and deadline <= (<tuple>buckets[count - 1])[0]:
+            (<set>(<tuple>buckets[count - 1])[1]).add(protocol)
+            return
+        # The bucket's deadline is its last member's at the latest.
+        buckets.append((deadline + self._slack, {protocol}))
         if self._timer is None:
-            self._timer = self._loop.call_later(self._timeout + self._slack, self._sweep)
-        return holder
+            self._timer = self._loop.call_at(deadline + self._slack, self._sweep)
+
+    cdef void discard(self, protocol):
+        # Newest first: a socket upgrades within milliseconds of its arrival.
+        for bucket in reversed(self._buckets):
+            members = <set>(<tuple>bucket)[1]
+            if protocol in members:
+                members.discard(protocol)
+                return
 
     def _sweep(self):
         cdef double now = self._loop.time()
         cdef ProtocolHead* head
-        waiting = self._waiting
+        buckets = self._buckets
         self._timer = None
-        while waiting and waiting[0][0] <= now:
-            protocol = (<list>waiting.popleft()[1])[0]
-            if protocol is None:
-                continue  # upgraded or closed in time
-            head = <ProtocolHead*><PyObject*>protocol
-            if head.state == _UPGRADING and not (<WSTransport>head.transport).is_disconnected:
-                protocol._handshake_timeout_callback()
-        if waiting:
-            self._timer = self._loop.call_at(waiting[0][0] + self._slack, self._sweep)
+        while buckets and (<tuple>buckets[0])[0] <= now:
+            for protocol in (<tuple>buckets.popleft())[1]:
+                head = <ProtocolHead*><PyObject*>protocol
+                if head.state == _UPGRADING and not (<WSTransport>head.transport).is_disconnected:
+                    protocol._handshake_timeout_callback()
+        if buckets:
+            self._timer = self._loop.call_at((<tuple>buckets[0])[0], self._sweep)
 
     def __len__(self):
-        return len(self._waiting)
+        """Sockets waiting for their upgrade."""
+        return sum(len((<tuple>bucket)[1]) for bucket in self._buckets)
 
 
 cdef class _ServerTransport(WSTransport):
@@ -253,8 +265,7 @@ class ServerProtocol(WSProtocol):
     """picows' server protocol with a lean set-up and no read buffer while idle."""
 
     # No __dict__ or weak-reference slot: an idle tab pays for every byte.
-    # Only the entry of its handshake deadline, until it is upgraded or closed.
-    __slots__ = ("_deadline",)
+    __slots__ = ()
 
     def __init__(self, listener_factory, logger, loop, Deadlines deadlines, Py_ssize_t max_frame_size):
         # picows' server-side values, set without its client-side work (a
@@ -275,7 +286,6 @@ class ServerProtocol(WSProtocol):
         head.http_max_size = 16 * 1024
         head.max_frame_size = max_frame_size
         _store(&head.read_buffer, deadlines.shared)
-        self._deadline = None
 
     def connection_made(self, transport):
         cdef ProtocolHead* head = <ProtocolHead*><PyObject*>self
@@ -283,17 +293,14 @@ class ServerProtocol(WSProtocol):
         cdef WSTransport t = _ServerTransport(False, transport, <object>head.logger, loop)
         t.disconnected_future = (<Deadlines>head.handshake_timeout).done
         _store(&head.transport, t)
-        self._deadline = (<Deadlines>head.handshake_timeout).add(self)
+        (<Deadlines>head.handshake_timeout).add(self)
 
     def connection_lost(self, exc):
-        self._leave_deadlines()
+        cdef ProtocolHead* head = <ProtocolHead*><PyObject*>self
+        if head.state == _UPGRADING:
+            # Closed before its upgrade: its deadline must not keep it alive.
+            (<Deadlines>head.handshake_timeout).discard(self)
         _base_connection_lost(self, exc)
-
-    def _leave_deadlines(self):
-        deadline = self._deadline
-        if deadline is not None:
-            (<list>deadline)[0] = None
-            self._deadline = None
 
     def buffer_updated(self, Py_ssize_t nbytes):
         cdef ProtocolHead* head = <ProtocolHead*><PyObject*>self
@@ -303,7 +310,7 @@ class ServerProtocol(WSProtocol):
         finally:
             if upgrading and head.state != _UPGRADING:
                 _upgraded(head)
-                self._leave_deadlines()
+                (<Deadlines>head.handshake_timeout).discard(self)
             _settle(head)
 
 

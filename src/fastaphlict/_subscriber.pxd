@@ -25,6 +25,10 @@ cdef class Subscriber(Outlet):
     cdef readonly WSTransport transport
     cdef readonly Index channel
     cdef readonly bint attached
+    # Whether the loop's transport may hold bytes of this socket's (written
+    # through it, not by our own send()): frames then go through it, in order,
+    # until its buffer is found empty. See _put.
+    cdef bint _queued
     # A Phorge tab listens to a handful of PHIDs: a short list costs a tenth
     # of a set's memory, and memory per idle tab is what limits a node. Past
     # SMALL entries it becomes a set so membership stays O(1).
@@ -56,8 +60,10 @@ cdef class Subscriber(Outlet):
 
     cpdef object subscriptions(self)
     cpdef bint send(self, bytes frame)
+    cdef bint _put(self, bytes data) except -1
     cdef int _overflow(self) except -1
     cdef int _paced(self) except -1
+    cdef bint _small(self, list frames) except -1
     cdef int _defer(self, bytes data) except -1
     cdef int _drain(self) except -1
     cdef void _end_replay(self) noexcept

@@ -16,6 +16,8 @@ replays.
   that stops reading is closed once live frames pass the slow-client cap
   without a drain, or after a sweep round without progress. A hard cap of
   ``LATER_LIMIT`` times the slow-client cap bounds what any tab can hold.
+  A replay too small to need pacing (a tab's usual one) waits for the
+  outbox's flush instead, so the pong asked for behind it shares its write.
 
 The channel sits above this module; a subscriber reaches it through
 :class:`Index`, its base declared here (its outbox, and its drop).
@@ -24,8 +26,8 @@ The channel sits above this module; a subscriber reaches it through
 from cpython.bytes cimport PyBytes_GET_SIZE
 from picows.picows cimport WSTransport
 
-from fastaphlict._outbox cimport Outbox, Outlet
-from fastaphlict._wire cimport _buffered, _join, _usable, _write
+from fastaphlict._outbox cimport Outbox, Outlet, _queue_list
+from fastaphlict._wire cimport ASK, DIRECT, FAILED, SENT, _buffered, _join, _put, _usable
 
 # Importing _wire refuses a picows other than the one this was compiled against.
 import fastaphlict._wire  # noqa: F401
@@ -68,6 +70,7 @@ cdef class Subscriber(Outlet):
         self.channel = channel
         self._phids = []
         self.attached = True
+        self._queued = True  # picows wrote the handshake's answer through it
         self._mark = 0
         self._pending = None
         self.heard = True
@@ -107,10 +110,26 @@ cdef class Subscriber(Outlet):
             if not self._paused:
                 self._drain()  # the replay's tail: nothing waits ahead of it
             return True
-        if _write(self.transport, frame):
+        if self._put(frame):
             self.channel.outbox.bytes_sent += PyBytes_GET_SIZE(frame)
             return True
         return False
+
+    def wrote_around(self):
+        """picows wrote to this socket itself (a pong): its loop transport may hold bytes now.
+
+        Frames then go through that transport until its buffer is found
+        empty, so none overtakes what it holds.
+        """
+        self._queued = True
+
+    cdef bint _put(self, bytes data) except -1:
+        # Every write of ours goes through here; False if the socket is closing.
+        cdef int done = _put(self.transport, data, ASK if self._queued else DIRECT)
+        if done == FAILED:
+            return False
+        self._queued = done != SENT
+        return True
 
     cdef Py_ssize_t _flush(self, object pending) except -1:
         # The outbox's write of the frames it held for this socket; returns
@@ -129,7 +148,7 @@ cdef class Subscriber(Outlet):
                 self._drain()  # the replay's tail: nothing waits ahead
             return 0
         data = _join(pending, None) if type(pending) is list else <bytes>pending
-        if _write(self.transport, data):
+        if self._put(data):
             return PyBytes_GET_SIZE(data)
         if self.attached:
             self.channel._drop(self)
@@ -155,7 +174,13 @@ cdef class Subscriber(Outlet):
         """Send history frames in order, paced by the socket's drain; return how many.
 
         Writes while the transport takes them; what is left waits, as
-        references to the history's own frames, for :meth:`resume`. Frames
+        references to the history's own frames, for :meth:`resume`. A replay
+        an empty transport takes whole without passing its low-water mark
+        (a tab's usual one) is not paced: it waits, like a publish, for the
+        outbox's flush at the end of the loop iteration, so the ``pong`` a tab
+        asks for right behind it (``JX.Aphlict`` sends subscribe, replay and
+        ping together) goes out in the same write. ``frames`` becomes the
+        socket's (it may be extended). Frames
         the outbox holds for this socket go first. Returns 0 if the socket
         is closing, or if the replays it has not read yet would pass the
         outbox's ``max_backlog`` frames: a tab that asks again and again
@@ -169,9 +194,15 @@ cdef class Subscriber(Outlet):
             waiting = len(self._replay) - self._replay_pos
             if self._later is not None:
                 waiting += len(self._later)
-        if waiting + len(frames) > self.channel.outbox.max_backlog:
+        cdef Outbox outbox = self.channel.outbox
+        if waiting + len(frames) > outbox.max_backlog:
             self._overflow()
             return 0
+        if self._replay is None and self._pending is None and self._small(frames):
+            # Nothing to pace: it goes out with this iteration's flush, so the
+            # pong a tab sends right behind its replay shares its write.
+            _queue_list(outbox, self, frames)
+            return len(frames)
         if self._pending is not None:
             frames = [_join(self._pending, None), *frames]
             self._pending = None
@@ -191,6 +222,20 @@ cdef class Subscriber(Outlet):
                 self._later.extend(frames)
         self._drain()
         return n
+
+    cdef bint _small(self, list frames) except -1:
+        # A replay that one write carries whole into an empty transport and
+        # leaves it at most at its low-water mark (a quarter of the slow-client
+        # cap): a paced replay of it would be written at once and over at once.
+        if _buffered(self.transport):
+            return 0
+        cdef Py_ssize_t limit = min(<Py_ssize_t>REPLAY_CHUNK, self.channel.outbox.max_buffered // 4)
+        cdef Py_ssize_t size = 0
+        for frame in frames:
+            size += PyBytes_GET_SIZE(<bytes>frame)
+            if size > limit:
+                return 0
+        return 1
 
     def pause(self):
         """The transport's buffer is full. True if a replay (or its tail) now waits for it to drain.
@@ -295,7 +340,7 @@ cdef class Subscriber(Outlet):
                 end += 1
             data = <bytes>frames[pos] if end == pos + 1 else b"".join(frames[pos:end])
             self._replay_pos = end
-            if not _write(self.transport, data):
+            if not self._put(data):
                 self._end_replay()
                 return 0
             outbox.bytes_sent += size

@@ -23,7 +23,7 @@ from collections.abc import Mapping, Sequence
 from fastaphlict import __version__, state
 from fastaphlict.config import Config, ConfigError, preflight, resolve
 
-__all__ = ["main", "reopen_log_files", "setup_logging"]
+__all__ = ["entry", "main", "reopen_log_files", "setup_logging"]
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -116,12 +116,25 @@ def _fail(message: object) -> int:
     return 1
 
 
-def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
+def entry() -> None:
+    """The process's entry point (``fastaphlict``, ``python -m fastaphlict``).
+
+    :func:`main`, except that a server that stopped cleanly ends the process
+    at once (see ``fastaphlict.server.exit_now``): a restart waits for it.
+    """
+    sys.exit(main(exit_when_stopped=True))
+
+
+def main(
+    argv: Sequence[str] | None = None,
+    environ: Mapping[str, str] | None = None,
+    *,
+    exit_when_stopped: bool = False,
+) -> int:
     """Run the command line; returns the process exit status instead of exiting.
 
-    Except once a server has started: it ends the process itself when it
-    has stopped (``server.exit_now``), without the interpreter's teardown.
-    ``environ`` (default ``os.environ``) is the only environment read.
+    ``environ`` (default ``os.environ``) is the only environment read;
+    ``exit_when_stopped`` is the process entry's (:func:`entry`).
     ``fastaphlict doctor ...`` runs the doctor instead (Phorge's launcher
     never passes a positional word, so no server command line starts so).
     """
@@ -161,7 +174,9 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
 
     logger.info("fastaphlict %s starting, config from %s", __version__, settings.config.source)
     try:
-        status = server.run(settings, on_reload=reopen_log_files)
+        status = server.run(
+            settings, on_reload=reopen_log_files, exit_when_stopped=exit_when_stopped
+        )
     except KeyboardInterrupt:
         # Ctrl-C before the server has installed its own signal handlers.
         return 130

@@ -301,6 +301,8 @@ class ClientListener(WSListener):
             # Answered here, not by picows' auto-pong, which replies before
             # this handler sees the frame and so before its reserved bits.
             transport.send_pong(frame.get_payload_as_bytes())
+            if sub is not None:
+                sub.wrote_around()  # picows' write may have left bytes in the transport
             return
         if msg_type is WSMsgType.TEXT or msg_type is WSMsgType.BINARY:
             if self._fragments is not None:

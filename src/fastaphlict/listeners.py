@@ -14,7 +14,7 @@ from typing import Any
 
 from aiohttp import web
 
-from fastaphlict import admin, client, systemd
+from fastaphlict import admin, client, paced, systemd
 from fastaphlict._protocol import protocol_factory
 from fastaphlict.address import format_address
 from fastaphlict.broker import Broker
@@ -109,14 +109,28 @@ class Listeners:
             # Oversized frames are closed with 1009 by picows itself.
             self.limits.max_frame_size,
         )
-        # On uvloop's own transports (lighter per idle socket than aiofastnet).
-        server = await asyncio.get_running_loop().create_server(
-            factory,
-            ssl=server_context(entry),
-            # After a restart every open tab reconnects at once.
-            backlog=BACKLOG,
-            **where,
-        )
+        context = server_context(entry)
+        server: asyncio.AbstractServer
+        if context is None:
+            # On uvloop's own transports (lighter per idle socket than aiofastnet).
+            server = await asyncio.get_running_loop().create_server(
+                factory,
+                # After a restart every open tab reconnects at once.
+                backlog=BACKLOG,
+                **where,
+            )
+        else:
+            # A TLS handshake costs ~0.25-0.7 ms of the loop: accepted a few
+            # at a time, so that a storm's handshakes do not stall the tabs.
+            server = await paced.serve(
+                factory,
+                context,
+                backlog=BACKLOG,
+                # The TLS handshake gets the WebSocket handshake's limit, once
+                # more: a socket that never sends a ClientHello is dropped too.
+                handshake_timeout=self.limits.handshake_timeout,
+                **where,
+            )
         self.client_servers.append(server)
         port = server.sockets[0].getsockname()[1]
         self.client_ports.append(port)

@@ -7,9 +7,11 @@ listening: nothing here knows of the hub or the listeners.
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import os
 import tempfile
+from collections.abc import Iterator
 
 from fastaphlict.config import Limits, unsafe_directory
 
@@ -19,6 +21,7 @@ __all__ = [
     "connection_cap",
     "is_server_command",
     "os_reason",
+    "paused_gc",
     "raise_open_file_limit",
     "tune_gc",
 ]
@@ -180,6 +183,25 @@ def connection_cap(limits: Limits) -> int:
     return max(soft - 256, 64)
 
 
+@contextlib.contextmanager
+def paused_gc() -> Iterator[None]:
+    """No cyclic collection inside the block (one that was off stays off).
+
+    For bulk work that builds many objects and leaves no cycles: loading or
+    writing the state directory at a restart (40960 messages: the
+    collections the allocations triggered were half the load's time, and
+    found nothing). Reference counting still frees what the block drops.
+    """
+    if not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
 def tune_gc() -> None:
     """Keep the cyclic GC off the hot path.
 
@@ -189,8 +211,6 @@ def tune_gc() -> None:
     that into a collection every few messages (about 2% of server CPU in the
     targeted benchmark's profile).
     """
-    import gc
-
     gc.collect()
     gc.freeze()
     _, second, third = gc.get_threshold()

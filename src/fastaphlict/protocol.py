@@ -269,6 +269,8 @@ BENIGN = "data is not a list"
 def query_instance(target: bytes) -> str:
     """The first ``instance`` query value, decoded as aiohttp/yarl would."""
     _, _, query = target.partition(b"?")
+    if not query:
+        return ""  # Phorge's own posts (``POST /``, no cluster.instance): no parse_qsl
     for key, value in parse_qsl(query.decode("latin-1"), keep_blank_values=True, encoding="utf-8"):
         if key == "instance":
             return value
