@@ -10,6 +10,7 @@ the shared buffer, arrive whole and unmixed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import logging
 import socket
@@ -356,3 +357,25 @@ async def test_a_socket_leaves_its_deadline_when_it_upgrades_or_closes() -> None
     await loop.sock_sendall(upgraded, PING)
     upgraded.close()
     silent.close()
+
+
+async def test_a_refused_upgrade_with_frames_behind_it_is_closed_and_leaves_its_deadline() -> None:
+    """An upgrade the listener factory refuses (404), its client's frames already sent."""
+    loop = asyncio.get_running_loop()
+    # A deadline far past the test's: only the close can empty it.
+    make = _protocol.protocol_factory(
+        lambda request: None, logging.getLogger("test"), 3600.0, 65536
+    )
+    deadlines = make.args[3]
+    ours, theirs = socket.socketpair()
+    theirs.setblocking(False)
+    await loop.connect_accepted_socket(make, ours)
+    await loop.sock_sendall(theirs, upgrade_request("/") + PING * 100)
+    answer = await asyncio.wait_for(loop.sock_recv(theirs, 4096), TIMEOUT)
+    assert answer.startswith(b"HTTP/1.1 404"), answer
+    # Closed (reset, as it closes with our frames unread).
+    with contextlib.suppress(ConnectionResetError):
+        while await asyncio.wait_for(loop.sock_recv(theirs, 4096), TIMEOUT):
+            pass
+    await eventually(lambda: len(deadlines) == 0, TIMEOUT, "the refused socket left its deadline")
+    theirs.close()
