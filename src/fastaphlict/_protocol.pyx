@@ -160,7 +160,8 @@ cdef inline void _settle(ProtocolHead* head):
         if current is not shared:
             _store(&head.read_buffer, shared)
         return
-    if current is (<Deadlines>head.handshake_timeout).shared or current.capacity > _BUFFER and pending < _BUFFER - _SPARE:
+    shared = (<Deadlines>head.handshake_timeout).shared
+    if current is shared or current.capacity > _BUFFER and pending < _BUFFER - _SPARE:
         # Its own buffer, sized as picows sizes a new one, holding what is pending.
         own = MemoryBuffer(max(_BUFFER, pending + _SPARE + _SPARE))
         own.size = own.capacity - _SPARE
@@ -338,7 +339,8 @@ def shares_read_buffer(protocol, other):
     """Whether two :class:`ServerProtocol` read into one buffer (idle, on one port)."""
     if not isinstance(protocol, ServerProtocol) or not isinstance(other, ServerProtocol):
         raise TypeError("not a ServerProtocol")
-    return (<ProtocolHead*><PyObject*>protocol).read_buffer == (<ProtocolHead*><PyObject*>other).read_buffer
+    cdef ProtocolHead* head = <ProtocolHead*><PyObject*>protocol
+    return head.read_buffer == (<ProtocolHead*><PyObject*>other).read_buffer
 
 
 def head_matches(protocol, listener_factory, logger, handshake_timeout, loop,
