@@ -379,3 +379,31 @@ async def test_a_refused_upgrade_with_frames_behind_it_is_closed_and_leaves_its_
             pass
     await eventually(lambda: len(deadlines) == 0, TIMEOUT, "the refused socket left its deadline")
     theirs.close()
+
+
+async def test_an_upgrade_request_past_16_kib_is_dropped_before_its_deadline() -> None:
+    """Headers that never end: dropped at 16 KiB, not held in a growing buffer to the deadline."""
+    loop = asyncio.get_running_loop()
+    recorder = _Recorder()
+    make = _protocol.protocol_factory(
+        lambda request: recorder, logging.getLogger("test"), 3600.0, 65536
+    )
+    ours, theirs = socket.socketpair()
+    theirs.setblocking(False)
+    await loop.connect_accepted_socket(make, ours)
+    head = b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+    with contextlib.suppress(ConnectionResetError, BrokenPipeError):
+        await loop.sock_sendall(theirs, head + b"X-Pad: " + b"a" * (20 * 1024))
+    with contextlib.suppress(ConnectionResetError):
+        assert await asyncio.wait_for(loop.sock_recv(theirs, 4096), TIMEOUT) == b""
+    # Another socket on the port is served as before.
+    _, _, other = await _accepted(make)
+    await loop_round_trip(other, recorder)
+    theirs.close()
+    other.close()
+
+
+async def loop_round_trip(theirs: socket.socket, recorder: _Recorder) -> None:
+    """One frame through the server, recorded whole."""
+    await asyncio.get_running_loop().sock_sendall(theirs, client_frame(b"here", opcode=0x2))
+    await eventually(lambda: recorder.payloads[-1:] == [b"here"], TIMEOUT, "the frame")
