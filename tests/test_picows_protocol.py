@@ -10,8 +10,13 @@ the shared buffer, arrive whole and unmixed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import logging
 import socket
+import struct
+import termios
+import threading
 
 import pytest
 from picows import WSAutoPingStrategy, WSListener
@@ -176,6 +181,154 @@ async def test_one_timer_drops_the_silent_sockets_and_spares_the_upgraded() -> N
         writer.close()
 
 
+async def _accepted(make: object) -> tuple[object, socket.socket, socket.socket]:
+    """An upgraded server protocol on a socket pair: (protocol, server end, client end)."""
+    loop = asyncio.get_running_loop()
+    ours, theirs = socket.socketpair()
+    theirs.setblocking(False)
+    _, protocol = await loop.connect_accepted_socket(make, ours)  # type: ignore[arg-type]
+    await loop.sock_sendall(theirs, upgrade_request("/"))
+    assert (await asyncio.wait_for(loop.sock_recv(theirs, 4096), TIMEOUT)).startswith(
+        b"HTTP/1.1 101"
+    )
+    return protocol, ours, theirs
+
+
+def _unread(sock: socket.socket) -> int:
+    """Bytes the server has not read from ``sock`` yet (FIONREAD)."""
+    return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0"))[0]
+
+
+async def test_a_partial_frame_is_not_overwritten_once_the_shared_buffer_was_replaced() -> None:
+    """Bursts grow the shared buffer past 64 KiB, so it is replaced; sockets idle since
+    still read into the one they had. A partial frame there must get its own
+    copy, or the next idle socket's read overwrites it (another tab's bytes in
+    this tab's message)."""
+    loop = asyncio.get_running_loop()
+    recorders: list[_Recorder] = []
+
+    def listener(request: object) -> _Recorder:
+        recorders.append(_Recorder())
+        return recorders[-1]
+
+    make = _protocol.protocol_factory(listener, logging.getLogger("test"), 5.0, 1 << 20)
+    _, victim_sock, victim = await _accepted(make)
+    _, _, other = await _accepted(make)
+    victim_log, other_log = recorders
+    # Each burst fills whatever the shared buffer offers in one read, which
+    # doubles it; eight bursts take it well past 64 KiB.
+    burst = client_frame(b"b" * 994, opcode=0x2) * 300
+    for _ in range(8):
+        _, _, sender = await _accepted(make)
+        await loop.sock_sendall(sender, burst)
+        log = recorders[-1]
+        await eventually(lambda log=log: len(log.payloads) == 300, TIMEOUT, "the burst")
+        sender.close()
+    # The victim's first 3000 bytes of a 4000-byte frame are read...
+    message = bytes(range(256)) * 15 + b"m" * 160
+    frame = client_frame(message, opcode=0x2)
+    await loop.sock_sendall(victim, frame[:3000])
+    await eventually(lambda: _unread(victim_sock) == 0, TIMEOUT, "the partial frame read")
+    # ...then another idle socket's whole frame, then the victim's rest.
+    await loop.sock_sendall(other, client_frame(b"o" * 100, opcode=0x2))
+    await eventually(lambda: other_log.payloads == [b"o" * 100], TIMEOUT, "the other frame")
+    await loop.sock_sendall(victim, frame[3000:])
+    await eventually(lambda: len(victim_log.payloads) == 1, TIMEOUT, "the victim's frame")
+    assert victim_log.payloads == [message]
+    victim.close()
+    other.close()
+
+
+async def test_wait_disconnected_waits_for_the_socket_to_close() -> None:
+    """The shared finished future stands in for each transport's own until awaited."""
+    loop = asyncio.get_running_loop()
+    recorders: list[_Recorder] = []
+
+    def listener(request: object) -> _Recorder:
+        recorders.append(_Recorder())
+        return recorders[-1]
+
+    make = _protocol.protocol_factory(listener, logging.getLogger("test"), 5.0, 65536)
+    protocol, _, theirs = await _accepted(make)
+    waiting = asyncio.ensure_future(protocol.transport.wait_disconnected())  # type: ignore[attr-defined]
+    # A round trip through the server: the wait had every chance to end.
+    await loop.sock_sendall(theirs, client_frame(b"still here", opcode=0x2))
+    await eventually(lambda: recorders[0].payloads == [b"still here"], TIMEOUT, "the frame")
+    assert not waiting.done()
+    theirs.close()
+    await asyncio.wait_for(waiting, TIMEOUT)
+    # Once closed, a new wait ends at once.
+    await asyncio.wait_for(protocol.transport.wait_disconnected(), TIMEOUT)  # type: ignore[attr-defined]
+
+
+async def test_frames_in_the_upgrade_requests_packet_are_read() -> None:
+    """A client that sends its first frames with the upgrade request, in one packet."""
+    async with run(settings([])) as srv:
+        port = srv.server.client_ports[0]
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(upgrade_request("/") + _subscribe("PHID-TEST-PIPE") + PING)
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)
+        assert head.startswith(b"HTTP/1.1 101"), head
+        assert await _next_payload(reader) == PONG
+        response = await srv.post(
+            {"key": 3, "type": "notification", "subscribers": ["PHID-TEST-PIPE"]}
+        )
+        assert response.status == 200
+        assert b'"key":3,' in await _next_payload(reader)
+        writer.close()
+
+
+async def test_ports_on_two_loops_read_into_buffers_of_their_own() -> None:
+    """The idle sockets' buffer is a port's, not the process's.
+
+    uvloop reads without the GIL: a server on another thread's loop reading
+    into this loop's buffer would write over what this one is parsing.
+    """
+    recorder = _Recorder()
+    make = _protocol.protocol_factory(
+        lambda request: recorder, logging.getLogger("test"), 5.0, 65536
+    )
+    here, _, here_client = await _accepted(make)
+    neighbour, _, neighbour_client = await _accepted(make)
+    assert _protocol.shares_read_buffer(here, neighbour)
+    shared: list[bool] = []
+
+    async def elsewhere() -> None:
+        there_make = _protocol.protocol_factory(
+            lambda request: _Recorder(), logging.getLogger("test"), 5.0, 65536
+        )
+        there, _, there_client = await _accepted(there_make)
+        shared.append(_protocol.shares_read_buffer(here, there))
+        there_client.close()
+        await eventually(lambda: there.transport.is_disconnected, TIMEOUT, "closed")  # type: ignore[attr-defined]
+
+    thread = threading.Thread(target=asyncio.run, args=(elsewhere(),))
+    thread.start()
+    thread.join()
+    assert shared == [False]
+    here_client.close()
+    neighbour_client.close()
+
+
+async def test_a_trickled_upgrade_request_is_dropped_at_its_deadline() -> None:
+    """Slowloris: bytes of the request keep coming, but the deadline is the handshake's."""
+    async with run(settings(["--handshake-timeout=0.4"])) as srv:
+        reader, writer = await asyncio.open_connection("127.0.0.1", srv.server.client_ports[0])
+        closed = asyncio.ensure_future(reader.read())
+        request = upgrade_request("/")
+        sent = 0
+        # The attacker's pace (a byte per 20 ms: 4 s for the request), not a wait for the server.
+        while not closed.done() and sent < len(request) - 1:
+            writer.write(request[sent : sent + 1])
+            sent += 1
+            await asyncio.sleep(0.02)
+        assert closed.done() and closed.result() == b"", (
+            "still open after the request's last byte but one"
+        )
+        assert sent < len(request) / 2
+        writer.close()
+
+
 async def test_a_socket_leaves_its_deadline_when_it_upgrades_or_closes() -> None:
     """Only sockets still upgrading wait; the silent one is dropped at its deadline."""
     loop = asyncio.get_running_loop()
@@ -201,3 +354,53 @@ async def test_a_socket_leaves_its_deadline_when_it_upgrades_or_closes() -> None
     await loop.sock_sendall(upgraded, PING)
     upgraded.close()
     silent.close()
+
+
+async def test_a_refused_upgrade_with_frames_behind_it_is_closed_and_leaves_its_deadline() -> None:
+    """An upgrade the listener factory refuses (404), its client's frames already sent."""
+    loop = asyncio.get_running_loop()
+    # A deadline far past the test's: only the close can empty it.
+    make = _protocol.protocol_factory(
+        lambda request: None, logging.getLogger("test"), 3600.0, 65536
+    )
+    deadlines = make.args[3]
+    ours, theirs = socket.socketpair()
+    theirs.setblocking(False)
+    await loop.connect_accepted_socket(make, ours)
+    await loop.sock_sendall(theirs, upgrade_request("/") + PING * 100)
+    answer = await asyncio.wait_for(loop.sock_recv(theirs, 4096), TIMEOUT)
+    assert answer.startswith(b"HTTP/1.1 404"), answer
+    # Closed (reset, as it closes with our frames unread).
+    with contextlib.suppress(ConnectionResetError):
+        while await asyncio.wait_for(loop.sock_recv(theirs, 4096), TIMEOUT):
+            pass
+    await eventually(lambda: len(deadlines) == 0, TIMEOUT, "the refused socket left its deadline")
+    theirs.close()
+
+
+async def test_an_upgrade_request_past_16_kib_is_dropped_before_its_deadline() -> None:
+    """Headers that never end: dropped at 16 KiB, not held in a growing buffer to the deadline."""
+    loop = asyncio.get_running_loop()
+    recorder = _Recorder()
+    make = _protocol.protocol_factory(
+        lambda request: recorder, logging.getLogger("test"), 3600.0, 65536
+    )
+    ours, theirs = socket.socketpair()
+    theirs.setblocking(False)
+    await loop.connect_accepted_socket(make, ours)
+    head = b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+    with contextlib.suppress(ConnectionResetError, BrokenPipeError):
+        await loop.sock_sendall(theirs, head + b"X-Pad: " + b"a" * (20 * 1024))
+    with contextlib.suppress(ConnectionResetError):
+        assert await asyncio.wait_for(loop.sock_recv(theirs, 4096), TIMEOUT) == b""
+    # Another socket on the port is served as before.
+    _, _, other = await _accepted(make)
+    await loop_round_trip(other, recorder)
+    theirs.close()
+    other.close()
+
+
+async def loop_round_trip(theirs: socket.socket, recorder: _Recorder) -> None:
+    """One frame through the server, recorded whole."""
+    await asyncio.get_running_loop().sock_sendall(theirs, client_frame(b"here", opcode=0x2))
+    await eventually(lambda: recorder.payloads[-1:] == [b"here"], TIMEOUT, "the frame")

@@ -20,7 +20,17 @@ from websockets.asyncio.client import connect
 
 from fastaphlict.config import Config, ConfigError, PeerConfig, ServerConfig
 from fastaphlict.config.tls import server_context
-from support import PHORGE_CONTENT_TYPE, TIMEOUT, Browser, eventually, run, settings, wss_storm
+from support import (
+    PHORGE_CONTENT_TYPE,
+    TIMEOUT,
+    Browser,
+    client_frame,
+    eventually,
+    run,
+    settings,
+    upgrade_request,
+    wss_storm,
+)
 
 
 @pytest.fixture(scope="module")
@@ -245,3 +255,62 @@ async def test_the_bench_storm_runs_over_wss_trusting_the_given_ca(pki: dict) ->
     assert result.replay_frames_expected > 0
     assert result.replay_frames_received == result.replay_frames_expected
     assert result.replay_tabs_wrong == result.loss == result.duplicates == 0
+
+
+async def _wss_upgraded(
+    port: int, context: ssl.SSLContext
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=context)
+    writer.write(upgrade_request("/"))
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)
+    assert head.startswith(b"HTTP/1.1 101"), head
+    return reader, writer
+
+
+async def _server_payload(reader: asyncio.StreamReader) -> bytes:
+    _, b1 = await asyncio.wait_for(reader.readexactly(2), TIMEOUT)
+    size = b1 & 0x7F
+    if size == 126:
+        size = int.from_bytes(await reader.readexactly(2), "big")
+    return await asyncio.wait_for(reader.readexactly(size), TIMEOUT)
+
+
+async def test_large_frames_over_tls_arrive_whole_beside_other_sockets(pki: dict) -> None:  # type: ignore[type-arg]
+    """TLS records decrypt into the idle sockets' shared buffer, more than it holds at once.
+
+    uvloop's TLS layer fills the buffer it is given and reads the rest on a
+    later pass; what is left of a frame must move out before another socket
+    reads, here a ping between every 5000 bytes.
+    """
+    ping = client_frame(b'{"command":"ping","data":null}')
+    pong = b'{"type":"pong"}'
+    async with run(settings(config=tls_config(pki))) as srv:
+        port = srv.server.client_ports[0]
+        tabs = [await _wss_upgraded(port, pki["client"]) for _ in range(3)]  # type: ignore[arg-type]
+        other_reader, other_writer = await _wss_upgraded(port, pki["client"])  # type: ignore[arg-type]
+        for i, (_, writer) in enumerate(tabs):
+            phids = ",".join(f'"PHID-TLS-{i}-{j:08d}"' for j in range(2000)).encode()
+            frame = client_frame(b'{"command":"subscribe","data":[' + phids + b"]}") + ping
+            for start in range(0, len(frame), 5000):
+                writer.write(frame[start : start + 5000])
+                await writer.drain()
+                other_writer.write(ping)
+                assert await _server_payload(other_reader) == pong
+        for reader, _ in tabs:
+            assert await _server_payload(reader) == pong
+        async with aiohttp.ClientSession() as session:
+            for i in range(len(tabs)):
+                response = await session.post(
+                    f"https://127.0.0.1:{srv.server.admin_ports[0]}/",
+                    json={
+                        "key": i,
+                        "type": "notification",
+                        "subscribers": [f"PHID-TLS-{i}-00001999"],
+                    },
+                    ssl=pki["client"],
+                )
+                assert response.status == 200
+        for i, (reader, _) in enumerate(tabs):
+            assert b'"key":%d,' % i in await _server_payload(reader)
+        for _, writer in [*tabs, (other_reader, other_writer)]:
+            writer.close()

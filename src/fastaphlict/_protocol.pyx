@@ -21,6 +21,7 @@ made with) and refuses to start otherwise; picows is pinned, and ``_wire``
 checks its version at import.
 """
 
+from cpython.mem cimport PyMem_Realloc
 from cpython.object cimport PyObject
 from cpython.ref cimport Py_INCREF, Py_XDECREF
 from libc.string cimport memcpy
@@ -35,7 +36,14 @@ import functools
 from picows import WSAutoPingStrategy
 from picows.picows import WSProtocol
 
-__all__ = ["Deadlines", "ServerProtocol", "head_matches", "owns_read_buffer", "protocol_factory"]
+__all__ = [
+    "Deadlines",
+    "ServerProtocol",
+    "head_matches",
+    "owns_read_buffer",
+    "protocol_factory",
+    "shares_read_buffer",
+]
 
 
 cdef extern from *:
@@ -116,27 +124,28 @@ cdef int _PICOWS_DEBUG = 9
 #: picows never reads into less than 2048 bytes and keeps 256 spare for its SIMD parsers.
 cdef Py_ssize_t _BUFFER = 2048
 cdef Py_ssize_t _SPARE = 256
-#: Past this capacity the shared buffer (grown by one large read) is replaced.
+#: Past this capacity the shared buffer (grown by reads that filled it) shrinks back.
 cdef Py_ssize_t _SHARED_MAX = 64 * 1024
-
-# The one read buffer of every socket that has no partial frame pending; the
-# loop reads one socket at a time and picows parses what it read before the
-# next read, so an idle socket needs no buffer of its own (2 KiB each).
-cdef MemoryBuffer _shared = None
-# One finished future stands for every socket's finished handshake, and every
-# transport's "disconnected" future: the server never awaits either.
-_done = None
 
 _base_buffer_updated = WSProtocol.buffer_updated
 _base_connection_lost = WSProtocol.connection_lost
 
 
-cdef MemoryBuffer _shared_buffer():
-    global _shared
-    if _shared is None or _shared.capacity > _SHARED_MAX:
-        _shared = MemoryBuffer(_BUFFER)
-        _shared.size = _BUFFER - _SPARE
-    return _shared
+cdef MemoryBuffer _shared_buffer(Deadlines port):
+    # Shrunk in place, never replaced: idle sockets keep the object they were
+    # given, and _settle tells a shared buffer from a socket's own by identity.
+    # A replaced one would stay with them, and one of them keeping a partial
+    # frame there as its own would have it overwritten by the next's read.
+    cdef MemoryBuffer shared = port.shared
+    cdef char* data
+    if shared.capacity > _SHARED_MAX:
+        # No socket has bytes pending in it (each copies them out), so none moves.
+        data = <char*>PyMem_Realloc(shared.data, _BUFFER)
+        if data != NULL:
+            shared.data = data
+            shared.capacity = _BUFFER
+            shared.size = _BUFFER - _SPARE
+    return shared
 
 
 cdef inline void _settle(ProtocolHead* head):
@@ -147,11 +156,12 @@ cdef inline void _settle(ProtocolHead* head):
     cdef MemoryBuffer own
     cdef Py_ssize_t pending = head.new_data_start_pos
     if pending == 0:
-        shared = _shared_buffer()
+        shared = _shared_buffer(<Deadlines>head.handshake_timeout)
         if current is not shared:
             _store(&head.read_buffer, shared)
         return
-    if current is _shared or current.capacity > _BUFFER and pending < _BUFFER - _SPARE:
+    shared = (<Deadlines>head.handshake_timeout).shared
+    if current is shared or current.capacity > _BUFFER and pending < _BUFFER - _SPARE:
         # Its own buffer, sized as picows sizes a new one, holding what is pending.
         own = MemoryBuffer(max(_BUFFER, pending + _SPARE + _SPARE))
         own.size = own.capacity - _SPARE
@@ -169,6 +179,9 @@ cdef class Deadlines:
     and one timer, armed while any bucket is left, drops the sockets still
     waiting when their bucket's time is up: at most a tenth of the timeout
     late. A waiting socket costs one set entry; nothing once upgraded.
+
+    It also holds what else the port's sockets share, on its loop only: a
+    server on another thread's loop reads (without the GIL) at the same time.
     """
 
     cdef object _loop
@@ -176,6 +189,13 @@ cdef class Deadlines:
     cdef double _slack
     cdef object _buckets
     cdef object _timer
+    # The one read buffer of every socket that has no partial frame pending; the
+    # loop reads one socket at a time and picows parses what it read before the
+    # next read, so an idle socket needs no buffer of its own (2 KiB each).
+    cdef MemoryBuffer shared
+    # One finished future stands for every socket's finished handshake, and every
+    # transport's "disconnected" future until it is awaited.
+    cdef object done
 
     def __init__(self, loop, double timeout):
         self._loop = loop
@@ -183,6 +203,10 @@ cdef class Deadlines:
         self._slack = timeout / 10
         self._buckets = collections.deque()
         self._timer = None
+        self.shared = MemoryBuffer(_BUFFER)
+        self.shared.size = _BUFFER - _SPARE
+        self.done = loop.create_future()
+        self.done.set_result(None)
 
     cdef void add(self, protocol):
         cdef double deadline = self._loop.time() + self._timeout
@@ -223,6 +247,21 @@ cdef class Deadlines:
         return sum(len((<tuple>bucket)[1]) for bucket in self._buckets)
 
 
+cdef class _ServerTransport(WSTransport):
+    """picows' transport whose own "disconnected" future is made only when awaited.
+
+    Until then it holds the shared finished future (no future per idle tab),
+    which must not end a wait for a socket still connected.
+    """
+
+    async def wait_disconnected(self):
+        self._check_thread("wait_disconnected")
+        if not self.is_disconnected and self.disconnected_future.done():
+            # picows' connection_lost sets the result of a future not done yet.
+            self.disconnected_future = self._loop.create_future()
+        await asyncio.shield(self.disconnected_future)
+
+
 class ServerProtocol(WSProtocol):
     """picows' server protocol with a lean set-up and no read buffer while idle."""
 
@@ -247,13 +286,13 @@ class ServerProtocol(WSProtocol):
         _store(&head.handshake_complete_future, loop.create_future())
         head.http_max_size = 16 * 1024
         head.max_frame_size = max_frame_size
-        _store(&head.read_buffer, _shared_buffer())
+        _store(&head.read_buffer, deadlines.shared)
 
     def connection_made(self, transport):
         cdef ProtocolHead* head = <ProtocolHead*><PyObject*>self
         loop = <object>head.loop
-        cdef WSTransport t = WSTransport(False, transport, <object>head.logger, loop)
-        t.disconnected_future = _done
+        cdef WSTransport t = _ServerTransport(False, transport, <object>head.logger, loop)
+        t.disconnected_future = (<Deadlines>head.handshake_timeout).done
         _store(&head.transport, t)
         (<Deadlines>head.handshake_timeout).add(self)
 
@@ -281,7 +320,7 @@ cdef inline void _upgraded(ProtocolHead* head):
     # finished future stands for it from now on.
     future = <object>head.handshake_complete_future
     if future.done() and not future.cancelled() and future.exception() is None:
-        _store(&head.handshake_complete_future, _done)
+        _store(&head.handshake_complete_future, (<Deadlines>head.handshake_timeout).done)
 
 
 def owns_read_buffer(protocol):
@@ -293,7 +332,15 @@ def owns_read_buffer(protocol):
     if not isinstance(protocol, ServerProtocol):
         raise TypeError("not a ServerProtocol")
     cdef ProtocolHead* head = <ProtocolHead*><PyObject*>protocol
-    return head.read_buffer != <PyObject*>_shared
+    return head.read_buffer != <PyObject*>(<Deadlines>head.handshake_timeout).shared
+
+
+def shares_read_buffer(protocol, other):
+    """Whether two :class:`ServerProtocol` read into one buffer (idle, on one port)."""
+    if not isinstance(protocol, ServerProtocol) or not isinstance(other, ServerProtocol):
+        raise TypeError("not a ServerProtocol")
+    cdef ProtocolHead* head = <ProtocolHead*><PyObject*>protocol
+    return head.read_buffer == (<ProtocolHead*><PyObject*>other).read_buffer
 
 
 def head_matches(protocol, listener_factory, logger, handshake_timeout, loop,
@@ -348,11 +395,7 @@ def protocol_factory(listener_factory, logger, handshake_timeout, Py_ssize_t max
     object against one picows made itself with the same values, and raises
     ``RuntimeError`` when they differ.
     """
-    global _done
     loop = asyncio.get_running_loop()
-    if _done is None or _done.get_loop() is not loop:
-        _done = loop.create_future()
-        _done.set_result(None)
     # Values of the check's own, compared by address: objects, not C doubles.
     cdef object idle_timeout = 20.5
     cdef object reply_timeout = 20.25

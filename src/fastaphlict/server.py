@@ -354,13 +354,10 @@ class Server:
                 transport = sub.transport
                 if transport.is_secure or transport.underlying_transport.get_write_buffer_size():
                     transport.disconnect()
-                    held.append(transport)
-        # Polled, not awaited: the client port's protocol gives its transports
-        # one shared finished "disconnected" future (fastaphlict._protocol),
-        # so wait_disconnected() would not wait.
-        deadline = time.monotonic() + 1.0
-        while any(not t.is_disconnected for t in held) and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
+                    held.append(transport.wait_disconnected())
+        if held:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.gather(*held), 1.0)
 
     async def serve(
         self, *, on_reload: Callable[[], None] | None = None, exiting: bool = False
