@@ -269,12 +269,12 @@ async def test_frames_in_the_upgrade_requests_packet_are_read() -> None:
         writer.write(upgrade_request("/") + _subscribe("PHID-TEST-PIPE") + PING)
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)
         assert head.startswith(b"HTTP/1.1 101"), head
-        assert await _next_payload(reader) == PONG
+        assert await server_payload(reader) == PONG
         response = await srv.post(
             {"key": 3, "type": "notification", "subscribers": ["PHID-TEST-PIPE"]}
         )
         assert response.status == 200
-        assert b'"key":3,' in await _next_payload(reader)
+        assert b'"key":3,' in await server_payload(reader)
         writer.close()
 
 
