@@ -17,6 +17,8 @@ import socket
 import struct
 import termios
 import threading
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 from picows import WSAutoPingStrategy, WSListener
@@ -47,6 +49,13 @@ async def _upgraded(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWrit
 
 def _subscribe(phid: str) -> bytes:
     return client_frame(b'{"command":"subscribe","data":["' + phid.encode() + b'"]}')
+
+
+async def _delivered(srv: Any, reader: asyncio.StreamReader, key: int, phid: str) -> None:
+    """Post as Phorge does, to ``phid``; the socket's next frame is that message."""
+    response = await srv.post({"key": key, "type": "notification", "subscribers": [phid]})
+    assert response.status == 200
+    assert b'"key":%d,' % key in await server_payload(reader)
 
 
 async def test_frames_split_anywhere_on_many_sockets_arrive_whole_and_unmixed() -> None:
@@ -96,11 +105,7 @@ async def test_a_frame_larger_than_the_shared_buffer_arrives_in_pieces() -> None
             other_writer.write(PING)
             assert await server_payload(other_reader) == PONG
         assert await server_payload(big_reader) == PONG
-        response = await srv.post(
-            {"key": 7, "type": "notification", "subscribers": ["PHID-BIG-0000002599"]}
-        )
-        assert response.status == 200
-        assert b'"key":7,' in await server_payload(big_reader)
+        await _delivered(srv, big_reader, 7, "PHID-BIG-0000002599")
         big_writer.close()
         other_writer.close()
 
@@ -113,20 +118,38 @@ class _Recorder(WSListener):  # type: ignore[misc]
         self.payloads.append(frame.get_payload_as_bytes())  # type: ignore[attr-defined]
 
 
-async def test_an_idle_socket_reads_into_the_shared_buffer() -> None:
-    """Own buffer only while a partial frame waits; shared again once it is parsed."""
-    loop = asyncio.get_running_loop()
-    recorder = _Recorder()
-    make = _protocol.protocol_factory(
-        lambda request: recorder, logging.getLogger("test"), 5.0, 65536
-    )
+def _factory(
+    listeners: Callable[[object], object], timeout: float = 5.0, max_frame_size: int = 65536
+) -> Any:
+    """The port's protocol factory: ``listeners(request)`` makes each socket's
+    listener (None refuses the upgrade)."""
+    return _protocol.protocol_factory(listeners, logging.getLogger("test"), timeout, max_frame_size)
+
+
+async def _connected(make: object) -> tuple[object, socket.socket, socket.socket]:
+    """A server protocol on a socket pair, not upgraded: (protocol, server end, client end)."""
     ours, theirs = socket.socketpair()
     theirs.setblocking(False)
-    _, protocol = await loop.connect_accepted_socket(make, ours)
+    _, protocol = await asyncio.get_running_loop().connect_accepted_socket(make, ours)  # type: ignore[arg-type]
+    return protocol, ours, theirs
+
+
+async def _accepted(make: object) -> tuple[object, socket.socket, socket.socket]:
+    """An upgraded server protocol on a socket pair: (protocol, server end, client end)."""
+    loop = asyncio.get_running_loop()
+    protocol, ours, theirs = await _connected(make)
     await loop.sock_sendall(theirs, upgrade_request("/"))
     assert (await asyncio.wait_for(loop.sock_recv(theirs, 4096), TIMEOUT)).startswith(
         b"HTTP/1.1 101"
     )
+    return protocol, ours, theirs
+
+
+async def test_an_idle_socket_reads_into_the_shared_buffer() -> None:
+    """Own buffer only while a partial frame waits; shared again once it is parsed."""
+    loop = asyncio.get_running_loop()
+    recorder = _Recorder()
+    protocol, _, theirs = await _accepted(_factory(lambda request: recorder))
     assert not _protocol.owns_read_buffer(protocol)
     frame = client_frame(b"x" * 300)
     await loop.sock_sendall(theirs, frame[:150])
@@ -181,19 +204,6 @@ async def test_one_timer_drops_the_silent_sockets_and_spares_the_upgraded() -> N
         writer.close()
 
 
-async def _accepted(make: object) -> tuple[object, socket.socket, socket.socket]:
-    """An upgraded server protocol on a socket pair: (protocol, server end, client end)."""
-    loop = asyncio.get_running_loop()
-    ours, theirs = socket.socketpair()
-    theirs.setblocking(False)
-    _, protocol = await loop.connect_accepted_socket(make, ours)  # type: ignore[arg-type]
-    await loop.sock_sendall(theirs, upgrade_request("/"))
-    assert (await asyncio.wait_for(loop.sock_recv(theirs, 4096), TIMEOUT)).startswith(
-        b"HTTP/1.1 101"
-    )
-    return protocol, ours, theirs
-
-
 def _unread(sock: socket.socket) -> int:
     """Bytes the server has not read from ``sock`` yet (FIONREAD)."""
     return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0"))[0]
@@ -211,7 +221,7 @@ async def test_a_partial_frame_is_not_overwritten_once_the_shared_buffer_was_rep
         recorders.append(_Recorder())
         return recorders[-1]
 
-    make = _protocol.protocol_factory(listener, logging.getLogger("test"), 5.0, 1 << 20)
+    make = _factory(listener, max_frame_size=1 << 20)
     _, victim_sock, victim = await _accepted(make)
     _, _, other = await _accepted(make)
     victim_log, other_log = recorders
@@ -248,7 +258,7 @@ async def test_wait_disconnected_waits_for_the_socket_to_close() -> None:
         recorders.append(_Recorder())
         return recorders[-1]
 
-    make = _protocol.protocol_factory(listener, logging.getLogger("test"), 5.0, 65536)
+    make = _factory(listener)
     protocol, _, theirs = await _accepted(make)
     waiting = asyncio.ensure_future(protocol.transport.wait_disconnected())  # type: ignore[attr-defined]
     # A round trip through the server: the wait had every chance to end.
@@ -270,11 +280,7 @@ async def test_frames_in_the_upgrade_requests_packet_are_read() -> None:
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)
         assert head.startswith(b"HTTP/1.1 101"), head
         assert await server_payload(reader) == PONG
-        response = await srv.post(
-            {"key": 3, "type": "notification", "subscribers": ["PHID-TEST-PIPE"]}
-        )
-        assert response.status == 200
-        assert b'"key":3,' in await server_payload(reader)
+        await _delivered(srv, reader, 3, "PHID-TEST-PIPE")
         writer.close()
 
 
@@ -285,18 +291,14 @@ async def test_ports_on_two_loops_read_into_buffers_of_their_own() -> None:
     into this loop's buffer would write over what this one is parsing.
     """
     recorder = _Recorder()
-    make = _protocol.protocol_factory(
-        lambda request: recorder, logging.getLogger("test"), 5.0, 65536
-    )
+    make = _factory(lambda request: recorder)
     here, _, here_client = await _accepted(make)
     neighbour, _, neighbour_client = await _accepted(make)
     assert _protocol.shares_read_buffer(here, neighbour)
     shared: list[bool] = []
 
     async def elsewhere() -> None:
-        there_make = _protocol.protocol_factory(
-            lambda request: _Recorder(), logging.getLogger("test"), 5.0, 65536
-        )
+        there_make = _factory(lambda request: _Recorder())
         there, _, there_client = await _accepted(there_make)
         shared.append(_protocol.shares_read_buffer(here, there))
         there_client.close()
@@ -332,16 +334,10 @@ async def test_a_trickled_upgrade_request_is_dropped_at_its_deadline() -> None:
 async def test_a_socket_leaves_its_deadline_when_it_upgrades_or_closes() -> None:
     """Only sockets still upgrading wait; the silent one is dropped at its deadline."""
     loop = asyncio.get_running_loop()
-    make = _protocol.protocol_factory(
-        lambda request: _Recorder(), logging.getLogger("test"), 0.5, 65536
-    )
+    make = _factory(lambda request: _Recorder(), timeout=0.5)
     deadlines = make.args[3]
-    pairs = [socket.socketpair() for _ in range(3)]
-    for ours, theirs in pairs:
-        theirs.setblocking(False)
-        await loop.connect_accepted_socket(make, ours)
+    upgraded, closed, silent = [(await _connected(make))[2] for _ in range(3)]
     assert len(deadlines) == 3
-    upgraded, closed, silent = (theirs for _, theirs in pairs)
     await loop.sock_sendall(upgraded, upgrade_request("/"))
     await eventually(lambda: len(deadlines) == 2, TIMEOUT, "the upgraded socket left")
     closed.close()
@@ -360,13 +356,9 @@ async def test_a_refused_upgrade_with_frames_behind_it_is_closed_and_leaves_its_
     """An upgrade the listener factory refuses (404), its client's frames already sent."""
     loop = asyncio.get_running_loop()
     # A deadline far past the test's: only the close can empty it.
-    make = _protocol.protocol_factory(
-        lambda request: None, logging.getLogger("test"), 3600.0, 65536
-    )
+    make = _factory(lambda request: None, timeout=3600.0)
     deadlines = make.args[3]
-    ours, theirs = socket.socketpair()
-    theirs.setblocking(False)
-    await loop.connect_accepted_socket(make, ours)
+    _, _, theirs = await _connected(make)
     await loop.sock_sendall(theirs, upgrade_request("/") + PING * 100)
     answer = await asyncio.wait_for(loop.sock_recv(theirs, 4096), TIMEOUT)
     assert answer.startswith(b"HTTP/1.1 404"), answer
@@ -382,12 +374,8 @@ async def test_an_upgrade_request_past_16_kib_is_dropped_before_its_deadline() -
     """Headers that never end: dropped at 16 KiB, not held in a growing buffer to the deadline."""
     loop = asyncio.get_running_loop()
     recorder = _Recorder()
-    make = _protocol.protocol_factory(
-        lambda request: recorder, logging.getLogger("test"), 3600.0, 65536
-    )
-    ours, theirs = socket.socketpair()
-    theirs.setblocking(False)
-    await loop.connect_accepted_socket(make, ours)
+    make = _factory(lambda request: recorder, timeout=3600.0)
+    _, _, theirs = await _connected(make)
     head = b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n"
     with contextlib.suppress(ConnectionResetError, BrokenPipeError):
         await loop.sock_sendall(theirs, head + b"X-Pad: " + b"a" * (20 * 1024))
