@@ -37,7 +37,7 @@ from picows import WSAutoPingStrategy
 from picows.picows import WSProtocol
 
 __all__ = [
-    "Deadlines",
+    "Port",
     "ServerProtocol",
     "head_matches",
     "owns_read_buffer",
@@ -109,6 +109,12 @@ cdef extern from *:
         Py_ssize_t new_data_start_pos
 
 
+cdef inline Port _port(ProtocolHead* head):
+    # The port a protocol belongs to, kept in picows' handshake-timeout field
+    # (read by picows only in the connection_made ServerProtocol replaces).
+    return <Port>head.handshake_timeout
+
+
 cdef inline void _store(PyObject** field, object value):
     # Replace an object field: the new value gains a reference, the old loses one.
     cdef PyObject* old = field[0]
@@ -131,7 +137,7 @@ _base_buffer_updated = WSProtocol.buffer_updated
 _base_connection_lost = WSProtocol.connection_lost
 
 
-cdef MemoryBuffer _shared_buffer(Deadlines port):
+cdef MemoryBuffer _shared_buffer(Port port):
     # Shrunk in place, never replaced: idle sockets keep the object they were
     # given, and _settle tells a shared buffer from a socket's own by identity.
     # A replaced one would stay with them, and one of them keeping a partial
@@ -156,11 +162,11 @@ cdef inline void _settle(ProtocolHead* head):
     cdef MemoryBuffer own
     cdef Py_ssize_t pending = head.new_data_start_pos
     if pending == 0:
-        shared = _shared_buffer(<Deadlines>head.handshake_timeout)
+        shared = _shared_buffer(_port(head))
         if current is not shared:
             _store(&head.read_buffer, shared)
         return
-    shared = (<Deadlines>head.handshake_timeout).shared
+    shared = _port(head).shared
     if current is shared or current.capacity > _BUFFER and pending < _BUFFER - _SPARE:
         # Its own buffer, sized as picows sizes a new one, holding what is pending.
         own = MemoryBuffer(max(_BUFFER, pending + _SPARE + _SPARE))
@@ -169,10 +175,11 @@ cdef inline void _settle(ProtocolHead* head):
         _store(&head.read_buffer, own)
 
 
-cdef class Deadlines:
-    """The handshake deadlines of new sockets, kept by one timer instead of one per socket.
+cdef class Port:
+    """What the sockets of one client port share: handshake deadlines, a read buffer, a future.
 
-    picows arms a timer per connection and cancels it after the upgrade: two
+    The handshake deadlines of new sockets are kept by one timer instead of
+    one per socket: picows arms a timer per connection and cancels it after the upgrade: two
     timer operations and a closed libuv handle per tab of a storm. Here the
     sockets wait in buckets, one per tenth of the timeout, in arrival (so
     deadline) order; a socket leaves its bucket when it upgrades or closes,
@@ -180,8 +187,8 @@ cdef class Deadlines:
     waiting when their bucket's time is up: at most a tenth of the timeout
     late. A waiting socket costs one set entry; nothing once upgraded.
 
-    It also holds what else the port's sockets share, on its loop only: a
-    server on another thread's loop reads (without the GIL) at the same time.
+    The read buffer and the finished future are the port's, on its loop only:
+    a server on another thread's loop reads (without the GIL) at the same time.
     """
 
     cdef object _loop
@@ -268,7 +275,7 @@ class ServerProtocol(WSProtocol):
     # No __dict__ or weak-reference slot: an idle tab pays for every byte.
     __slots__ = ()
 
-    def __init__(self, listener_factory, logger, loop, Deadlines deadlines, Py_ssize_t max_frame_size):
+    def __init__(self, listener_factory, logger, loop, Port port, Py_ssize_t max_frame_size):
         # picows' server-side values, set without its client-side work (a
         # random key, the loop looked up again, a read buffer of its own). The
         # allocation zeroed every C field and set every object field to None;
@@ -281,26 +288,26 @@ class ServerProtocol(WSProtocol):
         head.disconnect_on_exception = 1
         _store(&head.loop, loop)
         # picows reads this field only in the connection_made replaced below,
-        # so it holds the shared deadlines; no timer handle is ever set.
-        _store(&head.handshake_timeout, deadlines)
+        # so it holds the port (_port); no timer handle is ever set.
+        _store(&head.handshake_timeout, port)
         _store(&head.handshake_complete_future, loop.create_future())
         head.http_max_size = 16 * 1024
         head.max_frame_size = max_frame_size
-        _store(&head.read_buffer, deadlines.shared)
+        _store(&head.read_buffer, port.shared)
 
     def connection_made(self, transport):
         cdef ProtocolHead* head = <ProtocolHead*><PyObject*>self
         loop = <object>head.loop
         cdef WSTransport t = _ServerTransport(False, transport, <object>head.logger, loop)
-        t.disconnected_future = (<Deadlines>head.handshake_timeout).done
+        t.disconnected_future = _port(head).done
         _store(&head.transport, t)
-        (<Deadlines>head.handshake_timeout).add(self)
+        _port(head).add(self)
 
     def connection_lost(self, exc):
         cdef ProtocolHead* head = <ProtocolHead*><PyObject*>self
         if head.state == _UPGRADING:
             # Closed before its upgrade: its deadline must not keep it alive.
-            (<Deadlines>head.handshake_timeout).discard(self)
+            _port(head).discard(self)
         _base_connection_lost(self, exc)
 
     def buffer_updated(self, Py_ssize_t nbytes):
@@ -311,7 +318,7 @@ class ServerProtocol(WSProtocol):
         finally:
             if upgrading and head.state != _UPGRADING:
                 _upgraded(head)
-                (<Deadlines>head.handshake_timeout).discard(self)
+                _port(head).discard(self)
             _settle(head)
 
 
@@ -320,7 +327,7 @@ cdef inline void _upgraded(ProtocolHead* head):
     # finished future stands for it from now on.
     future = <object>head.handshake_complete_future
     if future.done() and not future.cancelled() and future.exception() is None:
-        _store(&head.handshake_complete_future, (<Deadlines>head.handshake_timeout).done)
+        _store(&head.handshake_complete_future, _port(head).done)
 
 
 def owns_read_buffer(protocol):
@@ -332,7 +339,8 @@ def owns_read_buffer(protocol):
     if not isinstance(protocol, ServerProtocol):
         raise TypeError("not a ServerProtocol")
     cdef ProtocolHead* head = <ProtocolHead*><PyObject*>protocol
-    return head.read_buffer != <PyObject*>(<Deadlines>head.handshake_timeout).shared
+    cdef MemoryBuffer shared = _port(head).shared
+    return head.read_buffer != <PyObject*>shared
 
 
 def shares_read_buffer(protocol, other):
@@ -423,5 +431,5 @@ def protocol_factory(listener_factory, logger, handshake_timeout, Py_ssize_t max
             "fastaphlict._protocol does not match the installed picows' protocol "
             "layout; reinstall fastaphlict against the picows it pins"
         )
-    deadlines = Deadlines(loop, handshake_timeout)
-    return functools.partial(ServerProtocol, listener_factory, logger, loop, deadlines, max_frame_size)
+    port = Port(loop, handshake_timeout)
+    return functools.partial(ServerProtocol, listener_factory, logger, loop, port, max_frame_size)
