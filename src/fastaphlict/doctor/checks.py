@@ -81,38 +81,26 @@ class Doctor:
         limit = bound or self.timeout
         try:
             figure = await asyncio.wait_for(action(), limit + 1.0)
-        except Failure as failed:
-            self.checks.append(Check(target.name, name, False, None, failed.cause, failed.fix))
-            return False
         except Skip as skipped:
             self.checks.append(Check(target.name, name, None, str(skipped)))
             return True
+        except Failure as exc:
+            failed = exc
         except asyncio.TimeoutError:
-            self.checks.append(
-                Check(
-                    target.name,
-                    name,
-                    False,
-                    None,
-                    f"no answer within {limit:g} s.",
-                    "check that the server (and any proxy) at this address answers.",
-                )
+            failed = Failure(
+                f"no answer within {limit:g} s.",
+                "check that the server (and any proxy) at this address answers.",
             )
-            return False
         except Exception as exc:  # a bug, or an answer nobody foresaw: keep the report going
-            self.checks.append(
-                Check(
-                    target.name,
-                    name,
-                    False,
-                    None,
-                    f"unexpected error: {exc!r}.",
-                    "report this to fastaphlict with the command line that showed it.",
-                )
+            failed = Failure(
+                f"unexpected error: {exc!r}.",
+                "report this to fastaphlict with the command line that showed it.",
             )
-            return False
-        self.checks.append(Check(target.name, name, True, figure))
-        return True
+        else:
+            self.checks.append(Check(target.name, name, True, figure))
+            return True
+        self.checks.append(Check(target.name, name, False, None, failed.cause, failed.fix))
+        return False
 
     def skip(self, target: Target, name: str, why: str) -> None:
         self.checks.append(Check(target.name, name, None, why))
